@@ -1,0 +1,133 @@
+"""Shared helpers for pytrain's kernel benchmarks (pytest-benchmark).
+
+Memory-bound kernels are reported as achieved bandwidth (bytes the op must move / mean time) and as a
+fraction of the machine's copy bandwidth, measured in the same run: `copy_gbps` times `dst.copy_(src)`
+of a same-size tensor into a preallocated one. Speed targets are reported here, never asserted.
+
+A kernel bench needs only:
+
+    def test_x(benchmark, bandwidth, device):   # `device`: "cpu", and "cuda" when there is a GPU
+        x = ...
+        bandwidth(benchmark, lambda: op(x), device=device, bytes_moved=..., copy_like=x,
+                  group="op fwd cpu 4096x4096 bf16", impl="pytrain")
+
+Rows of one `group` are printed side by side at the end of the run (with the ratio to the
+`torch.compile` row when there is one). `pytest bench --benchmark-disable` runs each bench once.
+On CUDA each timed call runs the op `cuda_inner` times and synchronizes once; per-op numbers are
+derived from that (extra_info["ops_per_call"]).
+"""
+import time
+from collections import defaultdict
+
+import pytest
+import torch
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA GPU"))]
+CUDA_INNER = 10  # ops per timed call on CUDA: amortizes the synchronize
+
+_RESULTS: list[dict] = []
+_COPY_CACHE: dict[tuple, dict] = {}
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_gbps(like: torch.Tensor, min_time: float = 0.3, max_reps: int = 200) -> dict:
+    """Bandwidth of copying a tensor shaped like `like` into a preallocated one (2 * nbytes moved).
+
+    Cached per (device, dtype, shape) for the session. Returns {"mean": GB/s from the mean time,
+    "best": GB/s from the fastest run}.
+    """
+    device = like.device
+    key = (str(device), like.dtype, tuple(like.shape))
+    if key not in _COPY_CACHE:
+        src = torch.ones_like(like, memory_format=torch.contiguous_format)
+        dst = torch.empty_like(src)
+        nbytes = src.nbytes
+        inner = CUDA_INNER if device.type == "cuda" else 1
+        for _ in range(3):
+            dst.copy_(src)
+        sync(device)
+        times = []
+        start = time.perf_counter()
+        while len(times) < max_reps and (len(times) < 5 or time.perf_counter() - start < min_time):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                dst.copy_(src)
+            sync(device)
+            times.append((time.perf_counter() - t0) / inner)
+        moved = 2 * nbytes
+        _COPY_CACHE[key] = {"mean": moved / (sum(times) / len(times)) / 1e9, "best": moved / min(times) / 1e9}
+    return _COPY_CACHE[key]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Every bench that takes `device` runs on the CPU and, where there is one, on the GPU."""
+    return request.param
+
+
+def _timed(fn, device):
+    """The callable pytest-benchmark times: CPU runs fn once; CUDA runs it CUDA_INNER times, then syncs."""
+    if torch.device(device).type != "cuda":
+        return fn, 1
+
+    def run():
+        for _ in range(CUDA_INNER):
+            fn()
+        torch.cuda.synchronize(device)
+
+    return run, CUDA_INNER
+
+
+@pytest.fixture
+def bandwidth():
+    """Benchmarks fn and records achieved GB/s and the fraction of copy bandwidth in extra_info."""
+
+    def measure(benchmark, fn, *, device, bytes_moved: int, copy_like: torch.Tensor, group: str, impl: str,
+                warmup: int = 2):
+        """copy_like: the tensor whose copy sets the bar (the op's main input, usually)."""
+        benchmark.group = group
+        benchmark.extra_info.update(impl=impl, bytes_moved=int(bytes_moved), device=str(device))
+        if benchmark.enabled:
+            for _ in range(warmup):  # compiles (torch.compile), first-touch allocations, autotuning
+                fn()
+            sync(device)
+        timed, ops = _timed(fn, device)
+        benchmark(timed)
+        if benchmark.stats is None:  # --benchmark-disable: ran once, nothing to report
+            return
+        stats = benchmark.stats.stats
+        mean, best = stats.mean / ops, stats.min / ops
+        copy = copy_gbps(copy_like)
+        row = dict(
+            group=group, impl=impl, ms=mean * 1e3, gbps=bytes_moved / mean / 1e9, gbps_best=bytes_moved / best / 1e9,
+            copy_gbps=copy["mean"], ops_per_call=ops,
+        )
+        row["fraction_of_copy"] = row["gbps"] / row["copy_gbps"]
+        row["best_fraction_of_copy"] = row["gbps_best"] / copy["best"]
+        benchmark.extra_info.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+        _RESULTS.append(row)
+
+    return measure
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    groups = defaultdict(list)
+    for row in _RESULTS:
+        groups[row["group"]].append(row)
+    tr = terminalreporter
+    tr.section("bandwidth (GB/s = bytes the op must move / mean time; copy = same-size copy_ into a preallocated tensor)")
+    tr.write_line(f"{'impl':<18}{'ms':>10}{'GB/s':>9}{'best':>9}{'of copy':>9}{'best/best':>10}{'vs compile':>11}")
+    for group, rows in groups.items():
+        compiled = next((r for r in rows if r["impl"] == "compile"), None)
+        tr.write_line(f"{group}   [copy {rows[0]['copy_gbps']:.1f} GB/s]")
+        for r in rows:
+            speedup = f"{compiled['ms'] / r['ms']:.2f}x" if compiled else "-"
+            tr.write_line(f"  {r['impl']:<16}{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['gbps_best']:>9.1f}"
+                          f"{r['fraction_of_copy']:>9.2f}{r['best_fraction_of_copy']:>10.2f}{speedup:>11}")

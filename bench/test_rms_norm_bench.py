@@ -1,0 +1,117 @@
+"""RMSNorm forward and forward+backward: pytrain vs PyTorch eager vs torch.compile vs copy bandwidth.
+
+Rows of one group (device, shape, dtype, direction) run side by side in the same process:
+  pytrain           pytrain.kernels.rms_norm (allocates y and rstd, as the op always does)
+  pytrain_prealloc  forward only: the compiled kernel writing into preallocated y / rstd (no allocation)
+  eager             pytrain.kernels.reference.rms_norm, the plain-PyTorch formula
+  compile           torch.compile of that reference (inductor, static shapes)
+  copy / clone      forward only: y.copy_(x) into a preallocated y / x.clone() (an allocating copy)
+
+Bytes moved are what the op must move at least, the same for every row:
+  forward:          read x, write y, read weight
+  forward+backward: forward + read dy, read x, write dx, read weight, write dweight   (rstd ignored: < 0.1%)
+CPU shapes stay at 4096 tokens x 4096 hidden so the CPU run is bearable; GPUs get LLM-sized shapes.
+"""
+import pytest
+import torch
+
+from pytrain.kernels import _backend, reference, rms_norm
+
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+EPS = 1e-5
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+CASES = [pytest.param("cpu", 4096, 4096, id="cpu-4096x4096")] + [
+    pytest.param("cuda", tokens, hidden, id=f"cuda-{tokens}x{hidden}", marks=NEEDS_CUDA)
+    for tokens, hidden in [(16384, 4096), (4096, 8192)]
+]
+FORWARD_IMPLS = ["pytrain", "pytrain_prealloc", "eager", "compile", "copy", "clone"]
+TRAIN_IMPLS = ["pytrain", "eager", "compile"]
+
+
+def make(device, tokens, hidden, dtype):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=g)
+    weight = (1 + 0.1 * torch.randn(hidden, device=device, generator=g)).to(dtype)
+    dy = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=g)
+    return x, weight, dy
+
+
+def compiled_reference():
+    torch._dynamo.reset()  # fresh caches: no recompile limit, no automatic-dynamic from earlier shapes
+    return torch.compile(reference.rms_norm, dynamic=False)
+
+
+def forward_fn(impl, x, weight):
+    if impl == "pytrain":
+        return lambda: rms_norm(x, weight, EPS)
+    if impl == "pytrain_prealloc":
+        ext = _backend.extension(x.device)
+        if ext is None:
+            pytest.skip(f"no compiled kernel for {x.device.type}")
+        y, rstd = torch.empty_like(x), torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
+        rows, hidden = x.shape
+        args = (x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, hidden, EPS,
+                _backend.DTYPE_CODES[x.dtype], _backend.DTYPE_CODES[weight.dtype], _backend.parallelism(x, rows))
+        launch = _backend.launch_args(x)
+
+        def run():  # holds y and rstd alive: the kernel only sees their addresses
+            ext.rms_norm_forward(*args, **launch)
+            return y, rstd
+
+        return run
+    if impl == "eager":
+        return lambda: reference.rms_norm(x, weight, EPS)
+    if impl == "compile":
+        fn = compiled_reference()
+        return lambda: fn(x, weight, EPS)
+    if impl == "copy":
+        y = torch.empty_like(x)
+        return lambda: y.copy_(x)
+    if impl == "clone":
+        return lambda: x.clone()
+    raise ValueError(impl)
+
+
+def train_fn(impl, x, weight, dy):
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    op = {"pytrain": rms_norm, "eager": reference.rms_norm}.get(impl) or compiled_reference()
+
+    def step():
+        y = op(x, weight, EPS)
+        return torch.autograd.grad(y, (x, weight), dy)  # no .grad accumulation: only the op's own traffic
+
+    return step
+
+
+@pytest.mark.parametrize("impl", FORWARD_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,tokens,hidden", CASES)
+def test_forward(benchmark, bandwidth, device, tokens, hidden, dtype, impl):
+    x, weight, _ = make(device, tokens, hidden, DTYPES[dtype])
+    with torch.no_grad():
+        bandwidth(benchmark, forward_fn(impl, x, weight), device=device,
+                  bytes_moved=2 * x.nbytes + weight.nbytes, copy_like=x,
+                  group=f"rms_norm fwd {device} {tokens}x{hidden} {dtype}", impl=impl)
+
+
+@pytest.mark.parametrize("impl", TRAIN_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,tokens,hidden", CASES)
+def test_forward_backward(benchmark, bandwidth, device, tokens, hidden, dtype, impl):
+    x, weight, dy = make(device, tokens, hidden, DTYPES[dtype])
+    bandwidth(benchmark, train_fn(impl, x, weight, dy), device=device,
+              bytes_moved=5 * x.nbytes + 3 * weight.nbytes, copy_like=x,
+              group=f"rms_norm fwd+bwd {device} {tokens}x{hidden} {dtype}", impl=impl)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,tokens,hidden", CASES)
+def test_results_agree(device, tokens, hidden, dtype):
+    """Sanity: the rows above compute the same thing (loose: bf16 rounding; this is not the test suite)."""
+    x, weight, _ = make(device, tokens // 8, hidden, DTYPES[dtype])
+    want = reference.rms_norm(x.float(), weight.float(), EPS)
+    for impl in ("pytrain", "pytrain_prealloc", "eager"):
+        got = forward_fn(impl, x, weight)()
+        got = got[0] if isinstance(got, tuple) else got
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2, msg=lambda m: f"{impl}: {m}")

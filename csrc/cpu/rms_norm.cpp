@@ -1,0 +1,100 @@
+// RMSNorm on the CPU: y = x / sqrt(mean(x^2) + eps) * w, rows split over threads, fp32 accumulation.
+// Python validates and allocates (pytrain/kernels/rms_norm.py); this file only computes.
+#include "rms_norm.h"
+
+#include <cmath>
+
+#include "cpu/cpu_types.h"
+
+namespace pytrain::cpu {
+namespace {
+
+constexpr int64_t kMinElementsPerThread = 1 << 15;
+
+template <typename T, typename W>
+__attribute__((always_inline)) inline void forward_rows(const RMSNormArgs& a, int64_t begin, int64_t end) {
+  const int64_t n = a.hidden;
+  const W* w = static_cast<const W*>(a.weight);
+  for (int64_t row = begin; row < end; ++row) {
+    const T* x = static_cast<const T*>(a.x) + row * n;
+    T* y = static_cast<T*>(a.y) + row * n;
+    float sum_sq = 0.f;
+#pragma omp simd reduction(+ : sum_sq)
+    for (int64_t i = 0; i < n; ++i) {
+      float v = to_float(x[i]);
+      sum_sq += v * v;
+    }
+    const float rstd = 1.f / std::sqrt(sum_sq / static_cast<float>(n) + a.eps);
+    if (a.rstd) a.rstd[row] = rstd;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = from_float<T>(to_float(x[i]) * rstd * to_float(w[i]));
+  }
+}
+
+// dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * w; dw accumulates dy * x_hat per worker.
+template <typename T, typename W>
+__attribute__((always_inline)) inline void backward_rows(const RMSNormArgs& a, int64_t begin, int64_t end, int worker) {
+  const int64_t n = a.hidden;
+  const W* w = static_cast<const W*>(a.weight);
+  float* dw = a.dweight_partial + worker * n;
+  for (int64_t row = begin; row < end; ++row) {
+    const T* x = static_cast<const T*>(a.x) + row * n;
+    const T* dy = static_cast<const T*>(a.dy) + row * n;
+    T* dx = static_cast<T*>(a.dx) + row * n;
+    const float rstd = a.rstd[row];
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < n; ++i) dot += to_float(dy[i]) * to_float(w[i]) * to_float(x[i]);
+    const float mean_dot = dot * rstd / static_cast<float>(n);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float x_hat = to_float(x[i]) * rstd;
+      const float g = to_float(dy[i]);
+      dx[i] = from_float<T>(rstd * (g * to_float(w[i]) - x_hat * mean_dot));
+      dw[i] += g * x_hat;
+    }
+  }
+}
+
+#define PYTRAIN_RMS_NORM_VARIANT(NAME, T, W)                                                           \
+  PYTRAIN_CLONES void forward_##NAME(const RMSNormArgs& a, int64_t b, int64_t e) { forward_rows<T, W>(a, b, e); } \
+  PYTRAIN_CLONES void backward_##NAME(const RMSNormArgs& a, int64_t b, int64_t e, int k) {             \
+    backward_rows<T, W>(a, b, e, k);                                                                   \
+  }
+PYTRAIN_RMS_NORM_VARIANT(f32, float, float)
+PYTRAIN_RMS_NORM_VARIANT(bf16, bf16, bf16)
+PYTRAIN_RMS_NORM_VARIANT(bf16_wf32, bf16, float)
+PYTRAIN_RMS_NORM_VARIANT(f16, fp16, fp16)
+PYTRAIN_RMS_NORM_VARIANT(f16_wf32, fp16, float)
+#undef PYTRAIN_RMS_NORM_VARIANT
+
+using ForwardFn = void (*)(const RMSNormArgs&, int64_t, int64_t);
+using BackwardFn = void (*)(const RMSNormArgs&, int64_t, int64_t, int);
+
+template <typename Fn>
+Fn pick(const RMSNormArgs& a, Fn f32, Fn bf, Fn bf_w32, Fn h, Fn h_w32) {
+  const bool w32 = a.weight_dtype == kFloat32;
+  if (!w32 && a.weight_dtype != a.x_dtype) bad_dtype("rms_norm weight", a.weight_dtype);
+  switch (a.x_dtype) {
+    case kFloat32: return f32;
+    case kBFloat16: return w32 ? bf_w32 : bf;
+    case kFloat16: return w32 ? h_w32 : h;
+  }
+  bad_dtype("rms_norm", a.x_dtype);
+}
+
+}  // namespace
+
+void rms_norm_forward(const RMSNormArgs& a) {
+  ForwardFn fn = pick<ForwardFn>(a, forward_f32, forward_bf16, forward_bf16_wf32, forward_f16, forward_f16_wf32);
+  const int64_t min_rows = kMinElementsPerThread / a.hidden + 1;
+  parallel_for(a.rows, a.parallelism, min_rows, [&](int64_t b, int64_t e, int) { fn(a, b, e); });
+}
+
+void rms_norm_backward(const RMSNormArgs& a) {
+  BackwardFn fn = pick<BackwardFn>(a, backward_f32, backward_bf16, backward_bf16_wf32, backward_f16, backward_f16_wf32);
+  const int64_t min_rows = kMinElementsPerThread / a.hidden + 1;
+  parallel_for(a.rows, a.parallelism, min_rows, [&](int64_t b, int64_t e, int k) { fn(a, b, e, k); });
+}
+
+}  // namespace pytrain::cpu

@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``pytrain.triton``; use them through ``pytrain.kernels``."""

@@ -1,0 +1,115 @@
+"""Start torch.distributed from torchrun's or Slurm's environment and fill the global context `gpc`.
+
+One process started with plain `python` (no torchrun variables) runs as a world of one.
+"""
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pytrain.config import Config, check_world_size
+from pytrain.parallel import gpc
+
+
+def launch_from_torch(config, backend: str | None = None, seed: int = 1024, overrides=()):
+    """Launch inside torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT come from it."""
+    env = os.environ
+    if "RANK" not in env:
+        return launch(config, rank=0, world_size=1, local_rank=0, host=None, port=None, backend=backend,
+                      seed=seed, overrides=overrides)
+    missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+    if missing:
+        raise RuntimeError(f"RANK is set but {', '.join(missing)} is not: start the run with torchrun")
+    return launch(config, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                  local_rank=int(env.get("LOCAL_RANK", 0)), host=env["MASTER_ADDR"], port=int(env["MASTER_PORT"]),
+                  backend=backend, seed=seed, overrides=overrides)
+
+
+def launch_from_slurm(config, host: str | None = None, port: int = 8888, backend: str | None = None,
+                      seed: int = 1024, overrides=()):
+    """Launch inside srun: SLURM_PROCID, SLURM_NPROCS, SLURM_LOCALID; master = host or the first node."""
+    env = os.environ
+    try:
+        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NPROCS"])
+    except KeyError as err:
+        raise RuntimeError(f"launcher 'slurm' needs {err.args[0]} in the environment: start the run with srun") from None
+    host = host or first_slurm_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST", ""))
+    return launch(config, rank=rank, world_size=world_size, local_rank=int(env.get("SLURM_LOCALID", 0)),
+                  host=host, port=port, backend=backend, seed=seed, overrides=overrides)
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """'gpu[07-09,12],cpu1' -> 'gpu07' (the master is the first node of the allocation)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise RuntimeError("cannot find the master host: pass --host or run under srun (SLURM_NODELIST)")
+    prefix, ranges = match.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def initialize_distributed_env(config, launcher: str = "torch", master_port: int = 8888, seed: int = 1024,
+                               backend: str | None = None, host: str | None = None, overrides=()):
+    """InternLM's entry point: launch with the given launcher, then the run is ready for initialize_model()."""
+    if launcher == "torch":
+        return launch_from_torch(config, backend=backend, seed=seed, overrides=overrides)
+    if launcher == "slurm":
+        return launch_from_slurm(config, host=host, port=master_port, backend=backend, seed=seed, overrides=overrides)
+    raise ValueError(f"launcher must be 'torch' or 'slurm', got {launcher!r}")
+
+
+def launch(config, rank: int, world_size: int, local_rank: int, host: str | None, port: int | None,
+           backend: str | None, seed: int, overrides=()):
+    """Loads and checks the config, joins the process group, seeds every RNG, creates the run folder."""
+    cfg = config if isinstance(config, Config) else (
+        Config.from_dict(config, overrides=overrides) if isinstance(config, dict) else
+        Config.from_file(config, overrides=overrides))
+    source = str(config) if isinstance(config, (str, Path)) else "config"
+    data_parallel_size = check_world_size(cfg, world_size, source)  # before any process waits on another
+
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        if world_size == 1:  # no rendezvous needed: a store in this process
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size)
+
+    gpc.config = cfg
+    gpc.rank, gpc.world_size, gpc.local_rank, gpc.device = rank, world_size, local_rank, device
+    gpc.data_parallel_size, gpc.data_parallel_rank = data_parallel_size, rank
+    gpc.data_parallel_group = dist.group.WORLD
+    gpc.run_folder = _make_run_folder(cfg)
+    gpc.seed = seed
+    torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    set_seed(seed)
+    return gpc
+
+
+def set_seed(seed: int) -> None:
+    """The same seed on every data-parallel rank: replicas start from identical weights."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _make_run_folder(cfg: Config) -> Path:
+    """<monitor.run_folder>/<JOB_NAME>/<start time>[-N], named by rank 0, holding the effective config."""
+    base = Path(cfg.monitor.run_folder).expanduser() / str(cfg.get("JOB_NAME", "pytrain"))
+    name = [None]
+    if dist.get_rank() == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name[0] = next(n for n in (stamp if i == 0 else f"{stamp}-{i}" for i in range(1000)) if not (base / n).exists())
+        (base / name[0]).mkdir(parents=True)
+        (base / name[0] / "config.py").write_text(cfg.dump())
+    dist.broadcast_object_list(name, src=0)
+    return base / name[0]

@@ -1,0 +1,47 @@
+"""Finds the compiled kernel modules and describes tensors to them (dtype codes, streams, threads)."""
+import importlib
+import warnings
+
+import torch
+
+# Must match csrc/dtype.h.
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+SUPPORTED_DTYPES = tuple(DTYPE_CODES)
+
+_MODULE_FOR_DEVICE = {"cpu": "pytrain._C", "cuda": "pytrain._C_cuda"}
+_loaded: dict[str, object] = {}
+
+
+def extension(device: torch.device):
+    """The compiled module for `device`, or None (with one warning) when it was not built."""
+    name = _MODULE_FOR_DEVICE.get(device.type)
+    if name is None:
+        return None
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(name)
+        except ImportError as err:
+            _loaded[name] = None
+            warnings.warn(
+                f"{name} is not built ({err}); pytrain.kernels falls back to plain-PyTorch references on "
+                f"{device.type}, which are slower. Reinstall with `pip install -e .` to build it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _loaded[name]
+
+
+def launch_args(tensor: torch.Tensor) -> dict:
+    """Stream and device for a CUDA launch; zeros on the CPU."""
+    if tensor.device.type == "cuda":
+        return {"stream": torch.cuda.current_stream(tensor.device).cuda_stream, "device": tensor.device.index}
+    return {"stream": 0, "device": 0}
+
+
+def parallelism(tensor: torch.Tensor, rows: int) -> int:
+    """CPU: torch's intra-op thread count; CUDA: enough blocks to fill the SMs twice. Never above rows."""
+    if tensor.device.type == "cuda":
+        workers = 2 * torch.cuda.get_device_properties(tensor.device).multi_processor_count
+    else:
+        workers = torch.get_num_threads()
+    return max(1, min(workers, rows))

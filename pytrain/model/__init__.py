@@ -1,0 +1,5 @@
+"""Model definitions; importing this package registers them in MODEL_INITIALIZER."""
+from .internlm import DTYPES, InternLM, build_model_with_cfg, mlp_width
+from .loss import LMLoss
+
+__all__ = ["DTYPES", "InternLM", "LMLoss", "build_model_with_cfg", "mlp_width"]

@@ -1,0 +1,155 @@
+"""The InternLM decoder, registered as model_type "INTERNLM".
+
+Decoder-only: token embedding -> num_layers x [attention with rotary embeddings, SwiGLU MLP], each with
+an RMSNorm (or LayerNorm) before it (pre-norm) or after the residual add (apply_post_layer_norm) ->
+final norm -> LM head. Parameter names follow InternLM's checkpoints (embedding, blocks.N.mixer.Wqkv,
+blocks.N.mixer.out_proj, blocks.N.mlp.w1/w2/w3, blocks.N.norm1/norm2, norm, head).
+
+Norms, rotary embeddings and the loss go through pytrain.kernels. Tensor parallelism (embed_split_hidden,
+parallel_output) arrives with the parallel issue; with one tensor rank both fields change nothing.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as recompute
+
+from pytrain.kernels import RMSNorm, RotaryEmbedding, apply_rotary
+from pytrain.registry import MODEL_INITIALIZER
+
+DTYPES = {"torch.float16": torch.float16, "torch.half": torch.float16, "torch.bfloat16": torch.bfloat16,
+          "torch.float32": torch.float32, "torch.tf32": torch.float32}
+
+
+def mlp_width(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int:
+    """InternLM's SwiGLU width: int(hidden * ratio) rounded up to a multiple (4096 * 8/3 -> 11008)."""
+    width = int(hidden_size * mlp_ratio)
+    return multiple_of * ((width + multiple_of - 1) // multiple_of)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm whose parameters may be fp32 while activations are 16-bit (config use_fp32_norm)."""
+
+    def forward(self, x):
+        return F.layer_norm(x.to(self.weight.dtype), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+def build_norm(norm_type: str, hidden_size: int, eps: float, dtype: torch.dtype) -> nn.Module:
+    if norm_type == "rmsnorm":
+        return RMSNorm(hidden_size, eps=eps, dtype=dtype)
+    if norm_type == "layernorm":
+        return LayerNorm(hidden_size, eps=eps, dtype=dtype)
+    raise ValueError(f"norm_type must be 'rmsnorm' or 'layernorm', got {norm_type!r}")
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size, num_heads, num_kv_heads, use_flash_attn, dtype):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.use_flash_attn = use_flash_attn
+        self.Wqkv = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=False, dtype=dtype)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False, dtype=dtype)
+
+    def forward(self, x, cos, sin):
+        batch, seq, _ = x.shape
+        qkv = self.Wqkv(x).view(batch, seq, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
+        if self.use_flash_attn:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        else:
+            out = causal_attention_reference(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def causal_attention_reference(q, k, v):
+    """softmax(q k^T / sqrt(d) + causal mask) v in fp32; k/v heads repeated for GQA."""
+    repeat = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    seq = q.shape[2]
+    mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+    probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+    return (probs @ v.float()).to(q.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size, width, dtype):
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, width, bias=False, dtype=dtype)  # gate
+        self.w3 = nn.Linear(hidden_size, width, bias=False, dtype=dtype)  # up
+        self.w2 = nn.Linear(width, hidden_size, bias=False, dtype=dtype)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: dict, dtype):
+        super().__init__()
+        hidden = cfg["hidden_size"]
+        self.post_norm = cfg["apply_post_layer_norm"]
+        self.mixer = Attention(hidden, cfg["num_attention_heads"], cfg["num_kv_attention_heads"],
+                               cfg["use_flash_attn"], dtype)
+        self.mlp = SwiGLU(hidden, mlp_width(hidden, cfg["mlp_ratio"], cfg["multiple_of"]), dtype)
+        self.norm1 = build_norm(cfg["norm_type"], hidden, cfg["layer_norm_epsilon"], dtype)
+        self.norm2 = build_norm(cfg["norm_type"], hidden, cfg["layer_norm_epsilon"], dtype)
+
+    def forward(self, x, cos, sin):
+        if self.post_norm:
+            x = self.norm1(x + self.mixer(x, cos, sin))
+            return self.norm2(x + self.mlp(x))
+        x = x + self.mixer(self.norm1(x), cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class InternLM(nn.Module):
+    def __init__(self, *, num_layers, hidden_size, num_attention_heads, vocab_size, mlp_ratio=8 / 3,
+                 num_kv_attention_heads=None, multiple_of=256, checkpoint=False, embed_grad_scale=1.0,
+                 apply_post_layer_norm=False, dtype="torch.float32", norm_type="rmsnorm", layer_norm_epsilon=1e-5,
+                 use_flash_attn=True, rope_base=10000.0, embed_split_hidden=True,
+                 parallel_output=True, num_chunks=1):
+        super().__init__()
+        param_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        layer_cfg = dict(hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+                         num_kv_attention_heads=num_kv_attention_heads or num_attention_heads, mlp_ratio=mlp_ratio,
+                         multiple_of=multiple_of, apply_post_layer_norm=apply_post_layer_norm, norm_type=norm_type,
+                         layer_norm_epsilon=layer_norm_epsilon, use_flash_attn=use_flash_attn)
+        self.num_layers, self.hidden_size = num_layers, hidden_size
+        self.embed_grad_scale = float(embed_grad_scale)
+        # checkpoint: True/False, or the fraction of layers (the first ones) whose activations are recomputed.
+        self.recompute_layers = int(num_layers * float(checkpoint))
+        self.embedding = nn.Embedding(vocab_size, hidden_size, dtype=param_dtype)
+        self.rotary = RotaryEmbedding(hidden_size // num_attention_heads, base=rope_base)
+        self.blocks = nn.ModuleList(DecoderLayer(layer_cfg, param_dtype) for _ in range(num_layers))
+        self.norm = build_norm(norm_type, hidden_size, layer_norm_epsilon, param_dtype)
+        self.head = nn.Linear(hidden_size, vocab_size, bias=False, dtype=param_dtype)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02):
+        """Normal(0, std) weights; residual output projections scaled by 1/sqrt(2 * num_layers) (GPT-2)."""
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            scale = (2 * self.num_layers) ** -0.5 if name.endswith(("out_proj.weight", "w2.weight")) else 1.0
+            p.normal_(0.0, std * scale)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (batch, seq) -> logits (batch, seq, vocab) in the model's dtype."""
+        hidden = self.embedding(input_ids)
+        if self.embed_grad_scale != 1.0:  # forward unchanged, gradient to the embedding scaled
+            hidden = self.embed_grad_scale * hidden + (1 - self.embed_grad_scale) * hidden.detach()
+        cos, sin = self.rotary(input_ids.shape[1], input_ids.device)
+        for index, block in enumerate(self.blocks):
+            if index < self.recompute_layers and torch.is_grad_enabled():
+                hidden = recompute(block, hidden, cos, sin, use_reentrant=False)
+            else:
+                hidden = block(hidden, cos, sin)
+        return self.head(self.norm(hidden))
+
+
+@MODEL_INITIALIZER.register_module(module_name="INTERNLM")
+def build_model_with_cfg(**model_cfg) -> InternLM:
+    return InternLM(**model_cfg)

@@ -1,0 +1,56 @@
+"""Training FLOPs per token and the device's peak, for the TFLOPS and MFU columns of the step line.
+
+FLOPs per token (Megatron's accounting, recompute included, as InternLM reports):
+    (6 + 2f) * P_blocks + 6 * P_head + (12 + 4f) * L * h * s
+P_blocks: weights of the matmuls inside the decoder layers; P_head: the LM head's; L layers of width h
+at sequence length s; f the fraction of layers whose forward is recomputed (model.checkpoint). A matmul
+with P weights costs 2P FLOPs per token forward and 4P backward; attention scores and the weighted sum
+cost 4*h*s per token per layer forward (causal masking not discounted) and twice that backward.
+Embedding lookups and element-wise ops are not counted.
+"""
+import time
+
+import torch
+from torch import nn
+
+# Dense bf16/fp16 tensor-core peaks (TFLOPS) from the vendors' datasheets, without sparsity.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+                   "A10": 125.0, "V100": 125.0, "4090": 165.0}
+
+
+def flops_per_token(model: nn.Module, num_layers: int, hidden_size: int, seq_len: int,
+                    recompute_fraction: float = 0.0) -> float:
+    blocks = getattr(model, "blocks", None)
+    block_params = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, nn.Linear)) if blocks else 0
+    head_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) - block_params
+    f = float(recompute_fraction)
+    return (6 + 2 * f) * block_params + 6 * head_params + (12 + 4 * f) * num_layers * hidden_size * seq_len
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak TFLOPS, where it came from): the datasheet for known GPUs, else a matmul measured now."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return (peak if dtype in (torch.bfloat16, torch.float16) else peak / 2), f"datasheet ({name})"
+    return measure_matmul_tflops(device, dtype), "measured matmul"
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 1024, trials: int = 5) -> float:
+    """Throughput of a square matmul on this device with the current thread count: the machine's limit.
+    The best of several short trials, so that a moment of contention does not lower the peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm up
+    best = 0.0
+    for _ in range(trials):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e12)
+    return best

@@ -1,0 +1,26 @@
+"""Dynamic loss scaling for fp16 training, with InternLM's grad_scaler semantics (hysteresis included)."""
+
+
+class DynamicGradScaler:
+    def __init__(self, initial_scale=2**16, min_scale=1, growth_factor=2, backoff_factor=0.5, growth_interval=1000,
+                 hysteresis=2, max_scale=2**24):
+        self.scale = float(initial_scale)
+        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
+        self.growth_factor, self.backoff_factor = float(growth_factor), float(backoff_factor)
+        self.growth_interval, self.hysteresis = growth_interval, hysteresis
+        self._clean_steps = 0
+        self._hysteresis_left = hysteresis
+
+    def update(self, overflow: bool) -> None:
+        """Backs off after `hysteresis` overflows; grows after growth_interval clean steps in a row."""
+        if overflow:
+            self._clean_steps = 0
+            self._hysteresis_left -= 1
+            if self._hysteresis_left <= 0:
+                self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+        else:
+            self._clean_steps += 1
+            if self._clean_steps == self.growth_interval:
+                self._clean_steps = 0
+                self._hysteresis_left = self.hysteresis
+                self.scale = min(self.scale * self.growth_factor, self.max_scale)

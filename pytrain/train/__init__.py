@@ -1,0 +1,95 @@
+"""InternLM's training-construction functions: build the model, the optimizer and the data loader.
+
+Each reads the launched run's config (pytrain.parallel.gpc.config) unless one is passed explicitly.
+"""
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pytrain.config import BUILTIN_CORPUS, Config
+from pytrain.data import DummyDataset, StepBatchSampler, TokenWindowDataset, collate_micro_batches, load_stdlib_corpus
+from pytrain.kernels import RMSNorm
+from pytrain.parallel import gpc
+from pytrain.registry import MODEL_INITIALIZER
+from pytrain.solver import Beta2Scheduler, DataParallelOptimizer, DynamicGradScaler, WarmupCosineLR
+
+from .trainer import Trainer
+
+__all__ = ["initialize_model", "initialize_optimizer", "get_train_data_loader", "Trainer"]
+
+
+def initialize_model(config: Config | None = None) -> nn.Module:
+    """Builds MODEL_INITIALIZER[config.model_type](**config.model) on the run's device."""
+    import pytrain.model  # noqa: F401  (registers "INTERNLM")
+
+    cfg = gpc.require_config(config)
+    builder = MODEL_INITIALIZER.get_module(cfg.model_type)
+    with torch.device(gpc.device):
+        model = builder(**cfg.model)
+    if cfg.model.dtype == "torch.tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.use_fp32_norm:
+        for module in model.modules():
+            if isinstance(module, (RMSNorm, nn.LayerNorm)):
+                module.float()
+    if dist.is_initialized() and dist.get_world_size(gpc.data_parallel_group) > 1:
+        for tensor in list(model.parameters()) + list(model.buffers()):  # replicas start identical
+            dist.broadcast(tensor.data, src=dist.get_global_rank(gpc.data_parallel_group, 0),
+                           group=gpc.data_parallel_group)
+    return model
+
+
+def initialize_optimizer(model: nn.Module, config: Config | None = None):
+    """AdamW (adam section) with clipping, loss scaling for fp16, and the schedulers.
+
+    Returns (optimizer, beta2_scheduler, lr_scheduler), as InternLM's.
+    """
+    cfg = gpc.require_config(config)
+    adam, scaler_cfg = cfg.adam, cfg.grad_scaler
+    grad_scaler = None
+    if cfg.model.dtype in ("torch.float16", "torch.half"):
+        grad_scaler = DynamicGradScaler(
+            initial_scale=scaler_cfg.fp16.initial_scale, min_scale=scaler_cfg.fp16.min_scale,
+            growth_interval=scaler_cfg.fp16.growth_interval, growth_factor=scaler_cfg.growth_factor,
+            backoff_factor=scaler_cfg.backoff_factor, hysteresis=scaler_cfg.hysteresis,
+            max_scale=scaler_cfg.max_scale)
+    optimizer = DataParallelOptimizer(
+        model, lr=adam.lr, betas=(adam.adam_beta1, adam.adam_beta2), eps=adam.adam_eps,
+        weight_decay=adam.weight_decay, clip_grad_norm=cfg.hybrid_zero_optimizer.clip_grad_norm,
+        grad_scaler=grad_scaler, group=gpc.data_parallel_group,
+        reduce_bucket_size=cfg.hybrid_zero_optimizer.reduce_bucket_size)
+    beta2_scheduler = Beta2Scheduler(optimizer, **cfg.beta2_scheduler)
+    lr_scheduler = WarmupCosineLR(optimizer, **cfg.lr_scheduler)
+    return optimizer, beta2_scheduler, lr_scheduler
+
+
+def get_train_data_loader(num_worker: int = 0, config: Config | None = None):
+    """This rank's loader: each item is one step's batch {"input_ids", "labels"} of shape
+    (micro_num, micro_bsz, seq_len). Returns (loader, dataset_types), as InternLM's."""
+    cfg = gpc.require_config(config)
+    data = cfg.data
+    samples_per_rank = data.micro_num * data.micro_bsz
+    if data.train_folder is None:
+        dataset = DummyDataset(data.total_steps * samples_per_rank * gpc.data_parallel_size, data.seq_len,
+                               cfg.model.vocab_size, seed=gpc.seed)
+        dataset_types = ["dummy"]
+    elif data.train_folder == BUILTIN_CORPUS:
+        if dist.is_initialized() and gpc.rank != 0:
+            dist.barrier()  # rank 0 tokenizes and caches first
+        tokens = load_stdlib_corpus(data.cache_folder, show_progress=gpc.rank == 0)
+        if dist.is_initialized() and gpc.rank == 0:
+            dist.barrier()
+        dataset = TokenWindowDataset(tokens, data.seq_len)
+        dataset_types = ["stdlib"]
+    else:
+        raise ValueError(f"data.train_folder={data.train_folder!r} is not supported")
+    sampler = StepBatchSampler(len(dataset), samples_per_rank, gpc.data_parallel_size, gpc.data_parallel_rank,
+                               total_steps=data.total_steps, seed=gpc.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_worker,
+                        collate_fn=partial(collate_micro_batches, micro_num=data.micro_num),
+                        pin_memory=gpc.device.type == "cuda")
+    return loader, dataset_types

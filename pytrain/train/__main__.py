@@ -1,0 +1,92 @@
+"""The training run: `python -m pytrain.train --config configs/tiny.py` (or under torchrun / srun).
+
+The loop is InternLM's train.py: launch, build model / optimizer / data / trainer, then per step
+zero_grad -> execute_schedule -> step, with one log line per step from the first rank.
+"""
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from pytrain.config import ConfigError
+from pytrain.initialize import get_default_parser, initialize_distributed_env, initialize_trainer
+from pytrain.model import DTYPES
+from pytrain.monitor import StepMonitor, flops_per_token, peak_tflops
+from pytrain.parallel import gpc
+from pytrain.train import get_train_data_loader, initialize_model, initialize_optimizer
+
+
+def profiler(enabled: bool, folder):
+    """--profiling: torch.profiler over steps 2-4, a Chrome trace per rank in <run>/profile/."""
+    if not enabled:
+        return contextlib.nullcontext(None)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=3),
+                                  on_trace_ready=torch.profiler.tensorboard_trace_handler(str(folder / "profile")))
+
+
+def train(args) -> list[dict]:
+    """Runs the whole training job; returns the per-step metrics (every rank)."""
+    initialize_distributed_env(config=args.config, launcher=args.launcher, master_port=args.port, seed=args.seed,
+                               backend=args.backend, host=args.host, overrides=args.overrides)
+    cfg = gpc.config
+    model = initialize_model()
+    optimizer, beta2_scheduler, lr_scheduler = initialize_optimizer(model=model)
+    train_dl, _dataset_types = get_train_data_loader(num_worker=0)
+    trainer, train_dl, _, _ = initialize_trainer(model=model, optimizer=optimizer, train_dataloader=train_dl,
+                                                 lr_scheduler=lr_scheduler, beta2_scheduler=beta2_scheduler)
+    data = cfg.data
+    peak, peak_source = peak_tflops(gpc.device, DTYPES[cfg.model.dtype])
+    monitor = StepMonitor(
+        gpc.run_folder, total_steps=data.total_steps, tokens_per_step_per_rank=data.micro_num * data.micro_bsz *
+        data.seq_len, flops_per_token=flops_per_token(model, cfg.model.num_layers, cfg.model.hidden_size,
+                                                      data.seq_len, float(cfg.model.checkpoint)),
+        peak_tflops=peak, device=gpc.device, log_every=cfg.monitor.log_every,
+        tensorboard=cfg.monitor.tensorboard.enable, is_main_rank=gpc.is_main_rank, group=gpc.data_parallel_group)
+    if gpc.is_main_rank:
+        params = sum(p.numel() for p in model.parameters())
+        print(f"pytrain: {cfg.model_type} with {params / 1e6:.2f}M parameters, {gpc.world_size} rank(s) on "
+              f"{gpc.device.type}, {data.total_steps} steps of {data.micro_num} x {data.micro_bsz} x {data.seq_len} "
+              f"tokens per rank; peak {peak:.2f} TFLOPS per rank ({peak_source}); run folder {gpc.run_folder}",
+              flush=True)
+
+    history = []
+    trainer.train()
+    monitor.start_step()
+    with profiler(args.profiling, gpc.run_folder) as prof:
+        for step, batch in enumerate(train_dl, start=1):
+            trainer.zero_grad()
+            _, loss = trainer.execute_schedule(batch, forward_only=False, return_loss=True)
+            success, grad_norm = trainer.step()
+            lr = optimizer.param_groups[0]["lr"]
+            history.append(monitor.end_step(step, loss, grad_norm, lr, success,
+                                            optimizer.loss_scale if optimizer.grad_scaler else None))
+            if prof is not None:
+                prof.step()
+    monitor.close()
+    if gpc.is_main_rank:
+        print(f"pytrain: done; metrics, TensorBoard logs and loss.svg in {gpc.run_folder}", flush=True)
+    return history
+
+
+def main(argv=None) -> int:
+    args = get_default_parser().parse_args(argv)
+    if not args.config:
+        get_default_parser().error("--config is required, e.g. --config configs/tiny.py")
+    try:
+        train(args)
+        if dist.is_initialized():
+            dist.barrier()  # gloo aborts a rank that tears down while its peer is still mid-exchange
+    except ConfigError as err:
+        print(f"pytrain: config error: {err}", flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

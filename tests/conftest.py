@@ -1,0 +1,29 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+# A model small enough for a training step in milliseconds; used with configs/tiny.py.
+SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "data.seq_len=32",
+         "data.micro_bsz=2", "monitor.log_every=1", "monitor.tensorboard.enable=False"]
+
+
+@pytest.fixture
+def fresh_context(monkeypatch):
+    """A clean global context (and no process group) around a test that launches a run in-process."""
+    from pytrain.parallel import context
+
+    monkeypatch.setattr(context.gpc, "config", None)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    yield context.gpc
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def python() -> str:
+    return sys.executable
