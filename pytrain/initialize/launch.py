@@ -24,7 +24,7 @@ def launch_from_torch(config, backend: str | None = None, seed: int = 1024, over
                       seed=seed, overrides=overrides)
     missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
     if missing:
-        raise RuntimeError(f"RANK is set but {', '.join(missing)} is not: start the run with torchrun")
+        raise RuntimeError(f"RANK is set but {', '.join(missing)} is not set: start the run with torchrun")
     return launch(config, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
                   local_rank=int(env.get("LOCAL_RANK", 0)), host=env["MASTER_ADDR"], port=int(env["MASTER_PORT"]),
                   backend=backend, seed=seed, overrides=overrides)

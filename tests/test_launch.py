@@ -1,0 +1,39 @@
+import pytest
+
+from pytrain.initialize.launch import first_slurm_host, initialize_distributed_env, launch_from_slurm, launch_from_torch
+
+
+@pytest.mark.parametrize("nodelist, host", [("gpu07", "gpu07"), ("gpu[07-09,12]", "gpu07"), ("a1,b2", "a1"),
+                                            ("node[3]", "node3"), ("x-[010-011],y", "x-010")])
+def test_first_slurm_host(nodelist, host):
+    assert first_slurm_host(nodelist) == host
+
+
+def test_slurm_launcher_needs_slurm_environment(monkeypatch):
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    with pytest.raises(RuntimeError, match="needs SLURM_PROCID .* start the run with srun"):
+        launch_from_slurm("configs/tiny.py")
+
+
+def test_torch_launcher_with_partial_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeError, match="RANK is set but MASTER_ADDR is not set: start the run with torchrun"):
+        launch_from_torch("configs/tiny.py")
+
+
+def test_unknown_launcher():
+    with pytest.raises(ValueError, match="launcher must be 'torch' or 'slurm'"):
+        initialize_distributed_env("configs/tiny.py", launcher="mpi")
+
+
+def test_single_process_launch_fills_the_context(fresh_context, tmp_path):
+    from conftest import CONFIGS
+
+    ctx = launch_from_torch(str(CONFIGS / "tiny.py"), seed=5, overrides=[f"monitor.run_folder={tmp_path}"])
+    assert ctx.world_size == 1 and ctx.rank == 0 and ctx.data_parallel_size == 1 and ctx.seed == 5
+    assert ctx.run_folder.parent == tmp_path / "tiny"
+    assert (ctx.run_folder / "config.py").read_text().startswith("# Effective pytrain config")
+    assert ctx.is_initialized and ctx.is_main_rank
