@@ -80,7 +80,7 @@ class CMakeBuild(build_ext):
             except subprocess.CalledProcessError:
                 if mode == "required":
                     sys.exit("CMake could not configure the CUDA build (PYTRAIN_CUDA=1)")
-                self.warn("CUDA configure failed: building the CPU kernels only")
+                self.warn("configuring the CUDA build failed: building the CPU kernels only")
         if not built_cuda:
             subprocess.run(args + ["-DPYTRAIN_CUDA=OFF"], check=True)
 
@@ -92,9 +92,12 @@ class CMakeBuild(build_ext):
                 self.build_target(ext)
                 kept.append(ext)
             except subprocess.CalledProcessError:
-                if not ext.needs_cuda or mode == "required":
+                if not ext.needs_cuda:
                     raise
-                self.warn(f"building {ext.name} failed: pytrain will use its CPU kernels and references only")
+                if mode == "required":
+                    sys.exit(f"building {ext.name} failed (see the compiler output above) and PYTRAIN_CUDA=1 "
+                             f"requires it; PYTRAIN_CUDA=0 builds the CPU kernels only")
+                self.warn(f"building {ext.name} failed: building the CPU kernels only")
         self.extensions = kept
 
     def build_target(self, ext: CMakeExtension):

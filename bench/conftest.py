@@ -13,7 +13,7 @@ A kernel bench needs only:
 
 Rows of one `group` are printed side by side at the end of the run (with the ratio to the
 `torch.compile` row when there is one). `pytest bench --benchmark-disable` runs each bench once.
-On CUDA each timed call runs the op `cuda_inner` times and synchronizes once; per-op numbers are
+On CUDA each timed call runs the op CUDA_INNER times and synchronizes once; per-op numbers are
 derived from that (extra_info["ops_per_call"]).
 """
 import time
@@ -26,6 +26,7 @@ CUDA_AVAILABLE = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA GPU"))]
 CUDA_INNER = 10  # ops per timed call on CUDA: amortizes the synchronize
 
+WIDTHS = (18, 10, 9, 9, 9, 10, 11)  # columns of the summary table
 _RESULTS: list[dict] = []
 _COPY_CACHE: dict[tuple, dict] = {}
 
@@ -122,8 +123,9 @@ def pytest_terminal_summary(terminalreporter):
     for row in _RESULTS:
         groups[row["group"]].append(row)
     tr = terminalreporter
-    tr.section("bandwidth (GB/s = bytes the op must move / mean time; copy = same-size copy_ into a preallocated tensor)")
-    tr.write_line(f"{'impl':<18}{'ms':>10}{'GB/s':>9}{'best':>9}{'of copy':>9}{'best/best':>10}{'vs compile':>11}")
+    tr.section("bandwidth: bytes the op must move / time; 'of copy': vs copy_ of x into a preallocated tensor")
+    header = ("impl", "mean ms", "GB/s", "GB/s@min", "of copy", "min/min", "vs compile")
+    tr.write_line("".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w) in enumerate(zip(header, WIDTHS))))
     for group, rows in groups.items():
         compiled = next((r for r in rows if r["impl"] == "compile"), None)
         tr.write_line(f"{group}   [copy {rows[0]['copy_gbps']:.1f} GB/s]")

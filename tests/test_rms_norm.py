@@ -19,9 +19,10 @@ from pytrain.kernels import RMSNorm, _backend, reference, rms_norm
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
-# Error allowed against the float64 reference: |got - want| <= atol * max(1, max|want|) + rtol * |want|.
-# The kernels accumulate in fp32 and round once to the output dtype, so rtol is ~2-3 ulps of the
-# output dtype (bf16 ulp 2^-8, fp16 ulp 2^-11) and atol only absorbs fp32 accumulation error.
+# Error allowed against the float64 reference: |got - want| <= atol * scale + rtol * |want|, where scale is
+# max(1, max|want|) (for dx also the size of the terms that cancel, see dx_scale). The kernels accumulate
+# in fp32 and round once to the output dtype, so rtol is ~2-3 ulps of the output dtype (bf16 ulp 2^-8,
+# fp16 ulp 2^-11) and atol only absorbs fp32 rounding. Measured: errors are <= ~1/3 of these bounds.
 TOLERANCES = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),
     torch.bfloat16: dict(rtol=1e-2, atol=1e-3),
@@ -38,12 +39,22 @@ DTYPE_PAIRS = [
 PAIR_IDS = ["f32", "bf16", "f16", "bf16-wf32", "f16-wf32"]
 
 
-def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str):
-    """got: the kernel's result; want: the float64 reference; dtype: whose tolerance applies."""
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 0.0):
+    """got: the kernel's result; want: the float64 reference; dtype: whose tolerance applies.
+
+    atol scales with max|want|, or with `scale` when larger: the size of the terms that cancel.
+    """
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    # Where the exact value is beyond the dtype's range, rounding gives +-inf (or +-max).
+    big = want.abs() > torch.finfo(dtype).max
+    if big.any():
+        overflowed = (got[big].double().abs() >= torch.finfo(dtype).max).all()
+        assert overflowed and torch.equal(got[big].sign().double(), want[big].sign()), (
+            f"{what}: {got[big]} where the exact values {want[big]} overflow {dtype}")
+        got, want = got[~big], want[~big]
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
     tol = TOLERANCES[dtype]
-    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    scale = max(1.0, scale, want.abs().max().item() if want.numel() else 0.0)
     torch.testing.assert_close(got.double(), want, rtol=tol["rtol"], atol=tol["atol"] * scale,
                                msg=lambda m: f"{what} ({dtype}): {m}")
 
@@ -79,8 +90,18 @@ def check_against_reference(shape, dtype, weight_dtype, device, eps=1e-5, seed=0
     assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == weight_dtype
     assert y.device == x.device and dx.device == x.device and dw.device == x.device
     assert_close(y.cpu(), y_ref.cpu(), dtype, "y")
-    assert_close(dx.cpu(), dx_ref.cpu(), dtype, "dx")
+    assert_close(dx.cpu(), dx_ref.cpu(), dtype, "dx", scale=dx_scale(x, weight, dy, eps))
     assert_close(dw.cpu(), dw_ref.cpu(), weight_dtype, "dweight")
+
+
+def dx_scale(x, weight, dy, eps) -> float:
+    """dx = rstd * (dy*w - x_hat * mean(dy*w*x_hat)) cancels, fully so when hidden == 1 and eps << x^2
+    (dx -> 0): fp32 rounding is relative to rstd * |dy*w|, not to dx."""
+    if x.numel() == 0:
+        return 0.0
+    x64, w64, dy64 = x.double(), weight.double(), dy.double()
+    rstd = torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    return (rstd * (dy64 * w64).abs()).max().item()
 
 
 @pytest.fixture
@@ -175,8 +196,7 @@ def test_zero_row_vector_is_finite(device):
     """A row of zeros normalizes to zeros (eps keeps rstd finite), and its gradient is finite."""
     x = torch.zeros(2, 16, device=device)
     x[1] = 1.0
-    check = kernel_with_grads(rms_norm, x, torch.ones(16, device=device), torch.ones(2, 16, device=device), 1e-5)
-    y, dx, dw = check
+    y, dx, dw = kernel_with_grads(rms_norm, x, torch.ones(16, device=device), torch.ones(2, 16, device=device), 1e-5)
     assert torch.equal(y[0], torch.zeros(16, device=device))
     assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
 
@@ -255,7 +275,7 @@ def test_property_cpu(leading, hidden, pair, eps, scale, seed):
 )
 def test_property_cuda(leading, hidden, pair, eps, seed):
     (dtype, weight_dtype), _ = pair
-    if math.prod(leading) * hidden > 2**22:
+    if math.prod(leading) * hidden > 2**20:  # keep each example small: the f64 oracle and checks run on the host
         leading = [min(leading[0], 4)]
     check_against_reference((*leading, hidden), dtype, weight_dtype, "cuda", eps=eps, seed=seed)
 
@@ -352,10 +372,11 @@ def test_cuda_cpu_mix_is_rejected():
 # ---------------------------------------------------------------------------------------------------
 # torch.library registration and torch.compile.
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,weight_dtype", [DTYPE_PAIRS[0], DTYPE_PAIRS[3]], ids=[PAIR_IDS[0], PAIR_IDS[3]])
-def test_opcheck(dtype, weight_dtype):
+def test_opcheck(dtype, weight_dtype, device):
     """torch.library's own checks: schema, fake (meta) impl, autograd registration, AOT dispatch."""
-    x, weight, dy = make_inputs((4, 19), dtype, weight_dtype, "cpu")
+    x, weight, dy = make_inputs((4, 19), dtype, weight_dtype, device)
     torch.library.opcheck(torch.ops.pytrain.rms_norm_forward.default, (x.requires_grad_(), weight, 1e-5))
     _, rstd = torch.ops.pytrain.rms_norm_forward(x.detach(), weight, 1e-5)
     torch.library.opcheck(torch.ops.pytrain.rms_norm_backward.default, (dy, x.detach(), weight, rstd))

@@ -1,5 +1,6 @@
 """End-to-end runs of `python -m pytrain.train`, in-process and under torchrun with 2 gloo processes."""
 import json
+import os
 import subprocess
 
 import pytest
@@ -46,10 +47,12 @@ def test_config_error_exits_cleanly(fresh_context, capsys):
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
     """dp=2 with micro_num=2 and dp=1 with micro_num=4: the same global batch, so the same losses."""
-    common = ["--config", str(CONFIGS / "tiny.py"), "--set", *SMALL, "data.total_steps=6", "adam.lr=3e-3"]
+    common = ["--config", str(CONFIGS / "tiny.py"), "--backend", "gloo", "--set", *SMALL, "data.total_steps=6",
+              "adam.lr=3e-3"]
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it: same matmul blocking
     one = subprocess.run([python(), "-m", "pytrain.train", *common, "data.micro_num=4",
                           f"monitor.run_folder={tmp_path / 'one'}"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env=one_thread)
     assert one.returncode == 0, one.stdout + one.stderr
     two = subprocess.run([python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "pytrain.train", *common, "data.micro_num=2", f"monitor.run_folder={tmp_path / 'two'}"],

@@ -41,6 +41,25 @@ inline void check_launch(const char* op) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(op) + ": " + cudaGetErrorString(err));
 }
 
+// Makes `device` current for a launch and restores the caller's device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cudaGetDevice(&previous_);
+    if (device != previous_ && cudaSetDevice(device) != cudaSuccess) check_launch("cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int current = previous_;
+    cudaGetDevice(&current);
+    if (current != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 [[noreturn]] inline void bad_dtype(const char* op, int code) {
   throw std::invalid_argument(std::string(op) + ": unsupported dtype code " + std::to_string(code));
 }

@@ -65,7 +65,7 @@ void launch(const RMSNormArgs& a, bool forward) {
 
 void dispatch(const RMSNormArgs& a, bool forward) {
   if (a.rows == 0) return;
-  if (cudaSetDevice(a.device) != cudaSuccess) check_launch("rms_norm: cudaSetDevice");
+  DeviceGuard guard(a.device);
   const bool w32 = a.weight_dtype == kFloat32;
   if (!w32 && a.weight_dtype != a.x_dtype) bad_dtype("rms_norm weight", a.weight_dtype);
   switch (a.x_dtype) {

@@ -1,0 +1,1 @@
+"""pytest-benchmark suites (a package, so that bench/conftest.py is bench.conftest, not a second `conftest`)."""
