@@ -2,7 +2,7 @@
 
 Rows of one group (device, shape, dtype, direction) run side by side in the same process:
   pytrain           pytrain.kernels.rms_norm (allocates y and rstd, as the op always does)
-  pytrain_prealloc  forward only: the compiled kernel writing into preallocated y / rstd (no allocation)
+  pytrain_out       forward only: rms_norm(..., out=y) writing into a preallocated y (no allocation)
   eager             pytrain.kernels.reference.rms_norm, the plain-PyTorch formula
   compile           torch.compile of that reference (inductor, static shapes)
   copy / clone      forward only: y.copy_(x) into a preallocated y / x.clone() (an allocating copy)
@@ -10,17 +10,18 @@ Rows of one group (device, shape, dtype, direction) run side by side in the same
 Bytes moved are what the op must move at least, the same for every row:
   forward:          read x, write y, read weight
   forward+backward: forward + read dy, read x, write dx, read weight, write dweight   (rstd ignored: < 0.1%)
+  residual add + norm, forward+backward: read x, residual; write sum, y; then read dy, dsum, sum; write dx
 CPU shapes stay at 4096 tokens x 4096 hidden so the CPU run is bearable; GPUs get LLM-sized shapes.
 
 On the CPU the allocating rows (pytrain, compile, clone) are dominated by first-touch page faults:
 glibc serves allocations over 32 MB with a fresh mmap, so every call faults in (and the kernel zeroes)
-each 4 KiB page of its output. pytrain_prealloc vs pytrain shows the kernel vs that cost;
+each 4 KiB page of its output. pytrain_out vs pytrain shows the kernel vs that cost;
 THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU allocator then asks for transparent huge pages) shrinks it.
 """
 import pytest
 import torch
 
-from pytrain.kernels import _backend, reference, rms_norm
+from pytrain.kernels import reference, rms_norm
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 EPS = 1e-5
@@ -30,7 +31,7 @@ CASES = [pytest.param("cpu", 4096, 4096, id="cpu-4096x4096")] + [
     pytest.param("cuda", tokens, hidden, id=f"cuda-{tokens}x{hidden}", marks=NEEDS_CUDA)
     for tokens, hidden in [(16384, 4096), (4096, 8192)]
 ]
-FORWARD_IMPLS = ["pytrain", "pytrain_prealloc", "eager", "compile", "copy", "clone"]
+FORWARD_IMPLS = ["pytrain", "pytrain_out", "eager", "compile", "copy", "clone"]
 TRAIN_IMPLS = ["pytrain", "eager", "compile"]
 
 
@@ -50,23 +51,9 @@ def compiled_reference():
 def forward_fn(impl, x, weight):
     if impl == "pytrain":
         return lambda: rms_norm(x, weight, EPS)
-    if impl == "pytrain_prealloc":
-        ext = _backend.extension(x.device)
-        if ext is None:
-            pytest.skip(f"no compiled kernel for {x.device.type}")
-        y, rstd = torch.empty_like(x), torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
-        rows, hidden = x.shape
-        args = (x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, hidden, EPS,
-                _backend.DTYPE_CODES[x.dtype], _backend.DTYPE_CODES[weight.dtype], _backend.parallelism(x, rows))
-        launch = _backend.launch_args(x)
-
-        buffers = (x, weight, y, rstd)  # the kernel sees only addresses: the closure keeps the tensors alive
-
-        def run():
-            ext.rms_norm_forward(*args, **launch)
-            return buffers[2]
-
-        return run
+    if impl == "pytrain_out":
+        y = torch.empty_like(x)
+        return lambda: rms_norm(x, weight, EPS, out=y)
     if impl == "eager":
         return lambda: reference.rms_norm(x, weight, EPS)
     if impl == "compile":
@@ -118,6 +105,41 @@ def test_results_agree(device, tokens, hidden, dtype):
     """Sanity: the rows above compute the same thing (loose: bf16 rounding; this is not the test suite)."""
     x, weight, _ = make(device, tokens // 8, hidden, DTYPES[dtype])
     want = reference.rms_norm(x.float(), weight.float(), EPS)
-    for impl in ("pytrain", "pytrain_prealloc", "eager"):
+    for impl in ("pytrain", "pytrain_out", "eager"):
         got = forward_fn(impl, x, weight)()
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2, msg=lambda m: f"{impl}: {m}")
+
+
+def residual_add_norm_eager(x, residual, weight, eps):
+    total = x + residual
+    return reference.rms_norm(total, weight, eps), total
+
+
+def residual_fn(impl, x, residual, weight, dy):
+    leaves = [t.detach().requires_grad_() for t in (x, residual, weight)]
+    if impl == "pytrain":
+        def op(a, r, w, eps):
+            return rms_norm(a, w, eps, residual=r)
+    elif impl == "eager":
+        op = residual_add_norm_eager
+    else:
+        torch._dynamo.reset()
+        op = torch.compile(residual_add_norm_eager, dynamic=False)
+
+    def step():
+        y, total = op(*leaves, EPS)
+        return torch.autograd.grad((y, total), leaves, (dy, dy))
+
+    return step
+
+
+@pytest.mark.parametrize("impl", TRAIN_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,tokens,hidden", CASES)
+def test_residual_add_norm_forward_backward(benchmark, bandwidth, device, tokens, hidden, dtype, impl):
+    """The pre-norm decoder's `h = x + residual; y = norm(h)` with both outputs used, fused vs not."""
+    x, weight, dy = make(device, tokens, hidden, DTYPES[dtype])
+    residual = torch.randn_like(x)
+    bandwidth(benchmark, residual_fn(impl, x, residual, weight, dy), device=device,
+              bytes_moved=9 * x.nbytes + 3 * weight.nbytes, copy_like=x,
+              group=f"rms_norm+residual fwd+bwd {device} {tokens}x{hidden} {dtype}", impl=impl)

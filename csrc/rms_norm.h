@@ -6,10 +6,13 @@ namespace pytrain {
 
 // Raw views of contiguous (rows, hidden) tensors; every buffer is allocated by the caller (Python).
 struct RMSNormArgs {
-  const void* x = nullptr;
+  const void* x = nullptr;           // forward input; in backward the normalized input (the sum, with a residual)
   const void* weight = nullptr;      // (hidden,), dtype x_dtype or float32
   void* y = nullptr;                 // forward output, dtype x_dtype
   float* rstd = nullptr;             // (rows,) 1/rms: written by forward (may be null), read by backward
+  const void* residual = nullptr;    // forward (optional): normalize x + residual ...
+  void* residual_out = nullptr;      // ... and write that sum here (the next residual stream)
+  const void* dresidual_out = nullptr;  // backward (optional): gradient reaching residual_out, added to dx
   const void* dy = nullptr;          // backward input
   void* dx = nullptr;                // backward output
   float* dweight_partial = nullptr;  // (parallelism, hidden) zero-filled; the caller sums over dim 0

@@ -455,3 +455,105 @@ def test_fallback_module_and_compile(extension_missing):
 
 def test_package_exports():
     assert K.rms_norm is rms_norm and K.RMSNorm is RMSNorm
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fused residual add (pre-norm decoders) and out= (writing into a preallocated output).
+
+def residual_reference_with_grads(x, residual, weight, dy, dtotal, eps):
+    x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, residual, weight))
+    total = x64 + r64
+    y = reference.rms_norm(total, w64, eps)
+    torch.autograd.backward([y, total], [dy.double(), dtotal.double()])
+    return y.detach(), total.detach(), x64.grad, r64.grad, w64.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,weight_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (2, 5, 513), (64, 4097)], ids=lambda s: "x".join(map(str, s)))
+def test_residual_matches_float64_reference(shape, dtype, weight_dtype, device):
+    x, weight, dy = make_inputs(shape, dtype, weight_dtype, device, seed=1)
+    residual, _, dtotal = make_inputs(shape, dtype, weight_dtype, device, seed=2)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, residual, weight)]
+    y, total = rms_norm(leaves[0], leaves[2], 1e-5, residual=leaves[1])
+    torch.autograd.backward([y, total], [dy, dtotal])
+    # The kernel normalizes the sum rounded to `dtype` (as eager `x + residual` would): the oracle is the
+    # reference on that rounded sum, whose gradient reaches x and residual alike, plus the sum's own.
+    rounded = (x.double() + residual.double()).to(dtype)
+    assert torch.equal(total, rounded)
+    y_ref, dnorm_ref, dw_ref = reference_with_grads(rounded, weight, dy, 1e-5)
+    dx_ref = dnorm_ref + dtotal.double()
+    assert_close(y.detach().cpu(), y_ref.cpu(), dtype, "y")
+    y_exact = residual_reference_with_grads(x, residual, weight, dy, dtotal, 1e-5)[0]
+    assert_close(y.detach().cpu(), y_exact.cpu(), dtype, "y vs exact sum")
+    scale = dx_scale(rounded, weight, dy, 1e-5) + dtotal.double().abs().max().item()
+    assert_close(leaves[0].grad.cpu(), dx_ref.cpu(), dtype, "dx", scale=scale)
+    assert_close(leaves[1].grad.cpu(), dx_ref.cpu(), dtype, "dresidual", scale=scale)
+    assert_close(leaves[2].grad.cpu(), dw_ref.cpu(), weight_dtype, "dweight")
+
+
+def test_residual_gradient_through_y_only():
+    x, weight, dy = make_inputs((4, 40), torch.float32, torch.float32, "cpu", seed=3)
+    residual = torch.randn(4, 40, requires_grad=True)
+    x.requires_grad_()
+    y, _ = rms_norm(x, weight, residual=residual)
+    y.backward(dy)
+    _, _, dx_ref, _, _ = residual_reference_with_grads(x, residual, weight, dy, torch.zeros_like(dy), 1e-5)
+    assert_close(x.grad, dx_ref, torch.float32, "dx")
+    torch.testing.assert_close(x.grad, residual.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_residual_compiles_fullgraph_and_passes_opcheck(device):
+    torch._dynamo.reset()
+    x, weight, dy = make_inputs((3, 8, 64), torch.float32, torch.float32, device, seed=4)
+    residual = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.pytrain.rms_norm_residual_forward, (x, residual, weight.requires_grad_(), 1e-5))
+    compiled = torch.compile(lambda a, r, w: rms_norm(a, w, residual=r), fullgraph=True)
+    got, want = compiled(x, residual, weight), rms_norm(x, weight, residual=residual)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,weight_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
+def test_out_writes_into_the_given_tensor(dtype, weight_dtype, device):
+    x, weight, _ = make_inputs((5, 3, 129), dtype, weight_dtype, device, seed=5)
+    out = torch.full_like(x, float("nan"))
+    with torch.no_grad():
+        result = rms_norm(x, weight, out=out)
+    assert result is out
+    torch.testing.assert_close(out, rms_norm(x, weight), rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.pytrain.rms_norm_forward_out, (x, weight, 1e-5, torch.empty_like(x)))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(residual=torch.randn(2, 7)), r"residual must match x: shape \(2, 8\)"),
+    (dict(residual=torch.randn(2, 8, dtype=torch.bfloat16)), r"residual must match x: .* dtype torch.float32"),
+    (dict(residual=torch.randn(8, 2).t()), r"residual must be contiguous"),
+    (dict(out=torch.empty(2, 9)), r"out must match x"),
+    (dict(out=torch.empty(2, 8), residual=torch.randn(2, 8)), r"out= is not supported together with residual="),
+])
+def test_residual_and_out_bad_arguments(kwargs, match):
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        rms_norm(torch.randn(2, 8), torch.ones(8), **kwargs)
+
+
+def test_out_is_refused_under_autograd_and_when_aliasing():
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="out= cannot be used when x or weight requires grad"):
+        rms_norm(x, torch.ones(8), out=torch.empty(2, 8))
+    with torch.no_grad(), pytest.raises(ValueError, match="out must not alias x"):
+        rms_norm(x, torch.ones(8), out=x)
+
+
+def test_fallback_residual_and_out(extension_missing):
+    x, weight, _ = make_inputs((3, 16), torch.float32, torch.float32, "cpu", seed=6)
+    residual = torch.randn_like(x)
+    y, total = rms_norm(x, weight, residual=residual)
+    torch.testing.assert_close(total, x + residual)
+    assert_close(y, reference.rms_norm((x + residual).double(), weight.double()), torch.float32, "y")
+    out = torch.empty_like(x)
+    with torch.no_grad():
+        assert rms_norm(x, weight, out=out) is out
+    assert_close(out, reference.rms_norm(x.double(), weight.double()), torch.float32, "out")

@@ -1,4 +1,6 @@
 // RMSNorm on the CPU: y = x / sqrt(mean(x^2) + eps) * w, rows split over threads, fp32 accumulation.
+// With a residual, the input is first summed: s = x + residual (rounded to x's dtype, as an eager
+// `x + residual` would be), s is written out for the next residual connection and normalized.
 // Python validates and allocates (pytrain/kernels/rms_norm.py); this file only computes.
 #include "rms_norm.h"
 
@@ -11,7 +13,7 @@ namespace {
 
 constexpr int64_t kMinElementsPerThread = 1 << 15;
 
-template <typename T, typename W>
+template <typename T, typename W, bool kResidual>
 __attribute__((always_inline)) inline void forward_rows(const RMSNormArgs& a, int64_t begin, int64_t end) {
   const int64_t n = a.hidden;
   const W* w = static_cast<const W*>(a.weight);
@@ -19,10 +21,23 @@ __attribute__((always_inline)) inline void forward_rows(const RMSNormArgs& a, in
     const T* x = static_cast<const T*>(a.x) + row * n;
     T* y = static_cast<T*>(a.y) + row * n;
     float sum_sq = 0.f;
+    if constexpr (kResidual) {
+      const T* r = static_cast<const T*>(a.residual) + row * n;
+      T* s = static_cast<T*>(a.residual_out) + row * n;
 #pragma omp simd reduction(+ : sum_sq)
-    for (int64_t i = 0; i < n; ++i) {
-      float v = to_float(x[i]);
-      sum_sq += v * v;
+      for (int64_t i = 0; i < n; ++i) {
+        const T sum = from_float<T>(to_float(x[i]) + to_float(r[i]));
+        s[i] = sum;
+        const float v = to_float(sum);
+        sum_sq += v * v;
+      }
+      x = s;  // normalize the (rounded) sum, still in cache
+    } else {
+#pragma omp simd reduction(+ : sum_sq)
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = to_float(x[i]);
+        sum_sq += v * v;
+      }
     }
     const float rstd = 1.f / std::sqrt(sum_sq / static_cast<float>(n) + a.eps);
     if (a.rstd) a.rstd[row] = rstd;
@@ -31,8 +46,9 @@ __attribute__((always_inline)) inline void forward_rows(const RMSNormArgs& a, in
   }
 }
 
-// dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * w; dw accumulates dy * x_hat per worker.
-template <typename T, typename W>
+// dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * w, plus the gradient reaching the residual
+// output when there is one (it flows straight to both summands); dw accumulates dy * x_hat per worker.
+template <typename T, typename W, bool kResidual>
 __attribute__((always_inline)) inline void backward_rows(const RMSNormArgs& a, int64_t begin, int64_t end, int worker) {
   const int64_t n = a.hidden;
   const W* w = static_cast<const W*>(a.weight);
@@ -40,6 +56,7 @@ __attribute__((always_inline)) inline void backward_rows(const RMSNormArgs& a, i
   for (int64_t row = begin; row < end; ++row) {
     const T* x = static_cast<const T*>(a.x) + row * n;
     const T* dy = static_cast<const T*>(a.dy) + row * n;
+    const T* ds = kResidual ? static_cast<const T*>(a.dresidual_out) + row * n : nullptr;
     T* dx = static_cast<T*>(a.dx) + row * n;
     const float rstd = a.rstd[row];
     float dot = 0.f;
@@ -50,16 +67,20 @@ __attribute__((always_inline)) inline void backward_rows(const RMSNormArgs& a, i
     for (int64_t i = 0; i < n; ++i) {
       const float x_hat = to_float(x[i]) * rstd;
       const float g = to_float(dy[i]);
-      dx[i] = from_float<T>(rstd * (g * to_float(w[i]) - x_hat * mean_dot));
+      float grad = rstd * (g * to_float(w[i]) - x_hat * mean_dot);
+      if constexpr (kResidual) grad += to_float(ds[i]);
+      dx[i] = from_float<T>(grad);
       dw[i] += g * x_hat;
     }
   }
 }
 
 #define PYTRAIN_RMS_NORM_VARIANT(NAME, T, W)                                                           \
-  PYTRAIN_CLONES void forward_##NAME(const RMSNormArgs& a, int64_t b, int64_t e) { forward_rows<T, W>(a, b, e); } \
+  PYTRAIN_CLONES void forward_##NAME(const RMSNormArgs& a, int64_t b, int64_t e) {                     \
+    a.residual ? forward_rows<T, W, true>(a, b, e) : forward_rows<T, W, false>(a, b, e);               \
+  }                                                                                                    \
   PYTRAIN_CLONES void backward_##NAME(const RMSNormArgs& a, int64_t b, int64_t e, int k) {             \
-    backward_rows<T, W>(a, b, e, k);                                                                   \
+    a.dresidual_out ? backward_rows<T, W, true>(a, b, e, k) : backward_rows<T, W, false>(a, b, e, k);  \
   }
 PYTRAIN_RMS_NORM_VARIANT(f32, float, float)
 PYTRAIN_RMS_NORM_VARIANT(bf16, bf16, bf16)

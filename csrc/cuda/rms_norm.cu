@@ -8,27 +8,43 @@ namespace {
 
 constexpr int kThreads = 512;
 
+// With `residual`, normalizes s = x + residual (rounded to T) and writes s to residual_out. Each thread
+// reads back only the elements it wrote, so no barrier is needed between the two loops.
 template <typename T, typename W>
-__global__ void forward_kernel(const T* __restrict__ x, const W* __restrict__ w, T* __restrict__ y,
-                               float* __restrict__ rstd_out, int64_t hidden, float eps) {
+__global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ residual_out,
+                               const W* __restrict__ w, T* __restrict__ y, float* __restrict__ rstd_out, int64_t hidden,
+                               float eps) {
   __shared__ float shared[32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * hidden;
   T* yr = y + row * hidden;
   float sum_sq = 0.f;
-  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
-    const float v = to_float(xr[i]);
-    sum_sq += v * v;
+  if (residual) {
+    const T* rr = residual + row * hidden;
+    T* sr = residual_out + row * hidden;
+    for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
+      const T sum = from_float<T>(to_float(xr[i]) + to_float(rr[i]));
+      sr[i] = sum;
+      const float v = to_float(sum);
+      sum_sq += v * v;
+    }
+    xr = sr;
+  } else {
+    for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
+      const float v = to_float(xr[i]);
+      sum_sq += v * v;
+    }
   }
   const float rstd = rsqrtf(block_sum(sum_sq, shared) / static_cast<float>(hidden) + eps);
   if (rstd_out && threadIdx.x == 0) rstd_out[row] = rstd;
   for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) yr[i] = from_float<T>(to_float(xr[i]) * rstd * to_float(w[i]));
 }
 
+// dresidual_out (optional): the gradient reaching the residual output, added to dx.
 template <typename T, typename W>
 __global__ void backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ w,
-                                const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ dw_partial,
-                                int64_t rows, int64_t hidden) {
+                                const float* __restrict__ rstd, const T* __restrict__ dresidual_out, T* __restrict__ dx,
+                                float* __restrict__ dw_partial, int64_t rows, int64_t hidden) {
   __shared__ float shared[32];
   float* dw = dw_partial + blockIdx.x * hidden;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -42,7 +58,9 @@ __global__ void backward_kernel(const T* __restrict__ dy, const T* __restrict__ 
     for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
       const float x_hat = to_float(xr[i]) * r;
       const float g = to_float(dyr[i]);
-      dxr[i] = from_float<T>(r * (g * to_float(w[i]) - x_hat * mean_dot));
+      float grad = r * (g * to_float(w[i]) - x_hat * mean_dot);
+      if (dresidual_out) grad += to_float(dresidual_out[row * hidden + i]);
+      dxr[i] = from_float<T>(grad);
       dw[i] += g * x_hat;  // this block owns row blockIdx.x of the partials: no atomics
     }
   }
@@ -54,11 +72,12 @@ void launch(const RMSNormArgs& a, bool forward) {
   const int threads = a.hidden >= kThreads ? kThreads : ((static_cast<int>(a.hidden) + 31) / 32) * 32;
   if (forward) {
     forward_kernel<T, W><<<static_cast<unsigned>(a.rows), threads, 0, stream>>>(
-        static_cast<const T*>(a.x), static_cast<const W*>(a.weight), static_cast<T*>(a.y), a.rstd, a.hidden, a.eps);
+        static_cast<const T*>(a.x), static_cast<const T*>(a.residual), static_cast<T*>(a.residual_out),
+        static_cast<const W*>(a.weight), static_cast<T*>(a.y), a.rstd, a.hidden, a.eps);
   } else {
     backward_kernel<T, W><<<a.parallelism, threads, 0, stream>>>(
         static_cast<const T*>(a.dy), static_cast<const T*>(a.x), static_cast<const W*>(a.weight), a.rstd,
-        static_cast<T*>(a.dx), a.dweight_partial, a.rows, a.hidden);
+        static_cast<const T*>(a.dresidual_out), static_cast<T*>(a.dx), a.dweight_partial, a.rows, a.hidden);
   }
   check_launch(forward ? "rms_norm_forward" : "rms_norm_backward");
 }
