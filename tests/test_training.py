@@ -128,3 +128,14 @@ def test_16bit_training_steps(fresh_context, tmp_path, dtype):
     rows = metrics(gpc.run_folder)
     assert len(rows) == 4 and all(r["loss"] == r["loss"] for r in rows)
     assert ("loss_scale" in rows[0]) == (dtype == "torch.float16")
+
+
+def test_7b_dry_run_reports_parameters_without_memory(capsys):
+    from pytrain.train.__main__ import main
+
+    assert main(["--config", str(CONFIGS / "7B.py"), "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "7,321,423,872 parameters (7.32B)" in out and "44.61 GFLOPs per token" in out
+    assert main(["--config", str(CONFIGS / "7B.py"), "--dry_run", "--world_size", "8", "--set",
+                 "parallel.zero1.size=3"]) == 2
+    assert "parallel.zero1.size=3 does not divide the data-parallel size 8" in capsys.readouterr().out

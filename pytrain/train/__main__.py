@@ -4,15 +4,17 @@ The loop is InternLM's train.py: launch, build model / optimizer / data / traine
 zero_grad -> execute_schedule -> step, with one log line per step from the first rank.
 """
 import contextlib
+import os
 
 import torch
 import torch.distributed as dist
 
-from pytrain.config import ConfigError
+from pytrain.config import Config, ConfigError, check_world_size
 from pytrain.initialize import get_default_parser, initialize_distributed_env, initialize_trainer
 from pytrain.model import DTYPES
 from pytrain.monitor import StepMonitor, flops_per_token, peak_tflops
 from pytrain.parallel import gpc
+from pytrain.registry import MODEL_INITIALIZER
 from pytrain.train import get_train_data_loader, initialize_model, initialize_optimizer
 
 
@@ -71,10 +73,37 @@ def train(args) -> list[dict]:
     return history
 
 
+def dry_run(args) -> None:
+    """--dry_run: validate the config and build the model on the meta device (no memory, no processes)."""
+    import pytrain.model  # noqa: F401  (registers "INTERNLM")
+
+    cfg = Config.from_file(args.config, overrides=args.overrides)
+    world_size = int(os.environ.get("WORLD_SIZE", args.world_size or 1))
+    data_parallel = check_world_size(cfg, world_size, args.config)
+    with torch.device("meta"):
+        model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model)
+    params = sum(p.numel() for p in model.parameters())
+    per_token = flops_per_token(model, cfg.model.num_layers, cfg.model.hidden_size, cfg.data.seq_len,
+                                float(cfg.model.checkpoint))
+    tokens = data_parallel * cfg.data.micro_num * cfg.data.micro_bsz * cfg.data.seq_len
+    print(f"{args.config}: valid for {world_size} process(es); {cfg.model_type} with {params:,} parameters "
+          f"({params / 1e9:.2f}B); {per_token / 1e9:.2f} GFLOPs per token; {tokens:,} tokens per step")
+
+
 def main(argv=None) -> int:
-    args = get_default_parser().parse_args(argv)
+    parser = get_default_parser()
+    parser.add_argument("--dry_run", action="store_true",
+                        help="validate the config, build the model on the meta device, print its size, exit")
+    args = parser.parse_args(argv)
     if not args.config:
-        get_default_parser().error("--config is required, e.g. --config configs/tiny.py")
+        parser.error("--config is required, e.g. --config configs/tiny.py")
+    if args.dry_run:
+        try:
+            dry_run(args)
+        except ConfigError as err:
+            print(f"pytrain: config error: {err}", flush=True)
+            return 2
+        return 0
     try:
         train(args)
         if dist.is_initialized():
