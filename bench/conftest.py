@@ -116,7 +116,67 @@ def bandwidth():
     return measure
 
 
+_COMPUTE_RESULTS: list[dict] = []
+_MATMUL_CACHE: dict[tuple, float] = {}
+
+
+def matmul_tflops(device, dtype, size: int = 2048) -> float:
+    """The machine's compute limit for `dtype` on `device`: the best of a few square matmuls (cached)."""
+    key = (str(device), dtype)
+    if key not in _MATMUL_CACHE:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        run, ops = _timed(lambda: a @ b, device)
+        run()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            run()
+            best = min(best, (time.perf_counter() - t0) / ops)
+        _MATMUL_CACHE[key] = 2 * size**3 / best / 1e12
+    return _MATMUL_CACHE[key]
+
+
+@pytest.fixture
+def compute():
+    """Benchmarks fn and records TFLOP/s and the fraction of the matmul peak measured in the same run."""
+
+    def measure(benchmark, fn, *, device, flops: float, dtype, group: str, impl: str, warmup: int = 1):
+        benchmark.group = group
+        benchmark.extra_info.update(impl=impl, flops=float(flops), device=str(device))
+        if benchmark.enabled:
+            for _ in range(warmup):
+                fn()
+            sync(device)
+        timed, ops = _timed(fn, device)
+        benchmark(timed)
+        if benchmark.stats is None:
+            return
+        mean = benchmark.stats.stats.mean / ops
+        row = dict(group=group, impl=impl, ms=mean * 1e3, tflops=flops / mean / 1e12, peak=matmul_tflops(device, dtype))
+        benchmark.extra_info.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+        _COMPUTE_RESULTS.append(row)
+
+    return measure
+
+
+def _compute_summary(tr) -> None:
+    groups = defaultdict(list)
+    for row in _COMPUTE_RESULTS:
+        groups[row["group"]].append(row)
+    tr.section("compute: model FLOPs / time; 'of peak': vs a square matmul in the same dtype, same run")
+    for group, rows in groups.items():
+        sdpa = next((r for r in rows if r["impl"] == "sdpa"), None)
+        tr.write_line(f"{group}   [matmul peak {rows[0]['peak']:.2f} TFLOP/s]")
+        for r in rows:
+            ratio = f"{sdpa['ms'] / r['ms']:.2f}x sdpa" if sdpa else ""
+            tr.write_line(f"  {r['impl']:<16}{r['ms']:>10.3f} ms{r['tflops']:>9.3f} TFLOP/s{r['tflops'] / r['peak']:>7.2f} of peak"
+                          f"  {ratio}")
+
+
 def pytest_terminal_summary(terminalreporter):
+    if _COMPUTE_RESULTS:
+        _compute_summary(terminalreporter)
     if not _RESULTS:
         return
     groups = defaultdict(list)

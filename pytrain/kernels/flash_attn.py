@@ -1,0 +1,151 @@
+"""Flash-attention: (batch, seq, heads, dim) and packed variable-length (tokens, heads, dim) inputs, GQA/MQA.
+
+CUDA tensors run pytrain's Triton kernels (kernels/flash_attn.py) as torch.library custom ops (autograd
+and torch.compile see one op each way). CPU tensors run PyTorch's SDPA (its CPU flash kernel), one
+document at a time for packed input, so no mask quadratic in the packed length is ever built; setting
+TRITON_INTERPRET=1 runs the Triton kernels on the CPU instead (tests only: the interpreter is slow).
+"""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_same_device, check_tensor
+
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _runs_triton(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@torch.library.custom_op("pytrain::flash_attn_varlen_forward", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+             causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from pytrain.triton.flash_attn import flash_attn_forward
+
+    return flash_attn_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+
+
+@_forward.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("pytrain::flash_attn_varlen_backward", mutates_args=())
+def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, scale: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from pytrain.triton.flash_attn import flash_attn_backward
+
+    return flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale)
+
+
+@_backward.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+
+
+def _autograd_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _check_qkv(q, k, v, dims: int, layout: str):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, dtypes=ATTENTION_DTYPES, contiguous=False)
+        if t.dim() != dims:
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (call .contiguous() on it first)")
+    check_same_device(q=q, k=k, v=v)
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on every dimension but heads")
+    q_heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads})")
+    if not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be within 1..{MAX_HEAD_DIM}, got {head_dim}")
+
+
+def _scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def _sdpa(q, k, v, causal: bool, scale: float):
+    """SDPA on (..., seq, heads, dim) tensors."""
+    out = F.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2),
+                                         is_causal=causal, scale=scale, enable_gqa=k.shape[-2] != q.shape[-2])
+    return out.transpose(-3, -2)
+
+
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                    softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v over (batch, seq, heads, head_dim) inputs; k/v may have fewer heads (GQA)."""
+    _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
+    scale = _scale(softmax_scale, q.shape[-1])
+    batch, seq = q.shape[:2]
+    if not _runs_triton(q.device):
+        return _sdpa(q, k, v, causal, scale)
+    cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=q.device)
+    flat = [t.reshape(batch * seq, *t.shape[2:]).contiguous() for t in (q, k, v)]
+    return _forward(*flat, cu_seqlens, seq, causal, scale)[0].view(q.shape)
+
+
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           max_seqlen: int, causal: bool = False, softmax_scale: float | None = None) -> torch.Tensor:
+    """Attention within each packed sequence: tokens cu_seqlens[i]:cu_seqlens[i+1] see only each other.
+
+    q (total_tokens, heads, head_dim), k/v (total_tokens, kv_heads, head_dim); cu_seqlens (num_seqs + 1,)
+    int32 or int64, from 0 up to total_tokens, non-decreasing; max_seqlen >= the longest sequence.
+    """
+    _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
+    scale = _scale(softmax_scale, q.shape[-1])
+    bounds = _check_cu_seqlens(cu_seqlens, q, max_seqlen)
+    if not _runs_triton(q.device):
+        # One document at a time, each as a batch of one: SDPA's CPU flash kernel takes 4-D input only
+        # (3-D input falls back to its materializing math path, 5x slower).
+        return torch.cat([_sdpa(q[None, s:e], k[None, s:e], v[None, s:e], causal, scale)[0]
+                          for s, e in zip(bounds[:-1], bounds[1:]) if e > s] or [q[:0]])
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    return _forward(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), causal, scale)[0]
+
+
+def _check_cu_seqlens(cu_seqlens, q, max_seqlen) -> list[int]:
+    """Checks the boundaries (one host sync) and returns them as a list."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError("cu_seqlens must be an int32 or int64 tensor")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    check_same_device(q=q, cu_seqlens=cu_seqlens)
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the token count {q.shape[0]}, got "
+                         f"{bounds[0]}..{bounds[-1]}")
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    if min(lengths) < 0:
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if not isinstance(max_seqlen, int) or max_seqlen < max(lengths):
+        raise ValueError(f"max_seqlen ({max_seqlen}) must be an int >= the longest sequence ({max(lengths)})")
+    return bounds
