@@ -107,7 +107,11 @@ class CMakeBuild(build_ext):
         built = self.cmake_dir / f"{ext.target}{suffix}"
         destination = Path(self.get_ext_fullpath(ext.name))
         destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(built, destination)
+        # A new file renamed over the old one: processes that have the old module loaded keep their
+        # mapping (overwriting it in place would crash them with SIGBUS).
+        staging = destination.with_name(destination.name + ".tmp")
+        shutil.copyfile(built, staging)
+        os.replace(staging, destination)
 
     def get_outputs(self):
         return [self.get_ext_fullpath(ext.name) for ext in self.extensions]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from pytrain.solver import Beta2Scheduler, DataParallelOptimizer, DynamicGradScaler, WarmupCosineLR, param_groups
+from pytrain.solver import Beta2Scheduler, HybridZeroOptimizer, DynamicGradScaler, WarmupCosineLR, param_groups
 
 
 def small_model(dtype=torch.float32):
@@ -84,7 +84,7 @@ def run_steps(optimizer, model, inputs, steps=3):
 def test_fp32_step_matches_torch_adamw_with_clipping():
     inputs = torch.randn(16, 4)
     model, reference = small_model(), small_model()
-    ours = DataParallelOptimizer(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, clip_grad_norm=0.05)
+    ours = HybridZeroOptimizer(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, clip_grad_norm=0.05)
     theirs = torch.optim.AdamW(param_groups(reference, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     for _ in range(3):
         ours.zero_grad()
@@ -101,12 +101,13 @@ def test_fp32_step_matches_torch_adamw_with_clipping():
 
 def test_bf16_model_keeps_fp32_master_weights():
     model = small_model(torch.bfloat16)
-    optimizer = DataParallelOptimizer(model, lr=1e-3)
-    assert optimizer.needs_master and all(m.dtype == torch.float32 for m in optimizer.master_params)
-    before = [m.clone() for m in optimizer.master_params]
+    optimizer = HybridZeroOptimizer(model, lr=1e-3)
+    assert optimizer.needs_master and all(m.dtype == torch.float32 for _, m, _ in optimizer.owned)
+    assert len(optimizer.owned) == len(list(model.parameters()))  # unsharded: this rank owns everything
+    before = [m.clone() for _, m, _ in optimizer.owned]
     success, _ = run_steps(optimizer, model, torch.randn(16, 4, dtype=torch.bfloat16), steps=1)
     assert success
-    for param, master, old in zip(optimizer.model_params, optimizer.master_params, before):
+    for (param, master, _), old in zip(optimizer.owned, before):
         assert not torch.equal(master, old)  # updates smaller than bf16's resolution still accumulate
         torch.testing.assert_close(param, master.to(torch.bfloat16), rtol=0, atol=0)
 
@@ -114,7 +115,7 @@ def test_bf16_model_keeps_fp32_master_weights():
 def test_nan_gradient_skips_the_step_and_backs_off_the_scale():
     model = small_model(torch.float16)
     scaler = DynamicGradScaler(initial_scale=1024, hysteresis=1)
-    optimizer = DataParallelOptimizer(model, lr=1e-3, grad_scaler=scaler)
+    optimizer = HybridZeroOptimizer(model, lr=1e-3, grad_scaler=scaler)
     before = [p.clone() for p in model.parameters()]
     optimizer.zero_grad()
     optimizer.backward(model(torch.randn(4, 4, dtype=torch.float16)).float().sum() * float("nan"))
@@ -133,6 +134,6 @@ def test_loss_scale_is_divided_out():
     for scale in (1.0, 1024.0):
         model = small_model()
         scaler = DynamicGradScaler(initial_scale=scale)
-        optimizer = DataParallelOptimizer(model, lr=1e-3, grad_scaler=scaler)
+        optimizer = HybridZeroOptimizer(model, lr=1e-3, grad_scaler=scaler)
         norms.append(run_steps(optimizer, model, inputs, steps=1)[1])
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)

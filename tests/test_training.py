@@ -45,10 +45,12 @@ def test_config_error_exits_cleanly(fresh_context, capsys):
     assert "did you mean 'num_layers'" in capsys.readouterr().out
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path):
-    """dp=2 with micro_num=2 and dp=1 with micro_num=4: the same global batch, so the same losses."""
+@pytest.mark.parametrize("zero1", [-1, 1], ids=["zero1-sharded", "zero1-off"])
+def test_two_gloo_processes_equal_one_process(tmp_path, zero1):
+    """dp=2 with micro_num=2 and dp=1 with micro_num=4: the same global batch, so the same losses, with the
+    optimizer state sharded over both ranks (zero1 -1) or replicated (1)."""
     common = ["--config", str(CONFIGS / "tiny.py"), "--backend", "gloo", "--set", *SMALL, "data.total_steps=6",
-              "adam.lr=3e-3"]
+              "adam.lr=3e-3", f"parallel.zero1.size={zero1}"]
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it: same matmul blocking
     one = subprocess.run([python(), "-m", "pytrain.train", *common, "data.micro_num=4",
                           f"monitor.run_folder={tmp_path / 'one'}"], cwd=ROOT, capture_output=True, text=True,

@@ -87,12 +87,29 @@ def launch(config, rank: int, world_size: int, local_rank: int, host: str | None
     gpc.rank, gpc.world_size, gpc.local_rank, gpc.device = rank, world_size, local_rank, device
     gpc.data_parallel_size, gpc.data_parallel_rank = data_parallel_size, rank
     gpc.data_parallel_group = dist.group.WORLD
+    gpc.zero1_group = _zero1_group(cfg.parallel.zero1.size, data_parallel_size, rank)
     gpc.run_folder = _make_run_folder(cfg)
     gpc.seed = seed
     torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     set_seed(seed)
     return gpc
+
+
+def _zero1_group(size: int, data_parallel_size: int, rank: int):
+    """Groups of `size` consecutive data-parallel ranks (<= 0: all of them; 1: no sharding -> None).
+    Every rank creates every group, as torch.distributed requires; each keeps its own."""
+    size = data_parallel_size if size <= 0 else size
+    if size == 1:
+        return None
+    if size == data_parallel_size:
+        return dist.group.WORLD
+    mine = None
+    for first in range(0, data_parallel_size, size):
+        group = dist.new_group(ranks=list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = group
+    return mine
 
 
 def set_seed(seed: int) -> None:

@@ -14,6 +14,7 @@ class ParallelContext:
     data_parallel_size: int = 1
     data_parallel_rank: int = 0
     data_parallel_group: object = None
+    zero1_group: object = None  # the ranks sharing one copy of the optimizer state; None: not sharded
     device: torch.device = torch.device("cpu")
     run_folder: object = None  # pathlib.Path of this run's outputs
     seed: int = 1024

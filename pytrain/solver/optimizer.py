@@ -1,19 +1,21 @@
-"""Data-parallel AdamW with fp32 master weights, gradient clipping, inf/NaN skipping and fp16 loss scaling.
+"""HybridZeroOptimizer: data-parallel AdamW with ZeRO-1 sharding, fp32 master weights, gradient clipping,
+inf/NaN step skipping and fp16 loss scaling.
 
-The model's gradients are gathered into one flat fp32 buffer, averaged over the data-parallel group in
-buckets of reduce_bucket_size elements, unscaled, and checked: a step whose global gradient norm is inf
-or NaN is skipped on every rank (the norm is computed after the reduce, so all ranks agree). Otherwise
-the norm is clipped and AdamW updates the fp32 master weights, which are copied back into the model.
-For an fp32 model the master weights are the model's parameters (no copy).
-
-Sharding the master weights and Adam state over the zero1 group is the parallel issue's
-HybridZeroOptimizer; this class is its unsharded base.
+A step: the model's gradients are gathered into one flat fp32 buffer, averaged over the data-parallel
+group in buckets of reduce_bucket_size elements and unscaled; the global gradient norm is taken after the
+reduce, so every rank agrees on it, and a step whose norm is inf or NaN is skipped on every rank.
+Otherwise the gradients are clipped and each rank runs AdamW on the parameters it owns only: within a
+zero1 group, parameters are assigned largest first to the least-loaded rank (InternLM's rule), and only
+the owner keeps their fp32 master copy and Adam state. The owners then broadcast the updated parameters
+to the rest of their zero1 group. zero1 size 1 means every rank owns everything (plain data parallel).
+For an fp32 model the master weights are the model's parameters themselves (no copy).
 """
 import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .grad_scaler import DynamicGradScaler
 
@@ -28,38 +30,72 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-class DataParallelOptimizer:
+def assign_owners(sizes: list[int], ranks: int) -> list[int]:
+    """Owner rank of each parameter: largest first, each to the rank with the fewest elements so far."""
+    load = [0] * ranks
+    owners = [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        owner = min(range(ranks), key=lambda r: load[r])
+        owners[index] = owner
+        load[owner] += sizes[index]
+    return owners
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+class HybridZeroOptimizer:
     def __init__(self, model: nn.Module, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                  clip_grad_norm: float = 0.0, grad_scaler: DynamicGradScaler | None = None, group=None,
-                 reduce_bucket_size: int = 512 * 1024 * 1024):
+                 zero_group=None, reduce_bucket_size: int = 512 * 1024 * 1024):
+        """group: the data-parallel group gradients are averaged over; zero_group: the ranks (a subgroup of
+        it) that share one copy of the optimizer state. None: the default group / no sharding."""
         self.clip_grad_norm = clip_grad_norm
         self.grad_scaler = grad_scaler
-        self.group = group
+        self.group, self.zero_group = group, zero_group
         self.reduce_bucket_size = reduce_bucket_size
         groups = param_groups(model, weight_decay)
         self.model_params = [p for g in groups for p in g["params"]]
-        self.needs_master = any(p.dtype != torch.float32 for p in self.model_params)
-        if self.needs_master:
-            self.master_params = [p.detach().float().requires_grad_() for p in self.model_params]
-            by_id = dict(zip(map(id, self.model_params), self.master_params))
-            groups = [{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in groups]
-        else:
-            self.master_params = self.model_params
+        zero_size = _world(zero_group) if zero_group is not None else 1
+        zero_rank = dist.get_rank(zero_group) if zero_group is not None else 0
+        self.owners = assign_owners([p.numel() for p in self.model_params], zero_size)
+        self.zero_global_ranks = [dist.get_global_rank(zero_group, r) if zero_group is not None else 0
+                                  for r in range(zero_size)]
+        owned = {id(p) for p, owner in zip(self.model_params, self.owners) if owner == zero_rank}
+
         numel = sum(p.numel() for p in self.model_params)
         self.flat_grad = torch.zeros(numel, dtype=torch.float32, device=self.model_params[0].device)
-        self.grad_views, offset = [], 0  # master grads are views into the flat, reduced buffer
-        for master in self.master_params:
-            self.grad_views.append(self.flat_grad[offset:offset + master.numel()].view_as(master))
-            offset += master.numel()
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        grad_views, offset = [], 0
+        for param in self.model_params:
+            grad_views.append(self.flat_grad[offset:offset + param.numel()].view_as(param))
+            offset += param.numel()
+        self.grad_views = grad_views
+
+        # (model parameter, its fp32 master, the reduced gradient view) for the parameters this rank updates
+        self.needs_master = any(p.dtype != torch.float32 for p in self.model_params)
+        self.owned = [(p, p.detach().float().requires_grad_() if self.needs_master else p, view)
+                      for p, view in zip(self.model_params, grad_views) if id(p) in owned]
+        master_of = {id(p): master for p, master, _ in self.owned}
+        owned_groups = [{**g, "params": [master_of[id(p)] for p in g["params"] if id(p) in master_of]} for g in groups]
+        owned_groups = [g for g in owned_groups if g["params"]]
+        # A rank that owns nothing still keeps the param groups the schedulers write lr and betas into.
+        self.optimizer = torch.optim.AdamW(owned_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay) \
+            if owned_groups else None
+        self._param_groups = self.optimizer.param_groups if self.optimizer else [{"lr": lr, "betas": betas}]
 
     @property
     def param_groups(self):
-        return self.optimizer.param_groups
+        return self._param_groups
 
     @property
     def loss_scale(self) -> float:
         return self.grad_scaler.scale if self.grad_scaler else 1.0
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of fp32 master weights (when separate from the model's) and Adam state on this rank."""
+        masters = sum(m.numel() * 4 for _, m, _ in self.owned) if self.needs_master else 0
+        return masters + sum(m.numel() * 8 for _, m, _ in self.owned)  # exp_avg + exp_avg_sq in fp32
 
     def zero_grad(self) -> None:
         for param in self.model_params:
@@ -70,10 +106,8 @@ class DataParallelOptimizer:
 
     @torch.no_grad()
     def step(self) -> tuple[bool, float]:
-        """Reduce, unscale, check, clip, update. Returns (success, global gradient norm before clipping)."""
+        """Reduce, unscale, check, clip, update, share. Returns (success, global gradient norm before clipping)."""
         self._gather_and_reduce_grads()
-        for master, view in zip(self.master_params, self.grad_views):
-            master.grad = view
         norm = torch.linalg.vector_norm(self.flat_grad).item()
         if not math.isfinite(norm):
             if self.grad_scaler:
@@ -83,22 +117,40 @@ class DataParallelOptimizer:
             self.grad_scaler.update(overflow=False)
         if self.clip_grad_norm > 0 and norm > self.clip_grad_norm:
             self.flat_grad.mul_(self.clip_grad_norm / (norm + 1e-6))
-        self.optimizer.step()
+        if self.optimizer is not None:
+            for _, master, view in self.owned:
+                master.grad = view
+            self.optimizer.step()
         if self.needs_master:
-            for param, master in zip(self.model_params, self.master_params):
+            for param, master, _ in self.owned:
                 param.copy_(master)
+        self._broadcast_updated_params()
         return True, norm
 
     def _gather_and_reduce_grads(self) -> None:
         for param, view in zip(self.model_params, self.grad_views):
             if param.grad is None:  # unused in this step's forward
                 view.zero_()
-            elif param.grad is not view:
+            else:
                 view.copy_(param.grad)
-        world = dist.get_world_size(self.group) if dist.is_initialized() else 1
-        if world > 1:
+        if _world(self.group) > 1:
             for start in range(0, self.flat_grad.numel(), self.reduce_bucket_size):
                 dist.all_reduce(self.flat_grad[start:start + self.reduce_bucket_size], group=self.group)
-        scale = world * self.loss_scale
+        scale = _world(self.group) * self.loss_scale
         if scale != 1:
             self.flat_grad.div_(scale)
+
+    def _broadcast_updated_params(self) -> None:
+        """Each owner sends its updated parameters to the rest of its zero1 group, one flat buffer per owner."""
+        if len(self.zero_global_ranks) == 1:
+            return
+        dtypes = sorted({p.dtype for p in self.model_params}, key=str)  # fp32 norms may sit in a bf16 model
+        for zero_rank, source in enumerate(self.zero_global_ranks):
+            for dtype in dtypes:
+                params = [p for p, owner in zip(self.model_params, self.owners) if owner == zero_rank and p.dtype == dtype]
+                if not params:
+                    continue
+                flat = _flatten_dense_tensors([p.detach() for p in params])
+                dist.broadcast(flat, src=source, group=self.zero_group)
+                for param, value in zip(params, _unflatten_dense_tensors(flat, params)):
+                    param.copy_(value)

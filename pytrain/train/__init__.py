@@ -14,7 +14,7 @@ from pytrain.data import DummyDataset, StepBatchSampler, TokenWindowDataset, col
 from pytrain.kernels import RMSNorm
 from pytrain.parallel import gpc
 from pytrain.registry import MODEL_INITIALIZER
-from pytrain.solver import Beta2Scheduler, DataParallelOptimizer, DynamicGradScaler, WarmupCosineLR
+from pytrain.solver import Beta2Scheduler, HybridZeroOptimizer, DynamicGradScaler, WarmupCosineLR
 
 from .trainer import Trainer
 
@@ -57,10 +57,10 @@ def initialize_optimizer(model: nn.Module, config: Config | None = None):
             growth_interval=scaler_cfg.fp16.growth_interval, growth_factor=scaler_cfg.growth_factor,
             backoff_factor=scaler_cfg.backoff_factor, hysteresis=scaler_cfg.hysteresis,
             max_scale=scaler_cfg.max_scale)
-    optimizer = DataParallelOptimizer(
+    optimizer = HybridZeroOptimizer(
         model, lr=adam.lr, betas=(adam.adam_beta1, adam.adam_beta2), eps=adam.adam_eps,
         weight_decay=adam.weight_decay, clip_grad_norm=cfg.hybrid_zero_optimizer.clip_grad_norm,
-        grad_scaler=grad_scaler, group=gpc.data_parallel_group,
+        grad_scaler=grad_scaler, group=gpc.data_parallel_group, zero_group=gpc.zero1_group,
         reduce_bucket_size=cfg.hybrid_zero_optimizer.reduce_bucket_size)
     beta2_scheduler = Beta2Scheduler(optimizer, **cfg.beta2_scheduler)
     lr_scheduler = WarmupCosineLR(optimizer, **cfg.lr_scheduler)

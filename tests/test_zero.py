@@ -1,0 +1,105 @@
+"""ZeRO-1 (HybridZeroOptimizer) in 4 gloo processes against the same model trained in one process."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from pytrain.solver import HybridZeroOptimizer
+from pytrain.solver.optimizer import assign_owners
+
+WORLD = 4
+STEPS = 4
+GLOBAL_BATCH = 16
+
+
+def make_model(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 24), nn.LayerNorm(24), nn.GELU(), nn.Linear(24, 24), nn.Linear(24, 24),
+                         nn.Linear(24, 24), nn.Linear(24, 3)).to(dtype)
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randn(GLOBAL_BATCH, 3, generator=g)) for _ in range(STEPS)]
+
+
+def train(model, optimizer, rank=0, world=1):
+    losses = []
+    per_rank = GLOBAL_BATCH // world
+    for inputs, targets in batches():
+        inputs, targets = inputs[rank * per_rank:(rank + 1) * per_rank], targets[rank * per_rank:(rank + 1) * per_rank]
+        optimizer.zero_grad()
+        loss = (model(inputs.to(model[0].weight.dtype)).float() - targets).pow(2).mean()
+        optimizer.backward(loss)
+        success, norm = optimizer.step()
+        assert success
+        losses.append(norm)
+    return losses
+
+
+def optimizer_for(model, zero_group=None, group=None):
+    return HybridZeroOptimizer(model, lr=1e-2, weight_decay=0.1, clip_grad_norm=0.5, group=group, zero_group=zero_group)
+
+
+def worker(rank, port, dtype, results):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        for zero_size in (1, 2, 4):
+            groups = [dist.new_group(list(range(first, first + zero_size))) for first in range(0, WORLD, zero_size)]
+            zero_group = groups[rank // zero_size] if zero_size > 1 else None
+            model = make_model(dtype)
+            optimizer = optimizer_for(model, zero_group=zero_group)
+            norms = train(model, optimizer, rank, WORLD)
+            results[(zero_size, rank)] = ([p.detach().float() for p in model.parameters()], norms,
+                                          optimizer.optimizer_state_bytes())
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero1_matches_one_process_and_shards_the_state(dtype):
+    model = make_model(dtype)
+    optimizer = optimizer_for(model)
+    reference_norms = train(model, optimizer)
+    reference_params = [p.detach().float() for p in model.parameters()]
+    unsharded_bytes = optimizer.optimizer_state_bytes()
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(free_port(), dtype, results), nprocs=WORLD, join=True)
+        results = dict(results)
+
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
+    for (zero_size, rank), (params, norms, state_bytes) in results.items():
+        torch.testing.assert_close(norms, reference_norms, **tolerance)
+        for got, want in zip(params, reference_params):
+            torch.testing.assert_close(got, want, **tolerance)
+    sizes = [p.numel() for p in make_model(dtype).parameters()]
+    largest_share = unsharded_bytes * max(sizes) / sum(sizes)
+    for zero_size in (1, 2, 4):
+        per_rank = [results[(zero_size, rank)][2] for rank in range(WORLD)]
+        # Each zero1 group holds the whole state once, split over its ranks within one parameter of even.
+        assert sum(per_rank[:zero_size]) == unsharded_bytes
+        assert max(per_rank) <= unsharded_bytes / zero_size + largest_share
+    peak = {zero_size: max(results[(zero_size, r)][2] for r in range(WORLD)) for zero_size in (1, 2, 4)}
+    assert peak[4] < peak[2] < peak[1] == unsharded_bytes
+
+
+def test_assign_owners_balances_largest_first():
+    assert assign_owners([10, 1, 7, 3, 3], 2) == [0, 1, 1, 1, 0]  # 10 | 7, 3 (3 ties go to rank 0), 1
+    owners = assign_owners([100, 60, 50, 40, 10], 3)
+    loads = [sum(s for s, o in zip([100, 60, 50, 40, 10], owners) if o == r) for r in range(3)]
+    assert loads == [100, 70, 90] and owners[0] == 0
+    assert assign_owners([5, 5], 4) == [0, 1]
