@@ -37,3 +37,15 @@ def test_single_process_launch_fills_the_context(fresh_context, tmp_path):
     assert ctx.run_folder.parent == tmp_path / "tiny"
     assert (ctx.run_folder / "config.py").read_text().startswith("# Effective pytrain config")
     assert ctx.is_initialized and ctx.is_main_rank
+
+
+def test_slurm_launch_of_one_task(fresh_context, tmp_path, monkeypatch):
+    from conftest import CONFIGS
+
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NPROCS", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.setenv("SLURM_NODELIST", "node[04-07]")
+    ctx = initialize_distributed_env(str(CONFIGS / "tiny.py"), launcher="slurm", master_port=29555,
+                                     overrides=[f"monitor.run_folder={tmp_path}"])
+    assert ctx.world_size == 1 and ctx.rank == 0 and ctx.local_rank == 0 and ctx.is_initialized

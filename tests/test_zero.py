@@ -103,3 +103,35 @@ def test_assign_owners_balances_largest_first():
     loads = [sum(s for s, o in zip([100, 60, 50, 40, 10], owners) if o == r) for r in range(3)]
     assert loads == [100, 70, 90] and owners[0] == 0
     assert assign_owners([5, 5], 4) == [0, 1]
+
+
+def nan_worker(rank, port, results):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = make_model(torch.float32)
+        optimizer = optimizer_for(model, zero_group=dist.group.WORLD)
+        outcomes = []
+        for step, (inputs, targets) in enumerate(batches()):
+            optimizer.zero_grad()
+            loss = (model(inputs[rank::2]) - targets[rank::2]).pow(2).mean()
+            if step == 1 and rank == 1:
+                loss = loss * float("nan")  # one rank's gradients go bad
+            optimizer.backward(loss)
+            before = [p.detach().clone() for p in model.parameters()]
+            success, _ = optimizer.step()
+            unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            outcomes.append((success, unchanged))
+        results[rank] = outcomes
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nan_on_one_rank_skips_the_step_on_every_rank():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(nan_worker, args=(free_port(), results), nprocs=2, join=True)
+        results = dict(results)
+    for rank in (0, 1):
+        assert [success for success, _ in results[rank]] == [True, False, True, True]
+        assert results[rank][1][1], "a skipped step must leave the parameters untouched"
+        assert not results[rank][2][1], "the run goes on after the skipped step"
