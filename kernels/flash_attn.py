@@ -11,7 +11,8 @@ natural-log units, shape (q_heads, total_tokens), fp32. The backward recomputes 
 it (FlashAttention-2): one kernel accumulates dk and dv per key block over the q heads of its group,
 another accumulates dq per query block, so no atomics are needed.
 
-On machines without a GPU the same kernels run under TRITON_INTERPRET=1 (tests only).
+On machines without a GPU the same kernels run under TRITON_INTERPRET=1 (tests only; see
+pytrain/kernels/flash_attn.py).
 """
 import os
 
@@ -168,7 +169,7 @@ def _bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, CuSeqlens, scale, total_tokens
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # read by triton at import: fixed for the process
 
 
 def _config(head_dim: int, backward: bool) -> dict:

@@ -1,8 +1,16 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
+
+# Without a GPU, the Triton kernels are tested through Triton's interpreter, which triton only enables
+# when this is set before it is first imported (torch.compile may import it). It changes nothing else:
+# pytrain runs Triton on CPU tensors only where a test sets PYTRAIN_TRITON_CPU=1.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"

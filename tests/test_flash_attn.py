@@ -6,6 +6,7 @@ Tolerance rule (flash-attention's own): the kernel's max error against the float
 (FLOOR, for fp32 where both errors are rounding noise).
 """
 import math
+import os
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ def triton_device(monkeypatch):
     """Where the Triton kernels run: the GPU, or the CPU through Triton's interpreter."""
     if CUDA:
         return "cuda"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets it before triton is imported"
+    monkeypatch.setenv("PYTRAIN_TRITON_CPU", "1")
     return "cpu"
 
 
@@ -190,3 +192,11 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     cu = torch.tensor(bounds)
     torch.testing.assert_close(flash_attn_varlen_func(q, k, v, cu, 7),
                                flash_attn_varlen_func(q, k, v, cu, 7, softmax_scale=1 / math.sqrt(36)))
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("PYTRAIN_TRITON_CPU", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 too"):
+        flash_attn_func(q, q, q)

@@ -3,11 +3,18 @@
 Ops dispatch by device: CPU tensors to pytrain._C, CUDA tensors to pytrain._C_cuda; where a compiled
 kernel is missing (not built, or not written yet) the plain-PyTorch reference in `reference` runs.
 
-Fused today: rms_norm. Rotary embeddings and cross-entropy run their references until their kernels land.
+Fused today: rms_norm, apply_rotary, cross_entropy (and vocab_parallel_cross_entropy), linear_cross_entropy.
 """
 from . import reference
-from .modules import RMSNorm, RotaryEmbedding
-from .reference import apply_rotary, cross_entropy, rotary_cos_sin
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, RMSNorm, RotaryEmbedding
+from .cross_entropy import cross_entropy, vocab_parallel_cross_entropy
+from .flash_attn import flash_attn_func, flash_attn_varlen_func
+from .linear_cross_entropy import linear_cross_entropy
 from .rms_norm import rms_norm
+from .rotary import apply_rotary
 
-__all__ = ["rms_norm", "apply_rotary", "rotary_cos_sin", "cross_entropy", "RMSNorm", "RotaryEmbedding", "reference"]
+__all__ = [
+    "rms_norm", "flash_attn_func", "flash_attn_varlen_func", "apply_rotary", "cross_entropy",
+    "vocab_parallel_cross_entropy", "linear_cross_entropy", "RMSNorm", "RotaryEmbedding", "CrossEntropyLoss",
+    "LinearCrossEntropyLoss", "reference",
+]

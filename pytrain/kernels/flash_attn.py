@@ -2,8 +2,10 @@
 
 CUDA tensors run pytrain's Triton kernels (kernels/flash_attn.py) as torch.library custom ops (autograd
 and torch.compile see one op each way). CPU tensors run PyTorch's SDPA (its CPU flash kernel), one
-document at a time for packed input, so no mask quadratic in the packed length is ever built; setting
-TRITON_INTERPRET=1 runs the Triton kernels on the CPU instead (tests only: the interpreter is slow).
+document at a time for packed input, so no mask quadratic in the packed length is ever built.
+
+PYTRAIN_TRITON_CPU=1 runs the Triton kernels on CPU tensors through Triton's interpreter instead (tests
+only: it is slow); that needs TRITON_INTERPRET=1 set before triton is first imported.
 """
 import math
 import os
@@ -18,7 +20,14 @@ MAX_HEAD_DIM = 256
 
 
 def _runs_triton(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type == "cuda":
+        return True
+    if os.environ.get("PYTRAIN_TRITON_CPU", "0") != "1":
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("PYTRAIN_TRITON_CPU=1 runs Triton on the CPU through its interpreter: set "
+                           "TRITON_INTERPRET=1 too, before triton is first imported")
+    return True
 
 
 @torch.library.custom_op("pytrain::flash_attn_varlen_forward", mutates_args=())

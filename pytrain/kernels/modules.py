@@ -2,8 +2,10 @@
 import torch
 from torch import nn
 
-from .reference import rotary_cos_sin
+from .cross_entropy import cross_entropy
+from .linear_cross_entropy import linear_cross_entropy
 from .rms_norm import rms_norm
+from .rotary import apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -20,18 +22,56 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for positions 0..seq_len-1, cached and grown on demand (not saved in state_dict)."""
+    """apply_rotary with a fixed head_dim, base and convention: forward(q, k, positions=None, inplace=False).
 
-    def __init__(self, head_dim: int, base: float = 10000.0):
+    Holds no tensors: the op caches its cos/sin table per (device, head_dim, base).
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0, interleaved: bool = False):
         super().__init__()
-        if head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
-        self.head_dim, self.base = head_dim, base
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        if head_dim <= 0 or head_dim % 2:
+            raise ValueError(f"rotary embeddings need a positive even head_dim, got {head_dim}")
+        self.head_dim, self.base, self.interleaved = head_dim, base, interleaved
 
-    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cache is None or self._cache[0].shape[0] < seq_len or self._cache[0].device != device:
-            positions = torch.arange(max(seq_len, 1), device=device)
-            self._cache = rotary_cos_sin(positions, self.head_dim, self.base)
-        cos, sin = self._cache
-        return cos[:seq_len], sin[:seq_len]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None,
+                inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(q, torch.Tensor) and q.shape[-1] != self.head_dim:
+            raise ValueError(f"q's head_dim {q.shape[-1]} does not match this RotaryEmbedding's {self.head_dim}")
+        return apply_rotary(q, k, positions, self.base, self.interleaved, inplace)
+
+    def extra_repr(self) -> str:
+        return f"{self.head_dim}, base={self.base}, interleaved={self.interleaved}"
+
+
+class CrossEntropyLoss(nn.Module):
+    """cross_entropy with fixed options: forward(logits (..., vocab), labels (...)) -> fp32 loss."""
+
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                 z_loss: float = 0.0):
+        super().__init__()
+        self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
+        self.reduction, self.z_loss = reduction, z_loss
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, labels, self.ignore_index, self.label_smoothing, self.reduction, self.z_loss)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"reduction={self.reduction!r}, z_loss={self.z_loss}")
+
+
+class LinearCrossEntropyLoss(CrossEntropyLoss):
+    """linear_cross_entropy with fixed options: forward(hidden (..., hidden_size), weight (vocab, hidden_size),
+    labels (...)); the LM head's weight stays owned by the model (it may be tied to the embedding)."""
+
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                 z_loss: float = 0.0, chunk_size: int | None = None):
+        super().__init__(ignore_index, label_smoothing, reduction, z_loss)
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(hidden, weight, labels, self.ignore_index, self.label_smoothing, self.reduction,
+                                    self.z_loss, self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

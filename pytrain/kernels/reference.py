@@ -18,20 +18,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
-    """cos and sin of shape (*positions.shape, head_dim // 2) in fp32."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.to(torch.float32)[..., None] * inv_freq
+    """cos and sin of positions * base ** (-2i / head_dim), i < head_dim // 2: (*positions.shape, head_dim // 2).
+
+    float64, so the angles of large positions keep their precision; callers round the result once.
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+    angles = positions.to(torch.float64)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """Rotates x (..., seq, heads, head_dim) by cos/sin (seq, head_dim // 2).
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotates x (..., heads, head_dim) by cos/sin (..., head_dim // 2), broadcast over heads.
 
     interleaved=False rotates the two halves of head_dim (LLaMA/NeoX); True rotates adjacent pairs (GPT-J).
     """
     xf = x.to(_compute_dtype(x.dtype))
-    cos = cos[:, None, :].to(xf.dtype)
-    sin = sin[:, None, :].to(xf.dtype)
+    cos = cos.unsqueeze(-2).to(xf.dtype)
+    sin = sin.unsqueeze(-2).to(xf.dtype)
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
@@ -41,7 +44,59 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return out.to(x.dtype)
 
 
-def cross_entropy(logits, labels, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean"):
-    """F.cross_entropy over fp32 logits, returning an fp32 loss."""
-    return F.cross_entropy(logits.to(_compute_dtype(logits.dtype)), labels, ignore_index=ignore_index,
-                           label_smoothing=label_smoothing, reduction=reduction)
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None, base: float = 10000.0,
+                 interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """pytrain.kernels.apply_rotary (out of place): q, k (batch, seq, heads, head_dim) with positions None
+    (0..seq-1), (seq,) or (batch, seq); or packed (tokens, heads, head_dim) with positions (tokens,)."""
+    if positions is None:
+        positions = torch.arange(q.shape[1], device=q.device)
+    cos, sin = rotary_cos_sin(positions, q.shape[-1], base)
+    return rotate(q, cos, sin, interleaved), rotate(k, cos, sin, interleaved)
+
+
+def cross_entropy(logits, labels, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                  z_loss: float = 0.0):
+    """F.cross_entropy over fp32 logits (..., vocab) and labels (...), plus z_loss * logsumexp^2 per token
+    (PaLM's z-loss); an fp32 loss. `mean` divides by the non-ignored tokens (NaN when there are none)."""
+    x = logits.to(_compute_dtype(logits.dtype)).reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1)
+    loss = F.cross_entropy(x, flat_labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           reduction="none")
+    valid = flat_labels != ignore_index
+    if z_loss:
+        loss = loss + z_loss * torch.where(valid, x.logsumexp(-1).square(), 0.0)
+    if reduction == "none":
+        return loss.reshape(labels.shape)
+    return loss.sum() if reduction == "sum" else loss.sum() / valid.sum()
+
+
+def cross_entropy_shard_statistics(logits, labels, vocab_start: int, ignore_index: int = -100):
+    """Per row of a vocab shard (rows, shard_vocab): max, sum exp(x - max), the target logit (0 when the
+    label is ignored or in another shard), sum of logits: (rows, 4), what the vocab-parallel kernel writes."""
+    x = logits.to(_compute_dtype(logits.dtype))
+    row_max = x.amax(-1)
+    target = labels - vocab_start
+    in_shard = (labels != ignore_index) & (target >= 0) & (target < x.shape[-1])
+    target_logit = x.gather(-1, torch.where(in_shard, target, 0)[:, None])[:, 0]
+    return torch.stack((row_max, (x - row_max[:, None]).exp().sum(-1), torch.where(in_shard, target_logit, 0.0),
+                        x.sum(-1)), dim=-1)
+
+
+def cross_entropy_shard_gradient(logits, labels, lse, grad_scale: float, vocab_start: int, total_vocab: int,
+                                 ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0):
+    """d loss / d logits of a vocab shard given the row's logsumexp over all shards, times grad_scale:
+    softmax * (1 + 2 z lse) - smoothing / V - (1 - smoothing) * onehot; zero rows where ignored."""
+    x = logits.to(_compute_dtype(logits.dtype))
+    lse = lse.to(x.dtype)[:, None]
+    grad = (x - lse).exp() * (1 + 2 * z_loss * lse) - label_smoothing / total_vocab
+    target = labels - vocab_start
+    in_shard = (target >= 0) & (target < x.shape[-1])
+    onehot = torch.zeros_like(grad).scatter_(-1, torch.where(in_shard, target, 0)[:, None], 1.0)
+    grad = grad - (1 - label_smoothing) * onehot * in_shard[:, None]
+    return (torch.where((labels != ignore_index)[:, None], grad, 0.0) * grad_scale).to(logits.dtype)
+
+
+def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, label_smoothing: float = 0.0,
+                         reduction: str = "mean", z_loss: float = 0.0):
+    """cross_entropy(hidden @ weight.T, labels): the LM head in the inputs' dtype, then the loss in fp32."""
+    return cross_entropy(hidden @ weight.t(), labels, ignore_index, label_smoothing, reduction, z_loss)

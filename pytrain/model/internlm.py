@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute
 
-from pytrain.kernels import RMSNorm, RotaryEmbedding, apply_rotary
+from pytrain.kernels import RMSNorm, RotaryEmbedding
 from pytrain.registry import MODEL_INITIALIZER
 
 DTYPES = {"torch.float16": torch.float16, "torch.half": torch.float16, "torch.bfloat16": torch.bfloat16,
@@ -42,19 +42,20 @@ def build_norm(norm_type: str, hidden_size: int, eps: float, dtype: torch.dtype)
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden_size, num_heads, num_kv_heads, use_flash_attn, dtype):
+    def __init__(self, hidden_size, num_heads, num_kv_heads, use_flash_attn, dtype, rope_base=10000.0):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads
+        self.rotary = RotaryEmbedding(self.head_dim, base=rope_base)
         self.use_flash_attn = use_flash_attn
         self.Wqkv = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=False, dtype=dtype)
         self.out_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False, dtype=dtype)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, positions=None):
         batch, seq, _ = x.shape
         qkv = self.Wqkv(x).view(batch, seq, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotary(q, k, positions)  # one fused call; reads the qkv views without a copy
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
         if self.use_flash_attn:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
@@ -91,16 +92,16 @@ class DecoderLayer(nn.Module):
         hidden = cfg["hidden_size"]
         self.post_norm = cfg["apply_post_layer_norm"]
         self.mixer = Attention(hidden, cfg["num_attention_heads"], cfg["num_kv_attention_heads"],
-                               cfg["use_flash_attn"], dtype)
+                               cfg["use_flash_attn"], dtype, cfg["rope_base"])
         self.mlp = SwiGLU(hidden, mlp_width(hidden, cfg["mlp_ratio"], cfg["multiple_of"]), dtype)
         self.norm1 = build_norm(cfg["norm_type"], hidden, cfg["layer_norm_epsilon"], dtype)
         self.norm2 = build_norm(cfg["norm_type"], hidden, cfg["layer_norm_epsilon"], dtype)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, positions=None):
         if self.post_norm:
-            x = self.norm1(x + self.mixer(x, cos, sin))
+            x = self.norm1(x + self.mixer(x, positions))
             return self.norm2(x + self.mlp(x))
-        x = x + self.mixer(self.norm1(x), cos, sin)
+        x = x + self.mixer(self.norm1(x), positions)
         return x + self.mlp(self.norm2(x))
 
 
@@ -115,13 +116,12 @@ class InternLM(nn.Module):
         layer_cfg = dict(hidden_size=hidden_size, num_attention_heads=num_attention_heads,
                          num_kv_attention_heads=num_kv_attention_heads or num_attention_heads, mlp_ratio=mlp_ratio,
                          multiple_of=multiple_of, apply_post_layer_norm=apply_post_layer_norm, norm_type=norm_type,
-                         layer_norm_epsilon=layer_norm_epsilon, use_flash_attn=use_flash_attn)
+                         layer_norm_epsilon=layer_norm_epsilon, use_flash_attn=use_flash_attn, rope_base=rope_base)
         self.num_layers, self.hidden_size = num_layers, hidden_size
         self.embed_grad_scale = float(embed_grad_scale)
         # checkpoint: True/False, or the fraction of layers (the first ones) whose activations are recomputed.
         self.recompute_layers = int(num_layers * float(checkpoint))
         self.embedding = nn.Embedding(vocab_size, hidden_size, dtype=param_dtype)
-        self.rotary = RotaryEmbedding(hidden_size // num_attention_heads, base=rope_base)
         self.blocks = nn.ModuleList(DecoderLayer(layer_cfg, param_dtype) for _ in range(num_layers))
         self.norm = build_norm(norm_type, hidden_size, layer_norm_epsilon, param_dtype)
         self.head = nn.Linear(hidden_size, vocab_size, bias=False, dtype=param_dtype)
@@ -136,17 +136,19 @@ class InternLM(nn.Module):
             scale = (2 * self.num_layers) ** -0.5 if name.endswith(("out_proj.weight", "w2.weight")) else 1.0
             p.normal_(0.0, std * scale)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (batch, seq) -> logits (batch, seq, vocab) in the model's dtype."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (batch, seq) -> logits (batch, seq, vocab) in the model's dtype.
+
+        positions: (batch, seq) rotary positions (packed samples restart at 0 per document); None: 0..seq-1.
+        """
         hidden = self.embedding(input_ids)
         if self.embed_grad_scale != 1.0:  # forward unchanged, gradient to the embedding scaled
             hidden = self.embed_grad_scale * hidden + (1 - self.embed_grad_scale) * hidden.detach()
-        cos, sin = self.rotary(input_ids.shape[1], input_ids.device)
         for index, block in enumerate(self.blocks):
             if index < self.recompute_layers and torch.is_grad_enabled():
-                hidden = recompute(block, hidden, cos, sin, use_reentrant=False)
+                hidden = recompute(block, hidden, positions, use_reentrant=False)
             else:
-                hidden = block(hidden, cos, sin)
+                hidden = block(hidden, positions)
         return self.head(self.norm(hidden))
 
 

@@ -1,0 +1,143 @@
+"""Fused LM head + cross-entropy: cross_entropy(hidden @ weight.T, labels) without the (tokens, vocab) logits.
+
+Tokens are processed in chunks: each chunk's logits are computed into one reused buffer, the fused
+cross-entropy kernel turns them in place into their gradient, and grad_hidden (that chunk) and
+grad_weight (addmm_) are accumulated right away — all in the forward, so the backward only scales
+the stored gradients by grad_output. Peak extra memory: one (chunk, vocab) buffer plus the two gradients
+(grad_weight accumulates in weight's dtype). reduction="none" cannot be pre-scaled: its forward only
+computes the loss and the backward recomputes the chunks with grad_output as per-row scale.
+"""
+import torch
+
+from . import reference
+from ._backend import extension
+from .cross_entropy import (check_labels_in_range, check_loss_args, grad_scale_for, reduce_rows, run_kernel,
+                            scale_saved_grad_)
+from ._checks import check_same_device, check_tensor
+
+CHUNK_BYTES = 128 * 2**20  # logits buffer per chunk: large enough for efficient matmuls (measured in bench/)
+MIN_CHUNK = 256
+
+
+def default_chunk_size(tokens: int, vocab: int, dtype: torch.dtype) -> int:
+    """The largest power of two whose chunk of logits fits CHUNK_BYTES, at least MIN_CHUNK rows."""
+    rows = max(1, CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
+    return max(1, min(tokens, max(MIN_CHUNK, 1 << (rows.bit_length() - 1))))
+
+
+def _chunked(hidden, weight, labels, row_scale, ignore_index, label_smoothing, z_loss, grad_scale, chunk_size,
+             with_grad):
+    """Per-token losses, and (with_grad) grad_hidden and grad_weight scaled by grad_scale (and row_scale)."""
+    tokens, vocab = hidden.shape[0], weight.shape[0]
+    loss_rows = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(loss_rows)
+    grad_hidden = torch.empty_like(hidden) if with_grad else None
+    grad_weight = torch.zeros_like(weight) if with_grad else None
+    logits = torch.empty(min(chunk_size, tokens), vocab, dtype=hidden.dtype, device=hidden.device)
+    for start in range(0, tokens, chunk_size):
+        end = min(start + chunk_size, tokens)
+        chunk_logits = logits[: end - start]
+        torch.mm(hidden[start:end], weight.t(), out=chunk_logits)
+        run_kernel("cross_entropy_forward", chunk_logits, labels[start:end], loss=loss_rows[start:end],
+                   lse=lse[start:end], grad=chunk_logits if with_grad else None,
+                   row_scale=None if row_scale is None else row_scale[start:end], grad_scale=grad_scale,
+                   ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss)
+        if with_grad:  # chunk_logits now holds d loss / d logits
+            torch.mm(chunk_logits, weight, out=grad_hidden[start:end])
+            grad_weight.addmm_(chunk_logits.t(), hidden[start:end])
+    return loss_rows, grad_hidden, grad_weight
+
+
+@torch.library.custom_op("pytrain::linear_cross_entropy_forward", mutates_args=())
+def _forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+             label_smoothing: float, z_loss: float, reduction: str, chunk_size: int, with_grad: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    count = check_labels_in_range(labels, weight.shape[0], ignore_index)
+    with_grad = with_grad and reduction != "none"  # "none": the backward recomputes with per-row scales
+    loss_rows, grad_hidden, grad_weight = _chunked(
+        hidden, weight, labels, None, ignore_index, label_smoothing, z_loss, grad_scale_for(reduction, count),
+        chunk_size, with_grad)
+    if not with_grad:
+        grad_hidden, grad_weight = hidden.new_empty(0), weight.new_empty(0)
+    return reduce_rows(loss_rows, reduction, count), grad_hidden, grad_weight
+
+
+@_forward.register_fake
+def _(hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, chunk_size, with_grad):
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=torch.float32)
+    if with_grad and reduction != "none":
+        return loss, torch.empty_like(hidden), torch.empty_like(weight)
+    return loss, hidden.new_empty(0), weight.new_empty(0)
+
+
+@torch.library.custom_op("pytrain::linear_cross_entropy_backward", mutates_args=())
+def _backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+              ignore_index: int, label_smoothing: float, z_loss: float, chunk_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """reduction="none": recompute each chunk with grad_loss (one value per token) as the row scale."""
+    _, grad_hidden, grad_weight = _chunked(hidden, weight, labels, grad_loss.float().contiguous(), ignore_index,
+                                           label_smoothing, z_loss, 1.0, chunk_size, True)
+    return grad_hidden, grad_weight
+
+
+@_backward.register_fake
+def _(grad_loss, hidden, weight, labels, ignore_index, label_smoothing, z_loss, chunk_size):
+    return torch.empty_like(hidden), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, chunk_size, _ = inputs
+    ctx.recompute = reduction == "none"
+    ctx.options = (ignore_index, label_smoothing, z_loss, chunk_size)
+    if ctx.recompute:
+        ctx.save_for_backward(hidden, weight, labels)
+    else:
+        ctx.save_for_backward(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the unused outputs
+
+
+def _autograd_backward(ctx, grad_loss, _grad_of_grad_hidden, _grad_of_grad_weight):
+    if ctx.recompute:
+        hidden, weight, labels = ctx.saved_tensors
+        grad_hidden, grad_weight = _backward(grad_loss, hidden, weight, labels, *ctx.options)
+    else:  # consumed in place: a second backward fails torch's saved-tensor version check
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale_saved_grad_(grad_hidden, grad_loss)
+        scale_saved_grad_(grad_weight, grad_loss)
+    return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                         label_smoothing: float = 0.0, reduction: str = "mean", z_loss: float = 0.0,
+                         chunk_size: int | None = None) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T, labels, ...) with hidden (..., hidden_size), weight (vocab, hidden_size)
+    as nn.Linear holds it (same dtype as hidden) and labels (...); the loss is fp32. chunk_size: tokens per
+    chunk (default: a (chunk, vocab) logits buffer of about 128 MiB, at least 256 tokens)."""
+    labels = check_loss_args(labels, ignore_index, label_smoothing, reduction, z_loss)
+    check_tensor("hidden", hidden)
+    check_tensor("weight", weight, min_dim=2)
+    check_same_device(hidden=hidden, weight=weight, labels=labels)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (vocab, {hidden.shape[-1]}) to match hidden's last dimension, "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype}; use hidden's dtype ({hidden.dtype})")
+    if weight.shape[0] == 0:
+        raise ValueError("weight's first dimension (vocab) must be at least 1")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden's shape without its last "
+                         f"dimension), got {tuple(labels.shape)}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if extension(hidden.device) is None:
+        return reference.linear_cross_entropy(hidden, weight, labels, ignore_index, label_smoothing, reduction, z_loss)
+    tokens = labels.numel()
+    chunk = chunk_size or default_chunk_size(tokens, weight.shape[0], hidden.dtype)
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss, _, _ = _forward(hidden.reshape(tokens, hidden.shape[-1]), weight, labels.reshape(-1), ignore_index,
+                          float(label_smoothing), float(z_loss), reduction, max(1, chunk), with_grad)
+    return loss.reshape(labels.shape) if reduction == "none" else loss

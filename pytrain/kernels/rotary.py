@@ -1,0 +1,201 @@
+"""Fused rotary position embeddings: q and k rotated in one call.
+
+    q_out, k_out = apply_rotary(q, k, positions=None, base=10000.0, interleaved=False, inplace=False)
+
+The rotation runs in pytrain._C (CPU) or pytrain._C_cuda (CUDA) as the torch.library custom op
+pytrain::rotary (pytrain::rotary_ in place), so autograd and torch.compile (fullgraph) see one op.
+The backward is the same kernel rotating by -angle: it needs only the positions, never q or k.
+
+cos/sin come from an fp32 table per (device, head_dim, base), computed once with float64 angles (so
+large positions keep their precision) and grown by powers of two as larger positions arrive; the kernel
+gathers one row per token and applies it to every q and k head. CPU sin/cos per element would cost more
+than the rotation itself.
+"""
+import math
+
+import torch
+
+from . import reference
+from ._backend import DTYPE_CODES, extension, launch_args, parallelism
+from ._checks import check_same_device, check_tensor
+
+MAX_HEAD_DIM = 8192     # the CPU kernel's stack buffer for -sin holds head_dim / 2 floats
+MAX_POSITION = 1 << 21  # the table for positions below this is at most 2M x head_dim fp32
+_TABLE_MIN_ROWS = 4096
+_tables: dict[tuple, torch.Tensor] = {}
+
+
+def cos_sin_table(device: torch.device, head_dim: int, base: float, rows: int) -> torch.Tensor:
+    """The cached fp32 (>= rows, head_dim) table: row p is [cos(p f_i) for i < head_dim / 2, sin(p f_i) ...]."""
+    key = (device, head_dim, base)
+    table = _tables.get(key)
+    if table is None or table.shape[0] < rows:
+        size = max(_TABLE_MIN_ROWS, 1 << (rows - 1).bit_length())
+        with torch.no_grad():
+            cos, sin = reference.rotary_cos_sin(torch.arange(size, device=device), head_dim, base)
+            table = torch.cat((cos, sin), dim=-1).to(torch.float32).contiguous()
+        _tables[key] = table
+    return table
+
+
+def _token_strides(t: torch.Tensor) -> tuple[int, int]:
+    """(batch, seq) strides in elements; the packed layout (tokens, heads, head_dim) is batch 1."""
+    return (0, t.stride(0)) if t.dim() == 3 else (t.stride(0), t.stride(1))
+
+
+def _heads_are_dense(t: torch.Tensor) -> bool:
+    """Within a token, (heads, head_dim) must be one contiguous block; tokens may be strided."""
+    heads, head_dim = t.shape[-2:]
+    return (head_dim <= 1 or t.stride(-1) == 1) and (heads <= 1 or t.stride(-2) == head_dim)
+
+
+def _launch(q, k, q_out, k_out, positions, base: float, interleaved: bool, inverse: bool) -> None:
+    batch, seq = (1, q.shape[0]) if q.dim() == 3 else q.shape[:2]
+    head_dim = q.shape[-1]
+    rows, positions_address, positions_stride = seq, 0, 0
+    if positions is not None:
+        positions_address = positions.data_ptr()
+        positions_stride = seq if positions.dim() == 2 else 0
+        if positions.numel():
+            # The only data-dependent check; it lives inside the op, so torch.compile traces no .item().
+            low, high = torch.stack(torch.aminmax(positions)).tolist()
+            if low < 0 or high >= MAX_POSITION:
+                raise ValueError(f"positions must lie in [0, {MAX_POSITION}), got values in [{low}, {high}]")
+            rows = high + 1
+    table = cos_sin_table(q.device, head_dim, base, max(rows, 1))
+    extension(q.device).rotary(
+        q.data_ptr(), q_out.data_ptr(), k.data_ptr(), k_out.data_ptr(), *_token_strides(q), *_token_strides(q_out),
+        *_token_strides(k), *_token_strides(k_out), positions_address, positions_stride, table.data_ptr(),
+        batch, seq, q.shape[-2], k.shape[-2], head_dim, interleaved, inverse, DTYPE_CODES[q.dtype],
+        parallelism(q, batch * seq), **launch_args(q))
+
+
+@torch.library.custom_op("pytrain::rotary", mutates_args=())
+def _rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, base: float, interleaved: bool,
+            inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    _launch(q, k, q_out, k_out, positions, base, interleaved, inverse)
+    return q_out, k_out
+
+
+@_rotary.register_fake
+def _(q, k, positions, base, interleaved, inverse):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op("pytrain::rotary_", mutates_args=("q", "k"))
+def _rotary_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, base: float,
+                    interleaved: bool, inverse: bool) -> None:
+    _launch(q, k, q, k, positions, base, interleaved, inverse)
+
+
+@_rotary_inplace.register_fake
+def _(q, k, positions, base, interleaved, inverse):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, positions, ctx.base, ctx.interleaved, ctx.inverse = inputs
+    ctx.save_for_backward(positions)
+
+
+def _autograd_backward(ctx, dq_out, dk_out):
+    (positions,) = ctx.saved_tensors
+    dq_out = dq_out if _heads_are_dense(dq_out) else dq_out.contiguous()
+    dk_out = dk_out if _heads_are_dense(dk_out) else dk_out.contiguous()
+    dq, dk = _rotary(dq_out, dk_out, positions, ctx.base, ctx.interleaved, not ctx.inverse)
+    return dq, dk, None, None, None, None
+
+
+_rotary.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _check_layout(name: str, t: torch.Tensor):
+    check_tensor(name, t, contiguous=False)
+    if t.dim() not in (3, 4):
+        raise ValueError(f"{name} must be (batch, seq, heads, head_dim) or packed (tokens, heads, head_dim), "
+                         f"got shape {tuple(t.shape)}")
+
+
+def _check_dense_heads(name: str, t: torch.Tensor):
+    if not _heads_are_dense(t):
+        raise ValueError(f"{name} must be contiguous over (heads, head_dim) within each token (stride(-1) == 1, "
+                         f"stride(-2) == head_dim; tokens may be strided): call .contiguous() on it first")
+
+
+def _check_positions(positions, q: torch.Tensor) -> torch.Tensor | None:
+    """positions as contiguous int64 of shape (seq,) or (batch, seq) for 4-D q, (tokens,) for packed q."""
+    packed = q.dim() == 3
+    if positions is None:
+        if packed:
+            raise ValueError("positions is required for the packed layout (tokens, heads, head_dim): pass the "
+                             "position of each token, shape (tokens,)")
+        return None
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a torch.Tensor or None, got {type(positions).__name__}")
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"positions has dtype {positions.dtype}; supported: torch.int32, torch.int64")
+    allowed = [(q.shape[0],)] if packed else [(q.shape[1],), tuple(q.shape[:2])]
+    if tuple(positions.shape) not in allowed:
+        names = "(tokens,)" if packed else "(seq,) or (batch, seq)"
+        raise ValueError(f"positions must have shape {names} = {' or '.join(map(str, allowed))}, "
+                         f"got {tuple(positions.shape)}")
+    return positions.to(torch.int64).contiguous()
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None, base: float = 10000.0,
+                 interleaved: bool = False, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q and k by the rotary position embedding of each token, in one call.
+
+    q: (batch, seq, q_heads, head_dim) and k: (batch, seq, k_heads, head_dim), or the packed layout
+    (tokens, heads, head_dim). q and k share dtype (fp32/bf16/fp16; math in fp32), device and tokens;
+    their head counts may differ (GQA). head_dim must be even. Tokens may be strided (e.g. q and k as
+    views of one fused qkv projection) as long as (heads, head_dim) is contiguous within each token.
+    positions: int tensor of each token's position, in [0, 2**21). None means 0..seq-1 (4-D only);
+    4-D accepts (seq,) or (batch, seq); packed needs (tokens,) (positions restart at 0 per document).
+    base: the rotary base (angle of pair i = position * base ** (-2i / head_dim)).
+    interleaved: False rotates (x[i], x[i + head_dim/2]) (LLaMA/NeoX); True rotates (x[2i], x[2i+1]) (GPT-J).
+    inplace: rotate q and k in their own memory and return them. Refused while autograd would record the
+    op (grad mode on and q or k requires grad): use it for inference or on detached tensors.
+    Returns (q_out, k_out); out of place they are new contiguous tensors.
+    """
+    _check_layout("q", q)
+    _check_layout("k", k)
+    check_same_device(q=q, k=k)
+    if k.dtype != q.dtype:
+        raise TypeError(f"k has dtype {k.dtype}; it must match q's dtype ({q.dtype})")
+    if k.dim() != q.dim():
+        raise ValueError(f"q and k must use the same layout, got shapes {tuple(q.shape)} and {tuple(k.shape)}")
+    tokens = q.shape[:-2]
+    if k.shape[:-2] != tokens:
+        names = "(tokens,)" if q.dim() == 3 else "(batch, seq)"
+        raise ValueError(f"k's {names} {tuple(k.shape[:-2])} must match q's {tuple(tokens)}")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k's head_dim {k.shape[-1]} must match q's head_dim {head_dim}")
+    if head_dim % 2 or not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim (q.shape[-1]) must be even and in [2, {MAX_HEAD_DIM}], got {head_dim}")
+    if (q.shape[-2] + k.shape[-2]) * head_dim >= 2**31:
+        raise ValueError(f"q and k together hold {(q.shape[-2] + k.shape[-2]) * head_dim} elements per token; "
+                         "the kernels index a token with 32-bit ints (below 2**31)")
+    _check_dense_heads("q", q)
+    _check_dense_heads("k", k)
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < math.inf:
+        raise ValueError(f"base must be a positive finite number, got {base!r}")
+    positions = _check_positions(positions, q)
+    if positions is not None:
+        check_same_device(q=q, positions=positions)
+    if inplace:
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            raise ValueError("inplace=True is refused while q or k requires grad (autograd cannot record it): "
+                             "use inplace=False, or torch.no_grad() / detached tensors")
+        if q is k:
+            raise ValueError("inplace=True needs q and k in separate memory, got the same tensor twice")
+    if extension(q.device) is None:
+        q_out, k_out = reference.apply_rotary(q, k, positions, float(base), bool(interleaved))
+        return (q.copy_(q_out), k.copy_(k_out)) if inplace else (q_out, k_out)
+    if inplace:
+        _rotary_inplace(q, k, positions, float(base), bool(interleaved), False)
+        return q, k
+    return _rotary(q, k, positions, float(base), bool(interleaved), False)
