@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pytrain.kernels import flash_attn_func, flash_attn_varlen_func
+from pytrain.kernels import flash_attn_func, flash_attn_varlen_func, reference
 
 from .conftest import CUDA_AVAILABLE
 
@@ -35,14 +35,6 @@ def attention_flops(lengths, head_dim: int, causal: bool, backward: bool) -> flo
     return forward * (3.5 if backward else 1.0)
 
 
-def reference_attention(q, k, v, causal):
-    scores = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if causal:
-        n = q.shape[1]
-        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2)
-
-
 def sdpa(q, k, v, causal, mask=None):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                           is_causal=causal and mask is None).transpose(1, 2)
@@ -57,7 +49,7 @@ def runner(fn, inputs, dout, backward):
 
 def impls(device):
     rows = {"pytrain": lambda q, k, v, c: flash_attn_func(q, k, v, causal=c), "sdpa": sdpa,
-            "reference": reference_attention}
+            "reference": lambda q, k, v, c: reference.attention(q, k, v, causal=c)}
     if device == "cuda":
         def forced(backend):
             def run(q, k, v, c):

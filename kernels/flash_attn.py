@@ -86,6 +86,17 @@ def _bwd_preprocess(Out, DOut, Delta, total_tokens, head_dim, stride_ot, stride_
 
 
 @triton.jit
+def _recomputed_probabilities(q, k, lse, rows, keys, row_ok, key_ok, scale, CAUSAL: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    """softmax probabilities of a [rows, keys] tile recomputed from the saved logsumexp (0 where masked)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
+    keep = row_ok[:, None] & key_ok[None, :]
+    if CAUSAL:
+        keep = keep & (keys[None, :] <= rows[:, None])
+    return tl.where(keep, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+
+
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, CuSeqlens, scale, total_tokens, kv_heads, group_size,
                      head_dim, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                      stride_dkt, stride_dkh, stride_dvt, stride_dvh, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -113,11 +124,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, CuSeqlens, scale, total_
                 do = _load_rows(DOut, start + rows, head, stride_dot, stride_doh, row_ok, dims, head_dim)
                 lse = tl.load(Lse + head * total_tokens + start + rows, mask=row_ok, other=0.0)
                 delta = tl.load(Delta + head * total_tokens + start + rows, mask=row_ok, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
-                keep = row_ok[:, None] & key_ok[None, :]
-                if CAUSAL:
-                    keep = keep & (keys[None, :] <= rows[:, None])
-                p = tl.where(keep, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+                p = _recomputed_probabilities(q, k, lse, rows, keys, row_ok, key_ok, scale, CAUSAL, PRECISION)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
                 ds = p * (dp - delta[:, None])
@@ -156,11 +163,7 @@ def _bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, CuSeqlens, scale, total_tokens
             key_ok = keys < length
             k = _load_rows(K, start + keys, kv_head, stride_kt, stride_kh, key_ok, dims, head_dim)
             v = _load_rows(V, start + keys, kv_head, stride_vt, stride_vh, key_ok, dims, head_dim)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
-            keep = row_ok[:, None] & key_ok[None, :]
-            if CAUSAL:
-                keep = keep & (keys[None, :] <= rows[:, None])
-            p = tl.where(keep, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+            p = _recomputed_probabilities(q, k, lse, rows, keys, row_ok, key_ok, scale, CAUSAL, PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)

@@ -1,5 +1,6 @@
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,26 @@ def fresh_context(monkeypatch):
 
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture
+def num_threads():
+    """Lets a test change torch's intra-op thread count (the CPU kernel's parallelism) and restores it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def extension_missing(monkeypatch):
+    """As if pytrain._C had not been built: the import fails, extension() warns once and returns None."""
+    from pytrain.kernels import _backend
+
+    monkeypatch.setattr(_backend, "_loaded", {})
+    monkeypatch.setitem(_backend._MODULE_FOR_DEVICE, "cpu", "pytrain._C_not_built")
+    with pytest.warns(RuntimeWarning, match=r"pytrain\._C_not_built is not built"):
+        assert _backend.extension(torch.device("cpu")) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is given once, not on every call
+        assert _backend.extension(torch.device("cpu")) is None
+    yield

@@ -82,13 +82,6 @@ def check_against_reference(rows, vocab, dtype, device, fn=cross_entropy, seed=0
     assert_close(grad, grad_ref, GRAD_TOLERANCES[dtype], f"grad ({dtype})")
 
 
-@pytest.fixture
-def num_threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Loss and gradient against float64.
 

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from pytrain.kernels import flash_attn_func, flash_attn_varlen_func
+from pytrain.kernels import flash_attn_func, flash_attn_varlen_func, reference
 
 FLOOR = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 CUDA = torch.cuda.is_available()
@@ -28,7 +28,8 @@ def triton_device(monkeypatch):
 
 
 def reference_attention(q, k, v, bounds, causal, scale):
-    """Plain softmax attention per packed sequence, in q's dtype (float64 for the oracle)."""
+    """Plain attention per packed sequence computed in q's own dtype: float64 gives the oracle, and 16-bit
+    gives "PyTorch's same-dtype error" of the tolerance rule (reference.attention would upcast to fp32)."""
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
@@ -200,3 +201,11 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     q = torch.randn(1, 4, 2, 16)
     with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 too"):
         flash_attn_func(q, q, q)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernels_reference_attention_matches_the_oracle(causal):
+    """pytrain.kernels.reference.attention (the model's use_flash_attn=False path) is the same math."""
+    q, k, v, _, bounds = packed_inputs([3, 8], 4, 2, 16, torch.float64, "cpu", seed=12)
+    torch.testing.assert_close(reference.attention(q, k, v, causal, 0.2, cu_seqlens=torch.tensor(bounds)),
+                               reference_attention(q, k, v, bounds, causal, 0.2))

@@ -3,7 +3,7 @@ import torch
 
 from conftest import CONFIGS
 from pytrain.config import Config
-from pytrain.kernels import RMSNorm
+from pytrain.kernels import RMSNorm, reference
 from pytrain.model import InternLM, mlp_width
 from pytrain.model.internlm import LayerNorm
 
@@ -119,3 +119,37 @@ def test_7b_builds_on_meta_device_with_its_parameter_count():
     # 2 * 103168 * 4096 (embedding, head) + 32 * (4 * 4096^2 + 3 * 4096 * 11008 + 2 * 4096) + 4096
     assert count == 2 * 103168 * 4096 + 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 4096 == 7_321_423_872
     assert all(p.device.type == "meta" and p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm_type", ["rmsnorm", "layernorm"])
+def test_fused_residual_stream_equals_the_textbook_pre_norm_decoder(norm_type):
+    """x = x + attn(norm1(x)); x = x + mlp(norm2(x)); logits = head(norm(x)) with unfused ops."""
+    model = build(norm_type=norm_type, num_layers=3)
+    ids = tokens()
+
+    def norm(module, x):
+        if norm_type == "rmsnorm":
+            return reference.rms_norm(x, module.weight, module.eps)
+        return torch.nn.functional.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+
+    x = model.embedding(ids)
+    for block in model.blocks:
+        x = x + block.mixer(norm(block.norm1, x))
+        x = x + block.mlp(norm(block.norm2, x))
+    torch.testing.assert_close(model(ids), model.head(norm(model.norm, x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_flash_attn", [True, False])
+def test_packed_documents_equal_separate_rows(use_flash_attn):
+    """Three documents packed in one row (positions restart, cu_seqlens) give each document's own logits."""
+    model = build(use_flash_attn=use_flash_attn, num_kv_attention_heads=2)
+    lengths = [5, 1, 10]
+    docs = [tokens(batch=1, seq=n, seed=n) for n in lengths]
+    packed = torch.cat(docs, dim=1)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu_seqlens = torch.tensor([0, 5, 6, 16], dtype=torch.int32)
+    logits = model(packed, positions=positions, cu_seqlens=cu_seqlens, max_seqlen=10)
+    for doc, (start, end) in zip(docs, [(0, 5), (5, 6), (6, 16)]):
+        torch.testing.assert_close(logits[:, start:end], model(doc), rtol=1e-4, atol=1e-5)
+    logits.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

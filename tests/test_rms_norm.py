@@ -104,14 +104,6 @@ def dx_scale(x, weight, dy, eps) -> float:
     return (rstd * (dy64 * w64).abs()).max().item()
 
 
-@pytest.fixture
-def num_threads():
-    """Lets a test change torch's intra-op thread count (the CPU kernel's parallelism) and restores it."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------------
 # The compiled modules are really there (otherwise every comparison below would test the reference).
 
@@ -412,19 +404,6 @@ def test_torch_compile_dynamic_shapes_and_bf16():
 
 # ---------------------------------------------------------------------------------------------------
 # The plain-PyTorch fallback when a compiled module is missing.
-
-@pytest.fixture
-def extension_missing(monkeypatch):
-    """As if pytrain._C had not been built: the import fails, extension() warns once and returns None."""
-    monkeypatch.setattr(_backend, "_loaded", {})
-    monkeypatch.setitem(_backend._MODULE_FOR_DEVICE, "cpu", "pytrain._C_not_built")
-    with pytest.warns(RuntimeWarning, match=r"pytrain\._C_not_built is not built"):
-        assert _backend.extension(torch.device("cpu")) is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the warning is given once, not on every call
-        assert _backend.extension(torch.device("cpu")) is None
-    yield
-
 
 @pytest.mark.parametrize("dtype,weight_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
 def test_fallback_matches_kernel(dtype, weight_dtype, monkeypatch):

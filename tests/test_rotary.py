@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 import pytrain.kernels
 from pytrain.kernels import RotaryEmbedding, _backend, apply_rotary, reference
 from pytrain.kernels import rotary as rotary_module
-from test_rms_norm import extension_missing, num_threads  # noqa: F401 (fixtures, shared with the RMSNorm tests)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]

@@ -1,12 +1,14 @@
 """pytrain's kernels, usable alone: ``import pytrain.kernels`` pulls in nothing of the trainer.
 
 Ops dispatch by device: CPU tensors to pytrain._C, CUDA tensors to pytrain._C_cuda; where a compiled
-kernel is missing (not built, or not written yet) the plain-PyTorch reference in `reference` runs.
+kernel is missing (not built) the plain-PyTorch reference in `reference` runs. Attention runs Triton on
+CUDA and PyTorch's SDPA (per document for packed input) on the CPU.
 
-Fused today: rms_norm, apply_rotary, cross_entropy (and vocab_parallel_cross_entropy), linear_cross_entropy.
+Fused: rms_norm, apply_rotary, cross_entropy (and vocab_parallel_cross_entropy), linear_cross_entropy,
+flash_attn_func / flash_attn_varlen_func.
 """
 from . import reference
-from .modules import CrossEntropyLoss, LinearCrossEntropyLoss, RMSNorm, RotaryEmbedding
+from .modules import CrossEntropyLoss, FlashAttention, LinearCrossEntropyLoss, RMSNorm, RotaryEmbedding
 from .cross_entropy import cross_entropy, vocab_parallel_cross_entropy
 from .flash_attn import flash_attn_func, flash_attn_varlen_func
 from .linear_cross_entropy import linear_cross_entropy
@@ -16,5 +18,5 @@ from .rotary import apply_rotary
 __all__ = [
     "rms_norm", "flash_attn_func", "flash_attn_varlen_func", "apply_rotary", "cross_entropy",
     "vocab_parallel_cross_entropy", "linear_cross_entropy", "RMSNorm", "RotaryEmbedding", "CrossEntropyLoss",
-    "LinearCrossEntropyLoss", "reference",
+    "LinearCrossEntropyLoss", "FlashAttention", "reference",
 ]

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from .cross_entropy import cross_entropy
+from .flash_attn import flash_attn_func, flash_attn_varlen_func
 from .linear_cross_entropy import linear_cross_entropy
 from .rms_norm import rms_norm
 from .rotary import apply_rotary
@@ -14,8 +15,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """y, or with `residual` (y, x + residual): the pre-norm decoder's add fused into the norm."""
+        return rms_norm(x, self.weight, self.eps, residual=residual)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -75,3 +77,21 @@ class LinearCrossEntropyLoss(CrossEntropyLoss):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
+
+
+class FlashAttention(nn.Module):
+    """Attention over q, k, v: (batch, seq, heads, head_dim), or packed (tokens, heads, head_dim) with
+    cu_seqlens and max_seqlen. k/v may have fewer heads than q (GQA/MQA)."""
+
+    def __init__(self, causal: bool = False, softmax_scale: float | None = None):
+        super().__init__()
+        self.causal, self.softmax_scale = causal, softmax_scale
+
+    def forward(self, q, k, v, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None):
+        if cu_seqlens is None:
+            return flash_attn_func(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale)
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, causal=self.causal,
+                                      softmax_scale=self.softmax_scale)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, softmax_scale={self.softmax_scale}"

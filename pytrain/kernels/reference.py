@@ -100,3 +100,24 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, label
                          reduction: str = "mean", z_loss: float = 0.0):
     """cross_entropy(hidden @ weight.T, labels): the LM head in the inputs' dtype, then the loss in fp32."""
     return cross_entropy(hidden @ weight.t(), labels, ignore_index, label_smoothing, reduction, z_loss)
+
+
+def attention(q, k, v, causal: bool = False, scale: float | None = None, cu_seqlens=None):
+    """softmax(q k^T * scale) v, computed in fp32 (float64 stays float64), per packed sequence.
+
+    q (..., seq, heads, head_dim) with k/v (..., seq, kv_heads, head_dim), or packed (tokens, heads,
+    head_dim) with cu_seqlens: tokens of one sequence see only each other. k/v heads are repeated for GQA.
+    """
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        return torch.cat([attention(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale)[0]
+                          for a, b in zip(bounds[:-1], bounds[1:]) if b > a] or [q[:0]])
+    dtype = _compute_dtype(q.dtype)
+    group = q.shape[-2] // k.shape[-2]
+    qs, ks, vs = (t.to(dtype).transpose(-3, -2) for t in (q, k, v))  # (..., heads, seq, head_dim)
+    ks, vs = ks.repeat_interleave(group, dim=-3), vs.repeat_interleave(group, dim=-3)
+    scores = (qs @ ks.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if causal:
+        n = q.shape[-3]
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (scores.softmax(-1) @ vs).transpose(-3, -2).to(q.dtype)

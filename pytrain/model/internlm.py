@@ -5,7 +5,10 @@ an RMSNorm (or LayerNorm) before it (pre-norm) or after the residual add (apply_
 final norm -> LM head. Parameter names follow InternLM's checkpoints (embedding, blocks.N.mixer.Wqkv,
 blocks.N.mixer.out_proj, blocks.N.mlp.w1/w2/w3, blocks.N.norm1/norm2, norm, head).
 
-Norms, rotary embeddings and the loss go through pytrain.kernels. Tensor parallelism (embed_split_hidden,
+Norms, rotary embeddings, attention and the loss go through pytrain.kernels. Pre-norm layers hand the
+residual stream to the next norm, which adds it in the same pass (rms_norm's fused residual). Packed
+batches (documents back to back in a row) pass positions restarting per document and cu_seqlens over the
+flattened tokens, so no document attends to another. Tensor parallelism (embed_split_hidden,
 parallel_output) arrives with the parallel issue; with one tensor rank both fields change nothing.
 """
 import torch
@@ -13,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute
 
-from pytrain.kernels import RMSNorm, RotaryEmbedding
+from pytrain.kernels import RMSNorm, RotaryEmbedding, flash_attn_func, flash_attn_varlen_func, reference
 from pytrain.registry import MODEL_INITIALIZER
 
 DTYPES = {"torch.float16": torch.float16, "torch.half": torch.float16, "torch.bfloat16": torch.bfloat16,
@@ -29,7 +32,11 @@ def mlp_width(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int
 class LayerNorm(nn.LayerNorm):
     """LayerNorm whose parameters may be fp32 while activations are 16-bit (config use_fp32_norm)."""
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """y, or with `residual` (y, x + residual), as RMSNorm."""
+        if residual is not None:
+            total = x + residual
+            return self.forward(total), total
         return F.layer_norm(x.to(self.weight.dtype), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
 
 
@@ -51,28 +58,22 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=False, dtype=dtype)
         self.out_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False, dtype=dtype)
 
-    def forward(self, x, positions=None):
+    def forward(self, x, positions=None, cu_seqlens=None, max_seqlen=None):
         batch, seq, _ = x.shape
         qkv = self.Wqkv(x).view(batch, seq, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
         q, k = self.rotary(q, k, positions)  # one fused call; reads the qkv views without a copy
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
-        if self.use_flash_attn:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        if cu_seqlens is not None:  # packed: attention within each document of the flattened tokens
+            q, k, v = (t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v))
+            if self.use_flash_attn:
+                out = flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, causal=True)
+            else:
+                out = reference.attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
+        elif self.use_flash_attn:
+            out = flash_attn_func(q, k, v, causal=True)
         else:
-            out = causal_attention_reference(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, -1))
-
-
-def causal_attention_reference(q, k, v):
-    """softmax(q k^T / sqrt(d) + causal mask) v in fp32; k/v heads repeated for GQA."""
-    repeat = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    seq = q.shape[2]
-    mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
-    probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
-    return (probs @ v.float()).to(q.dtype)
+            out = reference.attention(q, k, v, causal=True)
+        return self.out_proj(out.reshape(batch, seq, -1))
 
 
 class SwiGLU(nn.Module):
@@ -97,12 +98,21 @@ class DecoderLayer(nn.Module):
         self.norm1 = build_norm(cfg["norm_type"], hidden, cfg["layer_norm_epsilon"], dtype)
         self.norm2 = build_norm(cfg["norm_type"], hidden, cfg["layer_norm_epsilon"], dtype)
 
-    def forward(self, x, positions=None):
+    def forward(self, hidden, residual=None, positions=None, cu_seqlens=None, max_seqlen=None):
+        """Pre-norm: returns (this layer's MLP output, the residual stream before it); the add happens in
+        the next norm. Post-norm: returns (the normalized stream, None)."""
         if self.post_norm:
-            x = self.norm1(x + self.mixer(x, positions))
-            return self.norm2(x + self.mlp(x))
-        x = x + self.mixer(self.norm1(x), positions)
-        return x + self.mlp(self.norm2(x))
+            hidden = self.norm1(hidden + self.mixer(hidden, positions, cu_seqlens, max_seqlen))
+            return self.norm2(hidden + self.mlp(hidden)), None
+        normed, residual = add_and_norm(self.norm1, hidden, residual)
+        hidden = self.mixer(normed, positions, cu_seqlens, max_seqlen)
+        normed, residual = add_and_norm(self.norm2, hidden, residual)
+        return self.mlp(normed), residual
+
+
+def add_and_norm(norm, hidden, residual):
+    """(norm(hidden + residual), hidden + residual); the first layer has no residual yet."""
+    return (norm(hidden), hidden) if residual is None else norm(hidden, residual)
 
 
 class InternLM(nn.Module):
@@ -136,20 +146,25 @@ class InternLM(nn.Module):
             scale = (2 * self.num_layers) ** -0.5 if name.endswith(("out_proj.weight", "w2.weight")) else 1.0
             p.normal_(0.0, std * scale)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
         """input_ids (batch, seq) -> logits (batch, seq, vocab) in the model's dtype.
 
-        positions: (batch, seq) rotary positions (packed samples restart at 0 per document); None: 0..seq-1.
+        Packed documents: positions (batch, seq) restarting at 0 per document, cu_seqlens (documents + 1,)
+        int32 over the batch * seq flattened tokens and max_seqlen the longest document. None: each row
+        is one sequence, positions 0..seq-1.
         """
         hidden = self.embedding(input_ids)
         if self.embed_grad_scale != 1.0:  # forward unchanged, gradient to the embedding scaled
             hidden = self.embed_grad_scale * hidden + (1 - self.embed_grad_scale) * hidden.detach()
+        residual = None
         for index, block in enumerate(self.blocks):
+            args = (hidden, residual, positions, cu_seqlens, max_seqlen)
             if index < self.recompute_layers and torch.is_grad_enabled():
-                hidden = recompute(block, hidden, positions, use_reentrant=False)
+                hidden, residual = recompute(block, *args, use_reentrant=False)
             else:
-                hidden = block(hidden, positions)
-        return self.head(self.norm(hidden))
+                hidden, residual = block(*args)
+        return self.head(add_and_norm(self.norm, hidden, residual)[0])
 
 
 @MODEL_INITIALIZER.register_module(module_name="INTERNLM")
