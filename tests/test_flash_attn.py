@@ -60,7 +60,7 @@ def grads(fn, q, k, v, dout):
     return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
 
 
-def check(fn, q, k, v, dout, bounds, causal, scale):
+def assert_matches_reference(fn, q, k, v, dout, bounds, causal, scale):
     got = grads(fn, q, k, v, dout)
     want = grads(lambda a, b, c: reference_attention(a, b, c, bounds, causal, scale), *(t.double() for t in (q, k, v)),
                  dout.double())
@@ -80,16 +80,18 @@ UNEVEN = [1, 17, 5, 33, 2]
 def test_triton_varlen_head_dims(triton_device, causal, head_dim):
     q, k, v, dout, bounds = packed_inputs(UNEVEN, 2, 2, head_dim, torch.float32, triton_device)
     scale = head_dim ** -0.5
-    check(lambda a, b, c: flash_attn_varlen_func(a, b, c, torch.tensor(bounds, dtype=torch.int32, device=triton_device),
-                                                 max(UNEVEN), causal=causal), q, k, v, dout, bounds, causal, scale)
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=triton_device)
+    assert_matches_reference(lambda a, b, c: flash_attn_varlen_func(a, b, c, cu_seqlens, max(UNEVEN), causal=causal),
+                             q, k, v, dout, bounds, causal, scale)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("ratio", [4, 8])
 def test_triton_varlen_gqa(triton_device, causal, ratio):
     q, k, v, dout, bounds = packed_inputs([9, 1, 20], ratio, 1, 64, torch.float32, triton_device, seed=ratio)
-    check(lambda a, b, c: flash_attn_varlen_func(a, b, c, torch.tensor(bounds, device=triton_device), 20,
-                                                 causal=causal, softmax_scale=0.3), q, k, v, dout, bounds, causal, 0.3)
+    cu_seqlens = torch.tensor(bounds, device=triton_device)
+    assert_matches_reference(lambda a, b, c: flash_attn_varlen_func(a, b, c, cu_seqlens, 20, causal=causal, softmax_scale=0.3),
+                             q, k, v, dout, bounds, causal, 0.3)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -111,8 +113,9 @@ def test_triton_batched_layout(triton_device, causal):
 def test_triton_16bit_on_gpu(dtype, causal, head_dim, ratio):
     lengths = [1, 300, 77, 1024, 129]
     q, k, v, dout, bounds = packed_inputs(lengths, 8, 8 // ratio, head_dim, dtype, "cuda")
-    check(lambda a, b, c: flash_attn_varlen_func(a, b, c, torch.tensor(bounds, device="cuda"), max(lengths),
-                                                 causal=causal), q, k, v, dout, bounds, causal, head_dim ** -0.5)
+    cu_seqlens = torch.tensor(bounds, device="cuda")
+    assert_matches_reference(lambda a, b, c: flash_attn_varlen_func(a, b, c, cu_seqlens, max(lengths), causal=causal),
+                             q, k, v, dout, bounds, causal, head_dim ** -0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -120,8 +123,9 @@ def test_triton_16bit_on_gpu(dtype, causal, head_dim, ratio):
 def test_cpu_path_varlen_and_gqa(dtype, causal):
     lengths = [1, 130, 64, 257]
     q, k, v, dout, bounds = packed_inputs(lengths, 8, 2, 64, dtype, "cpu", seed=7)
-    check(lambda a, b, c: flash_attn_varlen_func(a, b, c, torch.tensor(bounds), max(lengths), causal=causal),
-          q, k, v, dout, bounds, causal, 64 ** -0.5)
+    cu_seqlens = torch.tensor(bounds)
+    assert_matches_reference(lambda a, b, c: flash_attn_varlen_func(a, b, c, cu_seqlens, max(lengths), causal=causal),
+                             q, k, v, dout, bounds, causal, 64 ** -0.5)
 
 
 @pytest.mark.parametrize("causal", [False, True])
