@@ -1,4 +1,5 @@
-"""ZeRO-1 (HybridZeroOptimizer) in 4 gloo processes against the same model trained in one process."""
+"""ZeRO-1 (HybridZeroOptimizer), with and without the overlapped gradient reduce, in 4 gloo processes against
+the same model trained in one process."""
 import os
 import socket
 
@@ -18,8 +19,10 @@ GLOBAL_BATCH = 16
 
 def make_model(dtype):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 24), nn.LayerNorm(24), nn.GELU(), nn.Linear(24, 24), nn.Linear(24, 24),
-                         nn.Linear(24, 24), nn.Linear(24, 3)).to(dtype)
+    model = nn.Sequential(nn.Linear(6, 24), nn.LayerNorm(24), nn.GELU(), nn.Linear(24, 24), nn.Linear(24, 24),
+                          nn.Linear(24, 24), nn.Linear(24, 3)).to(dtype)
+    model.unused = nn.Parameter(torch.zeros(5, dtype=dtype))  # never in the forward: its grad stays None
+    return model
 
 
 def batches():
@@ -33,30 +36,36 @@ def train(model, optimizer, rank=0, world=1):
     for inputs, targets in batches():
         inputs, targets = inputs[rank * per_rank:(rank + 1) * per_rank], targets[rank * per_rank:(rank + 1) * per_rank]
         optimizer.zero_grad()
-        loss = (model(inputs.to(model[0].weight.dtype)).float() - targets).pow(2).mean()
-        optimizer.backward(loss)
+        for micro, (x, y) in enumerate(zip(inputs.chunk(2), targets.chunk(2))):  # gradient accumulation
+            loss = (model(x.to(model[0].weight.dtype)).float() - y).pow(2).mean() / 2
+            optimizer.backward(loss, last=micro == 1)
+        if getattr(optimizer, "overlap", None) is not None:
+            assert optimizer.overlap.handles, "some buckets' all-reduce started during the backward"
         success, norm = optimizer.step()
         assert success
         losses.append(norm)
     return losses
 
 
-def optimizer_for(model, zero_group=None, group=None):
-    return HybridZeroOptimizer(model, lr=1e-2, weight_decay=0.1, clip_grad_norm=0.5, group=group, zero_group=zero_group)
+def optimizer_for(model, zero_group=None, overlap=False):
+    # A small bucket size: several buckets, so the overlapped reduce starts some before the backward ends.
+    return HybridZeroOptimizer(model, lr=1e-2, weight_decay=0.1, clip_grad_norm=0.5, zero_group=zero_group,
+                               reduce_bucket_size=700, overlap_sync_grad=overlap)
 
 
 def worker(rank, port, dtype, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        for zero_size in (1, 2, 4):
+        for zero_size, overlap in ((1, False), (2, True), (4, False), (4, True)):
             groups = [dist.new_group(list(range(first, first + zero_size))) for first in range(0, WORLD, zero_size)]
             zero_group = groups[rank // zero_size] if zero_size > 1 else None
             model = make_model(dtype)
-            optimizer = optimizer_for(model, zero_group=zero_group)
+            optimizer = optimizer_for(model, zero_group=zero_group, overlap=overlap)
+            assert (optimizer.overlap is not None) == overlap and (not overlap or len(optimizer.overlap.buckets) > 2)
             norms = train(model, optimizer, rank, WORLD)
-            results[(zero_size, rank)] = ([p.detach().float() for p in model.parameters()], norms,
-                                          optimizer.optimizer_state_bytes())
+            results[(zero_size, overlap, rank)] = ([p.detach().float() for p in model.parameters()], norms,
+                                                   optimizer.optimizer_state_bytes())
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -82,18 +91,19 @@ def test_zero1_matches_one_process_and_shards_the_state(dtype):
         results = dict(results)
 
     tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
-    for (zero_size, rank), (params, norms, state_bytes) in results.items():
+    for (zero_size, overlap, rank), (params, norms, state_bytes) in results.items():
         torch.testing.assert_close(norms, reference_norms, **tolerance)
         for got, want in zip(params, reference_params):
             torch.testing.assert_close(got, want, **tolerance)
     sizes = [p.numel() for p in make_model(dtype).parameters()]
     largest_share = unsharded_bytes * max(sizes) / sum(sizes)
-    for zero_size in (1, 2, 4):
-        per_rank = [results[(zero_size, rank)][2] for rank in range(WORLD)]
+    for zero_size, overlap in ((1, False), (2, True), (4, False)):
+        per_rank = [results[(zero_size, overlap, rank)][2] for rank in range(WORLD)]
         # Each zero1 group holds the whole state once, split over its ranks within one parameter of even.
         assert sum(per_rank[:zero_size]) == unsharded_bytes
         assert max(per_rank) <= unsharded_bytes / zero_size + largest_share
-    peak = {zero_size: max(results[(zero_size, r)][2] for r in range(WORLD)) for zero_size in (1, 2, 4)}
+    peak = {zero_size: max(results[(zero_size, overlap, r)][2] for r in range(WORLD))
+            for zero_size, overlap in ((1, False), (2, True), (4, False))}
     assert peak[4] < peak[2] < peak[1] == unsharded_bytes
 
 

@@ -24,7 +24,7 @@ class NonPipelineScheduler:
                 output = model(input_ids)
                 loss = criterion(output, label) / micro_num
             if not forward_only:
-                optimizer.backward(loss)
+                optimizer.backward(loss, last=index == micro_num - 1)
             total_loss += loss.detach().float()
             if return_output_label:
                 outputs.append(output.detach())

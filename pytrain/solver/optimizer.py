@@ -2,7 +2,7 @@
 inf/NaN step skipping and fp16 loss scaling.
 
 A step: the model's gradients are gathered into one flat fp32 buffer, averaged over the data-parallel
-group in buckets of reduce_bucket_size elements and unscaled; the global gradient norm is taken after the
+group in buckets of reduce_bucket_size elements (during the backward with overlap_sync_grad) and unscaled; the global gradient norm is taken after the
 reduce, so every rank agrees on it, and a step whose norm is inf or NaN is skipped on every rank.
 Otherwise the gradients are clipped and each rank runs AdamW on the parameters it owns only: within a
 zero1 group, parameters are assigned largest first to the least-loaded rank (InternLM's rule), and only
@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .grad_buckets import OverlappedGradReducer
 from .grad_scaler import DynamicGradScaler
 
 
@@ -48,9 +49,11 @@ def _world(group) -> int:
 class HybridZeroOptimizer:
     def __init__(self, model: nn.Module, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                  clip_grad_norm: float = 0.0, grad_scaler: DynamicGradScaler | None = None, group=None,
-                 zero_group=None, reduce_bucket_size: int = 512 * 1024 * 1024):
+                 zero_group=None, reduce_bucket_size: int = 512 * 1024 * 1024, overlap_sync_grad: bool = False):
         """group: the data-parallel group gradients are averaged over; zero_group: the ranks (a subgroup of
-        it) that share one copy of the optimizer state. None: the default group / no sharding."""
+        it) that share one copy of the optimizer state. None: the default group / no sharding.
+        overlap_sync_grad: reduce gradient buckets during the last micro-batch's backward (see
+        grad_buckets.py) instead of after it; only with more than one data-parallel rank."""
         self.clip_grad_norm = clip_grad_norm
         self.grad_scaler = grad_scaler
         self.group, self.zero_group = group, zero_group
@@ -71,6 +74,8 @@ class HybridZeroOptimizer:
             grad_views.append(self.flat_grad[offset:offset + param.numel()].view_as(param))
             offset += param.numel()
         self.grad_views = grad_views
+        self.overlap = OverlappedGradReducer(self.model_params, self.flat_grad, reduce_bucket_size, group) \
+            if overlap_sync_grad and _world(group) > 1 else None
 
         # (model parameter, its fp32 master, the reduced gradient view) for the parameters this rank updates
         self.needs_master = any(p.dtype != torch.float32 for p in self.model_params)
@@ -101,7 +106,10 @@ class HybridZeroOptimizer:
         for param in self.model_params:
             param.grad = None
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """last: this is the step's final micro-batch (its backward completes the gradients)."""
+        if self.overlap is not None and last:
+            self.overlap.arm()
         (loss * self.loss_scale).backward()
 
     @torch.no_grad()
@@ -128,14 +136,17 @@ class HybridZeroOptimizer:
         return True, norm
 
     def _gather_and_reduce_grads(self) -> None:
-        for param, view in zip(self.model_params, self.grad_views):
-            if param.grad is None:  # unused in this step's forward
-                view.zero_()
-            else:
-                view.copy_(param.grad)
-        if _world(self.group) > 1:
-            for start in range(0, self.flat_grad.numel(), self.reduce_bucket_size):
-                dist.all_reduce(self.flat_grad[start:start + self.reduce_bucket_size], group=self.group)
+        if self.overlap is not None:
+            self.overlap.finish()
+        else:
+            for param, view in zip(self.model_params, self.grad_views):
+                if param.grad is None:  # unused in this step's forward
+                    view.zero_()
+                else:
+                    view.copy_(param.grad)
+            if _world(self.group) > 1:
+                for start in range(0, self.flat_grad.numel(), self.reduce_bucket_size):
+                    dist.all_reduce(self.flat_grad[start:start + self.reduce_bucket_size], group=self.group)
         scale = _world(self.group) * self.loss_scale
         if scale != 1:
             self.flat_grad.div_(scale)

@@ -61,7 +61,8 @@ def initialize_optimizer(model: nn.Module, config: Config | None = None):
         model, lr=adam.lr, betas=(adam.adam_beta1, adam.adam_beta2), eps=adam.adam_eps,
         weight_decay=adam.weight_decay, clip_grad_norm=cfg.hybrid_zero_optimizer.clip_grad_norm,
         grad_scaler=grad_scaler, group=gpc.data_parallel_group, zero_group=gpc.zero1_group,
-        reduce_bucket_size=cfg.hybrid_zero_optimizer.reduce_bucket_size)
+        reduce_bucket_size=cfg.hybrid_zero_optimizer.reduce_bucket_size,
+        overlap_sync_grad=cfg.hybrid_zero_optimizer.overlap_sync_grad)
     beta2_scheduler = Beta2Scheduler(optimizer, **cfg.beta2_scheduler)
     lr_scheduler = WarmupCosineLR(optimizer, **cfg.lr_scheduler)
     return optimizer, beta2_scheduler, lr_scheduler

@@ -1,0 +1,71 @@
+"""Gradient reduction overlapped with the backward (hybrid_zero_optimizer.overlap_sync_grad).
+
+The flat fp32 gradient buffer is cut into buckets of about reduce_bucket_size elements. During the last
+micro-batch's backward, a hook copies each parameter's finished gradient into its slice of the buffer
+the moment autograd has accumulated it; when every parameter of a bucket is in, the bucket's all-reduce
+starts asynchronously while the backward goes on with earlier layers. finish() waits for them, and
+fills and reduces (synchronously) any bucket a parameter never reached (unused in the forward).
+"""
+import torch
+import torch.distributed as dist
+
+
+class OverlappedGradReducer:
+    def __init__(self, params: list[torch.Tensor], flat: torch.Tensor, bucket_size: int, group=None):
+        """params: in the order of their slices of `flat`, the flat fp32 gradient buffer."""
+        self.params, self.flat, self.group = params, flat, group
+        self.views, self.buckets, self.bounds = [], [[]], [[0, 0]]  # bounds: [start, end) of each bucket
+        offset = 0
+        for index, param in enumerate(params):
+            if self.buckets[-1] and offset + param.numel() - self.bounds[-1][0] > bucket_size:
+                self.buckets.append([])
+                self.bounds.append([offset, offset])
+            self.views.append(flat[offset:offset + param.numel()].view_as(param))
+            offset += param.numel()
+            self.buckets[-1].append(index)
+            self.bounds[-1][1] = offset
+        self.bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket}
+        self.armed = False
+        self._reset()
+        for index, param in enumerate(params):
+            param.register_post_accumulate_grad_hook(lambda p, i=index: self._grad_ready(i))
+
+    def _reset(self) -> None:
+        self.ready = [set() for _ in self.buckets]
+        self.handles: dict[int, object] = {}
+
+    def arm(self) -> None:
+        """The next backward is the step's last: reduce its gradients as they become ready."""
+        self._reset()
+        self.armed = True
+
+    def _bucket(self, bucket: int) -> torch.Tensor:
+        start, end = self.bounds[bucket]
+        return self.flat[start:end]
+
+    def _grad_ready(self, index: int) -> None:
+        if not self.armed:
+            return
+        self.views[index].copy_(self.params[index].grad)
+        bucket = self.bucket_of[index]
+        self.ready[bucket].add(index)
+        if len(self.ready[bucket]) == len(self.buckets[bucket]):
+            self.handles[bucket] = dist.all_reduce(self._bucket(bucket), group=self.group, async_op=True)
+
+    def finish(self) -> None:
+        """Waits for every bucket; fills and reduces the ones that never completed (unused parameters)."""
+        self.armed = False
+        for bucket, members in enumerate(self.buckets):
+            if bucket in self.handles:
+                self.handles[bucket].wait()
+                continue
+            for index in members:
+                grad = self.params[index].grad
+                if index in self.ready[bucket]:
+                    continue
+                if grad is None:
+                    self.views[index].zero_()
+                else:
+                    self.views[index].copy_(grad)
+            dist.all_reduce(self._bucket(bucket), group=self.group)
+        self._reset()
