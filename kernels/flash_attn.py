@@ -31,15 +31,20 @@ def _load_rows(ptr, tokens, head, stride_t, stride_h, token_ok, dims, head_dim):
 
 
 @triton.jit
+def _program_sequence(CuSeqlens, heads):
+    """(head, first token, length) of this program's sequence: grid axis 1 enumerates sequence * heads + head."""
+    seq = tl.program_id(1) // heads
+    start = tl.load(CuSeqlens + seq)
+    return tl.program_id(1) % heads, start, tl.load(CuSeqlens + seq + 1) - start
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, Out, Lse, CuSeqlens, scale_log2, total_tokens, q_heads, group_size, head_dim,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 PRECISION: tl.constexpr):
-    seq = tl.program_id(1) // q_heads
-    head = tl.program_id(1) % q_heads
+    head, start, length = _program_sequence(CuSeqlens, q_heads)
     kv_head = head // group_size
-    start = tl.load(CuSeqlens + seq)
-    length = tl.load(CuSeqlens + seq + 1) - start
     start_m = tl.program_id(0) * BLOCK_M
     if start_m < length:
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -102,10 +107,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, CuSeqlens, scale, total_
                      stride_dkt, stride_dkh, stride_dvt, stride_dvh, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """dk, dv for one key block of one kv head, summed over the q heads that read it (GQA)."""
-    seq = tl.program_id(1) // kv_heads
-    kv_head = tl.program_id(1) % kv_heads
-    start = tl.load(CuSeqlens + seq)
-    length = tl.load(CuSeqlens + seq + 1) - start
+    kv_head, start, length = _program_sequence(CuSeqlens, kv_heads)
     start_n = tl.program_id(0) * BLOCK_N
     if start_n < length:
         keys = start_n + tl.arange(0, BLOCK_N)
@@ -142,11 +144,8 @@ def _bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, CuSeqlens, scale, total_tokens
                    stride_dqt, stride_dqh, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """dq for one query block of one q head."""
-    seq = tl.program_id(1) // q_heads
-    head = tl.program_id(1) % q_heads
+    head, start, length = _program_sequence(CuSeqlens, q_heads)
     kv_head = head // group_size
-    start = tl.load(CuSeqlens + seq)
-    length = tl.load(CuSeqlens + seq + 1) - start
     start_m = tl.program_id(0) * BLOCK_M
     if start_m < length:
         rows = start_m + tl.arange(0, BLOCK_M)
