@@ -153,3 +153,16 @@ def test_packed_documents_equal_separate_rows(use_flash_attn):
         torch.testing.assert_close(logits[:, start:end], model(doc), rtol=1e-4, atol=1e-5)
     logits.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_lm_loss_is_the_token_mean_and_zero_when_every_label_is_ignored():
+    from pytrain.model import LMLoss
+
+    logits = torch.randn(2, 6, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[0, :3] = -100
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(LMLoss()(logits, labels).double(), want)
+    ignored = LMLoss()(logits, torch.full_like(labels, -100))
+    ignored.backward()
+    assert ignored.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
