@@ -160,18 +160,23 @@ def compute():
     return measure
 
 
-def _compute_summary(tr) -> None:
+def _by_group(rows: list[dict]) -> dict[str, list[dict]]:
     groups = defaultdict(list)
-    for row in _COMPUTE_RESULTS:
+    for row in rows:
         groups[row["group"]].append(row)
+    return groups
+
+
+def _compute_summary(tr) -> None:
+    groups = _by_group(_COMPUTE_RESULTS)
     tr.section("compute: model FLOPs / time; 'of peak': vs a square matmul in the same dtype, same run")
     for group, rows in groups.items():
         sdpa = next((r for r in rows if r["impl"] == "sdpa"), None)
         tr.write_line(f"{group}   [matmul peak {rows[0]['peak']:.2f} TFLOP/s]")
         for r in rows:
             ratio = f"{sdpa['ms'] / r['ms']:.2f}x sdpa" if sdpa else ""
-            tr.write_line(f"  {r['impl']:<16}{r['ms']:>10.3f} ms{r['tflops']:>9.3f} TFLOP/s{r['tflops'] / r['peak']:>7.2f} of peak"
-                          f"  {ratio}")
+            tr.write_line(f"  {r['impl']:<16}{r['ms']:>10.3f} ms{r['tflops']:>9.3f} TFLOP/s"
+                          f"{r['tflops'] / r['peak']:>7.2f} of peak  {ratio}")
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -179,9 +184,7 @@ def pytest_terminal_summary(terminalreporter):
         _compute_summary(terminalreporter)
     if not _RESULTS:
         return
-    groups = defaultdict(list)
-    for row in _RESULTS:
-        groups[row["group"]].append(row)
+    groups = _by_group(_RESULTS)
     tr = terminalreporter
     tr.section("bandwidth: bytes the op must move / time; 'of copy': vs copy_ of x into a preallocated tensor")
     header = ("impl", "mean ms", "GB/s", "GB/s@min", "of copy", "min/min", "vs compile")

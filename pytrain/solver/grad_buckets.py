@@ -11,19 +11,18 @@ import torch.distributed as dist
 
 
 class OverlappedGradReducer:
-    def __init__(self, params: list[torch.Tensor], flat: torch.Tensor, bucket_size: int, group=None):
-        """params: in the order of their slices of `flat`, the flat fp32 gradient buffer."""
-        self.params, self.flat, self.group = params, flat, group
-        self.views, self.buckets, self.bounds = [], [[]], [[0, 0]]  # bounds: [start, end) of each bucket
-        offset = 0
+    def __init__(self, params: list[torch.Tensor], views: list[torch.Tensor], flat: torch.Tensor, bucket_size: int,
+                 group=None):
+        """views[i]: params[i]'s gradient slice of `flat`, the flat fp32 buffer, in order."""
+        self.params, self.views, self.flat, self.group = params, views, flat, group
+        self.buckets, self.bounds = [[]], [[0, 0]]  # parameter indices; [start, end) of each bucket in flat
         for index, param in enumerate(params):
-            if self.buckets[-1] and offset + param.numel() - self.bounds[-1][0] > bucket_size:
+            end = self.bounds[-1][1]
+            if self.buckets[-1] and end + param.numel() - self.bounds[-1][0] > bucket_size:
                 self.buckets.append([])
-                self.bounds.append([offset, offset])
-            self.views.append(flat[offset:offset + param.numel()].view_as(param))
-            offset += param.numel()
+                self.bounds.append([end, end])
             self.buckets[-1].append(index)
-            self.bounds[-1][1] = offset
+            self.bounds[-1][1] = end + param.numel()
         self.bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket}
         self.armed = False
         self._reset()
@@ -59,10 +58,8 @@ class OverlappedGradReducer:
             if bucket in self.handles:
                 self.handles[bucket].wait()
                 continue
-            for index in members:
+            for index in set(members) - self.ready[bucket]:
                 grad = self.params[index].grad
-                if index in self.ready[bucket]:
-                    continue
                 if grad is None:
                     self.views[index].zero_()
                 else:

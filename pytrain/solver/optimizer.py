@@ -63,9 +63,15 @@ class HybridZeroOptimizer:
         zero_size = _world(zero_group) if zero_group is not None else 1
         zero_rank = dist.get_rank(zero_group) if zero_group is not None else 0
         self.owners = assign_owners([p.numel() for p in self.model_params], zero_size)
-        self.zero_global_ranks = [dist.get_global_rank(zero_group, r) if zero_group is not None else 0
-                                  for r in range(zero_size)]
         owned = {id(p) for p, owner in zip(self.model_params, self.owners) if owner == zero_rank}
+        # What each owner broadcasts after the update: (source global rank, its parameters of one dtype);
+        # fp32 norms may sit in a bf16 model, and one flat buffer holds one dtype.
+        self.broadcasts = []
+        for rank in range(zero_size if zero_size > 1 else 0):
+            for dtype in sorted({p.dtype for p in self.model_params}, key=str):
+                params = [p for p, owner in zip(self.model_params, self.owners) if owner == rank and p.dtype == dtype]
+                if params:
+                    self.broadcasts.append((dist.get_global_rank(zero_group, rank), params))
 
         numel = sum(p.numel() for p in self.model_params)
         self.flat_grad = torch.zeros(numel, dtype=torch.float32, device=self.model_params[0].device)
@@ -74,7 +80,7 @@ class HybridZeroOptimizer:
             grad_views.append(self.flat_grad[offset:offset + param.numel()].view_as(param))
             offset += param.numel()
         self.grad_views = grad_views
-        self.overlap = OverlappedGradReducer(self.model_params, self.flat_grad, reduce_bucket_size, group) \
+        self.overlap = OverlappedGradReducer(self.model_params, grad_views, self.flat_grad, reduce_bucket_size, group) \
             if overlap_sync_grad and _world(group) > 1 else None
 
         # (model parameter, its fp32 master, the reduced gradient view) for the parameters this rank updates
@@ -152,16 +158,9 @@ class HybridZeroOptimizer:
             self.flat_grad.div_(scale)
 
     def _broadcast_updated_params(self) -> None:
-        """Each owner sends its updated parameters to the rest of its zero1 group, one flat buffer per owner."""
-        if len(self.zero_global_ranks) == 1:
-            return
-        dtypes = sorted({p.dtype for p in self.model_params}, key=str)  # fp32 norms may sit in a bf16 model
-        for zero_rank, source in enumerate(self.zero_global_ranks):
-            for dtype in dtypes:
-                params = [p for p, owner in zip(self.model_params, self.owners) if owner == zero_rank and p.dtype == dtype]
-                if not params:
-                    continue
-                flat = _flatten_dense_tensors([p.detach() for p in params])
-                dist.broadcast(flat, src=source, group=self.zero_group)
-                for param, value in zip(params, _unflatten_dense_tensors(flat, params)):
-                    param.copy_(value)
+        """Each owner sends its updated parameters to the rest of its zero1 group, one flat buffer per dtype."""
+        for source, params in self.broadcasts:
+            flat = _flatten_dense_tensors([p.detach() for p in params])
+            dist.broadcast(flat, src=source, group=self.zero_group)
+            for param, value in zip(params, _unflatten_dense_tensors(flat, params)):
+                param.copy_(value)
