@@ -102,6 +102,7 @@ SCHEMA: dict[str, Any] = {
         "use_flash_attn": _field(True, bool, "fused attention kernels (PyTorch SDPA until pytrain's own land)"),
         "num_chunks": _field(1, int, "model chunks per pipeline rank (> 1: interleaved schedule)", positive),
         "rope_base": _field(10000.0, (float, int), "rotary embedding base", positive),
+        "tie_word_embeddings": _field(False, bool, "the LM head shares the embedding's weight"),
     },
     "data": {
         "seq_len": _field(2048, int, "tokens per sample", positive),
@@ -126,7 +127,8 @@ SCHEMA: dict[str, Any] = {
         "zero1": {"size": _field(-1, int, "ZeRO-1 group size (<= 0: the whole data-parallel group; 1: off)"),
                   "fsdp": _field(False, bool, "FSDP instead of ZeRO-1", only(False, "FSDP is not available"))},
         "tensor": {"size": _field(1, int, "tensor-parallel size", positive),
-                   "mode": _field("mtp", str, "mtp (Megatron tensor parallel), msp, fsp, isp",
+                   "mode": _field("mtp", str, "mtp (Megatron tensor parallel), msp (+ sequence parallel); fsp, isp "
+                                  "are not available",
                                   one_of("mtp", "msp", "fsp", "isp"))},
         "pipeline": {"size": _field(1, int, "pipeline-parallel size", positive),
                      "interleaved_overlap": _field(True, bool, "overlap communication in the interleaved schedule")},
@@ -343,11 +345,11 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
     if model["num_chunks"] > 1 and parallel["pipeline"]["size"] == 1:
         fail("model.num_chunks", "num_chunks > 1 selects the interleaved pipeline schedule and needs "
                                  "parallel.pipeline.size > 1")
-    for section in ("tensor", "pipeline", "weight"):
-        if parallel[section]["size"] > 1:
-            fail(f"parallel.{section}.size", f"{section} parallelism is not available yet; use 1")
-    if parallel["tensor"]["mode"] != "mtp":
-        fail("parallel.tensor.mode", f"{parallel['tensor']['mode']!r} is not available yet; use 'mtp'")
+    if parallel["weight"]["size"] > 1:
+        fail("parallel.weight.size", "weight parallelism (isp) is not available; use 1")
+    if parallel["tensor"]["mode"] not in ("mtp", "msp"):
+        fail("parallel.tensor.mode", f"{parallel['tensor']['mode']!r} is not available; use 'mtp' or 'msp'")
+    _check_model_split(model, data, parallel["tensor"]["size"], parallel["pipeline"]["size"], fail)
     folder = data["train_folder"]
     if folder is not None and folder != BUILTIN_CORPUS:
         fail("data.train_folder", f"{folder!r}: reading tokenized folders is not available yet; use None "
@@ -360,6 +362,36 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
         cfg["beta2_scheduler"]["init_beta2"] = cfg["adam"]["adam_beta2"]
     if cfg["beta2_scheduler"]["c"] is None:
         cfg["beta2_scheduler"]["c"] = cfg["adam"]["adam_beta2_c"]
+
+
+def mlp_width(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int:
+    """InternLM's SwiGLU width: int(hidden * ratio) rounded up to a multiple (4096 * 8/3 -> 11008)."""
+    width = int(hidden_size * mlp_ratio)
+    return multiple_of * ((width + multiple_of - 1) // multiple_of)
+
+
+def _check_model_split(model: dict, data: dict, tensor: int, pipeline: int, fail) -> None:
+    """Can the model be cut into `tensor` shards and `pipeline` x num_chunks stages?"""
+    heads, kv_heads = model["num_attention_heads"], model["num_kv_attention_heads"] or model["num_attention_heads"]
+    width = mlp_width(model["hidden_size"], model["mlp_ratio"], model["multiple_of"])
+    shard = "split over parallel.tensor.size"
+    for field, value in (("num_attention_heads", heads), ("num_kv_attention_heads", kv_heads),
+                         ("vocab_size", model["vocab_size"]), ("hidden_size", model["hidden_size"])):
+        if value % tensor:
+            fail(f"model.{field}", f"{value} cannot be {shard}={tensor}: use a multiple of {tensor}")
+    if width % tensor:
+        fail("model.multiple_of", f"the MLP width {width} cannot be {shard}={tensor}: use a multiple_of divisible "
+                                  f"by {tensor}")
+    if model["tie_word_embeddings"] and tensor > 1 and model["embed_split_hidden"]:
+        fail("model.tie_word_embeddings", "a tied head is split over the vocabulary, so the embedding must be too: "
+                                          "set embed_split_hidden=False")
+    stages = pipeline * model["num_chunks"]
+    if model["num_layers"] < stages:
+        fail("model.num_layers", f"{model['num_layers']} layers cannot fill parallel.pipeline.size={pipeline} x "
+                                 f"model.num_chunks={model['num_chunks']} = {stages} pipeline stages")
+    if model["num_chunks"] > 1 and data["micro_num"] % pipeline:
+        fail("data.micro_num", f"the interleaved schedule needs micro_num ({data['micro_num']}) to be a multiple of "
+                               f"parallel.pipeline.size={pipeline}")
 
 
 def check_world_size(cfg: Config, world_size: int, source: str = "config") -> int:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from pytrain.config import Config, check_world_size
-from pytrain.parallel import gpc
+from pytrain.parallel import Layout, gpc
 
 
 def launch_from_torch(config, backend: str | None = None, seed: int = 1024, overrides=()):
@@ -69,7 +69,7 @@ def launch(config, rank: int, world_size: int, local_rank: int, host: str | None
         Config.from_dict(config, overrides=overrides) if isinstance(config, dict) else
         Config.from_file(config, overrides=overrides))
     source = str(config) if isinstance(config, (str, Path)) else "config"
-    data_parallel_size = check_world_size(cfg, world_size, source)  # before any process waits on another
+    check_world_size(cfg, world_size, source)  # before any process waits on another
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
@@ -85,9 +85,7 @@ def launch(config, rank: int, world_size: int, local_rank: int, host: str | None
 
     gpc.config = cfg
     gpc.rank, gpc.world_size, gpc.local_rank, gpc.device = rank, world_size, local_rank, device
-    gpc.data_parallel_size, gpc.data_parallel_rank = data_parallel_size, rank
-    gpc.data_parallel_group = dist.group.WORLD
-    gpc.zero1_group = _zero1_group(cfg.parallel.zero1.size, data_parallel_size, rank)
+    _create_groups(cfg, rank, world_size)
     gpc.run_folder = _make_run_folder(cfg)
     gpc.seed = seed
     torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
@@ -96,20 +94,33 @@ def launch(config, rank: int, world_size: int, local_rank: int, host: str | None
     return gpc
 
 
-def _zero1_group(size: int, data_parallel_size: int, rank: int):
-    """Groups of `size` consecutive data-parallel ranks (<= 0: all of them; 1: no sharding -> None).
-    Every rank creates every group, as torch.distributed requires; each keeps its own."""
-    size = data_parallel_size if size <= 0 else size
-    if size == 1:
-        return None
-    if size == data_parallel_size:
-        return dist.group.WORLD
-    mine = None
-    for first in range(0, data_parallel_size, size):
-        group = dist.new_group(ranks=list(range(first, first + size)))
-        if first <= rank < first + size:
-            mine = group
-    return mine
+def _create_groups(cfg: Config, rank: int, world_size: int) -> None:
+    """The tensor, data, pipeline, model, ZeRO-1 and embedding groups of this layout, into gpc.
+    Every rank creates every group, in the same order, as torch.distributed requires; each keeps its own."""
+    layout = Layout(world_size, cfg.parallel.tensor.size, cfg.parallel.pipeline.size)
+    gpc.pipeline_parallel_rank, gpc.data_parallel_rank, gpc.tensor_parallel_rank = layout.coordinates(rank)
+    gpc.tensor_parallel_size, gpc.pipeline_parallel_size = layout.tensor, layout.pipeline
+    gpc.data_parallel_size = layout.data
+    zero1 = layout.data if cfg.parallel.zero1.size <= 0 else cfg.parallel.zero1.size
+
+    def mine(groups: list[list[int]]):
+        """This rank's group among `groups`; the whole world when there is one group of everyone."""
+        if len(groups) == 1 and len(groups[0]) == world_size:
+            return dist.group.WORLD
+        found = None
+        for ranks in groups:
+            group = dist.new_group(ranks=ranks)
+            if rank in ranks:
+                found = group
+        return found
+
+    gpc.tensor_parallel_group = mine(layout.tensor_groups())
+    gpc.data_parallel_group = mine(layout.data_groups())
+    gpc.pipeline_parallel_group = mine(layout.pipeline_groups())
+    gpc.model_parallel_group = mine(layout.model_groups())
+    gpc.zero1_group = mine(layout.zero1_groups(zero1)) if zero1 > 1 else None
+    ends = [[g[0], g[-1]] for g in layout.pipeline_groups()] if layout.pipeline > 1 else []
+    gpc.embedding_group = mine(ends) if ends else None
 
 
 def set_seed(seed: int) -> None:

@@ -1,7 +1,8 @@
 """initialize_trainer: wraps model, optimizer, schedule and schedulers into a Trainer, as InternLM's."""
 from pytrain.config import Config
-from pytrain.model import LMLoss
+from pytrain.model import DTYPES, LMLoss
 from pytrain.parallel import gpc
+from pytrain.parallel.pipeline import InterleavedPipelineScheduler, PipelineScheduler
 from pytrain.parallel.schedule import NonPipelineScheduler
 from pytrain.train.trainer import Trainer
 
@@ -10,11 +11,26 @@ def initialize_trainer(model, optimizer, criterion=None, train_dataloader=None, 
                        lr_scheduler=None, beta2_scheduler=None, config: Config | None = None):
     """Returns (trainer, train_dataloader, test_dataloader, lr_scheduler), as InternLM's.
 
-    The schedule comes from the config: gradient accumulation over data.micro_num micro-batches.
+    The schedule comes from the config: gradient accumulation over data.micro_num micro-batches without a
+    pipeline, 1F1B with one, interleaved 1F1B with model.num_chunks > 1. The default criterion is the
+    vocab-parallel loss when the logits stay split over the tensor group (parallel_output).
     """
     cfg = gpc.require_config(config)
-    criterion = criterion if criterion is not None else LMLoss(label_smoothing=cfg.loss.label_smoothing)
-    schedule = NonPipelineScheduler(micro_num=cfg.data.micro_num)
+    if criterion is None:
+        sharded_logits = gpc.tensor_parallel_size > 1 and cfg.model.parallel_output
+        criterion = LMLoss(label_smoothing=cfg.loss.label_smoothing,
+                           vocab_parallel_group=gpc.tensor_parallel_group if sharded_logits else None)
+    micro_num = cfg.data.micro_num
+    if gpc.pipeline_parallel_size == 1:
+        schedule = NonPipelineScheduler(micro_num=micro_num)
+    else:
+        pipeline = dict(micro_num=micro_num, hidden_size=cfg.model.hidden_size, dtype=DTYPES[cfg.model.dtype],
+                        sequence_split=gpc.tensor_parallel_size if cfg.parallel.tensor.mode == "msp" else 1)
+        if cfg.model.num_chunks > 1:
+            schedule = InterleavedPipelineScheduler(**pipeline, num_chunks=cfg.model.num_chunks,
+                                                    overlap=cfg.parallel.pipeline.interleaved_overlap)
+        else:
+            schedule = PipelineScheduler(**pipeline)
     trainer = Trainer(model, optimizer, schedule, criterion, device=gpc.device, lr_scheduler=lr_scheduler,
                       beta2_scheduler=beta2_scheduler)
     return trainer, train_dataloader, test_dataloader, lr_scheduler

@@ -1,5 +1,7 @@
 """Model definitions; importing this package registers them in MODEL_INITIALIZER."""
-from .internlm import DTYPES, InternLM, build_model_with_cfg, mlp_width
+from pytrain.config import mlp_width
+
+from .internlm import DTYPES, InternLM, build_model_with_cfg, partition_layers
 from .loss import LMLoss
 
-__all__ = ["DTYPES", "InternLM", "LMLoss", "build_model_with_cfg", "mlp_width"]
+__all__ = ["DTYPES", "InternLM", "LMLoss", "build_model_with_cfg", "mlp_width", "partition_layers"]

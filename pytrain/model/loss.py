@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from pytrain.kernels import cross_entropy
+from pytrain.kernels import cross_entropy, vocab_parallel_cross_entropy
 
 
 class LMLoss(nn.Module):
@@ -12,12 +12,19 @@ class LMLoss(nn.Module):
     NaN loss would make the optimizer skip the whole step).
     """
 
-    def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100):
+    def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100, vocab_parallel_group=None):
+        """vocab_parallel_group: the logits are this rank's vocabulary shard of that group's (tensor
+        parallelism with parallel_output); None: whole logits."""
         super().__init__()
         self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
+        self.vocab_parallel_group = vocab_parallel_group
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.reshape(-1)
-        total = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, ignore_index=self.ignore_index,
-                              label_smoothing=self.label_smoothing, reduction="sum")
+        options = dict(ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, reduction="sum")
+        logits = logits.reshape(-1, logits.shape[-1])
+        if self.vocab_parallel_group is not None:
+            total = vocab_parallel_cross_entropy(logits, labels, self.vocab_parallel_group, **options)
+        else:
+            total = cross_entropy(logits, labels, **options)
         return total / (labels != self.ignore_index).sum().clamp_min(1)

@@ -18,11 +18,21 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "
                    "A10": 125.0, "V100": 125.0, "4090": 165.0}
 
 
-def flops_per_token(model: nn.Module, num_layers: int, hidden_size: int, seq_len: int,
+def matmul_params(model: nn.Module) -> tuple[int, int]:
+    """(P_blocks, P_head) of the linear weights this rank holds: those inside the decoder layers
+    (`blocks`, in every pipeline chunk) and the rest."""
+    block_params = head_params = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            if "blocks" in name.split("."):
+                block_params += module.weight.numel()
+            else:
+                head_params += module.weight.numel()
+    return block_params, head_params
+
+
+def flops_per_token(block_params: int, head_params: int, num_layers: int, hidden_size: int, seq_len: int,
                     recompute_fraction: float = 0.0) -> float:
-    blocks = getattr(model, "blocks", None)
-    block_params = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, nn.Linear)) if blocks else 0
-    head_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) - block_params
     f = float(recompute_fraction)
     return (6 + 2 * f) * block_params + 6 * head_params + (12 + 4 * f) * num_layers * hidden_size * seq_len
 

@@ -1,4 +1,4 @@
 """Process groups and the global parallel context."""
-from .context import ParallelContext, gpc
+from .context import Layout, ParallelContext, gpc
 
-__all__ = ["ParallelContext", "gpc"]
+__all__ = ["Layout", "ParallelContext", "gpc"]

@@ -1,4 +1,9 @@
-"""The process layout of a run and the global context `gpc`, as InternLM's `gpc` (config + ranks)."""
+"""The process layout of a run and the global context `gpc`, as InternLM's `gpc` (config + ranks).
+
+Ranks are laid out tensor-fastest, then data, then pipeline (Megatron's order): global rank =
+pipeline_rank * (data * tensor) + data_rank * tensor + tensor_rank, so the ranks of one tensor group are
+neighbours (one node, fastest links) and each pipeline stage is a contiguous block of ranks.
+"""
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +20,14 @@ class ParallelContext:
     data_parallel_rank: int = 0
     data_parallel_group: object = None
     zero1_group: object = None  # the ranks sharing one copy of the optimizer state; None: not sharded
+    tensor_parallel_size: int = 1
+    tensor_parallel_rank: int = 0
+    tensor_parallel_group: object = None
+    pipeline_parallel_size: int = 1
+    pipeline_parallel_rank: int = 0
+    pipeline_parallel_group: object = None
+    model_parallel_group: object = None  # the tensor x pipeline ranks holding one copy of the model
+    embedding_group: object = None  # first and last pipeline stage, for tied embeddings; None: not on one
     device: torch.device = torch.device("cpu")
     run_folder: object = None  # pathlib.Path of this run's outputs
     seed: int = 1024
@@ -27,6 +40,19 @@ class ParallelContext:
     def is_main_rank(self) -> bool:
         return self.rank == 0
 
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pipeline_parallel_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pipeline_parallel_rank == self.pipeline_parallel_size - 1
+
+    def stage_rank(self, stage: int) -> int:
+        """The global rank of pipeline stage `stage` (modulo the pipeline size) beside this rank."""
+        block = self.world_size // self.pipeline_parallel_size
+        return (stage % self.pipeline_parallel_size) * block + self.rank % block
+
     def require_config(self, config=None):
         """`config` if given, else the launched run's; an error that says how to launch when neither."""
         if config is not None:
@@ -35,6 +61,41 @@ class ParallelContext:
             raise RuntimeError("no config: launch first (pytrain.initialize.launch_from_torch(config=...) or "
                                "initialize_distributed_env(...)), or pass config=")
         return self.config
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which global ranks form each group of a tensor x data x pipeline layout (see the module docstring)."""
+    world_size: int
+    tensor: int
+    pipeline: int
+
+    @property
+    def data(self) -> int:
+        return self.world_size // (self.tensor * self.pipeline)
+
+    def coordinates(self, rank: int) -> tuple[int, int, int]:
+        """(pipeline, data, tensor) rank of a global rank."""
+        return rank // (self.data * self.tensor), rank // self.tensor % self.data, rank % self.tensor
+
+    def rank(self, pipeline: int, data: int, tensor: int) -> int:
+        return (pipeline * self.data + data) * self.tensor + tensor
+
+    def tensor_groups(self) -> list[list[int]]:
+        return [[self.rank(p, d, t) for t in range(self.tensor)] for p in range(self.pipeline) for d in range(self.data)]
+
+    def data_groups(self) -> list[list[int]]:
+        return [[self.rank(p, d, t) for d in range(self.data)] for p in range(self.pipeline) for t in range(self.tensor)]
+
+    def pipeline_groups(self) -> list[list[int]]:
+        return [[self.rank(p, d, t) for p in range(self.pipeline)] for d in range(self.data) for t in range(self.tensor)]
+
+    def model_groups(self) -> list[list[int]]:
+        return [[self.rank(p, d, t) for p in range(self.pipeline) for t in range(self.tensor)] for d in range(self.data)]
+
+    def zero1_groups(self, size: int) -> list[list[int]]:
+        """Each data group cut into runs of `size` consecutive data-parallel ranks."""
+        return [group[first:first + size] for group in self.data_groups() for first in range(0, len(group), size)]
 
 
 gpc = ParallelContext()

@@ -9,6 +9,13 @@ zero1 group, parameters are assigned largest first to the least-loaded rank (Int
 the owner keeps their fp32 master copy and Adam state. The owners then broadcast the updated parameters
 to the rest of their zero1 group. zero1 size 1 means every rank owns everything (plain data parallel).
 For an fp32 model the master weights are the model's parameters themselves (no copy).
+
+Under tensor and pipeline parallelism each rank holds part of the model: the gradient norm sums the squares
+of every shard once (weights replicated over the tensor group, e.g. norms, count on its first rank only;
+the second copy of a tied embedding not at all) over the model-parallel group. Gradients a rank holds only
+part of are summed first: a tied embedding's over the first and last pipeline stage, sequence-parallel
+norms' over the tensor group. With overlap_sync_param the owners' broadcasts run in the background and
+each layer waits for its own parameters just before its next forward.
 """
 import math
 
@@ -49,14 +56,20 @@ def _world(group) -> int:
 class HybridZeroOptimizer:
     def __init__(self, model: nn.Module, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                  clip_grad_norm: float = 0.0, grad_scaler: DynamicGradScaler | None = None, group=None,
-                 zero_group=None, reduce_bucket_size: int = 512 * 1024 * 1024, overlap_sync_grad: bool = False):
+                 zero_group=None, reduce_bucket_size: int = 512 * 1024 * 1024, overlap_sync_grad: bool = False,
+                 overlap_sync_param: bool = False, tensor_group=None, model_parallel_group=None,
+                 embedding_group=None):
         """group: the data-parallel group gradients are averaged over; zero_group: the ranks (a subgroup of
         it) that share one copy of the optimizer state. None: the default group / no sharding.
         overlap_sync_grad: reduce gradient buckets during the last micro-batch's backward (see
-        grad_buckets.py) instead of after it; only with more than one data-parallel rank."""
+        grad_buckets.py) instead of after it; only with more than one data-parallel rank.
+        overlap_sync_param: the updated parameters' broadcast overlaps the next forward.
+        tensor_group, model_parallel_group, embedding_group: this rank's tensor-parallel group, its
+        tensor x pipeline group (one copy of the model), the first + last pipeline stage; None: alone."""
         self.clip_grad_norm = clip_grad_norm
         self.grad_scaler = grad_scaler
         self.group, self.zero_group = group, zero_group
+        self.model_parallel_group = model_parallel_group
         self.reduce_bucket_size = reduce_bucket_size
         groups = param_groups(model, weight_decay)
         self.model_params = [p for g in groups for p in g["params"]]
@@ -82,6 +95,14 @@ class HybridZeroOptimizer:
         self.grad_views = grad_views
         self.overlap = OverlappedGradReducer(self.model_params, grad_views, self.flat_grad, reduce_bucket_size, group) \
             if overlap_sync_grad and _world(group) > 1 else None
+        first_tensor_rank = tensor_group is None or dist.get_rank(tensor_group) == 0
+        self.norm_views = [view for p, view in zip(self.model_params, grad_views) if not getattr(p, "shared_copy", False)
+                           and (first_tensor_rank or getattr(p, "is_tensor_parallel", False))]
+        # Gradients this rank holds part of, summed over the ranks holding the rest: (group, views)
+        self.partial_sums = [(g, views) for g, views in (
+            (embedding_group, [v for p, v in zip(self.model_params, grad_views) if getattr(p, "tied_across_stages", False)]),
+            (tensor_group, [v for p, v in zip(self.model_params, grad_views) if getattr(p, "sequence_parallel", False)]))
+            if views and g is not None and _world(g) > 1]
 
         # (model parameter, its fp32 master, the reduced gradient view) for the parameters this rank updates
         self.needs_master = any(p.dtype != torch.float32 for p in self.model_params)
@@ -94,6 +115,13 @@ class HybridZeroOptimizer:
         self.optimizer = torch.optim.AdamW(owned_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay) \
             if owned_groups else None
         self._param_groups = self.optimizer.param_groups if self.optimizer else [{"lr": lr, "betas": betas}]
+
+        self.pending_params = {}  # id(param) -> its in-flight broadcast (overlap_sync_param)
+        if overlap_sync_param and self.broadcasts:
+            for module in model.modules():
+                if any(True for _ in module.parameters(recurse=False)):
+                    module.register_forward_pre_hook(self._wait_for_params)
+        self.overlap_sync_param = overlap_sync_param
 
     @property
     def param_groups(self):
@@ -118,11 +146,18 @@ class HybridZeroOptimizer:
             self.overlap.arm()
         (loss * self.loss_scale).backward()
 
+    def backward_by_grad(self, tensor: torch.Tensor, grad: torch.Tensor, last: bool = True) -> None:
+        """Backward from a pipeline stage's output and the gradient the next stage sent (already scaled)."""
+        if self.overlap is not None and last:
+            self.overlap.arm()
+        torch.autograd.backward(tensor, grad)
+
     @torch.no_grad()
     def step(self) -> tuple[bool, float]:
         """Reduce, unscale, check, clip, update, share. Returns (success, global gradient norm before clipping)."""
+        self.sync_params()
         self._gather_and_reduce_grads()
-        norm = torch.linalg.vector_norm(self.flat_grad).item()
+        norm = self._global_norm()
         if not math.isfinite(norm):
             if self.grad_scaler:
                 self.grad_scaler.update(overflow=True)
@@ -153,14 +188,58 @@ class HybridZeroOptimizer:
             if _world(self.group) > 1:
                 for start in range(0, self.flat_grad.numel(), self.reduce_bucket_size):
                     dist.all_reduce(self.flat_grad[start:start + self.reduce_bucket_size], group=self.group)
+        for group, views in self.partial_sums:
+            flat = _flatten_dense_tensors(views)
+            dist.all_reduce(flat, group=group)
+            for view, value in zip(views, _unflatten_dense_tensors(flat, views)):
+                view.copy_(value)
         scale = _world(self.group) * self.loss_scale
         if scale != 1:
             self.flat_grad.div_(scale)
+
+    def _global_norm(self) -> float:
+        """The L2 norm of the whole model's gradient, every shard counted once; the same on every rank."""
+        if len(self.norm_views) == len(self.model_params):
+            squares = torch.linalg.vector_norm(self.flat_grad).square()
+        elif self.norm_views:
+            squares = torch.stack(torch._foreach_norm(self.norm_views)).square().sum()
+        else:
+            squares = self.flat_grad.new_zeros(())
+        if self.model_parallel_group is not None and _world(self.model_parallel_group) > 1:
+            dist.all_reduce(squares, group=self.model_parallel_group)
+        return squares.sqrt().item()
 
     def _broadcast_updated_params(self) -> None:
         """Each owner sends its updated parameters to the rest of its zero1 group, one flat buffer per dtype."""
         for source, params in self.broadcasts:
             flat = _flatten_dense_tensors([p.detach() for p in params])
-            dist.broadcast(flat, src=source, group=self.zero_group)
-            for param, value in zip(params, _unflatten_dense_tensors(flat, params)):
-                param.copy_(value)
+            work = dist.broadcast(flat, src=source, group=self.zero_group, async_op=self.overlap_sync_param)
+            if self.overlap_sync_param:
+                pending = (work, flat, params)
+                self.pending_params.update((id(p), pending) for p in params)
+            else:
+                _unpack(flat, params)
+
+    @torch.no_grad()
+    def _wait_for_params(self, module, _inputs) -> None:
+        for param in module.parameters(recurse=False):
+            if id(param) in self.pending_params:
+                self._complete(self.pending_params[id(param)])
+
+    @torch.no_grad()
+    def sync_params(self) -> None:
+        """Completes every in-flight parameter broadcast (overlap_sync_param), e.g. before saving."""
+        while self.pending_params:
+            self._complete(next(iter(self.pending_params.values())))
+
+    def _complete(self, pending) -> None:
+        work, flat, params = pending
+        work.wait()
+        _unpack(flat, params)
+        for param in params:
+            del self.pending_params[id(param)]
+
+
+def _unpack(flat: torch.Tensor, params: list[torch.Tensor]) -> None:
+    for param, value in zip(params, _unflatten_dense_tensors(flat, params)):
+        param.copy_(value)

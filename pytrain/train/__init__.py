@@ -22,7 +22,8 @@ __all__ = ["initialize_model", "initialize_optimizer", "get_train_data_loader", 
 
 
 def initialize_model(config: Config | None = None) -> nn.Module:
-    """Builds MODEL_INITIALIZER[config.model_type](**config.model) on the run's device."""
+    """Builds MODEL_INITIALIZER[config.model_type](**config.model) on the run's device: this rank's pipeline
+    stage(s) and tensor shard under a parallel layout."""
     import pytrain.model  # noqa: F401  (registers "INTERNLM")
 
     cfg = gpc.require_config(config)
@@ -40,6 +41,9 @@ def initialize_model(config: Config | None = None) -> nn.Module:
         for tensor in list(model.parameters()) + list(model.buffers()):  # replicas start identical
             dist.broadcast(tensor.data, src=dist.get_global_rank(gpc.data_parallel_group, 0),
                            group=gpc.data_parallel_group)
+    tied = [p for p in model.parameters() if getattr(p, "tied_across_stages", False)]
+    for param in tied:  # the last stage's copy of a tied embedding starts as the first stage's
+        dist.broadcast(param.data, src=dist.get_global_rank(gpc.embedding_group, 0), group=gpc.embedding_group)
     return model
 
 
@@ -62,7 +66,9 @@ def initialize_optimizer(model: nn.Module, config: Config | None = None):
         weight_decay=adam.weight_decay, clip_grad_norm=cfg.hybrid_zero_optimizer.clip_grad_norm,
         grad_scaler=grad_scaler, group=gpc.data_parallel_group, zero_group=gpc.zero1_group,
         reduce_bucket_size=cfg.hybrid_zero_optimizer.reduce_bucket_size,
-        overlap_sync_grad=cfg.hybrid_zero_optimizer.overlap_sync_grad)
+        overlap_sync_grad=cfg.hybrid_zero_optimizer.overlap_sync_grad,
+        overlap_sync_param=cfg.hybrid_zero_optimizer.overlap_sync_param, tensor_group=gpc.tensor_parallel_group,
+        model_parallel_group=gpc.model_parallel_group, embedding_group=gpc.embedding_group)
     beta2_scheduler = Beta2Scheduler(optimizer, **cfg.beta2_scheduler)
     lr_scheduler = WarmupCosineLR(optimizer, **cfg.lr_scheduler)
     return optimizer, beta2_scheduler, lr_scheduler

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from pytrain.config import Config, ConfigError, check_world_size
 from pytrain.initialize import get_default_parser, initialize_distributed_env, initialize_trainer
 from pytrain.model import DTYPES
-from pytrain.monitor import StepMonitor, flops_per_token, peak_tflops
+from pytrain.monitor import StepMonitor, flops_per_token, matmul_params, peak_tflops
 from pytrain.parallel import gpc
 from pytrain.registry import MODEL_INITIALIZER
 from pytrain.train import get_train_data_loader, initialize_model, initialize_optimizer
@@ -41,18 +41,32 @@ def train(args) -> list[dict]:
                                                  lr_scheduler=lr_scheduler, beta2_scheduler=beta2_scheduler)
     data = cfg.data
     peak, peak_source = peak_tflops(gpc.device, DTYPES[cfg.model.dtype])
+    # The whole model's size: this rank's shard summed over the ranks holding the others (tied copies once).
+    counts = torch.tensor([*matmul_params(model), sum(p.numel() for p in model.parameters()
+                                                      if not getattr(p, "shared_copy", False))], dtype=torch.float64)
+    replicated = sum(p.numel() for p in model.parameters() if not getattr(p, "is_tensor_parallel", False))
+    counts[2] -= replicated * (1 - 1 / gpc.tensor_parallel_size)  # norms are on every tensor rank
+    if gpc.model_parallel_group is not None and dist.get_world_size(gpc.model_parallel_group) > 1:
+        dist.all_reduce(counts, group=gpc.model_parallel_group)
+    block_params, head_params, params = counts.tolist()
+    model_ranks = gpc.tensor_parallel_size * gpc.pipeline_parallel_size  # they share each micro-batch's work
     monitor = StepMonitor(
         gpc.run_folder, total_steps=data.total_steps, tokens_per_step_per_rank=data.micro_num * data.micro_bsz *
-        data.seq_len, flops_per_token=flops_per_token(model, cfg.model.num_layers, cfg.model.hidden_size,
-                                                      data.seq_len, float(cfg.model.checkpoint)),
+        data.seq_len / model_ranks, flops_per_token=flops_per_token(block_params, head_params, cfg.model.num_layers,
+                                                                    cfg.model.hidden_size, data.seq_len,
+                                                                    float(cfg.model.checkpoint)),
         peak_tflops=peak, device=gpc.device, log_every=cfg.monitor.log_every,
         tensorboard=cfg.monitor.tensorboard.enable, is_main_rank=gpc.is_main_rank, group=gpc.data_parallel_group)
     if gpc.is_main_rank:
-        params = sum(p.numel() for p in model.parameters())
+        state_bytes = optimizer.optimizer_state_bytes() / sum(p.numel() for p in model.parameters())
+        layout = (f"data {gpc.data_parallel_size} x tensor {gpc.tensor_parallel_size} ({cfg.parallel.tensor.mode}) x "
+                  f"pipeline {gpc.pipeline_parallel_size}" + (f" ({cfg.model.num_chunks} chunks per rank)"
+                                                              if cfg.model.num_chunks > 1 else ""))
         print(f"pytrain: {cfg.model_type} with {params / 1e6:.2f}M parameters, {gpc.world_size} rank(s) on "
-              f"{gpc.device.type}, {data.total_steps} steps of {data.micro_num} x {data.micro_bsz} x {data.seq_len} "
-              f"tokens per rank; peak {peak:.2f} TFLOPS per rank ({peak_source}); run folder {gpc.run_folder}",
-              flush=True)
+              f"{gpc.device.type} as {layout}, {data.total_steps} steps of {data.micro_num} x {data.micro_bsz} x "
+              f"{data.seq_len} tokens per data-parallel rank; optimizer state {state_bytes:.1f} bytes per parameter "
+              f"on rank 0; peak {peak:.2f} "
+              f"TFLOPS per rank ({peak_source}); run folder {gpc.run_folder}", flush=True)
 
     history = []
     trainer.train()
@@ -67,6 +81,7 @@ def train(args) -> list[dict]:
                                             optimizer.loss_scale if optimizer.grad_scaler else None))
             if prof is not None:
                 prof.step()
+    optimizer.sync_params()  # the last step's parameter broadcasts, if overlapped, land before the end
     monitor.close()
     if gpc.is_main_rank:
         print(f"pytrain: done; metrics, TensorBoard logs and loss.svg in {gpc.run_folder}", flush=True)
@@ -83,7 +98,7 @@ def dry_run(args) -> None:
     with torch.device("meta"):
         model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model)
     params = sum(p.numel() for p in model.parameters())
-    per_token = flops_per_token(model, cfg.model.num_layers, cfg.model.hidden_size, cfg.data.seq_len,
+    per_token = flops_per_token(*matmul_params(model), cfg.model.num_layers, cfg.model.hidden_size, cfg.data.seq_len,
                                 float(cfg.model.checkpoint))
     tokens = data_parallel * cfg.data.micro_num * cfg.data.micro_bsz * cfg.data.seq_len
     print(f"{args.config}: valid for {world_size} process(es); {cfg.model_type} with {params:,} parameters "

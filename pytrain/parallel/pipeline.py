@@ -1,0 +1,287 @@
+"""Pipeline schedules: 1F1B (PipelineScheduler) and interleaved 1F1B (InterleavedPipelineScheduler).
+
+Stage r holds a consecutive range of layers; the first stage embeds, the last computes the loss. Between
+stages, each micro-batch's activation goes forward and its gradient backward point-to-point
+(torch.distributed isend/irecv; NCCL on GPUs, gloo on CPU), always as one (micro_bsz, seq_len, hidden)
+tensor of the model's dtype (seq_len / tensor size under sequence parallelism).
+
+1F1B: stage r runs P - r - 1 warm-up forwards, then alternates one forward and one backward, then drains
+the remaining backwards, so at most P - r micro-batches' activations are alive on it (GPipe keeps all M).
+
+Interleaved: each rank holds num_chunks (C) stages, stage c * P + r on rank r, so the pipeline is C times
+deeper with the same ranks and the bubble C times smaller. Micro-batches run in groups of P per chunk; the
+activation leaving rank P-1's chunk c enters rank 0's chunk c + 1, a ring. With interleaved_overlap the
+sends are not waited for: compute goes on while they travel, and they are waited for at the step's end.
+The order of work and of messages follows Megatron-LM's schedules, which are known to be deadlock-free
+with blocking exchanges; the order of ops inside one exchange is fixed (forward direction first) so that
+on a two-stage ring, where a rank's previous and next stage are the same rank, messages pair correctly.
+"""
+import torch
+import torch.distributed as dist
+
+from .context import gpc
+
+FORWARD_TAG, BACKWARD_TAG = 1, 2
+
+
+class P2P:
+    """Exchanges with the neighbouring stages (ring order: stage 0's previous stage is the last)."""
+
+    def __init__(self, shape: tuple, dtype: torch.dtype, device: torch.device, defer_sends: bool = False):
+        self.shape, self.dtype, self.device, self.defer_sends = shape, dtype, device, defer_sends
+        stage = gpc.pipeline_parallel_rank
+        self.next_rank, self.prev_rank = gpc.stage_rank(stage + 1), gpc.stage_rank(stage - 1)
+        self.pending = []  # (work, tensor) of sends not yet waited for
+
+    def _check(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        if tensor.shape != self.shape or tensor.dtype != self.dtype:
+            raise RuntimeError(f"pipeline: the {what} is {tuple(tensor.shape)} {tensor.dtype}, but stages exchange "
+                               f"{tuple(self.shape)} {self.dtype} tensors; a model's stage must return its hidden "
+                               f"states in the model's dtype")
+        return tensor.contiguous()
+
+    def exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
+        """Sends activations forward / gradients backward and receives them; returns (from prev, from next)."""
+        ops, received = [], [None, None]
+        # forward direction first, then backward: with two stages prev == next, and pairs match in order
+        if send_next is not None:
+            send_next = self._check(send_next, "activation sent forward")
+            ops.append(dist.P2POp(dist.isend, send_next, self.next_rank, tag=FORWARD_TAG))
+        if recv_prev:
+            received[0] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            ops.append(dist.P2POp(dist.irecv, received[0], self.prev_rank, tag=FORWARD_TAG))
+        if send_prev is not None:
+            send_prev = self._check(send_prev, "gradient sent backward")
+            ops.append(dist.P2POp(dist.isend, send_prev, self.prev_rank, tag=BACKWARD_TAG))
+        if recv_next:
+            received[1] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            ops.append(dist.P2POp(dist.irecv, received[1], self.next_rank, tag=BACKWARD_TAG))
+        if ops:
+            works = dist.batch_isend_irecv(ops)
+            for op, work in zip(ops, works):
+                if op.op is dist.isend and self.defer_sends:
+                    self.pending.append((work, op.tensor))
+                else:
+                    work.wait()
+        if received[0] is not None:
+            received[0].requires_grad_()
+        return received[0], received[1]
+
+    def finish(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()
+
+
+class _PipelineStep:
+    """One optimizer step's forward and backward passes of one rank's stage(s), shared by both schedules."""
+
+    def __init__(self, models, batch, criterion, optimizer, forward_only, return_output_label, total_backwards):
+        self.models, self.batch, self.criterion, self.optimizer = models, batch, criterion, optimizer
+        self.forward_only, self.return_output_label = forward_only, return_output_label
+        self.micro_num = batch["input_ids"].shape[0]
+        self.total_backwards, self.backwards_done = total_backwards, 0
+        self.loss = torch.zeros((), dtype=torch.float32, device=batch["input_ids"].device)
+        self.outputs, self.labels = [], []
+
+    def forward(self, chunk: int, micro: int, hidden):
+        """Runs stage `chunk` on micro-batch `micro`; the last stage returns the loss / micro_num."""
+        model = self.models[chunk]
+        with torch.set_grad_enabled(not self.forward_only):
+            if model.first:
+                output = model(input_ids=self.batch["input_ids"][micro])
+            else:
+                output = model(hidden_states=hidden)
+            if not model.last:
+                return output
+            label = self.batch["labels"][micro]
+            loss = self.criterion(output, label) / self.micro_num
+        self.loss += loss.detach().float()
+        if self.return_output_label:
+            self.outputs.append(output.detach())
+            self.labels.append(label)
+        return loss
+
+    def backward(self, hidden_in, output, output_grad):
+        """Backward through one stage from its output's gradient (None: output is the loss); returns the
+        gradient of its input activation (None for the first stage)."""
+        self.backwards_done += 1
+        last = self.backwards_done == self.total_backwards
+        if output_grad is None:
+            self.optimizer.backward(output, last=last)
+        else:
+            self.optimizer.backward_by_grad(output, output_grad, last=last)
+        return None if hidden_in is None else hidden_in.grad
+
+
+class _PipelineScheduler:
+    def __init__(self, micro_num: int, hidden_size: int, dtype: torch.dtype, sequence_split: int = 1):
+        """sequence_split: the tensor size under sequence parallelism (stages send their slice of the
+        sequence), else 1."""
+        self.micro_num, self.hidden_size, self.dtype, self.sequence_split = micro_num, hidden_size, dtype, sequence_split
+
+    def _p2p(self, batch, defer_sends=False) -> P2P:
+        _, micro_bsz, seq_len = batch["input_ids"].shape
+        shape = (micro_bsz, seq_len // self.sequence_split, self.hidden_size)
+        return P2P(shape, self.dtype, batch["input_ids"].device, defer_sends)
+
+    def _check_batch(self, batch):
+        micro_num = batch["input_ids"].shape[0]
+        if micro_num != self.micro_num:
+            raise ValueError(f"the batch holds {micro_num} micro-batches; data.micro_num is {self.micro_num}")
+
+    def _finish(self, step: _PipelineStep, p2p: P2P, return_loss: bool):
+        """Every stage reports the loss, which only the last stage computed (the main rank logs it)."""
+        p2p.finish()
+        loss = step.loss
+        if gpc.pipeline_parallel_size > 1:
+            dist.broadcast(loss, src=gpc.stage_rank(gpc.pipeline_parallel_size - 1), group=gpc.pipeline_parallel_group)
+        outputs = (step.outputs, step.labels) if step.return_output_label else None
+        return outputs, loss if return_loss else None
+
+
+class PipelineScheduler(_PipelineScheduler):
+    """1F1B over the micro-batches, one stage per rank."""
+
+    def forward_backward_step(self, model, batch: dict, criterion, optimizer, forward_only: bool = False,
+                              return_loss: bool = True, return_output_label: bool = False):
+        self._check_batch(batch)
+        p2p = self._p2p(batch)
+        first, last = gpc.is_first_stage, gpc.is_last_stage
+        step = _PipelineStep([model], batch, criterion, optimizer, forward_only, return_output_label, self.micro_num)
+        micro_num = self.micro_num
+        warmup = micro_num if forward_only else min(gpc.pipeline_parallel_size - gpc.pipeline_parallel_rank - 1,
+                                                    micro_num)
+        in_flight = []  # (input activation, output) of micro-batches awaiting their backward
+
+        def run_forward(micro, hidden):
+            output = step.forward(0, micro, hidden)
+            if not forward_only:
+                in_flight.append((hidden, output))
+            return None if last else output
+
+        for micro in range(warmup):
+            hidden, _ = p2p.exchange(recv_prev=not first)
+            p2p.exchange(send_next=run_forward(micro, hidden))
+        steady = micro_num - warmup
+        hidden = p2p.exchange(recv_prev=not first)[0] if steady else None
+        for index in range(steady):
+            output = run_forward(warmup + index, hidden)
+            _, grad = p2p.exchange(send_next=output, recv_next=not last)
+            grad_in = step.backward(*in_flight.pop(0), grad)
+            final = index == steady - 1
+            hidden, _ = p2p.exchange(send_prev=None if first else grad_in, recv_prev=not first and not final)
+        if not forward_only:
+            for _ in range(warmup):
+                _, grad = p2p.exchange(recv_next=not last)
+                grad_in = step.backward(*in_flight.pop(0), grad)
+                p2p.exchange(send_prev=None if first else grad_in)
+        return self._finish(step, p2p, return_loss)
+
+
+class InterleavedPipelineScheduler(_PipelineScheduler):
+    """Interleaved 1F1B: num_chunks stages per rank; micro_num must be a multiple of the pipeline size."""
+
+    def __init__(self, micro_num: int, hidden_size: int, dtype: torch.dtype, num_chunks: int,
+                 sequence_split: int = 1, overlap: bool = True):
+        super().__init__(micro_num, hidden_size, dtype, sequence_split)
+        self.num_chunks, self.overlap = num_chunks, overlap
+
+    def forward_backward_step(self, model, batch: dict, criterion, optimizer, forward_only: bool = False,
+                              return_loss: bool = True, return_output_label: bool = False):
+        self._check_batch(batch)
+        chunks, stages, rank = self.num_chunks, gpc.pipeline_parallel_size, gpc.pipeline_parallel_rank
+        micro_num = self.micro_num
+        if micro_num % stages:
+            raise ValueError(f"the interleaved schedule needs micro_num ({micro_num}) to be a multiple of the "
+                             f"pipeline size {stages}")
+        p2p = self._p2p(batch, defer_sends=self.overlap)
+        total = micro_num * chunks
+        step = _PipelineStep(list(model), batch, criterion, optimizer, forward_only, return_output_label, total)
+        first_rank, last_rank = gpc.is_first_stage, gpc.is_last_stage
+
+        def chunk_of(k: int, forward: bool) -> int:
+            chunk = k % (stages * chunks) // stages
+            return chunk if forward else chunks - 1 - chunk
+
+        def micro_of(k: int) -> int:
+            return k // (stages * chunks) * stages + k % stages
+
+        inputs = [[] for _ in range(chunks)]  # per chunk, received activations in micro-batch order
+        outputs = [[] for _ in range(chunks)]
+        grads = [[] for _ in range(chunks)]  # per chunk, received output gradients
+
+        def run_forward(k: int):
+            chunk = chunk_of(k, True)
+            hidden = inputs[chunk][len(outputs[chunk])] if inputs[chunk] else None
+            output = step.forward(chunk, micro_of(k), hidden)
+            outputs[chunk].append(output)
+            return None if (last_rank and chunk == chunks - 1) else output
+
+        def run_backward(k: int):
+            chunk = chunk_of(k, False)
+            hidden = inputs[chunk].pop(0) if inputs[chunk] else None
+            output = outputs[chunk].pop(0)
+            grad = grads[chunk].pop(0) if grads[chunk] else None
+            grad_in = step.backward(hidden, output, grad)
+            return None if (first_rank and chunk == 0) else grad_in
+
+        if forward_only:
+            warmup = total
+        elif micro_num == stages:
+            warmup = total
+        else:
+            warmup = min(total, (stages - rank - 1) * 2 + (chunks - 1) * stages)
+        steady = total - warmup
+
+        hidden, _ = p2p.exchange(recv_prev=not first_rank)
+        if hidden is not None:
+            inputs[0].append(hidden)
+        for k in range(warmup):
+            output = run_forward(k)
+            next_chunk = chunk_of(k + 1, True)
+            recv_prev = not (first_rank and next_chunk == 0) and k != total - 1
+            if k == warmup - 1 and not forward_only and steady > 0:
+                hidden, grad = p2p.exchange(send_next=output, recv_prev=recv_prev, recv_next=not last_rank)
+                if grad is not None:
+                    grads[chunks - 1].append(grad)
+            else:
+                hidden, _ = p2p.exchange(send_next=output, recv_prev=recv_prev)
+            if hidden is not None:
+                inputs[next_chunk].append(hidden)
+        for index in range(steady):
+            forward_k, backward_k = index + warmup, index
+            output = run_forward(forward_k)
+            grad_in = run_backward(backward_k)
+            if first_rank:  # what rank P-1 sends now is for the chunk after its own
+                source_chunk = chunk_of(forward_k - (stages - 1), True)
+                recv_prev = source_chunk != chunks - 1
+                next_forward_chunk = source_chunk + 1
+            else:
+                recv_prev, next_forward_chunk = True, chunk_of(forward_k + 1, True)
+            if last_rank:
+                source_chunk = chunk_of(backward_k - (stages - 1), False)
+                recv_next = source_chunk != 0
+                next_backward_chunk = source_chunk - 1
+            else:
+                recv_next, next_backward_chunk = True, chunk_of(backward_k + 1, False)
+            if index == steady - 1:
+                recv_prev = False
+            hidden, grad = p2p.exchange(send_next=output, send_prev=grad_in, recv_prev=recv_prev, recv_next=recv_next)
+            if recv_prev:
+                inputs[next_forward_chunk].append(hidden)
+            if recv_next:
+                grads[next_backward_chunk].append(grad)
+        if not forward_only:
+            if steady == 0:  # everything was warm-up: the first gradient is still to come
+                _, grad = p2p.exchange(recv_next=not last_rank)
+                if grad is not None:
+                    grads[chunks - 1].append(grad)
+            for k in range(steady, total):
+                grad_in = run_backward(k)
+                next_chunk = chunk_of(k + 1, False)
+                recv_next = not (last_rank and next_chunk == chunks - 1) and k != total - 1
+                _, grad = p2p.exchange(send_prev=grad_in, recv_next=recv_next)
+                if grad is not None:
+                    grads[next_chunk].append(grad)
+        return self._finish(step, p2p, return_loss)

@@ -1,0 +1,219 @@
+"""Every parallel layout against one process: the same model, global batch and steps must give the same
+per-step losses, gradient norms and final parameters (each rank's shard of them).
+
+The layouts run through the real construction path (launch, initialize_model / _optimizer / _trainer)
+in 2 or 4 gloo processes; one process runs each model variant as the reference.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pytrain.config import Config, ConfigError, check_world_size
+from pytrain.initialize.launch import launch
+from pytrain.parallel import Layout, gpc
+
+STEPS = 5
+MICRO_NUM = 8  # micro-batches per step over all data-parallel ranks
+MICRO_BSZ, SEQ_LEN, VOCAB = 2, 16, 256
+
+MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=VOCAB,
+             multiple_of=32, dtype="torch.float32", checkpoint=0.5)
+
+# name: (world size, parallel section, model overrides, optimizer overrides)
+LAYOUTS = {
+    "dp2": (2, dict(zero1=1), {}, {}),
+    "dp2-zero1-overlap": (2, dict(zero1=-1), {}, dict(overlap_sync_grad=True, overlap_sync_param=True,
+                                                       reduce_bucket_size=20000)),
+    "tp2": (2, dict(tensor=2), {}, {}),
+    "tp2-vocab-gathered": (2, dict(tensor=2), dict(embed_split_hidden=False, parallel_output=False), {}),
+    "tp2-msp": (2, dict(tensor=dict(size=2, mode="msp")), dict(checkpoint=True), {}),
+    "pp2": (2, dict(pipeline=2), {}, {}),
+    "pp2-interleaved": (2, dict(pipeline=dict(size=2, interleaved_overlap=True)), dict(num_chunks=2), {}),
+    "pp2-tied": (2, dict(pipeline=2), dict(tie_word_embeddings=True), {}),
+    "tp2-pp2": (4, dict(tensor=2, pipeline=2), {}, {}),
+    "dp2-tp2-zero1": (4, dict(tensor=2, zero1=-1), {}, dict(overlap_sync_grad=True)),
+    "tp2-pp2-interleaved-msp-tied": (4, dict(tensor=dict(size=2, mode="msp"), pipeline=2),
+                                     dict(num_chunks=2, tie_word_embeddings=True, embed_split_hidden=False), {}),
+}
+
+
+def config(parallel: dict, model: dict, optimizer: dict, world: int | None, run_folder,
+           dtype="torch.float32") -> Config:
+    """The test's run config; MICRO_NUM micro-batches per step shared by the data-parallel ranks of `world`."""
+    cfg = Config.from_dict(dict(
+        model=dict(MODEL, **model, dtype=dtype), parallel=parallel,
+        data=dict(seq_len=SEQ_LEN, micro_bsz=MICRO_BSZ, micro_num=MICRO_NUM, total_steps=STEPS),
+        adam=dict(lr=1e-3, weight_decay=0.01, adam_eps=1e-6), lr_scheduler=dict(warmup_ratio=0.0),
+        hybrid_zero_optimizer=dict(dict(overlap_sync_grad=False, clip_grad_norm=1.0), **optimizer),
+        grad_scaler=dict(fp16=dict(initial_scale=2**14, growth_interval=2), hysteresis=1),
+        monitor=dict(run_folder=str(run_folder), tensorboard=dict(enable=False))))
+    if world is not None:
+        cfg.data.micro_num = MICRO_NUM // check_world_size(cfg, world)
+    return cfg
+
+
+def batches(data_parallel_rank: int, data_parallel: int):
+    """The same global batches for every layout; this data-parallel rank's micro-batches of each."""
+    generator = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, VOCAB, (STEPS, MICRO_NUM, MICRO_BSZ, SEQ_LEN + 1), generator=generator)
+    per_rank = MICRO_NUM // data_parallel
+    mine = tokens[:, data_parallel_rank * per_rank:(data_parallel_rank + 1) * per_rank]
+    return [{"input_ids": step[..., :-1], "labels": step[..., 1:]} for step in mine]
+
+
+def stages(model):
+    return list(model) if isinstance(model, torch.nn.ModuleList) else [model]
+
+
+def train(cfg: Config, rank: int, world: int, inject_nan_at=None):
+    """Runs STEPS steps; returns per-step (loss, grad norm, success, loss scale), the parameters as
+    {full name: this rank's shard}, the optimizer's state bytes and the model."""
+    from pytrain.initialize import initialize_trainer
+    from pytrain.train import initialize_model, initialize_optimizer
+
+    launch(cfg, rank=rank, world_size=world, local_rank=0, host=None, port=None, backend="gloo", seed=11)
+    model = initialize_model()
+    optimizer, beta2_scheduler, lr_scheduler = initialize_optimizer(model)
+    trainer, *_ = initialize_trainer(model, optimizer, lr_scheduler=lr_scheduler, beta2_scheduler=beta2_scheduler)
+    history = []
+    for step, batch in enumerate(batches(gpc.data_parallel_rank, gpc.data_parallel_size), start=1):
+        trainer.zero_grad()
+        _, loss = trainer.execute_schedule(batch)
+        if step == inject_nan_at and gpc.is_last_stage:  # one rank's gradient: every rank must skip
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+        success, norm = trainer.step()
+        dist.all_reduce(loss, group=gpc.data_parallel_group)
+        history.append((loss.item() / gpc.data_parallel_size, norm, success, optimizer.loss_scale))
+    optimizer.sync_params()  # overlap_sync_param: the last step's broadcasts are still in flight
+    params = {stage.global_name(name): p.detach().clone() for stage in stages(model)
+              for name, p in stage.named_parameters()}
+    return history, params, optimizer.optimizer_state_bytes(), model
+
+
+def reference(model: dict, run_folder):
+    """The single-process run of a model variant: its history and full parameters."""
+    try:
+        history, params, state_bytes, _ = train(config({}, model, {}, 1, run_folder), 0, 1)
+    finally:
+        dist.destroy_process_group()
+    return history, params
+
+
+def worker(rank, world, store, names, references, run_folder, results):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        for name in names:
+            _, parallel, model_overrides, optimizer = LAYOUTS[name]
+            history, _, state_bytes, model = train(config(parallel, model_overrides, optimizer, world, run_folder),
+                                                   rank, world)
+            full = references[name][1]
+            shards = []  # (full name, this rank's parameter, the same shard of the reference's)
+            for stage in stages(model):
+                sharded = {id(m.weight): m for m in stage.modules() if hasattr(m, "shard")}
+                for local_name, param in stage.named_parameters():
+                    want = full[stage.global_name(local_name)]
+                    module = sharded.get(id(param))
+                    shards.append((stage.global_name(local_name), param.detach().clone(),
+                                   module.shard(want) if module is not None else want))
+            results[(name, rank)] = (history, shards, state_bytes)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_layouts(world, names, references, tmp_path):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(world, tmp_path / f"store{world}", names, references, tmp_path, results),
+                 nprocs=world, join=True)
+        return dict(results)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reference")
+    by_variant = {}
+    out = {}
+    for name, (_, _, model, _) in LAYOUTS.items():
+        key = tuple(sorted((k, v) for k, v in model.items() if k not in ("checkpoint", "num_chunks",
+                                                                        "embed_split_hidden", "parallel_output")))
+        if key not in by_variant:
+            by_variant[key] = reference(dict(key), folder)
+        out[name] = by_variant[key]
+    return out
+
+
+# fp32: the layouts differ from one process only in the order of floating-point sums (matmuls split over
+# tensor ranks, gradients summed over data ranks), which Adam amplifies where a gradient is near zero
+# (its update is about lr whatever the gradient's size); adam_eps=1e-6 above damps that.
+TOLERANCE = dict(rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_layout_matches_one_process(world, references, tmp_path, fresh_context):
+    names = [name for name, (size, *_) in LAYOUTS.items() if size == world]
+    results = run_layouts(world, names, references, tmp_path)
+    for name in names:
+        want_history, _ = references[name]
+        for rank in range(world):
+            history, shards, _ = results[(name, rank)]
+            assert all(success for _, _, success, _ in history), (name, rank, history)
+            torch.testing.assert_close([h[0] for h in history], [h[0] for h in want_history], **TOLERANCE,
+                                       msg=lambda m: f"{name} rank {rank} losses: {m}")
+            torch.testing.assert_close([h[1] for h in history], [h[1] for h in want_history], **TOLERANCE,
+                                       msg=lambda m: f"{name} rank {rank} grad norms: {m}")
+            for full_name, got, want in shards:
+                torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m: f"{name} rank {rank} {full_name}: {m}")
+    if world == 2:  # ZeRO-1 over both ranks holds about half the optimizer state of plain data parallel
+        replicated, sharded = results[("dp2", 0)][2], results[("dp2-zero1-overlap", 0)][2]
+        assert sharded < 0.7 * replicated, (sharded, replicated)
+
+
+def nan_worker(rank, store, run_folder, results):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        cfg = config(dict(pipeline=2), {}, {}, 2, run_folder, dtype="torch.float16")
+        results[rank] = train(cfg, rank, 2, inject_nan_at=3)[0]
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nan_gradient_on_one_stage_skips_the_step_everywhere_and_fp16_scale_backs_off(tmp_path, fresh_context):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(nan_worker, args=(tmp_path / "store", tmp_path, results), nprocs=2, join=True)
+        results = dict(results)
+    first, last = results[0], results[1]
+    assert [h[2] for h in first] == [h[2] for h in last] == [True, True, False, True, True]
+    # growth_interval=2: x2 after steps 1-2 clean; the overflow at 3 halves it; steps 4-5 clean: x2 again
+    scales = [h[3] for h in first]
+    assert scales == [h[3] for h in last] == [2**14, 2**15, 2**14, 2**14, 2**15], scales
+    assert all(h[0] == h[0] for h in first)  # the losses are finite and the run went on
+
+
+@pytest.mark.parametrize("world, parallel, model, message", [
+    (6, dict(pipeline=4), {}, r"tensor.size=1 x pipeline.size=4 does not divide the world size 6"),
+    (8, dict(pipeline=2, zero1=3), {}, r"zero1.size=3 does not divide the data-parallel size 4"),
+])
+def test_bad_layouts_fail_before_any_process_group(world, parallel, model, message, tmp_path):
+    cfg = config(parallel, model, {}, None, tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        check_world_size(cfg, world)
+    with pytest.raises(ConfigError, match=message):  # launch checks before joining the process group
+        launch(cfg, rank=0, world_size=world, local_rank=0, host="127.0.0.1", port=1, backend="gloo", seed=0)
+    assert not dist.is_initialized()
+
+
+def test_layout_groups_follow_megatron_order():
+    layout = Layout(world_size=8, tensor=2, pipeline=2)
+    assert layout.data == 2
+    assert layout.tensor_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert layout.data_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert layout.pipeline_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert layout.model_groups() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert layout.coordinates(6) == (1, 1, 0)
+    assert Layout(8, 1, 1).zero1_groups(2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
