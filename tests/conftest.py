@@ -34,6 +34,12 @@ def fresh_context(monkeypatch):
         dist.destroy_process_group()
 
 
+@pytest.fixture
+def init_method(tmp_path) -> str:
+    """A file:// rendezvous for one test's gloo processes: no TCP port to race other tests for."""
+    return f"file://{tmp_path / 'rendezvous'}"
+
+
 def python() -> str:
     return sys.executable
 

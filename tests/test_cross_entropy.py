@@ -5,8 +5,6 @@ on the very logits the kernel sees; gradients come from autograd of that referen
 dtype, below. CUDA tests are the same comparisons on "cuda", skipped on machines without a GPU.
 The vocab-parallel loss runs in 2 gloo processes and must equal the unsharded loss and gradient.
 """
-import os
-import socket
 import warnings
 
 import pytest
@@ -418,12 +416,6 @@ def test_shard_kernels_match_their_references(dtype, vocab_start, monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # Vocab-parallel cross-entropy in 2 gloo processes.
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 VOCAB_PARALLEL_CASES = [  # (dtype, vocab split over the 2 ranks, options, use the reference fallback)
     (torch.float32, (500, 501), dict(), False),
     (torch.float32, (64, 64), dict(label_smoothing=0.1, z_loss=1e-3, reduction="sum"), False),
@@ -432,9 +424,8 @@ VOCAB_PARALLEL_CASES = [  # (dtype, vocab split over the 2 ranks, options, use t
 ]
 
 
-def _vocab_parallel_worker(rank, world, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _vocab_parallel_worker(rank, world, init_method, results):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         for case, (dtype, split, options, fallback) in enumerate(VOCAB_PARALLEL_CASES):
             if fallback:
@@ -452,11 +443,10 @@ def _vocab_parallel_worker(rank, world, port, results):
         dist.destroy_process_group()
 
 
-def test_vocab_parallel_two_gloo_processes_equal_unsharded():
-    port = _free_port()
+def test_vocab_parallel_two_gloo_processes_equal_unsharded(init_method):
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_vocab_parallel_worker, args=(2, port, results), nprocs=2, join=True)
+        mp.spawn(_vocab_parallel_worker, args=(2, init_method, results), nprocs=2, join=True)
         results = dict(results)
     for case, (dtype, split, options, _) in enumerate(VOCAB_PARALLEL_CASES):
         logits, labels = make_inputs(23, sum(split), dtype, "cpu", seed=case)

@@ -100,8 +100,8 @@ def reference(model: dict, run_folder):
     return history, params
 
 
-def worker(rank, world, store, names, references, run_folder, results):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+def worker(rank, world, init_method, names, references, run_folder, results):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         for name in names:
@@ -123,10 +123,10 @@ def worker(rank, world, store, names, references, run_folder, results):
         dist.destroy_process_group()
 
 
-def run_layouts(world, names, references, tmp_path):
+def run_layouts(world, names, references, tmp_path, init_method):
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(worker, args=(world, tmp_path / f"store{world}", names, references, tmp_path, results),
+        mp.spawn(worker, args=(world, init_method, names, references, tmp_path, results),
                  nprocs=world, join=True)
         return dict(results)
 
@@ -152,9 +152,9 @@ TOLERANCE = dict(rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_layout_matches_one_process(world, references, tmp_path, fresh_context):
+def test_layout_matches_one_process(world, references, tmp_path, init_method, fresh_context):
     names = [name for name, (size, *_) in LAYOUTS.items() if size == world]
-    results = run_layouts(world, names, references, tmp_path)
+    results = run_layouts(world, names, references, tmp_path, init_method)
     for name in names:
         want_history, _ = references[name]
         for rank in range(world):
@@ -171,8 +171,8 @@ def test_layout_matches_one_process(world, references, tmp_path, fresh_context):
         assert sharded < 0.7 * replicated, (sharded, replicated)
 
 
-def nan_worker(rank, store, run_folder, results):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+def nan_worker(rank, init_method, run_folder, results):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
         cfg = config(dict(pipeline=2), {}, {}, 2, run_folder, dtype="torch.float16")
@@ -182,10 +182,11 @@ def nan_worker(rank, store, run_folder, results):
         dist.destroy_process_group()
 
 
-def test_nan_gradient_on_one_stage_skips_the_step_everywhere_and_fp16_scale_backs_off(tmp_path, fresh_context):
+def test_nan_gradient_on_one_stage_skips_the_step_everywhere_and_fp16_scale_backs_off(tmp_path, init_method,
+                                                                                      fresh_context):
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(nan_worker, args=(tmp_path / "store", tmp_path, results), nprocs=2, join=True)
+        mp.spawn(nan_worker, args=(init_method, tmp_path, results), nprocs=2, join=True)
         results = dict(results)
     first, last = results[0], results[1]
     assert [h[2] for h in first] == [h[2] for h in last] == [True, True, False, True, True]

@@ -6,7 +6,6 @@ reference. Tolerances are per dtype, below, and scale with the size of the expec
 CUDA tests are the same comparisons on "cuda" and are skipped on machines without a GPU.
 """
 import math
-import warnings
 
 import pytest
 import torch

@@ -45,25 +45,31 @@ def test_config_error_exits_cleanly(fresh_context, capsys):
     assert "did you mean 'num_layers'" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("zero1", [-1, 1], ids=["zero1-sharded", "zero1-off"])
-def test_two_gloo_processes_equal_one_process(tmp_path, zero1):
-    """dp=2 with micro_num=2 and dp=1 with micro_num=4: the same global batch, so the same losses, with the
-    optimizer state sharded over both ranks (zero1 -1) or replicated (1)."""
+@pytest.mark.parametrize("layout, micro_num", [
+    (["parallel.zero1.size=-1"], 2), (["parallel.zero1.size=1"], 2),
+    (["parallel.pipeline.size=2", "model.num_chunks=2"], 4),
+    (["parallel.tensor.size=2", "parallel.tensor.mode='msp'"], 4),
+], ids=["dp2-zero1-sharded", "dp2-zero1-off", "pp2-interleaved", "tp2-msp"])
+def test_two_gloo_processes_equal_one_process(tmp_path, layout, micro_num):
+    """`python -m pytrain.train` under torchrun with 2 gloo processes against 1 process with the same global
+    batch (4 micro-batches): the same logged losses and gradient norms, logged by rank 0 also when the
+    loss is computed on the last pipeline stage."""
     common = ["--config", str(CONFIGS / "tiny.py"), "--backend", "gloo", "--set", *SMALL, "data.total_steps=6",
-              "adam.lr=3e-3", f"parallel.zero1.size={zero1}"]
+              "adam.lr=3e-3", "model.num_layers=4"]
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it: same matmul blocking
     one = subprocess.run([python(), "-m", "pytrain.train", *common, "data.micro_num=4",
                           f"monitor.run_folder={tmp_path / 'one'}"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300, env=one_thread)
     assert one.returncode == 0, one.stdout + one.stderr
     two = subprocess.run([python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "pytrain.train", *common, "data.micro_num=2", f"monitor.run_folder={tmp_path / 'two'}"],
+                          "-m", "pytrain.train", *common, *layout, f"data.micro_num={micro_num}",
+                          f"monitor.run_folder={tmp_path / 'two'}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stdout + two.stderr
     assert "2 rank(s)" in two.stdout
     a, b = metrics(only_run(tmp_path / "one")), metrics(only_run(tmp_path / "two"))
     assert len(a) == len(b) == 6
-    # fp32: the only difference is the order of the gradient sums (all-reduce, thread count)
+    # fp32: the only difference is the order of floating-point sums (all-reduce, split matmuls, threads)
     torch.testing.assert_close([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close([r["grad_norm"] for r in b], [r["grad_norm"] for r in a], rtol=1e-4, atol=1e-6)
 

@@ -1,7 +1,5 @@
 """ZeRO-1 (HybridZeroOptimizer), with and without the overlapped gradient reduce, in 4 gloo processes against
 the same model trained in one process."""
-import os
-import socket
 
 import pytest
 import torch
@@ -53,8 +51,8 @@ def optimizer_for(model, zero_group=None, overlap=False):
                                reduce_bucket_size=700, overlap_sync_grad=overlap)
 
 
-def worker(rank, port, dtype, results):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def worker(rank, init_method, dtype, results):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
         for zero_size, overlap in ((1, False), (2, True), (4, False), (4, True)):
@@ -71,14 +69,8 @@ def worker(rank, port, dtype, results):
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_zero1_matches_one_process_and_shards_the_state(dtype):
+def test_zero1_matches_one_process_and_shards_the_state(dtype, init_method):
     model = make_model(dtype)
     optimizer = optimizer_for(model)
     reference_norms = train(model, optimizer)
@@ -87,7 +79,7 @@ def test_zero1_matches_one_process_and_shards_the_state(dtype):
 
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(worker, args=(free_port(), dtype, results), nprocs=WORLD, join=True)
+        mp.spawn(worker, args=(init_method, dtype, results), nprocs=WORLD, join=True)
         results = dict(results)
 
     tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
@@ -115,8 +107,8 @@ def test_assign_owners_balances_largest_first():
     assert assign_owners([5, 5], 4) == [0, 1]
 
 
-def nan_worker(rank, port, results):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def nan_worker(rank, init_method, results):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         model = make_model(torch.float32)
         optimizer = optimizer_for(model, zero_group=dist.group.WORLD)
@@ -136,10 +128,10 @@ def nan_worker(rank, port, results):
         dist.destroy_process_group()
 
 
-def test_nan_on_one_rank_skips_the_step_on_every_rank():
+def test_nan_on_one_rank_skips_the_step_on_every_rank(init_method):
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(nan_worker, args=(free_port(), results), nprocs=2, join=True)
+        mp.spawn(nan_worker, args=(init_method, results), nprocs=2, join=True)
         results = dict(results)
     for rank in (0, 1):
         assert [success for success, _ in results[rank]] == [True, False, True, True]
