@@ -179,7 +179,28 @@ def _compute_summary(tr) -> None:
                           f"{r['tflops'] / r['peak']:>7.2f} of peak  {ratio}")
 
 
+_THROUGHPUT_RESULTS: list[dict] = []
+
+
+@pytest.fixture
+def record_throughput():
+    """Records one training run's row {config, layout, processes, step_time, tokens_per_s, mfu}."""
+    return _THROUGHPUT_RESULTS.append
+
+
+def _throughput_summary(tr) -> None:
+    for config, rows in _by_group([dict(r, group=r["config"]) for r in _THROUGHPUT_RESULTS]).items():
+        one = next((r for r in rows if r["processes"] == 1), None)
+        tr.section(f"training throughput, {config}: tokens/s over all ranks (median step) vs one process")
+        for r in rows:
+            ratio = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one else "-"
+            tr.write_line(f"  {r['layout']:<18}{r['processes']:>3} proc{r['step_time'] * 1e3:>10.0f} ms/step"
+                          f"{r['tokens_per_s']:>10.0f} tok/s{ratio:>8}   mfu/rank {r['mfu']:.0%}")
+
+
 def pytest_terminal_summary(terminalreporter):
+    if _THROUGHPUT_RESULTS:
+        _throughput_summary(terminalreporter)
     if _COMPUTE_RESULTS:
         _compute_summary(terminalreporter)
     if not _RESULTS:

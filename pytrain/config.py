@@ -349,7 +349,7 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
         fail("parallel.weight.size", "weight parallelism (isp) is not available; use 1")
     if parallel["tensor"]["mode"] not in ("mtp", "msp"):
         fail("parallel.tensor.mode", f"{parallel['tensor']['mode']!r} is not available; use 'mtp' or 'msp'")
-    _check_model_split(model, data, parallel["tensor"]["size"], parallel["pipeline"]["size"], fail)
+    _check_model_split(model, data, parallel, fail)
     folder = data["train_folder"]
     if folder is not None and folder != BUILTIN_CORPUS:
         fail("data.train_folder", f"{folder!r}: reading tokenized folders is not available yet; use None "
@@ -370,8 +370,9 @@ def mlp_width(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int
     return multiple_of * ((width + multiple_of - 1) // multiple_of)
 
 
-def _check_model_split(model: dict, data: dict, tensor: int, pipeline: int, fail) -> None:
-    """Can the model be cut into `tensor` shards and `pipeline` x num_chunks stages?"""
+def _check_model_split(model: dict, data: dict, parallel: dict, fail) -> None:
+    """Can the model be cut into tensor shards and pipeline x num_chunks stages?"""
+    tensor, pipeline = parallel["tensor"]["size"], parallel["pipeline"]["size"]
     heads, kv_heads = model["num_attention_heads"], model["num_kv_attention_heads"] or model["num_attention_heads"]
     width = mlp_width(model["hidden_size"], model["mlp_ratio"], model["multiple_of"])
     shard = "split over parallel.tensor.size"
@@ -382,6 +383,8 @@ def _check_model_split(model: dict, data: dict, tensor: int, pipeline: int, fail
     if width % tensor:
         fail("model.multiple_of", f"the MLP width {width} cannot be {shard}={tensor}: use a multiple_of divisible "
                                   f"by {tensor}")
+    if parallel["tensor"]["mode"] == "msp" and data["seq_len"] % tensor:
+        fail("data.seq_len", f"{data['seq_len']} cannot be {shard}={tensor} (sequence parallelism, mode 'msp')")
     if model["tie_word_embeddings"] and tensor > 1 and model["embed_split_hidden"]:
         fail("model.tie_word_embeddings", "a tied head is split over the vocabulary, so the embedding must be too: "
                                           "set embed_split_hidden=False")

@@ -126,6 +126,8 @@ def test_bool_checkpoint_and_fraction(tmp_path):
     ("parallel = dict(pipeline=4)\nmodel = dict(num_chunks=2)\ndata = dict(micro_num=6)\n",
      r"data.micro_num: the interleaved schedule needs micro_num \(6\) to be a multiple of parallel.pipeline.size=4"),
     ("parallel = dict(tensor=dict(mode='isp'))\n", r"parallel.tensor.mode: 'isp' is not available; use 'mtp' or 'msp'"),
+    ("parallel = dict(tensor=dict(size=2, mode='msp'))\nmodel = dict(num_attention_heads=32)\ndata = dict(seq_len=2047)\n",
+     r"data.seq_len: 2047 cannot be split over parallel.tensor.size=2 \(sequence parallelism"),
     ("parallel = dict(weight=2)\n", r"parallel.weight.size: weight parallelism \(isp\) is not available"),
     ("parallel = dict(pipeline=dict(size=0))\n", r"parallel.pipeline.size = 0: must be > 0"),
     ("parallel = dict(tensor=dict(mode='xyz'))\n", r"parallel.tensor.mode = 'xyz': must be one of"),

@@ -42,25 +42,25 @@ class P2P:
 
     def exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
         """Sends activations forward / gradients backward and receives them; returns (from prev, from next)."""
-        ops, received = [], [None, None]
+        ops, received = [], []
         # forward direction first, then backward: with two stages prev == next, and pairs match in order
-        if send_next is not None:
-            send_next = self._check(send_next, "activation sent forward")
-            ops.append(dist.P2POp(dist.isend, send_next, self.next_rank, tag=FORWARD_TAG))
-        if recv_prev:
-            received[0] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, received[0], self.prev_rank, tag=FORWARD_TAG))
-        if send_prev is not None:
-            send_prev = self._check(send_prev, "gradient sent backward")
-            ops.append(dist.P2POp(dist.isend, send_prev, self.prev_rank, tag=BACKWARD_TAG))
-        if recv_next:
-            received[1] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, received[1], self.next_rank, tag=BACKWARD_TAG))
+        for send, send_to, receive, receive_from, tag, what in (
+                (send_next, self.next_rank, recv_prev, self.prev_rank, FORWARD_TAG, "activation sent forward"),
+                (send_prev, self.prev_rank, recv_next, self.next_rank, BACKWARD_TAG, "gradient sent backward")):
+            if send is not None:
+                ops.append(dist.P2POp(dist.isend, self._check(send, what), send_to, tag=tag))
+            received.append(torch.empty(self.shape, dtype=self.dtype, device=self.device) if receive else None)
+            if receive:
+                ops.append(dist.P2POp(dist.irecv, received[-1], receive_from, tag=tag))
         if ops:
             works = dist.batch_isend_irecv(ops)
-            for op, work in zip(ops, works):
-                if op.op is dist.isend and self.defer_sends:
-                    self.pending.append((work, op.tensor))
+            if len(works) == len(ops):  # one work per op (gloo)
+                entries = [(work, op.op is dist.isend) for op, work in zip(ops, works)]
+            else:  # coalesced (NCCL): one work that completes with the receives as well
+                entries = [(work, all(op.op is dist.isend for op in ops)) for work in works]
+            for work, sends_only in entries:
+                if sends_only and self.defer_sends:
+                    self.pending.append((work, ops))  # keeps the sent tensors alive until it completes
                 else:
                     work.wait()
         if received[0] is not None:
