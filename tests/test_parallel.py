@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from pytrain.config import Config, ConfigError, check_world_size
 from pytrain.initialize.launch import launch
+from pytrain.model import partition_layers
 from pytrain.parallel import Layout, gpc
 
 STEPS = 5
@@ -31,6 +32,8 @@ LAYOUTS = {
     "pp2": (2, dict(pipeline=2), {}, {}),
     "pp2-interleaved": (2, dict(pipeline=dict(size=2, interleaved_overlap=True)), dict(num_chunks=2), {}),
     "pp2-tied": (2, dict(pipeline=2), dict(tie_word_embeddings=True), {}),
+    "pp4": (4, dict(pipeline=4), {}, {}),
+    "pp4-interleaved": (4, dict(pipeline=4), dict(num_layers=8, num_chunks=2), {}),
     "tp2-pp2": (4, dict(tensor=2, pipeline=2), {}, {}),
     "dp2-tp2-zero1": (4, dict(tensor=2, zero1=-1), {}, dict(overlap_sync_grad=True)),
     "tp2-pp2-interleaved-msp-tied": (4, dict(tensor=dict(size=2, mode="msp"), pipeline=2),
@@ -67,8 +70,9 @@ def stages(model):
 
 
 def train(cfg: Config, rank: int, world: int, inject_nan_at=None):
-    """Runs STEPS steps; returns per-step (loss, grad norm, success, loss scale), the parameters as
-    {full name: this rank's shard}, the optimizer's state bytes and the model."""
+    """Runs STEPS steps, then a forward-only pass over the first batch; returns per-step (loss, grad norm,
+    success, loss scale) with the forward-only loss last, the parameters as {full name: this rank's
+    shard}, the optimizer's state bytes and the model."""
     from pytrain.initialize import initialize_trainer
     from pytrain.train import initialize_model, initialize_optimizer
 
@@ -86,6 +90,9 @@ def train(cfg: Config, rank: int, world: int, inject_nan_at=None):
         dist.all_reduce(loss, group=gpc.data_parallel_group)
         history.append((loss.item() / gpc.data_parallel_size, norm, success, optimizer.loss_scale))
     optimizer.sync_params()  # overlap_sync_param: the last step's broadcasts are still in flight
+    _, loss = trainer.execute_schedule(batches(gpc.data_parallel_rank, gpc.data_parallel_size)[0], forward_only=True)
+    dist.all_reduce(loss, group=gpc.data_parallel_group)
+    history.append((loss.item() / gpc.data_parallel_size, 0.0, True, optimizer.loss_scale))
     params = {stage.global_name(name): p.detach().clone() for stage in stages(model)
               for name, p in stage.named_parameters()}
     return history, params, optimizer.optimizer_state_bytes(), model
@@ -188,7 +195,7 @@ def test_nan_gradient_on_one_stage_skips_the_step_everywhere_and_fp16_scale_back
         results = manager.dict()
         mp.spawn(nan_worker, args=(init_method, tmp_path, results), nprocs=2, join=True)
         results = dict(results)
-    first, last = results[0], results[1]
+    first, last = results[0][:-1], results[1][:-1]  # the steps, without the forward-only pass
     assert [h[2] for h in first] == [h[2] for h in last] == [True, True, False, True, True]
     # growth_interval=2: x2 after steps 1-2 clean; the overflow at 3 halves it; steps 4-5 clean: x2 again
     scales = [h[3] for h in first]
@@ -207,6 +214,12 @@ def test_bad_layouts_fail_before_any_process_group(world, parallel, model, messa
     with pytest.raises(ConfigError, match=message):  # launch checks before joining the process group
         launch(cfg, rank=0, world_size=world, local_rank=0, host="127.0.0.1", port=1, backend="gloo", seed=0)
     assert not dist.is_initialized()
+
+
+def test_layers_are_partitioned_in_balanced_consecutive_ranges():
+    assert partition_layers(10, 4) == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
+    assert partition_layers(4, 4) == [range(i, i + 1) for i in range(4)]
+    assert [len(r) for r in partition_layers(32, 6)] == [6, 6, 5, 5, 5, 5]
 
 
 def test_layout_groups_follow_megatron_order():

@@ -57,15 +57,17 @@ def train(args) -> list[dict]:
                                                                     float(cfg.model.checkpoint)),
         peak_tflops=peak, device=gpc.device, log_every=cfg.monitor.log_every,
         tensorboard=cfg.monitor.tensorboard.enable, is_main_rank=gpc.is_main_rank, group=gpc.data_parallel_group)
+    # Optimizer state (fp32 masters when separate, Adam moments) per parameter this rank holds, every rank.
+    state_bytes = [None] * gpc.world_size
+    dist.all_gather_object(state_bytes, optimizer.optimizer_state_bytes() / sum(p.numel() for p in model.parameters()))
     if gpc.is_main_rank:
-        state_bytes = optimizer.optimizer_state_bytes() / sum(p.numel() for p in model.parameters())
         layout = (f"data {gpc.data_parallel_size} x tensor {gpc.tensor_parallel_size} ({cfg.parallel.tensor.mode}) x "
                   f"pipeline {gpc.pipeline_parallel_size}" + (f" ({cfg.model.num_chunks} chunks per rank)"
                                                               if cfg.model.num_chunks > 1 else ""))
         print(f"pytrain: {cfg.model_type} with {params / 1e6:.2f}M parameters, {gpc.world_size} rank(s) on "
               f"{gpc.device.type} as {layout}, {data.total_steps} steps of {data.micro_num} x {data.micro_bsz} x "
-              f"{data.seq_len} tokens per data-parallel rank; optimizer state {state_bytes:.1f} bytes per parameter "
-              f"on rank 0; peak {peak:.2f} "
+              f"{data.seq_len} tokens per data-parallel rank; optimizer state {min(state_bytes):.1f}-{max(state_bytes):.1f} "
+              f"bytes per parameter per rank; peak {peak:.2f} "
               f"TFLOPS per rank ({peak_source}); run folder {gpc.run_folder}", flush=True)
 
     history = []
