@@ -231,3 +231,11 @@ def test_layout_groups_follow_megatron_order():
     assert layout.model_groups() == [[0, 1, 4, 5], [2, 3, 6, 7]]
     assert layout.coordinates(6) == (1, 1, 0)
     assert Layout(8, 1, 1).zero1_groups(2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_a_model_not_built_in_stages_is_refused_by_the_pipeline(tmp_path, fresh_context):
+    from pytrain.initialize import initialize_trainer
+
+    cfg = config(dict(pipeline=2), {}, {}, None, tmp_path)
+    with pytest.raises(TypeError, match=r"needs the model builder to return this rank's pipeline stage"):
+        initialize_trainer(torch.nn.Linear(2, 2), optimizer=None, config=cfg)

@@ -1,4 +1,6 @@
 """initialize_trainer: wraps model, optimizer, schedule and schedulers into a Trainer, as InternLM's."""
+from torch import nn
+
 from pytrain.config import Config
 from pytrain.model import DTYPES, LMLoss
 from pytrain.parallel import gpc
@@ -21,9 +23,10 @@ def initialize_trainer(model, optimizer, criterion=None, train_dataloader=None, 
         criterion = LMLoss(label_smoothing=cfg.loss.label_smoothing,
                            vocab_parallel_group=gpc.tensor_parallel_group if sharded_logits else None)
     micro_num = cfg.data.micro_num
-    if gpc.pipeline_parallel_size == 1:
+    if cfg.parallel.pipeline.size == 1:
         schedule = NonPipelineScheduler(micro_num=micro_num)
     else:
+        _check_pipeline_stages(model, cfg.model.num_chunks)
         pipeline = dict(micro_num=micro_num, hidden_size=cfg.model.hidden_size, dtype=DTYPES[cfg.model.dtype],
                         sequence_split=gpc.tensor_parallel_size if cfg.parallel.tensor.mode == "msp" else 1)
         if cfg.model.num_chunks > 1:
@@ -34,3 +37,14 @@ def initialize_trainer(model, optimizer, criterion=None, train_dataloader=None, 
     trainer = Trainer(model, optimizer, schedule, criterion, device=gpc.device, lr_scheduler=lr_scheduler,
                       beta2_scheduler=beta2_scheduler)
     return trainer, train_dataloader, test_dataloader, lr_scheduler
+
+
+def _check_pipeline_stages(model, num_chunks: int) -> None:
+    """A pipelined model is this rank's stage (a ModuleList of num_chunks stages when interleaved), each
+    knowing whether it is the first or last (see pytrain.model.internlm.build_model_with_cfg)."""
+    stages = list(model) if num_chunks > 1 and isinstance(model, nn.ModuleList) else [model]
+    if len(stages) != num_chunks or not all(hasattr(s, "first") and hasattr(s, "last") for s in stages):
+        raise TypeError(f"parallel.pipeline.size > 1 needs the model builder to return this rank's pipeline stage "
+                        f"({'an nn.ModuleList of ' + str(num_chunks) + ' stages' if num_chunks > 1 else 'one stage'}), "
+                        f"each with .first / .last and forward(input_ids=None, hidden_states=None) as "
+                        f"pytrain.model.InternLM; got {type(model).__name__}")
