@@ -35,6 +35,8 @@ LAYOUTS = {
     "pp4": (4, dict(pipeline=4), {}, {}),
     "pp4-interleaved": (4, dict(pipeline=4), dict(num_layers=8, num_chunks=2), {}),
     "tp2-pp2": (4, dict(tensor=2, pipeline=2), {}, {}),
+    "dp2-pp2-interleaved-overlap": (4, dict(pipeline=2, zero1=-1), dict(num_chunks=2),
+                                    dict(overlap_sync_grad=True, overlap_sync_param=True, reduce_bucket_size=20000)),
     "dp2-tp2-zero1": (4, dict(tensor=2, zero1=-1), {}, dict(overlap_sync_grad=True)),
     "tp2-pp2-interleaved-msp-tied": (4, dict(tensor=dict(size=2, mode="msp"), pipeline=2),
                                      dict(num_chunks=2, tie_word_embeddings=True, embed_split_hidden=False), {}),

@@ -76,11 +76,11 @@ class P2P:
 class _PipelineStep:
     """One optimizer step's forward and backward passes of one rank's stage(s), shared by both schedules."""
 
-    def __init__(self, models, batch, criterion, optimizer, forward_only, return_output_label, total_backwards):
+    def __init__(self, models, batch, criterion, optimizer, forward_only, return_output_label):
         self.models, self.batch, self.criterion, self.optimizer = models, batch, criterion, optimizer
         self.forward_only, self.return_output_label = forward_only, return_output_label
         self.micro_num = batch["input_ids"].shape[0]
-        self.total_backwards, self.backwards_done = total_backwards, 0
+        self.backwards_done = [0] * len(models)  # per chunk
         self.loss = torch.zeros((), dtype=torch.float32, device=batch["input_ids"].device)
         self.outputs, self.labels = [], []
 
@@ -102,15 +102,17 @@ class _PipelineStep:
             self.labels.append(label)
         return loss
 
-    def backward(self, hidden_in, output, output_grad):
-        """Backward through one stage from its output's gradient (None: output is the loss); returns the
-        gradient of its input activation (None for the first stage)."""
-        self.backwards_done += 1
-        last = self.backwards_done == self.total_backwards
+    def backward(self, chunk: int, hidden_in, output, output_grad):
+        """Backward through stage `chunk` from its output's gradient (None: output is the loss); returns
+        the gradient of its input activation (None for the first stage). The chunk's last micro-batch
+        lets the optimizer start reducing that chunk's gradients (overlap_sync_grad)."""
+        self.backwards_done[chunk] += 1
+        last = self.backwards_done[chunk] == self.micro_num
+        params = list(self.models[chunk].parameters()) if last else None
         if output_grad is None:
-            self.optimizer.backward(output, last=last)
+            self.optimizer.backward(output, last=last, params=params)
         else:
-            self.optimizer.backward_by_grad(output, output_grad, last=last)
+            self.optimizer.backward_by_grad(output, output_grad, last=last, params=params)
         return None if hidden_in is None else hidden_in.grad
 
 
@@ -148,7 +150,7 @@ class PipelineScheduler(_PipelineScheduler):
         self._check_batch(batch)
         p2p = self._p2p(batch)
         first, last = gpc.is_first_stage, gpc.is_last_stage
-        step = _PipelineStep([model], batch, criterion, optimizer, forward_only, return_output_label, self.micro_num)
+        step = _PipelineStep([model], batch, criterion, optimizer, forward_only, return_output_label)
         micro_num = self.micro_num
         warmup = micro_num if forward_only else min(gpc.pipeline_parallel_size - gpc.pipeline_parallel_rank - 1,
                                                     micro_num)
@@ -168,13 +170,13 @@ class PipelineScheduler(_PipelineScheduler):
         for index in range(steady):
             output = run_forward(warmup + index, hidden)
             _, grad = p2p.exchange(send_next=output, recv_next=not last)
-            grad_in = step.backward(*in_flight.pop(0), grad)
+            grad_in = step.backward(0, *in_flight.pop(0), grad)
             final = index == steady - 1
             hidden, _ = p2p.exchange(send_prev=None if first else grad_in, recv_prev=not first and not final)
         if not forward_only:
             for _ in range(warmup):
                 _, grad = p2p.exchange(recv_next=not last)
-                grad_in = step.backward(*in_flight.pop(0), grad)
+                grad_in = step.backward(0, *in_flight.pop(0), grad)
                 p2p.exchange(send_prev=None if first else grad_in)
         return self._finish(step, p2p, return_loss)
 
@@ -197,7 +199,7 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
                              f"pipeline size {stages}")
         p2p = self._p2p(batch, defer_sends=self.overlap)
         total = micro_num * chunks
-        step = _PipelineStep(list(model), batch, criterion, optimizer, forward_only, return_output_label, total)
+        step = _PipelineStep(list(model), batch, criterion, optimizer, forward_only, return_output_label)
         first_rank, last_rank = gpc.is_first_stage, gpc.is_last_stage
 
         def chunk_of(k: int, forward: bool) -> int:
@@ -223,7 +225,7 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
             hidden = inputs[chunk].pop(0) if inputs[chunk] else None
             output = outputs[chunk].pop(0)
             grad = grads[chunk].pop(0) if grads[chunk] else None
-            grad_in = step.backward(hidden, output, grad)
+            grad_in = step.backward(chunk, hidden, output, grad)
             return None if (first_rank and chunk == 0) else grad_in
 
         if forward_only:

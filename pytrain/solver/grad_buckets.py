@@ -1,7 +1,8 @@
 """Gradient reduction overlapped with the backward (hybrid_zero_optimizer.overlap_sync_grad).
 
 The flat fp32 gradient buffer is cut into buckets of about reduce_bucket_size elements. During the last
-micro-batch's backward, a hook copies each parameter's finished gradient into its slice of the buffer
+micro-batch's backward (per pipeline chunk under the interleaved schedule: arm(that chunk's parameters)),
+a hook copies each parameter's finished gradient into its slice of the buffer
 the moment autograd has accumulated it; when every parameter of a bucket is in, the bucket's all-reduce
 starts asynchronously while the backward goes on with earlier layers. finish() waits for them, and
 fills and reduces (synchronously) any bucket a parameter never reached (unused in the forward).
@@ -24,26 +25,27 @@ class OverlappedGradReducer:
             self.buckets[-1].append(index)
             self.bounds[-1][1] = end + param.numel()
         self.bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket}
-        self.armed = False
+        self.index_of = {id(p): i for i, p in enumerate(params)}
         self._reset()
         for index, param in enumerate(params):
             param.register_post_accumulate_grad_hook(lambda p, i=index: self._grad_ready(i))
 
     def _reset(self) -> None:
+        self.armed: set[int] = set()  # parameters whose next gradient is final for this step
         self.ready = [set() for _ in self.buckets]
         self.handles: dict[int, object] = {}
 
-    def arm(self) -> None:
-        """The next backward is the step's last: reduce its gradients as they become ready."""
-        self._reset()
-        self.armed = True
+    def arm(self, params=None) -> None:
+        """The coming backward is the step's last for `params` (default: all): reduce their gradients as
+        they become ready."""
+        self.armed.update(range(len(self.params)) if params is None else (self.index_of[id(p)] for p in params))
 
     def _bucket(self, bucket: int) -> torch.Tensor:
         start, end = self.bounds[bucket]
         return self.flat[start:end]
 
     def _grad_ready(self, index: int) -> None:
-        if not self.armed:
+        if index not in self.armed:
             return
         self.views[index].copy_(self.params[index].grad)
         bucket = self.bucket_of[index]
@@ -53,7 +55,6 @@ class OverlappedGradReducer:
 
     def finish(self) -> None:
         """Waits for every bucket; fills and reduces the ones that never completed (unused parameters)."""
-        self.armed = False
         for bucket, members in enumerate(self.buckets):
             if bucket in self.handles:
                 self.handles[bucket].wait()

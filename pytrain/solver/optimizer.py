@@ -140,16 +140,17 @@ class HybridZeroOptimizer:
         for param in self.model_params:
             param.grad = None
 
-    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
-        """last: this is the step's final micro-batch (its backward completes the gradients)."""
+    def backward(self, loss: torch.Tensor, last: bool = True, params=None) -> None:
+        """last: this is the step's final micro-batch for `params` (default: the whole model): its backward
+        completes their gradients."""
         if self.overlap is not None and last:
-            self.overlap.arm()
+            self.overlap.arm(params)
         (loss * self.loss_scale).backward()
 
-    def backward_by_grad(self, tensor: torch.Tensor, grad: torch.Tensor, last: bool = True) -> None:
+    def backward_by_grad(self, tensor: torch.Tensor, grad: torch.Tensor, last: bool = True, params=None) -> None:
         """Backward from a pipeline stage's output and the gradient the next stage sent (already scaled)."""
         if self.overlap is not None and last:
-            self.overlap.arm()
+            self.overlap.arm(params)
         torch.autograd.backward(tensor, grad)
 
     @torch.no_grad()
