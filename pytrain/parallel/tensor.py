@@ -40,17 +40,16 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x.chunk(group_size(group), dim=dim)[group_rank(group)].contiguous()
 
 
+# torch >= 2.13 renames reduce_scatter_tensor (NCCL, and gloo since torch 2.2) to reduce_scatter_single.
+_reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """Sum over the group, each rank keeping its slice along `dim`. gloo has no reduce-scatter: all-reduce
-    and slice there (CPU runs are for testing, not speed)."""
-    if dist.get_backend(group) == "nccl":
-        parts = list(x.movedim(dim, 0).contiguous().chunk(group_size(group)))
-        out = torch.empty_like(parts[0])
-        dist.reduce_scatter(out, parts, group=group)
-        return out.movedim(0, dim)
-    x = x.contiguous()
-    dist.all_reduce(x, group=group)
-    return _split(x, dim, group)
+    """Sum over the group, each rank keeping its slice along `dim`."""
+    stacked = x.movedim(dim, 0).contiguous()  # the slices along dim 0, as the collective wants them
+    out = stacked.new_empty((stacked.shape[0] // group_size(group), *stacked.shape[1:]))
+    _reduce_scatter_into(out, stacked, group=group)
+    return out.movedim(0, dim).contiguous()
 
 
 class _CopyToGroup(torch.autograd.Function):
