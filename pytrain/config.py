@@ -99,7 +99,7 @@ SCHEMA: dict[str, Any] = {
         "dtype": _field("torch.bfloat16", str, "parameter/activation dtype: " + ", ".join(DTYPES), one_of(*DTYPES)),
         "norm_type": _field("rmsnorm", str, "rmsnorm or layernorm", one_of("rmsnorm", "layernorm")),
         "layer_norm_epsilon": _field(1e-5, (float, int), "norm epsilon", positive),
-        "use_flash_attn": _field(True, bool, "fused attention kernels (PyTorch SDPA until pytrain's own land)"),
+        "use_flash_attn": _field(True, bool, "fused attention: pytrain's Triton flash-attention on GPUs, PyTorch SDPA on CPU (False: plain reference)"),
         "num_chunks": _field(1, int, "model chunks per pipeline rank (> 1: interleaved schedule)", positive),
         "rope_base": _field(10000.0, (float, int), "rotary embedding base", positive),
         "tie_word_embeddings": _field(False, bool, "the LM head shares the embedding's weight"),
