@@ -53,8 +53,9 @@ def layout_sizes(overrides: list[str]) -> tuple[int, int]:
 def run_layout(config: str, processes: int, overrides: list[str], micro_batches: int, steps: int, folder: Path):
     tensor, pipeline = layout_sizes(overrides)
     data_parallel = processes // (tensor * pipeline)
-    settings = ["data.train_folder=None", f"data.total_steps={steps}", f"data.micro_num={micro_batches // data_parallel}",
-                "monitor.log_every=1", "monitor.tensorboard.enable=False", f"monitor.run_folder={folder}", *overrides]
+    settings = ["data.train_folder=None", f"data.total_steps={steps}",
+                f"data.micro_num={micro_batches // data_parallel}", "monitor.log_every=1",
+                "monitor.tensorboard.enable=False", f"monitor.run_folder={folder}", *overrides]
     launcher = [sys.executable, "-m", "pytrain.train"] if processes == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m",
          "pytrain.train"]

@@ -99,7 +99,8 @@ SCHEMA: dict[str, Any] = {
         "dtype": _field("torch.bfloat16", str, "parameter/activation dtype: " + ", ".join(DTYPES), one_of(*DTYPES)),
         "norm_type": _field("rmsnorm", str, "rmsnorm or layernorm", one_of("rmsnorm", "layernorm")),
         "layer_norm_epsilon": _field(1e-5, (float, int), "norm epsilon", positive),
-        "use_flash_attn": _field(True, bool, "fused attention: pytrain's Triton flash-attention on GPUs, PyTorch SDPA on CPU (False: plain reference)"),
+        "use_flash_attn": _field(True, bool, "fused attention: pytrain's Triton flash-attention on GPUs, PyTorch SDPA "
+                                 "on CPU (False: plain reference)"),
         "num_chunks": _field(1, int, "model chunks per pipeline rank (> 1: interleaved schedule)", positive),
         "rope_base": _field(10000.0, (float, int), "rotary embedding base", positive),
         "tie_word_embeddings": _field(False, bool, "the LM head shares the embedding's weight"),
@@ -379,7 +380,7 @@ def _check_model_split(model: dict, data: dict, parallel: dict, fail) -> None:
     for field, value in (("num_attention_heads", heads), ("num_kv_attention_heads", kv_heads),
                          ("vocab_size", model["vocab_size"]), ("hidden_size", model["hidden_size"])):
         if value % tensor:
-            fail(f"model.{field}", f"{value} cannot be {shard}={tensor}: use a multiple of {tensor}")
+            fail(f"model.{field}", f"{value} cannot be {shard}={tensor}: use a tensor size that divides it")
     if width % tensor:
         fail("model.multiple_of", f"the MLP width {width} cannot be {shard}={tensor}: use a multiple_of divisible "
                                   f"by {tensor}")

@@ -114,7 +114,7 @@ def test_bool_checkpoint_and_fraction(tmp_path):
     ("model = dict(hidden_size=24, num_attention_heads=8)\n", r"model.hidden_size: head dim 3 must be even"),
     ("model = dict(num_chunks=2)\n", r"model.num_chunks: num_chunks > 1 .* needs parallel.pipeline.size > 1"),
     ("parallel = dict(tensor=dict(size=3))\nmodel = dict(num_attention_heads=32)\n",
-     r"model.num_attention_heads: 32 cannot be split over parallel.tensor.size=3: use a multiple of 3"),
+     r"model.num_attention_heads: 32 cannot be split over parallel.tensor.size=3: use a tensor size that divides"),
     ("parallel = dict(tensor=2)\nmodel = dict(vocab_size=103169, num_attention_heads=32)\n",
      r"model.vocab_size: 103169 cannot be split over parallel.tensor.size=2"),
     ("parallel = dict(tensor=4)\nmodel = dict(num_attention_heads=8, num_kv_attention_heads=2)\n",

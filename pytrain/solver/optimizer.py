@@ -96,13 +96,16 @@ class HybridZeroOptimizer:
         self.overlap = OverlappedGradReducer(self.model_params, grad_views, self.flat_grad, reduce_bucket_size, group) \
             if overlap_sync_grad and _world(group) > 1 else None
         first_tensor_rank = tensor_group is None or dist.get_rank(tensor_group) == 0
-        self.norm_views = [view for p, view in zip(self.model_params, grad_views) if not getattr(p, "shared_copy", False)
+        pairs = list(zip(self.model_params, grad_views))
+        # The gradient norm counts each weight once: tensor-replicated ones on the first tensor rank only,
+        # the second copy of a tied embedding nowhere.
+        self.norm_views = [v for p, v in pairs if not getattr(p, "shared_copy", False)
                            and (first_tensor_rank or getattr(p, "is_tensor_parallel", False))]
         # Gradients this rank holds part of, summed over the ranks holding the rest: (group, views)
-        self.partial_sums = [(g, views) for g, views in (
-            (embedding_group, [v for p, v in zip(self.model_params, grad_views) if getattr(p, "tied_across_stages", False)]),
-            (tensor_group, [v for p, v in zip(self.model_params, grad_views) if getattr(p, "sequence_parallel", False)]))
-            if views and g is not None and _world(g) > 1]
+        tied = [v for p, v in pairs if getattr(p, "tied_across_stages", False)]
+        sequence_parallel = [v for p, v in pairs if getattr(p, "sequence_parallel", False)]
+        self.partial_sums = [(g, views) for g, views in ((embedding_group, tied), (tensor_group, sequence_parallel))
+                             if views and g is not None and _world(g) > 1]
 
         # (model parameter, its fp32 master, the reduced gradient view) for the parameters this rank updates
         self.needs_master = any(p.dtype != torch.float32 for p in self.model_params)

@@ -103,7 +103,8 @@ def dry_run(args) -> None:
     per_token = flops_per_token(*matmul_params(model), cfg.model.num_layers, cfg.model.hidden_size, cfg.data.seq_len,
                                 float(cfg.model.checkpoint))
     tokens = data_parallel * cfg.data.micro_num * cfg.data.micro_bsz * cfg.data.seq_len
-    print(f"{args.config}: valid for {world_size} process(es); {cfg.model_type} with {params:,} parameters "
+    layout = f"data {data_parallel} x tensor {cfg.parallel.tensor.size} x pipeline {cfg.parallel.pipeline.size}"
+    print(f"{args.config}: valid for {world_size} process(es) as {layout}; {cfg.model_type} with {params:,} parameters "
           f"({params / 1e9:.2f}B); {per_token / 1e9:.2f} GFLOPs per token; {tokens:,} tokens per step")
 
 
