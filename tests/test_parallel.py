@@ -117,15 +117,10 @@ def worker(rank, world, init_method, names, references, run_folder, results):
             _, parallel, model_overrides, optimizer = LAYOUTS[name]
             history, _, state_bytes, model = train(config(parallel, model_overrides, optimizer, world, run_folder),
                                                    rank, world)
-            full = references[name][1]
             shards = []  # (full name, this rank's parameter, the same shard of the reference's)
             for stage in stages(model):
-                sharded = {id(m.weight): m for m in stage.modules() if hasattr(m, "shard")}
-                for local_name, param in stage.named_parameters():
-                    want = full[stage.global_name(local_name)]
-                    module = sharded.get(id(param))
-                    shards.append((stage.global_name(local_name), param.detach().clone(),
-                                   module.shard(want) if module is not None else want))
+                want = stage.local_state(references[name][1])
+                shards += [(stage.global_name(n), p.detach().clone(), want[n]) for n, p in stage.named_parameters()]
             results[(name, rank)] = (history, shards, state_bytes)
         dist.barrier()
     finally:

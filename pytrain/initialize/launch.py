@@ -84,8 +84,9 @@ def launch(config, rank: int, world_size: int, local_rank: int, host: str | None
             dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size)
 
     gpc.config = cfg
-    gpc.rank, gpc.world_size, gpc.local_rank, gpc.device = rank, world_size, local_rank, device
-    _create_groups(cfg, rank, world_size)
+    gpc.rank, gpc.local_rank, gpc.device = rank, local_rank, device
+    gpc.layout = Layout(world_size, cfg.parallel.tensor.size, cfg.parallel.pipeline.size)
+    _create_groups(cfg, gpc.layout, rank)
     gpc.run_folder = _make_run_folder(cfg)
     gpc.seed = seed
     torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
@@ -94,13 +95,10 @@ def launch(config, rank: int, world_size: int, local_rank: int, host: str | None
     return gpc
 
 
-def _create_groups(cfg: Config, rank: int, world_size: int) -> None:
+def _create_groups(cfg: Config, layout: Layout, rank: int) -> None:
     """The tensor, data, pipeline, model, ZeRO-1 and embedding groups of this layout, into gpc.
     Every rank creates every group, in the same order, as torch.distributed requires; each keeps its own."""
-    layout = Layout(world_size, cfg.parallel.tensor.size, cfg.parallel.pipeline.size)
-    gpc.pipeline_parallel_rank, gpc.data_parallel_rank, gpc.tensor_parallel_rank = layout.coordinates(rank)
-    gpc.tensor_parallel_size, gpc.pipeline_parallel_size = layout.tensor, layout.pipeline
-    gpc.data_parallel_size = layout.data
+    world_size = layout.world_size
     zero1 = layout.data if cfg.parallel.zero1.size <= 0 else cfg.parallel.zero1.size
 
     def mine(groups: list[list[int]]):

@@ -199,7 +199,7 @@ class InternLM(nn.Module):
         rank's shard is kept, so every layout and every pipeline stage start from the same model."""
         if next(self.parameters()).is_meta:  # --dry_run: shapes only
             return
-        shards = {id(m.weight): m for m in self.modules() if isinstance(m, ShardedWeight)}
+        shards = self._sharded_weights()
         for name, param in self.named_parameters():
             if param.dim() < 2:
                 continue
@@ -211,6 +211,21 @@ class InternLM(nn.Module):
             full = torch.empty(shape, dtype=torch.float32, device=param.device).normal_(0.0, std * scale,
                                                                                         generator=generator)
             param.copy_(module.shard(full) if module is not None else full)
+
+    def _sharded_weights(self) -> dict[int, ShardedWeight]:
+        """id(weight) -> the tensor-parallel module that knows how to cut it from the full weight."""
+        return {id(m.weight): m for m in self.modules() if isinstance(m, ShardedWeight)}
+
+    def local_state(self, full_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This stage's parameters, by local name, cut out of the whole model's {full name: tensor}
+        (e.g. a single-process state dict): what load_state_dict takes in this layout."""
+        shards = self._sharded_weights()
+        local = {}
+        for name, param in self.named_parameters():
+            full = full_state[self.global_name(name)]
+            module = shards.get(id(param))
+            local[name] = module.shard(full) if module is not None else full
+        return local
 
     def forward(self, input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,

@@ -10,59 +10,6 @@ import torch
 import torch.distributed as dist
 
 
-@dataclass
-class ParallelContext:
-    config: object = None  # pytrain.config.Config once launched
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    data_parallel_size: int = 1
-    data_parallel_rank: int = 0
-    data_parallel_group: object = None
-    zero1_group: object = None  # the ranks sharing one copy of the optimizer state; None: not sharded
-    tensor_parallel_size: int = 1
-    tensor_parallel_rank: int = 0
-    tensor_parallel_group: object = None
-    pipeline_parallel_size: int = 1
-    pipeline_parallel_rank: int = 0
-    pipeline_parallel_group: object = None
-    model_parallel_group: object = None  # the tensor x pipeline ranks holding one copy of the model
-    embedding_group: object = None  # first and last pipeline stage, for tied embeddings; None: not on one
-    device: torch.device = torch.device("cpu")
-    run_folder: object = None  # pathlib.Path of this run's outputs
-    seed: int = 1024
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.config is not None and dist.is_initialized()
-
-    @property
-    def is_main_rank(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pipeline_parallel_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pipeline_parallel_rank == self.pipeline_parallel_size - 1
-
-    def stage_rank(self, stage: int) -> int:
-        """The global rank of pipeline stage `stage` (modulo the pipeline size) beside this rank."""
-        block = self.world_size // self.pipeline_parallel_size
-        return (stage % self.pipeline_parallel_size) * block + self.rank % block
-
-    def require_config(self, config=None):
-        """`config` if given, else the launched run's; an error that says how to launch when neither."""
-        if config is not None:
-            return config
-        if self.config is None:
-            raise RuntimeError("no config: launch first (pytrain.initialize.launch_from_torch(config=...) or "
-                               "initialize_distributed_env(...)), or pass config=")
-        return self.config
-
-
 @dataclass(frozen=True)
 class Layout:
     """Which global ranks form each group of a tensor x data x pipeline layout (see the module docstring)."""
@@ -96,6 +43,60 @@ class Layout:
     def zero1_groups(self, size: int) -> list[list[int]]:
         """Each data group cut into runs of `size` consecutive data-parallel ranks."""
         return [group[first:first + size] for group in self.data_groups() for first in range(0, len(group), size)]
+
+
+@dataclass
+class ParallelContext:
+    config: object = None  # pytrain.config.Config once launched
+    rank: int = 0
+    local_rank: int = 0
+    layout: Layout = Layout(world_size=1, tensor=1, pipeline=1)
+    data_parallel_group: object = None
+    zero1_group: object = None  # the ranks sharing one copy of the optimizer state; None: not sharded
+    tensor_parallel_group: object = None
+    pipeline_parallel_group: object = None
+    model_parallel_group: object = None  # the tensor x pipeline ranks holding one copy of the model
+    embedding_group: object = None  # first and last pipeline stage, for tied embeddings; None: not on one
+    device: torch.device = torch.device("cpu")
+    run_folder: object = None  # pathlib.Path of this run's outputs
+    seed: int = 1024
+
+    world_size = property(lambda self: self.layout.world_size)
+    data_parallel_size = property(lambda self: self.layout.data)
+    tensor_parallel_size = property(lambda self: self.layout.tensor)
+    pipeline_parallel_size = property(lambda self: self.layout.pipeline)
+    pipeline_parallel_rank = property(lambda self: self.layout.coordinates(self.rank)[0])
+    data_parallel_rank = property(lambda self: self.layout.coordinates(self.rank)[1])
+    tensor_parallel_rank = property(lambda self: self.layout.coordinates(self.rank)[2])
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.config is not None and dist.is_initialized()
+
+    @property
+    def is_main_rank(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pipeline_parallel_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pipeline_parallel_rank == self.pipeline_parallel_size - 1
+
+    def stage_rank(self, stage: int) -> int:
+        """The global rank of pipeline stage `stage` (modulo the pipeline size) beside this rank."""
+        return self.layout.rank(stage % self.pipeline_parallel_size, self.data_parallel_rank, self.tensor_parallel_rank)
+
+    def require_config(self, config=None):
+        """`config` if given, else the launched run's; an error that says how to launch when neither."""
+        if config is not None:
+            return config
+        if self.config is None:
+            raise RuntimeError("no config: launch first (pytrain.initialize.launch_from_torch(config=...) or "
+                               "initialize_distributed_env(...)), or pass config=")
+        return self.config
 
 
 gpc = ParallelContext()

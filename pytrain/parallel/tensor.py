@@ -169,6 +169,15 @@ class ShardedWeight:
         return torch.cat([p.chunk(world, dim=self.split_dim)[rank] for p in pieces], dim=self.split_dim)
 
 
+def counted_here(param: torch.Tensor, tensor_rank: int) -> bool:
+    """Whether this rank counts `param` in a model-wide sum over the model-parallel group (parameter count,
+    gradient norm): shards everywhere, a weight replicated over the tensor group (norms) on its first rank
+    only, the last stage's copy of a tied embedding nowhere."""
+    if getattr(param, "shared_copy", False):
+        return False
+    return tensor_rank == 0 or getattr(param, "is_tensor_parallel", False)
+
+
 def _local(size: int, group, what: str) -> int:
     world = group_size(group)
     if size % world:

@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from pytrain.parallel.tensor import counted_here
+
 from .grad_buckets import OverlappedGradReducer
 from .grad_scaler import DynamicGradScaler
 
@@ -95,12 +97,9 @@ class HybridZeroOptimizer:
         self.grad_views = grad_views
         self.overlap = OverlappedGradReducer(self.model_params, grad_views, self.flat_grad, reduce_bucket_size, group) \
             if overlap_sync_grad and _world(group) > 1 else None
-        first_tensor_rank = tensor_group is None or dist.get_rank(tensor_group) == 0
+        tensor_rank = dist.get_rank(tensor_group) if tensor_group is not None else 0
         pairs = list(zip(self.model_params, grad_views))
-        # The gradient norm counts each weight once: tensor-replicated ones on the first tensor rank only,
-        # the second copy of a tied embedding nowhere.
-        self.norm_views = [v for p, v in pairs if not getattr(p, "shared_copy", False)
-                           and (first_tensor_rank or getattr(p, "is_tensor_parallel", False))]
+        self.norm_views = [v for p, v in pairs if counted_here(p, tensor_rank)]  # each weight once, model-wide
         # Gradients this rank holds part of, summed over the ranks holding the rest: (group, views)
         tied = [v for p, v in pairs if getattr(p, "tied_across_stages", False)]
         sequence_parallel = [v for p, v in pairs if getattr(p, "sequence_parallel", False)]

@@ -14,6 +14,7 @@ from pytrain.initialize import get_default_parser, initialize_distributed_env, i
 from pytrain.model import DTYPES
 from pytrain.monitor import StepMonitor, flops_per_token, matmul_params, peak_tflops
 from pytrain.parallel import gpc
+from pytrain.parallel.tensor import counted_here
 from pytrain.registry import MODEL_INITIALIZER
 from pytrain.train import get_train_data_loader, initialize_model, initialize_optimizer
 
@@ -41,13 +42,10 @@ def train(args) -> list[dict]:
                                                  lr_scheduler=lr_scheduler, beta2_scheduler=beta2_scheduler)
     data = cfg.data
     peak, peak_source = peak_tflops(gpc.device, DTYPES[cfg.model.dtype])
-    # The whole model's size: this rank's shard summed over the ranks holding the others (tied copies once).
-    counts = torch.tensor([*matmul_params(model), sum(p.numel() for p in model.parameters()
-                                                      if not getattr(p, "shared_copy", False))], dtype=torch.float64)
-    replicated = sum(p.numel() for p in model.parameters() if not getattr(p, "is_tensor_parallel", False))
-    counts[2] -= replicated * (1 - 1 / gpc.tensor_parallel_size)  # norms are on every tensor rank
-    if gpc.model_parallel_group is not None and dist.get_world_size(gpc.model_parallel_group) > 1:
-        dist.all_reduce(counts, group=gpc.model_parallel_group)
+    # The whole model's size: this rank's part summed over the ranks holding the rest.
+    local_params = sum(p.numel() for p in model.parameters() if counted_here(p, gpc.tensor_parallel_rank))
+    counts = torch.tensor([*matmul_params(model), local_params], dtype=torch.int64)
+    dist.all_reduce(counts, group=gpc.model_parallel_group)
     block_params, head_params, params = counts.tolist()
     model_ranks = gpc.tensor_parallel_size * gpc.pipeline_parallel_size  # they share each micro-batch's work
     monitor = StepMonitor(
