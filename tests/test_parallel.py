@@ -78,7 +78,7 @@ def train(cfg: Config, rank: int, world: int, inject_nan_at=None):
     from pytrain.initialize import initialize_trainer
     from pytrain.train import initialize_model, initialize_optimizer
 
-    launch(cfg, rank=rank, world_size=world, local_rank=0, host=None, port=None, backend="gloo", seed=11)
+    launch(cfg, rank=rank, world_size=world, local_rank=0, init_method=None, backend="gloo", seed=11)
     model = initialize_model()
     optimizer, beta2_scheduler, lr_scheduler = initialize_optimizer(model)
     trainer, *_ = initialize_trainer(model, optimizer, lr_scheduler=lr_scheduler, beta2_scheduler=beta2_scheduler)
@@ -209,7 +209,8 @@ def test_bad_layouts_fail_before_any_process_group(world, parallel, model, messa
     with pytest.raises(ConfigError, match=message):
         check_world_size(cfg, world)
     with pytest.raises(ConfigError, match=message):  # launch checks before joining the process group
-        launch(cfg, rank=0, world_size=world, local_rank=0, host="127.0.0.1", port=1, backend="gloo", seed=0)
+        launch(cfg, rank=0, world_size=world, local_rank=0, init_method="tcp://127.0.0.1:1", backend="gloo",
+               seed=0)
     assert not dist.is_initialized()
 
 

@@ -20,14 +20,16 @@ def launch_from_torch(config, backend: str | None = None, seed: int = 1024, over
     """Launch inside torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT come from it."""
     env = os.environ
     if "RANK" not in env:
-        return launch(config, rank=0, world_size=1, local_rank=0, host=None, port=None, backend=backend,
+        return launch(config, rank=0, world_size=1, local_rank=0, init_method=None, backend=backend,
                       seed=seed, overrides=overrides)
     missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
     if missing:
         raise RuntimeError(f"RANK is set but {', '.join(missing)} is not set: start the run with torchrun")
+    # env://: under torchrun the ranks share the agent's store, which outlives them; a store served by rank 0
+    # could go away while the other ranks still tear down.
     return launch(config, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
-                  local_rank=int(env.get("LOCAL_RANK", 0)), host=env["MASTER_ADDR"], port=int(env["MASTER_PORT"]),
-                  backend=backend, seed=seed, overrides=overrides)
+                  local_rank=int(env.get("LOCAL_RANK", 0)), init_method="env://", backend=backend, seed=seed,
+                  overrides=overrides)
 
 
 def launch_from_slurm(config, host: str | None = None, port: int = 8888, backend: str | None = None,
@@ -40,7 +42,7 @@ def launch_from_slurm(config, host: str | None = None, port: int = 8888, backend
         raise RuntimeError(f"launcher 'slurm' needs {err.args[0]} in the environment: start the run with srun") from None
     host = host or first_slurm_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST", ""))
     return launch(config, rank=rank, world_size=world_size, local_rank=int(env.get("SLURM_LOCALID", 0)),
-                  host=host, port=port, backend=backend, seed=seed, overrides=overrides)
+                  init_method=f"tcp://{host}:{port}", backend=backend, seed=seed, overrides=overrides)
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -62,9 +64,10 @@ def initialize_distributed_env(config, launcher: str = "torch", master_port: int
     raise ValueError(f"launcher must be 'torch' or 'slurm', got {launcher!r}")
 
 
-def launch(config, rank: int, world_size: int, local_rank: int, host: str | None, port: int | None,
-           backend: str | None, seed: int, overrides=()):
-    """Loads and checks the config, joins the process group, seeds every RNG, creates the run folder."""
+def launch(config, rank: int, world_size: int, local_rank: int, init_method: str | None, backend: str | None,
+           seed: int, overrides=()):
+    """Loads and checks the config, joins the process group (through init_method; a world of one needs
+    none), seeds every RNG, creates the run folder."""
     cfg = config if isinstance(config, Config) else (
         Config.from_dict(config, overrides=overrides) if isinstance(config, dict) else
         Config.from_file(config, overrides=overrides))
@@ -81,7 +84,7 @@ def launch(config, rank: int, world_size: int, local_rank: int, host: str | None
         if world_size == 1:  # no rendezvous needed: a store in this process
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
-            dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size)
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
 
     gpc.config = cfg
     gpc.rank, gpc.local_rank, gpc.device = rank, local_rank, device
