@@ -7,6 +7,7 @@ Environment:
   PYTRAIN_BUILD_DIR   CMake build folder, default build/cmake-<python tag>; kept between builds so that
                       editing one source rebuilds only that file.
 """
+
 import os
 import shutil
 import subprocess
@@ -55,13 +56,19 @@ class CMakeBuild(build_ext):
         if mode == "required" and nvcc is None:
             sys.exit("PYTRAIN_CUDA=1 but nvcc was not found: put it on PATH or set CUDA_HOME")
 
-        self.cmake_dir = Path(os.environ.get("PYTRAIN_BUILD_DIR") or ROOT / "build" / f"cmake-{sys.implementation.cache_tag}")
+        self.cmake_dir = Path(
+            os.environ.get("PYTRAIN_BUILD_DIR") or ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+        )
         self.cmake_dir.mkdir(parents=True, exist_ok=True)
         cmake = shutil.which("cmake")
         if cmake is None:
             sys.exit("cmake was not found: `pip install cmake` or install it with your system's package manager")
         args = [
-            cmake, "-S", str(ROOT), "-B", str(self.cmake_dir),
+            cmake,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(self.cmake_dir),
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             "-DCMAKE_BUILD_TYPE=Release",
@@ -95,8 +102,10 @@ class CMakeBuild(build_ext):
                 if not ext.needs_cuda:
                     raise
                 if mode == "required":
-                    sys.exit(f"building {ext.name} failed (see the compiler output above) and PYTRAIN_CUDA=1 "
-                             f"requires it; PYTRAIN_CUDA=0 builds the CPU kernels only")
+                    sys.exit(
+                        f"building {ext.name} failed (see the compiler output above) and PYTRAIN_CUDA=1 "
+                        f"requires it; PYTRAIN_CUDA=0 builds the CPU kernels only"
+                    )
                 self.warn(f"building {ext.name} failed: building the CPU kernels only")
         self.extensions = kept
 
@@ -118,8 +127,9 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["pytrain"] + [f"pytrain.{p}" for p in ("initialize", "train", "model", "kernels", "parallel",
-                                                      "solver", "data", "monitor")] + ["pytrain.triton"],
+    packages=["pytrain"]
+    + [f"pytrain.{p}" for p in ("initialize", "train", "model", "kernels", "parallel", "solver", "data", "monitor")]
+    + ["pytrain.triton"],
     package_dir={"pytrain.triton": "kernels"},
     ext_modules=[
         CMakeExtension("pytrain._C", target="_C"),

@@ -16,6 +16,7 @@ Rows of one `group` are printed side by side at the end of the run (with the rat
 On CUDA each timed call runs the op CUDA_INNER times and synchronizes once; per-op numbers are
 derived from that (extra_info["ops_per_call"]).
 """
+
 import time
 from collections import defaultdict
 
@@ -88,8 +89,9 @@ def _timed(fn, device):
 def bandwidth():
     """Benchmarks fn and records achieved GB/s and the fraction of copy bandwidth in extra_info."""
 
-    def measure(benchmark, fn, *, device, bytes_moved: int, copy_like: torch.Tensor, group: str, impl: str,
-                warmup: int = 2):
+    def measure(
+        benchmark, fn, *, device, bytes_moved: int, copy_like: torch.Tensor, group: str, impl: str, warmup: int = 2
+    ):
         """copy_like: the tensor whose copy sets the bar (the op's main input, usually)."""
         benchmark.group = group
         benchmark.extra_info.update(impl=impl, bytes_moved=int(bytes_moved), device=str(device))
@@ -105,8 +107,13 @@ def bandwidth():
         mean, best = stats.mean / ops, stats.min / ops
         copy = copy_gbps(copy_like)
         row = dict(
-            group=group, impl=impl, ms=mean * 1e3, gbps=bytes_moved / mean / 1e9, gbps_best=bytes_moved / best / 1e9,
-            copy_gbps=copy["mean"], ops_per_call=ops,
+            group=group,
+            impl=impl,
+            ms=mean * 1e3,
+            gbps=bytes_moved / mean / 1e9,
+            gbps_best=bytes_moved / best / 1e9,
+            copy_gbps=copy["mean"],
+            ops_per_call=ops,
         )
         row["fraction_of_copy"] = row["gbps"] / row["copy_gbps"]
         row["best_fraction_of_copy"] = row["gbps_best"] / copy["best"]
@@ -175,8 +182,10 @@ def _compute_summary(tr) -> None:
         tr.write_line(f"{group}   [matmul peak {rows[0]['peak']:.2f} TFLOP/s]")
         for r in rows:
             ratio = f"{sdpa['ms'] / r['ms']:.2f}x sdpa" if sdpa else ""
-            tr.write_line(f"  {r['impl']:<16}{r['ms']:>10.3f} ms{r['tflops']:>9.3f} TFLOP/s"
-                          f"{r['tflops'] / r['peak']:>7.2f} of peak  {ratio}")
+            tr.write_line(
+                f"  {r['impl']:<16}{r['ms']:>10.3f} ms{r['tflops']:>9.3f} TFLOP/s"
+                f"{r['tflops'] / r['peak']:>7.2f} of peak  {ratio}"
+            )
 
 
 _THROUGHPUT_RESULTS: list[dict] = []
@@ -194,8 +203,10 @@ def _throughput_summary(tr) -> None:
         tr.section(f"training throughput, {config}: tokens/s over all ranks (median step) vs one process")
         for r in rows:
             ratio = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one else "-"
-            tr.write_line(f"  {r['layout']:<18}{r['processes']:>3} proc{r['step_time'] * 1e3:>10.0f} ms/step"
-                          f"{r['tokens_per_s']:>10.0f} tok/s{ratio:>8}   mfu/rank {r['mfu']:.0%}")
+            tr.write_line(
+                f"  {r['layout']:<18}{r['processes']:>3} proc{r['step_time'] * 1e3:>10.0f} ms/step"
+                f"{r['tokens_per_s']:>10.0f} tok/s{ratio:>8}   mfu/rank {r['mfu']:.0%}"
+            )
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -215,5 +226,7 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(f"{group}   [copy {rows[0]['copy_gbps']:.1f} GB/s]")
         for r in rows:
             speedup = f"{compiled['ms'] / r['ms']:.2f}x" if compiled else "-"
-            tr.write_line(f"  {r['impl']:<16}{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['gbps_best']:>9.1f}"
-                          f"{r['fraction_of_copy']:>9.2f}{r['best_fraction_of_copy']:>10.2f}{speedup:>11}")
+            tr.write_line(
+                f"  {r['impl']:<16}{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['gbps_best']:>9.1f}"
+                f"{r['fraction_of_copy']:>9.2f}{r['best_fraction_of_copy']:>10.2f}{speedup:>11}"
+            )

@@ -22,6 +22,7 @@ Known gap (measured on the 2-core AMD EPYC): the CPU kernel is bound by its vect
 built as shipped (target_clones), while the same source built with -march=x86-64-v3 or -v4 runs bf16 as
 fast as fp32: the bf16 variant loses vectorization in the clones (not yet pinned down).
 """
+
 import gc
 import re
 
@@ -105,6 +106,7 @@ def compiled(fn, benchmark):
 # ---------------------------------------------------------------------------------------------------
 # Cross-entropy.
 
+
 def make_ce(device, tokens, vocab, dtype):
     g = torch.Generator(device=device).manual_seed(0)
     logits = torch.randn(tokens, vocab, device=device, dtype=dtype, generator=g) * 2
@@ -126,13 +128,20 @@ def test_cross_entropy_forward(benchmark, bandwidth, device, tokens, vocab, dtyp
     logits, labels = make_ce(device, tokens, vocab, DTYPES[dtype])
     if impl == "copy":
         out = torch.empty_like(logits)
-        fn = lambda: out.copy_(logits)  # noqa: E731
+        fn = lambda: out.copy_(logits)
     else:
         op = ce_op(impl, benchmark)
-        fn = lambda: op(logits, labels)  # noqa: E731
+        fn = lambda: op(logits, labels)
     with torch.no_grad():
-        bandwidth(benchmark, fn, device=device, bytes_moved=logits.nbytes, copy_like=logits,
-                  group=f"cross_entropy fwd {device} {tokens}x{vocab} {dtype}", impl=impl)
+        bandwidth(
+            benchmark,
+            fn,
+            device=device,
+            bytes_moved=logits.nbytes,
+            copy_like=logits,
+            group=f"cross_entropy fwd {device} {tokens}x{vocab} {dtype}",
+            impl=impl,
+        )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -148,13 +157,13 @@ def test_cross_entropy_forward_backward(benchmark, bandwidth, device, tokens, vo
         return torch.autograd.grad(op(logits, labels), logits)  # no .grad accumulation: only the op's traffic
 
     group = f"cross_entropy fwd+bwd {device} {tokens}x{vocab} {dtype}"
-    bandwidth(benchmark, step, device=device, bytes_moved=2 * logits.nbytes, copy_like=logits, group=group,
-              impl=impl)
+    bandwidth(benchmark, step, device=device, bytes_moved=2 * logits.nbytes, copy_like=logits, group=group, impl=impl)
     record_memory(benchmark, group, impl, step, device, logits.nbytes)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Linear + cross-entropy.
+
 
 def eager_linear_cross_entropy(hidden, weight, labels):
     return reference.cross_entropy(hidden @ weight.t(), labels)
@@ -177,8 +186,9 @@ def test_linear_cross_entropy_forward_backward(benchmark, bandwidth, device, tok
 
     group = f"linear_ce fwd+bwd {device} {tokens}x{hidden_size}x{vocab} {dtype}"
     bytes_moved = 2 * (hidden.nbytes + weight.nbytes)
-    bandwidth(benchmark, step, device=device, bytes_moved=bytes_moved, copy_like=weight, group=group, impl=impl,
-              warmup=1)
+    bandwidth(
+        benchmark, step, device=device, bytes_moved=bytes_moved, copy_like=weight, group=group, impl=impl, warmup=1
+    )
     logits_bytes = tokens * vocab * hidden.element_size()
     record_memory(benchmark, group, impl, step, device, logits_bytes)
 
@@ -191,5 +201,9 @@ def test_results_agree(device):
     torch.testing.assert_close(cross_entropy(logits, labels), want, rtol=1e-4, atol=1e-4)
     hidden = torch.randn(64, 32, device=device)
     weight = torch.randn(1000, 32, device=device) / 6
-    torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels, chunk_size=16),
-                               eager_linear_cross_entropy(hidden, weight, labels), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        linear_cross_entropy(hidden, weight, labels, chunk_size=16),
+        eager_linear_cross_entropy(hidden, weight, labels),
+        rtol=1e-4,
+        atol=1e-4,
+    )

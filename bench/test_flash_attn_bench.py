@@ -8,6 +8,7 @@ Rows of one group run side by side on the same inputs:
 FLOPs counted: 4 * heads * head_dim * (attended query-key pairs) forward; 2.5x that backward (FlashAttention's
 accounting), so causal counts half the pairs. Packed rows count only the pairs inside each document.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,14 @@ from pytrain.kernels import flash_attn_func, flash_attn_varlen_func, reference
 from .conftest import CUDA_AVAILABLE
 
 NEEDS_CUDA = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA GPU")
-CPU_CASES = [pytest.param("cpu", torch.float32, seq, d, id=f"cpu-fp32-seq{seq}-d{d}") for seq in (1024, 2048) for d in (64, 128)]
-CUDA_CASES = [pytest.param("cuda", torch.bfloat16, seq, d, id=f"cuda-bf16-seq{seq}-d{d}", marks=NEEDS_CUDA)
-              for seq in (1024, 4096, 8192) for d in (64, 128)]
+CPU_CASES = [
+    pytest.param("cpu", torch.float32, seq, d, id=f"cpu-fp32-seq{seq}-d{d}") for seq in (1024, 2048) for d in (64, 128)
+]
+CUDA_CASES = [
+    pytest.param("cuda", torch.bfloat16, seq, d, id=f"cuda-bf16-seq{seq}-d{d}", marks=NEEDS_CUDA)
+    for seq in (1024, 4096, 8192)
+    for d in (64, 128)
+]
 HEADS = 8
 # A packed row of 4096 tokens with document lengths as a pretraining loader produces them.
 DOCUMENTS = [1503, 87, 640, 12, 911, 233, 1, 402, 307]
@@ -36,8 +42,9 @@ def attention_flops(lengths, head_dim: int, causal: bool, backward: bool) -> flo
 
 
 def sdpa(q, k, v, causal, mask=None):
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                          is_causal=causal and mask is None).transpose(1, 2)
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal and mask is None
+    ).transpose(1, 2)
 
 
 def runner(fn, inputs, dout, backward):
@@ -48,14 +55,20 @@ def runner(fn, inputs, dout, backward):
 
 
 def impls(device):
-    rows = {"pytrain": lambda q, k, v, c: flash_attn_func(q, k, v, causal=c), "sdpa": sdpa,
-            "reference": lambda q, k, v, c: reference.attention(q, k, v, causal=c)}
+    rows = {
+        "pytrain": lambda q, k, v, c: flash_attn_func(q, k, v, causal=c),
+        "sdpa": sdpa,
+        "reference": lambda q, k, v, c: reference.attention(q, k, v, causal=c),
+    }
     if device == "cuda":
+
         def forced(backend):
             def run(q, k, v, c):
                 with sdpa_kernel(backend):
                     return sdpa(q, k, v, c)
+
             return run
+
         rows.update(sdpa_flash=forced(SDPBackend.FLASH_ATTENTION), sdpa_cudnn=forced(SDPBackend.CUDNN_ATTENTION))
     return rows
 
@@ -71,15 +84,22 @@ def test_attention(benchmark, compute, impl, device, dtype, seq, head_dim, causa
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v, dout = (torch.randn(1, seq, HEADS, head_dim, device=device, dtype=dtype, generator=g) for _ in range(4))
     fn = fns[impl]
-    compute(benchmark, runner(lambda a, b, c: fn(a, b, c, causal), (q, k, v), dout, backward), device=device,
-            flops=attention_flops([seq], head_dim, causal, backward), dtype=dtype, impl=impl,
-            group=f"attention {'fwd+bwd' if backward else 'fwd'} {'causal' if causal else 'full'} {device} "
-                  f"{str(dtype)[6:]} seq {seq} d {head_dim}")
+    compute(
+        benchmark,
+        runner(lambda a, b, c: fn(a, b, c, causal), (q, k, v), dout, backward),
+        device=device,
+        flops=attention_flops([seq], head_dim, causal, backward),
+        dtype=dtype,
+        impl=impl,
+        group=f"attention {'fwd+bwd' if backward else 'fwd'} {'causal' if causal else 'full'} {device} "
+        f"{str(dtype)[6:]} seq {seq} d {head_dim}",
+    )
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32),
-                                          pytest.param("cuda", torch.bfloat16, marks=NEEDS_CUDA)])
+@pytest.mark.parametrize(
+    "device,dtype", [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=NEEDS_CUDA)]
+)
 @pytest.mark.parametrize("impl", ["pytrain", "sdpa"])
 def test_packed_documents(benchmark, compute, impl, device, dtype, backward):
     """One packed row of several documents, causal: varlen vs SDPA with a block-diagonal causal mask."""
@@ -88,16 +108,25 @@ def test_packed_documents(benchmark, compute, impl, device, dtype, backward):
     q, k, v, dout = (torch.randn(total, HEADS, head_dim, device=device, dtype=dtype, generator=g) for _ in range(4))
     bounds = torch.tensor([0] + DOCUMENTS, device=device).cumsum(0)
     if impl == "pytrain":
+
         def fn(a, b, c):
             return flash_attn_varlen_func(a, b, c, bounds, max(DOCUMENTS), causal=True)
     else:
-        doc = torch.repeat_interleave(torch.arange(len(DOCUMENTS), device=device),
-                                      torch.tensor(DOCUMENTS, device=device))
+        doc = torch.repeat_interleave(
+            torch.arange(len(DOCUMENTS), device=device), torch.tensor(DOCUMENTS, device=device)
+        )
         mask = (doc[:, None] == doc[None, :]) & torch.ones(total, total, dtype=torch.bool, device=device).tril()
 
         def fn(a, b, c):
             return sdpa(a[None], b[None], c[None], True, mask)[0]
-    compute(benchmark, runner(fn, (q, k, v), dout, backward), device=device,
-            flops=attention_flops(DOCUMENTS, head_dim, True, backward), dtype=dtype, impl=impl,
-            group=f"attention packed {len(DOCUMENTS)} docs in {total} tokens {'fwd+bwd' if backward else 'fwd'} "
-                  f"causal {device} d {head_dim}")
+
+    compute(
+        benchmark,
+        runner(fn, (q, k, v), dout, backward),
+        device=device,
+        flops=attention_flops(DOCUMENTS, head_dim, True, backward),
+        dtype=dtype,
+        impl=impl,
+        group=f"attention packed {len(DOCUMENTS)} docs in {total} tokens {'fwd+bwd' if backward else 'fwd'} "
+        f"causal {device} d {head_dim}",
+    )

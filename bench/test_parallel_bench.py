@@ -11,6 +11,7 @@ cost on this machine.
 Configs: tiny (configs/tiny.py, 5M parameters) and 100M (configs/100M.py). `--benchmark-disable` runs the
 tiny rows for 2 steps only (each layout starts and trains from the command line) and skips the 100M ones.
 """
+
 import json
 import os
 import statistics
@@ -53,15 +54,37 @@ def layout_sizes(overrides: list[str]) -> tuple[int, int]:
 def run_layout(config: str, processes: int, overrides: list[str], micro_batches: int, steps: int, folder: Path):
     tensor, pipeline = layout_sizes(overrides)
     data_parallel = processes // (tensor * pipeline)
-    settings = ["data.train_folder=None", f"data.total_steps={steps}",
-                f"data.micro_num={micro_batches // data_parallel}", "monitor.log_every=1",
-                "monitor.tensorboard.enable=False", f"monitor.run_folder={folder}", *overrides]
-    launcher = [sys.executable, "-m", "pytrain.train"] if processes == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m",
-         "pytrain.train"]
+    settings = [
+        "data.train_folder=None",
+        f"data.total_steps={steps}",
+        f"data.micro_num={micro_batches // data_parallel}",
+        "monitor.log_every=1",
+        "monitor.tensorboard.enable=False",
+        f"monitor.run_folder={folder}",
+        *overrides,
+    ]
+    launcher = (
+        [sys.executable, "-m", "pytrain.train"]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            "-m",
+            "pytrain.train",
+        ]
+    )
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count())) if processes == 1 else None
-    done = subprocess.run([*launcher, "--config", str(ROOT / config), "--backend", "gloo", "--set", *settings],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
+    done = subprocess.run(
+        [*launcher, "--config", str(ROOT / config), "--backend", "gloo", "--set", *settings],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (metrics,) = folder.glob("*/*/metrics.jsonl")
     return [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -76,15 +99,22 @@ def test_layout_throughput(benchmark, record_throughput, config_name, layout, tm
             pytest.skip("the 100M rows run only with benchmarks enabled")
         steps, warmup = 2, 0
     processes, overrides = LAYOUTS[layout]
-    rows = benchmark.pedantic(run_layout, args=(config, processes, overrides, micro_batches, steps, tmp_path),
-                              rounds=1, iterations=1)
+    rows = benchmark.pedantic(
+        run_layout, args=(config, processes, overrides, micro_batches, steps, tmp_path), rounds=1, iterations=1
+    )
     assert len(rows) == steps and all(r["loss"] == r["loss"] for r in rows)
     if not benchmark.enabled:
         return
     measured = rows[warmup:]
     step_time = statistics.median(r["step_time"] for r in measured)
     tokens_per_step = rows[0]["tgs"] * rows[0]["step_time"] * processes  # per rank x ranks = the global batch
-    row = dict(config=config_name, layout=layout, processes=processes, step_time=step_time,
-               tokens_per_s=tokens_per_step / step_time, mfu=statistics.median(r["mfu"] for r in measured))
+    row = dict(
+        config=config_name,
+        layout=layout,
+        processes=processes,
+        step_time=step_time,
+        tokens_per_s=tokens_per_step / step_time,
+        mfu=statistics.median(r["mfu"] for r in measured),
+    )
     benchmark.extra_info.update(row)
     record_throughput(row)

@@ -18,6 +18,7 @@ glibc serves allocations over 32 MB with a fresh mmap, so every call faults in (
 each 4 KiB page of its output. pytrain_out vs pytrain shows the kernel vs that cost;
 THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU allocator then asks for transparent huge pages) shrinks it.
 """
+
 import pytest
 import torch
 
@@ -84,9 +85,15 @@ def train_fn(impl, x, weight, dy):
 def test_forward(benchmark, bandwidth, device, tokens, hidden, dtype, impl):
     x, weight, _ = make(device, tokens, hidden, DTYPES[dtype])
     with torch.no_grad():
-        bandwidth(benchmark, forward_fn(impl, x, weight), device=device,
-                  bytes_moved=2 * x.nbytes + weight.nbytes, copy_like=x,
-                  group=f"rms_norm fwd {device} {tokens}x{hidden} {dtype}", impl=impl)
+        bandwidth(
+            benchmark,
+            forward_fn(impl, x, weight),
+            device=device,
+            bytes_moved=2 * x.nbytes + weight.nbytes,
+            copy_like=x,
+            group=f"rms_norm fwd {device} {tokens}x{hidden} {dtype}",
+            impl=impl,
+        )
 
 
 @pytest.mark.parametrize("impl", TRAIN_IMPLS)
@@ -94,9 +101,15 @@ def test_forward(benchmark, bandwidth, device, tokens, hidden, dtype, impl):
 @pytest.mark.parametrize("device,tokens,hidden", CASES)
 def test_forward_backward(benchmark, bandwidth, device, tokens, hidden, dtype, impl):
     x, weight, dy = make(device, tokens, hidden, DTYPES[dtype])
-    bandwidth(benchmark, train_fn(impl, x, weight, dy), device=device,
-              bytes_moved=5 * x.nbytes + 3 * weight.nbytes, copy_like=x,
-              group=f"rms_norm fwd+bwd {device} {tokens}x{hidden} {dtype}", impl=impl)
+    bandwidth(
+        benchmark,
+        train_fn(impl, x, weight, dy),
+        device=device,
+        bytes_moved=5 * x.nbytes + 3 * weight.nbytes,
+        copy_like=x,
+        group=f"rms_norm fwd+bwd {device} {tokens}x{hidden} {dtype}",
+        impl=impl,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -118,6 +131,7 @@ def residual_add_norm_eager(x, residual, weight, eps):
 def residual_fn(impl, x, residual, weight, dy):
     leaves = [t.detach().requires_grad_() for t in (x, residual, weight)]
     if impl == "pytrain":
+
         def op(a, r, w, eps):
             return rms_norm(a, w, eps, residual=r)
     elif impl == "eager":
@@ -140,6 +154,12 @@ def test_residual_add_norm_forward_backward(benchmark, bandwidth, device, tokens
     """The pre-norm decoder's `h = x + residual; y = norm(h)` with both outputs used, fused vs not."""
     x, weight, dy = make(device, tokens, hidden, DTYPES[dtype])
     residual = torch.randn_like(x)
-    bandwidth(benchmark, residual_fn(impl, x, residual, weight, dy), device=device,
-              bytes_moved=9 * x.nbytes + 3 * weight.nbytes, copy_like=x,
-              group=f"rms_norm+residual fwd+bwd {device} {tokens}x{hidden} {dtype}", impl=impl)
+    bandwidth(
+        benchmark,
+        residual_fn(impl, x, residual, weight, dy),
+        device=device,
+        bytes_moved=9 * x.nbytes + 3 * weight.nbytes,
+        copy_like=x,
+        group=f"rms_norm+residual fwd+bwd {device} {tokens}x{hidden} {dtype}",
+        impl=impl,
+    )

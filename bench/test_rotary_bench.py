@@ -18,6 +18,7 @@ Shapes: one LLaMA-style GQA layer, q heads 32, k heads 8, head_dim 128; CPU seq 
 On the CPU the allocating rows pay first-touch page faults on their fresh outputs (see the RMSNorm bench's
 notes): pytrain_inplace vs pytrain shows the kernel vs that cost.
 """
+
 import pytest
 import torch
 
@@ -28,7 +29,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Q_HEADS, K_HEADS, HEAD_DIM = 32, 8, 128
 
 CASES = [pytest.param("cpu", 1, 4096, id="cpu-1x4096")] + [
-    pytest.param("cuda", batch, seq, id=f"cuda-{batch}x{seq}", marks=NEEDS_CUDA) for batch, seq in [(4, 4096), (1, 16384)]
+    pytest.param("cuda", batch, seq, id=f"cuda-{batch}x{seq}", marks=NEEDS_CUDA)
+    for batch, seq in [(4, 4096), (1, 16384)]
 ]
 FORWARD_IMPLS = ["pytrain", "pytrain_inplace", "eager", "compile", "copy"]
 TRAIN_IMPLS = ["pytrain", "eager", "compile"]
@@ -77,7 +79,7 @@ def train_fn(impl, q, k, dq, dk):
         op = apply_rotary
     else:
         rotate = reference_rotary if impl == "eager" else compiled_reference()
-        op = lambda q, k: rotate(q, k, cos, sin)  # noqa: E731
+        op = lambda q, k: rotate(q, k, cos, sin)
 
     def step():
         q_out, k_out = op(q, k)
@@ -92,8 +94,15 @@ def train_fn(impl, q, k, dq, dk):
 def test_forward(benchmark, bandwidth, device, batch, seq, dtype, impl):
     q, k, _, _ = make(device, batch, seq, DTYPES[dtype])
     with torch.no_grad():
-        bandwidth(benchmark, forward_fn(impl, q, k), device=device, bytes_moved=2 * (q.nbytes + k.nbytes), copy_like=q,
-                  group=f"rotary fwd {device} {batch}x{seq} {dtype}", impl=impl)
+        bandwidth(
+            benchmark,
+            forward_fn(impl, q, k),
+            device=device,
+            bytes_moved=2 * (q.nbytes + k.nbytes),
+            copy_like=q,
+            group=f"rotary fwd {device} {batch}x{seq} {dtype}",
+            impl=impl,
+        )
 
 
 @pytest.mark.parametrize("impl", TRAIN_IMPLS)
@@ -101,8 +110,15 @@ def test_forward(benchmark, bandwidth, device, batch, seq, dtype, impl):
 @pytest.mark.parametrize("device,batch,seq", CASES)
 def test_forward_backward(benchmark, bandwidth, device, batch, seq, dtype, impl):
     q, k, dq, dk = make(device, batch, seq, DTYPES[dtype])
-    bandwidth(benchmark, train_fn(impl, q, k, dq, dk), device=device, bytes_moved=4 * (q.nbytes + k.nbytes),
-              copy_like=q, group=f"rotary fwd+bwd {device} {batch}x{seq} {dtype}", impl=impl)
+    bandwidth(
+        benchmark,
+        train_fn(impl, q, k, dq, dk),
+        device=device,
+        bytes_moved=4 * (q.nbytes + k.nbytes),
+        copy_like=q,
+        group=f"rotary fwd+bwd {device} {batch}x{seq} {dtype}",
+        impl=impl,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

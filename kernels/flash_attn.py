@@ -14,6 +14,7 @@ another accumulates dq per query block, so no atomics are needed.
 On machines without a GPU the same kernels run under TRITON_INTERPRET=1 (tests only; see
 pytrain/kernels/flash_attn.py).
 """
+
 import os
 
 import torch
@@ -26,8 +27,11 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _load_rows(ptr, tokens, head, stride_t, stride_h, token_ok, dims, head_dim):
     """A [tokens, BLOCK_D] tile of one head; zeros outside the sequence and past head_dim."""
-    return tl.load(ptr + tokens[:, None] * stride_t + head * stride_h + dims[None, :],
-                   mask=token_ok[:, None] & (dims < head_dim)[None, :], other=0.0)
+    return tl.load(
+        ptr + tokens[:, None] * stride_t + head * stride_h + dims[None, :],
+        mask=token_ok[:, None] & (dims < head_dim)[None, :],
+        other=0.0,
+    )
 
 
 @triton.jit
@@ -39,10 +43,32 @@ def _program_sequence(CuSeqlens, heads):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse, CuSeqlens, scale_log2, total_tokens, q_heads, group_size, head_dim,
-                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                PRECISION: tl.constexpr):
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    CuSeqlens,
+    scale_log2,
+    total_tokens,
+    q_heads,
+    group_size,
+    head_dim,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     head, start, length = _program_sequence(CuSeqlens, q_heads)
     kv_head = head // group_size
     start_m = tl.program_id(0) * BLOCK_M
@@ -72,14 +98,28 @@ def _fwd_kernel(Q, K, V, Out, Lse, CuSeqlens, scale_log2, total_tokens, q_heads,
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         acc = acc / l_i[:, None]
-        tl.store(Out + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
-                 acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dims < head_dim)[None, :])
+        tl.store(
+            Out + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
+            acc.to(Out.dtype.element_ty),
+            mask=row_ok[:, None] & (dims < head_dim)[None, :],
+        )
         tl.store(Lse + head * total_tokens + start + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=row_ok)
 
 
 @triton.jit
-def _bwd_preprocess(Out, DOut, Delta, total_tokens, head_dim, stride_ot, stride_oh, stride_dt, stride_dh,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_preprocess(
+    Out,
+    DOut,
+    Delta,
+    total_tokens,
+    head_dim,
+    stride_ot,
+    stride_oh,
+    stride_dt,
+    stride_dh,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """delta = rowsum(dO * O), the softmax backward's correction term, per (head, token)."""
     tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1)
@@ -91,8 +131,9 @@ def _bwd_preprocess(Out, DOut, Delta, total_tokens, head_dim, stride_ot, stride_
 
 
 @triton.jit
-def _recomputed_probabilities(q, k, lse, rows, keys, row_ok, key_ok, scale, CAUSAL: tl.constexpr,
-                              PRECISION: tl.constexpr):
+def _recomputed_probabilities(
+    q, k, lse, rows, keys, row_ok, key_ok, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr
+):
     """softmax probabilities of a [rows, keys] tile recomputed from the saved logsumexp (0 where masked)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
     keep = row_ok[:, None] & key_ok[None, :]
@@ -102,10 +143,39 @@ def _recomputed_probabilities(q, k, lse, rows, keys, row_ok, key_ok, scale, CAUS
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, CuSeqlens, scale, total_tokens, kv_heads, group_size,
-                     head_dim, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                     stride_dkt, stride_dkh, stride_dvt, stride_dvh, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DOut,
+    DK,
+    DV,
+    Lse,
+    Delta,
+    CuSeqlens,
+    scale,
+    total_tokens,
+    kv_heads,
+    group_size,
+    head_dim,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dkt,
+    stride_dkh,
+    stride_dvt,
+    stride_dvh,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """dk, dv for one key block of one kv head, summed over the q heads that read it (GQA)."""
     kv_head, start, length = _program_sequence(CuSeqlens, kv_heads)
     start_n = tl.program_id(0) * BLOCK_N
@@ -132,17 +202,49 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, CuSeqlens, scale, total_
                 ds = p * (dp - delta[:, None])
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         mask = key_ok[:, None] & (dims < head_dim)[None, :]
-        tl.store(DK + (start + keys)[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :],
-                 (dk * scale).to(DK.dtype.element_ty), mask=mask)
-        tl.store(DV + (start + keys)[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :],
-                 dv.to(DV.dtype.element_ty), mask=mask)
+        tl.store(
+            DK + (start + keys)[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :],
+            (dk * scale).to(DK.dtype.element_ty),
+            mask=mask,
+        )
+        tl.store(
+            DV + (start + keys)[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :],
+            dv.to(DV.dtype.element_ty),
+            mask=mask,
+        )
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, CuSeqlens, scale, total_tokens, q_heads, group_size, head_dim,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                   stride_dqt, stride_dqh, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DOut,
+    DQ,
+    Lse,
+    Delta,
+    CuSeqlens,
+    scale,
+    total_tokens,
+    q_heads,
+    group_size,
+    head_dim,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dqt,
+    stride_dqh,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """dq for one query block of one q head."""
     head, start, length = _program_sequence(CuSeqlens, q_heads)
     kv_head = head // group_size
@@ -166,8 +268,11 @@ def _bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, CuSeqlens, scale, total_tokens
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        tl.store(DQ + (start + rows)[:, None] * stride_dqt + head * stride_dqh + dims[None, :],
-                 (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (dims < head_dim)[None, :])
+        tl.store(
+            DQ + (start + rows)[:, None] * stride_dqt + head * stride_dqh + dims[None, :],
+            (dq * scale).to(DQ.dtype.element_ty),
+            mask=row_ok[:, None] & (dims < head_dim)[None, :],
+        )
 
 
 def _interpreting() -> bool:
@@ -182,8 +287,12 @@ def _config(head_dim: int, backward: bool) -> dict:
     if block_d <= 64:
         return dict(BLOCK_M=128 if not backward else 64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)
     if block_d <= 128:
-        return dict(BLOCK_M=128 if not backward else 64, BLOCK_N=64 if not backward else 32, BLOCK_D=block_d,
-                    num_warps=8 if not backward else 4)
+        return dict(
+            BLOCK_M=128 if not backward else 64,
+            BLOCK_N=64 if not backward else 32,
+            BLOCK_D=block_d,
+            num_warps=8 if not backward else 4,
+        )
     return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=8)
 
 
@@ -203,10 +312,33 @@ def flash_attn_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale
     lse = torch.empty(q_heads, total, device=q.device, dtype=torch.float32)
     cfg = _config(head_dim, backward=False)
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), (cu_seqlens.numel() - 1) * q_heads)
-    _fwd_kernel[grid](q, k, v, out, lse, cu_seqlens, scale * LOG2E, total, q_heads, q_heads // kv_heads, head_dim,
-                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                      out.stride(0), out.stride(1), CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                      BLOCK_D=cfg["BLOCK_D"], PRECISION=_precision(q.dtype), **_launch_options(cfg))
+    _fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens,
+        scale * LOG2E,
+        total,
+        q_heads,
+        q_heads // kv_heads,
+        head_dim,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        CAUSAL=causal,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=cfg["BLOCK_D"],
+        PRECISION=_precision(q.dtype),
+        **_launch_options(cfg),
+    )
     return out, lse
 
 
@@ -220,16 +352,77 @@ def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, ca
     cfg = _config(head_dim, backward=True)
     block_d, precision, options = cfg["BLOCK_D"], _precision(q.dtype), _launch_options(cfg)
     _bwd_preprocess[(triton.cdiv(total, 64), q_heads)](
-        out, dout, delta, total, head_dim, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-        BLOCK_M=64, BLOCK_D=block_d)
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-               dout.stride(0), dout.stride(1))
+        out,
+        dout,
+        delta,
+        total,
+        head_dim,
+        out.stride(0),
+        out.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+        BLOCK_M=64,
+        BLOCK_D=block_d,
+    )
+    strides = (
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+    )
     _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), num_seqs * kv_heads)](
-        q, k, v, dout, dk, dv, lse, delta, cu_seqlens, scale, total, kv_heads, q_heads // kv_heads, head_dim,
-        *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, PRECISION=precision, **options)
+        q,
+        k,
+        v,
+        dout,
+        dk,
+        dv,
+        lse,
+        delta,
+        cu_seqlens,
+        scale,
+        total,
+        kv_heads,
+        q_heads // kv_heads,
+        head_dim,
+        *strides,
+        dk.stride(0),
+        dk.stride(1),
+        dv.stride(0),
+        dv.stride(1),
+        CAUSAL=causal,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=block_d,
+        PRECISION=precision,
+        **options,
+    )
     _bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), num_seqs * q_heads)](
-        q, k, v, dout, dq, lse, delta, cu_seqlens, scale, total, q_heads, q_heads // kv_heads, head_dim,
-        *strides, dq.stride(0), dq.stride(1), CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_D=block_d, PRECISION=precision, **options)
+        q,
+        k,
+        v,
+        dout,
+        dq,
+        lse,
+        delta,
+        cu_seqlens,
+        scale,
+        total,
+        q_heads,
+        q_heads // kv_heads,
+        head_dim,
+        *strides,
+        dq.stride(0),
+        dq.stride(1),
+        CAUSAL=causal,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=block_d,
+        PRECISION=precision,
+        **options,
+    )
     return dq, dk, dv

@@ -1,9 +1,10 @@
 """Name -> builder registries, as InternLM's: MODEL_INITIALIZER maps config.model_type to a model builder.
 
-    @MODEL_INITIALIZER.register_module(module_name="NEW_MODEL")
-    def build_new_model_with_cfg(*args, **kwargs): ...
+@MODEL_INITIALIZER.register_module(module_name="NEW_MODEL")
+def build_new_model_with_cfg(*args, **kwargs): ...
 """
-from typing import Callable
+
+from collections.abc import Callable
 
 
 class Registry:
@@ -17,8 +18,10 @@ class Registry:
         def register(obj: Callable) -> Callable:
             name = module_name or obj.__name__
             if name in self._modules:
-                raise KeyError(f"{self.name}: {name!r} is already registered (by {self._modules[name]!r}); "
-                               f"pick another module_name")
+                raise KeyError(
+                    f"{self.name}: {name!r} is already registered (by {self._modules[name]!r}); "
+                    f"pick another module_name"
+                )
             self._modules[name] = obj
             return obj
 

@@ -17,8 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
 # A model small enough for a training step in milliseconds; used with configs/tiny.py.
-SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "data.seq_len=32",
-         "data.micro_bsz=2", "monitor.log_every=1", "monitor.tensorboard.enable=False"]
+SMALL = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "data.seq_len=32",
+    "data.micro_bsz=2",
+    "monitor.log_every=1",
+    "monitor.tensorboard.enable=False",
+]
 
 
 @pytest.fixture

@@ -1,21 +1,28 @@
 """setup.py's CUDA switch: PYTRAIN_CUDA=1 with a failing CUDA compile fails; unset, it falls back to CPU."""
+
 import os
 import shutil
 import subprocess
 
 import pytest
-
 from conftest import ROOT, python
 
-needs_toolchain = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None,
-                                     reason="needs nvcc and cmake")
+needs_toolchain = pytest.mark.skipif(
+    shutil.which("nvcc") is None or shutil.which("cmake") is None, reason="needs nvcc and cmake"
+)
 
 
 def build(tmp_path, **env):
     # An impossible architecture makes nvcc fail; the build goes to a scratch folder.
     env = {**os.environ, "PYTRAIN_BUILD_DIR": str(tmp_path / "build"), "PYTRAIN_CUDA_ARCHS": "1", **env}
-    return subprocess.run([python(), "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib")], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [python(), "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @needs_toolchain

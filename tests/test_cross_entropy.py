@@ -5,6 +5,7 @@ on the very logits the kernel sees; gradients come from autograd of that referen
 dtype, below. CUDA tests are the same comparisons on "cuda", skipped on machines without a GPU.
 The vocab-parallel loss runs in 2 gloo processes and must equal the unsharded loss and gradient.
 """
+
 import warnings
 
 import pytest
@@ -39,8 +40,14 @@ GRAD_TOLERANCES = {
 def assert_close(got, want, tol, what):
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
-    torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=tol["rtol"], atol=tol["atol"] * scale,
-                               equal_nan=True, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        got.double().cpu(),
+        want.cpu(),
+        rtol=tol["rtol"],
+        atol=tol["atol"] * scale,
+        equal_nan=True,
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
 def make_inputs(rows, vocab, dtype, device, seed=0, scale=2.0, ignored=0.2):
@@ -176,8 +183,9 @@ def test_leading_dims(device):
     logits, labels = make_inputs(12, 30, torch.float32, device)
     loss = cross_entropy(logits.view(3, 4, 30), labels.view(3, 4), reduction="none")
     assert loss.shape == (3, 4)
-    assert_close(loss, reference.cross_entropy(logits.double(), labels, reduction="none").view(3, 4),
-                 LOSS_TOLERANCE, "loss")
+    assert_close(
+        loss, reference.cross_entropy(logits.double(), labels, reduction="none").view(3, 4), LOSS_TOLERANCE, "loss"
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -207,8 +215,9 @@ def test_agrees_with_torch_cross_entropy():
     logits, labels = make_inputs(20, 17, torch.float64, "cpu")
     for reduction in ("mean", "sum", "none"):
         want = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2, reduction=reduction)
-        torch.testing.assert_close(reference.cross_entropy(logits, labels, label_smoothing=0.2, reduction=reduction),
-                                   want)
+        torch.testing.assert_close(
+            reference.cross_entropy(logits, labels, label_smoothing=0.2, reduction=reduction), want
+        )
 
 
 def test_z_loss_reference_formula():
@@ -220,6 +229,7 @@ def test_z_loss_reference_formula():
 
 # ---------------------------------------------------------------------------------------------------
 # Property tests.
+
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -233,8 +243,17 @@ def test_z_loss_reference_formula():
     seed=st.integers(0, 2**16),
 )
 def test_property_cpu(rows, vocab, dtype, reduction, label_smoothing, z_loss, ignored, seed):
-    check_against_reference(rows, vocab, dtype, "cpu", seed=seed, ignored=ignored, reduction=reduction,
-                            label_smoothing=label_smoothing, z_loss=z_loss)
+    check_against_reference(
+        rows,
+        vocab,
+        dtype,
+        "cpu",
+        seed=seed,
+        ignored=ignored,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
 
 
 @CUDA
@@ -250,12 +269,14 @@ def test_property_cpu(rows, vocab, dtype, reduction, label_smoothing, z_loss, ig
 )
 def test_property_cuda(rows, vocab, dtype, reduction, label_smoothing, z_loss, seed):
     rows = min(rows, max(1, 2**21 // vocab))
-    check_against_reference(rows, vocab, dtype, "cuda", seed=seed, reduction=reduction,
-                            label_smoothing=label_smoothing, z_loss=z_loss)
+    check_against_reference(
+        rows, vocab, dtype, "cuda", seed=seed, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Module, model loss, exports.
+
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_module(device):
@@ -287,13 +308,19 @@ def test_package_exports():
 # ---------------------------------------------------------------------------------------------------
 # Bad arguments: a TypeError / ValueError that names the argument, never a crash.
 
+
 @pytest.mark.parametrize(
     "logits,labels,kwargs,error,match",
     [
         ([[1.0]], torch.zeros(1, dtype=torch.long), {}, TypeError, r"^logits must be a torch\.Tensor"),
         (torch.ones(2, 3), [0, 1], {}, TypeError, r"^labels must be a torch\.Tensor"),
-        (torch.ones(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long), {}, TypeError,
-         r"^logits has dtype torch\.float64"),
+        (
+            torch.ones(2, 3, dtype=torch.float64),
+            torch.zeros(2, dtype=torch.long),
+            {},
+            TypeError,
+            r"^logits has dtype torch\.float64",
+        ),
         (torch.ones(2, 3), torch.zeros(2), {}, TypeError, r"^labels has dtype torch\.float32"),
         (torch.ones(2, 3), torch.zeros(2, dtype=torch.int16), {}, TypeError, r"^labels has dtype torch\.int16"),
         (torch.ones(2, 3), torch.zeros(3, dtype=torch.long), {}, ValueError, r"^labels must have shape \(2,\)"),
@@ -311,13 +338,37 @@ def test_package_exports():
         (torch.ones(2, 3), torch.tensor([0, 1]), {"z_loss": float("nan")}, ValueError, r"^z_loss must be"),
         (torch.ones(2, 3), torch.tensor([0, 1]), {"reduction": "avg"}, ValueError, r"^reduction must be one of"),
         (torch.ones(2, 3), torch.tensor([0, 1]), {"ignore_index": 1.5}, TypeError, r"^ignore_index must be an int"),
-        (torch.ones(2, 3), torch.tensor([0, 1], device="meta"), {}, ValueError,
-         r"^tensors must be on one device: logits on cpu, labels on meta"),
+        (
+            torch.ones(2, 3),
+            torch.tensor([0, 1], device="meta"),
+            {},
+            ValueError,
+            r"^tensors must be on one device: logits on cpu, labels on meta",
+        ),
     ],
-    ids=["logits-list", "labels-list", "logits-f64", "labels-float", "labels-int16", "labels-length", "labels-2d",
-         "logits-transposed", "labels-strided", "vocab-0", "logits-0d", "label-too-big", "label-negative",
-         "ignore-index-moved", "smoothing-1", "smoothing-negative", "z-negative", "z-nan", "reduction",
-         "ignore-index-float", "devices"],
+    ids=[
+        "logits-list",
+        "labels-list",
+        "logits-f64",
+        "labels-float",
+        "labels-int16",
+        "labels-length",
+        "labels-2d",
+        "logits-transposed",
+        "labels-strided",
+        "vocab-0",
+        "logits-0d",
+        "label-too-big",
+        "label-negative",
+        "ignore-index-moved",
+        "smoothing-1",
+        "smoothing-negative",
+        "z-negative",
+        "z-nan",
+        "reduction",
+        "ignore-index-float",
+        "devices",
+    ],
 )
 def test_bad_arguments(logits, labels, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -334,6 +385,7 @@ def test_cuda_out_of_range_label_is_an_error_not_a_fault():
 # ---------------------------------------------------------------------------------------------------
 # torch.library registration and torch.compile.
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_opcheck(reduction, device):
@@ -341,11 +393,14 @@ def test_opcheck(reduction, device):
     the op's second output is the gradient its own backward scales in place, which AOT's partitioner
     rejects when that output is also a graph output (the public op never returns it)."""
     logits, labels = make_inputs(6, 21, torch.float32, device)
-    torch.library.opcheck(torch.ops.pytrain.cross_entropy_forward.default,
-                          (logits.requires_grad_(), labels, -100, 0.1, 1e-3, reduction, True),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    torch.library.opcheck(torch.ops.pytrain.cross_entropy_forward.default,
-                          (logits.detach(), labels, -100, 0.0, 0.0, reduction, False))
+    torch.library.opcheck(
+        torch.ops.pytrain.cross_entropy_forward.default,
+        (logits.requires_grad_(), labels, -100, 0.1, 1e-3, reduction, True),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        torch.ops.pytrain.cross_entropy_forward.default, (logits.detach(), labels, -100, 0.0, 0.0, reduction, False)
+    )
     grad = torch.randn(6, 21, device=device)
     torch.library.opcheck(torch.ops.pytrain.scale_saved_grad_.default, (grad, torch.rand(6, device=device)))
 
@@ -372,13 +427,17 @@ def test_torch_compile_dynamic_bf16():
     for rows in (4, 9):
         logits, labels = make_inputs(rows, 64, torch.bfloat16, "cpu")
         grad_out = torch.tensor(1.0, dtype=torch.float64)
-        for name, e, g in zip(("loss", "grad"), kernel_with_grad(cross_entropy, logits, labels, grad_out),
-                              kernel_with_grad(compiled, logits, labels, grad_out)):
+        for name, e, g in zip(
+            ("loss", "grad"),
+            kernel_with_grad(cross_entropy, logits, labels, grad_out),
+            kernel_with_grad(compiled, logits, labels, grad_out),
+        ):
             torch.testing.assert_close(g, e, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------------
 # The plain-PyTorch fallback when the compiled module is missing.
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_fallback_matches_reference(dtype, monkeypatch):
@@ -408,8 +467,9 @@ def test_shard_kernels_match_their_references(dtype, vocab_start, monkeypatch):
     torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6)
     lse = torch.randn(11) + 5
     grad = _shard_gradient(logits, labels, lse, 0.5, vocab_start, 70, -100, 0.1, 1e-2)
-    want = reference.cross_entropy_shard_gradient(logits.double(), labels, lse.double(), 0.5, vocab_start, 70, -100,
-                                                  0.1, 1e-2)
+    want = reference.cross_entropy_shard_gradient(
+        logits.double(), labels, lse.double(), 0.5, vocab_start, 70, -100, 0.1, 1e-2
+    )
     assert_close(grad, want, GRAD_TOLERANCES[dtype], "shard gradient")
 
 
@@ -434,7 +494,7 @@ def _vocab_parallel_worker(rank, world, init_method, results):
                 warnings.simplefilter("ignore", RuntimeWarning)
             logits, labels = make_inputs(23, sum(split), dtype, "cpu", seed=case)
             start = sum(split[:rank])
-            shard = logits[:, start:start + split[rank]].contiguous().requires_grad_()
+            shard = logits[:, start : start + split[rank]].contiguous().requires_grad_()
             loss = vocab_parallel_cross_entropy(shard, labels, **options)
             grad_out = upstream_grad(options.get("reduction", "mean"), 23, seed=case)
             loss.backward(grad_out.float())
@@ -458,17 +518,19 @@ def test_vocab_parallel_two_gloo_processes_equal_unsharded(init_method):
             start = sum(split[:rank])
             assert_close(loss, want_loss, LOSS_TOLERANCE, f"case {case} rank {rank} loss")
             torch.testing.assert_close(loss, unsharded_loss, rtol=1e-5, atol=1e-5)
-            assert_close(grad, want_grad[:, start:start + split[rank]], GRAD_TOLERANCES[dtype],
-                         f"case {case} rank {rank} grad")
+            assert_close(
+                grad, want_grad[:, start : start + split[rank]], GRAD_TOLERANCES[dtype], f"case {case} rank {rank} grad"
+            )
 
 
 def test_vocab_parallel_needs_a_process_group():
-    with pytest.raises(ValueError, match="initialized torch.distributed process group"):
+    with pytest.raises(ValueError, match=r"initialized torch\.distributed process group"):
         vocab_parallel_cross_entropy(torch.ones(2, 3), torch.tensor([0, 1]))
 
 
 # ---------------------------------------------------------------------------------------------------
 # CUDA-only extras (skipped without a GPU).
+
 
 @CUDA
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -476,7 +538,7 @@ def test_cuda_unaligned_rows_take_the_scalar_path(dtype):
     """A vocab that is not a multiple of the 16-byte vector, and a storage offset: element loads."""
     check_against_reference(33, 32003, dtype, "cuda", label_smoothing=0.1)
     base, labels = make_inputs(9, 64, dtype, "cuda")
-    logits = base.flatten()[3:3 + 8 * 64].view(8, 64)
+    logits = base.flatten()[3 : 3 + 8 * 64].view(8, 64)
     grad_out = torch.tensor(1.0, dtype=torch.float64)
     got = kernel_with_grad(cross_entropy, logits, labels[:8], grad_out)
     want = reference_with_grad(logits, labels[:8], grad_out)

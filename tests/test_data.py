@@ -1,3 +1,6 @@
+import functools
+import operator
+
 import numpy as np
 import pytest
 import torch
@@ -27,7 +30,7 @@ def test_sampler_union_over_ranks_is_independent_of_data_parallel_size(data_para
     def global_batches(dp):
         per_rank = 8 // dp
         samplers = [iter(StepBatchSampler(50, per_rank, dp, r, total_steps=12, seed=5)) for r in range(dp)]
-        return [sum((next(s) for s in samplers), []) for _ in range(12)]
+        return [functools.reduce(operator.iadd, (next(s) for s in samplers), []) for _ in range(12)]
 
     assert global_batches(data_parallel_size) == global_batches(1)
 
@@ -58,7 +61,7 @@ def test_stdlib_corpus_is_built_once_and_cached(tmp_path):
     assert len(tokens) == sum(p.stat().st_size for p in sources) + len(sources)
     assert tokens.dtype == np.uint8
     first = sources[0].read_bytes()
-    assert bytes(tokens[:len(first)]) == first
+    assert bytes(tokens[: len(first)]) == first
     mtime = files[0].stat().st_mtime_ns
     again = load_stdlib_corpus(tmp_path, show_progress=False)
     assert files[0].stat().st_mtime_ns == mtime and np.array_equal(again[:1000], tokens[:1000])

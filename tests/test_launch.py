@@ -3,15 +3,17 @@ import pytest
 from pytrain.initialize.launch import first_slurm_host, initialize_distributed_env, launch_from_slurm, launch_from_torch
 
 
-@pytest.mark.parametrize("nodelist, host", [("gpu07", "gpu07"), ("gpu[07-09,12]", "gpu07"), ("a1,b2", "a1"),
-                                            ("node[3]", "node3"), ("x-[010-011],y", "x-010")])
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [("gpu07", "gpu07"), ("gpu[07-09,12]", "gpu07"), ("a1,b2", "a1"), ("node[3]", "node3"), ("x-[010-011],y", "x-010")],
+)
 def test_first_slurm_host(nodelist, host):
     assert first_slurm_host(nodelist) == host
 
 
 def test_slurm_launcher_needs_slurm_environment(monkeypatch):
     monkeypatch.delenv("SLURM_PROCID", raising=False)
-    with pytest.raises(RuntimeError, match="needs SLURM_PROCID .* start the run with srun"):
+    with pytest.raises(RuntimeError, match=r"needs SLURM_PROCID .* start the run with srun"):
         launch_from_slurm("configs/tiny.py")
 
 
@@ -46,6 +48,7 @@ def test_slurm_launch_of_one_task(fresh_context, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_NPROCS", "1")
     monkeypatch.setenv("SLURM_LOCALID", "0")
     monkeypatch.setenv("SLURM_NODELIST", "node[04-07]")
-    ctx = initialize_distributed_env(str(CONFIGS / "tiny.py"), launcher="slurm", master_port=29555,
-                                     overrides=[f"monitor.run_folder={tmp_path}"])
+    ctx = initialize_distributed_env(
+        str(CONFIGS / "tiny.py"), launcher="slurm", master_port=29555, overrides=[f"monitor.run_folder={tmp_path}"]
+    )
     assert ctx.world_size == 1 and ctx.rank == 0 and ctx.local_rank == 0 and ctx.is_initialized

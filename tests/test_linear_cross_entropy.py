@@ -5,6 +5,7 @@ plus z-loss) evaluated in float64 on the very inputs the op sees; gradients come
 The op's logits are rounded to the inputs' dtype before the loss (as eager's matmul output is), and its
 grad_weight accumulates chunk by chunk in weight's dtype: the tolerances below include both.
 """
+
 import warnings
 
 import pytest
@@ -36,8 +37,14 @@ def assert_close(got, want, dtype, kind, what):
     rtol, atol = TOLERANCES[dtype][kind]
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
-    torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=rtol, atol=atol * scale, equal_nan=True,
-                               msg=lambda m: f"{what} ({dtype}): {m}")
+    torch.testing.assert_close(
+        got.double().cpu(),
+        want.cpu(),
+        rtol=rtol,
+        atol=atol * scale,
+        equal_nan=True,
+        msg=lambda m: f"{what} ({dtype}): {m}",
+    )
 
 
 def make_inputs(tokens, hidden_size, vocab, dtype, device, seed=0, ignored=0.2):
@@ -62,14 +69,21 @@ def with_grads(fn, hidden, weight, labels, grad_out, **options):
     return loss.detach(), hidden.grad, weight.grad
 
 
-def check_against_reference(tokens, hidden_size, vocab, dtype, device, fn=linear_cross_entropy, seed=0, ignored=0.2,
-                            **options):
+def check_against_reference(
+    tokens, hidden_size, vocab, dtype, device, fn=linear_cross_entropy, seed=0, ignored=0.2, **options
+):
     hidden, weight, labels = make_inputs(tokens, hidden_size, vocab, dtype, device, seed, ignored)
     grad_out = upstream_grad(options.get("reduction", "mean"), tokens, seed)
     loss, grad_hidden, grad_weight = with_grads(fn, hidden, weight, labels, grad_out, **options)
     reference_options = {k: v for k, v in options.items() if k != "chunk_size"}
-    want = with_grads(reference.linear_cross_entropy, hidden.double().cpu(), weight.double().cpu(), labels.cpu(),
-                      grad_out, **reference_options)
+    want = with_grads(
+        reference.linear_cross_entropy,
+        hidden.double().cpu(),
+        weight.double().cpu(),
+        labels.cpu(),
+        grad_out,
+        **reference_options,
+    )
     assert loss.dtype == torch.float32 and grad_hidden.dtype == dtype and grad_weight.dtype == dtype
     assert_close(loss, want[0], dtype, "loss", "loss")
     assert_close(grad_hidden, want[1], dtype, "grad", "grad_hidden")
@@ -79,19 +93,22 @@ def check_against_reference(tokens, hidden_size, vocab, dtype, device, fn=linear
 # ---------------------------------------------------------------------------------------------------
 # Against float64.
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, None])
 def test_matches_float64_reference(chunk_size, dtype, reduction, device):
     """Chunks of one token, uneven chunks (last one short), one chunk for everything, the default."""
-    check_against_reference(45, 24, 301, dtype, device, chunk_size=chunk_size, reduction=reduction,
-                            label_smoothing=0.1, z_loss=1e-3)
+    check_against_reference(
+        45, 24, 301, dtype, device, chunk_size=chunk_size, reduction=reduction, label_smoothing=0.1, z_loss=1e-3
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.2), dict(z_loss=1e-2)],
-                         ids=["plain", "smoothing", "z-loss"])
+@pytest.mark.parametrize(
+    "options", [dict(), dict(label_smoothing=0.2), dict(z_loss=1e-2)], ids=["plain", "smoothing", "z-loss"]
+)
 def test_options(options, device):
     check_against_reference(20, 16, 97, torch.float32, device, chunk_size=8, **options)
 
@@ -118,8 +135,9 @@ def test_every_label_ignored(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_zero_tokens(device):
     hidden, weight, labels = make_inputs(0, 8, 20, torch.float32, device)
-    loss, grad_hidden, grad_weight = with_grads(linear_cross_entropy, hidden, weight, labels, torch.tensor(1.0),
-                                                reduction="sum")
+    loss, grad_hidden, grad_weight = with_grads(
+        linear_cross_entropy, hidden, weight, labels, torch.tensor(1.0), reduction="sum"
+    )
     assert loss.item() == 0.0 and grad_hidden.shape == (0, 8) and torch.equal(grad_weight.cpu(), torch.zeros(20, 8))
 
 
@@ -157,12 +175,23 @@ def test_default_chunk_size():
     seed=st.integers(0, 2**16),
 )
 def test_property_cpu(tokens, hidden_size, vocab, dtype, reduction, label_smoothing, z_loss, chunk_size, seed):
-    check_against_reference(tokens, hidden_size, vocab, dtype, "cpu", seed=seed, reduction=reduction,
-                            label_smoothing=label_smoothing, z_loss=z_loss, chunk_size=chunk_size)
+    check_against_reference(
+        tokens,
+        hidden_size,
+        vocab,
+        dtype,
+        "cpu",
+        seed=seed,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        chunk_size=chunk_size,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Module, exports.
+
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_module(device):
@@ -171,8 +200,15 @@ def test_module(device):
     hidden, weight, labels = make_inputs(9, 16, 50, torch.float32, device)
     grad_out = torch.tensor(1.0, dtype=torch.float64)
     got = with_grads(lambda h, w, y: loss_fn(h, w, y), hidden, weight, labels, grad_out)
-    want = with_grads(reference.linear_cross_entropy, hidden.double(), weight.double(), labels, grad_out,
-                      label_smoothing=0.1, reduction="sum")
+    want = with_grads(
+        reference.linear_cross_entropy,
+        hidden.double(),
+        weight.double(),
+        labels,
+        grad_out,
+        label_smoothing=0.1,
+        reduction="sum",
+    )
     for name, kind, g, w in zip(("loss", "grad_hidden", "grad_weight"), ("loss", "grad", "grad"), got, want):
         assert_close(g, w, torch.float32, kind, name)
 
@@ -209,9 +245,26 @@ H, W, Y = torch.ones(3, 4), torch.ones(10, 4), torch.tensor([0, 1, 2])
         (H, W, Y, {"label_smoothing": 1.5}, ValueError, r"^label_smoothing must be in \[0, 1\)"),
         (H, W.to("meta"), Y, {}, ValueError, r"^tensors must be on one device: hidden on cpu, weight on meta"),
     ],
-    ids=["hidden-list", "weight-none", "labels-list", "hidden-f64", "weight-dtype", "weight-width", "weight-1d",
-         "vocab-0", "labels-length", "hidden-transposed", "weight-transposed", "label-too-big", "labels-float",
-         "chunk-0", "chunk-float", "reduction", "smoothing", "devices"],
+    ids=[
+        "hidden-list",
+        "weight-none",
+        "labels-list",
+        "hidden-f64",
+        "weight-dtype",
+        "weight-width",
+        "weight-1d",
+        "vocab-0",
+        "labels-length",
+        "hidden-transposed",
+        "weight-transposed",
+        "label-too-big",
+        "labels-float",
+        "chunk-0",
+        "chunk-float",
+        "reduction",
+        "smoothing",
+        "devices",
+    ],
 )
 def test_bad_arguments(hidden, weight, labels, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -221,17 +274,24 @@ def test_bad_arguments(hidden, weight, labels, kwargs, error, match):
 # ---------------------------------------------------------------------------------------------------
 # torch.library registration, torch.compile, the fallback.
 
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     """With a gradient, AOT dispatch is covered by the torch.compile test (see test_cross_entropy.test_opcheck)."""
     hidden, weight, labels = make_inputs(9, 8, 30, torch.float32, device)
-    torch.library.opcheck(torch.ops.pytrain.linear_cross_entropy_forward.default,
-                          (hidden.requires_grad_(), weight.requires_grad_(), labels, -100, 0.1, 1e-3, "mean", 4, True),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    torch.library.opcheck(torch.ops.pytrain.linear_cross_entropy_forward.default,
-                          (hidden.detach(), weight.detach(), labels, -100, 0.1, 1e-3, "none", 4, False))
-    torch.library.opcheck(torch.ops.pytrain.linear_cross_entropy_backward.default,
-                          (torch.rand(9, device=device), hidden.detach(), weight.detach(), labels, -100, 0.0, 0.0, 4))
+    torch.library.opcheck(
+        torch.ops.pytrain.linear_cross_entropy_forward.default,
+        (hidden.requires_grad_(), weight.requires_grad_(), labels, -100, 0.1, 1e-3, "mean", 4, True),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        torch.ops.pytrain.linear_cross_entropy_forward.default,
+        (hidden.detach(), weight.detach(), labels, -100, 0.1, 1e-3, "none", 4, False),
+    )
+    torch.library.opcheck(
+        torch.ops.pytrain.linear_cross_entropy_backward.default,
+        (torch.rand(9, device=device), hidden.detach(), weight.detach(), labels, -100, 0.0, 0.0, 4),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -259,8 +319,9 @@ def test_fallback_matches_reference(monkeypatch):
         got = with_grads(linear_cross_entropy, hidden, weight, labels, grad_out, z_loss=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        want = with_grads(reference.linear_cross_entropy, hidden.double(), weight.double(), labels, grad_out,
-                          z_loss=1e-3)
+        want = with_grads(
+            reference.linear_cross_entropy, hidden.double(), weight.double(), labels, grad_out, z_loss=1e-3
+        )
     for name, kind, g, w in zip(("loss", "grad_hidden", "grad_weight"), ("loss", "grad", "grad"), got, want):
         assert_close(g, w, torch.bfloat16, kind, f"fallback {name}")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import CONFIGS
+
 from pytrain.config import Config
 from pytrain.kernels import RMSNorm, reference
 from pytrain.model import InternLM, mlp_width
@@ -32,9 +32,16 @@ def test_mlp_width_rounds_as_internlm():
     assert mlp_width(64, 4, multiple_of=32) == 256
 
 
-@pytest.mark.parametrize("dtype, expected", [("torch.float32", torch.float32), ("torch.tf32", torch.float32),
-                                             ("torch.bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
-                                             ("torch.half", torch.float16)])
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [
+        ("torch.float32", torch.float32),
+        ("torch.tf32", torch.float32),
+        ("torch.bfloat16", torch.bfloat16),
+        ("torch.float16", torch.float16),
+        ("torch.half", torch.float16),
+    ],
+)
 def test_dtypes_forward_backward(dtype, expected):
     model = build(dtype=dtype)
     assert all(p.dtype == expected for p in model.parameters())

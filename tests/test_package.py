@@ -1,8 +1,8 @@
 """The installed package: compiled modules, the Triton package, and the kernels' independence."""
+
 import subprocess
 
 import pytest
-
 from conftest import python
 
 
@@ -19,9 +19,11 @@ def test_triton_kernels_package_is_installed_inside_pytrain():
 
 
 def test_import_kernels_pulls_in_nothing_of_the_trainer():
-    code = ("import sys, pytrain.kernels; "
-            "print(sorted(m for m in sys.modules if m.startswith('pytrain.') "
-            "and m.split('.')[1] not in ('kernels', '_C', '_C_cuda')))")
+    code = (
+        "import sys, pytrain.kernels; "
+        "print(sorted(m for m in sys.modules if m.startswith('pytrain.') "
+        "and m.split('.')[1] not in ('kernels', '_C', '_C_cuda')))"
+    )
     out = subprocess.run([python(), "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 

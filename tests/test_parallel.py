@@ -4,6 +4,7 @@ per-step losses, gradient norms and final parameters (each rank's shard of them)
 The layouts run through the real construction path (launch, initialize_model / _optimizer / _trainer)
 in 2 or 4 gloo processes; one process runs each model variant as the reference.
 """
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,14 +19,26 @@ STEPS = 5
 MICRO_NUM = 8  # micro-batches per step over all data-parallel ranks
 MICRO_BSZ, SEQ_LEN, VOCAB = 2, 16, 256
 
-MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=VOCAB,
-             multiple_of=32, dtype="torch.float32", checkpoint=0.5)
+MODEL = dict(
+    num_layers=4,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_kv_attention_heads=2,
+    vocab_size=VOCAB,
+    multiple_of=32,
+    dtype="torch.float32",
+    checkpoint=0.5,
+)
 
 # name: (world size, parallel section, model overrides, optimizer overrides)
 LAYOUTS = {
     "dp2": (2, dict(zero1=1), {}, {}),
-    "dp2-zero1-overlap": (2, dict(zero1=-1), {}, dict(overlap_sync_grad=True, overlap_sync_param=True,
-                                                       reduce_bucket_size=20000)),
+    "dp2-zero1-overlap": (
+        2,
+        dict(zero1=-1),
+        {},
+        dict(overlap_sync_grad=True, overlap_sync_param=True, reduce_bucket_size=20000),
+    ),
     "tp2": (2, dict(tensor=2), {}, {}),
     "tp2-vocab-gathered": (2, dict(tensor=2), dict(embed_split_hidden=False, parallel_output=False), {}),
     "tp2-msp": (2, dict(tensor=dict(size=2, mode="msp")), dict(checkpoint=True), {}),
@@ -35,24 +48,38 @@ LAYOUTS = {
     "pp4": (4, dict(pipeline=4), {}, {}),
     "pp4-interleaved": (4, dict(pipeline=4), dict(num_layers=8, num_chunks=2), {}),
     "tp2-pp2": (4, dict(tensor=2, pipeline=2), {}, {}),
-    "dp2-pp2-interleaved-overlap": (4, dict(pipeline=2, zero1=-1), dict(num_chunks=2),
-                                    dict(overlap_sync_grad=True, overlap_sync_param=True, reduce_bucket_size=20000)),
+    "dp2-pp2-interleaved-overlap": (
+        4,
+        dict(pipeline=2, zero1=-1),
+        dict(num_chunks=2),
+        dict(overlap_sync_grad=True, overlap_sync_param=True, reduce_bucket_size=20000),
+    ),
     "dp2-tp2-zero1": (4, dict(tensor=2, zero1=-1), {}, dict(overlap_sync_grad=True)),
-    "tp2-pp2-interleaved-msp-tied": (4, dict(tensor=dict(size=2, mode="msp"), pipeline=2),
-                                     dict(num_chunks=2, tie_word_embeddings=True, embed_split_hidden=False), {}),
+    "tp2-pp2-interleaved-msp-tied": (
+        4,
+        dict(tensor=dict(size=2, mode="msp"), pipeline=2),
+        dict(num_chunks=2, tie_word_embeddings=True, embed_split_hidden=False),
+        {},
+    ),
 }
 
 
-def config(parallel: dict, model: dict, optimizer: dict, world: int | None, run_folder,
-           dtype="torch.float32") -> Config:
+def config(
+    parallel: dict, model: dict, optimizer: dict, world: int | None, run_folder, dtype="torch.float32"
+) -> Config:
     """The test's run config; MICRO_NUM micro-batches per step shared by the data-parallel ranks of `world`."""
-    cfg = Config.from_dict(dict(
-        model=dict(MODEL, **model, dtype=dtype), parallel=parallel,
-        data=dict(seq_len=SEQ_LEN, micro_bsz=MICRO_BSZ, micro_num=MICRO_NUM, total_steps=STEPS),
-        adam=dict(lr=1e-3, weight_decay=0.01, adam_eps=1e-6), lr_scheduler=dict(warmup_ratio=0.0),
-        hybrid_zero_optimizer=dict(dict(overlap_sync_grad=False, clip_grad_norm=1.0), **optimizer),
-        grad_scaler=dict(fp16=dict(initial_scale=2**14, growth_interval=2), hysteresis=1),
-        monitor=dict(run_folder=str(run_folder), tensorboard=dict(enable=False))))
+    cfg = Config.from_dict(
+        dict(
+            model=dict(MODEL, **model, dtype=dtype),
+            parallel=parallel,
+            data=dict(seq_len=SEQ_LEN, micro_bsz=MICRO_BSZ, micro_num=MICRO_NUM, total_steps=STEPS),
+            adam=dict(lr=1e-3, weight_decay=0.01, adam_eps=1e-6),
+            lr_scheduler=dict(warmup_ratio=0.0),
+            hybrid_zero_optimizer=dict(dict(overlap_sync_grad=False, clip_grad_norm=1.0), **optimizer),
+            grad_scaler=dict(fp16=dict(initial_scale=2**14, growth_interval=2), hysteresis=1),
+            monitor=dict(run_folder=str(run_folder), tensorboard=dict(enable=False)),
+        )
+    )
     if world is not None:
         cfg.data.micro_num = MICRO_NUM // check_world_size(cfg, world)
     return cfg
@@ -63,7 +90,7 @@ def batches(data_parallel_rank: int, data_parallel: int):
     generator = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, VOCAB, (STEPS, MICRO_NUM, MICRO_BSZ, SEQ_LEN + 1), generator=generator)
     per_rank = MICRO_NUM // data_parallel
-    mine = tokens[:, data_parallel_rank * per_rank:(data_parallel_rank + 1) * per_rank]
+    mine = tokens[:, data_parallel_rank * per_rank : (data_parallel_rank + 1) * per_rank]
     return [{"input_ids": step[..., :-1], "labels": step[..., 1:]} for step in mine]
 
 
@@ -95,15 +122,16 @@ def train(cfg: Config, rank: int, world: int, inject_nan_at=None):
     _, loss = trainer.execute_schedule(batches(gpc.data_parallel_rank, gpc.data_parallel_size)[0], forward_only=True)
     dist.all_reduce(loss, group=gpc.data_parallel_group)
     history.append((loss.item() / gpc.data_parallel_size, 0.0, True, optimizer.loss_scale))
-    params = {stage.global_name(name): p.detach().clone() for stage in stages(model)
-              for name, p in stage.named_parameters()}
+    params = {
+        stage.global_name(name): p.detach().clone() for stage in stages(model) for name, p in stage.named_parameters()
+    }
     return history, params, optimizer.optimizer_state_bytes(), model
 
 
 def reference(model: dict, run_folder):
     """The single-process run of a model variant: its history and full parameters."""
     try:
-        history, params, state_bytes, _ = train(config({}, model, {}, 1, run_folder), 0, 1)
+        history, params, _state_bytes, _ = train(config({}, model, {}, 1, run_folder), 0, 1)
     finally:
         dist.destroy_process_group()
     return history, params
@@ -115,8 +143,9 @@ def worker(rank, world, init_method, names, references, run_folder, results):
     try:
         for name in names:
             _, parallel, model_overrides, optimizer = LAYOUTS[name]
-            history, _, state_bytes, model = train(config(parallel, model_overrides, optimizer, world, run_folder),
-                                                   rank, world)
+            history, _, state_bytes, model = train(
+                config(parallel, model_overrides, optimizer, world, run_folder), rank, world
+            )
             shards = []  # (full name, this rank's parameter, the same shard of the reference's)
             for stage in stages(model):
                 want = stage.local_state(references[name][1])
@@ -130,8 +159,7 @@ def worker(rank, world, init_method, names, references, run_folder, results):
 def run_layouts(world, names, references, tmp_path, init_method):
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(worker, args=(world, init_method, names, references, tmp_path, results),
-                 nprocs=world, join=True)
+        mp.spawn(worker, args=(world, init_method, names, references, tmp_path, results), nprocs=world, join=True)
         return dict(results)
 
 
@@ -141,8 +169,13 @@ def references(tmp_path_factory):
     by_variant = {}
     out = {}
     for name, (_, _, model, _) in LAYOUTS.items():
-        key = tuple(sorted((k, v) for k, v in model.items() if k not in ("checkpoint", "num_chunks",
-                                                                        "embed_split_hidden", "parallel_output")))
+        key = tuple(
+            sorted(
+                (k, v)
+                for k, v in model.items()
+                if k not in ("checkpoint", "num_chunks", "embed_split_hidden", "parallel_output")
+            )
+        )
         if key not in by_variant:
             by_variant[key] = reference(dict(key), folder)
         out[name] = by_variant[key]
@@ -164,10 +197,18 @@ def test_layout_matches_one_process(world, references, tmp_path, init_method, fr
         for rank in range(world):
             history, shards, _ = results[(name, rank)]
             assert all(success for _, _, success, _ in history), (name, rank, history)
-            torch.testing.assert_close([h[0] for h in history], [h[0] for h in want_history], **TOLERANCE,
-                                       msg=lambda m: f"{name} rank {rank} losses: {m}")
-            torch.testing.assert_close([h[1] for h in history], [h[1] for h in want_history], **TOLERANCE,
-                                       msg=lambda m: f"{name} rank {rank} grad norms: {m}")
+            torch.testing.assert_close(
+                [h[0] for h in history],
+                [h[0] for h in want_history],
+                **TOLERANCE,
+                msg=lambda m: f"{name} rank {rank} losses: {m}",
+            )
+            torch.testing.assert_close(
+                [h[1] for h in history],
+                [h[1] for h in want_history],
+                **TOLERANCE,
+                msg=lambda m: f"{name} rank {rank} grad norms: {m}",
+            )
             for full_name, got, want in shards:
                 torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m: f"{name} rank {rank} {full_name}: {m}")
     if world == 2:  # ZeRO-1 over both ranks holds about half the optimizer state of plain data parallel
@@ -186,8 +227,9 @@ def nan_worker(rank, init_method, run_folder, results):
         dist.destroy_process_group()
 
 
-def test_nan_gradient_on_one_stage_skips_the_step_everywhere_and_fp16_scale_backs_off(tmp_path, init_method,
-                                                                                      fresh_context):
+def test_nan_gradient_on_one_stage_skips_the_step_everywhere_and_fp16_scale_backs_off(
+    tmp_path, init_method, fresh_context
+):
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(nan_worker, args=(init_method, tmp_path, results), nprocs=2, join=True)
@@ -200,17 +242,19 @@ def test_nan_gradient_on_one_stage_skips_the_step_everywhere_and_fp16_scale_back
     assert all(h[0] == h[0] for h in first)  # the losses are finite and the run went on
 
 
-@pytest.mark.parametrize("world, parallel, model, message", [
-    (6, dict(pipeline=4), {}, r"tensor.size=1 x pipeline.size=4 does not divide the world size 6"),
-    (8, dict(pipeline=2, zero1=3), {}, r"zero1.size=3 does not divide the data-parallel size 4"),
-])
+@pytest.mark.parametrize(
+    "world, parallel, model, message",
+    [
+        (6, dict(pipeline=4), {}, r"tensor.size=1 x pipeline.size=4 does not divide the world size 6"),
+        (8, dict(pipeline=2, zero1=3), {}, r"zero1.size=3 does not divide the data-parallel size 4"),
+    ],
+)
 def test_bad_layouts_fail_before_any_process_group(world, parallel, model, message, tmp_path):
     cfg = config(parallel, model, {}, None, tmp_path)
     with pytest.raises(ConfigError, match=message):
         check_world_size(cfg, world)
     with pytest.raises(ConfigError, match=message):  # launch checks before joining the process group
-        launch(cfg, rank=0, world_size=world, local_rank=0, init_method="tcp://127.0.0.1:1", backend="gloo",
-               seed=0)
+        launch(cfg, rank=0, world_size=world, local_rank=0, init_method="tcp://127.0.0.1:1", backend="gloo", seed=0)
     assert not dist.is_initialized()
 
 

@@ -17,8 +17,28 @@ def test_builtin_arguments_and_defaults():
 
 def test_builtin_arguments_parse():
     args = get_default_parser().parse_args(
-        ["--config", "c.py", "--launcher", "slurm", "--host", "node1", "--port", "1234", "--world_size", "8",
-         "--rank", "3", "--local_rank", "1", "--backend", "gloo", "--seed", "7", "--profiling"])
+        [
+            "--config",
+            "c.py",
+            "--launcher",
+            "slurm",
+            "--host",
+            "node1",
+            "--port",
+            "1234",
+            "--world_size",
+            "8",
+            "--rank",
+            "3",
+            "--local_rank",
+            "1",
+            "--backend",
+            "gloo",
+            "--seed",
+            "7",
+            "--profiling",
+        ]
+    )
     assert (args.config, args.launcher, args.host, args.port) == ("c.py", "slurm", "node1", 1234)
     assert (args.world_size, args.rank, args.local_rank, args.backend, args.seed) == (8, 3, 1, "gloo", 7)
     assert args.profiling is True

@@ -5,6 +5,7 @@ kernel sees (so input rounding is not counted as kernel error); gradients come f
 reference. Tolerances are per dtype, below, and scale with the size of the expected values.
 CUDA tests are the same comparisons on "cuda" and are skipped on machines without a GPU.
 """
+
 import math
 
 import pytest
@@ -49,13 +50,15 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what
     if big.any():
         overflowed = (got[big].double().abs() >= torch.finfo(dtype).max).all()
         assert overflowed and torch.equal(got[big].sign().double(), want[big].sign()), (
-            f"{what}: {got[big]} where the exact values {want[big]} overflow {dtype}")
+            f"{what}: {got[big]} where the exact values {want[big]} overflow {dtype}"
+        )
         got, want = got[~big], want[~big]
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
     tol = TOLERANCES[dtype]
     scale = max(1.0, scale, want.abs().max().item() if want.numel() else 0.0)
-    torch.testing.assert_close(got.double(), want, rtol=tol["rtol"], atol=tol["atol"] * scale,
-                               msg=lambda m: f"{what} ({dtype}): {m}")
+    torch.testing.assert_close(
+        got.double(), want, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=lambda m: f"{what} ({dtype}): {m}"
+    )
 
 
 def make_inputs(shape, dtype, weight_dtype, device, seed=0, scale=1.0):
@@ -106,9 +109,11 @@ def dx_scale(x, weight, dy, eps) -> float:
 # ---------------------------------------------------------------------------------------------------
 # The compiled modules are really there (otherwise every comparison below would test the reference).
 
+
 def test_cpu_extension_is_built():
     assert _backend.extension(torch.device("cpu")) is not None, (
-        "pytrain._C is missing: `pip install --no-build-isolation -e .` builds it")
+        "pytrain._C is missing: `pip install --no-build-isolation -e .` builds it"
+    )
 
 
 @CUDA
@@ -122,14 +127,14 @@ def test_cuda_extension_is_built():
 # Forward, dx and dweight against float64.
 
 SHAPES = [
-    (1, 1),            # hidden 1: y = sign(x) * w (almost)
-    (1, 3),            # one row
-    (5, 37),           # hidden not a power of two, not a multiple of any vector width
-    (2, 3, 4097),      # several leading dims, hidden one past a power of two
-    (2, 2, 3, 64),     # three leading dims
-    (0, 128),          # zero rows
-    (3, 0, 16),        # zero rows in a middle dim
-    (7, 513),          # CUDA: hidden just over one block of threads
+    (1, 1),  # hidden 1: y = sign(x) * w (almost)
+    (1, 3),  # one row
+    (5, 37),  # hidden not a power of two, not a multiple of any vector width
+    (2, 3, 4097),  # several leading dims, hidden one past a power of two
+    (2, 2, 3, 64),  # three leading dims
+    (0, 128),  # zero rows
+    (3, 0, 16),  # zero rows in a middle dim
+    (7, 513),  # CUDA: hidden just over one block of threads
 ]
 
 
@@ -195,7 +200,7 @@ def test_zero_row_vector_is_finite(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_grad_of_one_input_only(device):
     x, weight, dy = make_inputs((4, 33), torch.float32, torch.float32, device)
-    y_ref, dx_ref, dw_ref = reference_with_grads(x, weight, dy, 1e-5)
+    _y_ref, dx_ref, dw_ref = reference_with_grads(x, weight, dy, 1e-5)
 
     xg = x.clone().requires_grad_()
     rms_norm(xg, weight).backward(dy)
@@ -283,6 +288,7 @@ def test_property_eps_is_used(hidden, eps, seed):
 # ---------------------------------------------------------------------------------------------------
 # RMSNorm module.
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_module(dtype, device):
@@ -316,6 +322,7 @@ def test_module_float32_weight_bf16_input():
 # ---------------------------------------------------------------------------------------------------
 # Bad arguments: a TypeError / ValueError that names the argument, never a crash.
 
+
 @pytest.mark.parametrize(
     "x,weight,eps,error,match",
     [
@@ -325,8 +332,13 @@ def test_module_float32_weight_bf16_input():
         (torch.ones(2, 2, dtype=torch.int32), torch.ones(2), 1e-5, TypeError, r"^x has dtype torch\.int32"),
         (torch.ones(2, 2), torch.ones(2, dtype=torch.float64), 1e-5, TypeError, r"^weight has dtype torch\.float64"),
         (torch.ones(2, 2), torch.ones(2, dtype=torch.bfloat16), 1e-5, TypeError, r"^weight has dtype torch\.bfloat16"),
-        (torch.ones(2, 2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.float16), 1e-5, TypeError,
-         r"^weight has dtype torch\.float16"),
+        (
+            torch.ones(2, 2, dtype=torch.bfloat16),
+            torch.ones(2, dtype=torch.float16),
+            1e-5,
+            TypeError,
+            r"^weight has dtype torch\.float16",
+        ),
         (torch.ones(2, 3), torch.ones(2), 1e-5, ValueError, r"^weight must have shape \(3,\)"),
         (torch.ones(2, 3), torch.ones(1, 3), 1e-5, ValueError, r"^weight must have shape \(3,\)"),
         (torch.ones(3, 4).t(), torch.ones(3), 1e-5, ValueError, r"^x must be contiguous"),
@@ -336,12 +348,33 @@ def test_module_float32_weight_bf16_input():
         (torch.ones(2, 3), torch.ones(3), 0.0, ValueError, r"^eps must be positive"),
         (torch.ones(2, 3), torch.ones(3), -1e-5, ValueError, r"^eps must be positive"),
         (torch.ones(2, 3), torch.ones(3), float("nan"), ValueError, r"^eps must be positive"),
-        (torch.ones(2, 3), torch.ones(3, device="meta"), 1e-5, ValueError,
-         r"^tensors must be on one device: x on cpu, weight on meta"),
+        (
+            torch.ones(2, 3),
+            torch.ones(3, device="meta"),
+            1e-5,
+            ValueError,
+            r"^tensors must be on one device: x on cpu, weight on meta",
+        ),
     ],
-    ids=["x-list", "weight-none", "x-float64", "x-int", "weight-float64", "weight-bf16-for-f32-x",
-         "weight-f16-for-bf16-x", "weight-length", "weight-2d", "x-transposed", "weight-strided", "x-0d",
-         "hidden-0", "eps-0", "eps-negative", "eps-nan", "devices"],
+    ids=[
+        "x-list",
+        "weight-none",
+        "x-float64",
+        "x-int",
+        "weight-float64",
+        "weight-bf16-for-f32-x",
+        "weight-f16-for-bf16-x",
+        "weight-length",
+        "weight-2d",
+        "x-transposed",
+        "weight-strided",
+        "x-0d",
+        "hidden-0",
+        "eps-0",
+        "eps-negative",
+        "eps-nan",
+        "devices",
+    ],
 )
 def test_bad_arguments(x, weight, eps, error, match):
     with pytest.raises(error, match=match):
@@ -362,6 +395,7 @@ def test_cuda_cpu_mix_is_rejected():
 
 # ---------------------------------------------------------------------------------------------------
 # torch.library registration and torch.compile.
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,weight_dtype", [DTYPE_PAIRS[0], DTYPE_PAIRS[3]], ids=[PAIR_IDS[0], PAIR_IDS[3]])
@@ -404,6 +438,7 @@ def test_torch_compile_dynamic_shapes_and_bf16():
 # ---------------------------------------------------------------------------------------------------
 # The plain-PyTorch fallback when a compiled module is missing.
 
+
 @pytest.mark.parametrize("dtype,weight_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
 def test_fallback_matches_kernel(dtype, weight_dtype, monkeypatch):
     x, weight, dy = make_inputs((3, 4, 50), dtype, weight_dtype, "cpu")
@@ -413,8 +448,9 @@ def test_fallback_matches_kernel(dtype, weight_dtype, monkeypatch):
     with pytest.warns(RuntimeWarning, match="falls back to plain-PyTorch references"):
         fallback = kernel_with_grads(rms_norm, x, weight, dy, 1e-5)
     y_ref, dx_ref, dw_ref = reference_with_grads(x, weight, dy, 1e-5)
-    for name, k, f, want, dt in zip(("y", "dx", "dweight"), with_kernel, fallback, (y_ref, dx_ref, dw_ref),
-                                    (dtype, dtype, weight_dtype)):
+    for name, k, f, want, dt in zip(
+        ("y", "dx", "dweight"), with_kernel, fallback, (y_ref, dx_ref, dw_ref), (dtype, dtype, weight_dtype)
+    ):
         assert f.dtype == k.dtype
         assert_close(f, want, dt, f"fallback {name}")
         # Kernel and fallback both compute in fp32: at most a rounding apart in the output dtype.
@@ -437,6 +473,7 @@ def test_package_exports():
 
 # ---------------------------------------------------------------------------------------------------
 # The fused residual add (pre-norm decoders) and out= (writing into a preallocated output).
+
 
 def residual_reference_with_grads(x, residual, weight, dy, dtotal, eps):
     x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, residual, weight))
@@ -484,7 +521,7 @@ def test_residual_gradient_through_y_only():
 @pytest.mark.parametrize("device", DEVICES)
 def test_residual_compiles_fullgraph_and_passes_opcheck(device):
     torch._dynamo.reset()
-    x, weight, dy = make_inputs((3, 8, 64), torch.float32, torch.float32, device, seed=4)
+    x, weight, _dy = make_inputs((3, 8, 64), torch.float32, torch.float32, device, seed=4)
     residual = torch.randn_like(x)
     torch.library.opcheck(torch.ops.pytrain.rms_norm_residual_forward, (x, residual, weight.requires_grad_(), 1e-5))
     compiled = torch.compile(lambda a, r, w: rms_norm(a, w, residual=r), fullgraph=True)
@@ -505,13 +542,16 @@ def test_out_writes_into_the_given_tensor(dtype, weight_dtype, device):
     torch.library.opcheck(torch.ops.pytrain.rms_norm_forward_out, (x, weight, 1e-5, torch.empty_like(x)))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(residual=torch.randn(2, 7)), r"residual must match x: shape \(2, 8\)"),
-    (dict(residual=torch.randn(2, 8, dtype=torch.bfloat16)), r"residual must match x: .* dtype torch.float32"),
-    (dict(residual=torch.randn(8, 2).t()), r"residual must be contiguous"),
-    (dict(out=torch.empty(2, 9)), r"out must match x"),
-    (dict(out=torch.empty(2, 8), residual=torch.randn(2, 8)), r"out= is not supported together with residual="),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(residual=torch.randn(2, 7)), r"residual must match x: shape \(2, 8\)"),
+        (dict(residual=torch.randn(2, 8, dtype=torch.bfloat16)), r"residual must match x: .* dtype torch.float32"),
+        (dict(residual=torch.randn(8, 2).t()), r"residual must be contiguous"),
+        (dict(out=torch.empty(2, 9)), r"out must match x"),
+        (dict(out=torch.empty(2, 8), residual=torch.randn(2, 8)), r"out= is not supported together with residual="),
+    ],
+)
 def test_residual_and_out_bad_arguments(kwargs, match):
     with torch.no_grad(), pytest.raises(ValueError, match=match):
         rms_norm(torch.randn(2, 8), torch.ones(8), **kwargs)

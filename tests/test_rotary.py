@@ -5,6 +5,7 @@ sees, with float64 angles; dq and dk come from autograd of that reference. Toler
 below, and scale with the size of the expected values. CUDA tests are the same comparisons on "cuda",
 skipped on machines without a GPU.
 """
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -35,14 +36,21 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
     tol = TOLERANCES[dtype]
     scale = max(1.0, want.abs().max().item() if want.numel() else 0.0)
-    torch.testing.assert_close(got.detach().cpu().double(), want.detach().cpu().double(), rtol=tol["rtol"],
-                               atol=tol["atol"] * scale, msg=lambda m: f"{what} ({dtype}): {m}")
+    torch.testing.assert_close(
+        got.detach().cpu().double(),
+        want.detach().cpu().double(),
+        rtol=tol["rtol"],
+        atol=tol["atol"] * scale,
+        msg=lambda m: f"{what} ({dtype}): {m}",
+    )
 
 
 def make_inputs(q_shape, k_shape, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q, k, dq, dk = (torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(device)
-                    for shape in (q_shape, k_shape, q_shape, k_shape))
+    q, k, dq, dk = (
+        torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+        for shape in (q_shape, k_shape, q_shape, k_shape)
+    )
     return q, k, dq, dk
 
 
@@ -55,8 +63,16 @@ def with_grads(fn, q, k, dq_out, dk_out, **kwargs):
 
 
 def reference_with_grads(q, k, dq_out, dk_out, positions=None, base=10000.0, interleaved=False):
-    return with_grads(reference.apply_rotary, q.double(), k.double(), dq_out.double(), dk_out.double(),
-                      positions=positions, base=base, interleaved=interleaved)
+    return with_grads(
+        reference.apply_rotary,
+        q.double(),
+        k.double(),
+        dq_out.double(),
+        dk_out.double(),
+        positions=positions,
+        base=base,
+        interleaved=interleaved,
+    )
 
 
 def check_against_reference(q_shape, k_shape, dtype, device, positions=None, base=10000.0, interleaved=False, seed=0):
@@ -86,13 +102,13 @@ def test_extension_has_the_kernel(device):
 
 # (batch, seq, q_heads, k_heads, head_dim)
 SHAPES = [
-    (1, 1, 1, 1, 2),      # one token, one pair
-    (2, 7, 8, 2, 64),     # GQA 4:1
-    (3, 37, 8, 1, 96),    # multi-query, seq not a multiple of anything, head_dim not a power of two
-    (1, 45, 4, 4, 80),    # head_dim 80: 40 pairs, not a multiple of a vector width
+    (1, 1, 1, 1, 2),  # one token, one pair
+    (2, 7, 8, 2, 64),  # GQA 4:1
+    (3, 37, 8, 1, 96),  # multi-query, seq not a multiple of anything, head_dim not a power of two
+    (1, 45, 4, 4, 80),  # head_dim 80: 40 pairs, not a multiple of a vector width
     (2, 5, 3, 2, 32),
     (1, 9, 2, 2, 128),
-    (2, 0, 4, 2, 16),     # no tokens
+    (2, 0, 4, 2, 16),  # no tokens
 ]
 
 
@@ -102,8 +118,9 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_float64_reference(shape, dtype, interleaved, device):
     batch, seq, q_heads, k_heads, head_dim = shape
-    check_against_reference((batch, seq, q_heads, head_dim), (batch, seq, k_heads, head_dim), dtype, device,
-                            interleaved=interleaved)
+    check_against_reference(
+        (batch, seq, q_heads, head_dim), (batch, seq, k_heads, head_dim), dtype, device, interleaved=interleaved
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -114,12 +131,17 @@ def test_packed_with_restarting_positions(dtype, k_heads, interleaved, device):
     """Packed (tokens, heads, head_dim): each document rotates exactly as if it were alone in a batch."""
     docs = [5, 1, 17, 9]
     positions = packed_positions(docs, device)
-    q_out, k_out, _, _ = check_against_reference((sum(docs), 8, 64), (sum(docs), k_heads, 64), dtype, device, positions=positions, interleaved=interleaved)
+    q_out, k_out, _, _ = check_against_reference(
+        (sum(docs), 8, 64), (sum(docs), k_heads, 64), dtype, device, positions=positions, interleaved=interleaved
+    )
     q, k, _, _ = make_inputs((sum(docs), 8, 64), (sum(docs), k_heads, 64), dtype, device)
     start = docs[0] + docs[1]
-    alone_q, alone_k = apply_rotary(q[None, start:start + docs[2]], k[None, start:start + docs[2]],
-                                    interleaved=interleaved)
-    assert torch.equal(q_out[start:start + docs[2]], alone_q[0]) and torch.equal(k_out[start:start + docs[2]], alone_k[0])
+    alone_q, alone_k = apply_rotary(
+        q[None, start : start + docs[2]], k[None, start : start + docs[2]], interleaved=interleaved
+    )
+    assert torch.equal(q_out[start : start + docs[2]], alone_q[0]) and torch.equal(
+        k_out[start : start + docs[2]], alone_k[0]
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -155,8 +177,9 @@ def test_large_positions_grow_the_table_and_keep_precision(device):
 @pytest.mark.parametrize("base", [500.0, 1e6, 10000])
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
 def test_base(base, interleaved, device):
-    got = check_against_reference((2, 13, 4, 64), (2, 13, 4, 64), torch.float32, device, base=base,
-                                  interleaved=interleaved)
+    got = check_against_reference(
+        (2, 13, 4, 64), (2, 13, 4, 64), torch.float32, device, base=base, interleaved=interleaved
+    )
     q, k, _, _ = make_inputs((2, 13, 4, 64), (2, 13, 4, 64), torch.float32, device)
     assert not torch.allclose(got[0], apply_rotary(q, k, base=base * 2, interleaved=interleaved)[0])
 
@@ -166,8 +189,13 @@ def test_base(base, interleaved, device):
 def test_cpu_threads_split_tokens(dtype, threads, num_threads):
     """Enough tokens that the CPU kernel splits them over threads (uneven chunks with 3)."""
     num_threads(threads)
-    check_against_reference((2, 301, 4, 64), (2, 301, 2, 64), dtype, "cpu",
-                            positions=torch.randint(0, 999, (2, 301), generator=torch.Generator().manual_seed(1)))
+    check_against_reference(
+        (2, 301, 4, 64),
+        (2, 301, 2, 64),
+        dtype,
+        "cpu",
+        positions=torch.randint(0, 999, (2, 301), generator=torch.Generator().manual_seed(1)),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -183,12 +211,16 @@ def test_strided_views_of_fused_qkv(interleaved, device):
     dq_out, dk_out = torch.randn(q.shape, generator=g).to(device), torch.randn(k.shape, generator=g).to(device)
     q_out, k_out = apply_rotary(q, k, interleaved=interleaved)
     torch.autograd.backward((q_out, k_out), (dq_out, dk_out))
-    want = reference_with_grads(q.detach().contiguous(), k.detach().contiguous(), dq_out, dk_out,
-                                interleaved=interleaved)
-    for name, got, w in zip(("q_out", "k_out", "dq", "dk"),
-                            (q_out, k_out, qkv.grad[:, :, :q_heads], qkv.grad[:, :, q_heads:q_heads + kv_heads]), want):
+    want = reference_with_grads(
+        q.detach().contiguous(), k.detach().contiguous(), dq_out, dk_out, interleaved=interleaved
+    )
+    for name, got, w in zip(
+        ("q_out", "k_out", "dq", "dk"),
+        (q_out, k_out, qkv.grad[:, :, :q_heads], qkv.grad[:, :, q_heads : q_heads + kv_heads]),
+        want,
+    ):
         assert_close(got, w, torch.float32, name)
-    assert torch.equal(qkv.grad[:, :, q_heads + kv_heads:], torch.zeros_like(v))
+    assert torch.equal(qkv.grad[:, :, q_heads + kv_heads :], torch.zeros_like(v))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -219,6 +251,7 @@ def test_grad_of_one_input_only(device):
 # ---------------------------------------------------------------------------------------------------
 # In place.
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("packed", [False, True], ids=["4d", "packed"])
@@ -237,7 +270,7 @@ def test_inplace_modifies_inputs_and_equals_out_of_place(packed, dtype, device):
 def test_inplace_on_qkv_views_leaves_v_alone(device):
     qkv = torch.randn(2, 5, 8, 16, device=device)
     before = qkv.clone()
-    q, k, v = qkv.split([4, 2, 2], dim=2)
+    q, k, _v = qkv.split([4, 2, 2], dim=2)
     want_q, want_k = apply_rotary(q, k)
     apply_rotary(q, k, inplace=True)
     assert torch.equal(qkv[:, :, :4], want_q) and torch.equal(qkv[:, :, 4:6], want_k)
@@ -275,6 +308,7 @@ def test_backward_is_rotation_by_minus_angle():
 # ---------------------------------------------------------------------------------------------------
 # Property tests.
 
+
 @st.composite
 def rotary_cases(draw, max_tokens=40, max_heads=6):
     packed = draw(st.booleans())
@@ -291,9 +325,15 @@ def rotary_cases(draw, max_tokens=40, max_heads=6):
         if positions is not None:
             shape = tokens[1:] if positions == "seq" else tokens
             positions = torch.randint(0, 5000, shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
-    return dict(q_shape=(*tokens, q_heads, head_dim), k_shape=(*tokens, k_heads, head_dim), positions=positions,
-                dtype=draw(st.sampled_from(DTYPES)), interleaved=draw(st.booleans()),
-                base=draw(st.sampled_from([10000.0, 500.0, 1e6])), seed=draw(st.integers(0, 2**16)))
+    return dict(
+        q_shape=(*tokens, q_heads, head_dim),
+        k_shape=(*tokens, k_heads, head_dim),
+        positions=positions,
+        dtype=draw(st.sampled_from(DTYPES)),
+        interleaved=draw(st.booleans()),
+        base=draw(st.sampled_from([10000.0, 500.0, 1e6])),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -312,6 +352,7 @@ def test_property_cuda(case):
 
 # ---------------------------------------------------------------------------------------------------
 # RotaryEmbedding module and the model's use.
+
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_module_equals_functional(device):
@@ -337,8 +378,14 @@ def test_model_packed_positions_equal_separate_documents():
     from pytrain.model import InternLM
 
     torch.manual_seed(0)
-    model = InternLM(num_layers=1, hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=50,
-                     use_flash_attn=False)
+    model = InternLM(
+        num_layers=1,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_kv_attention_heads=2,
+        vocab_size=50,
+        use_flash_attn=False,
+    )
     ids = torch.randint(0, 50, (1, 12))
     with torch.no_grad():
         alone = model(ids[:, :5])
@@ -365,39 +412,94 @@ P = torch.ones(6, 4, 8)  # packed q
         ((Q, K.bfloat16()), {}, TypeError, r"^k has dtype torch\.bfloat16; it must match q's dtype"),
         ((torch.ones(3, 8), K), {}, ValueError, r"^q must be \(batch, seq, heads, head_dim\) or packed"),
         ((Q, torch.ones(1, 2, 3, 2, 8)), {}, ValueError, r"^k must be \(batch, seq, heads, head_dim\)"),
-        ((torch.ones(2, 3, 4, 7), torch.ones(2, 3, 2, 7)), {}, ValueError, r"^head_dim \(q\.shape\[-1\]\) must be even"),
+        (
+            (torch.ones(2, 3, 4, 7), torch.ones(2, 3, 2, 7)),
+            {},
+            ValueError,
+            r"^head_dim \(q\.shape\[-1\]\) must be even",
+        ),
         ((torch.ones(2, 3, 4, 0), torch.ones(2, 3, 2, 0)), {}, ValueError, r"^head_dim .* got 0"),
         ((Q, torch.ones(2, 4, 2, 8)), {}, ValueError, r"^k's \(batch, seq\) \(2, 4\) must match q's \(2, 3\)"),
         ((Q, torch.ones(1, 3, 2, 8)), {}, ValueError, r"^k's \(batch, seq\) \(1, 3\) must match q's \(2, 3\)"),
         ((P, torch.ones(5, 2, 8)), {"positions": torch.arange(6)}, ValueError, r"^k's \(tokens,\) \(5,\) must match"),
         ((Q, torch.ones(2, 3, 2, 16)), {}, ValueError, r"^k's head_dim 16 must match q's head_dim 8"),
         ((Q, torch.ones(6, 2, 8)), {}, ValueError, r"^q and k must use the same layout"),
-        ((torch.ones(2, 4, 3, 8).transpose(1, 2), K), {}, ValueError, r"^q must be contiguous over \(heads, head_dim\)"),
-        ((Q, torch.ones(2, 3, 16)[..., ::2].reshape(2, 3, 1, 8).expand(2, 3, 2, 8)), {}, ValueError,
-         r"^k must be contiguous over \(heads, head_dim\)"),
+        (
+            (torch.ones(2, 4, 3, 8).transpose(1, 2), K),
+            {},
+            ValueError,
+            r"^q must be contiguous over \(heads, head_dim\)",
+        ),
+        (
+            (Q, torch.ones(2, 3, 16)[..., ::2].reshape(2, 3, 1, 8).expand(2, 3, 2, 8)),
+            {},
+            ValueError,
+            r"^k must be contiguous over \(heads, head_dim\)",
+        ),
         ((Q, torch.ones(2, 3, 2, 16)[..., ::2]), {}, ValueError, r"^k must be contiguous over \(heads, head_dim\)"),
         ((P, torch.ones(6, 2, 8)), {}, ValueError, r"^positions is required for the packed layout"),
         ((Q, K), {"positions": [0, 1, 2]}, TypeError, r"^positions must be a torch\.Tensor or None, got list"),
         ((Q, K), {"positions": torch.arange(3.0)}, TypeError, r"^positions has dtype torch\.float32"),
         ((Q, K), {"positions": torch.arange(4)}, ValueError, r"^positions must have shape \(seq,\) or \(batch, seq\)"),
         ((Q, K), {"positions": torch.zeros(3, 2, dtype=torch.long)}, ValueError, r"^positions must have shape"),
-        ((P, torch.ones(6, 2, 8)), {"positions": torch.zeros(2, 3, dtype=torch.long)}, ValueError,
-         r"^positions must have shape \(tokens,\) = \(6,\), got \(2, 3\)"),
-        ((Q, K), {"positions": torch.tensor([0, -1, 2])}, ValueError, r"^positions must lie in \[0, 2097152\), got .*-1"),
+        (
+            (P, torch.ones(6, 2, 8)),
+            {"positions": torch.zeros(2, 3, dtype=torch.long)},
+            ValueError,
+            r"^positions must have shape \(tokens,\) = \(6,\), got \(2, 3\)",
+        ),
+        (
+            (Q, K),
+            {"positions": torch.tensor([0, -1, 2])},
+            ValueError,
+            r"^positions must lie in \[0, 2097152\), got .*-1",
+        ),
         ((Q, K), {"positions": torch.tensor([0, 1, 1 << 21])}, ValueError, r"^positions must lie in \[0, 2097152\)"),
         ((Q, K), {"base": 0.0}, ValueError, r"^base must be a positive finite number, got 0\.0"),
         ((Q, K), {"base": -1.0}, ValueError, r"^base must be a positive finite number"),
         ((Q, K), {"base": float("inf")}, ValueError, r"^base must be a positive finite number"),
         ((Q, K), {"base": None}, ValueError, r"^base must be a positive finite number, got None"),
         ((Q, K.to("meta")), {}, ValueError, r"^tensors must be on one device: q on cpu, k on meta"),
-        ((Q, K), {"positions": torch.arange(3, device="meta")}, ValueError,
-         r"^tensors must be on one device: q on cpu, positions on meta"),
+        (
+            (Q, K),
+            {"positions": torch.arange(3, device="meta")},
+            ValueError,
+            r"^tensors must be on one device: q on cpu, positions on meta",
+        ),
     ],
-    ids=["q-list", "k-none", "float64", "q-int", "k-dtype", "q-2d", "k-5d", "head_dim-odd", "head_dim-0",
-         "seq-mismatch", "batch-mismatch", "tokens-mismatch", "head_dim-mismatch", "layout-mismatch", "q-transposed",
-         "k-expanded-heads", "k-strided-head_dim", "packed-no-positions", "positions-list", "positions-float",
-         "positions-length", "positions-2d-wrong", "positions-packed-2d", "positions-negative", "positions-too-large",
-         "base-0", "base-negative", "base-inf", "base-none", "devices", "positions-device"],
+    ids=[
+        "q-list",
+        "k-none",
+        "float64",
+        "q-int",
+        "k-dtype",
+        "q-2d",
+        "k-5d",
+        "head_dim-odd",
+        "head_dim-0",
+        "seq-mismatch",
+        "batch-mismatch",
+        "tokens-mismatch",
+        "head_dim-mismatch",
+        "layout-mismatch",
+        "q-transposed",
+        "k-expanded-heads",
+        "k-strided-head_dim",
+        "packed-no-positions",
+        "positions-list",
+        "positions-float",
+        "positions-length",
+        "positions-2d-wrong",
+        "positions-packed-2d",
+        "positions-negative",
+        "positions-too-large",
+        "base-0",
+        "base-negative",
+        "base-inf",
+        "base-none",
+        "devices",
+        "positions-device",
+    ],
 )
 def test_bad_arguments(args, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -406,8 +508,10 @@ def test_bad_arguments(args, kwargs, error, match):
 
 def test_meta_device_shapes():
     """Meta tensors have no kernel and take the reference path: shapes and dtypes only."""
-    q, k = torch.empty(2, 5, 4, 8, device="meta", dtype=torch.bfloat16), torch.empty(2, 5, 2, 8, device="meta",
-                                                                                       dtype=torch.bfloat16)
+    q, k = (
+        torch.empty(2, 5, 4, 8, device="meta", dtype=torch.bfloat16),
+        torch.empty(2, 5, 2, 8, device="meta", dtype=torch.bfloat16),
+    )
     q_out, k_out = apply_rotary(q, k)
     assert q_out.device.type == "meta" and q_out.shape == q.shape and k_out.shape == k.shape
     assert q_out.dtype == torch.bfloat16
@@ -424,16 +528,19 @@ def test_cuda_cpu_mix_is_rejected():
 # ---------------------------------------------------------------------------------------------------
 # torch.library registration and torch.compile.
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_positions", [False, True], ids=["no-positions", "positions"])
 def test_opcheck(with_positions, device):
     """torch.library's own checks: schema, fake (meta) impl, autograd registration, AOT dispatch."""
     q, k, _, _ = make_inputs((2, 5, 4, 16), (2, 5, 2, 16), torch.float32, device)
     positions = torch.randint(0, 50, (2, 5), device=device) if with_positions else None
-    torch.library.opcheck(torch.ops.pytrain.rotary.default,
-                          (q.requires_grad_(), k.requires_grad_(), positions, 500.0, True, False))
-    torch.library.opcheck(torch.ops.pytrain.rotary_.default, (q.detach().clone(), k.detach().clone(), positions,
-                                                             500.0, False, False))
+    torch.library.opcheck(
+        torch.ops.pytrain.rotary.default, (q.requires_grad_(), k.requires_grad_(), positions, 500.0, True, False)
+    )
+    torch.library.opcheck(
+        torch.ops.pytrain.rotary_.default, (q.detach().clone(), k.detach().clone(), positions, 500.0, False, False)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -472,6 +579,7 @@ def test_torch_compile_inplace_and_dynamic_shapes():
 
 # ---------------------------------------------------------------------------------------------------
 # The plain-PyTorch fallback when a compiled module is missing.
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])

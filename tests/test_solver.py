@@ -1,10 +1,11 @@
+import itertools
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from pytrain.solver import Beta2Scheduler, HybridZeroOptimizer, DynamicGradScaler, WarmupCosineLR, param_groups
+from pytrain.solver import Beta2Scheduler, DynamicGradScaler, HybridZeroOptimizer, WarmupCosineLR, param_groups
 
 
 def small_model(dtype=torch.float32):
@@ -30,7 +31,7 @@ def test_warmup_then_cosine():
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lrs[100] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
 
 
 def test_init_steps_shift_the_schedule():
@@ -52,8 +53,15 @@ def test_beta2_schedule():
 
 
 def test_grad_scaler_hysteresis_backoff_and_growth():
-    scaler = DynamicGradScaler(initial_scale=16, min_scale=2, growth_factor=2, backoff_factor=0.5,
-                               growth_interval=3, hysteresis=2, max_scale=64)
+    scaler = DynamicGradScaler(
+        initial_scale=16,
+        min_scale=2,
+        growth_factor=2,
+        backoff_factor=0.5,
+        growth_interval=3,
+        hysteresis=2,
+        max_scale=64,
+    )
     scaler.update(overflow=True)
     assert scaler.scale == 16  # first overflow absorbed by hysteresis
     scaler.update(overflow=True)

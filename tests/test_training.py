@@ -1,12 +1,13 @@
 """End-to-end runs of `python -m pytrain.train`, in-process and under torchrun with 2 gloo processes."""
+
 import json
 import os
 import subprocess
 
 import pytest
 import torch
-
 from conftest import CONFIGS, ROOT, SMALL, python
+
 from pytrain.parallel import gpc
 
 
@@ -22,8 +23,18 @@ def only_run(folder):
 def test_tiny_run_loss_falls(fresh_context, tmp_path, capsys):
     from pytrain.train.__main__ import main
 
-    code = main(["--config", str(CONFIGS / "tiny.py"), "--set", *SMALL, "data.total_steps=30", "adam.lr=3e-3",
-                 f"monitor.run_folder={tmp_path}", "monitor.tensorboard.enable=True"])
+    code = main(
+        [
+            "--config",
+            str(CONFIGS / "tiny.py"),
+            "--set",
+            *SMALL,
+            "data.total_steps=30",
+            "adam.lr=3e-3",
+            f"monitor.run_folder={tmp_path}",
+            "monitor.tensorboard.enable=True",
+        ]
+    )
     assert code == 0
     run = gpc.run_folder
     rows = metrics(run)
@@ -35,7 +46,7 @@ def test_tiny_run_loss_falls(fresh_context, tmp_path, capsys):
         assert column in out
     assert (run / "config.py").exists() and (run / "loss.svg").read_text().startswith("<svg")
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert all(r["tflops"] > 0 and 0 < r["mfu"] and r["memory_mib"] > 0 for r in rows)
+    assert all(r["tflops"] > 0 and r["mfu"] > 0 and r["memory_mib"] > 0 for r in rows)
 
 
 def test_config_error_exits_cleanly(fresh_context, capsys):
@@ -45,26 +56,60 @@ def test_config_error_exits_cleanly(fresh_context, capsys):
     assert "did you mean 'num_layers'" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("layout, micro_num", [
-    (["parallel.zero1.size=-1"], 2), (["parallel.zero1.size=1"], 2),
-    (["parallel.pipeline.size=2", "model.num_chunks=2"], 4),
-    (["parallel.tensor.size=2", "parallel.tensor.mode='msp'"], 4),
-], ids=["dp2-zero1-sharded", "dp2-zero1-off", "pp2-interleaved", "tp2-msp"])
+@pytest.mark.parametrize(
+    "layout, micro_num",
+    [
+        (["parallel.zero1.size=-1"], 2),
+        (["parallel.zero1.size=1"], 2),
+        (["parallel.pipeline.size=2", "model.num_chunks=2"], 4),
+        (["parallel.tensor.size=2", "parallel.tensor.mode='msp'"], 4),
+    ],
+    ids=["dp2-zero1-sharded", "dp2-zero1-off", "pp2-interleaved", "tp2-msp"],
+)
 def test_two_gloo_processes_equal_one_process(tmp_path, layout, micro_num):
     """`python -m pytrain.train` under torchrun with 2 gloo processes against 1 process with the same global
     batch (4 micro-batches): the same logged losses and gradient norms, logged by rank 0 also when the
     loss is computed on the last pipeline stage."""
-    common = ["--config", str(CONFIGS / "tiny.py"), "--backend", "gloo", "--set", *SMALL, "data.total_steps=6",
-              "adam.lr=3e-3", "model.num_layers=4"]
+    common = [
+        "--config",
+        str(CONFIGS / "tiny.py"),
+        "--backend",
+        "gloo",
+        "--set",
+        *SMALL,
+        "data.total_steps=6",
+        "adam.lr=3e-3",
+        "model.num_layers=4",
+    ]
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it: same matmul blocking
-    one = subprocess.run([python(), "-m", "pytrain.train", *common, "data.micro_num=4",
-                          f"monitor.run_folder={tmp_path / 'one'}"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env=one_thread)
+    one = subprocess.run(
+        [python(), "-m", "pytrain.train", *common, "data.micro_num=4", f"monitor.run_folder={tmp_path / 'one'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=one_thread,
+    )
     assert one.returncode == 0, one.stdout + one.stderr
-    two = subprocess.run([python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "pytrain.train", *common, *layout, f"data.micro_num={micro_num}",
-                          f"monitor.run_folder={tmp_path / 'two'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            python(),
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "pytrain.train",
+            *common,
+            *layout,
+            f"data.micro_num={micro_num}",
+            f"monitor.run_folder={tmp_path / 'two'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stdout + two.stderr
     assert "2 rank(s)" in two.stdout
     a, b = metrics(only_run(tmp_path / "one")), metrics(only_run(tmp_path / "two"))
@@ -94,18 +139,35 @@ def test_internlm_training_construction_api(fresh_context, tmp_path, monkeypatch
     parser = pytrain.initialize.get_default_parser()
     assert parser is not None and get_default_parser is pytrain.initialize.get_default_parser
     parser.add_argument("--user_arg", type=int, default=-1, help="arguments add by user.")
-    args = parser.parse_args(["--config", str(CONFIGS / "tiny.py"), "--user_arg", "3", "--set", *SMALL,
-                              "model_type=NEW_MODEL", "data.total_steps=3", "data.train_folder=None",
-                              f"monitor.run_folder={tmp_path}"])
-    initialize_distributed_env(config=args.config, launcher=args.launcher, master_port=args.port, seed=args.seed,
-                               overrides=args.overrides)
+    args = parser.parse_args(
+        [
+            "--config",
+            str(CONFIGS / "tiny.py"),
+            "--user_arg",
+            "3",
+            "--set",
+            *SMALL,
+            "model_type=NEW_MODEL",
+            "data.total_steps=3",
+            "data.train_folder=None",
+            f"monitor.run_folder={tmp_path}",
+        ]
+    )
+    initialize_distributed_env(
+        config=args.config, launcher=args.launcher, master_port=args.port, seed=args.seed, overrides=args.overrides
+    )
     model = initialize_model()
     assert built["hidden_size"] == 64 and built["num_layers"] == 2
     optimizer, beta2_scheduler, lr_scheduler = initialize_optimizer(model=model)
     train_dl, dataset_types = get_train_data_loader(num_worker=0)
     assert dataset_types == ["dummy"]
-    trainer, train_dl, _, _ = initialize_trainer(model=model, optimizer=optimizer, train_dataloader=train_dl,
-                                                 lr_scheduler=lr_scheduler, beta2_scheduler=beta2_scheduler)
+    trainer, train_dl, _, _ = initialize_trainer(
+        model=model,
+        optimizer=optimizer,
+        train_dataloader=train_dl,
+        lr_scheduler=lr_scheduler,
+        beta2_scheduler=beta2_scheduler,
+    )
     steps = 0
     for batch in train_dl:
         assert batch["input_ids"].shape == (1, 2, 32)
@@ -123,7 +185,7 @@ def test_unknown_model_type_lists_registered(fresh_context, tmp_path):
     from pytrain.train import initialize_model
 
     launch_from_torch(str(CONFIGS / "tiny.py"), overrides=["model_type=NOPE", f"monitor.run_folder={tmp_path}"])
-    with pytest.raises(KeyError, match="no module registered as 'NOPE'; registered: .*INTERNLM"):
+    with pytest.raises(KeyError, match=r"no module registered as 'NOPE'; registered: .*INTERNLM"):
         initialize_model()
 
 
@@ -131,8 +193,21 @@ def test_unknown_model_type_lists_registered(fresh_context, tmp_path):
 def test_16bit_training_steps(fresh_context, tmp_path, dtype):
     from pytrain.train.__main__ import main
 
-    assert main(["--config", str(CONFIGS / "tiny.py"), "--set", *SMALL, "data.total_steps=4", f"model.dtype={dtype}",
-                 "use_fp32_norm=True", f"monitor.run_folder={tmp_path}"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                str(CONFIGS / "tiny.py"),
+                "--set",
+                *SMALL,
+                "data.total_steps=4",
+                f"model.dtype={dtype}",
+                "use_fp32_norm=True",
+                f"monitor.run_folder={tmp_path}",
+            ]
+        )
+        == 0
+    )
     rows = metrics(gpc.run_folder)
     assert len(rows) == 4 and all(r["loss"] == r["loss"] for r in rows)
     assert ("loss_scale" in rows[0]) == (dtype == "torch.float16")
@@ -144,6 +219,8 @@ def test_7b_dry_run_reports_parameters_without_memory(capsys):
     assert main(["--config", str(CONFIGS / "7B.py"), "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert "7,321,423,872 parameters (7.32B)" in out and "44.61 GFLOPs per token" in out
-    assert main(["--config", str(CONFIGS / "7B.py"), "--dry_run", "--world_size", "8", "--set",
-                 "parallel.zero1.size=3"]) == 2
+    assert (
+        main(["--config", str(CONFIGS / "7B.py"), "--dry_run", "--world_size", "8", "--set", "parallel.zero1.size=3"])
+        == 2
+    )
     assert "parallel.zero1.size=3 does not divide the data-parallel size 8" in capsys.readouterr().out

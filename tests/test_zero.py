@@ -17,22 +17,34 @@ GLOBAL_BATCH = 16
 
 def make_model(dtype):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 24), nn.LayerNorm(24), nn.GELU(), nn.Linear(24, 24), nn.Linear(24, 24),
-                          nn.Linear(24, 24), nn.Linear(24, 3)).to(dtype)
+    model = nn.Sequential(
+        nn.Linear(6, 24),
+        nn.LayerNorm(24),
+        nn.GELU(),
+        nn.Linear(24, 24),
+        nn.Linear(24, 24),
+        nn.Linear(24, 24),
+        nn.Linear(24, 3),
+    ).to(dtype)
     model.unused = nn.Parameter(torch.zeros(5, dtype=dtype))  # never in the forward: its grad stays None
     return model
 
 
 def batches():
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randn(GLOBAL_BATCH, 3, generator=g)) for _ in range(STEPS)]
+    return [
+        (torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randn(GLOBAL_BATCH, 3, generator=g)) for _ in range(STEPS)
+    ]
 
 
 def train(model, optimizer, rank=0, world=1):
     losses = []
     per_rank = GLOBAL_BATCH // world
     for inputs, targets in batches():
-        inputs, targets = inputs[rank * per_rank:(rank + 1) * per_rank], targets[rank * per_rank:(rank + 1) * per_rank]
+        inputs, targets = (
+            inputs[rank * per_rank : (rank + 1) * per_rank],
+            targets[rank * per_rank : (rank + 1) * per_rank],
+        )
         optimizer.zero_grad()
         for micro, (x, y) in enumerate(zip(inputs.chunk(2), targets.chunk(2))):  # gradient accumulation
             loss = (model(x.to(model[0].weight.dtype)).float() - y).pow(2).mean() / 2
@@ -47,8 +59,15 @@ def train(model, optimizer, rank=0, world=1):
 
 def optimizer_for(model, zero_group=None, overlap=False):
     # A small bucket size: several buckets, so the overlapped reduce starts some before the backward ends.
-    return HybridZeroOptimizer(model, lr=1e-2, weight_decay=0.1, clip_grad_norm=0.5, zero_group=zero_group,
-                               reduce_bucket_size=700, overlap_sync_grad=overlap)
+    return HybridZeroOptimizer(
+        model,
+        lr=1e-2,
+        weight_decay=0.1,
+        clip_grad_norm=0.5,
+        zero_group=zero_group,
+        reduce_bucket_size=700,
+        overlap_sync_grad=overlap,
+    )
 
 
 def worker(rank, init_method, dtype, results):
@@ -62,8 +81,11 @@ def worker(rank, init_method, dtype, results):
             optimizer = optimizer_for(model, zero_group=zero_group, overlap=overlap)
             assert (optimizer.overlap is not None) == overlap and (not overlap or len(optimizer.overlap.buckets) > 2)
             norms = train(model, optimizer, rank, WORLD)
-            results[(zero_size, overlap, rank)] = ([p.detach().float() for p in model.parameters()], norms,
-                                                   optimizer.optimizer_state_bytes())
+            results[(zero_size, overlap, rank)] = (
+                [p.detach().float() for p in model.parameters()],
+                norms,
+                optimizer.optimizer_state_bytes(),
+            )
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -83,7 +105,7 @@ def test_zero1_matches_one_process_and_shards_the_state(dtype, init_method):
         results = dict(results)
 
     tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
-    for (zero_size, overlap, rank), (params, norms, state_bytes) in results.items():
+    for params, norms, _state_bytes in results.values():
         torch.testing.assert_close(norms, reference_norms, **tolerance)
         for got, want in zip(params, reference_params):
             torch.testing.assert_close(got, want, **tolerance)
@@ -94,8 +116,10 @@ def test_zero1_matches_one_process_and_shards_the_state(dtype, init_method):
         # Each zero1 group holds the whole state once, split over its ranks within one parameter of even.
         assert sum(per_rank[:zero_size]) == unsharded_bytes
         assert max(per_rank) <= unsharded_bytes / zero_size + largest_share
-    peak = {zero_size: max(results[(zero_size, overlap, r)][2] for r in range(WORLD))
-            for zero_size, overlap in ((1, False), (2, True), (4, False))}
+    peak = {
+        zero_size: max(results[(zero_size, overlap, r)][2] for r in range(WORLD))
+        for zero_size, overlap in ((1, False), (2, True), (4, False))
+    }
     assert peak[4] < peak[2] < peak[1] == unsharded_bytes
 
 

@@ -1,4 +1,5 @@
 """One step's samples -> {"input_ids", "labels"} of shape (micro_num, micro_bsz, seq_len)."""
+
 import torch
 
 

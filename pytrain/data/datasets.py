@@ -1,4 +1,5 @@
 """Token datasets: each item is one sample of seq_len input tokens with its next-token labels."""
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -25,8 +26,10 @@ class TokenWindowDataset(Dataset):
 
     def __init__(self, tokens: np.ndarray, seq_len: int):
         if len(tokens) < seq_len + 1:
-            raise ValueError(f"the token stream has {len(tokens)} tokens, fewer than one sample "
-                             f"(data.seq_len + 1 = {seq_len + 1}): lower data.seq_len")
+            raise ValueError(
+                f"the token stream has {len(tokens)} tokens, fewer than one sample "
+                f"(data.seq_len + 1 = {seq_len + 1}): lower data.seq_len"
+            )
         self.tokens, self.seq_len = tokens, seq_len
 
     def __len__(self) -> int:
@@ -34,5 +37,5 @@ class TokenWindowDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         start = index * self.seq_len
-        window = torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
+        window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
         return {"input_ids": window[:-1], "labels": window[1:]}

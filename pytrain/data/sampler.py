@@ -5,18 +5,30 @@ Step k reads the global batch of G = data_parallel_size * micro_num * micro_bsz 
 contiguous slice. The union over ranks is the same whatever the data-parallel size, which is what makes
 a 2-process run equal to a 1-process run with the same global batch.
 """
+
 import torch
 from torch.utils.data import Sampler
 
 
 class StepBatchSampler(Sampler):
-    def __init__(self, num_samples: int, samples_per_rank: int, data_parallel_size: int, data_parallel_rank: int,
-                 total_steps: int, seed: int = 1024, shuffle: bool = True, start_step: int = 0):
+    def __init__(
+        self,
+        num_samples: int,
+        samples_per_rank: int,
+        data_parallel_size: int,
+        data_parallel_rank: int,
+        total_steps: int,
+        seed: int = 1024,
+        shuffle: bool = True,
+        start_step: int = 0,
+    ):
         self.global_batch = samples_per_rank * data_parallel_size
         if num_samples < self.global_batch:
-            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch of "
-                             f"{self.global_batch} (data-parallel size x data.micro_num x data.micro_bsz): "
-                             f"use more data or a smaller batch")
+            raise ValueError(
+                f"the dataset has {num_samples} samples, fewer than one global batch of "
+                f"{self.global_batch} (data-parallel size x data.micro_num x data.micro_bsz): "
+                f"use more data or a smaller batch"
+            )
         self.num_samples, self.samples_per_rank = num_samples, samples_per_rank
         self.rank, self.total_steps, self.seed, self.shuffle = data_parallel_rank, total_steps, seed, shuffle
         self.steps_per_epoch = num_samples // self.global_batch
@@ -38,4 +50,4 @@ class StepBatchSampler(Sampler):
                 order = self._order(epoch)
             start = (self.step % self.steps_per_epoch) * self.global_batch + self.rank * self.samples_per_rank
             self.step += 1
-            yield order[start:start + self.samples_per_rank].tolist()
+            yield order[start : start + self.samples_per_rank].tolist()

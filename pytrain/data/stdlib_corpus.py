@@ -4,6 +4,7 @@ Nothing is downloaded: the sources of the running interpreter are read once (fil
 order; site-packages left out), joined with a 0 byte between files, and cached as a uint8 .npy file.
 Token ids are byte values 0..255, so any model.vocab_size >= 256 fits.
 """
+
 import hashlib
 import os
 import sysconfig
@@ -24,8 +25,10 @@ def load_stdlib_corpus(cache_folder: str | os.PathLike, show_progress: bool = Tr
     """The corpus as a read-only uint8 array, built on the first call and memory-mapped after that."""
     files = stdlib_sources()
     if not files:
-        raise RuntimeError(f"no .py files under {sysconfig.get_paths()['stdlib']}: this Python has no stdlib "
-                           f"sources; set data.train_folder=None to train on dummy data")
+        raise RuntimeError(
+            f"no .py files under {sysconfig.get_paths()['stdlib']}: this Python has no stdlib "
+            f"sources; set data.train_folder=None to train on dummy data"
+        )
     fingerprint = hashlib.sha1("\n".join(f"{p}:{p.stat().st_size}" for p in files).encode()).hexdigest()[:12]
     cache = Path(cache_folder).expanduser() / f"stdlib-corpus-{fingerprint}.npy"
     if not cache.exists():

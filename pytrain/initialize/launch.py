@@ -2,6 +2,7 @@
 
 One process started with plain `python` (no torchrun variables) runs as a world of one.
 """
+
 import os
 import random
 import re
@@ -20,29 +21,55 @@ def launch_from_torch(config, backend: str | None = None, seed: int = 1024, over
     """Launch inside torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT come from it."""
     env = os.environ
     if "RANK" not in env:
-        return launch(config, rank=0, world_size=1, local_rank=0, init_method=None, backend=backend,
-                      seed=seed, overrides=overrides)
+        return launch(
+            config,
+            rank=0,
+            world_size=1,
+            local_rank=0,
+            init_method=None,
+            backend=backend,
+            seed=seed,
+            overrides=overrides,
+        )
     missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
     if missing:
         raise RuntimeError(f"RANK is set but {', '.join(missing)} is not set: start the run with torchrun")
     # env://: under torchrun the ranks share the agent's store, which outlives them; a store served by rank 0
     # could go away while the other ranks still tear down.
-    return launch(config, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
-                  local_rank=int(env.get("LOCAL_RANK", 0)), init_method="env://", backend=backend, seed=seed,
-                  overrides=overrides)
+    return launch(
+        config,
+        rank=int(env["RANK"]),
+        world_size=int(env["WORLD_SIZE"]),
+        local_rank=int(env.get("LOCAL_RANK", 0)),
+        init_method="env://",
+        backend=backend,
+        seed=seed,
+        overrides=overrides,
+    )
 
 
-def launch_from_slurm(config, host: str | None = None, port: int = 8888, backend: str | None = None,
-                      seed: int = 1024, overrides=()):
+def launch_from_slurm(
+    config, host: str | None = None, port: int = 8888, backend: str | None = None, seed: int = 1024, overrides=()
+):
     """Launch inside srun: SLURM_PROCID, SLURM_NPROCS, SLURM_LOCALID; master = host or the first node."""
     env = os.environ
     try:
         rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NPROCS"])
     except KeyError as err:
-        raise RuntimeError(f"launcher 'slurm' needs {err.args[0]} in the environment: start the run with srun") from None
+        raise RuntimeError(
+            f"launcher 'slurm' needs {err.args[0]} in the environment: start the run with srun"
+        ) from None
     host = host or first_slurm_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST", ""))
-    return launch(config, rank=rank, world_size=world_size, local_rank=int(env.get("SLURM_LOCALID", 0)),
-                  init_method=f"tcp://{host}:{port}", backend=backend, seed=seed, overrides=overrides)
+    return launch(
+        config,
+        rank=rank,
+        world_size=world_size,
+        local_rank=int(env.get("SLURM_LOCALID", 0)),
+        init_method=f"tcp://{host}:{port}",
+        backend=backend,
+        seed=seed,
+        overrides=overrides,
+    )
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -54,8 +81,15 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
-def initialize_distributed_env(config, launcher: str = "torch", master_port: int = 8888, seed: int = 1024,
-                               backend: str | None = None, host: str | None = None, overrides=()):
+def initialize_distributed_env(
+    config,
+    launcher: str = "torch",
+    master_port: int = 8888,
+    seed: int = 1024,
+    backend: str | None = None,
+    host: str | None = None,
+    overrides=(),
+):
     """InternLM's entry point: launch with the given launcher, then the run is ready for initialize_model()."""
     if launcher == "torch":
         return launch_from_torch(config, backend=backend, seed=seed, overrides=overrides)
@@ -64,13 +98,27 @@ def initialize_distributed_env(config, launcher: str = "torch", master_port: int
     raise ValueError(f"launcher must be 'torch' or 'slurm', got {launcher!r}")
 
 
-def launch(config, rank: int, world_size: int, local_rank: int, init_method: str | None, backend: str | None,
-           seed: int, overrides=()):
+def launch(
+    config,
+    rank: int,
+    world_size: int,
+    local_rank: int,
+    init_method: str | None,
+    backend: str | None,
+    seed: int,
+    overrides=(),
+):
     """Loads and checks the config, joins the process group (through init_method; a world of one needs
     none), seeds every RNG, creates the run folder."""
-    cfg = config if isinstance(config, Config) else (
-        Config.from_dict(config, overrides=overrides) if isinstance(config, dict) else
-        Config.from_file(config, overrides=overrides))
+    cfg = (
+        config
+        if isinstance(config, Config)
+        else (
+            Config.from_dict(config, overrides=overrides)
+            if isinstance(config, dict)
+            else Config.from_file(config, overrides=overrides)
+        )
+    )
     source = str(config) if isinstance(config, (str, Path)) else "config"
     check_world_size(cfg, world_size, source)  # before any process waits on another
 

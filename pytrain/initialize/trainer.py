@@ -1,4 +1,5 @@
 """initialize_trainer: wraps model, optimizer, schedule and schedulers into a Trainer, as InternLM's."""
+
 from torch import nn
 
 from pytrain.config import Config
@@ -9,8 +10,16 @@ from pytrain.parallel.schedule import NonPipelineScheduler
 from pytrain.train.trainer import Trainer
 
 
-def initialize_trainer(model, optimizer, criterion=None, train_dataloader=None, test_dataloader=None,
-                       lr_scheduler=None, beta2_scheduler=None, config: Config | None = None):
+def initialize_trainer(
+    model,
+    optimizer,
+    criterion=None,
+    train_dataloader=None,
+    test_dataloader=None,
+    lr_scheduler=None,
+    beta2_scheduler=None,
+    config: Config | None = None,
+):
     """Returns (trainer, train_dataloader, test_dataloader, lr_scheduler), as InternLM's.
 
     The schedule comes from the config: gradient accumulation over data.micro_num micro-batches without a
@@ -20,22 +29,36 @@ def initialize_trainer(model, optimizer, criterion=None, train_dataloader=None, 
     cfg = gpc.require_config(config)
     if criterion is None:
         sharded_logits = gpc.tensor_parallel_size > 1 and cfg.model.parallel_output
-        criterion = LMLoss(label_smoothing=cfg.loss.label_smoothing,
-                           vocab_parallel_group=gpc.tensor_parallel_group if sharded_logits else None)
+        criterion = LMLoss(
+            label_smoothing=cfg.loss.label_smoothing,
+            vocab_parallel_group=gpc.tensor_parallel_group if sharded_logits else None,
+        )
     micro_num = cfg.data.micro_num
     if cfg.parallel.pipeline.size == 1:
         schedule = NonPipelineScheduler(micro_num=micro_num)
     else:
         _check_pipeline_stages(model, cfg.model.num_chunks)
-        pipeline = dict(micro_num=micro_num, hidden_size=cfg.model.hidden_size, dtype=DTYPES[cfg.model.dtype],
-                        sequence_split=gpc.tensor_parallel_size if cfg.parallel.tensor.mode == "msp" else 1)
+        pipeline = dict(
+            micro_num=micro_num,
+            hidden_size=cfg.model.hidden_size,
+            dtype=DTYPES[cfg.model.dtype],
+            sequence_split=gpc.tensor_parallel_size if cfg.parallel.tensor.mode == "msp" else 1,
+        )
         if cfg.model.num_chunks > 1:
-            schedule = InterleavedPipelineScheduler(**pipeline, num_chunks=cfg.model.num_chunks,
-                                                    overlap=cfg.parallel.pipeline.interleaved_overlap)
+            schedule = InterleavedPipelineScheduler(
+                **pipeline, num_chunks=cfg.model.num_chunks, overlap=cfg.parallel.pipeline.interleaved_overlap
+            )
         else:
             schedule = PipelineScheduler(**pipeline)
-    trainer = Trainer(model, optimizer, schedule, criterion, device=gpc.device, lr_scheduler=lr_scheduler,
-                      beta2_scheduler=beta2_scheduler)
+    trainer = Trainer(
+        model,
+        optimizer,
+        schedule,
+        criterion,
+        device=gpc.device,
+        lr_scheduler=lr_scheduler,
+        beta2_scheduler=beta2_scheduler,
+    )
     return trainer, train_dataloader, test_dataloader, lr_scheduler
 
 
@@ -44,7 +67,9 @@ def _check_pipeline_stages(model, num_chunks: int) -> None:
     knowing whether it is the first or last (see pytrain.model.internlm.build_model_with_cfg)."""
     stages = list(model) if num_chunks > 1 and isinstance(model, nn.ModuleList) else [model]
     if len(stages) != num_chunks or not all(hasattr(s, "first") and hasattr(s, "last") for s in stages):
-        raise TypeError(f"parallel.pipeline.size > 1 needs the model builder to return this rank's pipeline stage "
-                        f"({'an nn.ModuleList of ' + str(num_chunks) + ' stages' if num_chunks > 1 else 'one stage'}), "
-                        f"each with .first / .last and forward(input_ids=None, hidden_states=None) as "
-                        f"pytrain.model.InternLM; got {type(model).__name__}")
+        raise TypeError(
+            f"parallel.pipeline.size > 1 needs the model builder to return this rank's pipeline stage "
+            f"({'an nn.ModuleList of ' + str(num_chunks) + ' stages' if num_chunks > 1 else 'one stage'}), "
+            f"each with .first / .last and forward(input_ids=None, hidden_states=None) as "
+            f"pytrain.model.InternLM; got {type(model).__name__}"
+        )

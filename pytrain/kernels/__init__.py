@@ -7,16 +7,27 @@ CUDA and PyTorch's SDPA (per document for packed input) on the CPU.
 Fused: rms_norm, apply_rotary, cross_entropy (and vocab_parallel_cross_entropy), linear_cross_entropy,
 flash_attn_func / flash_attn_varlen_func.
 """
+
 from . import reference
-from .modules import CrossEntropyLoss, FlashAttention, LinearCrossEntropyLoss, RMSNorm, RotaryEmbedding
 from .cross_entropy import cross_entropy, vocab_parallel_cross_entropy
 from .flash_attn import flash_attn_func, flash_attn_varlen_func
 from .linear_cross_entropy import linear_cross_entropy
+from .modules import CrossEntropyLoss, FlashAttention, LinearCrossEntropyLoss, RMSNorm, RotaryEmbedding
 from .rms_norm import rms_norm
 from .rotary import apply_rotary
 
 __all__ = [
-    "rms_norm", "flash_attn_func", "flash_attn_varlen_func", "apply_rotary", "cross_entropy",
-    "vocab_parallel_cross_entropy", "linear_cross_entropy", "RMSNorm", "RotaryEmbedding", "CrossEntropyLoss",
-    "LinearCrossEntropyLoss", "FlashAttention", "reference",
+    "CrossEntropyLoss",
+    "FlashAttention",
+    "LinearCrossEntropyLoss",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "apply_rotary",
+    "cross_entropy",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "linear_cross_entropy",
+    "reference",
+    "rms_norm",
+    "vocab_parallel_cross_entropy",
 ]

@@ -1,4 +1,5 @@
 """Finds the compiled kernel modules and describes tensors to them (dtype codes, streams, threads)."""
+
 import importlib
 import warnings
 

@@ -1,4 +1,5 @@
 """Argument checks shared by the ops: each error names the argument and what to do about it."""
+
 import torch
 
 from ._backend import SUPPORTED_DTYPES

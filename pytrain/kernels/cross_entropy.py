@@ -8,6 +8,7 @@ No second vocab-sized fp32 tensor is ever made. Kernels: pytrain._C (CPU), pytra
 `mean` averages over tokens whose label is not ignore_index; when every label is ignored it is NaN,
 as in F.cross_entropy (and its gradient is zero).
 """
+
 import torch
 import torch.distributed as dist
 
@@ -62,35 +63,84 @@ def grad_scale_for(reduction: str, count: int) -> float:
     return 1.0 / count if reduction == "mean" and count > 0 else 1.0
 
 
-def run_kernel(name: str, logits, labels, *, loss=None, lse=None, partial_stats=None, grad=None, row_scale=None,
-               grad_scale=1.0, vocab_start=0, total_vocab=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0):
+def run_kernel(
+    name: str,
+    logits,
+    labels,
+    *,
+    loss=None,
+    lse=None,
+    partial_stats=None,
+    grad=None,
+    row_scale=None,
+    grad_scale=1.0,
+    vocab_start=0,
+    total_vocab=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    z_loss=0.0,
+):
     """Calls pytrain._C(_cuda).cross_entropy_{forward,gradient} on contiguous (rows, vocab) logits."""
     rows, vocab = logits.shape
     workers = parallelism(logits, rows)
     # The CPU forward keeps each row's exponentials in an fp32 row per thread (a few MB at most).
     needs_workspace = grad is not None and logits.device.type == "cpu" and name == "cross_entropy_forward"
     workspace = torch.empty(workers, vocab, dtype=torch.float32) if needs_workspace else None
-    address = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    address = lambda t: 0 if t is None else t.data_ptr()
     getattr(extension(logits.device), name)(
-        address(logits), address(labels), address(loss), address(lse), address(partial_stats), address(grad),
-        address(row_scale), address(workspace), grad_scale, rows, vocab, vocab_start, total_vocab or vocab,
-        ignore_index, label_smoothing, z_loss, DTYPE_CODES[logits.dtype], workers, **launch_args(logits))
+        address(logits),
+        address(labels),
+        address(loss),
+        address(lse),
+        address(partial_stats),
+        address(grad),
+        address(row_scale),
+        address(workspace),
+        grad_scale,
+        rows,
+        vocab,
+        vocab_start,
+        total_vocab or vocab,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        DTYPE_CODES[logits.dtype],
+        workers,
+        **launch_args(logits),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # The unsharded op.
 
+
 @torch.library.custom_op("pytrain::cross_entropy_forward", mutates_args=())
-def _forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-             reduction: str, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     rows, vocab = logits.shape
     count = check_labels_in_range(labels, vocab, ignore_index)
     loss_rows = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss_rows)
     grad = torch.empty_like(logits) if with_grad else logits.new_empty(0)
-    run_kernel("cross_entropy_forward", logits, labels, loss=loss_rows, lse=lse, grad=grad if with_grad else None,
-               grad_scale=grad_scale_for(reduction, count), ignore_index=ignore_index,
-               label_smoothing=label_smoothing, z_loss=z_loss)
+    run_kernel(
+        "cross_entropy_forward",
+        logits,
+        labels,
+        loss=loss_rows,
+        lse=lse,
+        grad=grad if with_grad else None,
+        grad_scale=grad_scale_for(reduction, count),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
     return reduce_rows(loss_rows, reduction, count), grad
 
 
@@ -141,14 +191,22 @@ def _check_logits(name: str, logits, labels):
     check_tensor(name, logits)
     check_same_device(**{name: logits, "labels": labels})
     if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (the {name}' shape without its last "
-                         f"dimension), got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape {tuple(logits.shape[:-1])} (the {name}' shape without its last "
+            f"dimension), got {tuple(labels.shape)}"
+        )
     if logits.shape[-1] == 0:
         raise ValueError(f"{name}' last dimension (vocab) must be at least 1")
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, label_smoothing: float = 0.0,
-                  reduction: str = "mean", z_loss: float = 0.0) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+) -> torch.Tensor:
     """F.cross_entropy over the last dimension of logits (..., vocab) with labels (...), in fp32.
 
     z_loss adds z_loss * logsumexp(logits)^2 per token (PaLM). Returns a float32 scalar, or the
@@ -160,39 +218,65 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         return reference.cross_entropy(logits, labels, ignore_index, label_smoothing, reduction, z_loss)
     vocab = logits.shape[-1]
     with_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = _forward(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index, float(label_smoothing),
-                       float(z_loss), reduction, with_grad)
+    loss, _ = _forward(
+        logits.reshape(-1, vocab),
+        labels.reshape(-1),
+        ignore_index,
+        float(label_smoothing),
+        float(z_loss),
+        reduction,
+        with_grad,
+    )
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
 
 # ---------------------------------------------------------------------------------------------------
 # Vocab-parallel: each rank of `group` holds a contiguous vocab slice of the logits.
 
+
 def _shard_statistics(logits, labels, vocab_start, ignore_index, label_smoothing):
     """(rows, 4) per-row max, sum exp(x - max), target logit (0 off-shard), sum of logits."""
     if extension(logits.device) is None:
         return reference.cross_entropy_shard_statistics(logits, labels, vocab_start, ignore_index)
     stats = torch.empty(logits.shape[0], 4, dtype=torch.float32, device=logits.device)
-    run_kernel("cross_entropy_forward", logits, labels, partial_stats=stats, vocab_start=vocab_start,
-               ignore_index=ignore_index, label_smoothing=label_smoothing)
+    run_kernel(
+        "cross_entropy_forward",
+        logits,
+        labels,
+        partial_stats=stats,
+        vocab_start=vocab_start,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
     return stats
 
 
 def _shard_gradient(logits, labels, lse, grad_scale, vocab_start, total_vocab, ignore_index, label_smoothing, z_loss):
     if extension(logits.device) is None:
-        return reference.cross_entropy_shard_gradient(logits, labels, lse, grad_scale, vocab_start, total_vocab,
-                                                      ignore_index, label_smoothing, z_loss)
+        return reference.cross_entropy_shard_gradient(
+            logits, labels, lse, grad_scale, vocab_start, total_vocab, ignore_index, label_smoothing, z_loss
+        )
     grad = torch.empty_like(logits)
-    run_kernel("cross_entropy_gradient", logits, labels, lse=lse, grad=grad, grad_scale=grad_scale,
-               vocab_start=vocab_start, total_vocab=total_vocab, ignore_index=ignore_index,
-               label_smoothing=label_smoothing, z_loss=z_loss)
+    run_kernel(
+        "cross_entropy_gradient",
+        logits,
+        labels,
+        lse=lse,
+        grad=grad,
+        grad_scale=grad_scale,
+        vocab_start=vocab_start,
+        total_vocab=total_vocab,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
     return grad
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, group, ignore_index, label_smoothing, reduction, z_loss):
-        rows, shard_vocab = logits.shape
+        _rows, shard_vocab = logits.shape
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         shard_sizes = torch.zeros(world, dtype=torch.int64, device=logits.device)  # shards may differ in size
         shard_sizes[rank] = shard_vocab
@@ -209,15 +293,24 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         dist.all_reduce(sums, group=group)  # sum exp, target logit (one rank has it), sum of logits
         lse = global_max + sums[:, 0].log()
         valid = labels != ignore_index
-        loss_rows = (lse - (1 - label_smoothing) * sums[:, 1] - label_smoothing / total_vocab * sums[:, 2]
-                     + z_loss * lse * lse)
+        loss_rows = (
+            lse - (1 - label_smoothing) * sums[:, 1] - label_smoothing / total_vocab * sums[:, 2] + z_loss * lse * lse
+        )
         loss_rows = torch.where(valid, loss_rows, 0.0)
 
         ctx.reduction = reduction
         if logits.requires_grad:
-            grad = _shard_gradient(logits, labels, torch.where(valid, lse, 0.0).contiguous(),
-                                   grad_scale_for(reduction, count), vocab_start, total_vocab, ignore_index,
-                                   label_smoothing, z_loss)
+            grad = _shard_gradient(
+                logits,
+                labels,
+                torch.where(valid, lse, 0.0).contiguous(),
+                grad_scale_for(reduction, count),
+                vocab_start,
+                total_vocab,
+                ignore_index,
+                label_smoothing,
+                z_loss,
+            )
             ctx.save_for_backward(grad)
         return reduce_rows(loss_rows, reduction, count)
 
@@ -228,9 +321,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tensor, group=None,
-                                 ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
-                                 z_loss: float = 0.0) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits_shard: torch.Tensor,
+    labels: torch.Tensor,
+    group=None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+) -> torch.Tensor:
     """cross_entropy of logits split over the vocab across the ranks of `group` (torch.distributed).
 
     logits_shard (..., shard_vocab) is this rank's contiguous slice, ranks in order (rank 0 holds the
@@ -243,6 +342,13 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tenso
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("vocab_parallel_cross_entropy needs an initialized torch.distributed process group")
     vocab = logits_shard.shape[-1]
-    loss = _VocabParallelCrossEntropy.apply(logits_shard.reshape(-1, vocab), labels.reshape(-1), group, ignore_index,
-                                            float(label_smoothing), reduction, float(z_loss))
+    loss = _VocabParallelCrossEntropy.apply(
+        logits_shard.reshape(-1, vocab),
+        labels.reshape(-1),
+        group,
+        ignore_index,
+        float(label_smoothing),
+        reduction,
+        float(z_loss),
+    )
     return loss.reshape(labels.shape) if reduction == "none" else loss

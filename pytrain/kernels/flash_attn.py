@@ -7,6 +7,8 @@ document at a time for packed input, so no mask quadratic in the packed length i
 PYTRAIN_TRITON_CPU=1 runs the Triton kernels on CPU tensors through Triton's interpreter instead (tests
 only: it is slow); that needs TRITON_INTERPRET=1 set before triton is first imported.
 """
+
+import itertools
 import math
 import os
 
@@ -25,14 +27,23 @@ def _runs_triton(device: torch.device) -> bool:
     if os.environ.get("PYTRAIN_TRITON_CPU", "0") != "1":
         return False
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError("PYTRAIN_TRITON_CPU=1 runs Triton on the CPU through its interpreter: set "
-                           "TRITON_INTERPRET=1 too, before triton is first imported")
+        raise RuntimeError(
+            "PYTRAIN_TRITON_CPU=1 runs Triton on the CPU through its interpreter: set "
+            "TRITON_INTERPRET=1 too, before triton is first imported"
+        )
     return True
 
 
 @torch.library.custom_op("pytrain::flash_attn_varlen_forward", mutates_args=())
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-             causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     from pytrain.triton.flash_attn import flash_attn_forward
 
     return flash_attn_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)
@@ -44,9 +55,18 @@ def _(q, k, v, cu_seqlens, max_seqlen, causal, scale):
 
 
 @torch.library.custom_op("pytrain::flash_attn_varlen_backward", mutates_args=())
-def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, scale: float
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from pytrain.triton.flash_attn import flash_attn_backward
 
     return flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale)
@@ -104,13 +124,20 @@ def _scale(softmax_scale, head_dim: int) -> float:
 
 def _sdpa(q, k, v, causal: bool, scale: float):
     """SDPA on (..., seq, heads, dim) tensors."""
-    out = F.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2),
-                                         is_causal=causal, scale=scale, enable_gqa=k.shape[-2] != q.shape[-2])
+    out = F.scaled_dot_product_attention(
+        q.transpose(-3, -2),
+        k.transpose(-3, -2),
+        v.transpose(-3, -2),
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=k.shape[-2] != q.shape[-2],
+    )
     return out.transpose(-3, -2)
 
 
-def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                    softmax_scale: float | None = None) -> torch.Tensor:
+def flash_attn_func(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, softmax_scale: float | None = None
+) -> torch.Tensor:
     """softmax(q k^T * scale) v over (batch, seq, heads, head_dim) inputs; k/v may have fewer heads (GQA)."""
     _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
     scale = _scale(softmax_scale, q.shape[-1])
@@ -122,8 +149,15 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return _forward(*flat, cu_seqlens, seq, causal, scale)[0].view(q.shape)
 
 
-def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                           max_seqlen: int, causal: bool = False, softmax_scale: float | None = None) -> torch.Tensor:
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
     """Attention within each packed sequence: tokens cu_seqlens[i]:cu_seqlens[i+1] see only each other.
 
     q (total_tokens, heads, head_dim), k/v (total_tokens, kv_heads, head_dim); cu_seqlens (num_seqs + 1,)
@@ -135,8 +169,14 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     if not _runs_triton(q.device):
         # One document at a time, each as a batch of one: SDPA's CPU flash kernel takes 4-D input only
         # (3-D input falls back to its materializing math path, 5x slower).
-        return torch.cat([_sdpa(q[None, s:e], k[None, s:e], v[None, s:e], causal, scale)[0]
-                          for s, e in zip(bounds[:-1], bounds[1:]) if e > s] or [q[:0]])
+        return torch.cat(
+            [
+                _sdpa(q[None, s:e], k[None, s:e], v[None, s:e], causal, scale)[0]
+                for s, e in itertools.pairwise(bounds)
+                if e > s
+            ]
+            or [q[:0]]
+        )
     q, k, v = (t.contiguous() for t in (q, k, v))
     return _forward(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), causal, scale)[0]
 
@@ -150,9 +190,10 @@ def _check_cu_seqlens(cu_seqlens, q, max_seqlen) -> list[int]:
     check_same_device(q=q, cu_seqlens=cu_seqlens)
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != q.shape[0]:
-        raise ValueError(f"cu_seqlens must start at 0 and end at the token count {q.shape[0]}, got "
-                         f"{bounds[0]}..{bounds[-1]}")
-    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at the token count {q.shape[0]}, got {bounds[0]}..{bounds[-1]}"
+        )
+    lengths = [b - a for a, b in itertools.pairwise(bounds)]
     if min(lengths) < 0:
         raise ValueError("cu_seqlens must be non-decreasing")
     if not isinstance(max_seqlen, int) or max_seqlen < max(lengths):

@@ -7,13 +7,20 @@ the stored gradients by grad_output. Peak extra memory: one (chunk, vocab) buffe
 (grad_weight accumulates in weight's dtype). reduction="none" cannot be pre-scaled: its forward only
 computes the loss and the backward recomputes the chunks with grad_output as per-row scale.
 """
+
 import torch
 
 from . import reference
 from ._backend import extension
-from .cross_entropy import (check_labels_in_range, check_loss_args, grad_scale_for, reduce_rows, run_kernel,
-                            scale_saved_grad_)
 from ._checks import check_same_device, check_tensor
+from .cross_entropy import (
+    check_labels_in_range,
+    check_loss_args,
+    grad_scale_for,
+    reduce_rows,
+    run_kernel,
+    scale_saved_grad_,
+)
 
 CHUNK_BYTES = 128 * 2**20  # logits buffer per chunk: large enough for efficient matmuls (measured in bench/)
 MIN_CHUNK = 256
@@ -25,8 +32,9 @@ def default_chunk_size(tokens: int, vocab: int, dtype: torch.dtype) -> int:
     return max(1, min(tokens, max(MIN_CHUNK, 1 << (rows.bit_length() - 1))))
 
 
-def _chunked(hidden, weight, labels, row_scale, ignore_index, label_smoothing, z_loss, grad_scale, chunk_size,
-             with_grad):
+def _chunked(
+    hidden, weight, labels, row_scale, ignore_index, label_smoothing, z_loss, grad_scale, chunk_size, with_grad
+):
     """Per-token losses, and (with_grad) grad_hidden and grad_weight scaled by grad_scale (and row_scale)."""
     tokens, vocab = hidden.shape[0], weight.shape[0]
     loss_rows = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
@@ -38,10 +46,19 @@ def _chunked(hidden, weight, labels, row_scale, ignore_index, label_smoothing, z
         end = min(start + chunk_size, tokens)
         chunk_logits = logits[: end - start]
         torch.mm(hidden[start:end], weight.t(), out=chunk_logits)
-        run_kernel("cross_entropy_forward", chunk_logits, labels[start:end], loss=loss_rows[start:end],
-                   lse=lse[start:end], grad=chunk_logits if with_grad else None,
-                   row_scale=None if row_scale is None else row_scale[start:end], grad_scale=grad_scale,
-                   ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss)
+        run_kernel(
+            "cross_entropy_forward",
+            chunk_logits,
+            labels[start:end],
+            loss=loss_rows[start:end],
+            lse=lse[start:end],
+            grad=chunk_logits if with_grad else None,
+            row_scale=None if row_scale is None else row_scale[start:end],
+            grad_scale=grad_scale,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+        )
         if with_grad:  # chunk_logits now holds d loss / d logits
             torch.mm(chunk_logits, weight, out=grad_hidden[start:end])
             grad_weight.addmm_(chunk_logits.t(), hidden[start:end])
@@ -49,14 +66,31 @@ def _chunked(hidden, weight, labels, row_scale, ignore_index, label_smoothing, z
 
 
 @torch.library.custom_op("pytrain::linear_cross_entropy_forward", mutates_args=())
-def _forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-             label_smoothing: float, z_loss: float, reduction: str, chunk_size: int, with_grad: bool
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+    chunk_size: int,
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     count = check_labels_in_range(labels, weight.shape[0], ignore_index)
     with_grad = with_grad and reduction != "none"  # "none": the backward recomputes with per-row scales
     loss_rows, grad_hidden, grad_weight = _chunked(
-        hidden, weight, labels, None, ignore_index, label_smoothing, z_loss, grad_scale_for(reduction, count),
-        chunk_size, with_grad)
+        hidden,
+        weight,
+        labels,
+        None,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        grad_scale_for(reduction, count),
+        chunk_size,
+        with_grad,
+    )
     if not with_grad:
         grad_hidden, grad_weight = hidden.new_empty(0), weight.new_empty(0)
     return reduce_rows(loss_rows, reduction, count), grad_hidden, grad_weight
@@ -71,12 +105,29 @@ def _(hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, 
 
 
 @torch.library.custom_op("pytrain::linear_cross_entropy_backward", mutates_args=())
-def _backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-              ignore_index: int, label_smoothing: float, z_loss: float, chunk_size: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward(
+    grad_loss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """reduction="none": recompute each chunk with grad_loss (one value per token) as the row scale."""
-    _, grad_hidden, grad_weight = _chunked(hidden, weight, labels, grad_loss.float().contiguous(), ignore_index,
-                                           label_smoothing, z_loss, 1.0, chunk_size, True)
+    _, grad_hidden, grad_weight = _chunked(
+        hidden,
+        weight,
+        labels,
+        grad_loss.float().contiguous(),
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        1.0,
+        chunk_size,
+        True,
+    )
     return grad_hidden, grad_weight
 
 
@@ -111,9 +162,16 @@ def _autograd_backward(ctx, grad_loss, _grad_of_grad_hidden, _grad_of_grad_weigh
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                         label_smoothing: float = 0.0, reduction: str = "mean", z_loss: float = 0.0,
-                         chunk_size: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T, labels, ...) with hidden (..., hidden_size), weight (vocab, hidden_size)
     as nn.Linear holds it (same dtype as hidden) and labels (...); the loss is fp32. chunk_size: tokens per
     chunk (default: a (chunk, vocab) logits buffer of about 128 MiB, at least 256 tokens)."""
@@ -122,15 +180,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     check_tensor("weight", weight, min_dim=2)
     check_same_device(hidden=hidden, weight=weight, labels=labels)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape (vocab, {hidden.shape[-1]}) to match hidden's last dimension, "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape (vocab, {hidden.shape[-1]}) to match hidden's last dimension, "
+            f"got {tuple(weight.shape)}"
+        )
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight has dtype {weight.dtype}; use hidden's dtype ({hidden.dtype})")
     if weight.shape[0] == 0:
         raise ValueError("weight's first dimension (vocab) must be at least 1")
     if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden's shape without its last "
-                         f"dimension), got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape {tuple(hidden.shape[:-1])} (hidden's shape without its last "
+            f"dimension), got {tuple(labels.shape)}"
+        )
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if extension(hidden.device) is None:
@@ -138,6 +200,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     tokens = labels.numel()
     chunk = chunk_size or default_chunk_size(tokens, weight.shape[0], hidden.dtype)
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    loss, _, _ = _forward(hidden.reshape(tokens, hidden.shape[-1]), weight, labels.reshape(-1), ignore_index,
-                          float(label_smoothing), float(z_loss), reduction, max(1, chunk), with_grad)
+    loss, _, _ = _forward(
+        hidden.reshape(tokens, hidden.shape[-1]),
+        weight,
+        labels.reshape(-1),
+        ignore_index,
+        float(label_smoothing),
+        float(z_loss),
+        reduction,
+        max(1, chunk),
+        with_grad,
+    )
     return loss.reshape(labels.shape) if reduction == "none" else loss

@@ -1,4 +1,5 @@
 """nn.Modules over the functional ops of pytrain.kernels."""
+
 import torch
 from torch import nn
 
@@ -35,8 +36,9 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rotary embeddings need a positive even head_dim, got {head_dim}")
         self.head_dim, self.base, self.interleaved = head_dim, base, interleaved
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None,
-                inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None, inplace: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(q, torch.Tensor) and q.shape[-1] != self.head_dim:
             raise ValueError(f"q's head_dim {q.shape[-1]} does not match this RotaryEmbedding's {self.head_dim}")
         return apply_rotary(q, k, positions, self.base, self.interleaved, inplace)
@@ -48,8 +50,9 @@ class RotaryEmbedding(nn.Module):
 class CrossEntropyLoss(nn.Module):
     """cross_entropy with fixed options: forward(logits (..., vocab), labels (...)) -> fp32 loss."""
 
-    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
-                 z_loss: float = 0.0):
+    def __init__(
+        self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean", z_loss: float = 0.0
+    ):
         super().__init__()
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
         self.reduction, self.z_loss = reduction, z_loss
@@ -58,22 +61,38 @@ class CrossEntropyLoss(nn.Module):
         return cross_entropy(logits, labels, self.ignore_index, self.label_smoothing, self.reduction, self.z_loss)
 
     def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-                f"reduction={self.reduction!r}, z_loss={self.z_loss}")
+        return (
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+            f"reduction={self.reduction!r}, z_loss={self.z_loss}"
+        )
 
 
 class LinearCrossEntropyLoss(CrossEntropyLoss):
     """linear_cross_entropy with fixed options: forward(hidden (..., hidden_size), weight (vocab, hidden_size),
     labels (...)); the LM head's weight stays owned by the model (it may be tied to the embedding)."""
 
-    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
-                 z_loss: float = 0.0, chunk_size: int | None = None):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+        z_loss: float = 0.0,
+        chunk_size: int | None = None,
+    ):
         super().__init__(ignore_index, label_smoothing, reduction, z_loss)
         self.chunk_size = chunk_size
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return linear_cross_entropy(hidden, weight, labels, self.ignore_index, self.label_smoothing, self.reduction,
-                                    self.z_loss, self.chunk_size)
+        return linear_cross_entropy(
+            hidden,
+            weight,
+            labels,
+            self.ignore_index,
+            self.label_smoothing,
+            self.reduction,
+            self.z_loss,
+            self.chunk_size,
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
@@ -90,8 +109,9 @@ class FlashAttention(nn.Module):
     def forward(self, q, k, v, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None):
         if cu_seqlens is None:
             return flash_attn_func(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale)
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, causal=self.causal,
-                                      softmax_scale=self.softmax_scale)
+        return flash_attn_varlen_func(
+            q, k, v, cu_seqlens, max_seqlen, causal=self.causal, softmax_scale=self.softmax_scale
+        )
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}, softmax_scale={self.softmax_scale}"

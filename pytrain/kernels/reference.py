@@ -3,6 +3,9 @@
 They compute in fp32 (or in the input's precision when it is float64, for tests) and return the
 input's dtype, as the fused kernels do.
 """
+
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -44,8 +47,13 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     return out.to(x.dtype)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None, base: float = 10000.0,
-                 interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    base: float = 10000.0,
+    interleaved: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """pytrain.kernels.apply_rotary (out of place): q, k (batch, seq, heads, head_dim) with positions None
     (0..seq-1), (seq,) or (batch, seq); or packed (tokens, heads, head_dim) with positions (tokens,)."""
     if positions is None:
@@ -54,14 +62,14 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | Non
     return rotate(q, cos, sin, interleaved), rotate(k, cos, sin, interleaved)
 
 
-def cross_entropy(logits, labels, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
-                  z_loss: float = 0.0):
+def cross_entropy(
+    logits, labels, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean", z_loss: float = 0.0
+):
     """F.cross_entropy over fp32 logits (..., vocab) and labels (...), plus z_loss * logsumexp^2 per token
     (PaLM's z-loss); an fp32 loss. `mean` divides by the non-ignored tokens (NaN when there are none)."""
     x = logits.to(_compute_dtype(logits.dtype)).reshape(-1, logits.shape[-1])
     flat_labels = labels.reshape(-1)
-    loss = F.cross_entropy(x, flat_labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                           reduction="none")
+    loss = F.cross_entropy(x, flat_labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
     valid = flat_labels != ignore_index
     if z_loss:
         loss = loss + z_loss * torch.where(valid, x.logsumexp(-1).square(), 0.0)
@@ -78,12 +86,22 @@ def cross_entropy_shard_statistics(logits, labels, vocab_start: int, ignore_inde
     target = labels - vocab_start
     in_shard = (labels != ignore_index) & (target >= 0) & (target < x.shape[-1])
     target_logit = x.gather(-1, torch.where(in_shard, target, 0)[:, None])[:, 0]
-    return torch.stack((row_max, (x - row_max[:, None]).exp().sum(-1), torch.where(in_shard, target_logit, 0.0),
-                        x.sum(-1)), dim=-1)
+    return torch.stack(
+        (row_max, (x - row_max[:, None]).exp().sum(-1), torch.where(in_shard, target_logit, 0.0), x.sum(-1)), dim=-1
+    )
 
 
-def cross_entropy_shard_gradient(logits, labels, lse, grad_scale: float, vocab_start: int, total_vocab: int,
-                                 ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0):
+def cross_entropy_shard_gradient(
+    logits,
+    labels,
+    lse,
+    grad_scale: float,
+    vocab_start: int,
+    total_vocab: int,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+):
     """d loss / d logits of a vocab shard given the row's logsumexp over all shards, times grad_scale:
     softmax * (1 + 2 z lse) - smoothing / V - (1 - smoothing) * onehot; zero rows where ignored."""
     x = logits.to(_compute_dtype(logits.dtype))
@@ -96,8 +114,15 @@ def cross_entropy_shard_gradient(logits, labels, lse, grad_scale: float, vocab_s
     return (torch.where((labels != ignore_index)[:, None], grad, 0.0) * grad_scale).to(logits.dtype)
 
 
-def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, label_smoothing: float = 0.0,
-                         reduction: str = "mean", z_loss: float = 0.0):
+def linear_cross_entropy(
+    hidden,
+    weight,
+    labels,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+):
     """cross_entropy(hidden @ weight.T, labels): the LM head in the inputs' dtype, then the loss in fp32."""
     return cross_entropy(hidden @ weight.t(), labels, ignore_index, label_smoothing, reduction, z_loss)
 
@@ -110,8 +135,14 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, cu_seql
     """
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
-        return torch.cat([attention(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale)[0]
-                          for a, b in zip(bounds[:-1], bounds[1:]) if b > a] or [q[:0]])
+        return torch.cat(
+            [
+                attention(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale)[0]
+                for a, b in itertools.pairwise(bounds)
+                if b > a
+            ]
+            or [q[:0]]
+        )
     dtype = _compute_dtype(q.dtype)
     group = q.shape[-2] // k.shape[-2]
     qs, ks, vs = (t.to(dtype).transpose(-3, -2) for t in (q, k, v))  # (..., heads, seq, head_dim)

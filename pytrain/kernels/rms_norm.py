@@ -4,7 +4,6 @@ With `residual`, the pre-norm decoder's add is fused in: s = x + residual is nor
 too, as the next residual stream. Forward and backward run in pytrain._C (CPU) or pytrain._C_cuda
 (CUDA); both are torch.library custom ops, so autograd and torch.compile (fullgraph) see one op each way.
 """
-from typing import Optional
 
 import torch
 
@@ -17,10 +16,20 @@ def _launch_forward(x, weight, eps, y, rstd, residual=None, residual_out=None) -
     hidden = x.shape[-1]
     rows = x.numel() // hidden
     extension(x.device).rms_norm_forward(
-        x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr() if rstd is not None else 0, rows, hidden, eps,
-        DTYPE_CODES[x.dtype], DTYPE_CODES[weight.dtype], parallelism(x, rows), **launch_args(x),
+        x.data_ptr(),
+        weight.data_ptr(),
+        y.data_ptr(),
+        rstd.data_ptr() if rstd is not None else 0,
+        rows,
+        hidden,
+        eps,
+        DTYPE_CODES[x.dtype],
+        DTYPE_CODES[weight.dtype],
+        parallelism(x, rows),
+        **launch_args(x),
         residual=residual.data_ptr() if residual is not None else 0,
-        residual_out=residual_out.data_ptr() if residual_out is not None else 0)
+        residual_out=residual_out.data_ptr() if residual_out is not None else 0,
+    )
 
 
 def _rstd_like(x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +49,9 @@ def _(x, weight, eps):
 
 
 @torch.library.custom_op("pytrain::rms_norm_residual_forward", mutates_args=())
-def _residual_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _residual_forward(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, total, rstd = torch.empty_like(x), torch.empty_like(x), _rstd_like(x)
     _launch_forward(x, weight, eps, y, rstd, residual=residual, residual_out=total)
     return y, total, rstd
@@ -63,8 +73,13 @@ def _(x, weight, eps, out):
 
 
 @torch.library.custom_op("pytrain::rms_norm_backward", mutates_args=())
-def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-              dresidual_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    dresidual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x: the normalized input (the sum, with a residual); dresidual_out: the sum's own gradient."""
     hidden = x.shape[-1]
     rows = x.numel() // hidden
@@ -72,9 +87,20 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: tor
     workers = parallelism(x, rows)
     dweight_partial = torch.zeros(workers, hidden, dtype=torch.float32, device=x.device)
     extension(x.device).rms_norm_backward(
-        dy.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dweight_partial.data_ptr(),
-        rows, hidden, DTYPE_CODES[x.dtype], DTYPE_CODES[weight.dtype], workers, **launch_args(x),
-        dresidual_out=dresidual_out.data_ptr() if dresidual_out is not None else 0)
+        dy.data_ptr(),
+        x.data_ptr(),
+        weight.data_ptr(),
+        rstd.data_ptr(),
+        dx.data_ptr(),
+        dweight_partial.data_ptr(),
+        rows,
+        hidden,
+        DTYPE_CODES[x.dtype],
+        DTYPE_CODES[weight.dtype],
+        workers,
+        **launch_args(x),
+        dresidual_out=dresidual_out.data_ptr() if dresidual_out is not None else 0,
+    )
     return dx, dweight_partial.sum(0).to(weight.dtype)
 
 
@@ -118,7 +144,9 @@ def _check(x, weight, eps, residual, out):
     check_tensor("weight", weight)
     check_same_device(x=x, weight=weight)
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"weight must have shape ({x.shape[-1]},) to match x's last dimension, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape ({x.shape[-1]},) to match x's last dimension, got {tuple(weight.shape)}"
+        )
     if weight.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"weight has dtype {weight.dtype}; use x's dtype ({x.dtype}) or torch.float32")
     if x.shape[-1] == 0:
@@ -131,20 +159,29 @@ def _check(x, weight, eps, residual, out):
         check_tensor(name, other)
         check_same_device(x=x, **{name: other})
         if other.shape != x.shape or other.dtype != x.dtype:
-            raise ValueError(f"{name} must match x: shape {tuple(x.shape)} and dtype {x.dtype}, got "
-                             f"{tuple(other.shape)} and {other.dtype}")
+            raise ValueError(
+                f"{name} must match x: shape {tuple(x.shape)} and dtype {x.dtype}, got "
+                f"{tuple(other.shape)} and {other.dtype}"
+            )
     if out is not None:
         if residual is not None:
             raise ValueError("out= is not supported together with residual=")
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            raise ValueError("out= cannot be used when x or weight requires grad (autograd keeps its own output): "
-                             "call under torch.no_grad() or drop out=")
+            raise ValueError(
+                "out= cannot be used when x or weight requires grad (autograd keeps its own output): "
+                "call under torch.no_grad() or drop out="
+            )
         if out.data_ptr() == x.data_ptr():
             raise ValueError("out must not alias x")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None = None,
-             out: torch.Tensor | None = None):
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+):
     """RMSNorm over the last dimension of x (any leading dims); weight has x's dtype or float32.
 
     residual: normalize x + residual and return (y, x + residual), the sum rounded to x's dtype.

@@ -11,6 +11,7 @@ large positions keep their precision) and grown by powers of two as larger posit
 gathers one row per token and applies it to every q and k head. CPU sin/cos per element would cost more
 than the rotation itself.
 """
+
 import math
 
 import torch
@@ -19,7 +20,7 @@ from . import reference
 from ._backend import DTYPE_CODES, extension, launch_args, parallelism
 from ._checks import check_same_device, check_tensor
 
-MAX_HEAD_DIM = 8192     # the CPU kernel's stack buffer for -sin holds head_dim / 2 floats
+MAX_HEAD_DIM = 8192  # the CPU kernel's stack buffer for -sin holds head_dim / 2 floats
 MAX_POSITION = 1 << 21  # the table for positions below this is at most 2M x head_dim fp32
 _TABLE_MIN_ROWS = 4096
 _tables: dict[tuple, torch.Tensor] = {}
@@ -64,15 +65,34 @@ def _launch(q, k, q_out, k_out, positions, base: float, interleaved: bool, inver
             rows = high + 1
     table = cos_sin_table(q.device, head_dim, base, max(rows, 1))
     extension(q.device).rotary(
-        q.data_ptr(), q_out.data_ptr(), k.data_ptr(), k_out.data_ptr(), *_token_strides(q), *_token_strides(q_out),
-        *_token_strides(k), *_token_strides(k_out), positions_address, positions_stride, table.data_ptr(),
-        batch, seq, q.shape[-2], k.shape[-2], head_dim, interleaved, inverse, DTYPE_CODES[q.dtype],
-        parallelism(q, batch * seq), **launch_args(q))
+        q.data_ptr(),
+        q_out.data_ptr(),
+        k.data_ptr(),
+        k_out.data_ptr(),
+        *_token_strides(q),
+        *_token_strides(q_out),
+        *_token_strides(k),
+        *_token_strides(k_out),
+        positions_address,
+        positions_stride,
+        table.data_ptr(),
+        batch,
+        seq,
+        q.shape[-2],
+        k.shape[-2],
+        head_dim,
+        interleaved,
+        inverse,
+        DTYPE_CODES[q.dtype],
+        parallelism(q, batch * seq),
+        **launch_args(q),
+    )
 
 
 @torch.library.custom_op("pytrain::rotary", mutates_args=())
-def _rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, base: float, interleaved: bool,
-            inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _rotary(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, base: float, interleaved: bool, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     _launch(q, k, q_out, k_out, positions, base, interleaved, inverse)
@@ -85,8 +105,9 @@ def _(q, k, positions, base, interleaved, inverse):
 
 
 @torch.library.custom_op("pytrain::rotary_", mutates_args=("q", "k"))
-def _rotary_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, base: float,
-                    interleaved: bool, inverse: bool) -> None:
+def _rotary_inplace(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, base: float, interleaved: bool, inverse: bool
+) -> None:
     _launch(q, k, q, k, positions, base, interleaved, inverse)
 
 
@@ -114,14 +135,18 @@ _rotary.register_autograd(_autograd_backward, setup_context=_setup_context)
 def _check_layout(name: str, t: torch.Tensor):
     check_tensor(name, t, contiguous=False)
     if t.dim() not in (3, 4):
-        raise ValueError(f"{name} must be (batch, seq, heads, head_dim) or packed (tokens, heads, head_dim), "
-                         f"got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be (batch, seq, heads, head_dim) or packed (tokens, heads, head_dim), "
+            f"got shape {tuple(t.shape)}"
+        )
 
 
 def _check_dense_heads(name: str, t: torch.Tensor):
     if not _heads_are_dense(t):
-        raise ValueError(f"{name} must be contiguous over (heads, head_dim) within each token (stride(-1) == 1, "
-                         f"stride(-2) == head_dim; tokens may be strided): call .contiguous() on it first")
+        raise ValueError(
+            f"{name} must be contiguous over (heads, head_dim) within each token (stride(-1) == 1, "
+            f"stride(-2) == head_dim; tokens may be strided): call .contiguous() on it first"
+        )
 
 
 def _check_positions(positions, q: torch.Tensor) -> torch.Tensor | None:
@@ -129,8 +154,10 @@ def _check_positions(positions, q: torch.Tensor) -> torch.Tensor | None:
     packed = q.dim() == 3
     if positions is None:
         if packed:
-            raise ValueError("positions is required for the packed layout (tokens, heads, head_dim): pass the "
-                             "position of each token, shape (tokens,)")
+            raise ValueError(
+                "positions is required for the packed layout (tokens, heads, head_dim): pass the "
+                "position of each token, shape (tokens,)"
+            )
         return None
     if not isinstance(positions, torch.Tensor):
         raise TypeError(f"positions must be a torch.Tensor or None, got {type(positions).__name__}")
@@ -139,13 +166,20 @@ def _check_positions(positions, q: torch.Tensor) -> torch.Tensor | None:
     allowed = [(q.shape[0],)] if packed else [(q.shape[1],), tuple(q.shape[:2])]
     if tuple(positions.shape) not in allowed:
         names = "(tokens,)" if packed else "(seq,) or (batch, seq)"
-        raise ValueError(f"positions must have shape {names} = {' or '.join(map(str, allowed))}, "
-                         f"got {tuple(positions.shape)}")
+        raise ValueError(
+            f"positions must have shape {names} = {' or '.join(map(str, allowed))}, got {tuple(positions.shape)}"
+        )
     return positions.to(torch.int64).contiguous()
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None, base: float = 10000.0,
-                 interleaved: bool = False, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    base: float = 10000.0,
+    interleaved: bool = False,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates q and k by the rotary position embedding of each token, in one call.
 
     q: (batch, seq, q_heads, head_dim) and k: (batch, seq, k_heads, head_dim), or the packed layout
@@ -177,8 +211,10 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | Non
     if head_dim % 2 or not 0 < head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim (q.shape[-1]) must be even and in [2, {MAX_HEAD_DIM}], got {head_dim}")
     if (q.shape[-2] + k.shape[-2]) * head_dim >= 2**31:
-        raise ValueError(f"q and k together hold {(q.shape[-2] + k.shape[-2]) * head_dim} elements per token; "
-                         "the kernels index a token with 32-bit ints (below 2**31)")
+        raise ValueError(
+            f"q and k together hold {(q.shape[-2] + k.shape[-2]) * head_dim} elements per token; "
+            "the kernels index a token with 32-bit ints (below 2**31)"
+        )
     _check_dense_heads("q", q)
     _check_dense_heads("k", k)
     if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < math.inf:
@@ -188,8 +224,10 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | Non
         check_same_device(q=q, positions=positions)
     if inplace:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            raise ValueError("inplace=True is refused while q or k requires grad (autograd cannot record it): "
-                             "use inplace=False, or torch.no_grad() / detached tensors")
+            raise ValueError(
+                "inplace=True is refused while q or k requires grad (autograd cannot record it): "
+                "use inplace=False, or torch.no_grad() / detached tensors"
+            )
         if q is k:
             raise ValueError("inplace=True needs q and k in separate memory, got the same tensor twice")
     if extension(q.device) is None:

@@ -1,4 +1,5 @@
 """Model definitions; importing this package registers them in MODEL_INITIALIZER."""
+
 from pytrain.config import mlp_width
 
 from .internlm import DTYPES, InternLM, build_model_with_cfg, partition_layers

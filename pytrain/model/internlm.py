@@ -16,6 +16,7 @@ embedding only on the first stage and the norm and head only on the last; betwee
 stream travels as one tensor (the pending residual add done before sending). Weights are initialised
 from the parameter's full name and the seed, so every layout starts from the same model.
 """
+
 import zlib
 
 import torch
@@ -23,15 +24,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute
 
-from pytrain.kernels import RMSNorm, RotaryEmbedding, flash_attn_func, flash_attn_varlen_func, reference
 from pytrain.config import mlp_width
+from pytrain.kernels import RMSNorm, RotaryEmbedding, flash_attn_func, flash_attn_varlen_func, reference
 from pytrain.parallel import gpc
-from pytrain.parallel.tensor import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, ShardedWeight, \
-    gather_last_dim, group_size
+from pytrain.parallel.tensor import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+    ShardedWeight,
+    gather_last_dim,
+    group_size,
+)
 from pytrain.registry import MODEL_INITIALIZER
 
-DTYPES = {"torch.float16": torch.float16, "torch.half": torch.float16, "torch.bfloat16": torch.bfloat16,
-          "torch.float32": torch.float32, "torch.tf32": torch.float32}
+DTYPES = {
+    "torch.float16": torch.float16,
+    "torch.half": torch.float16,
+    "torch.bfloat16": torch.bfloat16,
+    "torch.float32": torch.float32,
+    "torch.tf32": torch.float32,
+}
 
 
 class LayerNorm(nn.LayerNorm):
@@ -42,7 +54,9 @@ class LayerNorm(nn.LayerNorm):
         if residual is not None:
             total = x + residual
             return self.forward(total), total
-        return F.layer_norm(x.to(self.weight.dtype), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+        return F.layer_norm(x.to(self.weight.dtype), self.normalized_shape, self.weight, self.bias, self.eps).to(
+            x.dtype
+        )
 
 
 def build_norm(norm_type: str, hidden_size: int, eps: float, dtype: torch.dtype, sequence_parallel: bool) -> nn.Module:
@@ -58,8 +72,17 @@ def build_norm(norm_type: str, hidden_size: int, eps: float, dtype: torch.dtype,
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden_size, num_heads, num_kv_heads, use_flash_attn, dtype, rope_base=10000.0,
-                 group=None, sequence_parallel=False):
+    def __init__(
+        self,
+        hidden_size,
+        num_heads,
+        num_kv_heads,
+        use_flash_attn,
+        dtype,
+        rope_base=10000.0,
+        group=None,
+        sequence_parallel=False,
+    ):
         super().__init__()
         tensor = group_size(group)
         self.num_heads, self.num_kv_heads = num_heads // tensor, num_kv_heads // tensor  # this rank's heads
@@ -67,8 +90,9 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(self.head_dim, base=rope_base)
         self.use_flash_attn = use_flash_attn
         q, kv = num_heads * self.head_dim, num_kv_heads * self.head_dim
-        self.Wqkv = ColumnParallelLinear(hidden_size, q + 2 * kv, group, sequence_parallel, segments=[q, kv, kv],
-                                         dtype=dtype)
+        self.Wqkv = ColumnParallelLinear(
+            hidden_size, q + 2 * kv, group, sequence_parallel, segments=[q, kv, kv], dtype=dtype
+        )
         self.out_proj = RowParallelLinear(q, hidden_size, group, sequence_parallel, dtype=dtype)
 
     def forward(self, x, positions=None, cu_seqlens=None, max_seqlen=None):
@@ -106,10 +130,19 @@ class DecoderLayer(nn.Module):
         super().__init__()
         hidden = cfg["hidden_size"]
         self.post_norm = cfg["apply_post_layer_norm"]
-        self.mixer = Attention(hidden, cfg["num_attention_heads"], cfg["num_kv_attention_heads"],
-                               cfg["use_flash_attn"], dtype, cfg["rope_base"], group, sequence_parallel)
-        self.mlp = SwiGLU(hidden, mlp_width(hidden, cfg["mlp_ratio"], cfg["multiple_of"]), dtype, group,
-                          sequence_parallel)
+        self.mixer = Attention(
+            hidden,
+            cfg["num_attention_heads"],
+            cfg["num_kv_attention_heads"],
+            cfg["use_flash_attn"],
+            dtype,
+            cfg["rope_base"],
+            group,
+            sequence_parallel,
+        )
+        self.mlp = SwiGLU(
+            hidden, mlp_width(hidden, cfg["mlp_ratio"], cfg["multiple_of"]), dtype, group, sequence_parallel
+        )
         self.norm1 = build_norm(cfg["norm_type"], hidden, cfg["layer_norm_epsilon"], dtype, sequence_parallel)
         self.norm2 = build_norm(cfg["norm_type"], hidden, cfg["layer_norm_epsilon"], dtype, sequence_parallel)
 
@@ -145,18 +178,48 @@ class InternLM(nn.Module):
     `first`, the final norm and head when `last`. tensor_group: the ranks its matmuls are split over
     (None: not split); sequence_parallel: the residual stream split along the sequence over that group."""
 
-    def __init__(self, *, num_layers, hidden_size, num_attention_heads, vocab_size, mlp_ratio=8 / 3,
-                 num_kv_attention_heads=None, multiple_of=256, checkpoint=False, embed_grad_scale=1.0,
-                 apply_post_layer_norm=False, dtype="torch.float32", norm_type="rmsnorm", layer_norm_epsilon=1e-5,
-                 use_flash_attn=True, rope_base=10000.0, embed_split_hidden=True, parallel_output=True,
-                 num_chunks=1, tie_word_embeddings=False, layers: range | None = None, first=True, last=True,
-                 tensor_group=None, sequence_parallel=False):
+    def __init__(
+        self,
+        *,
+        num_layers,
+        hidden_size,
+        num_attention_heads,
+        vocab_size,
+        mlp_ratio=8 / 3,
+        num_kv_attention_heads=None,
+        multiple_of=256,
+        checkpoint=False,
+        embed_grad_scale=1.0,
+        apply_post_layer_norm=False,
+        dtype="torch.float32",
+        norm_type="rmsnorm",
+        layer_norm_epsilon=1e-5,
+        use_flash_attn=True,
+        rope_base=10000.0,
+        embed_split_hidden=True,
+        parallel_output=True,
+        num_chunks=1,
+        tie_word_embeddings=False,
+        layers: range | None = None,
+        first=True,
+        last=True,
+        tensor_group=None,
+        sequence_parallel=False,
+    ):
         super().__init__()
         param_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        layer_cfg = dict(hidden_size=hidden_size, num_attention_heads=num_attention_heads,
-                         num_kv_attention_heads=num_kv_attention_heads or num_attention_heads, mlp_ratio=mlp_ratio,
-                         multiple_of=multiple_of, apply_post_layer_norm=apply_post_layer_norm, norm_type=norm_type,
-                         layer_norm_epsilon=layer_norm_epsilon, use_flash_attn=use_flash_attn, rope_base=rope_base)
+        layer_cfg = dict(
+            hidden_size=hidden_size,
+            num_attention_heads=num_attention_heads,
+            num_kv_attention_heads=num_kv_attention_heads or num_attention_heads,
+            mlp_ratio=mlp_ratio,
+            multiple_of=multiple_of,
+            apply_post_layer_norm=apply_post_layer_norm,
+            norm_type=norm_type,
+            layer_norm_epsilon=layer_norm_epsilon,
+            use_flash_attn=use_flash_attn,
+            rope_base=rope_base,
+        )
         self.layers = layers if layers is not None else range(num_layers)
         self.num_layers, self.hidden_size = num_layers, hidden_size
         self.first, self.last = first, last
@@ -166,14 +229,17 @@ class InternLM(nn.Module):
         # checkpoint: True/False, or the fraction of layers (the first ones of this stage) recomputed.
         self.recompute_layers = int(len(self.layers) * float(checkpoint))
         if first:
-            self.embedding = ParallelEmbedding(vocab_size, hidden_size, tensor_group, embed_split_hidden,
-                                               sequence_parallel, dtype=param_dtype)
-        self.blocks = nn.ModuleList(DecoderLayer(layer_cfg, param_dtype, tensor_group, sequence_parallel)
-                                    for _ in self.layers)
+            self.embedding = ParallelEmbedding(
+                vocab_size, hidden_size, tensor_group, embed_split_hidden, sequence_parallel, dtype=param_dtype
+            )
+        self.blocks = nn.ModuleList(
+            DecoderLayer(layer_cfg, param_dtype, tensor_group, sequence_parallel) for _ in self.layers
+        )
         if last:
             self.norm = build_norm(norm_type, hidden_size, layer_norm_epsilon, param_dtype, sequence_parallel)
-            self.head = ColumnParallelLinear(hidden_size, vocab_size, tensor_group, sequence_parallel,
-                                             dtype=param_dtype)
+            self.head = ColumnParallelLinear(
+                hidden_size, vocab_size, tensor_group, sequence_parallel, dtype=param_dtype
+            )
             if tie_word_embeddings and first:
                 self.head.weight = self.embedding.weight
         if tie_word_embeddings and first != last:  # a copy on each end of the pipeline, kept equal by summing
@@ -208,8 +274,9 @@ class InternLM(nn.Module):
             module = shards.get(id(param))
             shape = module.full_shape if module is not None else param.shape
             generator = torch.Generator(param.device).manual_seed(torch.initial_seed() + zlib.crc32(full_name.encode()))
-            full = torch.empty(shape, dtype=torch.float32, device=param.device).normal_(0.0, std * scale,
-                                                                                        generator=generator)
+            full = torch.empty(shape, dtype=torch.float32, device=param.device).normal_(
+                0.0, std * scale, generator=generator
+            )
             param.copy_(module.shard(full) if module is not None else full)
 
     def _sharded_weights(self) -> dict[int, ShardedWeight]:
@@ -227,9 +294,14 @@ class InternLM(nn.Module):
             local[name] = module.shard(full) if module is not None else full
         return local
 
-    def forward(self, input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids (batch, seq) -> logits (batch, seq, vocab) in the model's dtype; vocab is this rank's
         shard with tensor parallelism and parallel_output. A stage without the embedding takes the
         previous stage's output as hidden_states; one without the head returns its residual stream.
@@ -268,8 +340,16 @@ def build_model_with_cfg(**model_cfg) -> nn.Module:
     stages = []
     for chunk in range(chunks):  # chunk c of stage r holds part c * pipeline + r
         part = chunk * pipeline + gpc.pipeline_parallel_rank
-        stages.append(InternLM(**model_cfg, layers=parts[part], first=part == 0, last=part == len(parts) - 1,
-                               tensor_group=group, sequence_parallel=sequence_parallel))
+        stages.append(
+            InternLM(
+                **model_cfg,
+                layers=parts[part],
+                first=part == 0,
+                last=part == len(parts) - 1,
+                tensor_group=group,
+                sequence_parallel=sequence_parallel,
+            )
+        )
     return stages[0] if chunks == 1 else nn.ModuleList(stages)
 
 

@@ -1,4 +1,5 @@
 """The language-model loss: next-token cross-entropy in fp32 over the kernels' fused op."""
+
 import torch
 from torch import nn
 

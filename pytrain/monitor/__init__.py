@@ -1,7 +1,15 @@
 """Step metrics (loss, lr, grad norm, tokens/s, TFLOPS, MFU, memory), TensorBoard and the loss plot."""
+
 from .flops import flops_per_token, matmul_params, measure_matmul_tflops, peak_tflops
 from .loss_plot import write_loss_svg
 from .step_monitor import StepMonitor, peak_memory_mib
 
-__all__ = ["flops_per_token", "matmul_params", "measure_matmul_tflops", "peak_tflops", "write_loss_svg", "StepMonitor",
-           "peak_memory_mib"]
+__all__ = [
+    "StepMonitor",
+    "flops_per_token",
+    "matmul_params",
+    "measure_matmul_tflops",
+    "peak_memory_mib",
+    "peak_tflops",
+    "write_loss_svg",
+]

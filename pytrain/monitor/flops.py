@@ -8,14 +8,24 @@ with P weights costs 2P FLOPs per token forward and 4P backward; attention score
 cost 4*h*s per token per layer forward (causal masking not discounted) and twice that backward.
 Embedding lookups and element-wise ops are not counted.
 """
+
 import time
 
 import torch
 from torch import nn
 
 # Dense bf16/fp16 tensor-core peaks (TFLOPS) from the vendors' datasheets, without sparsity.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                   "A10": 125.0, "V100": 125.0, "4090": 165.0}
+GPU_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+    "V100": 125.0,
+    "4090": 165.0,
+}
 
 
 def matmul_params(model: nn.Module) -> tuple[int, int]:
@@ -31,8 +41,14 @@ def matmul_params(model: nn.Module) -> tuple[int, int]:
     return block_params, head_params
 
 
-def flops_per_token(block_params: int, head_params: int, num_layers: int, hidden_size: int, seq_len: int,
-                    recompute_fraction: float = 0.0) -> float:
+def flops_per_token(
+    block_params: int,
+    head_params: int,
+    num_layers: int,
+    hidden_size: int,
+    seq_len: int,
+    recompute_fraction: float = 0.0,
+) -> float:
     f = float(recompute_fraction)
     return (6 + 2 * f) * block_params + 6 * head_params + (12 + 4 * f) * num_layers * hidden_size * seq_len
 

@@ -1,4 +1,5 @@
 """A loss-curve plot as a standalone SVG file (no plotting library needed)."""
+
 from pathlib import Path
 
 
@@ -17,7 +18,8 @@ def write_loss_svg(path: Path, steps: list[int], losses: list[float], title: str
         return height - pad - (loss - lo) / (hi - lo) * (height - 2 * pad)
 
     points = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(steps, losses))
-    svg = f"""<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">
+    svg = f"""<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" \
+font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
 <text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>
 <line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>

@@ -2,6 +2,7 @@
 
 Only the first rank prints and writes; every rank takes part in the loss all-reduce.
 """
+
 import json
 import resource
 import sys
@@ -22,9 +23,20 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 class StepMonitor:
-    def __init__(self, run_folder: Path, total_steps: int, tokens_per_step_per_rank: int, flops_per_token: float,
-                 peak_tflops: float, device: torch.device, log_every: int = 1, tensorboard: bool = True,
-                 is_main_rank: bool = True, group=None, stream=None):
+    def __init__(
+        self,
+        run_folder: Path,
+        total_steps: int,
+        tokens_per_step_per_rank: int,
+        flops_per_token: float,
+        peak_tflops: float,
+        device: torch.device,
+        log_every: int = 1,
+        tensorboard: bool = True,
+        is_main_rank: bool = True,
+        group=None,
+        stream=None,
+    ):
         self.run_folder, self.total_steps = Path(run_folder), total_steps
         self.tokens = tokens_per_step_per_rank
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
@@ -32,10 +44,11 @@ class StepMonitor:
         self.is_main_rank = is_main_rank
         self.steps: list[int] = []
         self.losses: list[float] = []
-        self._metrics_file = open(self.run_folder / "metrics.jsonl", "a") if is_main_rank else None
+        self._metrics_file = open(self.run_folder / "metrics.jsonl", "a") if is_main_rank else None  # noqa: SIM115 (closed by close())
         self._writer = None
         if tensorboard and is_main_rank:
             from torch.utils.tensorboard import SummaryWriter
+
             self._writer = SummaryWriter(log_dir=str(self.run_folder / "tensorboard"))
         self._last = time.perf_counter()
 
@@ -43,8 +56,9 @@ class StepMonitor:
         """Restarts the step clock (before the first step; end_step restarts it after each)."""
         self._last = time.perf_counter()
 
-    def end_step(self, step: int, loss: torch.Tensor, grad_norm: float, lr: float, success: bool,
-                 loss_scale: float | None = None) -> dict:
+    def end_step(
+        self, step: int, loss: torch.Tensor, grad_norm: float, lr: float, success: bool, loss_scale: float | None = None
+    ) -> dict:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - self._last
@@ -54,9 +68,18 @@ class StepMonitor:
             loss /= dist.get_world_size(self.group)
         tgs = self.tokens / seconds
         tflops = tgs * self.flops_per_token / 1e12
-        metrics = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm, "tgs": tgs,
-                   "tflops": tflops, "mfu": tflops / self.peak_tflops, "memory_mib": peak_memory_mib(self.device),
-                   "step_time": seconds, "skipped": not success}
+        metrics = {
+            "step": step,
+            "loss": loss.item(),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tgs": tgs,
+            "tflops": tflops,
+            "mfu": tflops / self.peak_tflops,
+            "memory_mib": peak_memory_mib(self.device),
+            "step_time": seconds,
+            "skipped": not success,
+        }
         if loss_scale is not None:
             metrics["loss_scale"] = loss_scale
         if self.is_main_rank:
@@ -74,9 +97,11 @@ class StepMonitor:
                 if key in m:
                     self._writer.add_scalar(f"train/{key}", m[key], m["step"])
         if m["step"] % self.log_every == 0 or m["step"] == self.total_steps:
-            line = (f"step {m['step']}/{self.total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | "
-                    f"grad_norm {m['grad_norm']:.3f} | tgs {m['tgs']:,.0f} | tflops {m['tflops']:.3f} | "
-                    f"mfu {100 * m['mfu']:.1f}% | mem {m['memory_mib']:,.0f} MiB | {m['step_time'] * 1000:.0f} ms")
+            line = (
+                f"step {m['step']}/{self.total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | "
+                f"grad_norm {m['grad_norm']:.3f} | tgs {m['tgs']:,.0f} | tflops {m['tflops']:.3f} | "
+                f"mfu {100 * m['mfu']:.1f}% | mem {m['memory_mib']:,.0f} MiB | {m['step_time'] * 1000:.0f} ms"
+            )
             if "loss_scale" in m:
                 line += f" | loss_scale {m['loss_scale']:g}"
             if m["skipped"]:

@@ -1,4 +1,5 @@
 """Process groups and the global parallel context."""
+
 from .context import Layout, ParallelContext, gpc
 
 __all__ = ["Layout", "ParallelContext", "gpc"]

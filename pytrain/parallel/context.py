@@ -4,6 +4,7 @@ Ranks are laid out tensor-fastest, then data, then pipeline (Megatron's order): 
 pipeline_rank * (data * tensor) + data_rank * tensor + tensor_rank, so the ranks of one tensor group are
 neighbours (one node, fastest links) and each pipeline stage is a contiguous block of ranks.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ import torch.distributed as dist
 @dataclass(frozen=True)
 class Layout:
     """Which global ranks form each group of a tensor x data x pipeline layout (see the module docstring)."""
+
     world_size: int
     tensor: int
     pipeline: int
@@ -29,20 +31,28 @@ class Layout:
         return (pipeline * self.data + data) * self.tensor + tensor
 
     def tensor_groups(self) -> list[list[int]]:
-        return [[self.rank(p, d, t) for t in range(self.tensor)] for p in range(self.pipeline) for d in range(self.data)]
+        return [
+            [self.rank(p, d, t) for t in range(self.tensor)] for p in range(self.pipeline) for d in range(self.data)
+        ]
 
     def data_groups(self) -> list[list[int]]:
-        return [[self.rank(p, d, t) for d in range(self.data)] for p in range(self.pipeline) for t in range(self.tensor)]
+        return [
+            [self.rank(p, d, t) for d in range(self.data)] for p in range(self.pipeline) for t in range(self.tensor)
+        ]
 
     def pipeline_groups(self) -> list[list[int]]:
-        return [[self.rank(p, d, t) for p in range(self.pipeline)] for d in range(self.data) for t in range(self.tensor)]
+        return [
+            [self.rank(p, d, t) for p in range(self.pipeline)] for d in range(self.data) for t in range(self.tensor)
+        ]
 
     def model_groups(self) -> list[list[int]]:
-        return [[self.rank(p, d, t) for p in range(self.pipeline) for t in range(self.tensor)] for d in range(self.data)]
+        return [
+            [self.rank(p, d, t) for p in range(self.pipeline) for t in range(self.tensor)] for d in range(self.data)
+        ]
 
     def zero1_groups(self, size: int) -> list[list[int]]:
         """Each data group cut into runs of `size` consecutive data-parallel ranks."""
-        return [group[first:first + size] for group in self.data_groups() for first in range(0, len(group), size)]
+        return [group[first : first + size] for group in self.data_groups() for first in range(0, len(group), size)]
 
 
 @dataclass
@@ -57,7 +67,7 @@ class ParallelContext:
     pipeline_parallel_group: object = None
     model_parallel_group: object = None  # the tensor x pipeline ranks holding one copy of the model
     embedding_group: object = None  # first and last pipeline stage, for tied embeddings; None: not on one
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 (immutable)
     run_folder: object = None  # pathlib.Path of this run's outputs
     seed: int = 1024
 
@@ -94,8 +104,10 @@ class ParallelContext:
         if config is not None:
             return config
         if self.config is None:
-            raise RuntimeError("no config: launch first (pytrain.initialize.launch_from_torch(config=...) or "
-                               "initialize_distributed_env(...)), or pass config=")
+            raise RuntimeError(
+                "no config: launch first (pytrain.initialize.launch_from_torch(config=...) or "
+                "initialize_distributed_env(...)), or pass config="
+            )
         return self.config
 
 

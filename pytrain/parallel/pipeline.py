@@ -16,6 +16,7 @@ The order of work and of messages follows Megatron-LM's schedules, which are kno
 with blocking exchanges; the order of ops inside one exchange is fixed (forward direction first) so that
 on a two-stage ring, where a rank's previous and next stage are the same rank, messages pair correctly.
 """
+
 import torch
 import torch.distributed as dist
 
@@ -35,9 +36,11 @@ class P2P:
 
     def _check(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
         if tensor.shape != self.shape or tensor.dtype != self.dtype:
-            raise RuntimeError(f"pipeline: the {what} is {tuple(tensor.shape)} {tensor.dtype}, but stages exchange "
-                               f"{tuple(self.shape)} {self.dtype} tensors; a model's stage must return its hidden "
-                               f"states in the model's dtype")
+            raise RuntimeError(
+                f"pipeline: the {what} is {tuple(tensor.shape)} {tensor.dtype}, but stages exchange "
+                f"{tuple(self.shape)} {self.dtype} tensors; a model's stage must return its hidden "
+                f"states in the model's dtype"
+            )
         return tensor.contiguous()
 
     def exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
@@ -45,8 +48,9 @@ class P2P:
         ops, received = [], []
         # forward direction first, then backward: with two stages prev == next, and pairs match in order
         for send, send_to, receive, receive_from, tag, what in (
-                (send_next, self.next_rank, recv_prev, self.prev_rank, FORWARD_TAG, "activation sent forward"),
-                (send_prev, self.prev_rank, recv_next, self.next_rank, BACKWARD_TAG, "gradient sent backward")):
+            (send_next, self.next_rank, recv_prev, self.prev_rank, FORWARD_TAG, "activation sent forward"),
+            (send_prev, self.prev_rank, recv_next, self.next_rank, BACKWARD_TAG, "gradient sent backward"),
+        ):
             if send is not None:
                 ops.append(dist.P2POp(dist.isend, self._check(send, what), send_to, tag=tag))
             received.append(torch.empty(self.shape, dtype=self.dtype, device=self.device) if receive else None)
@@ -120,7 +124,12 @@ class _PipelineScheduler:
     def __init__(self, micro_num: int, hidden_size: int, dtype: torch.dtype, sequence_split: int = 1):
         """sequence_split: the tensor size under sequence parallelism (stages send their slice of the
         sequence), else 1."""
-        self.micro_num, self.hidden_size, self.dtype, self.sequence_split = micro_num, hidden_size, dtype, sequence_split
+        self.micro_num, self.hidden_size, self.dtype, self.sequence_split = (
+            micro_num,
+            hidden_size,
+            dtype,
+            sequence_split,
+        )
 
     def _p2p(self, batch, defer_sends=False) -> P2P:
         _, micro_bsz, seq_len = batch["input_ids"].shape
@@ -145,15 +154,24 @@ class _PipelineScheduler:
 class PipelineScheduler(_PipelineScheduler):
     """1F1B over the micro-batches, one stage per rank."""
 
-    def forward_backward_step(self, model, batch: dict, criterion, optimizer, forward_only: bool = False,
-                              return_loss: bool = True, return_output_label: bool = False):
+    def forward_backward_step(
+        self,
+        model,
+        batch: dict,
+        criterion,
+        optimizer,
+        forward_only: bool = False,
+        return_loss: bool = True,
+        return_output_label: bool = False,
+    ):
         self._check_batch(batch)
         p2p = self._p2p(batch)
         first, last = gpc.is_first_stage, gpc.is_last_stage
         step = _PipelineStep([model], batch, criterion, optimizer, forward_only, return_output_label)
         micro_num = self.micro_num
-        warmup = micro_num if forward_only else min(gpc.pipeline_parallel_size - gpc.pipeline_parallel_rank - 1,
-                                                    micro_num)
+        warmup = (
+            micro_num if forward_only else min(gpc.pipeline_parallel_size - gpc.pipeline_parallel_rank - 1, micro_num)
+        )
         in_flight = []  # (input activation, output) of micro-batches awaiting their backward
 
         def run_forward(micro, hidden):
@@ -184,19 +202,35 @@ class PipelineScheduler(_PipelineScheduler):
 class InterleavedPipelineScheduler(_PipelineScheduler):
     """Interleaved 1F1B: num_chunks stages per rank; micro_num must be a multiple of the pipeline size."""
 
-    def __init__(self, micro_num: int, hidden_size: int, dtype: torch.dtype, num_chunks: int,
-                 sequence_split: int = 1, overlap: bool = True):
+    def __init__(
+        self,
+        micro_num: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        num_chunks: int,
+        sequence_split: int = 1,
+        overlap: bool = True,
+    ):
         super().__init__(micro_num, hidden_size, dtype, sequence_split)
         self.num_chunks, self.overlap = num_chunks, overlap
 
-    def forward_backward_step(self, model, batch: dict, criterion, optimizer, forward_only: bool = False,
-                              return_loss: bool = True, return_output_label: bool = False):
+    def forward_backward_step(
+        self,
+        model,
+        batch: dict,
+        criterion,
+        optimizer,
+        forward_only: bool = False,
+        return_loss: bool = True,
+        return_output_label: bool = False,
+    ):
         self._check_batch(batch)
         chunks, stages, rank = self.num_chunks, gpc.pipeline_parallel_size, gpc.pipeline_parallel_rank
         micro_num = self.micro_num
         if micro_num % stages:
-            raise ValueError(f"the interleaved schedule needs micro_num ({micro_num}) to be a multiple of the "
-                             f"pipeline size {stages}")
+            raise ValueError(
+                f"the interleaved schedule needs micro_num ({micro_num}) to be a multiple of the pipeline size {stages}"
+            )
         p2p = self._p2p(batch, defer_sends=self.overlap)
         total = micro_num * chunks
         step = _PipelineStep(list(model), batch, criterion, optimizer, forward_only, return_output_label)
@@ -228,9 +262,7 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
             grad_in = step.backward(chunk, hidden, output, grad)
             return None if (first_rank and chunk == 0) else grad_in
 
-        if forward_only:
-            warmup = total
-        elif micro_num == stages:
+        if forward_only or micro_num == stages:
             warmup = total
         else:
             warmup = min(total, (stages - rank - 1) * 2 + (chunks - 1) * stages)

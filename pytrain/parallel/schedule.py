@@ -1,4 +1,5 @@
 """Schedules run one optimizer step's forward and backward passes over its micro-batches."""
+
 import torch
 
 
@@ -11,8 +12,16 @@ class NonPipelineScheduler:
     def __init__(self, micro_num: int):
         self.micro_num = micro_num
 
-    def forward_backward_step(self, model, batch: dict, criterion, optimizer, forward_only: bool = False,
-                              return_loss: bool = True, return_output_label: bool = False):
+    def forward_backward_step(
+        self,
+        model,
+        batch: dict,
+        criterion,
+        optimizer,
+        forward_only: bool = False,
+        return_loss: bool = True,
+        return_output_label: bool = False,
+    ):
         micro_num = batch["input_ids"].shape[0]
         if micro_num != self.micro_num:
             raise ValueError(f"the batch holds {micro_num} micro-batches; data.micro_num is {self.micro_num}")

@@ -16,6 +16,7 @@ Every layer here is also the plain layer when the group is None (one tensor rank
 Each sharded weight knows how to cut its shard out of the full tensor (`shard`), which is how weights are
 initialised identically in every layout and how a full state dict is loaded into one.
 """
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -221,8 +222,11 @@ class ParallelEmbedding(nn.Module, ShardedWeight):
     def __init__(self, vocab_size, hidden_size, group=None, split_hidden=True, sequence_parallel=False, dtype=None):
         super().__init__()
         self.split_hidden, self.sequence_parallel = split_hidden, sequence_parallel
-        shape = (vocab_size, _local(hidden_size, group, "hidden size")) if split_hidden else \
-            (_local(vocab_size, group, "vocabulary size"), hidden_size)
+        shape = (
+            (vocab_size, _local(hidden_size, group, "hidden size"))
+            if split_hidden
+            else (_local(vocab_size, group, "vocabulary size"), hidden_size)
+        )
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype))
         self._setup_sharding(group, 1 if split_hidden else 0, [hidden_size if split_hidden else vocab_size])
 

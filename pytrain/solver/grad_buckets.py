@@ -7,13 +7,15 @@ the moment autograd has accumulated it; when every parameter of a bucket is in, 
 starts asynchronously while the backward goes on with earlier layers. finish() waits for them, and
 fills and reduces (synchronously) any bucket a parameter never reached (unused in the forward).
 """
+
 import torch
 import torch.distributed as dist
 
 
 class OverlappedGradReducer:
-    def __init__(self, params: list[torch.Tensor], views: list[torch.Tensor], flat: torch.Tensor, bucket_size: int,
-                 group=None):
+    def __init__(
+        self, params: list[torch.Tensor], views: list[torch.Tensor], flat: torch.Tensor, bucket_size: int, group=None
+    ):
         """views[i]: params[i]'s gradient slice of `flat`, the flat fp32 buffer, in order."""
         self.params, self.views, self.flat, self.group = params, views, flat, group
         self.buckets, self.bounds = [[]], [[0, 0]]  # parameter indices; [start, end) of each bucket in flat

@@ -2,8 +2,16 @@
 
 
 class DynamicGradScaler:
-    def __init__(self, initial_scale=2**16, min_scale=1, growth_factor=2, backoff_factor=0.5, growth_interval=1000,
-                 hysteresis=2, max_scale=2**24):
+    def __init__(
+        self,
+        initial_scale=2**16,
+        min_scale=1,
+        growth_factor=2,
+        backoff_factor=0.5,
+        growth_interval=1000,
+        hysteresis=2,
+        max_scale=2**24,
+    ):
         self.scale = float(initial_scale)
         self.min_scale, self.max_scale = float(min_scale), float(max_scale)
         self.growth_factor, self.backoff_factor = float(growth_factor), float(backoff_factor)

@@ -2,8 +2,9 @@
 inf/NaN step skipping and fp16 loss scaling.
 
 A step: the model's gradients are gathered into one flat fp32 buffer, averaged over the data-parallel
-group in buckets of reduce_bucket_size elements (during the backward with overlap_sync_grad) and unscaled; the global gradient norm is taken after the
-reduce, so every rank agrees on it, and a step whose norm is inf or NaN is skipped on every rank.
+group in buckets of reduce_bucket_size elements (during the backward with overlap_sync_grad) and
+unscaled; the global gradient norm is taken after the reduce, so every rank agrees on it, and a step
+whose norm is inf or NaN is skipped on every rank.
 Otherwise the gradients are clipped and each rank runs AdamW on the parameters it owns only: within a
 zero1 group, parameters are assigned largest first to the least-loaded rank (InternLM's rule), and only
 the owner keeps their fp32 master copy and Adam state. The owners then broadcast the updated parameters
@@ -17,6 +18,7 @@ part of are summed first: a tied embedding's over the first and last pipeline st
 norms' over the tensor group. With overlap_sync_param the owners' broadcasts run in the background and
 each layer waits for its own parameters just before its next forward.
 """
+
 import math
 
 import torch
@@ -56,11 +58,24 @@ def _world(group) -> int:
 
 
 class HybridZeroOptimizer:
-    def __init__(self, model: nn.Module, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                 clip_grad_norm: float = 0.0, grad_scaler: DynamicGradScaler | None = None, group=None,
-                 zero_group=None, reduce_bucket_size: int = 512 * 1024 * 1024, overlap_sync_grad: bool = False,
-                 overlap_sync_param: bool = False, tensor_group=None, model_parallel_group=None,
-                 embedding_group=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        betas=(0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        clip_grad_norm: float = 0.0,
+        grad_scaler: DynamicGradScaler | None = None,
+        group=None,
+        zero_group=None,
+        reduce_bucket_size: int = 512 * 1024 * 1024,
+        overlap_sync_grad: bool = False,
+        overlap_sync_param: bool = False,
+        tensor_group=None,
+        model_parallel_group=None,
+        embedding_group=None,
+    ):
         """group: the data-parallel group gradients are averaged over; zero_group: the ranks (a subgroup of
         it) that share one copy of the optimizer state. None: the default group / no sharding.
         overlap_sync_grad: reduce gradient buckets during the last micro-batch's backward (see
@@ -92,30 +107,42 @@ class HybridZeroOptimizer:
         self.flat_grad = torch.zeros(numel, dtype=torch.float32, device=self.model_params[0].device)
         grad_views, offset = [], 0
         for param in self.model_params:
-            grad_views.append(self.flat_grad[offset:offset + param.numel()].view_as(param))
+            grad_views.append(self.flat_grad[offset : offset + param.numel()].view_as(param))
             offset += param.numel()
         self.grad_views = grad_views
-        self.overlap = OverlappedGradReducer(self.model_params, grad_views, self.flat_grad, reduce_bucket_size, group) \
-            if overlap_sync_grad and _world(group) > 1 else None
+        self.overlap = (
+            OverlappedGradReducer(self.model_params, grad_views, self.flat_grad, reduce_bucket_size, group)
+            if overlap_sync_grad and _world(group) > 1
+            else None
+        )
         tensor_rank = dist.get_rank(tensor_group) if tensor_group is not None else 0
         pairs = list(zip(self.model_params, grad_views))
         self.norm_views = [v for p, v in pairs if counted_here(p, tensor_rank)]  # each weight once, model-wide
         # Gradients this rank holds part of, summed over the ranks holding the rest: (group, views)
         tied = [v for p, v in pairs if getattr(p, "tied_across_stages", False)]
         sequence_parallel = [v for p, v in pairs if getattr(p, "sequence_parallel", False)]
-        self.partial_sums = [(g, views) for g, views in ((embedding_group, tied), (tensor_group, sequence_parallel))
-                             if views and g is not None and _world(g) > 1]
+        self.partial_sums = [
+            (g, views)
+            for g, views in ((embedding_group, tied), (tensor_group, sequence_parallel))
+            if views and g is not None and _world(g) > 1
+        ]
 
         # (model parameter, its fp32 master, the reduced gradient view) for the parameters this rank updates
         self.needs_master = any(p.dtype != torch.float32 for p in self.model_params)
-        self.owned = [(p, p.detach().float().requires_grad_() if self.needs_master else p, view)
-                      for p, view in zip(self.model_params, grad_views) if id(p) in owned]
+        self.owned = [
+            (p, p.detach().float().requires_grad_() if self.needs_master else p, view)
+            for p, view in zip(self.model_params, grad_views)
+            if id(p) in owned
+        ]
         master_of = {id(p): master for p, master, _ in self.owned}
         owned_groups = [{**g, "params": [master_of[id(p)] for p in g["params"] if id(p) in master_of]} for g in groups]
         owned_groups = [g for g in owned_groups if g["params"]]
         # A rank that owns nothing still keeps the param groups the schedulers write lr and betas into.
-        self.optimizer = torch.optim.AdamW(owned_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay) \
-            if owned_groups else None
+        self.optimizer = (
+            torch.optim.AdamW(owned_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+            if owned_groups
+            else None
+        )
         self._param_groups = self.optimizer.param_groups if self.optimizer else [{"lr": lr, "betas": betas}]
 
         self.pending_params = {}  # id(param) -> its in-flight broadcast (overlap_sync_param)
@@ -190,7 +217,7 @@ class HybridZeroOptimizer:
                     view.copy_(param.grad)
             if _world(self.group) > 1:
                 for start in range(0, self.flat_grad.numel(), self.reduce_bucket_size):
-                    dist.all_reduce(self.flat_grad[start:start + self.reduce_bucket_size], group=self.group)
+                    dist.all_reduce(self.flat_grad[start : start + self.reduce_bucket_size], group=self.group)
         for group, views in self.partial_sums:
             flat = _flatten_dense_tensors(views)
             dist.all_reduce(flat, group=group)

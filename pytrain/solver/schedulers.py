@@ -3,6 +3,7 @@
 Both set their value on every param group of the optimizer at construction (step 0) and at each step();
 the Trainer steps them only after a successful optimizer step.
 """
+
 import math
 
 
@@ -10,8 +11,15 @@ class WarmupCosineLR:
     """lr(t) for t = init_steps + steps taken: linear warmup over total_steps * warmup_ratio steps from
     lr / warmup_steps up to lr, then a half cosine down to eta_min at total_steps, eta_min after that."""
 
-    def __init__(self, optimizer, total_steps: int, init_steps: int = 0, warmup_ratio: float = 0.0,
-                 eta_min: float = 0.0, last_epoch: int = -1):
+    def __init__(
+        self,
+        optimizer,
+        total_steps: int,
+        init_steps: int = 0,
+        warmup_ratio: float = 0.0,
+        eta_min: float = 0.0,
+        last_epoch: int = -1,
+    ):
         self.optimizer = optimizer
         self.base_lrs = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
         for group, base in zip(optimizer.param_groups, self.base_lrs):
@@ -36,7 +44,6 @@ class WarmupCosineLR:
 
     def get_last_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
-
 
 
 class Beta2Scheduler:

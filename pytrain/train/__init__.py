@@ -2,6 +2,7 @@
 
 Each reads the launched run's config (pytrain.parallel.gpc.config) unless one is passed explicitly.
 """
+
 from functools import partial
 
 import torch
@@ -14,11 +15,11 @@ from pytrain.data import DummyDataset, StepBatchSampler, TokenWindowDataset, col
 from pytrain.kernels import RMSNorm
 from pytrain.parallel import gpc
 from pytrain.registry import MODEL_INITIALIZER
-from pytrain.solver import Beta2Scheduler, HybridZeroOptimizer, DynamicGradScaler, WarmupCosineLR
+from pytrain.solver import Beta2Scheduler, DynamicGradScaler, HybridZeroOptimizer, WarmupCosineLR
 
 from .trainer import Trainer
 
-__all__ = ["initialize_model", "initialize_optimizer", "get_train_data_loader", "Trainer"]
+__all__ = ["Trainer", "get_train_data_loader", "initialize_model", "initialize_optimizer"]
 
 
 def initialize_model(config: Config | None = None) -> nn.Module:
@@ -39,8 +40,9 @@ def initialize_model(config: Config | None = None) -> nn.Module:
                 module.float()
     if dist.is_initialized() and dist.get_world_size(gpc.data_parallel_group) > 1:
         for tensor in list(model.parameters()) + list(model.buffers()):  # replicas start identical
-            dist.broadcast(tensor.data, src=dist.get_global_rank(gpc.data_parallel_group, 0),
-                           group=gpc.data_parallel_group)
+            dist.broadcast(
+                tensor.data, src=dist.get_global_rank(gpc.data_parallel_group, 0), group=gpc.data_parallel_group
+            )
     tied = [p for p in model.parameters() if getattr(p, "tied_across_stages", False)]
     for param in tied:  # the last stage's copy of a tied embedding starts as the first stage's
         dist.broadcast(param.data, src=dist.get_global_rank(gpc.embedding_group, 0), group=gpc.embedding_group)
@@ -57,18 +59,31 @@ def initialize_optimizer(model: nn.Module, config: Config | None = None):
     grad_scaler = None
     if cfg.model.dtype in ("torch.float16", "torch.half"):
         grad_scaler = DynamicGradScaler(
-            initial_scale=scaler_cfg.fp16.initial_scale, min_scale=scaler_cfg.fp16.min_scale,
-            growth_interval=scaler_cfg.fp16.growth_interval, growth_factor=scaler_cfg.growth_factor,
-            backoff_factor=scaler_cfg.backoff_factor, hysteresis=scaler_cfg.hysteresis,
-            max_scale=scaler_cfg.max_scale)
+            initial_scale=scaler_cfg.fp16.initial_scale,
+            min_scale=scaler_cfg.fp16.min_scale,
+            growth_interval=scaler_cfg.fp16.growth_interval,
+            growth_factor=scaler_cfg.growth_factor,
+            backoff_factor=scaler_cfg.backoff_factor,
+            hysteresis=scaler_cfg.hysteresis,
+            max_scale=scaler_cfg.max_scale,
+        )
     optimizer = HybridZeroOptimizer(
-        model, lr=adam.lr, betas=(adam.adam_beta1, adam.adam_beta2), eps=adam.adam_eps,
-        weight_decay=adam.weight_decay, clip_grad_norm=cfg.hybrid_zero_optimizer.clip_grad_norm,
-        grad_scaler=grad_scaler, group=gpc.data_parallel_group, zero_group=gpc.zero1_group,
+        model,
+        lr=adam.lr,
+        betas=(adam.adam_beta1, adam.adam_beta2),
+        eps=adam.adam_eps,
+        weight_decay=adam.weight_decay,
+        clip_grad_norm=cfg.hybrid_zero_optimizer.clip_grad_norm,
+        grad_scaler=grad_scaler,
+        group=gpc.data_parallel_group,
+        zero_group=gpc.zero1_group,
         reduce_bucket_size=cfg.hybrid_zero_optimizer.reduce_bucket_size,
         overlap_sync_grad=cfg.hybrid_zero_optimizer.overlap_sync_grad,
-        overlap_sync_param=cfg.hybrid_zero_optimizer.overlap_sync_param, tensor_group=gpc.tensor_parallel_group,
-        model_parallel_group=gpc.model_parallel_group, embedding_group=gpc.embedding_group)
+        overlap_sync_param=cfg.hybrid_zero_optimizer.overlap_sync_param,
+        tensor_group=gpc.tensor_parallel_group,
+        model_parallel_group=gpc.model_parallel_group,
+        embedding_group=gpc.embedding_group,
+    )
     beta2_scheduler = Beta2Scheduler(optimizer, **cfg.beta2_scheduler)
     lr_scheduler = WarmupCosineLR(optimizer, **cfg.lr_scheduler)
     return optimizer, beta2_scheduler, lr_scheduler
@@ -81,8 +96,12 @@ def get_train_data_loader(num_worker: int = 0, config: Config | None = None):
     data = cfg.data
     samples_per_rank = data.micro_num * data.micro_bsz
     if data.train_folder is None:
-        dataset = DummyDataset(data.total_steps * samples_per_rank * gpc.data_parallel_size, data.seq_len,
-                               cfg.model.vocab_size, seed=gpc.seed)
+        dataset = DummyDataset(
+            data.total_steps * samples_per_rank * gpc.data_parallel_size,
+            data.seq_len,
+            cfg.model.vocab_size,
+            seed=gpc.seed,
+        )
         dataset_types = ["dummy"]
     elif data.train_folder == BUILTIN_CORPUS:
         if dist.is_initialized() and gpc.rank != 0:
@@ -94,9 +113,19 @@ def get_train_data_loader(num_worker: int = 0, config: Config | None = None):
         dataset_types = ["stdlib"]
     else:
         raise ValueError(f"data.train_folder={data.train_folder!r} is not supported")
-    sampler = StepBatchSampler(len(dataset), samples_per_rank, gpc.data_parallel_size, gpc.data_parallel_rank,
-                               total_steps=data.total_steps, seed=gpc.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_worker,
-                        collate_fn=partial(collate_micro_batches, micro_num=data.micro_num),
-                        pin_memory=gpc.device.type == "cuda")
+    sampler = StepBatchSampler(
+        len(dataset),
+        samples_per_rank,
+        gpc.data_parallel_size,
+        gpc.data_parallel_rank,
+        total_steps=data.total_steps,
+        seed=gpc.seed,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_worker,
+        collate_fn=partial(collate_micro_batches, micro_num=data.micro_num),
+        pin_memory=gpc.device.type == "cuda",
+    )
     return loader, dataset_types

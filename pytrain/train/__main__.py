@@ -3,6 +3,7 @@
 The loop is InternLM's train.py: launch, build model / optimizer / data / trainer, then per step
 zero_grad -> execute_schedule -> step, with one log line per step from the first rank.
 """
+
 import contextlib
 import os
 
@@ -26,20 +27,35 @@ def profiler(enabled: bool, folder):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    return torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=3),
-                                  on_trace_ready=torch.profiler.tensorboard_trace_handler(str(folder / "profile")))
+    return torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=1, warmup=1, active=3),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(folder / "profile")),
+    )
 
 
 def train(args) -> list[dict]:
     """Runs the whole training job; returns the per-step metrics (every rank)."""
-    initialize_distributed_env(config=args.config, launcher=args.launcher, master_port=args.port, seed=args.seed,
-                               backend=args.backend, host=args.host, overrides=args.overrides)
+    initialize_distributed_env(
+        config=args.config,
+        launcher=args.launcher,
+        master_port=args.port,
+        seed=args.seed,
+        backend=args.backend,
+        host=args.host,
+        overrides=args.overrides,
+    )
     cfg = gpc.config
     model = initialize_model()
     optimizer, beta2_scheduler, lr_scheduler = initialize_optimizer(model=model)
     train_dl, _dataset_types = get_train_data_loader(num_worker=0)
-    trainer, train_dl, _, _ = initialize_trainer(model=model, optimizer=optimizer, train_dataloader=train_dl,
-                                                 lr_scheduler=lr_scheduler, beta2_scheduler=beta2_scheduler)
+    trainer, train_dl, _, _ = initialize_trainer(
+        model=model,
+        optimizer=optimizer,
+        train_dataloader=train_dl,
+        lr_scheduler=lr_scheduler,
+        beta2_scheduler=beta2_scheduler,
+    )
     data = cfg.data
     peak, peak_source = peak_tflops(gpc.device, DTYPES[cfg.model.dtype])
     # The whole model's size: this rank's part summed over the ranks holding the rest.
@@ -49,24 +65,41 @@ def train(args) -> list[dict]:
     block_params, head_params, params = counts.tolist()
     model_ranks = gpc.tensor_parallel_size * gpc.pipeline_parallel_size  # they share each micro-batch's work
     monitor = StepMonitor(
-        gpc.run_folder, total_steps=data.total_steps, tokens_per_step_per_rank=data.micro_num * data.micro_bsz *
-        data.seq_len / model_ranks, flops_per_token=flops_per_token(block_params, head_params, cfg.model.num_layers,
-                                                                    cfg.model.hidden_size, data.seq_len,
-                                                                    float(cfg.model.checkpoint)),
-        peak_tflops=peak, device=gpc.device, log_every=cfg.monitor.log_every,
-        tensorboard=cfg.monitor.tensorboard.enable, is_main_rank=gpc.is_main_rank, group=gpc.data_parallel_group)
+        gpc.run_folder,
+        total_steps=data.total_steps,
+        tokens_per_step_per_rank=data.micro_num * data.micro_bsz * data.seq_len / model_ranks,
+        flops_per_token=flops_per_token(
+            block_params,
+            head_params,
+            cfg.model.num_layers,
+            cfg.model.hidden_size,
+            data.seq_len,
+            float(cfg.model.checkpoint),
+        ),
+        peak_tflops=peak,
+        device=gpc.device,
+        log_every=cfg.monitor.log_every,
+        tensorboard=cfg.monitor.tensorboard.enable,
+        is_main_rank=gpc.is_main_rank,
+        group=gpc.data_parallel_group,
+    )
     # Optimizer state (fp32 masters when separate, Adam moments) per parameter this rank holds, every rank.
     state_bytes = [None] * gpc.world_size
     dist.all_gather_object(state_bytes, optimizer.optimizer_state_bytes() / sum(p.numel() for p in model.parameters()))
     if gpc.is_main_rank:
-        layout = (f"data {gpc.data_parallel_size} x tensor {gpc.tensor_parallel_size} ({cfg.parallel.tensor.mode}) x "
-                  f"pipeline {gpc.pipeline_parallel_size}" + (f" ({cfg.model.num_chunks} chunks per rank)"
-                                                              if cfg.model.num_chunks > 1 else ""))
-        print(f"pytrain: {cfg.model_type} with {params / 1e6:.2f}M parameters, {gpc.world_size} rank(s) on "
-              f"{gpc.device.type} as {layout}, {data.total_steps} steps of {data.micro_num} x {data.micro_bsz} x "
-              f"{data.seq_len} tokens per data-parallel rank; optimizer state {min(state_bytes):.1f}-{max(state_bytes):.1f} "
-              f"bytes per parameter per rank; peak {peak:.2f} "
-              f"TFLOPS per rank ({peak_source}); run folder {gpc.run_folder}", flush=True)
+        layout = (
+            f"data {gpc.data_parallel_size} x tensor {gpc.tensor_parallel_size} ({cfg.parallel.tensor.mode}) x "
+            f"pipeline {gpc.pipeline_parallel_size}"
+            + (f" ({cfg.model.num_chunks} chunks per rank)" if cfg.model.num_chunks > 1 else "")
+        )
+        print(
+            f"pytrain: {cfg.model_type} with {params / 1e6:.2f}M parameters, {gpc.world_size} rank(s) on "
+            f"{gpc.device.type} as {layout}, {data.total_steps} steps of {data.micro_num} x {data.micro_bsz} x "
+            f"{data.seq_len} tokens per data-parallel rank; optimizer state "
+            f"{min(state_bytes):.1f}-{max(state_bytes):.1f} bytes per parameter per rank; peak {peak:.2f} "
+            f"TFLOPS per rank ({peak_source}); run folder {gpc.run_folder}",
+            flush=True,
+        )
 
     history = []
     trainer.train()
@@ -77,8 +110,11 @@ def train(args) -> list[dict]:
             _, loss = trainer.execute_schedule(batch, forward_only=False, return_loss=True)
             success, grad_norm = trainer.step()
             lr = optimizer.param_groups[0]["lr"]
-            history.append(monitor.end_step(step, loss, grad_norm, lr, success,
-                                            optimizer.loss_scale if optimizer.grad_scaler else None))
+            history.append(
+                monitor.end_step(
+                    step, loss, grad_norm, lr, success, optimizer.loss_scale if optimizer.grad_scaler else None
+                )
+            )
             if prof is not None:
                 prof.step()
     optimizer.sync_params()  # the last step's parameter broadcasts, if overlapped, land before the end
@@ -98,18 +134,28 @@ def dry_run(args) -> None:
     with torch.device("meta"):
         model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model)
     params = sum(p.numel() for p in model.parameters())
-    per_token = flops_per_token(*matmul_params(model), cfg.model.num_layers, cfg.model.hidden_size, cfg.data.seq_len,
-                                float(cfg.model.checkpoint))
+    per_token = flops_per_token(
+        *matmul_params(model),
+        cfg.model.num_layers,
+        cfg.model.hidden_size,
+        cfg.data.seq_len,
+        float(cfg.model.checkpoint),
+    )
     tokens = data_parallel * cfg.data.micro_num * cfg.data.micro_bsz * cfg.data.seq_len
     layout = f"data {data_parallel} x tensor {cfg.parallel.tensor.size} x pipeline {cfg.parallel.pipeline.size}"
-    print(f"{args.config}: valid for {world_size} process(es) as {layout}; {cfg.model_type} with {params:,} parameters "
-          f"({params / 1e9:.2f}B); {per_token / 1e9:.2f} GFLOPs per token; {tokens:,} tokens per step")
+    print(
+        f"{args.config}: valid for {world_size} process(es) as {layout}; {cfg.model_type} with {params:,} parameters "
+        f"({params / 1e9:.2f}B); {per_token / 1e9:.2f} GFLOPs per token; {tokens:,} tokens per step"
+    )
 
 
 def main(argv=None) -> int:
     parser = get_default_parser()
-    parser.add_argument("--dry_run", action="store_true",
-                        help="validate the config, build the model on the meta device, print its size, exit")
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="validate the config, build the model on the meta device, print its size, exit",
+    )
     args = parser.parse_args(argv)
     if not args.config:
         parser.error("--config is required, e.g. --config configs/tiny.py")

@@ -1,15 +1,17 @@
 """The Trainer: InternLM's loop shape over a model, an optimizer, a schedule and the schedulers.
 
-    trainer.zero_grad()
-    _, loss = trainer.execute_schedule(batch, forward_only=False, return_loss=True)
-    success, grad_norm = trainer.step()
+trainer.zero_grad()
+_, loss = trainer.execute_schedule(batch, forward_only=False, return_loss=True)
+success, grad_norm = trainer.step()
 """
+
 import torch
 
 
 class Trainer:
-    def __init__(self, model, optimizer, schedule, criterion, device: torch.device, lr_scheduler=None,
-                 beta2_scheduler=None):
+    def __init__(
+        self, model, optimizer, schedule, criterion, device: torch.device, lr_scheduler=None, beta2_scheduler=None
+    ):
         self.model, self.optimizer, self.schedule, self.criterion = model, optimizer, schedule, criterion
         self.device = device
         self.lr_scheduler, self.beta2_scheduler = lr_scheduler, beta2_scheduler
@@ -24,13 +26,20 @@ class Trainer:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
 
-    def execute_schedule(self, batch: dict, forward_only: bool = False, return_loss: bool = True,
-                         return_output_label: bool = False):
+    def execute_schedule(
+        self, batch: dict, forward_only: bool = False, return_loss: bool = True, return_output_label: bool = False
+    ):
         """Forward (and backward) over the batch's micro-batches; returns (outputs and labels or None, loss)."""
         batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
-        return self.schedule.forward_backward_step(self.model, batch, self.criterion, self.optimizer,
-                                                   forward_only=forward_only, return_loss=return_loss,
-                                                   return_output_label=return_output_label)
+        return self.schedule.forward_backward_step(
+            self.model,
+            batch,
+            self.criterion,
+            self.optimizer,
+            forward_only=forward_only,
+            return_loss=return_loss,
+            return_output_label=return_output_label,
+        )
 
     def step(self) -> tuple[bool, float]:
         """The optimizer step; the schedulers advance only when it succeeded (no inf/NaN gradients)."""
