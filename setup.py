@@ -6,6 +6,11 @@ Environment:
   PYTRAIN_CUDA_ARCHS  CUDA architectures, default "80;90".
   PYTRAIN_BUILD_DIR   CMake build folder, default build/cmake-<python tag>; kept between builds so that
                       editing one source rebuilds only that file.
+
+The build folder outlives the environment that configured it: pip's isolated builds run in a temporary
+environment (its cmake, ninja and pybind11) that pip deletes afterwards. So every build names its own
+tools to CMake again (generator, make program, pybind11) instead of trusting the cached paths, and a
+cache made with another generator is dropped (CMake cannot switch generators in place).
 """
 
 import os
@@ -35,6 +40,43 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def find_ninja() -> str | None:
+    """This environment's ninja: on PATH, else the binary of the `ninja` Python package."""
+    found = shutil.which("ninja")
+    if found:
+        return found
+    try:
+        import ninja
+    except ImportError:
+        return None
+    binary = Path(ninja.BIN_DIR) / "ninja"
+    return str(binary) if binary.exists() else None
+
+
+def cached_generator(cmake_dir: Path) -> str | None:
+    cache = cmake_dir / "CMakeCache.txt"
+    if not cache.exists():
+        return None
+    for line in cache.read_text(errors="replace").splitlines():
+        if line.startswith("CMAKE_GENERATOR:INTERNAL="):
+            return line.split("=", 1)[1]
+    return None
+
+
+def generator_args(cmake_dir: Path) -> list[str]:
+    """-G and the make program of this environment; drops a cache made with another generator."""
+    ninja = find_ninja()
+    generator, make_program = ("Ninja", ninja) if ninja else ("Unix Makefiles", shutil.which("make"))
+    if make_program is None:
+        sys.exit("neither ninja nor make was found: `pip install ninja` or install make")
+    cached = cached_generator(cmake_dir)
+    if cached is not None and cached != generator:
+        print(f"pytrain: the build folder was configured for {cached}, this build uses {generator}: reconfiguring")
+        (cmake_dir / "CMakeCache.txt").unlink()
+        shutil.rmtree(cmake_dir / "CMakeFiles", ignore_errors=True)
+    return ["-G", generator, f"-DCMAKE_MAKE_PROGRAM:FILEPATH={make_program}"]
+
+
 def cuda_mode() -> str:
     value = os.environ.get("PYTRAIN_CUDA", "").strip().lower()
     if value in ("", "auto"):
@@ -60,11 +102,11 @@ class CMakeBuild(build_ext):
             os.environ.get("PYTRAIN_BUILD_DIR") or ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
         )
         self.cmake_dir.mkdir(parents=True, exist_ok=True)
-        cmake = shutil.which("cmake")
-        if cmake is None:
+        self.cmake = shutil.which("cmake")
+        if self.cmake is None:
             sys.exit("cmake was not found: `pip install cmake` or install it with your system's package manager")
         args = [
-            cmake,
+            self.cmake,
             "-S",
             str(ROOT),
             "-B",
@@ -74,8 +116,7 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DPYTRAIN_CUDA_ARCHS={os.environ.get('PYTRAIN_CUDA_ARCHS', '80;90')}",
         ]
-        if shutil.which("ninja") and not (self.cmake_dir / "CMakeCache.txt").exists():
-            args += ["-G", "Ninja"]
+        args += generator_args(self.cmake_dir)
         if nvcc:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
 
@@ -111,7 +152,7 @@ class CMakeBuild(build_ext):
 
     def build_target(self, ext: CMakeExtension):
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
-        subprocess.run(["cmake", "--build", str(self.cmake_dir), "--target", ext.target, "-j", jobs], check=True)
+        subprocess.run([self.cmake, "--build", str(self.cmake_dir), "--target", ext.target, "-j", jobs], check=True)
         suffix = sysconfig.get_config_var("EXT_SUFFIX")
         built = self.cmake_dir / f"{ext.target}{suffix}"
         destination = Path(self.get_ext_fullpath(ext.name))

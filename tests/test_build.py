@@ -1,4 +1,5 @@
-"""setup.py's CUDA switch: PYTRAIN_CUDA=1 with a failing CUDA compile fails; unset, it falls back to CPU."""
+"""setup.py: the CUDA switch (PYTRAIN_CUDA=1 with a failing CUDA compile fails; unset, it falls back to CPU) and a
+build folder that outlives the tools that configured it (pip deletes each isolated build's environment)."""
 
 import os
 import shutil
@@ -12,11 +13,20 @@ needs_toolchain = pytest.mark.skipif(
 )
 
 
-def build(tmp_path, **env):
+needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+
+# setup.py run as pip runs it, but with the `ninja` Python package hidden: a build environment without ninja.
+WITHOUT_NINJA_PACKAGE = (
+    "import runpy, sys; sys.modules['ninja'] = None; sys.argv = ['setup.py', *sys.argv[1:]]; "
+    "runpy.run_path('setup.py', run_name='__main__')"
+)
+
+
+def build(tmp_path, setup=("setup.py",), **env):
     # An impossible architecture makes nvcc fail; the build goes to a scratch folder.
     env = {**os.environ, "PYTRAIN_BUILD_DIR": str(tmp_path / "build"), "PYTRAIN_CUDA_ARCHS": "1", **env}
     return subprocess.run(
-        [python(), "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib")],
+        [python(), *setup, "build_ext", "--build-lib", str(tmp_path / "lib")],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -44,3 +54,45 @@ def test_automatic_cuda_build_failure_falls_back_to_cpu(tmp_path):
 def test_bad_cuda_switch_is_explained(tmp_path):
     result = build(tmp_path, PYTRAIN_CUDA="maybe")
     assert result.returncode != 0 and "PYTRAIN_CUDA='maybe' is not understood" in result.stderr
+
+
+def real_cmake(tmp_path) -> str:
+    """The cmake binary itself (PATH may hold a wrapper script, e.g. pyenv's shim)."""
+    script = tmp_path / "print_cmake_command.cmake"
+    script.write_text('message("${CMAKE_COMMAND}")\n')
+    return subprocess.run([shutil.which("cmake"), "-P", str(script)], capture_output=True, text=True).stderr.strip()
+
+
+def tools_folder(folder, **tools):
+    """A folder of links to real programs: a stand-in for pip's temporary build environment, or (as the whole
+    PATH) for an environment that lacks what it does not link."""
+    folder.mkdir(parents=True)
+    for name, real in tools.items():
+        (folder / name).symlink_to(real)
+    return folder
+
+
+@needs_cmake
+@pytest.mark.skipif(shutil.which("ninja") is None or shutil.which("make") is None, reason="needs ninja and make")
+def test_build_folder_outlives_the_tools_that_configured_it(tmp_path):
+    """pip configures each isolated build with the ninja of a temporary environment and then deletes it: the next
+    build (isolated or not, with or without ninja) must configure with its own tools, not the cached paths."""
+    built = tmp_path / "lib" / "pytrain"
+    first_env = tools_folder(tmp_path / "first-env", ninja=shutil.which("ninja"))
+    first = build(tmp_path, PYTRAIN_CUDA="0", PATH=f"{first_env}:{os.environ['PATH']}")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"CMAKE_MAKE_PROGRAM:FILEPATH={first_env}/ninja" in (tmp_path / "build" / "CMakeCache.txt").read_text()
+    shutil.rmtree(first_env)  # as pip does
+
+    # Another environment without any ninja: Unix Makefiles, so the Ninja cache cannot be reused.
+    compilers = {name: shutil.which(name) for name in ("make", "c++", "cc", "as", "ld") if shutil.which(name)}
+    no_ninja = tools_folder(tmp_path / "no-ninja", cmake=real_cmake(tmp_path), **compilers)
+    second = build(tmp_path, setup=("-c", WITHOUT_NINJA_PACKAGE), PYTRAIN_CUDA="0", PATH=str(no_ninja))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "configured for Ninja, this build uses Unix Makefiles: reconfiguring" in second.stdout
+
+    for name in built.iterdir():
+        name.unlink()
+    third = build(tmp_path, PYTRAIN_CUDA="0")  # back to this environment's ninja
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert any(p.name.startswith("_C.") for p in built.iterdir())
