@@ -1,8 +1,22 @@
-"""Datasets, samplers and the batch layout the trainer consumes."""
+"""Datasets, packing, samplers and the batch layout the trainer consumes (see loader.py for the contract)."""
 
 from .collate import collate_micro_batches
 from .datasets import DummyDataset, TokenWindowDataset
+from .loader import BUILTIN_CORPUS, TrainLoader, ValidLoader, build_train_loader, build_valid_loaders
 from .sampler import StepBatchSampler
 from .stdlib_corpus import load_stdlib_corpus
+from .tokenized import DataError
 
-__all__ = ["DummyDataset", "StepBatchSampler", "TokenWindowDataset", "collate_micro_batches", "load_stdlib_corpus"]
+__all__ = [
+    "BUILTIN_CORPUS",
+    "DataError",
+    "DummyDataset",
+    "StepBatchSampler",
+    "TokenWindowDataset",
+    "TrainLoader",
+    "ValidLoader",
+    "build_train_loader",
+    "build_valid_loaders",
+    "collate_micro_batches",
+    "load_stdlib_corpus",
+]
