@@ -67,6 +67,8 @@ def read_meta(bin_path: Path) -> tuple[np.ndarray, np.ndarray]:
         meta = np.load(meta_path, allow_pickle=False)
     except (ValueError, OSError) as error:
         raise DataError(f"{meta_path} is not a numpy .npy array ({error}): re-tokenize {bin_path.name}") from None
+    if meta.size == 0 and meta.dtype.kind in "iu":  # InternLM's writer saves an empty file's meta as shape (0,)
+        meta = meta.reshape(0, 2)
     if meta.ndim != 2 or meta.shape[1] not in (2, 3) or meta.dtype.kind not in "iu":
         raise DataError(
             f"{meta_path} has shape {meta.shape} and dtype {meta.dtype}; expected integer rows "
