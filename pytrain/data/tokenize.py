@@ -1,0 +1,297 @@
+"""Text -> InternLM's tokenized format (`.bin` of `{"tokens": [...]}` lines + `.bin.meta`).
+
+    python -m pytrain.data.tokenize --text_input_path IN --bin_output_path OUT.bin --tokenizer T
+
+IN is a .txt (each non-empty line, stripped, is one sample, as InternLM's tools/tokenizer.py), a .json (a
+list of records) or a .jsonl (one record per line); a record is a string or an object whose --text_key
+field (default "text") is the sample. A folder IN is mirrored: every .txt/.json/.jsonl under it becomes
+OUT/<same relative path>.bin, tokenized in parallel processes (--workers) with a progress bar.
+
+--tokenizer: `byte` (UTF-8 bytes, ids 0..255, no dependency), a Hugging Face `tokenizers` JSON file, a
+local transformers tokenizer folder (its tokenizer.json), or a sentencepiece `.model` file (the last
+three need `pip install 'pytrain[data]'`).
+
+Each output is written to a temporary name and renamed, the .meta after the .bin, so an interrupted run
+never leaves a .bin/.meta pair that looks complete. The meta is InternLM's: int32 (byte_offset, num_tokens).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+INPUT_SUFFIXES = (".txt", ".json", ".jsonl")
+ENCODE_CHUNK = 1024  # texts per encode_batch call
+EXTRA_HINT = "pip install 'pytrain[data]' (tokenizers, sentencepiece)"
+
+
+class TokenizeError(ValueError):
+    """Bad tokenize input; the message names the file (and line) and the fix."""
+
+
+# -- tokenizers -----------------------------------------------------------------------------------------------
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255: lossless for any text, no vocabulary to ship."""
+
+    vocab_size = 256
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+
+    def decode(self, ids) -> str:
+        return bytes(np.asarray(ids, dtype=np.uint8)).decode("utf-8")
+
+
+class HFTokenizer:
+    def __init__(self, path: Path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise TokenizeError(f"--tokenizer {path} needs the `tokenizers` library: {EXTRA_HINT}") from None
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # the library raises its own exception type
+            raise TokenizeError(f"--tokenizer {path} is not a Hugging Face tokenizers JSON file ({error})") from None
+        self.vocab_size = self.tokenizer.get_vocab_size()
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: Path):
+        try:
+            import sentencepiece
+        except ImportError:
+            raise TokenizeError(f"--tokenizer {path} needs the `sentencepiece` library: {EXTRA_HINT}") from None
+        try:
+            self.processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as error:
+            raise TokenizeError(f"--tokenizer {path} is not a sentencepiece model ({error})") from None
+        self.vocab_size = self.processor.get_piece_size()
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int64) for ids in self.processor.encode(texts)]
+
+    def decode(self, ids) -> str:
+        return self.processor.decode([int(i) for i in ids])
+
+
+def load_tokenizer(spec: str):
+    if spec == "byte":
+        return ByteTokenizer()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "tokenizer.json").exists():
+            raise TokenizeError(
+                f"--tokenizer {spec}: the folder has no tokenizer.json (a transformers tokenizer folder saved "
+                f"with a fast tokenizer has one); give a tokenizers .json, a sentencepiece .model, or 'byte'"
+            )
+        return HFTokenizer(path / "tokenizer.json")
+    if not path.exists():
+        raise TokenizeError(f"--tokenizer {spec!r} does not exist: give 'byte' or the path of a tokenizer")
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(path)
+    raise TokenizeError(
+        f"--tokenizer {spec}: unknown kind; give 'byte', a tokenizers .json file, a transformers tokenizer "
+        f"folder, or a sentencepiece .model file"
+    )
+
+
+# -- the InternLM line ----------------------------------------------------------------------------------------
+def json_line(ids: np.ndarray) -> bytes:
+    """Exactly `(json.dumps({"tokens": ids}) + "\\n").encode()`, built with numpy (fast for long samples)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) == 0:
+        return b'{"tokens": []}\n'
+    magnitude = np.abs(ids)
+    digits = np.ones(len(ids), dtype=np.int64)
+    power = 10
+    while power <= magnitude.max():
+        digits += magnitude >= power
+        power *= 10
+    negative = ids < 0
+    width = digits + negative  # characters of each number
+    columns = int(width.max())
+    chars = np.zeros((len(ids), columns + 2), dtype=np.uint8)
+    keep = np.zeros(chars.shape, dtype=bool)
+    rest = magnitude.copy()
+    for place in range(columns):  # right-aligned: column columns-1-place holds the place-th digit
+        column = columns - 1 - place
+        has_digit = place < digits
+        chars[:, column] = np.where(has_digit, 48 + rest % 10, ord("-"))
+        keep[:, column] = has_digit | (negative & (place == digits))
+        rest //= 10
+    chars[:, columns], chars[:, columns + 1] = ord(","), ord(" ")
+    keep[:-1, columns:] = True  # a ", " after every number but the last
+    return b'{"tokens": [' + chars[keep].tobytes() + b"]}\n"
+
+
+# -- reading input ------------------------------------------------------------------------------------------
+def read_texts(path: Path, text_key: str):
+    """The samples of one input file, in order."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if path.suffix == ".txt":
+                for line in handle:
+                    stripped = line.strip()
+                    if stripped:
+                        yield stripped
+            elif path.suffix == ".jsonl":
+                for number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        yield record_text(_json(line, path, number), text_key, path, number)
+            else:
+                records = _json(handle.read(), path, None)
+                if not isinstance(records, list):
+                    raise TokenizeError(
+                        f"{path}: a .json input must hold a list of records, not {type(records).__name__}"
+                    )
+                for number, record in enumerate(records, start=1):
+                    yield record_text(record, text_key, path, number, "record")
+    except UnicodeDecodeError as error:
+        raise TokenizeError(f"{path} is not UTF-8 text ({error}): convert it first (e.g. iconv -t UTF-8)") from None
+
+
+def _json(text: str, path: Path, line: int | None):
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        where = f"{path} line {line}" if line else str(path)
+        raise TokenizeError(f"{where} is not JSON ({error})") from None
+
+
+def record_text(record, text_key: str, path: Path, number: int, what: str = "line") -> str:
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict) and isinstance(record.get(text_key), str):
+        return record[text_key]
+    keys = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
+    raise TokenizeError(
+        f"{path} {what} {number} has no string field {text_key!r} (it has: {keys}): pass --text_key NAME"
+    )
+
+
+# -- one file -----------------------------------------------------------------------------------------------
+_TOKENIZER = None
+
+
+def _init_worker(spec: str) -> None:
+    global _TOKENIZER
+    _TOKENIZER = load_tokenizer(spec)
+
+
+def tokenize_file(source: Path, target: Path, text_key: str, tokenizer=None) -> tuple[int, int, int]:
+    """Writes target (.bin) and target.meta atomically; returns (samples, tokens, input bytes)."""
+    tokenizer = tokenizer or _TOKENIZER
+    target.parent.mkdir(parents=True, exist_ok=True)
+    meta_target = target.with_name(target.name + ".meta")
+    temp_bin = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    temp_meta = meta_target.with_name(f".{meta_target.name}.{os.getpid()}.partial")
+    offsets, lengths, offset = [], [], 0
+    try:
+        with open(temp_bin, "wb") as out:
+            texts = read_texts(source, text_key)
+            while chunk := [t for _, t in zip(range(ENCODE_CHUNK), texts)]:
+                for ids in tokenizer.encode_batch(chunk):
+                    line = json_line(ids)
+                    out.write(line)
+                    offsets.append(offset)
+                    lengths.append(len(ids))
+                    offset += len(line)
+        if offsets and offsets[-1] > np.iinfo(np.int32).max:
+            raise TokenizeError(
+                f"{source} makes a {offset}-byte .bin, too large for InternLM's int32 .meta offsets: split the input"
+            )
+        with open(temp_meta, "wb") as out:
+            np.save(out, np.array([offsets, lengths], dtype=np.int32).T.reshape(-1, 2))
+        os.replace(temp_bin, target)  # the bin first: a meta never describes a bin that is not there
+        os.replace(temp_meta, meta_target)
+    finally:
+        for temp in (temp_bin, temp_meta):
+            temp.unlink(missing_ok=True)
+    return len(lengths), int(sum(lengths)), source.stat().st_size
+
+
+def _tokenize_job(job) -> tuple[int, int, int]:
+    return tokenize_file(*job)
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+def plan_jobs(source: Path, target: Path) -> list[tuple[Path, Path]]:
+    if not source.exists():
+        raise TokenizeError(f"--text_input_path {source} does not exist")
+    if source.is_file():
+        if source.suffix not in INPUT_SUFFIXES:
+            raise TokenizeError(f"{source}: the input must be .txt, .json or .jsonl")
+        if target.suffix != ".bin":
+            raise TokenizeError(f"--bin_output_path {target} must end in .bin for a file input")
+        return [(source, target)]
+    inputs = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in INPUT_SUFFIXES)
+    if not inputs:
+        raise TokenizeError(f"--text_input_path {source} has no .txt, .json or .jsonl files")
+    if target.suffix == ".bin":
+        raise TokenizeError(f"--bin_output_path {target}: a folder input needs an output folder, not a .bin file")
+    return [(p, target / p.relative_to(source).with_suffix(".bin")) for p in inputs]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pytrain.data.tokenize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--text_input_path", required=True, help=".txt/.json/.jsonl file, or a folder of them")
+    parser.add_argument("--bin_output_path", required=True, help="OUT.bin for a file, an output folder for a folder")
+    parser.add_argument("--tokenizer", default="byte", help="byte | tokenizers .json | transformers folder | .model")
+    parser.add_argument("--text_key", default="text", help="the text field of .json/.jsonl records")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (folder input)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        jobs = plan_jobs(Path(args.text_input_path).expanduser(), Path(args.bin_output_path).expanduser())
+        jobs = [(src, dst, args.text_key) for src, dst in jobs]
+        total_bytes = sum(src.stat().st_size for src, _, _ in jobs)
+        workers = max(1, min(args.workers, len(jobs)))
+        start = time.perf_counter()
+        samples = tokens = 0
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr) as bar:
+            if workers == 1:
+                results = (tokenize_file(*job, tokenizer=tokenizer) for job in jobs)
+                pool = None
+            else:
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallel over files instead
+                pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(args.tokenizer,))
+                results = pool.map(_tokenize_job, jobs)
+            try:
+                for n_samples, n_tokens, n_bytes in results:
+                    samples, tokens = samples + n_samples, tokens + n_tokens
+                    bar.update(n_bytes)
+            finally:
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
+        seconds = time.perf_counter() - start
+    except TokenizeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"{len(jobs)} file(s), {samples} samples, {tokens} tokens (vocabulary {tokenizer.vocab_size}) -> "
+        f"{args.bin_output_path} in {seconds:.1f} s ({total_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
