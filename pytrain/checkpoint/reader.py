@@ -1,0 +1,186 @@
+"""Reading a checkpoint: the manifest, checksums, JSON states, and tensors cut for any layout.
+
+Each file is checked against the manifest (size, then sha256) before it is used, once per reader; the
+manifest itself is checked against the sha256 its completion marker holds. Tensors are read with
+safetensors' safe_open, slice by slice: a rank reads only the parts of the saved shards that overlap the
+shards it asks for. Nothing is unpickled.
+"""
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from pytrain.parallel.shard_spec import ShardSpec
+
+from .layout import overlaps, spec_from_json
+from .storage import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    GLOBAL_STATE,
+    MANIFEST,
+    CheckpointError,
+    CheckpointVersionError,
+    file_sha256,
+    rank_state_file,
+    resolve_folder,
+)
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The completion marker's content ({"step", "manifest_sha256"}), or None when there is none."""
+    markers = list(folder.glob("*.step"))
+    if len(markers) != 1:
+        return None
+    try:
+        marker = json.loads(markers[0].read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or markers[0].name != f"{marker.get('step')}.step":
+        return None
+    return marker
+
+
+class CheckpointReader:
+    """One checkpoint folder (`<save_ckpt_folder>/<step>` or a snapshot slot), "local:path" or a path."""
+
+    def __init__(self, path: str | Path):
+        self.path = resolve_folder(str(path))
+        if not self.path.is_dir():
+            raise CheckpointError(f"checkpoint folder {str(self.path)!r} does not exist")
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            inside = sorted(p.name for p in self.path.iterdir() if p.is_dir() and p.name.isdigit())
+            hint = f" (it holds checkpoints {', '.join(inside)}: name one of them)" if inside else ""
+            raise CheckpointError(f"{str(self.path)!r} is not a pytrain checkpoint: no {MANIFEST}{hint}")
+        data = manifest_path.read_bytes()
+        marker = read_marker(self.path)
+        self.complete = marker is not None
+        if marker is not None and marker.get("manifest_sha256") != hashlib.sha256(data).hexdigest():
+            raise CheckpointError(f"{manifest_path} is corrupt: its sha256 differs from the one its marker recorded")
+        try:
+            manifest = json.loads(data)
+        except ValueError as err:
+            raise CheckpointError(f"{manifest_path} is corrupt: not JSON ({err})") from err
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+            raise CheckpointError(f"{manifest_path} is not a {FORMAT_NAME} manifest")
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointVersionError(
+                f"checkpoint {self.path} was written in checkpoint format version {version}; this pytrain reads "
+                f"versions up to {FORMAT_VERSION}: load it with a newer pytrain"
+            )
+        self.manifest = manifest
+        self.step: int = manifest["step"]
+        self.world_size: int = manifest["world_size"]
+        self._verified: set[str] = set()
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Every saved key's full shape and dtype name."""
+        return {key: (tuple(t["shape"]), t["dtype"]) for key, t in self.manifest["tensors"].items()}
+
+    def verify(self, names=None) -> None:
+        """Checks files (default: all) against the manifest's sizes and sha256; raises naming the file."""
+        files = self.manifest["files"]
+        for name in files if names is None else names:
+            if name in self._verified:
+                continue
+            path, expected = self.path / name, files[name]
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint file {path} is missing")
+            size = path.stat().st_size
+            if size != expected["bytes"]:
+                raise CheckpointError(
+                    f"checkpoint file {path} is truncated or damaged: {size} bytes, expected {expected['bytes']}"
+                )
+            if file_sha256(path) != expected["sha256"]:
+                raise CheckpointError(f"checkpoint file {path} is corrupt: its sha256 differs from the manifest's")
+            self._verified.add(name)
+
+    def _json(self, name: str) -> dict:
+        self.verify([name])
+        return json.loads((self.path / name).read_text())
+
+    def global_state(self) -> dict:
+        """The JSON state rank 0 saved for the whole run (step counters, schedulers, config text...)."""
+        return self._json(GLOBAL_STATE)
+
+    def rank_state(self, rank: int) -> dict:
+        """The JSON state rank `rank` saved (its RNG, its data position...)."""
+        if not 0 <= rank < self.world_size:
+            raise CheckpointError(f"checkpoint {self.path} was saved by {self.world_size} ranks: it has no rank {rank}")
+        return self._json(rank_state_file(rank))
+
+    def check(self, wanted: dict[str, ShardSpec], strict_prefixes: tuple[str, ...] = ()) -> None:
+        """Raises, listing names and shapes, when a wanted key is missing or has another full shape, or
+        (for keys starting with one of `strict_prefixes`) when the checkpoint holds keys not wanted."""
+        saved = self.shapes()
+        missing = [f"{key} {list(spec.full_shape)}" for key, spec in wanted.items() if key not in saved]
+        differ = [
+            f"{key}: checkpoint {list(saved[key][0])}, wanted {list(spec.full_shape)}"
+            for key, spec in wanted.items()
+            if key in saved and saved[key][0] != spec.full_shape
+        ]
+        extra = [
+            f"{key} {list(shape)}"
+            for key, (shape, _) in saved.items()
+            if key not in wanted and key.startswith(strict_prefixes) and strict_prefixes
+        ]
+        if missing or differ or extra:
+            parts = [
+                f"{title} ({len(items)}):\n    " + "\n    ".join(items)
+                for title, items in (
+                    ("missing from the checkpoint", missing),
+                    ("shape differs", differ),
+                    ("in the checkpoint but not in this model", extra),
+                )
+                if items
+            ]
+            raise CheckpointError(f"checkpoint {self.path} does not match what is loaded:\n  " + "\n  ".join(parts))
+
+    def read(self, wanted: dict[str, ShardSpec]) -> dict[str, torch.Tensor]:
+        """Each wanted key's local tensor (CPU, saved dtype), cut by its spec from the saved shards."""
+        self.check(wanted)
+        tensors = self.manifest["tensors"]
+        files = sorted({shard["file"] for key in wanted for shard in tensors[key]["shards"]})
+        self.verify(files)
+        out = {}
+        with contextlib.ExitStack() as stack:
+            handles = {name: stack.enter_context(safe_open(self.path / name, framework="pt")) for name in files}
+            for key, spec in wanted.items():
+                entry = tensors[key]
+                local = torch.empty(spec.local_shape, dtype=getattr(torch, entry["dtype"]))
+                filled = 0
+                for shard in entry["shards"]:
+                    saved = spec_from_json(entry["shape"], shard)
+                    handle = handles[shard["file"]]
+                    for source, target, count in overlaps(saved, spec):
+                        whole = all(s.start == 0 and s.stop == n for s, n in zip(source, saved.local_shape))
+                        part = handle.get_tensor(key) if whole else handle.get_slice(key)[source]
+                        local[target].copy_(part)
+                        filled += count
+                if filled != local.numel():
+                    raise CheckpointError(
+                        f"{self.path / MANIFEST} is inconsistent: the saved shards of {key} fill {filled} of the "
+                        f"{local.numel()} elements asked for"
+                    )
+                out[key] = local
+        return out
+
+    def load_into(self, targets: dict[str, tuple[torch.Tensor, ShardSpec]]) -> None:
+        """Copies each key's cut into the given tensor (any device and dtype) in place; every key is
+        checked before anything is copied."""
+        wrong = [
+            f"{key}: tensor {list(t.shape)}, spec's local shape {list(spec.local_shape)}"
+            for key, (t, spec) in targets.items()
+            if tuple(t.shape) != spec.local_shape
+        ]
+        if wrong:
+            raise CheckpointError("load_into: tensors do not have their spec's local shape:\n  " + "\n  ".join(wrong))
+        values = self.read({key: spec for key, (_, spec) in targets.items()})
+        with torch.no_grad():
+            for key, (tensor, _) in targets.items():
+                tensor.copy_(values[key])
