@@ -24,11 +24,87 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # read by triton at import: fixed for the process
+
+
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0 takes 2**31 - 1); Triton's launcher does not check
+
+# Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per input precision, kernel and BLOCK_D (the head_dim
+# rounded up to a power of two). The autotuner times a launch's candidates once per (head_dim, causal, dtypes) and
+# keeps the fastest, in memory and in Triton's cache folder (cache_results), so later processes do not time them.
+# Spills below: Triton 3.6's ptxas for sm_90, causal (bytes of spill stores per thread).
+_TILES = {
+    "16bit": {
+        "fwd": {
+            64: [(128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
+            128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+            256: [(64, 32, 8, 2), (64, 32, 4, 3)],
+        },
+        # head_dim 96..128 with 4 warps needed 255 registers and spilled: 8 warps there (200-224 registers, 0 spills).
+        "dkdv": {64: [(64, 64, 4, 2), (32, 64, 4, 2)], 128: [(64, 32, 8, 2), (32, 64, 8, 2)], 256: [(32, 32, 8, 2)]},
+        "dq": {64: [(64, 64, 4, 2), (64, 32, 4, 2)], 128: [(64, 32, 4, 2), (64, 64, 8, 2)], 256: [(64, 32, 8, 2)]},
+    },
+    # fp32 runs exact ("ieee") dots without tensor cores: the 16-bit tiles spilled 6-32 KB per thread there and took
+    # 3-8 s to compile each; these spill 0-0.6 KB and compile in about 1 s. One candidate each: nothing to time.
+    "fp32": {
+        "fwd": {64: [(32, 32, 4, 2)], 128: [(32, 32, 8, 2)], 256: [(16, 32, 8, 2)]},
+        "dkdv": {64: [(32, 32, 8, 2)], 128: [(32, 16, 8, 2)], 256: [(16, 16, 8, 2)]},
+        "dq": {64: [(32, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(16, 32, 8, 2)]},
+    },
+}
+_TILE_INTERPRETER = (16, 16, 1, 1)  # the interpreter runs one program at a time: small tiles, one candidate
+
+
+def tiles(kernel: str, dtype, block_d: int) -> list[tuple[int, int, int, int]]:
+    """The candidate tiles of `kernel` ("fwd", "dkdv", "dq") for inputs of `dtype` (a torch or Triton dtype)."""
+    if _interpreting():
+        return [_TILE_INTERPRETER]
+    table = _TILES["fp32" if str(dtype) in ("torch.float32", "fp32") else "16bit"][kernel]
+    return table[min(b for b in table if b >= block_d)]
+
+
+def _tile_of(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _autotuned(kernel: str):
+    """triton.autotune over every tile `kernel` may use; each launch keeps only its dtype's and head_dim's."""
+    if _interpreting():
+        candidates = [_TILE_INTERPRETER]  # one config: the autotuner times nothing
+    else:
+        candidates = sorted({t for by_dtype in _TILES.values() for bucket in by_dtype[kernel].values() for t in bucket})
+
+    def prune(configs, named_args, **kwargs):
+        wanted = tiles(kernel, named_args["Q"].dtype, kwargs["BLOCK_D"])
+        return [c for c in configs if _tile_of(c) in wanted]
+
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in candidates],
+        key=["head_dim", "CAUSAL"],  # the autotuner adds every tensor argument's dtype to the key
+        prune_configs_by={"early_config_prune": prune},
+        cache_results=True,
+    )
+
+
+@triton.jit
+def _tile_offsets(tokens, head, stride_t, stride_h, dims):
+    """Element offsets of a [tokens, BLOCK_D] tile of one head, in int64: tokens * stride_t passes 2**31
+    (e.g. 524,288 tokens x 32 heads x 128) where int32 would wrap to a negative address."""
+    return tokens.to(tl.int64)[:, None] * stride_t + tl.cast(head, tl.int64) * stride_h + dims[None, :]
+
+
+@triton.jit
+def _lse_offsets(head, total_tokens, tokens):
+    """Offsets into a (heads, total_tokens) fp32 row-statistics buffer (lse, delta), in int64."""
+    return tl.cast(head, tl.int64) * total_tokens + tokens
+
+
 @triton.jit
 def _load_rows(ptr, tokens, head, stride_t, stride_h, token_ok, dims, head_dim):
     """A [tokens, BLOCK_D] tile of one head; zeros outside the sequence and past head_dim."""
     return tl.load(
-        ptr + tokens[:, None] * stride_t + head * stride_h + dims[None, :],
+        ptr + _tile_offsets(tokens, head, stride_t, stride_h, dims),
         mask=token_ok[:, None] & (dims < head_dim)[None, :],
         other=0.0,
     )
@@ -36,12 +112,14 @@ def _load_rows(ptr, tokens, head, stride_t, stride_h, token_ok, dims, head_dim):
 
 @triton.jit
 def _program_sequence(CuSeqlens, heads):
-    """(head, first token, length) of this program's sequence: grid axis 1 enumerates sequence * heads + head."""
-    seq = tl.program_id(1) // heads
+    """(head, first token, length) of this program's sequence. Grid axis 0 enumerates sequence * heads + head
+    (CUDA allows 2**31 - 1 programs there, but only 65,535 on axes 1 and 2); axis 1 is the block in the sequence."""
+    seq = tl.program_id(0) // heads
     start = tl.load(CuSeqlens + seq)
-    return tl.program_id(1) % heads, start, tl.load(CuSeqlens + seq + 1) - start
+    return tl.program_id(0) % heads, start, tl.load(CuSeqlens + seq + 1) - start
 
 
+@_autotuned("fwd")
 @triton.jit
 def _fwd_kernel(
     Q,
@@ -71,7 +149,7 @@ def _fwd_kernel(
 ):
     head, start, length = _program_sequence(CuSeqlens, q_heads)
     kv_head = head // group_size
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = tl.program_id(1) * BLOCK_M
     if start_m < length:
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < length
@@ -99,11 +177,13 @@ def _fwd_kernel(
             m_i = m_new
         acc = acc / l_i[:, None]
         tl.store(
-            Out + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
+            Out + _tile_offsets(start + rows, head, stride_ot, stride_oh, dims),
             acc.to(Out.dtype.element_ty),
             mask=row_ok[:, None] & (dims < head_dim)[None, :],
         )
-        tl.store(Lse + head * total_tokens + start + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=row_ok)
+        tl.store(
+            Lse + _lse_offsets(head, total_tokens, start + rows), (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=row_ok
+        )
 
 
 @triton.jit
@@ -127,7 +207,9 @@ def _bwd_preprocess(
     dims = tl.arange(0, BLOCK_D)
     o = _load_rows(Out, tokens, head, stride_ot, stride_oh, token_ok, dims, head_dim)
     do = _load_rows(DOut, tokens, head, stride_dt, stride_dh, token_ok, dims, head_dim)
-    tl.store(Delta + head * total_tokens + tokens, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=token_ok)
+    tl.store(
+        Delta + _lse_offsets(head, total_tokens, tokens), tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=token_ok
+    )
 
 
 @triton.jit
@@ -142,6 +224,7 @@ def _recomputed_probabilities(
     return tl.where(keep, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
 
 
+@_autotuned("dkdv")
 @triton.jit
 def _bwd_dkdv_kernel(
     Q,
@@ -178,7 +261,7 @@ def _bwd_dkdv_kernel(
 ):
     """dk, dv for one key block of one kv head, summed over the q heads that read it (GQA)."""
     kv_head, start, length = _program_sequence(CuSeqlens, kv_heads)
-    start_n = tl.program_id(0) * BLOCK_N
+    start_n = tl.program_id(1) * BLOCK_N
     if start_n < length:
         keys = start_n + tl.arange(0, BLOCK_N)
         key_ok = keys < length
@@ -194,8 +277,8 @@ def _bwd_dkdv_kernel(
                 row_ok = rows < length
                 q = _load_rows(Q, start + rows, head, stride_qt, stride_qh, row_ok, dims, head_dim)
                 do = _load_rows(DOut, start + rows, head, stride_dot, stride_doh, row_ok, dims, head_dim)
-                lse = tl.load(Lse + head * total_tokens + start + rows, mask=row_ok, other=0.0)
-                delta = tl.load(Delta + head * total_tokens + start + rows, mask=row_ok, other=0.0)
+                lse = tl.load(Lse + _lse_offsets(head, total_tokens, start + rows), mask=row_ok, other=0.0)
+                delta = tl.load(Delta + _lse_offsets(head, total_tokens, start + rows), mask=row_ok, other=0.0)
                 p = _recomputed_probabilities(q, k, lse, rows, keys, row_ok, key_ok, scale, CAUSAL, PRECISION)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -203,17 +286,18 @@ def _bwd_dkdv_kernel(
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         mask = key_ok[:, None] & (dims < head_dim)[None, :]
         tl.store(
-            DK + (start + keys)[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :],
+            DK + _tile_offsets(start + keys, kv_head, stride_dkt, stride_dkh, dims),
             (dk * scale).to(DK.dtype.element_ty),
             mask=mask,
         )
         tl.store(
-            DV + (start + keys)[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :],
+            DV + _tile_offsets(start + keys, kv_head, stride_dvt, stride_dvh, dims),
             dv.to(DV.dtype.element_ty),
             mask=mask,
         )
 
 
+@_autotuned("dq")
 @triton.jit
 def _bwd_dq_kernel(
     Q,
@@ -248,15 +332,15 @@ def _bwd_dq_kernel(
     """dq for one query block of one q head."""
     head, start, length = _program_sequence(CuSeqlens, q_heads)
     kv_head = head // group_size
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = tl.program_id(1) * BLOCK_M
     if start_m < length:
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < length
         dims = tl.arange(0, BLOCK_D)
         q = _load_rows(Q, start + rows, head, stride_qt, stride_qh, row_ok, dims, head_dim)
         do = _load_rows(DOut, start + rows, head, stride_dot, stride_doh, row_ok, dims, head_dim)
-        lse = tl.load(Lse + head * total_tokens + start + rows, mask=row_ok, other=0.0)
-        delta = tl.load(Delta + head * total_tokens + start + rows, mask=row_ok, other=0.0)
+        lse = tl.load(Lse + _lse_offsets(head, total_tokens, start + rows), mask=row_ok, other=0.0)
+        delta = tl.load(Delta + _lse_offsets(head, total_tokens, start + rows), mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         end_n = tl.minimum(length, start_m + BLOCK_M) if CAUSAL else length
         for start_n in range(0, end_n, BLOCK_N):
@@ -269,50 +353,36 @@ def _bwd_dq_kernel(
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         tl.store(
-            DQ + (start + rows)[:, None] * stride_dqt + head * stride_dqh + dims[None, :],
+            DQ + _tile_offsets(start + rows, head, stride_dqt, stride_dqh, dims),
             (dq * scale).to(DQ.dtype.element_ty),
             mask=row_ok[:, None] & (dims < head_dim)[None, :],
         )
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # read by triton at import: fixed for the process
-
-
-def _config(head_dim: int, backward: bool) -> dict:
-    """Tile sizes and warps: big tiles for the tensor cores, small ones under the (slow) interpreter."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if _interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=1)
-    if block_d <= 64:
-        return dict(BLOCK_M=128 if not backward else 64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)
-    if block_d <= 128:
-        return dict(
-            BLOCK_M=128 if not backward else 64,
-            BLOCK_N=64 if not backward else 32,
-            BLOCK_D=block_d,
-            num_warps=8 if not backward else 4,
+def grid(sequence_heads: int, max_seqlen: int, block: int) -> tuple[int, int]:
+    """(sequences x heads, blocks per sequence): the large product on axis 0, which CUDA lets reach 2**31 - 1."""
+    blocks = triton.cdiv(max_seqlen, block)
+    if blocks > MAX_GRID_Y:
+        raise ValueError(
+            f"max_seqlen {max_seqlen} needs {blocks} blocks of {block} tokens, above CUDA's {MAX_GRID_Y} on a grid "
+            "axis: split the sequence"
         )
-    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=8)
+    return sequence_heads, blocks
 
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs stay exact; 16-bit use tensor cores anyway
 
 
-def _launch_options(cfg: dict) -> dict:
-    return {} if _interpreting() else {"num_warps": cfg["num_warps"], "num_stages": 2}
-
-
 def flash_attn_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
-    """q (T, Hq, D), k/v (T, Hk, D) -> (out (T, Hq, D), lse (Hq, T) fp32). Inputs are validated by the caller."""
+    """q (T, Hq, D), k/v (T, Hk, D) -> (out (T, Hq, D), lse (Hq, T) fp32). Inputs are validated by the caller;
+    tokens may be strided (stride(-1) must be 1)."""
     total, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    out = torch.empty_like(q)
+    out = torch.empty((total, q_heads, head_dim), device=q.device, dtype=q.dtype)
     lse = torch.empty(q_heads, total, device=q.device, dtype=torch.float32)
-    cfg = _config(head_dim, backward=False)
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), (cu_seqlens.numel() - 1) * q_heads)
-    _fwd_kernel[grid](
+    sequence_heads = (cu_seqlens.numel() - 1) * q_heads
+    _fwd_kernel[lambda meta: grid(sequence_heads, max_seqlen, meta["BLOCK_M"])](
         q,
         k,
         v,
@@ -333,24 +403,21 @@ def flash_attn_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale
         out.stride(0),
         out.stride(1),
         CAUSAL=causal,
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PRECISION=_precision(q.dtype),
-        **_launch_options(cfg),
     )
     return out, lse
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
-    """Gradients (dq, dk, dv) of flash_attn_forward, in the inputs' dtypes."""
+    """Gradients (dq, dk, dv) of flash_attn_forward, in the inputs' dtypes, contiguous."""
     total, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     num_seqs = cu_seqlens.numel() - 1
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty((total, q_heads, head_dim), device=q.device, dtype=q.dtype)
+    dk, dv = (torch.empty((total, kv_heads, head_dim), device=q.device, dtype=q.dtype) for _ in range(2))
     delta = torch.empty_like(lse)
-    cfg = _config(head_dim, backward=True)
-    block_d, precision, options = cfg["BLOCK_D"], _precision(q.dtype), _launch_options(cfg)
+    block_d, precision = max(16, triton.next_power_of_2(head_dim)), _precision(q.dtype)
     _bwd_preprocess[(triton.cdiv(total, 64), q_heads)](
         out,
         dout,
@@ -374,7 +441,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, ca
         dout.stride(0),
         dout.stride(1),
     )
-    _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), num_seqs * kv_heads)](
+    _bwd_dkdv_kernel[lambda meta: grid(num_seqs * kv_heads, max_seqlen, meta["BLOCK_N"])](
         q,
         k,
         v,
@@ -395,13 +462,10 @@ def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, ca
         dv.stride(0),
         dv.stride(1),
         CAUSAL=causal,
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=block_d,
         PRECISION=precision,
-        **options,
     )
-    _bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), num_seqs * q_heads)](
+    _bwd_dq_kernel[lambda meta: grid(num_seqs * q_heads, max_seqlen, meta["BLOCK_M"])](
         q,
         k,
         v,
@@ -419,10 +483,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, ca
         dq.stride(0),
         dq.stride(1),
         CAUSAL=causal,
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=block_d,
         PRECISION=precision,
-        **options,
     )
     return dq, dk, dv

@@ -14,6 +14,26 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); bench/gpu/run.sh selects these")
+    config.addinivalue_line(
+        "markers", "triton: runs pytrain's Triton kernels (the GPU, or Triton's interpreter on the CPU); run.sh too"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """The device markers, in one place: a test taking `triton_device` is a Triton test, and a `cuda` test is
+    skipped on a machine without a GPU."""
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "triton_device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.triton)
+        if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+            item.add_marker(skip)
+
+
 CONFIGS = ROOT / "configs"
 
 # A model small enough for a training step in milliseconds; used with configs/tiny.py.

@@ -14,13 +14,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from markers import DEVICES
 
 import pytrain.kernels as K
 from pytrain.kernels import CrossEntropyLoss, _backend, cross_entropy, reference, vocab_parallel_cross_entropy
 from pytrain.kernels.cross_entropy import _shard_gradient, _shard_statistics
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["f32", "bf16", "f16"]
 
@@ -256,7 +255,7 @@ def test_property_cpu(rows, vocab, dtype, reduction, label_smoothing, z_loss, ig
     )
 
 
-@CUDA
+@pytest.mark.cuda
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     rows=st.integers(0, 300),
@@ -375,7 +374,7 @@ def test_bad_arguments(logits, labels, kwargs, error, match):
         cross_entropy(logits, labels, **kwargs)
 
 
-@CUDA
+@pytest.mark.cuda
 def test_cuda_out_of_range_label_is_an_error_not_a_fault():
     with pytest.raises(ValueError, match=r"found 10"):
         cross_entropy(torch.ones(2, 10, device="cuda"), torch.tensor([1, 10], device="cuda"))
@@ -532,7 +531,7 @@ def test_vocab_parallel_needs_a_process_group():
 # CUDA-only extras (skipped without a GPU).
 
 
-@CUDA
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cuda_unaligned_rows_take_the_scalar_path(dtype):
     """A vocab that is not a multiple of the 16-byte vector, and a storage offset: element loads."""
@@ -546,6 +545,6 @@ def test_cuda_unaligned_rows_take_the_scalar_path(dtype):
     assert_close(got[1], want[1], GRAD_TOLERANCES[dtype], "grad")
 
 
-@CUDA
+@pytest.mark.cuda
 def test_cuda_many_rows():
     check_against_reference(4096, 32000, torch.bfloat16, "cuda", reduction="sum", z_loss=1e-4)

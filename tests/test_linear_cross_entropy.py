@@ -12,13 +12,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from markers import DEVICES
 
 import pytrain.kernels as K
 from pytrain.kernels import LinearCrossEntropyLoss, _backend, linear_cross_entropy, reference
 from pytrain.kernels.linear_cross_entropy import MIN_CHUNK, default_chunk_size
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["f32", "bf16", "f16"]
 
@@ -326,7 +325,7 @@ def test_fallback_matches_reference(monkeypatch):
         assert_close(g, w, torch.bfloat16, kind, f"fallback {name}")
 
 
-@CUDA
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cuda_llm_like_shape(dtype):
     check_against_reference(1000, 256, 32003, dtype, "cuda", chunk_size=256, label_smoothing=0.1)

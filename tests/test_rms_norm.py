@@ -12,12 +12,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from markers import DEVICES
 
 import pytrain.kernels as K
 from pytrain.kernels import RMSNorm, _backend, reference, rms_norm
-
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 # Error allowed against the float64 reference: |got - want| <= atol * scale + rtol * |want|, where scale is
 # max(1, max|want|) (for dx also the size of the terms that cancel, see dx_scale). The kernels accumulate
@@ -116,7 +114,7 @@ def test_cpu_extension_is_built():
     )
 
 
-@CUDA
+@pytest.mark.cuda
 def test_cuda_extension_is_built():
     ext = _backend.extension(torch.device("cuda"))
     assert ext is not None, "pytrain._C_cuda is missing: reinstall with PYTRAIN_CUDA=1"
@@ -160,7 +158,7 @@ def test_cpu_threads_split_rows(dtype, weight_dtype, threads, num_threads):
     check_against_reference((2001, 64), dtype, weight_dtype, "cpu")
 
 
-@CUDA
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype,weight_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
 def test_cuda_many_rows(dtype, weight_dtype):
     """More rows than backward blocks (2 x SMs): the grid-stride loop and the per-block dweight partials."""
@@ -260,7 +258,7 @@ def test_property_cpu(leading, hidden, pair, eps, scale, seed):
     check_against_reference((*leading, hidden), dtype, weight_dtype, "cpu", eps=eps, seed=seed, scale=scale)
 
 
-@CUDA
+@pytest.mark.cuda
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     leading=st.lists(st.integers(0, 600), min_size=1, max_size=2),
@@ -387,7 +385,7 @@ def test_meta_device_shapes():
     assert y.device.type == "meta" and y.shape == (3, 7) and y.dtype == torch.bfloat16
 
 
-@CUDA
+@pytest.mark.cuda
 def test_cuda_cpu_mix_is_rejected():
     with pytest.raises(ValueError, match=r"^tensors must be on one device: x on cuda:0, weight on cpu"):
         rms_norm(torch.ones(2, 3, device="cuda"), torch.ones(3))

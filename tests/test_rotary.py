@@ -10,13 +10,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from markers import DEVICES
 
 import pytrain.kernels
 from pytrain.kernels import RotaryEmbedding, _backend, apply_rotary, reference
 from pytrain.kernels import rotary as rotary_module
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # Error allowed against the float64 reference: |got - want| <= atol * scale + rtol * |want|, scale =
@@ -342,7 +341,7 @@ def test_property_cpu(case):
     check_against_reference(device="cpu", **case)
 
 
-@CUDA
+@pytest.mark.cuda
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=rotary_cases(max_tokens=1200, max_heads=16))
 def test_property_cuda(case):
@@ -517,7 +516,7 @@ def test_meta_device_shapes():
     assert q_out.dtype == torch.bfloat16
 
 
-@CUDA
+@pytest.mark.cuda
 def test_cuda_cpu_mix_is_rejected():
     with pytest.raises(ValueError, match=r"^tensors must be on one device: q on cuda:0, k on cpu"):
         apply_rotary(torch.ones(1, 2, 2, 8, device="cuda"), torch.ones(1, 2, 2, 8))

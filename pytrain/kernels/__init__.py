@@ -6,6 +6,8 @@ CUDA and PyTorch's SDPA (per document for packed input) on the CPU.
 
 Fused: rms_norm, apply_rotary, cross_entropy (and vocab_parallel_cross_entropy), linear_cross_entropy,
 flash_attn_func / flash_attn_varlen_func.
+PackedSequences: a packed micro-batch's sequence boundaries, checked once and passed to every layer's
+attention and rotary call (no host synchronization per call).
 """
 
 from . import reference
@@ -13,6 +15,7 @@ from .cross_entropy import cross_entropy, vocab_parallel_cross_entropy
 from .flash_attn import flash_attn_func, flash_attn_varlen_func
 from .linear_cross_entropy import linear_cross_entropy
 from .modules import CrossEntropyLoss, FlashAttention, LinearCrossEntropyLoss, RMSNorm, RotaryEmbedding
+from .packed import PackedSequences
 from .rms_norm import rms_norm
 from .rotary import apply_rotary
 
@@ -20,6 +23,7 @@ __all__ = [
     "CrossEntropyLoss",
     "FlashAttention",
     "LinearCrossEntropyLoss",
+    "PackedSequences",
     "RMSNorm",
     "RotaryEmbedding",
     "apply_rotary",

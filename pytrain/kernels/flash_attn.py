@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_same_device, check_tensor
+from .packed import PackedSequences
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -51,7 +52,7 @@ def _forward(
 
 @_forward.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, causal, scale):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("pytrain::flash_attn_varlen_backward", mutates_args=())
@@ -74,7 +75,7 @@ def _backward(
 
 @_backward.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -86,7 +87,8 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.scale)
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()  # the kernels take strided tokens and heads
+    dq, dk, dv = _backward(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None, None, None
 
 
@@ -145,7 +147,8 @@ def flash_attn_func(
     if not _runs_triton(q.device):
         return _sdpa(q, k, v, causal, scale)
     cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=q.device)
-    flat = [t.reshape(batch * seq, *t.shape[2:]).contiguous() for t in (q, k, v)]
+    # A view whenever (batch, seq) merge (q, k, v as slices of one fused qkv do): the kernels take strided tokens.
+    flat = [t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v)]
     return _forward(*flat, cu_seqlens, seq, causal, scale)[0].view(q.shape)
 
 
@@ -153,19 +156,32 @@ def flash_attn_varlen_func(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
+    cu_seqlens: "torch.Tensor | PackedSequences",
+    max_seqlen: int | None = None,
     causal: bool = False,
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
     """Attention within each packed sequence: tokens cu_seqlens[i]:cu_seqlens[i+1] see only each other.
 
-    q (total_tokens, heads, head_dim), k/v (total_tokens, kv_heads, head_dim); cu_seqlens (num_seqs + 1,)
-    int32 or int64, from 0 up to total_tokens, non-decreasing; max_seqlen >= the longest sequence.
+    q (total_tokens, heads, head_dim), k/v (total_tokens, kv_heads, head_dim); tokens and heads may be strided
+    (views of a fused qkv projection), the last dimension must be contiguous.
+    cu_seqlens: a PackedSequences (checked once per micro-batch: no host synchronization here), or an int32/int64
+    tensor (num_seqs + 1,) from 0 up to total_tokens, non-decreasing, which this call checks by reading it back
+    to the host. max_seqlen: >= the longest sequence; None: the longest sequence.
     """
     _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
     scale = _scale(softmax_scale, q.shape[-1])
-    bounds = _check_cu_seqlens(cu_seqlens, q, max_seqlen)
+    packed = cu_seqlens if isinstance(cu_seqlens, PackedSequences) else None
+    if packed is not None:
+        packed.check_tokens("q", q, q.shape[0])
+        bounds, longest, device_bounds = packed.bounds, packed.max_seqlen, packed.cu_seqlens
+    else:
+        bounds = _check_cu_seqlens(cu_seqlens, q)
+        longest, device_bounds = max(b - a for a, b in itertools.pairwise(bounds)), cu_seqlens.to(torch.int32)
+    if max_seqlen is None:
+        max_seqlen = longest
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
+        raise ValueError(f"max_seqlen ({max_seqlen}) must be an int >= the longest sequence ({longest})")
     if not _runs_triton(q.device):
         # One document at a time, each as a batch of one: SDPA's CPU flash kernel takes 4-D input only
         # (3-D input falls back to its materializing math path, 5x slower).
@@ -177,14 +193,13 @@ def flash_attn_varlen_func(
             ]
             or [q[:0]]
         )
-    q, k, v = (t.contiguous() for t in (q, k, v))
-    return _forward(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), causal, scale)[0]
+    return _forward(q, k, v, device_bounds, max_seqlen, causal, scale)[0]
 
 
-def _check_cu_seqlens(cu_seqlens, q, max_seqlen) -> list[int]:
-    """Checks the boundaries (one host sync) and returns them as a list."""
+def _check_cu_seqlens(cu_seqlens, q) -> list[int]:
+    """Checks a cu_seqlens tensor's boundaries (one host sync) and returns them as a list."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError("cu_seqlens must be an int32 or int64 tensor")
+        raise TypeError("cu_seqlens must be a PackedSequences or an int32 or int64 tensor")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
     check_same_device(q=q, cu_seqlens=cu_seqlens)
@@ -193,9 +208,6 @@ def _check_cu_seqlens(cu_seqlens, q, max_seqlen) -> list[int]:
         raise ValueError(
             f"cu_seqlens must start at 0 and end at the token count {q.shape[0]}, got {bounds[0]}..{bounds[-1]}"
         )
-    lengths = [b - a for a, b in itertools.pairwise(bounds)]
-    if min(lengths) < 0:
+    if min(b - a for a, b in itertools.pairwise(bounds)) < 0:
         raise ValueError("cu_seqlens must be non-decreasing")
-    if not isinstance(max_seqlen, int) or max_seqlen < max(lengths):
-        raise ValueError(f"max_seqlen ({max_seqlen}) must be an int >= the longest sequence ({max(lengths)})")
     return bounds
