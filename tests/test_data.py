@@ -65,3 +65,18 @@ def test_stdlib_corpus_is_built_once_and_cached(tmp_path):
     mtime = files[0].stat().st_mtime_ns
     again = load_stdlib_corpus(tmp_path, show_progress=False)
     assert files[0].stat().st_mtime_ns == mtime and np.array_equal(again[:1000], tokens[:1000])
+
+
+def test_stdlib_corpus_built_once_by_concurrent_ranks(tmp_path):
+    """Two processes starting together (ranks on one machine): one builds under the lock, the other waits."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        sizes = list(pool.map(_corpus_size, [tmp_path, tmp_path]))
+    assert sizes[0] == sizes[1] > 0
+    assert len(list(tmp_path.glob("stdlib-corpus-*.npy"))) == 1 and not list(tmp_path.glob("*.partial*"))
+
+
+def _corpus_size(folder):
+    return len(load_stdlib_corpus(folder, show_progress=False))

@@ -5,6 +5,7 @@ order; site-packages left out), joined with a 0 byte between files, and cached a
 Token ids are byte values 0..255, so any model.vocab_size >= 256 fits.
 """
 
+import fcntl
 import hashlib
 import os
 import sysconfig
@@ -32,12 +33,15 @@ def load_stdlib_corpus(cache_folder: str | os.PathLike, show_progress: bool = Tr
     fingerprint = hashlib.sha1("\n".join(f"{p}:{p.stat().st_size}" for p in files).encode()).hexdigest()[:12]
     cache = Path(cache_folder).expanduser() / f"stdlib-corpus-{fingerprint}.npy"
     if not cache.exists():
-        chunks = []
-        for path in tqdm(files, desc="tokenizing the stdlib corpus", unit="file", disable=not show_progress):
-            chunks.append(np.frombuffer(path.read_bytes(), dtype=np.uint8))
-            chunks.append(np.array([SEPARATOR], dtype=np.uint8))
         cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f"{cache.stem}.{os.getpid()}.partial.npy")  # renamed last: never half a cache
-        np.save(partial, np.concatenate(chunks))
-        os.replace(partial, cache)
+        with open(cache.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # ranks on one machine: one builds, the others wait, then read it
+            if not cache.exists():
+                chunks = []
+                for path in tqdm(files, desc="tokenizing the stdlib corpus", unit="file", disable=not show_progress):
+                    chunks.append(np.frombuffer(path.read_bytes(), dtype=np.uint8))
+                    chunks.append(np.array([SEPARATOR], dtype=np.uint8))
+                partial = cache.with_name(f"{cache.stem}.{os.getpid()}.partial.npy")  # renamed last: never half
+                np.save(partial, np.concatenate(chunks))
+                os.replace(partial, cache)
     return np.load(cache, mmap_mode="r")
