@@ -516,11 +516,12 @@ from pytrain.parallel.shard_spec import ShardSpec
 ckpt = Checkpointer(sys.argv[1], async_save=True)
 weight, step = torch.zeros(4), 0
 with StopSignal() as stop:
-    print("ready", flush=True)
     while not stop.requested:  # the step loop: finishes the step it is in
         step += 1
         weight += 1
         time.sleep(0.01)
+        if step == 1:
+            print("ready", flush=True)
     ckpt.save(step, {"model/w": (weight, ShardSpec.whole((4,)))}, global_state={"step": step})
 ckpt.close()
 """

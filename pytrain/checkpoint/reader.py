@@ -142,25 +142,45 @@ class CheckpointReader:
             raise CheckpointError(f"checkpoint {self.path} does not match what is loaded:\n  " + "\n  ".join(parts))
 
     def read(self, wanted: dict[str, ShardSpec]) -> dict[str, torch.Tensor]:
-        """Each wanted key's local tensor (CPU, saved dtype), cut by its spec from the saved shards."""
-        self.check(wanted)
+        """Each wanted key's local tensor (CPU, saved dtype), cut by its spec from the saved shards. A shard
+        saved exactly as wanted comes back as safetensors maps it (copy-on-write pages, no copy)."""
+        return self._load({key: (None, spec) for key, spec in wanted.items()})
+
+    def load_into(self, targets: dict[str, tuple[torch.Tensor, ShardSpec]]) -> None:
+        """Copies each key's cut into the given tensor (any device and dtype) in place, straight from the
+        files; every key is checked before anything is copied."""
+        wrong = [
+            f"{key}: tensor {list(t.shape)}, spec's local shape {list(spec.local_shape)}"
+            for key, (t, spec) in targets.items()
+            if tuple(t.shape) != spec.local_shape
+        ]
+        if wrong:
+            raise CheckpointError("load_into: tensors do not have their spec's local shape:\n  " + "\n  ".join(wrong))
+        with torch.no_grad():
+            self._load(targets)
+
+    def _load(self, targets: dict[str, tuple[torch.Tensor | None, ShardSpec]]) -> dict[str, torch.Tensor]:
+        """Fills each target (None: a new CPU tensor) from the overlapping saved pieces."""
+        self.check({key: spec for key, (_, spec) in targets.items()})
         tensors = self.manifest["tensors"]
-        files = sorted({shard["file"] for key in wanted for shard in tensors[key]["shards"]})
+        files = sorted({shard["file"] for key in targets for shard in tensors[key]["shards"]})
         self.verify(files)
         out = {}
         with contextlib.ExitStack() as stack:
             handles = {name: stack.enter_context(safe_open(self.path / name, framework="pt")) for name in files}
-            for key, spec in wanted.items():
+            for key, (local, spec) in targets.items():
                 entry = tensors[key]
-                local = torch.empty(spec.local_shape, dtype=getattr(torch, entry["dtype"]))
+                shards = [(spec_from_json(entry["shape"], shard), handles[shard["file"]]) for shard in entry["shards"]]
+                if local is None and len(shards) == 1 and shards[0][0] == spec:
+                    out[key] = shards[0][1].get_tensor(key)
+                    continue
+                if local is None:
+                    local = torch.empty(spec.local_shape, dtype=getattr(torch, entry["dtype"]))
                 filled = 0
-                for shard in entry["shards"]:
-                    saved = spec_from_json(entry["shape"], shard)
-                    handle = handles[shard["file"]]
+                for saved, handle in shards:
                     for source, target, count in overlaps(saved, spec):
                         whole = all(s.start == 0 and s.stop == n for s, n in zip(source, saved.local_shape))
-                        part = handle.get_tensor(key) if whole else handle.get_slice(key)[source]
-                        local[target].copy_(part)
+                        local[target].copy_(handle.get_tensor(key) if whole else handle.get_slice(key)[source])
                         filled += count
                 if filled != local.numel():
                     raise CheckpointError(
@@ -169,18 +189,3 @@ class CheckpointReader:
                     )
                 out[key] = local
         return out
-
-    def load_into(self, targets: dict[str, tuple[torch.Tensor, ShardSpec]]) -> None:
-        """Copies each key's cut into the given tensor (any device and dtype) in place; every key is
-        checked before anything is copied."""
-        wrong = [
-            f"{key}: tensor {list(t.shape)}, spec's local shape {list(spec.local_shape)}"
-            for key, (t, spec) in targets.items()
-            if tuple(t.shape) != spec.local_shape
-        ]
-        if wrong:
-            raise CheckpointError("load_into: tensors do not have their spec's local shape:\n  " + "\n  ".join(wrong))
-        values = self.read({key: spec for key, (_, spec) in targets.items()})
-        with torch.no_grad():
-            for key, (tensor, _) in targets.items():
-                tensor.copy_(values[key])
