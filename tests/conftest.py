@@ -92,3 +92,22 @@ def extension_missing(monkeypatch):
         warnings.simplefilter("error")  # the warning is given once, not on every call
         assert _backend.extension(torch.device("cpu")) is None
     yield
+
+
+@pytest.fixture
+def forbid_host_reads(monkeypatch):
+    """Inside `with forbid_host_reads():`, Tensor.tolist() and .item() raise: on a GPU each is a synchronization
+    (the host waits for the device queue), so a per-layer call that reads a tensor back fails the test on the CPU."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def forbidden():
+        def refuse(self, *args, **kwargs):
+            raise AssertionError("a host read-back (Tensor.tolist / .item) on a path meant to make none")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "tolist", refuse)
+            patch.setattr(torch.Tensor, "item", refuse)
+            yield
+
+    return forbidden

@@ -386,19 +386,20 @@ def test_cuda_out_of_range_label_is_an_error_not_a_fault():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck(reduction, device):
+@pytest.mark.parametrize("reduction,labels_checked", [("mean", False), ("none", False), ("mean", True)])
+def test_opcheck(reduction, labels_checked, device):
     """torch.library's own checks. With a gradient, AOT dispatch is left to the torch.compile tests below:
     the op's second output is the gradient its own backward scales in place, which AOT's partitioner
     rejects when that output is also a graph output (the public op never returns it)."""
     logits, labels = make_inputs(6, 21, torch.float32, device)
     torch.library.opcheck(
         torch.ops.pytrain.cross_entropy_forward.default,
-        (logits.requires_grad_(), labels, -100, 0.1, 1e-3, reduction, True),
+        (logits.requires_grad_(), labels, -100, 0.1, 1e-3, reduction, True, False),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
     torch.library.opcheck(
-        torch.ops.pytrain.cross_entropy_forward.default, (logits.detach(), labels, -100, 0.0, 0.0, reduction, False)
+        torch.ops.pytrain.cross_entropy_forward.default,
+        (logits.detach(), labels, -100, 0.0, 0.0, reduction, False, labels_checked),
     )
     grad = torch.randn(6, 21, device=device)
     torch.library.opcheck(torch.ops.pytrain.scale_saved_grad_.default, (grad, torch.rand(6, device=device)))
@@ -477,6 +478,7 @@ def test_shard_kernels_match_their_references(dtype, vocab_start, monkeypatch):
 
 VOCAB_PARALLEL_CASES = [  # (dtype, vocab split over the 2 ranks, options, use the reference fallback)
     (torch.float32, (500, 501), dict(), False),
+    (torch.float32, (40, 57), dict(reduction="mean", label_smoothing=0.1, host_checked=True), False),
     (torch.float32, (64, 64), dict(label_smoothing=0.1, z_loss=1e-3, reduction="sum"), False),
     (torch.bfloat16, (300, 77), dict(label_smoothing=0.2, reduction="none"), False),
     (torch.float32, (10, 13), dict(reduction="mean", z_loss=1e-2), True),
@@ -494,6 +496,9 @@ def _vocab_parallel_worker(rank, world, init_method, results):
             logits, labels = make_inputs(23, sum(split), dtype, "cpu", seed=case)
             start = sum(split[:rank])
             shard = logits[:, start : start + split[rank]].contiguous().requires_grad_()
+            options = dict(options)
+            if options.pop("host_checked", False):  # labels checked and shard sizes known: no host read-back
+                options.update(labels_checked=True, vocab_sizes=list(split))
             loss = vocab_parallel_cross_entropy(shard, labels, **options)
             grad_out = upstream_grad(options.get("reduction", "mean"), 23, seed=case)
             loss.backward(grad_out.float())
@@ -508,6 +513,7 @@ def test_vocab_parallel_two_gloo_processes_equal_unsharded(init_method):
         mp.spawn(_vocab_parallel_worker, args=(2, init_method, results), nprocs=2, join=True)
         results = dict(results)
     for case, (dtype, split, options, _) in enumerate(VOCAB_PARALLEL_CASES):
+        options = {k: v for k, v in options.items() if k != "host_checked"}
         logits, labels = make_inputs(23, sum(split), dtype, "cpu", seed=case)
         grad_out = upstream_grad(options.get("reduction", "mean"), 23, seed=case)
         want_loss, want_grad = reference_with_grad(logits, labels, grad_out, **options)
@@ -548,3 +554,32 @@ def test_cuda_unaligned_rows_take_the_scalar_path(dtype):
 @pytest.mark.cuda
 def test_cuda_many_rows():
     check_against_reference(4096, 32000, torch.bfloat16, "cuda", reduction="sum", z_loss=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_labels_checked_reads_nothing_back(device, reduction, forbid_host_reads):
+    """labels_checked=True: the same loss and gradient with no host read-back in the forward ("mean" divides by
+    a device count). The backward is run outside the guard: on the CPU it reads grad_output to skip a multiply by
+    1, which costs nothing there; on CUDA it never reads it."""
+    logits, labels = make_inputs(17, 33, torch.float32, device, seed=4)
+    grad_out = upstream_grad(reduction, 17, seed=4)
+    want = kernel_with_grad(cross_entropy, logits, labels, grad_out, reduction=reduction, label_smoothing=0.1)
+    x = logits.detach().clone().requires_grad_()
+    with forbid_host_reads():
+        loss = cross_entropy(x, labels, reduction=reduction, label_smoothing=0.1, labels_checked=True)
+    loss.backward(grad_out.to(device=loss.device, dtype=loss.dtype))
+    torch.testing.assert_close(loss.detach(), want[0])
+    torch.testing.assert_close(x.grad, want[1])
+    with forbid_host_reads():
+        all_ignored = cross_entropy(x, torch.full_like(labels, -100), labels_checked=True)
+    assert torch.isnan(all_ignored)  # as F.cross_entropy's mean over no token
+
+
+def test_vocab_sizes_must_match_the_group(init_method):
+    dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match=r"vocab_sizes \[4, 5\] must list each of the group's 1 ranks"):
+            vocab_parallel_cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), vocab_sizes=[4, 5])
+    finally:
+        dist.destroy_process_group()

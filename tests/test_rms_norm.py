@@ -7,6 +7,10 @@ CUDA tests are the same comparisons on "cuda" and are skipped on machines withou
 """
 
 import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -573,3 +577,21 @@ def test_fallback_residual_and_out(extension_missing):
     with torch.no_grad():
         assert rms_norm(x, weight, out=out) is out
     assert_close(out, reference.rms_norm(x.double(), weight.double()), torch.float32, "out")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (compiles the kernel, runs nothing)")
+def test_fused_residual_reads_back_its_sum_through_a_coherent_load(tmp_path):
+    """The fused-residual forward writes x + residual to residual_out and reads it back. Through a __restrict__
+    pointer the compiler may use the read-only, non-coherent path (ld.global.nc) for that read, which is undefined
+    for memory the kernel itself wrote: every forward instantiation must read it with a plain ld.global."""
+    ptx = tmp_path / "rms_norm.ptx"
+    source = Path(__file__).resolve().parent.parent / "csrc"
+    subprocess.run(
+        ["nvcc", "-arch=sm_90", f"-I{source}", "-ptx", "-o", str(ptx), str(source / "cuda" / "rms_norm.cu")],
+        check=True,
+        timeout=300,
+    )
+    entries = re.findall(r"\.entry (\S*forward_kernel\S*)\((.*?\n\})", ptx.read_text(), re.S)
+    assert len(entries) == 5  # fp32, bf16 and fp16 inputs; 16-bit with a 16-bit or fp32 weight
+    for name, body in entries:
+        assert re.search(r"ld\.global\.(?!nc)", body), f"{name}: every load is non-coherent"

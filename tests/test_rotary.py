@@ -299,7 +299,7 @@ def test_backward_is_rotation_by_minus_angle():
     """Rotating forward and then by the backward (the inverse op) gives the input back."""
     q, k, _, _ = make_inputs((2, 33, 4, 64), (2, 33, 2, 64), torch.float32, "cpu")
     q_out, k_out = apply_rotary(q, k)
-    back_q, back_k = torch.ops.pytrain.rotary(q_out, k_out, None, 10000.0, False, True)
+    back_q, back_k = torch.ops.pytrain.rotary(q_out, k_out, None, 10000.0, False, True, 0)
     torch.testing.assert_close(back_q, q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(back_k, k, rtol=1e-5, atol=1e-5)
 
@@ -373,11 +373,11 @@ def test_module_rejects_odd_or_mismatched_head_dim():
 
 
 def test_model_packed_positions_equal_separate_documents():
-    """InternLM.forward(ids, positions): two documents packed in one row give each document's own logits."""
-    from pytrain.model import InternLM
+    """The decoder's forward(ids, positions): two documents packed in one row give each document's own logits."""
+    from pytrain.model.families import build_internlm
 
     torch.manual_seed(0)
-    model = InternLM(
+    model = build_internlm(
         num_layers=1,
         hidden_size=64,
         num_attention_heads=4,
@@ -437,7 +437,12 @@ P = torch.ones(6, 4, 8)  # packed q
         ),
         ((Q, torch.ones(2, 3, 2, 16)[..., ::2]), {}, ValueError, r"^k must be contiguous over \(heads, head_dim\)"),
         ((P, torch.ones(6, 2, 8)), {}, ValueError, r"^positions is required for the packed layout"),
-        ((Q, K), {"positions": [0, 1, 2]}, TypeError, r"^positions must be a torch\.Tensor or None, got list"),
+        (
+            (Q, K),
+            {"positions": [0, 1, 2]},
+            TypeError,
+            r"^positions must be a torch\.Tensor, a PackedSequences or None, got list",
+        ),
         ((Q, K), {"positions": torch.arange(3.0)}, TypeError, r"^positions has dtype torch\.float32"),
         ((Q, K), {"positions": torch.arange(4)}, ValueError, r"^positions must have shape \(seq,\) or \(batch, seq\)"),
         ((Q, K), {"positions": torch.zeros(3, 2, dtype=torch.long)}, ValueError, r"^positions must have shape"),
@@ -535,10 +540,13 @@ def test_opcheck(with_positions, device):
     q, k, _, _ = make_inputs((2, 5, 4, 16), (2, 5, 2, 16), torch.float32, device)
     positions = torch.randint(0, 50, (2, 5), device=device) if with_positions else None
     torch.library.opcheck(
-        torch.ops.pytrain.rotary.default, (q.requires_grad_(), k.requires_grad_(), positions, 500.0, True, False)
+        torch.ops.pytrain.rotary.default, (q.requires_grad_(), k.requires_grad_(), positions, 500.0, True, False, 0)
+    )
+    torch.library.opcheck(  # rows known on the host (a PackedSequences' max_seqlen): no range check in the op
+        torch.ops.pytrain.rotary.default, (q, k, positions, 500.0, True, False, 50)
     )
     torch.library.opcheck(
-        torch.ops.pytrain.rotary_.default, (q.detach().clone(), k.detach().clone(), positions, 500.0, False, False)
+        torch.ops.pytrain.rotary_.default, (q.detach().clone(), k.detach().clone(), positions, 500.0, False, False, 0)
     )
 
 
@@ -608,3 +616,24 @@ def test_fallback_compile(extension_missing):
 
 def test_package_exports():
     assert pytrain.kernels.apply_rotary is apply_rotary and pytrain.kernels.RotaryEmbedding is RotaryEmbedding
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["packed", "batched"])
+def test_packed_sequences_give_positions_without_host_reads(device, layout, forbid_host_reads):
+    """apply_rotary(q, k, PackedSequences) equals the positions tensor it stands for, forward and backward, and
+    reads nothing back to the host (a tensor of positions is range-checked with one read-back per call)."""
+    lengths = [5, 1, 10]
+    packed = pytrain.kernels.PackedSequences([0, 5, 6, 16], device=device)
+    shape = (16, 4, 32) if layout == "packed" else (2, 8, 4, 32)
+    q, k = (torch.randn(*shape[:-2], h, 32, device=device).requires_grad_() for h in (4, 2))
+    want = apply_rotary(q, k, packed_positions(lengths, device).view(shape[:-2]))
+    dq_want, dk_want = torch.autograd.grad(want, (q, k), (torch.ones_like(want[0]), torch.ones_like(want[1])))
+    with forbid_host_reads():
+        got = apply_rotary(q, k, packed)
+        dq, dk = torch.autograd.grad(got, (q, k), (torch.ones_like(got[0]), torch.ones_like(got[1])))
+    for g, w in zip((*got, dq, dk), (*want, dq_want, dk_want)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    short = (slice(0, 14),) if layout == "packed" else (slice(None), slice(0, 7))
+    with pytest.raises(ValueError, match="q holds 14 tokens, the PackedSequences 16"):
+        apply_rotary(q.detach()[short], k.detach()[short], packed)

@@ -8,10 +8,19 @@ namespace {
 
 constexpr int kThreads = 512;
 
-// With `residual`, normalizes s = x + residual (rounded to T) and writes s to residual_out. Each thread
-// reads back only the elements it wrote, so no barrier is needed between the two loops.
+// y = s * rstd * w for one row of s, read through a plain pointer (see forward_kernel).
 template <typename T, typename W>
-__global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ residual_out,
+__device__ __forceinline__ void write_normalized(const T* s, const W* __restrict__ w, T* __restrict__ y, int64_t hidden,
+                                                 float rstd) {
+  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) y[i] = from_float<T>(to_float(s[i]) * rstd * to_float(w[i]));
+}
+
+// With `residual`, normalizes s = x + residual (rounded to T) and writes s to residual_out. Each thread
+// reads back only the elements it wrote, so no barrier is needed between the two loops; residual_out is a plain
+// pointer (not __restrict__) so that read-back is an ordinary load: the read-only (non-coherent) path that
+// __restrict__ lets the compiler use is undefined for memory the kernel itself writes.
+template <typename T, typename W>
+__global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ residual, T* residual_out,
                                const W* __restrict__ w, T* __restrict__ y, float* __restrict__ rstd_out, int64_t hidden,
                                float eps) {
   __shared__ float shared[32];
@@ -28,16 +37,18 @@ __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ re
       const float v = to_float(sum);
       sum_sq += v * v;
     }
-    xr = sr;
-  } else {
-    for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
-      const float v = to_float(xr[i]);
-      sum_sq += v * v;
-    }
+    const float rstd = rsqrtf(block_sum(sum_sq, shared) / static_cast<float>(hidden) + eps);
+    if (rstd_out && threadIdx.x == 0) rstd_out[row] = rstd;
+    write_normalized<T, W>(sr, w, yr, hidden, rstd);
+    return;
+  }
+  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
+    const float v = to_float(xr[i]);
+    sum_sq += v * v;
   }
   const float rstd = rsqrtf(block_sum(sum_sq, shared) / static_cast<float>(hidden) + eps);
   if (rstd_out && threadIdx.x == 0) rstd_out[row] = rstd;
-  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) yr[i] = from_float<T>(to_float(xr[i]) * rstd * to_float(w[i]));
+  write_normalized<T, W>(xr, w, yr, hidden, rstd);
 }
 
 // dresidual_out (optional): the gradient reaching the residual output, added to dx.

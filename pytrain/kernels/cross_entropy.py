@@ -7,7 +7,14 @@ No second vocab-sized fp32 tensor is ever made. Kernels: pytrain._C (CPU), pytra
 
 `mean` averages over tokens whose label is not ignore_index; when every label is ignored it is NaN,
 as in F.cross_entropy (and its gradient is zero).
+
+Labels are range-checked on every call, which reads three numbers back to the host (on a GPU: a
+synchronization). labels_checked=True skips it for labels the caller checked where they were made (the data
+loader's host tensors: `check_labels_in_range`); an out-of-range label then gives a wrong loss for its row,
+never an out-of-bounds read (the kernels read the target logit only for labels inside the logits' vocab).
 """
+
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -56,7 +63,8 @@ def reduce_rows(loss_rows: torch.Tensor, reduction: str, count: int) -> torch.Te
     if reduction == "none":
         return loss_rows
     total = loss_rows.sum()
-    return total if reduction == "sum" else total / count  # 0 / 0 = NaN when every label is ignored
+    return total if reduction == "sum" else total / count  # 0 / 0 = NaN when every label is ignored; count may
+    # be a device tensor (labels_checked): no host read
 
 
 def grad_scale_for(reduction: str, count: int) -> float:
@@ -123,9 +131,14 @@ def _forward(
     z_loss: float,
     reduction: str,
     with_grad: bool,
+    labels_checked: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, vocab = logits.shape
-    count = check_labels_in_range(labels, vocab, ignore_index)
+    if labels_checked:  # the count stays on the device; "mean" divides the gradient in the backward (_mean_count)
+        count, grad_scale = (labels != ignore_index).sum(), 1.0
+    else:
+        count = check_labels_in_range(labels, vocab, ignore_index)
+        grad_scale = grad_scale_for(reduction, count)
     loss_rows = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss_rows)
     grad = torch.empty_like(logits) if with_grad else logits.new_empty(0)
@@ -136,7 +149,7 @@ def _forward(
         loss=loss_rows,
         lse=lse,
         grad=grad if with_grad else None,
-        grad_scale=grad_scale_for(reduction, count),
+        grad_scale=grad_scale,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
@@ -145,7 +158,7 @@ def _forward(
 
 
 @_forward.register_fake
-def _(logits, labels, ignore_index, label_smoothing, z_loss, reduction, with_grad):
+def _(logits, labels, ignore_index, label_smoothing, z_loss, reduction, with_grad, labels_checked):
     loss_shape = (logits.shape[0],) if reduction == "none" else ()
     grad = torch.empty_like(logits) if with_grad else logits.new_empty(0)
     return logits.new_empty(loss_shape, dtype=torch.float32), grad
@@ -168,20 +181,31 @@ def _(grad, grad_output):
     return None
 
 
+def _mean_count(labels, ignore_index: int, reduction: str, labels_checked: bool):
+    """The device count "mean" divides the gradient by in the backward when the forward left it unscaled."""
+    return (labels != ignore_index).sum().clamp_min(1) if labels_checked and reduction == "mean" else None
+
+
+def _scaled_by_count(grad_loss, count):
+    return grad_loss.contiguous() if count is None else (grad_loss / count).contiguous()
+
+
 def _setup_context(ctx, inputs, output):
+    _, labels, ignore_index, _, _, reduction, _, labels_checked = inputs
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero-filled logits-sized gradient for the unused output
+    ctx.count = _mean_count(labels, ignore_index, reduction, labels_checked)
 
 
 def _autograd_backward(ctx, grad_loss, _grad_of_grad):
     # The saved gradient is consumed: a second backward through the same graph fails torch's
     # saved-tensor version check instead of returning a wrong gradient.
     if grad_loss is None:  # the loss itself was not used
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
-    scale_saved_grad_(grad, grad_loss.contiguous())
-    return grad, None, None, None, None, None, None
+    scale_saved_grad_(grad, _scaled_by_count(grad_loss, ctx.count))
+    return grad, None, None, None, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -206,11 +230,14 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     z_loss: float = 0.0,
+    *,
+    labels_checked: bool = False,
 ) -> torch.Tensor:
     """F.cross_entropy over the last dimension of logits (..., vocab) with labels (...), in fp32.
 
     z_loss adds z_loss * logsumexp(logits)^2 per token (PaLM). Returns a float32 scalar, or the
-    per-token losses shaped like labels for reduction="none" (0 where ignored).
+    per-token losses shaped like labels for reduction="none" (0 where ignored). labels_checked: see the module's
+    docstring (no host read-back).
     """
     labels = check_loss_args(labels, ignore_index, label_smoothing, reduction, z_loss)
     _check_logits("logits", logits, labels)
@@ -226,6 +253,7 @@ def cross_entropy(
         float(z_loss),
         reduction,
         with_grad,
+        bool(labels_checked),
     )
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
@@ -275,15 +303,26 @@ def _shard_gradient(logits, labels, lse, grad_scale, vocab_start, total_vocab, i
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, group, ignore_index, label_smoothing, reduction, z_loss):
+    def forward(ctx, logits, labels, group, ignore_index, label_smoothing, reduction, z_loss, labels_checked, sizes):
         _rows, shard_vocab = logits.shape
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        shard_sizes = torch.zeros(world, dtype=torch.int64, device=logits.device)  # shards may differ in size
-        shard_sizes[rank] = shard_vocab
-        dist.all_reduce(shard_sizes, group=group)
-        shard_sizes = shard_sizes.tolist()
-        vocab_start, total_vocab = sum(shard_sizes[:rank]), sum(shard_sizes)
-        count = check_labels_in_range(labels, total_vocab, ignore_index)
+        if sizes is None:
+            shard_sizes = torch.zeros(world, dtype=torch.int64, device=logits.device)  # shards may differ in size
+            shard_sizes[rank] = shard_vocab
+            dist.all_reduce(shard_sizes, group=group)
+            sizes = shard_sizes.tolist()
+        elif len(sizes) != world or sizes[rank] != shard_vocab:
+            raise ValueError(
+                f"vocab_sizes {list(sizes)} must list each of the group's {world} ranks' shard sizes; this rank "
+                f"(rank {rank}) holds {shard_vocab}"
+            )
+        vocab_start, total_vocab = sum(sizes[:rank]), sum(sizes)
+        if labels_checked:
+            count, grad_scale = (labels != ignore_index).sum(), 1.0
+        else:
+            count = check_labels_in_range(labels, total_vocab, ignore_index)
+            grad_scale = grad_scale_for(reduction, count)
+        ctx.count = _mean_count(labels, ignore_index, reduction, labels_checked)
 
         stats = _shard_statistics(logits, labels, vocab_start, ignore_index, label_smoothing)
         global_max = stats[:, 0].clone()
@@ -304,7 +343,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 logits,
                 labels,
                 torch.where(valid, lse, 0.0).contiguous(),
-                grad_scale_for(reduction, count),
+                grad_scale,
                 vocab_start,
                 total_vocab,
                 ignore_index,
@@ -317,8 +356,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        scale_saved_grad_(grad, grad_loss.contiguous())
-        return grad, None, None, None, None, None, None
+        scale_saved_grad_(grad, _scaled_by_count(grad_loss, ctx.count))
+        return grad, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -329,6 +368,9 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     z_loss: float = 0.0,
+    *,
+    labels_checked: bool = False,
+    vocab_sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """cross_entropy of logits split over the vocab across the ranks of `group` (torch.distributed).
 
@@ -336,6 +378,8 @@ def vocab_parallel_cross_entropy(
     first classes); labels (...) are global class ids, the same on every rank. Returns the same loss on
     every rank, equal to cross_entropy of the concatenated logits; the gradient is w.r.t. the local shard.
     Small all-reduces per call: shard sizes, the row max, then sum-exp / target logit / sum of logits together.
+    vocab_sizes: every rank's shard size, in rank order (the model knows its split): no shard-size all-reduce and
+    read-back. labels_checked: as in cross_entropy. With both, the call reads nothing back to the host.
     """
     labels = check_loss_args(labels, ignore_index, label_smoothing, reduction, z_loss)
     _check_logits("logits_shard", logits_shard, labels)
@@ -350,5 +394,7 @@ def vocab_parallel_cross_entropy(
         float(label_smoothing),
         reduction,
         float(z_loss),
+        bool(labels_checked),
+        None if vocab_sizes is None else [int(n) for n in vocab_sizes],
     )
     return loss.reshape(labels.shape) if reduction == "none" else loss

@@ -19,6 +19,7 @@ import torch
 from . import reference
 from ._backend import DTYPE_CODES, extension, launch_args, parallelism
 from ._checks import check_same_device, check_tensor
+from .packed import PackedSequences
 
 MAX_HEAD_DIM = 8192  # the CPU kernel's stack buffer for -sin holds head_dim / 2 floats
 MAX_POSITION = 1 << 21  # the table for positions below this is at most 2M x head_dim fp32
@@ -50,14 +51,17 @@ def _heads_are_dense(t: torch.Tensor) -> bool:
     return (head_dim <= 1 or t.stride(-1) == 1) and (heads <= 1 or t.stride(-2) == head_dim)
 
 
-def _launch(q, k, q_out, k_out, positions, base: float, interleaved: bool, inverse: bool) -> None:
+def _launch(q, k, q_out, k_out, positions, base: float, interleaved: bool, inverse: bool, rows: int) -> None:
+    """rows > 0: every position is known to lie below it (a PackedSequences' max_seqlen); 0: check them here."""
     batch, seq = (1, q.shape[0]) if q.dim() == 3 else q.shape[:2]
     head_dim = q.shape[-1]
-    rows, positions_address, positions_stride = seq, 0, 0
-    if positions is not None:
+    positions_address, positions_stride = 0, 0
+    if positions is None:
+        rows = seq
+    else:
         positions_address = positions.data_ptr()
         positions_stride = seq if positions.dim() == 2 else 0
-        if positions.numel():
+        if rows == 0 and positions.numel():
             # The only data-dependent check; it lives inside the op, so torch.compile traces no .item().
             low, high = torch.stack(torch.aminmax(positions)).tolist()
             if low < 0 or high >= MAX_POSITION:
@@ -91,33 +95,45 @@ def _launch(q, k, q_out, k_out, positions, base: float, interleaved: bool, inver
 
 @torch.library.custom_op("pytrain::rotary", mutates_args=())
 def _rotary(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, base: float, interleaved: bool, inverse: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor | None,
+    base: float,
+    interleaved: bool,
+    inverse: bool,
+    rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    _launch(q, k, q_out, k_out, positions, base, interleaved, inverse)
+    _launch(q, k, q_out, k_out, positions, base, interleaved, inverse, rows)
     return q_out, k_out
 
 
 @_rotary.register_fake
-def _(q, k, positions, base, interleaved, inverse):
+def _(q, k, positions, base, interleaved, inverse, rows):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 @torch.library.custom_op("pytrain::rotary_", mutates_args=("q", "k"))
 def _rotary_inplace(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, base: float, interleaved: bool, inverse: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor | None,
+    base: float,
+    interleaved: bool,
+    inverse: bool,
+    rows: int,
 ) -> None:
-    _launch(q, k, q, k, positions, base, interleaved, inverse)
+    _launch(q, k, q, k, positions, base, interleaved, inverse, rows)
 
 
 @_rotary_inplace.register_fake
-def _(q, k, positions, base, interleaved, inverse):
+def _(q, k, positions, base, interleaved, inverse, rows):
     return None
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, positions, ctx.base, ctx.interleaved, ctx.inverse = inputs
+    _, _, positions, ctx.base, ctx.interleaved, ctx.inverse, ctx.rows = inputs
     ctx.save_for_backward(positions)
 
 
@@ -125,8 +141,8 @@ def _autograd_backward(ctx, dq_out, dk_out):
     (positions,) = ctx.saved_tensors
     dq_out = dq_out if _heads_are_dense(dq_out) else dq_out.contiguous()
     dk_out = dk_out if _heads_are_dense(dk_out) else dk_out.contiguous()
-    dq, dk = _rotary(dq_out, dk_out, positions, ctx.base, ctx.interleaved, not ctx.inverse)
-    return dq, dk, None, None, None, None
+    dq, dk = _rotary(dq_out, dk_out, positions, ctx.base, ctx.interleaved, not ctx.inverse, ctx.rows)
+    return dq, dk, None, None, None, None, None
 
 
 _rotary.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -149,18 +165,24 @@ def _check_dense_heads(name: str, t: torch.Tensor):
         )
 
 
-def _check_positions(positions, q: torch.Tensor) -> torch.Tensor | None:
-    """positions as contiguous int64 of shape (seq,) or (batch, seq) for 4-D q, (tokens,) for packed q."""
+def _check_positions(positions, q: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """(positions as contiguous int64 of shape (seq,) or (batch, seq) for 4-D q, (tokens,) for packed q; the table
+    rows they need when known on the host, else 0)."""
+    if isinstance(positions, PackedSequences):
+        positions.check_tokens("q", q, q.shape[:-2].numel())
+        if positions.max_seqlen > MAX_POSITION:
+            raise ValueError(f"positions must lie in [0, {MAX_POSITION}), got sequences of {positions.max_seqlen}")
+        return positions.positions.view(q.shape[:-2]), max(positions.max_seqlen, 1)
     packed = q.dim() == 3
     if positions is None:
         if packed:
             raise ValueError(
                 "positions is required for the packed layout (tokens, heads, head_dim): pass the "
-                "position of each token, shape (tokens,)"
+                "position of each token, shape (tokens,), or a PackedSequences"
             )
-        return None
+        return None, 0
     if not isinstance(positions, torch.Tensor):
-        raise TypeError(f"positions must be a torch.Tensor or None, got {type(positions).__name__}")
+        raise TypeError(f"positions must be a torch.Tensor, a PackedSequences or None, got {type(positions).__name__}")
     if positions.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"positions has dtype {positions.dtype}; supported: torch.int32, torch.int64")
     allowed = [(q.shape[0],)] if packed else [(q.shape[1],), tuple(q.shape[:2])]
@@ -169,13 +191,14 @@ def _check_positions(positions, q: torch.Tensor) -> torch.Tensor | None:
         raise ValueError(
             f"positions must have shape {names} = {' or '.join(map(str, allowed))}, got {tuple(positions.shape)}"
         )
-    return positions.to(torch.int64).contiguous()
+    check_same_device(q=q, positions=positions)
+    return positions.to(torch.int64).contiguous(), 0
 
 
 def apply_rotary(
     q: torch.Tensor,
     k: torch.Tensor,
-    positions: torch.Tensor | None = None,
+    positions: "torch.Tensor | PackedSequences | None" = None,
     base: float = 10000.0,
     interleaved: bool = False,
     inplace: bool = False,
@@ -187,7 +210,10 @@ def apply_rotary(
     their head counts may differ (GQA). head_dim must be even. Tokens may be strided (e.g. q and k as
     views of one fused qkv projection) as long as (heads, head_dim) is contiguous within each token.
     positions: int tensor of each token's position, in [0, 2**21). None means 0..seq-1 (4-D only);
-    4-D accepts (seq,) or (batch, seq); packed needs (tokens,) (positions restart at 0 per document).
+    4-D accepts (seq,) or (batch, seq); packed needs (tokens,) (positions restart at 0 per document). A tensor is
+    range-checked by each call, which reads its min/max back to the host (forward and backward). A PackedSequences
+    (built once per micro-batch) gives each token's position in its sequence with nothing to read back; q's
+    (batch, seq) or (tokens,) must hold its total_tokens.
     base: the rotary base (angle of pair i = position * base ** (-2i / head_dim)).
     interleaved: False rotates (x[i], x[i + head_dim/2]) (LLaMA/NeoX); True rotates (x[2i], x[2i+1]) (GPT-J).
     inplace: rotate q and k in their own memory and return them. Refused while autograd would record the
@@ -219,9 +245,7 @@ def apply_rotary(
     _check_dense_heads("k", k)
     if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < math.inf:
         raise ValueError(f"base must be a positive finite number, got {base!r}")
-    positions = _check_positions(positions, q)
-    if positions is not None:
-        check_same_device(q=q, positions=positions)
+    positions, rows = _check_positions(positions, q)
     if inplace:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             raise ValueError(
@@ -234,6 +258,6 @@ def apply_rotary(
         q_out, k_out = reference.apply_rotary(q, k, positions, float(base), bool(interleaved))
         return (q.copy_(q_out), k.copy_(k_out)) if inplace else (q_out, k_out)
     if inplace:
-        _rotary_inplace(q, k, positions, float(base), bool(interleaved), False)
+        _rotary_inplace(q, k, positions, float(base), bool(interleaved), False, rows)
         return q, k
-    return _rotary(q, k, positions, float(base), bool(interleaved), False)
+    return _rotary(q, k, positions, float(base), bool(interleaved), False, rows)
