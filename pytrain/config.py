@@ -7,12 +7,27 @@ Every section and field is checked against SCHEMA below: an unknown name (with t
 a wrong type or an impossible value is a ConfigError naming the file and the field. Missing fields get
 InternLM's defaults. Upper-case globals (SEQ_LEN, HIDDEN_SIZE, JOB_NAME, ...) are the file's own helpers
 and pass through unchecked. `Config.dump()` writes the effective config back as a loadable file.
+
+Every name InternLM's and InternEvo's configs use is known, with one of these kinds:
+  acts          as in InternLM;
+  ignored here  accepted, no effect in pytrain; the ones a file sets are in `cfg.ignored_here`, which the
+                run prints once in its start line (tables in pytrain/config_vocabulary.py);
+  not available a feature pytrain lacks: accepted at the value that changes nothing, else a ConfigError;
+  pending       implemented by the data-loader or checkpoint work: refused where a value would need it
+                (only(...) checks), listed as ignored here otherwise;
+  renamed       InternEvo's older name of a field pytrain has; the value moves there.
+
+The model section is the union of every family's fields; which act is up to the builder registered for
+model_type (MODEL_INITIALIZER). A builder with explicit keyword parameters gets exactly those: the file's
+value where given, else the builder's own default; given fields it does not take are "ignored here". A
+builder taking **kwargs (a user's) gets every given field over the generic defaults of the acting ones.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import inspect
 import pprint
 import runpy
 from collections.abc import Callable
@@ -21,7 +36,8 @@ from pathlib import Path
 from types import FunctionType, ModuleType
 from typing import Any
 
-REQUIRED = object()
+from pytrain import config_vocabulary
+
 DTYPES = ("torch.float16", "torch.half", "torch.bfloat16", "torch.float32", "torch.tf32")
 BUILTIN_CORPUS = "builtin:stdlib"
 
@@ -30,19 +46,35 @@ class ConfigError(ValueError):
     """A config file or override that cannot run; the message names the file, the field and the fix."""
 
 
+ACTS, IGNORED, UNAVAILABLE, PENDING, RENAMED = "acts", "ignored here", "not available", "pending", "renamed"
+
+
 @dataclass(frozen=True)
 class Field:
     default: Any
     types: tuple
     doc: str
     check: Callable[[Any], str | None] | None = None  # returns what is wrong, or None
+    kind: str = ACTS
+    allowed: tuple = ()  # UNAVAILABLE: the values that change nothing (the first is the default)
+    note: str = ""  # PENDING: the work that implements it; RENAMED (or an ACTS field that only
+    # supplies another's default): the field the value moves to
 
     def type_names(self) -> str:
         return " | ".join("None" if t is type(None) else t.__name__ for t in self.types)
 
+    def kind_name(self) -> str:
+        if self.kind == PENDING:
+            return f"pending ({self.note})"
+        return f"renamed: `{self.note}`" if self.kind == RENAMED else self.kind
 
-def _field(default, types, doc, check=None) -> Field:
-    return Field(default, types if isinstance(types, tuple) else (types,), doc, check)
+
+def _field(default, types, doc, check=None, kind=ACTS, allowed=(), note="") -> Field:
+    return Field(default, types if isinstance(types, tuple) else (types,), doc, check, kind, allowed, note)
+
+
+def _pending(default, types, doc, work, check=None) -> Field:
+    return _field(default, types, doc, check, PENDING, note=work)
 
 
 def positive(v):
@@ -118,35 +150,51 @@ SCHEMA: dict[str, Any] = {
         "num_chunks": _field(1, int, "model chunks per pipeline rank (> 1: interleaved schedule)", positive),
         "rope_base": _field(10000.0, (float, int), "rotary embedding base", positive),
         "tie_word_embeddings": _field(False, bool, "the LM head shares the embedding's weight"),
+        "no_bias": _field(False, bool, "no biases in attention (INTERNLM, INTERNLM2, LLAMA2)"),
+        "qkv_bias": _field(True, bool, "biases on the q/k/v projections (QWEN2)"),
+        "o_bias": _field(False, bool, "a bias on the attention output projection (QWEN2)"),
+        "mlp_bias": _field(False, bool, "biases in the MLP (QWEN2)"),
+        "head_dim": _field(None, (int, NONE), "per-head width (None: hidden_size / num_attention_heads)", positive),
+        "qk_interleaved": _field(
+            None, (bool, NONE), "rotary pairs adjacent (2i, 2i+1) rather than halves (None: not adapt_hf)"
+        ),
+        "adapt_hf": _field(True, bool, "InternEvo's older switch: True = rotary on halves (qk_interleaved=False)"),
+        "enable_qkv_fusion": _field(True, bool, "one fused wqkv projection (InternLM2's grouped layout)"),
     },
     "data": {
         "seq_len": _field(2048, int, "tokens per sample", positive),
         "micro_num": _field(4, int, "micro-batches per optimizer step (gradient accumulation)", positive),
         "micro_bsz": _field(2, int, "samples per micro-batch", positive),
-        "valid_micro_num": _field(4, int, "micro-batches per validation step", positive),
-        "valid_every": _field(50, int, "validate every N steps (0: off; needs valid_folder)", non_negative),
-        "pack_sample_into_one": _field(False, bool, "pack with boundaries only every seq_len"),
+        "valid_micro_num": _pending(4, int, "micro-batches per validation step", "validation", positive),
+        "valid_every": _pending(50, int, "validate every N steps (0: off; needs valid_folder)", "validation"),
+        "pack_sample_into_one": _pending(False, bool, "pack with boundaries only every seq_len", "data loader"),
         "total_steps": _field(50000, int, "optimizer steps to train", positive),
-        "skip_batches": _field("", str, "batches to skip", only("", "skipping batches is not available yet")),
-        "rampup_batch_size": _field(
-            "", str, "batch-size ramp-up 'start incr every'", only("", "batch-size ramp-up is not available yet")
+        "skip_batches": _pending(
+            "", str, "batches to skip", "data loader", only("", "skipping batches is not available yet")
         ),
-        "min_length": _field(50, int, "drop samples shorter than this", non_negative),
+        "rampup_batch_size": _pending(
+            "",
+            str,
+            "batch-size ramp-up 'start incr every'",
+            "data loader",
+            only("", "batch-size ramp-up is not available yet"),
+        ),
+        "min_length": _pending(50, int, "drop samples shorter than this", "data loader", non_negative),
         "train_folder": _field(
             None,
             (str, NONE),
             f"None: random dummy tokens (benchmarking); '{BUILTIN_CORPUS}': the bundled byte-level corpus",
             None,
         ),
-        "valid_folder": _field(
-            None, (str, NONE), "validation data", only(None, "validation data is not available yet")
+        "valid_folder": _pending(
+            None, (str, NONE), "validation data", "validation", only(None, "validation data is not available yet")
         ),
         "cache_folder": _field("~/.cache/pytrain", str, "where the bundled corpus is tokenized and cached"),
     },
     "parallel": {
         "zero1": {
             "size": _field(-1, int, "ZeRO-1 group size (<= 0: the whole data-parallel group; 1: off)"),
-            "fsdp": _field(False, bool, "FSDP instead of ZeRO-1", only(False, "FSDP is not available")),
+            "fsdp": _field(False, bool, "FSDP (instead of ZeRO-1)", kind=UNAVAILABLE, allowed=(False,)),
         },
         "tensor": {
             "size": _field(1, int, "tensor-parallel size", positive),
@@ -160,11 +208,6 @@ SCHEMA: dict[str, Any] = {
         "pipeline": {
             "size": _field(1, int, "pipeline-parallel size", positive),
             "interleaved_overlap": _field(True, bool, "overlap communication in the interleaved schedule"),
-        },
-        "weight": {
-            "size": _field(1, int, "weight-parallel size (isp only)", positive),
-            "overlap": _field(True, bool, "overlap weight communication (isp only)"),
-            "memory_pool": _field(True, bool, "weight memory pool (isp only)"),
         },
     },
     "hybrid_zero_optimizer": {
@@ -196,7 +239,7 @@ SCHEMA: dict[str, Any] = {
         "lr": _field(1e-4, (float, int), "peak learning rate", positive),
         "adam_beta1": _field(0.9, (float, int), "beta1", open_unit_interval),
         "adam_beta2": _field(0.95, (float, int), "beta2 (initial, see beta2_scheduler)", open_unit_interval),
-        "adam_beta2_c": _field(0, (float, int), "beta2 schedule exponent c (<= 0: constant)"),
+        "adam_beta2_c": _field(0, (float, int), "beta2 schedule exponent c (<= 0: constant)", note="beta2_scheduler.c"),
         "adam_eps": _field(1e-8, (float, int), "epsilon", positive),
         "weight_decay": _field(0.01, (float, int), "decoupled weight decay (not on norms and biases)", non_negative),
     },
@@ -207,7 +250,9 @@ SCHEMA: dict[str, Any] = {
             "schedule length (None: data.total_steps)",
             lambda v: None if v is None or v > 0 else "must be > 0",
         ),
-        "init_steps": _field(0, int, "steps before warmup starts (lr 0)", non_negative),
+        "init_steps": _field(
+            0, int, "steps at lr 0 before the warmup starts (InternLM's optimizer_warmup_step)", non_negative
+        ),
         "warmup_ratio": _field(0.01, (float, int), "fraction of total_steps warming up linearly", unit_interval),
         "eta_min": _field(1e-5, (float, int), "lr at the end of the cosine decay", non_negative),
         "last_epoch": _field(-1, int, "scheduler position to resume from (-1: start)"),
@@ -218,33 +263,55 @@ SCHEMA: dict[str, Any] = {
         "cur_iter": _field(-1, int, "scheduler position to resume from (-1: start)"),
     },
     "ckpt": {
-        "enable_save_ckpt": _field(
-            False, bool, "save checkpoints", only(False, "checkpoint saving is not available yet")
+        "enable_save_ckpt": _pending(
+            False, bool, "save checkpoints", "checkpoints", only(False, "checkpoint saving is not available yet")
         ),
-        "save_ckpt_folder": _field(None, (str, NONE), "where checkpoints go"),
-        "load_ckpt_folder": _field(
-            None, (str, NONE), "checkpoint to load", only(None, "checkpoint loading is not available yet")
+        "save_ckpt_folder": _pending(None, (str, NONE), "where checkpoints go", "checkpoints"),
+        "load_ckpt_folder": _pending(
+            None,
+            (str, NONE),
+            "checkpoint to load",
+            "checkpoints",
+            only(None, "checkpoint loading is not available yet"),
         ),
-        "load_ckpt_info": _field(
-            None, (dict, NONE), "dict(path, content, ckpt_type)", only(None, "checkpoint loading is not available yet")
+        "load_ckpt_info": _pending(
+            None,
+            (dict, NONE),
+            "dict(path, content, ckpt_type)",
+            "checkpoints",
+            only(None, "checkpoint loading is not available yet"),
         ),
-        "auto_resume": _field(True, bool, "resume from the newest complete checkpoint"),
-        "checkpoint_every": _field(50, int, "save every N steps", positive),
-        "async_upload": _field(False, bool, "upload checkpoints in the background"),
-        "async_upload_tmp_folder": _field(None, (str, NONE), "staging folder for async uploads"),
-        "oss_snapshot_freq": _field(0, int, "snapshot every N steps to object storage", non_negative),
-        "stop_file_path": _field(None, (str, NONE), "a file whose content (a step) stops the run"),
+        "auto_resume": _pending(True, bool, "resume from the newest complete checkpoint", "checkpoints"),
+        "checkpoint_every": _pending(50, int, "save every N steps", "checkpoints", positive),
+        "async_upload": _pending(False, bool, "upload checkpoints in the background", "checkpoints"),
+        "async_upload_tmp_folder": _pending(None, (str, NONE), "staging folder for async uploads", "checkpoints"),
+        "oss_snapshot_freq": _pending(0, int, "snapshot every N steps to object storage", "checkpoints", non_negative),
+        "stop_file_path": _pending(None, (str, NONE), "a file whose content (a step) stops the run", "checkpoints"),
+        "enable_internevo2hf_ckpt": _pending(
+            False,
+            bool,
+            "also save checkpoints in Hugging Face format",
+            "checkpoints",
+            only(False, "checkpoint saving is not available yet"),
+        ),
     },
     "monitor": {
         "alert": {
-            "enable_feishu_alert": _field(False, bool, "Feishu alerts", only(False, "Feishu alerts are not available")),
-            "feishu_alert_address": _field(None, (str, NONE), "Feishu webhook"),
-            "light_monitor_address": _field(None, (str, NONE), "light monitor address"),
-            "alert_file_path": _field(None, (str, NONE), "file alerts are appended to"),
+            "alert_file_path": _field(
+                None,
+                (str, NONE),
+                "append one JSON line per alert: a skipped (inf/NaN) step, a loss spike, the run finished or failed",
+            ),
+            "loss_spike_limit": _field(
+                1.5,
+                (float, int),
+                "alert when a step's loss exceeds this times the previous step's (InternLM's fixed 1.5)",
+                lambda v: None if v > 1 else "must be > 1",
+            ),
         },
         "tensorboard": {
             "enable": _field(True, bool, "write TensorBoard event files into the run folder"),
-            "queue_max_length": _field(10, int, "TensorBoard writer queue", positive),
+            "queue_max_length": _field(10, int, "events the TensorBoard writer queues before writing", positive),
         },
         "run_folder": _field("runs", str, "runs go to <run_folder>/<JOB_NAME>"),
         "log_every": _field(1, int, "print the step line every N steps", positive),
@@ -257,8 +324,47 @@ SCHEMA: dict[str, Any] = {
     },
 }
 
+
+def _add_vocabulary(schema: dict) -> None:
+    """InternEvo's names that do not act here (pytrain/config_vocabulary.py), as SCHEMA fields."""
+
+    def put(path: str, field: Field) -> None:
+        *sections, leaf = path.split(".")
+        node = schema
+        for part in sections:
+            node = node.setdefault(part, {})
+        if leaf in node:
+            raise RuntimeError(f"config_vocabulary: {path} is already a SCHEMA field")
+        node[leaf] = field
+
+    for path, (default, types, why) in config_vocabulary.IGNORED.items():
+        put(path, _field(default, types, why, kind=IGNORED))
+    for path, (allowed, types, feature) in config_vocabulary.UNAVAILABLE.items():
+        put(path, _field(allowed[0], types, feature, kind=UNAVAILABLE, allowed=allowed))
+    for path, target in config_vocabulary.RENAMED.items():
+        moved_to = _schema_field(schema, target)
+        put(
+            path,
+            _field(moved_to.default, moved_to.types, f"InternEvo's older name of {target}", kind=RENAMED, note=target),
+        )
+
+
+def _schema_field(schema: dict, path: str) -> Field:
+    node = schema
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+_add_vocabulary(SCHEMA)
+
 # Fields InternLM configs may give as a bare number instead of a dict: parallel.tensor=2 == dict(size=2).
 SIZE_SHORTHAND = {("parallel", "zero1"), ("parallel", "tensor"), ("parallel", "pipeline"), ("parallel", "weight")}
+NO_DEFAULT = inspect.Parameter.empty
+# Model fields only some families take: a builder taking **kwargs gets them only when the file gives them.
+FAMILY_FIELDS = frozenset(
+    ("no_bias", "qkv_bias", "o_bias", "mlp_bias", "head_dim", "qk_interleaved", "adapt_hf", "enable_qkv_fusion")
+)
 
 
 class Config(dict):
@@ -280,6 +386,12 @@ class Config(dict):
         super().__init__()
         for key, value in dict(*args, **kwargs).items():
             self[key] = value
+
+    @property
+    def ignored_here(self) -> tuple[str, ...]:
+        """The fields the file set that have no effect in pytrain, each once (e.g. "data.diag_outlier_ratio",
+        "model.qkv_bias (not a field of LLAMA2)"): the run's start line lists them."""
+        return self.__dict__.get("_ignored_here", ())
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -303,7 +415,10 @@ class Config(dict):
         raw = _deep_copy(raw)
         for item in overrides:
             _apply_override(raw, item, source)
-        return cls(_validate(raw, source))
+        ignored: list[str] = []
+        cfg = cls(_validate(raw, source, ignored))
+        object.__setattr__(cfg, "_ignored_here", tuple(dict.fromkeys(ignored)))
+        return cfg
 
     def dump(self) -> str:
         """The effective config as a Python file that Config.from_file loads back to an equal Config."""
@@ -349,14 +464,39 @@ def _apply_override(raw: dict, item: str, source: str) -> None:
     node[leaf] = value
 
 
-def _validate(raw: dict, source: str) -> dict:
+def _move_renamed(raw: dict, source: str) -> None:
+    """InternEvo's older names: the value moves to the field pytrain has (both given and different: an error)."""
+    for old, new in config_vocabulary.RENAMED.items():
+        *old_parents, old_leaf = old.split(".")
+        node = raw
+        for part in old_parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_leaf not in node:
+            continue
+        value = node.pop(old_leaf)
+        *new_parents, new_leaf = new.split(".")
+        target = raw
+        for part in new_parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                return  # a malformed section: its own validation names it
+        if new_leaf in target and target[new_leaf] != value:
+            raise ConfigError(
+                f"{source}: {old} = {value!r} and {new} = {target[new_leaf]!r}: {old} is InternEvo's older name "
+                f"of {new}; give only {new}"
+            )
+        target[new_leaf] = value
+
+
+def _validate(raw: dict, source: str, ignored: list[str]) -> dict:
+    _move_renamed(raw, source)
     out = {key: value for key, value in raw.items() if key.isupper()}  # the file's own helper constants
-    out.update(_validate_section(raw, SCHEMA, source, ""))
+    out.update(_validate_section(raw, SCHEMA, source, "", ignored))
     _check_cross_fields(out, source)
     return out
 
 
-def _validate_section(raw, schema: dict, source: str, prefix: str) -> dict:
+def _validate_section(raw, schema: dict, source: str, prefix: str, ignored: list[str]) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.')}: must be a dict(...), got {type(raw).__name__}")
     for key in raw:
@@ -366,22 +506,96 @@ def _validate_section(raw, schema: dict, source: str, prefix: str) -> dict:
     out = {}
     for key, spec in schema.items():
         name = prefix + key
-        if isinstance(spec, dict):
+        if name == "model":
+            out[key] = _validate_model(raw.get(key, {}), out["model_type"], source, ignored)
+        elif isinstance(spec, dict):
             value = raw.get(key, {})
             if (tuple(name.split(".")) in SIZE_SHORTHAND) and isinstance(value, int) and not isinstance(value, bool):
                 value = {"size": value}
-            out[key] = _validate_section(value, spec, source, name + ".")
-            continue
-        value = raw.get(key, spec.default)
-        if value is REQUIRED:
-            raise ConfigError(f"{source}: {name}: required field is missing")
-        if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
-            raise ConfigError(f"{source}: {name}: expected {spec.type_names()}, got {value!r} ({type(value).__name__})")
-        problem = spec.check(value) if spec.check and value is not None else None
-        if problem:
-            raise ConfigError(f"{source}: {name} = {value!r}: {problem}")
-        out[key] = value
+            section = _validate_section(value, spec, source, name + ".", ignored)
+            if section or key in raw:  # a section of only non-acting fields appears when the file has it
+                out[key] = section
+        elif key in raw:
+            out[key] = _validate_field(raw[key], spec, name, source)
+            if spec.kind in (IGNORED, PENDING):
+                ignored.append(name)
+        elif spec.kind in (ACTS, PENDING):
+            out[key] = spec.default
     return out
+
+
+def _validate_field(value, spec: Field, name: str, source: str):
+    if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
+        raise ConfigError(f"{source}: {name}: expected {spec.type_names()}, got {value!r} ({type(value).__name__})")
+    problem = spec.check(value) if spec.check and value is not None else None
+    if problem:
+        raise ConfigError(f"{source}: {name} = {value!r}: {problem}")
+    if spec.kind == UNAVAILABLE and value not in spec.allowed:
+        raise ConfigError(
+            f"{source}: {name} = {value!r}: {spec.doc} is not available in pytrain; leave it at {spec.allowed[0]!r}"
+        )
+    return value
+
+
+def _check_model_type(model_type: str, source: str) -> None:
+    from pytrain.registry import MODEL_INITIALIZER
+
+    if model_type not in MODEL_INITIALIZER:
+        registered = MODEL_INITIALIZER.names()
+        match = difflib.get_close_matches(model_type, registered, n=1, cutoff=0.5)
+        raise ConfigError(
+            f"{source}: model_type = {model_type!r}: no model is registered under that name"
+            + (f" (did you mean {match[0]!r}?)" if match else "")
+            + f"; registered: {', '.join(registered)}"
+        )
+
+
+def builder_parameters(builder: Callable) -> dict[str, Any] | None:
+    """A model builder's keyword parameters and their defaults (NO_DEFAULT where it has none); None when it
+    takes **kwargs."""
+    parameters = inspect.signature(builder).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name: p.default for p in parameters if p.kind in keyword}
+
+
+def _validate_model(raw, model_type: str, source: str, ignored: list[str]) -> dict:
+    """The effective model section for model_type's builder (the contract in this module's docstring)."""
+    from pytrain.registry import MODEL_INITIALIZER
+
+    _check_model_type(model_type, source)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: model: must be a dict(...), got {type(raw).__name__}")
+    schema = SCHEMA["model"]
+    takes = builder_parameters(MODEL_INITIALIZER.get_module(model_type))
+    known = set(schema) | set(takes or ())
+    given = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{source}: model.{key}: unknown field" + _closest(key, known))
+        spec = schema.get(key)
+        if spec is None:  # a parameter of this builder only: the builder checks it
+            given[key] = value
+            continue
+        if spec.kind == UNAVAILABLE and takes is not None and key in takes:
+            spec = _field(spec.default, spec.types, spec.doc)  # this builder implements it
+        given[key] = _validate_field(value, spec, f"model.{key}", source)
+    if takes is None:  # **kwargs: every given field, over the generic defaults of the fields every run reads
+        generic = {key: spec.default for key, spec in schema.items() if spec.kind == ACTS and key not in FAMILY_FIELDS}
+        return generic | given
+    model = {}
+    for name, default in takes.items():
+        if name not in given and default is NO_DEFAULT:
+            raise ConfigError(f"{source}: model.{name}: required by {model_type} (its builder has no default)")
+        model[name] = given.get(name, default)
+    for key in given:
+        if (
+            key not in takes and schema[key].kind != UNAVAILABLE
+        ):  # (an unavailable one is at a value that changes nothing)
+            plain = schema[key].kind == IGNORED
+            ignored.append(f"model.{key}" if plain else f"model.{key} (not a field of {model_type})")
+    return model
 
 
 def _check_cross_fields(cfg: dict, source: str) -> None:
@@ -389,22 +603,36 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: {field}: {message}")
 
     model, data, parallel = cfg["model"], cfg["data"], cfg["parallel"]
-    heads, kv_heads = model["num_attention_heads"], model["num_kv_attention_heads"] or model["num_attention_heads"]
-    if model["hidden_size"] % heads:
-        fail("model.hidden_size", f"{model['hidden_size']} is not divisible by model.num_attention_heads={heads}")
-    if heads % kv_heads:
-        fail("model.num_kv_attention_heads", f"num_attention_heads={heads} is not a multiple of {kv_heads}")
-    if (model["hidden_size"] // heads) % 2:
-        fail("model.hidden_size", f"head dim {model['hidden_size'] // heads} must be even for rotary embeddings")
-    if model["num_chunks"] > 1 and parallel["pipeline"]["size"] == 1:
+    heads = model.get("num_attention_heads")
+    hidden = model.get("hidden_size")
+    if heads and hidden:
+        kv_heads = model.get("num_kv_attention_heads") or heads
+        if model.get("head_dim") is None and hidden % heads:
+            fail("model.hidden_size", f"{hidden} is not divisible by model.num_attention_heads={heads}")
+        if heads % kv_heads:
+            fail("model.num_kv_attention_heads", f"num_attention_heads={heads} is not a multiple of {kv_heads}")
+        head_dim = model.get("head_dim") or hidden // heads
+        if head_dim % 2:
+            what = "model.head_dim" if model.get("head_dim") else "model.hidden_size"
+            fail(what, f"head dim {head_dim} must be even for rotary embeddings")
+    if model.get("num_chunks", 1) > 1 and parallel["pipeline"]["size"] == 1:
         fail(
             "model.num_chunks",
             "num_chunks > 1 selects the interleaved pipeline schedule and needs parallel.pipeline.size > 1",
         )
-    if parallel["weight"]["size"] > 1:
-        fail("parallel.weight.size", "weight parallelism (isp) is not available; use 1")
     if parallel["tensor"]["mode"] not in ("mtp", "msp"):
         fail("parallel.tensor.mode", f"{parallel['tensor']['mode']!r} is not available; use 'mtp' or 'msp'")
+    if parallel.get("sequence_parallel") and parallel["tensor"]["mode"] == "mtp":
+        fail(
+            "parallel.sequence_parallel",
+            "True is InternEvo's older spelling of sequence parallelism: set parallel.tensor.mode='msp' instead",
+        )
+    if data.get("gradient_accumulation") not in (None, data["micro_num"]):
+        fail(
+            "data.gradient_accumulation",
+            f"{data['gradient_accumulation']}: pytrain accumulates data.micro_num={data['micro_num']} micro-batches "
+            "per step; leave it out or make it equal",
+        )
     _check_model_split(model, data, parallel, fail)
     folder = data["train_folder"]
     if folder is not None and folder != BUILTIN_CORPUS:
@@ -413,7 +641,7 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
             f"{folder!r}: reading tokenized folders is not available yet; use None "
             f"(dummy data) or {BUILTIN_CORPUS!r} (the bundled corpus)",
         )
-    if folder == BUILTIN_CORPUS and model["vocab_size"] < 256:
+    if folder == BUILTIN_CORPUS and model.get("vocab_size", 256) < 256:
         fail("model.vocab_size", f"{model['vocab_size']} is too small for the byte-level corpus: use >= 256")
     if cfg["lr_scheduler"]["total_steps"] is None:
         cfg["lr_scheduler"]["total_steps"] = data["total_steps"]
@@ -430,39 +658,43 @@ def mlp_width(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int
 
 
 def _check_model_split(model: dict, data: dict, parallel: dict, fail) -> None:
-    """Can the model be cut into tensor shards and pipeline x num_chunks stages?"""
+    """Can the model be cut into tensor shards and pipeline x num_chunks stages? (Fields the model_type's
+    builder does not take are not checked.)"""
     tensor, pipeline = parallel["tensor"]["size"], parallel["pipeline"]["size"]
-    heads, kv_heads = model["num_attention_heads"], model["num_kv_attention_heads"] or model["num_attention_heads"]
-    width = mlp_width(model["hidden_size"], model["mlp_ratio"], model["multiple_of"])
+    heads = model.get("num_attention_heads")
     shard = "split over parallel.tensor.size"
-    for field, value in (
-        ("num_attention_heads", heads),
-        ("num_kv_attention_heads", kv_heads),
-        ("vocab_size", model["vocab_size"]),
-        ("hidden_size", model["hidden_size"]),
-    ):
-        if value % tensor:
+    sizes = {
+        "num_attention_heads": heads,
+        "num_kv_attention_heads": model.get("num_kv_attention_heads") or heads,
+        "vocab_size": model.get("vocab_size"),
+        "hidden_size": model.get("hidden_size"),
+    }
+    for field, value in sizes.items():
+        if value is not None and value % tensor:
             fail(f"model.{field}", f"{value} cannot be {shard}={tensor}: use a tensor size that divides it")
-    if width % tensor:
-        fail(
-            "model.multiple_of",
-            f"the MLP width {width} cannot be {shard}={tensor}: use a multiple_of divisible by {tensor}",
-        )
+    if model.get("hidden_size") and "mlp_ratio" in model:
+        width = mlp_width(model["hidden_size"], model["mlp_ratio"], model.get("multiple_of", 256))
+        if width % tensor:
+            fail(
+                "model.multiple_of",
+                f"the MLP width {width} cannot be {shard}={tensor}: use a multiple_of divisible by {tensor}",
+            )
     if parallel["tensor"]["mode"] == "msp" and data["seq_len"] % tensor:
         fail("data.seq_len", f"{data['seq_len']} cannot be {shard}={tensor} (sequence parallelism, mode 'msp')")
-    if model["tie_word_embeddings"] and tensor > 1 and model["embed_split_hidden"]:
+    if model.get("tie_word_embeddings") and tensor > 1 and model.get("embed_split_hidden", True):
         fail(
             "model.tie_word_embeddings",
             "a tied head is split over the vocabulary, so the embedding must be too: set embed_split_hidden=False",
         )
-    stages = pipeline * model["num_chunks"]
-    if model["num_layers"] < stages:
+    chunks = model.get("num_chunks", 1)
+    stages = pipeline * chunks
+    if model.get("num_layers") is not None and model["num_layers"] < stages:
         fail(
             "model.num_layers",
             f"{model['num_layers']} layers cannot fill parallel.pipeline.size={pipeline} x "
-            f"model.num_chunks={model['num_chunks']} = {stages} pipeline stages",
+            f"model.num_chunks={chunks} = {stages} pipeline stages",
         )
-    if model["num_chunks"] > 1 and data["micro_num"] % pipeline:
+    if chunks > 1 and data["micro_num"] % pipeline:
         fail(
             "data.micro_num",
             f"the interleaved schedule needs micro_num ({data['micro_num']}) to be a multiple of "
@@ -490,7 +722,7 @@ def check_world_size(cfg: Config, world_size: int, source: str = "config") -> in
 
 def reference_table() -> str:
     """The Markdown table of every section and field (README's config reference is generated from this)."""
-    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    rows = ["| field | type | default | kind | meaning |", "|---|---|---|---|---|"]
 
     def walk(schema, prefix):
         for key, spec in schema.items():
@@ -498,7 +730,9 @@ def reference_table() -> str:
                 walk(spec, f"{prefix}{key}.")
             else:
                 default = "8/3" if spec.default == 8 / 3 else repr(spec.default)
-                rows.append(f"| `{prefix}{key}` | {spec.type_names()} | `{default}` | {spec.doc} |")
+                rows.append(
+                    f"| `{prefix}{key}` | {spec.type_names()} | `{default}` | {spec.kind_name()} | {spec.doc} |"
+                )
 
     walk(SCHEMA, "")
     return "\n".join(rows)

@@ -159,7 +159,10 @@ def test_bool_checkpoint_and_fraction(tmp_path):
             "parallel = dict(tensor=dict(size=2, mode='msp'))\nmodel = dict(num_attention_heads=32)\ndata = dict(seq_len=2047)\n",
             r"data.seq_len: 2047 cannot be split over parallel.tensor.size=2 \(sequence parallelism",
         ),
-        ("parallel = dict(weight=2)\n", r"parallel.weight.size: weight parallelism \(isp\) is not available"),
+        (
+            "parallel = dict(weight=2)\n",
+            r"parallel.weight.size = 2: weight parallelism \(isp\) is not available in pytrain; leave it at 1",
+        ),
         ("parallel = dict(pipeline=dict(size=0))\n", r"parallel.pipeline.size = 0: must be > 0"),
         ("parallel = dict(tensor=dict(mode='xyz'))\n", r"parallel.tensor.mode = 'xyz': must be one of"),
         ("data = dict(train_folder='/data/en')\n", r"data.train_folder: '/data/en': reading tokenized folders"),
@@ -175,7 +178,49 @@ def test_bool_checkpoint_and_fraction(tmp_path):
         ("grad_scaler = dict(backoff_factor=2)\n", r"grad_scaler.backoff_factor = 2: must be within \(0, 1\)"),
         ("ckpt = dict(enable_save_ckpt=True)\n", r"ckpt.enable_save_ckpt = True: checkpoint saving is not available"),
         ("loss = dict(label_smoothing=1)\n", r"loss.label_smoothing = 1: must be within \[0, 1\)"),
-        ("monitor = dict(alert=dict(enable_feishu_alert=True))\n", r"monitor.alert.enable_feishu_alert = True"),
+        (
+            "monitor = dict(alert=dict(enable_feishu_alert=True))\n",
+            r"monitor.alert.enable_feishu_alert = True: Feishu alerts \(no network here\) is not available",
+        ),
+        (
+            "monitor = dict(alert=dict(light_monitor_address='10.0.0.1'))\n",
+            r"monitor.alert.light_monitor_address = '10.0.0.1': InternLM's light monitor .* is not available",
+        ),
+        ("monitor = dict(alert=dict(loss_spike_limit=1))\n", r"monitor.alert.loss_spike_limit = 1: must be > 1"),
+        ("model = dict(num_experts=4)\n", r"model.num_experts = 4: mixture of experts is not available in pytrain"),
+        ("moe = dict(top_k=2)\n", r"moe = \{'top_k': 2\}: mixture of experts is not available in pytrain"),
+        ("parallel = dict(zero1=dict(fsdp=True))\n", r"parallel.zero1.fsdp = True: FSDP \(instead of ZeRO-1\) is not"),
+        ("parallel = dict(pipeline=dict(mode='ZBH1'))\n", r"parallel.pipeline.mode = 'ZBH1': zero-bubble"),
+        ("parallel = dict(sequence_2D=dict(enable=True))\n", r"parallel.sequence_2D.enable = True: 2D sequence"),
+        ("parallel = dict(expert=dict(size=4))\n", r"parallel.expert.size = 4: expert parallelism \(MoE\) is not"),
+        (
+            "hybrid_zero_optimizer = dict(use_split_tensor_optim=True)\n",
+            r"hybrid_zero_optimizer.use_split_tensor_optim = True: the split-tensor",
+        ),
+        (
+            "model = dict(drop_rate=0.1)\n",
+            r"model.drop_rate = 0.1: dropout is not available in pytrain; leave it at 0.0",
+        ),
+        ("data = dict(type='hf')\n", r"data.type = 'hf': dataset types other than InternLM's tokenized format is not"),
+        ("selective_checkpoint = True\n", r"selective_checkpoint = True: selective activation checkpointing is not"),
+        (
+            "parallel = dict(sequence_parallel=True, tensor=dict(size=1, mode='mtp'))\n",
+            r"parallel.sequence_parallel: True is InternEvo's older spelling .* set parallel.tensor.mode='msp'",
+        ),
+        (
+            "data = dict(micro_num=4, gradient_accumulation=8)\n",
+            r"data.gradient_accumulation: 8: pytrain accumulates data.micro_num=4 micro-batches",
+        ),
+        (
+            "enable_tb = False\nmonitor = dict(tensorboard=dict(enable=True))\n",
+            r"enable_tb = False and monitor.tensorboard.enable = True: enable_tb is InternEvo's older name",
+        ),
+        ("model = dict(no_biass=True)\n", r"model.no_biass: unknown field; did you mean 'no_bias'\?"),
+        ("generation = 3\n", r"generation: expected dict | None, got 3"),
+        (
+            "ckpt = dict(load_ckpt_folder='local:llm_ckpts/')\n",
+            r"ckpt.load_ckpt_folder = 'local:llm_ckpts/': checkpoint",
+        ),
     ],
 )
 def test_validation_errors_name_file_and_field(tmp_path, text, message):
@@ -237,3 +282,199 @@ def test_tensor_times_pipeline_must_divide_world_size():
     cfg.parallel.tensor.size = 3  # set after validation: the layout check runs against the world size
     with pytest.raises(ConfigError, match=r"tensor.size=3 x pipeline.size=1 does not divide the world size 4"):
         check_world_size(cfg, 4)
+
+
+# --- InternEvo's vocabulary and the model section's builder contract ------------------------------------------
+
+
+@pytest.fixture
+def builders():
+    """Registers model builders for one test and removes them afterwards."""
+    from pytrain.registry import MODEL_INITIALIZER
+
+    names = []
+
+    def register(name, builder):
+        MODEL_INITIALIZER.register_module(module_name=name, module=builder)
+        names.append(name)
+
+    yield register
+    for name in names:
+        MODEL_INITIALIZER.unregister(name)
+
+
+def build_plain(*, num_layers, hidden_size, num_attention_heads, vocab_size, no_bias=True, rope_base=5e5):
+    raise AssertionError("validation never calls the builder")
+
+
+def build_any(**fields):
+    raise AssertionError("validation never calls the builder")
+
+
+def test_explicit_builder_gets_exactly_its_parameters(tmp_path, builders):
+    builders("TEST_PLAIN", build_plain)
+    text = """
+    model_type = "TEST_PLAIN"
+    model = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, rope_base=1e4,
+                 qkv_bias=True, mlp_layer_fusion=True, num_experts=1)
+    """
+    cfg = Config.from_file(write(tmp_path, text))
+    assert dict(cfg.model) == dict(
+        num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, no_bias=True, rope_base=1e4
+    )
+    # qkv_bias acts in other families; mlp_layer_fusion is InternEvo-only; num_experts=1 changes nothing
+    assert cfg.ignored_here == ("model.qkv_bias (not a field of TEST_PLAIN)", "model.mlp_layer_fusion")
+    assert Config.from_file(write(tmp_path, cfg.dump(), "dumped.py")) == cfg
+
+
+def test_explicit_builder_required_parameter_and_unavailable_value(tmp_path, builders):
+    builders("TEST_PLAIN", build_plain)
+    path = write(tmp_path, 'model_type = "TEST_PLAIN"\nmodel = dict(num_layers=2, hidden_size=64, vocab_size=256)\n')
+    with pytest.raises(ConfigError, match=r"model.num_attention_heads: required by TEST_PLAIN \(its builder has no"):
+        Config.from_file(path)
+    text = 'model_type = "TEST_PLAIN"\nmodel = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, num_experts=8)\n'
+    with pytest.raises(ConfigError, match=r"model.num_experts = 8: mixture of experts is not available"):
+        Config.from_file(write(tmp_path, text))
+
+
+def test_cross_field_checks_run_on_the_effective_model(tmp_path, builders):
+    builders("TEST_PLAIN", build_plain)
+    text = 'model_type = "TEST_PLAIN"\nparallel = dict(tensor=2)\nmodel = dict(num_layers=2, hidden_size=64, num_attention_heads=3, vocab_size=256)\n'
+    with pytest.raises(ConfigError, match=r"model.hidden_size: 64 is not divisible by model.num_attention_heads=3"):
+        Config.from_file(write(tmp_path, text))
+
+
+def test_builder_parameter_unknown_to_the_schema_is_a_field_of_that_model_type(tmp_path, builders):
+    def build_custom(*, hidden_size=64, num_attention_heads=4, vocab_size=256, num_layers=2, my_width=7):
+        raise AssertionError
+
+    builders("TEST_CUSTOM", build_custom)
+    cfg = Config.from_file(write(tmp_path, 'model_type = "TEST_CUSTOM"\nmodel = dict(my_width=9)\n'))
+    assert cfg.model.my_width == 9 and cfg.model.hidden_size == 64
+    with pytest.raises(ConfigError, match=r"model.my_widht: unknown field; did you mean 'my_width'\?"):
+        Config.from_file(write(tmp_path, 'model_type = "TEST_CUSTOM"\nmodel = dict(my_widht=9)\n'))
+
+
+def test_kwargs_builder_gets_every_given_field_over_the_generic_defaults(tmp_path, builders):
+    builders("TEST_ANY", build_any)
+    cfg = Config.from_file(write(tmp_path, 'model_type = "TEST_ANY"\nmodel = dict(hidden_size=64, init_type="x")\n'))
+    assert cfg.model.hidden_size == 64 and cfg.model.init_type == "x" and cfg.model.num_layers == 32
+    assert "model.init_type" not in cfg.ignored_here  # the builder receives it and decides
+    assert "max_position_embeddings" not in cfg.model  # not an acting field, not given
+    assert "no_bias" not in cfg.model  # a field of some families only, not given
+
+
+def test_unregistered_model_type_lists_the_registered_ones(tmp_path):
+    from pytrain.registry import MODEL_INITIALIZER
+
+    with pytest.raises(ConfigError, match=r"model_type = 'LLAMA3': no model is registered under that name") as err:
+        Config.from_file(write(tmp_path, 'model_type = "LLAMA3"\n'))
+    assert str(err.value).endswith("registered: " + ", ".join(MODEL_INITIALIZER.names()))
+    with pytest.raises(ConfigError, match=r"'INTERNLMM'.*\(did you mean 'INTERNLM'\?\)"):
+        Config.from_file(write(tmp_path, 'model_type = "INTERNLMM"\n'))
+
+
+def test_ignored_fields_are_listed_once_and_kept(tmp_path):
+    text = """
+    enable_tb = True
+    data = dict(empty_cache_and_diag_interval=200, diag_outlier_ratio=1.1, use_shm=False)
+    loss = dict(label_smoothing=0, moe_loss_coeff=0.1)
+    generation = dict(batch_size=1, max_length=100)
+    parallel = dict(weight=dict(size=1, overlap=True, memory_pool=True))
+    ckpt = dict(auto_resume=False, checkpoint_every=50)
+    hybrid_zero_optimizer = dict(zero_overlap_communication=False)
+    """
+    cfg = Config.from_file(write(tmp_path, text))
+    assert cfg.ignored_here == (
+        "data.empty_cache_and_diag_interval",
+        "data.diag_outlier_ratio",
+        "data.use_shm",
+        "parallel.weight.overlap",
+        "parallel.weight.memory_pool",
+        "loss.moe_loss_coeff",
+        "ckpt.auto_resume",
+        "ckpt.checkpoint_every",
+        "generation",
+    )
+    assert cfg.data.diag_outlier_ratio == 1.1 and cfg.generation == {"batch_size": 1, "max_length": 100}
+    # renamed: the value moved to the field pytrain has
+    assert (
+        cfg.hybrid_zero_optimizer.overlap_sync_grad is False
+        and "zero_overlap_communication" not in cfg.hybrid_zero_optimizer
+    )
+    assert cfg.monitor.tensorboard.enable is True and "enable_tb" not in cfg
+    assert "moe" not in cfg and "sequence_2D" not in cfg.parallel  # absent non-acting sections stay absent
+    assert Config.from_file(write(tmp_path, cfg.dump(), "dumped.py")) == cfg
+
+
+def test_every_schema_field_has_a_kind_in_the_table():
+    table = reference_table()
+    assert "| `model.num_experts` | int | `1` | not available | mixture of experts |" in table
+    assert "| `data.diag_outlier_ratio` | int | float | `1.1` | ignored here |" in table
+    assert "| `ckpt.auto_resume` | bool | `True` | pending (checkpoints) |" in table
+    assert "| `enable_tb` | bool | `True` | renamed: `monitor.tensorboard.enable` |" in table
+
+
+def names_read_by_the_package() -> set[str]:
+    """Every attribute, string, parameter and keyword name in pytrain/ outside the config modules: a field whose
+    name is none of these is read nowhere."""
+    import ast
+
+    names = set()
+    for path in (ROOT / "pytrain").rglob("*.py"):
+        if path.name in ("config.py", "config_vocabulary.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute):
+                names.add(node.attr)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names.add(node.value)
+            elif isinstance(node, (ast.arg, ast.keyword)) and node.arg:
+                names.add(node.arg)
+    return names
+
+
+def schema_leaves(schema=SCHEMA, prefix=""):
+    for key, spec in schema.items():
+        if isinstance(spec, dict):
+            yield from schema_leaves(spec, f"{prefix}{key}.")
+        else:
+            yield prefix + key, spec
+
+
+def test_every_field_acts_or_says_it_does_not():
+    """No field validates and then acts nowhere: each one that claims to act is read by the package (a model
+    field: a parameter of a registered builder), or it is marked ignored here / not available / pending /
+    renamed to one that acts."""
+    from pytrain.config import ACTS, IGNORED, PENDING, RENAMED, UNAVAILABLE, builder_parameters
+    from pytrain.registry import MODEL_INITIALIZER
+
+    read = names_read_by_the_package()
+    builder_fields = set()
+    for name in MODEL_INITIALIZER.names():
+        builder_fields |= set(builder_parameters(MODEL_INITIALIZER.get_module(name)) or ())
+    leaves = dict(schema_leaves())
+    acting_nowhere = []
+    for name, spec in leaves.items():
+        assert spec.kind in (ACTS, IGNORED, UNAVAILABLE, PENDING, RENAMED), name
+        if spec.kind == UNAVAILABLE:
+            assert spec.allowed and spec.allowed[0] == spec.default, name
+        if spec.note and spec.kind in (RENAMED, ACTS):  # its value goes to (or is the default of) another field
+            assert leaves[spec.note].kind == ACTS, name
+            continue
+        if spec.kind != ACTS:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if not (leaf in builder_fields if name.startswith("model.") else leaf in read):
+            acting_nowhere.append(name)
+    assert acting_nowhere == []
+
+
+def test_pending_fields_are_the_data_and_checkpoint_ones():
+    """Until the data loader and checkpoints land: these are refused or listed as ignored, nothing else is."""
+    from pytrain.config import PENDING
+
+    pending = {name for name, spec in schema_leaves() if spec.kind == PENDING}
+    data = {"valid_folder", "valid_every", "valid_micro_num", "pack_sample_into_one", "skip_batches"}
+    data |= {"rampup_batch_size", "min_length"}
+    assert pending == {f"data.{f}" for f in data} | {name for name, _ in schema_leaves() if name.startswith("ckpt.")}

@@ -52,3 +52,21 @@ def test_slurm_launch_of_one_task(fresh_context, tmp_path, monkeypatch):
         str(CONFIGS / "tiny.py"), launcher="slurm", master_port=29555, overrides=[f"monitor.run_folder={tmp_path}"]
     )
     assert ctx.world_size == 1 and ctx.rank == 0 and ctx.local_rank == 0 and ctx.is_initialized
+
+
+def test_local_rank_argument_reaches_the_launcher(fresh_context, tmp_path, monkeypatch):
+    """--local_rank given on the command line wins over the launcher's environment (here SLURM_LOCALID)."""
+    from conftest import CONFIGS
+
+    from pytrain.initialize import get_default_parser
+
+    for name, value in (("SLURM_PROCID", "0"), ("SLURM_NPROCS", "1"), ("SLURM_LOCALID", "3"), ("SLURM_NODELIST", "n1")):
+        monkeypatch.setenv(name, value)
+    args = get_default_parser().parse_args(["--launcher", "slurm", "--local_rank", "0", "--port", "29556"])
+    ctx = initialize_distributed_env(
+        str(CONFIGS / "tiny.py"),
+        launcher=args.launcher,
+        master_port=args.port,
+        overrides=[f"monitor.run_folder={tmp_path}"],
+    )
+    assert ctx.local_rank == 0

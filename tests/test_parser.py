@@ -1,6 +1,21 @@
+import os
+
+import pytest
 import torch
 
 from pytrain.initialize import get_default_parser
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+@pytest.fixture(autouse=True)
+def rank_environment(monkeypatch):
+    """--rank / --local_rank write the launcher's environment: each test starts without it and leaves none."""
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    yield
+    for name in RANK_VARIABLES:
+        os.environ.pop(name, None)
 
 
 def test_builtin_arguments_and_defaults():
@@ -57,8 +72,23 @@ def test_set_overrides_collect_across_flags():
 
 
 def test_bad_launcher_rejected(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         get_default_parser().parse_args(["--launcher", "mpi"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "launcher, rank_variable, local_variable",
+    [("torch", "RANK", "LOCAL_RANK"), ("slurm", "SLURM_PROCID", "SLURM_LOCALID")],
+)
+def test_rank_arguments_replace_the_launchers_environment(monkeypatch, launcher, rank_variable, local_variable):
+    monkeypatch.setenv(rank_variable, "0")
+    args = get_default_parser().parse_args(["--launcher", launcher, "--rank", "3", "--local_rank", "1"])
+    assert (args.rank, args.local_rank) == (3, 1)
+    assert os.environ[rank_variable] == "3" and os.environ[local_variable] == "1"
+
+
+def test_without_rank_arguments_the_environment_is_untouched(monkeypatch):
+    monkeypatch.setenv("RANK", "5")
+    get_default_parser().parse_args(["--local_rank", "2"])  # as torch.distributed.launch passes it
+    assert os.environ["RANK"] == "5" and os.environ["LOCAL_RANK"] == "2" and "SLURM_PROCID" not in os.environ

@@ -34,10 +34,35 @@ def test_warmup_then_cosine():
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
 
 
-def test_init_steps_shift_the_schedule():
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    WarmupCosineLR(opt, total_steps=100, init_steps=50, warmup_ratio=0.1, eta_min=0.0)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 40 / 90)))
+def internlm_lr(step, base, total_steps, init_steps, warmup_ratio, eta_min):
+    """InternLM's FineTuneCosineAnnealingWarmupLR at `step`, written from its definition: 0 before init_steps,
+    (t + 1 - init_steps) / warmup_steps * base during the warmup, then torch's CosineAnnealingLR over
+    total_steps - (init_steps + warmup_steps) steps."""
+    warmup_steps = int(total_steps * warmup_ratio)
+    decay_start = init_steps + warmup_steps
+    if step < init_steps:
+        return 0.0
+    if step < decay_start:
+        return (step + 1 - init_steps) / warmup_steps * base
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps - decay_start, eta_min=eta_min)
+    for _ in range(step - decay_start):
+        opt.step()  # (no gradients: changes nothing; torch wants it before the scheduler's step)
+        cosine.step()
+    return opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("init_steps, warmup_ratio", [(0, 0.1), (5, 0.1), (7, 0.0), (30, 0.25)])
+def test_lr_schedule_matches_internlm(init_steps, warmup_ratio):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = WarmupCosineLR(opt, total_steps=100, init_steps=init_steps, warmup_ratio=warmup_ratio, eta_min=0.1)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(100):
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    expected = [internlm_lr(t, 2.0, 100, init_steps, warmup_ratio, 0.1) for t in range(101)]
+    assert lrs == pytest.approx(expected, abs=1e-9)
+    assert all(lr == 0.0 for lr in lrs[:init_steps])  # init_steps: lr 0 before the warmup starts
 
 
 def test_beta2_schedule():

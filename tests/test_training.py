@@ -181,12 +181,11 @@ def test_internlm_training_construction_api(fresh_context, tmp_path, monkeypatch
 
 
 def test_unknown_model_type_lists_registered(fresh_context, tmp_path):
+    from pytrain.config import ConfigError
     from pytrain.initialize import launch_from_torch
-    from pytrain.train import initialize_model
 
-    launch_from_torch(str(CONFIGS / "tiny.py"), overrides=["model_type=NOPE", f"monitor.run_folder={tmp_path}"])
-    with pytest.raises(KeyError, match=r"no module registered as 'NOPE'; registered: .*INTERNLM"):
-        initialize_model()
+    with pytest.raises(ConfigError, match=r"model_type = 'NOPE': no model is registered .*; registered: .*INTERNLM"):
+        launch_from_torch(str(CONFIGS / "tiny.py"), overrides=["model_type=NOPE", f"monitor.run_folder={tmp_path}"])
 
 
 @pytest.mark.parametrize("dtype", ["torch.bfloat16", "torch.float16"])

@@ -1,8 +1,27 @@
 """The command line: InternLM's built-in arguments plus config overrides."""
 
 import argparse
+import os
 
 import torch
+
+# --rank / --local_rank replace what the launcher's environment says (torch.distributed.launch, for one,
+# passes --local_rank without setting LOCAL_RANK).
+RANK_VARIABLES = {"torch": ("RANK", "LOCAL_RANK"), "slurm": ("SLURM_PROCID", "SLURM_LOCALID")}
+
+
+class DefaultParser(argparse.ArgumentParser):
+    """After parsing, --rank / --local_rank (when given) become the launcher's environment variables, which
+    launch_from_torch / launch_from_slurm read."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        rank_variable, local_rank_variable = RANK_VARIABLES[namespace.launcher]
+        if namespace.rank is not None:
+            os.environ[rank_variable] = str(namespace.rank)
+        if namespace.local_rank is not None:
+            os.environ[local_rank_variable] = str(namespace.local_rank)
+        return namespace, extras
 
 
 def get_default_parser() -> argparse.ArgumentParser:
@@ -12,7 +31,7 @@ def get_default_parser() -> argparse.ArgumentParser:
     parser.add_argument("--user_arg", type=int, default=-1, help="arguments add by user.")
     cmd_args = parser.parse_args()
     """
-    parser = argparse.ArgumentParser(description="pytrain: train a language model from a Python config file")
+    parser = DefaultParser(description="pytrain: train a language model from a Python config file")
     parser.add_argument("--config", type=str, help="path to the config file")
     parser.add_argument(
         "--launcher",
@@ -24,8 +43,16 @@ def get_default_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", type=str, help="master address (slurm; torchrun sets MASTER_ADDR)")
     parser.add_argument("--port", type=int, default=8888, help="master port (slurm; torchrun sets MASTER_PORT)")
     parser.add_argument("--world_size", type=int, help="number of processes (torchrun and slurm set it)")
-    parser.add_argument("--rank", type=int, help="rank of this process (torchrun and slurm set it)")
-    parser.add_argument("--local_rank", type=int, help="rank of this process on its node")
+    parser.add_argument(
+        "--rank",
+        type=int,
+        help="rank of this process (torchrun and srun set it); given, it replaces RANK / SLURM_PROCID",
+    )
+    parser.add_argument(
+        "--local_rank",
+        type=int,
+        help="rank of this process on its node; given, it replaces LOCAL_RANK / SLURM_LOCALID",
+    )
     parser.add_argument(
         "--backend",
         type=str,

@@ -53,8 +53,11 @@ def flops_per_token(
     return (6 + 2 * f) * block_params + 6 * head_params + (12 + 4 * f) * num_layers * hidden_size * seq_len
 
 
-def peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak TFLOPS, where it came from): the datasheet for known GPUs, else a matmul measured now."""
+def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float | None = None) -> tuple[float, str]:
+    """(peak TFLOPS, where it came from): `configured` (monitor.peak_tflops) when given, else the datasheet for
+    known GPUs, else a matmul measured now."""
+    if configured is not None:
+        return float(configured), "monitor.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_PEAK_TFLOPS.items():

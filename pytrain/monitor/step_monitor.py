@@ -1,8 +1,10 @@
-"""The per-step log line, metrics.jsonl, TensorBoard scalars and the loss-curve plot of a run.
+"""The per-step log line, metrics.jsonl, TensorBoard scalars, the loss-curve plot and the alerts of a run.
 
-Only the first rank prints and writes; every rank takes part in the loss all-reduce.
+Only the first rank prints and writes (alerts of a failure: every rank); every rank takes part in the loss
+all-reduce.
 """
 
+import contextlib
 import json
 import resource
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .alerts import AlertLog
 from .loss_plot import write_loss_svg
 
 
@@ -36,12 +39,15 @@ class StepMonitor:
         is_main_rank: bool = True,
         group=None,
         stream=None,
+        alerts: AlertLog | None = None,
+        tensorboard_queue: int = 10,
     ):
         self.run_folder, self.total_steps = Path(run_folder), total_steps
         self.tokens = tokens_per_step_per_rank
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.device, self.log_every, self.group, self.stream = device, log_every, group, stream
-        self.is_main_rank = is_main_rank
+        self.is_main_rank, self.alerts = is_main_rank, alerts
+        self.last_step = 0
         self.steps: list[int] = []
         self.losses: list[float] = []
         self._metrics_file = open(self.run_folder / "metrics.jsonl", "a") if is_main_rank else None  # noqa: SIM115 (closed by close())
@@ -49,7 +55,7 @@ class StepMonitor:
         if tensorboard and is_main_rank:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.run_folder / "tensorboard"))
+            self._writer = SummaryWriter(log_dir=str(self.run_folder / "tensorboard"), max_queue=tensorboard_queue)
         self._last = time.perf_counter()
 
     def start_step(self) -> None:
@@ -82,8 +88,11 @@ class StepMonitor:
         }
         if loss_scale is not None:
             metrics["loss_scale"] = loss_scale
+        self.last_step = step
         if self.is_main_rank:
             self._record(metrics)
+            if self.alerts:
+                self.alerts.step(step, metrics["loss"], grad_norm, not success)
         self._last = time.perf_counter()  # the next step's time includes its data loading
         return metrics
 
@@ -108,9 +117,16 @@ class StepMonitor:
                 line += " | step skipped (inf/NaN gradients)"
             print(line, file=self.stream or sys.stdout, flush=True)
 
+    def watch(self):
+        """A context around the training loop: with an alert log, a failure (SIGTERM too) on any rank writes
+        run_failed before it propagates."""
+        return self.alerts.watch(lambda: self.last_step) if self.alerts else contextlib.nullcontext()
+
     def close(self) -> None:
         if not self.is_main_rank:
             return
+        if self.alerts:
+            self.alerts.finished(self.last_step)
         write_loss_svg(self.run_folder / "loss.svg", self.steps, self.losses)
         self._metrics_file.close()
         if self._writer:

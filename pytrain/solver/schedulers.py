@@ -8,8 +8,9 @@ import math
 
 
 class WarmupCosineLR:
-    """lr(t) for t = init_steps + steps taken: linear warmup over total_steps * warmup_ratio steps from
-    lr / warmup_steps up to lr, then a half cosine down to eta_min at total_steps, eta_min after that."""
+    """InternLM's FineTuneCosineAnnealingWarmupLR: lr 0 for the first init_steps steps, then a linear warmup
+    over total_steps * warmup_ratio steps up to lr (step k of it at lr * (k + 1) / warmup_steps), then a half
+    cosine down to eta_min at total_steps, eta_min after that."""
 
     def __init__(
         self,
@@ -31,10 +32,12 @@ class WarmupCosineLR:
         self.step()
 
     def lr_at(self, base_lr: float, step: int) -> float:
-        t = step + self.init_steps
-        if t < self.warmup_steps:
-            return base_lr * (t + 1) / self.warmup_steps
-        progress = min(1.0, (t - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if step < self.init_steps:
+            return 0.0
+        if step < self.init_steps + self.warmup_steps:
+            return base_lr * (step - self.init_steps + 1) / self.warmup_steps
+        decay_start = self.init_steps + self.warmup_steps
+        progress = min(1.0, (step - decay_start) / max(1, self.total_steps - decay_start))
         return self.eta_min + (base_lr - self.eta_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def step(self) -> None:

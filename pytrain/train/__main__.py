@@ -13,7 +13,7 @@ import torch.distributed as dist
 from pytrain.config import Config, ConfigError, check_world_size
 from pytrain.initialize import get_default_parser, initialize_distributed_env, initialize_trainer
 from pytrain.model import DTYPES
-from pytrain.monitor import StepMonitor, flops_per_token, matmul_params, peak_tflops
+from pytrain.monitor import AlertLog, StepMonitor, flops_per_token, matmul_params, peak_tflops
 from pytrain.parallel import gpc
 from pytrain.parallel.tensor import counted_here
 from pytrain.registry import MODEL_INITIALIZER
@@ -57,7 +57,7 @@ def train(args) -> list[dict]:
         beta2_scheduler=beta2_scheduler,
     )
     data = cfg.data
-    peak, peak_source = peak_tflops(gpc.device, DTYPES[cfg.model.dtype])
+    peak, peak_source = peak_tflops(gpc.device, DTYPES[cfg.model.dtype], cfg.monitor.peak_tflops)
     # The whole model's size: this rank's part summed over the ranks holding the rest.
     local_params = sum(p.numel() for p in model.parameters() if counted_here(p, gpc.tensor_parallel_rank))
     counts = torch.tensor([*matmul_params(model), local_params], dtype=torch.int64)
@@ -82,6 +82,8 @@ def train(args) -> list[dict]:
         tensorboard=cfg.monitor.tensorboard.enable,
         is_main_rank=gpc.is_main_rank,
         group=gpc.data_parallel_group,
+        alerts=AlertLog.from_config(cfg, gpc.rank),
+        tensorboard_queue=cfg.monitor.tensorboard.queue_max_length,
     )
     # Optimizer state (fp32 masters when separate, Adam moments) per parameter this rank holds, every rank.
     state_bytes = [None] * gpc.world_size
@@ -97,14 +99,15 @@ def train(args) -> list[dict]:
             f"{gpc.device.type} as {layout}, {data.total_steps} steps of {data.micro_num} x {data.micro_bsz} x "
             f"{data.seq_len} tokens per data-parallel rank; optimizer state "
             f"{min(state_bytes):.1f}-{max(state_bytes):.1f} bytes per parameter per rank; peak {peak:.2f} "
-            f"TFLOPS per rank ({peak_source}); run folder {gpc.run_folder}",
+            f"TFLOPS per rank ({peak_source}); run folder {gpc.run_folder}"
+            + (f"; ignored here: {', '.join(cfg.ignored_here)}" if cfg.ignored_here else ""),
             flush=True,
         )
 
     history = []
     trainer.train()
     monitor.start_step()
-    with profiler(args.profiling, gpc.run_folder) as prof:
+    with profiler(args.profiling, gpc.run_folder) as prof, monitor.watch():
         for step, batch in enumerate(train_dl, start=1):
             trainer.zero_grad()
             _, loss = trainer.execute_schedule(batch, forward_only=False, return_loss=True)
@@ -146,6 +149,7 @@ def dry_run(args) -> None:
     print(
         f"{args.config}: valid for {world_size} process(es) as {layout}; {cfg.model_type} with {params:,} parameters "
         f"({params / 1e9:.2f}B); {per_token / 1e9:.2f} GFLOPs per token; {tokens:,} tokens per step"
+        + (f"; ignored here: {', '.join(cfg.ignored_here)}" if cfg.ignored_here else "")
     )
 
 

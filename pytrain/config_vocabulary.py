@@ -1,0 +1,122 @@
+"""The names InternLM's and InternEvo's config files use that have no effect in pytrain, or name a feature
+pytrain does not have. pytrain.config turns these tables into SCHEMA fields, next to the ones that act.
+
+Read from InternEvo's configs/ folder (7B_sft, 7B_internlm2, 7B_llama2, 7B_qwen2, 7B_isp_sft, 7B_MoE4_sft,
+1.8B_MoE16_sft, 8x7B_mixtral, 57B_qwen2_MoE, 8B_internlm3, 7B_llama2_zeropp, 7B_hf, _base_/), from
+internlm/initialize/launch.py (args_sanity_check: the defaults it fills in) and from the model classes'
+constructor arguments (modeling_internlm, _internlm2, _llama, _qwen2, _moe, _mixtral, _qwen2_moe).
+Multimodal configs (llava, chameleon, DiT) are not covered: their model types are not registered here.
+
+IGNORED: accepted with any value of the right type; a run lists the ones its file sets once, in its
+start line, as "ignored here". UNAVAILABLE: accepted at a value that changes nothing (the first of
+`allowed` is InternEvo's default); any other value is a config error saying the feature is not available.
+RENAMED: InternEvo's older spelling of a field pytrain has; the value moves there.
+"""
+
+NONE = type(None)
+NUMBER = (int, float)
+
+# "section.field": (default, types, why it has no effect here)
+IGNORED = {
+    "tensorboard_folder": (
+        None,
+        (str, NONE),
+        "InternEvo's TensorBoard folder; pytrain writes <run folder>/tensorboard",
+    ),
+    "resume_tb_folder": (None, (str, NONE), "InternEvo's TensorBoard folder to continue"),
+    "use_apex_adam": (False, bool, "apex's fused Adam; pytrain's AdamW runs its own fused step"),
+    "metric_dtype": (None, (str, NONE), "dtype of InternEvo's metric accumulation; pytrain accumulates in fp32"),
+    "generation": (None, (dict, NONE), "InternEvo's text-generation settings (an inference tool, not training)"),
+    "alert_address": (None, (str, NONE), "InternEvo's old alert webhook (see monitor.alert)"),
+    "data.empty_cache_and_diag_interval": (50, int, "InternEvo's periodic CUDA cache flush and slow-rank diagnosis"),
+    "data.diag_outlier_ratio": (1.1, NUMBER, "threshold of InternEvo's slow-rank diagnosis"),
+    "data.packed_length": (None, (int, NONE), "InternEvo overrides it with seq_len * micro_bsz too"),
+    "data.fixed_random_dataset_seqlen": (True, bool, "sample lengths of InternEvo's random dataset"),
+    "data.use_shm": (False, bool, "InternEvo keeps dataset index files in shared memory"),
+    "data.shm_path": ("/dev/shm/metacache", str, "where InternEvo's shared-memory index files go"),
+    "data.gradient_accumulation": (
+        None,
+        (int, NONE),
+        "pytrain accumulates data.micro_num micro-batches (it must equal that)",
+    ),
+    "data.tokenizer_path": (None, (str, NONE), "tokenizer of InternEvo's Hugging Face datasets (data.type='hf')"),
+    "hybrid_zero_optimizer.all_gather_size": (512 * 1024 * 1024, int, "only with use_split_tensor_optim"),
+    "loss.op_type": ("py_vocab_parallel", str, "InternEvo's cross-entropy implementation; pytrain uses its own kernel"),
+    "loss.moe_loss_coeff": (1.0, NUMBER, "weight of the MoE balancing loss; no mixture of experts here"),
+    "parallel.sequence_parallel": (
+        False,
+        bool,
+        "InternEvo's old switch; parallel.tensor.mode='msp' is sequence parallel",
+    ),
+    "parallel.weight.overlap": (False, bool, "weight parallelism (isp) only"),
+    "parallel.weight.memory_pool": (False, bool, "weight parallelism (isp) only"),
+    "parallel.weight.launch_allgather_before": ("wo", str, "weight parallelism (isp) only"),
+    "parallel.weight.forward_overlap_per": ("layer", str, "weight parallelism (isp) only"),
+    "parallel.pipeline.decouple_grad": (False, bool, "ZeroPP only"),
+    "parallel.expert.no_tp": (False, bool, "expert parallelism (MoE) only"),
+    "parallel.expert_weight.overlap": (False, bool, "expert weight parallelism (MoE) only"),
+    "parallel.sequence_2D.head_size": (1, int, "2D sequence parallelism only"),
+    "parallel.sequence_2D.context_size": (1, int, "2D sequence parallelism only"),
+    "parallel.sequence_2D.window_size": (1, int, "2D sequence parallelism only"),
+    "parallel.sequence_2D.device_placement_strategy": (None, (dict, NONE), "2D sequence parallelism only"),
+    "model.max_position_embeddings": (2048, int, "rotary embeddings here have no length table to size"),
+    "model.dropout_selective_checkpoint": (True, bool, "no dropout here"),
+    "model.use_scaled_init": (True, bool, "InternEvo's initialisation; pytrain draws its own"),
+    "model.init_type": ("normal", str, "InternEvo's initialisation; pytrain draws its own"),
+    "model.embedding_init_std": (0.02, NUMBER, "InternEvo's initialisation; pytrain draws its own"),
+    "model.attn_wqkv_init_std": (0.02, NUMBER, "InternEvo's initialisation; pytrain draws its own"),
+    "model.attn_other_init_std": (0.02, NUMBER, "InternEvo's initialisation; pytrain draws its own"),
+    "model.ffn_uplayer_init_std": (0.02, NUMBER, "InternEvo's initialisation; pytrain draws its own"),
+    "model.ffn_other_init_std": (0.02, NUMBER, "InternEvo's initialisation; pytrain draws its own"),
+    "model.out_head_init_std": (0.02, NUMBER, "InternEvo's initialisation; pytrain draws its own"),
+    "model.mlp_layer_fusion": (False, bool, "a kernel choice of InternEvo (same math)"),
+    "model.sliding_window": (None, (int, NONE), "only with use_sliding_window"),
+    "model.max_window_layers": (0, int, "only with use_sliding_window"),
+    "model.moe_type": (None, (str, NONE), "mixture of experts only (num_experts > 1 is not available)"),
+    "model.top_k": (1, int, "mixture of experts only (num_experts > 1 is not available)"),
+    "model.num_shared_experts": (0, int, "mixture of experts only (num_experts > 1 is not available)"),
+    "model.moe_use_residual": (False, bool, "mixture of experts only (num_experts > 1 is not available)"),
+    "model.moe_layer_kwargs": (None, (dict, NONE), "mixture of experts only (num_experts > 1 is not available)"),
+    "model.moe_kwargs": (None, (dict, NONE), "mixture of experts only (num_experts > 1 is not available)"),
+}
+
+# "section.field": (allowed values (the first is the default), types, the feature pytrain does not have)
+UNAVAILABLE = {
+    "selective_checkpoint": ((False,), bool, "selective activation checkpointing"),
+    "moe": ((None,), (dict, NONE), "mixture of experts"),
+    "data.type": (("tokenized",), str, "dataset types other than InternLM's tokenized format"),
+    "data.use_packed_dataset": ((True,), bool, "unpacked batches"),
+    "data.unit_schedule_size": ((None,), (int, NONE), "ZeroPP scheduling units"),
+    "hybrid_zero_optimizer.use_split_tensor_optim": ((False,), bool, "the split-tensor optimizer"),
+    "parallel.weight.size": ((1,), int, "weight parallelism (isp)"),
+    "parallel.pipeline.mode": (("1F1B", "1f1b"), str, "zero-bubble pipeline schedules"),
+    "parallel.pipeline.use_zeropp": ((False,), bool, "ZeroPP"),
+    "parallel.expert.size": ((-1, 1), int, "expert parallelism (MoE)"),
+    "parallel.expert_weight.size": ((1,), int, "expert weight parallelism (MoE)"),
+    "parallel.expert_zero1.size": ((-1, 1), int, "a ZeRO group of expert parameters (MoE)"),
+    "parallel.sequence_2D.enable": ((False,), bool, "2D sequence parallelism"),
+    "monitor.alert.enable_feishu_alert": ((False,), bool, "Feishu alerts (no network here)"),
+    "monitor.alert.feishu_alert_address": ((None,), (str, NONE), "Feishu alerts (no network here)"),
+    "monitor.alert.light_monitor_address": ((None,), (str, NONE), "InternLM's light monitor (no network here)"),
+    "model.attn_drop_rate": ((0.0, 0), NUMBER, "dropout"),
+    "model.drop_rate": ((0.0, 0), NUMBER, "dropout"),
+    "model.residual_in_fp32": ((False,), bool, "an fp32 residual stream"),
+    "model.use_swiglu": ((True,), bool, "MLPs other than SwiGLU"),
+    "model.use_dynamic_ntk_rope": ((False,), bool, "dynamic NTK rotary scaling"),
+    "model.rope_type": (("normal",), str, "rotary scaling types"),
+    "model.rope_scaling_factor": ((1.0, 1), NUMBER, "rotary scaling"),
+    "model.use_sliding_window": ((False,), bool, "sliding-window attention"),
+    "model.norm_head": ((False,), bool, "a normalised LM head"),
+    "model.is_reward": ((False,), bool, "reward-model heads"),
+    "model.scale_attn_weights": ((False,), bool, "Qwen1's attention scaling"),
+    "model.use_logn_attn": ((False,), bool, "Qwen1's log-n attention"),
+    "model.num_experts": ((1, 0), int, "mixture of experts"),
+    "model.num_mtp_layers": ((0,), int, "multi-token prediction"),
+    "model.extra_pred_tokens": ((0,), int, "multi-token prediction"),
+}
+
+# InternEvo's older name -> the field pytrain has (the value moves there)
+RENAMED = {
+    "enable_tb": "monitor.tensorboard.enable",
+    "hybrid_zero_optimizer.zero_overlap_communication": "hybrid_zero_optimizer.overlap_sync_grad",
+}
