@@ -188,6 +188,24 @@ def test_shards_that_leave_a_hole_are_refused_on_every_rank(dp2_tp2):
     assert not (root / "sync" / "2").exists() and not (root / "sync" / ".tmp-2").exists()
 
 
+def test_write_plan_refuses_overlapping_layouts_and_dtype_disagreement():
+    from pytrain.checkpoint.layout import Entry, plan_writes
+
+    whole, half0, half1 = ShardSpec.whole((4, 6)), ShardSpec.split((4, 6), 1, 0, 2), ShardSpec.split((4, 6), 1, 1, 2)
+    plan = plan_writes(
+        [
+            [Entry("model/w", "float32", half0)],
+            [Entry("model/w", "float32", half1)],
+            [Entry("model/w", "float32", half0)],
+        ]
+    )
+    assert [(rank, e.spec) for rank, e in plan["model/w"]] == [(0, half0), (1, half1)]  # rank 2's replica: not written
+    with pytest.raises(CheckpointError, match=r"model/w: shards of different layouts overlap \(rank 0: \{'dim': None"):
+        plan_writes([[Entry("model/w", "float32", whole)], [Entry("model/w", "float32", half1)]])
+    with pytest.raises(CheckpointError, match=r"model/w: rank 0 has float32\[4, 6\], rank 1 has bfloat16\[4, 6\]"):
+        plan_writes([[Entry("model/w", "float32", half0)], [Entry("model/w", "bfloat16", half1)]])
+
+
 # -- one process ---------------------------------------------------------------------------------------------
 
 

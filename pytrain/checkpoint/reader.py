@@ -9,6 +9,8 @@ shards it asks for. Nothing is unpickled.
 import contextlib
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -83,11 +85,11 @@ class CheckpointReader:
         return {key: (tuple(t["shape"]), t["dtype"]) for key, t in self.manifest["tensors"].items()}
 
     def verify(self, names=None) -> None:
-        """Checks files (default: all) against the manifest's sizes and sha256; raises naming the file."""
+        """Checks files (default: all) against the manifest's sizes and sha256; raises naming the file.
+        Files are hashed in parallel threads (hashlib releases the GIL)."""
         files = self.manifest["files"]
-        for name in files if names is None else names:
-            if name in self._verified:
-                continue
+        todo = [name for name in (files if names is None else names) if name not in self._verified]
+        for name in todo:
             path, expected = self.path / name, files[name]
             if not path.is_file():
                 raise CheckpointError(f"checkpoint file {path} is missing")
@@ -96,9 +98,14 @@ class CheckpointReader:
                 raise CheckpointError(
                     f"checkpoint file {path} is truncated or damaged: {size} bytes, expected {expected['bytes']}"
                 )
-            if file_sha256(path) != expected["sha256"]:
-                raise CheckpointError(f"checkpoint file {path} is corrupt: its sha256 differs from the manifest's")
-            self._verified.add(name)
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, max(1, len(todo)))) as pool:
+            digests = pool.map(file_sha256, [self.path / name for name in todo])
+            for name, digest in zip(todo, digests):
+                if digest != files[name]["sha256"]:
+                    raise CheckpointError(
+                        f"checkpoint file {self.path / name} is corrupt: its sha256 differs from the manifest's"
+                    )
+                self._verified.add(name)
 
     def _json(self, name: str) -> dict:
         self.verify([name])

@@ -205,8 +205,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], counter: Fil
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
+    digest, buffer = hashlib.sha256(), memoryview(bytearray(HASH_CHUNK))
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            digest.update(buffer[:size])
     return digest.hexdigest()
