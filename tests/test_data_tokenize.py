@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytrain.data import build_train_loader
@@ -28,9 +28,13 @@ def read_back(folder):
     }
 
 
-@given(st.lists(st.integers(-(2**40), 2**40), max_size=50))
+@settings(deadline=None)
+@given(st.one_of(st.lists(st.integers(-(2**40), 2**40), max_size=50), st.lists(st.integers(0, 2**18 + 5), max_size=50)))
 def test_json_line_is_exactly_jsons(ids):
-    assert json_line(np.array(ids, dtype=np.int64)) == (json.dumps({"tokens": ids}) + "\n").encode()
+    want = (json.dumps({"tokens": ids}) + "\n").encode()
+    assert json_line(np.array(ids, dtype=np.int64)) == want
+    if all(0 <= i < 256 for i in ids):
+        assert json_line(np.array(ids, dtype=np.uint8)) == want  # the byte tokenizer's path
 
 
 def test_byte_round_trip_for_every_input_format(tmp_path):

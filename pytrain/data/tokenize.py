@@ -128,7 +128,7 @@ def json_lines(samples: list) -> list[bytes]:
     counts = np.array([len(s) for s in samples], dtype=np.int64)
     ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in samples]) if counts.sum() else np.zeros(0, np.int64)
     if len(ids) and ids.min() >= 0 and ids.max() < TABLE_LIMIT:
-        table_chars, table_lengths = _number_table(int(ids.max()).bit_length())
+        table_chars, table_lengths = _number_table()
         chars, lengths = table_chars[ids], table_lengths[ids]
     else:
         chars, lengths = format_numbers(ids)
@@ -145,7 +145,7 @@ def json_lines(samples: list) -> list[bytes]:
     return lines
 
 
-TABLE_LIMIT = 1 << 22  # ids below this are formatted through the table
+TABLE_LIMIT = 1 << 18  # ids below this (every common vocabulary) are formatted through one cached table
 _BYTE_STRINGS = [f"{i}, ".encode() for i in range(256)]
 
 
@@ -174,8 +174,8 @@ def format_numbers(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def _number_table(bits: int) -> tuple[np.ndarray, np.ndarray]:
-    return format_numbers(np.arange(1 << bits, dtype=np.int64))
+def _number_table() -> tuple[np.ndarray, np.ndarray]:
+    return format_numbers(np.arange(TABLE_LIMIT, dtype=np.int64))
 
 
 # -- reading input ------------------------------------------------------------------------------------------
