@@ -120,7 +120,7 @@ def json_line(ids) -> bytes:
 def json_lines(samples: list) -> list[bytes]:
     """InternLM's line for every sample, `json.dumps({"tokens": ids}) + "\\n"` byte for byte.
     All numbers of all samples are formatted in one vectorized pass (through a cached table of the
-    formatted ids 0..2^k): a Python str(int) per token would cap the tokenizer at a few MB/s."""
+    formatted ids below TABLE_LIMIT): a Python str(int) per token would cap the tokenizer at a few MB/s."""
     if samples and all(isinstance(s, np.ndarray) and s.dtype == np.uint8 for s in samples):
         # Byte ids: joining cached "id, " strings is 3x faster than the array path on this short alphabet.
         prefix, table = b'{"tokens": [', _BYTE_STRINGS
