@@ -24,7 +24,8 @@ import pytest
 import torch
 
 CUDA_AVAILABLE = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA GPU"))]
+NEEDS_CUDA = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA GPU")  # the one definition for bench/
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 CUDA_INNER = 10  # ops per timed call on CUDA: amortizes the synchronize
 
 WIDTHS = (18, 10, 9, 9, 9, 10, 11)  # columns of the summary table

@@ -31,7 +31,8 @@ import torch
 
 from pytrain.kernels import cross_entropy, linear_cross_entropy, reference
 
-NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from .conftest import DEVICES, NEEDS_CUDA
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SMOKE_TOKENS = 64
 
@@ -193,7 +194,7 @@ def test_linear_cross_entropy_forward_backward(benchmark, bandwidth, device, tok
     record_memory(benchmark, group, impl, step, device, logits_bytes)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
+@pytest.mark.parametrize("device", DEVICES)
 def test_results_agree(device):
     """Sanity: the rows above compute the same thing (loose: this is not the test suite)."""
     logits, labels = make_ce(device, 64, 1000, torch.bfloat16)

@@ -16,9 +16,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pytrain.kernels import flash_attn_func, flash_attn_varlen_func, reference
 
-from .conftest import CUDA_AVAILABLE
+from .conftest import NEEDS_CUDA
 
-NEEDS_CUDA = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA GPU")
 CPU_CASES = [
     pytest.param("cpu", torch.float32, seq, d, id=f"cpu-fp32-seq{seq}-d{d}") for seq in (1024, 2048) for d in (64, 128)
 ]

@@ -24,7 +24,8 @@ import torch
 
 from pytrain.kernels import reference, rms_norm
 
-NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from .conftest import NEEDS_CUDA
+
 EPS = 1e-5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

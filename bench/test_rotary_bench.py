@@ -24,7 +24,8 @@ import torch
 
 from pytrain.kernels import apply_rotary, reference
 
-NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from .conftest import NEEDS_CUDA
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Q_HEADS, K_HEADS, HEAD_DIM = 32, 8, 128
 

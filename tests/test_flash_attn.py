@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from pytrain.triton.flash_attn import _lse_offsets, _tile_offsets
 
-from pytrain.kernels import flash_attn_func, flash_attn_varlen_func, reference
+from pytrain.kernels import PackedSequences, flash_attn_func, flash_attn_varlen_func, reference
 
 FLOOR = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -275,10 +275,9 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 def test_kernels_reference_attention_matches_the_oracle(causal):
     """pytrain.kernels.reference.attention (the model's use_flash_attn=False path) is the same math."""
     q, k, v, _, bounds = packed_inputs([3, 8], 4, 2, 16, torch.float64, "cpu", seed=12)
-    torch.testing.assert_close(
-        reference.attention(q, k, v, causal, 0.2, cu_seqlens=torch.tensor(bounds)),
-        reference_attention(q, k, v, bounds, causal, 0.2),
-    )
+    want = reference_attention(q, k, v, bounds, causal, 0.2)
+    torch.testing.assert_close(reference.attention(q, k, v, causal, 0.2, cu_seqlens=torch.tensor(bounds)), want)
+    torch.testing.assert_close(reference.attention(q, k, v, causal, 0.2, cu_seqlens=PackedSequences(bounds)), want)
 
 
 class GridRecorder:
@@ -385,3 +384,36 @@ def test_autotuning_candidates_per_dtype_and_head_dim():
         assert {s for _, _, _, s in fa.tiles("fwd", torch.float16, 64)} == {2, 3}
         assert fa.tiles("dq", torch.bfloat16, 256) == fa._TILES["16bit"]["dq"][256]
     assert fa.tiles("fwd", torch.bfloat16, 128) == [fa._TILE_INTERPRETER]
+
+
+@pytest.mark.parametrize("path", ["triton", "cpu"])
+def test_packed_sequences_attention_without_host_reads(path, request, forbid_host_reads):
+    """flash_attn_varlen_func(q, k, v, PackedSequences) equals the cu_seqlens tensor form, forward and backward,
+    and reads nothing back to the host: the boundaries were checked once, when the PackedSequences was built."""
+    device = request.getfixturevalue("triton_device") if path == "triton" else "cpu"
+    q, k, v, dout, bounds = packed_inputs([6, 1, 13], 4, 2, 32, torch.float32, device, seed=15)
+    packed = PackedSequences(bounds, device=device)
+    want = grads(lambda a, b, c: flash_attn_varlen_func(a, b, c, torch.tensor(bounds, device=device)), q, k, v, dout)
+    with forbid_host_reads():
+        got = grads(lambda a, b, c: flash_attn_varlen_func(a, b, c, packed, causal=False), q, k, v, dout)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="q holds 19 tokens, the PackedSequences 20"):
+        flash_attn_varlen_func(q[:19], k[:19], v[:19], packed)
+    with pytest.raises(ValueError, match=r"max_seqlen \(12\) must be an int >= the longest sequence \(13\)"):
+        flash_attn_varlen_func(q, k, v, packed, 12)
+
+
+def test_packed_sequences_checks_and_positions():
+    packed = PackedSequences(torch.tensor([0, 3, 3, 7]))
+    assert (packed.bounds, packed.max_seqlen, packed.total_tokens) == ((0, 3, 3, 7), 4, 7)
+    assert packed.cu_seqlens.dtype == torch.int32 and packed.positions.tolist() == [0, 1, 2, 0, 1, 2, 3]
+    for bad, error, match in [
+        ([1, 4], ValueError, "must start at 0"),
+        ([0], ValueError, "at least 2 entries"),
+        ([0, 4, 2], ValueError, "non-decreasing"),
+        ([0, 2.0], TypeError, "a list of ints or an int tensor"),
+        (torch.tensor([0.0, 2.0]), TypeError, "1-D int32 or int64 tensor"),
+    ]:
+        with pytest.raises(error, match=match):
+            PackedSequences(bad)

@@ -9,6 +9,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from .packed import PackedSequences
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -131,10 +133,11 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, cu_seql
     """softmax(q k^T * scale) v, computed in fp32 (float64 stays float64), per packed sequence.
 
     q (..., seq, heads, head_dim) with k/v (..., seq, kv_heads, head_dim), or packed (tokens, heads,
-    head_dim) with cu_seqlens: tokens of one sequence see only each other. k/v heads are repeated for GQA.
+    head_dim) with cu_seqlens (a tensor, read back to the host, or a PackedSequences): tokens of one sequence see
+    only each other. k/v heads are repeated for GQA.
     """
     if cu_seqlens is not None:
-        bounds = cu_seqlens.tolist()
+        bounds = cu_seqlens.bounds if isinstance(cu_seqlens, PackedSequences) else cu_seqlens.tolist()
         return torch.cat(
             [
                 attention(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale)[0]
