@@ -13,6 +13,8 @@ The trainer's calls:
               snapshot=False)
     ckpt.close()                                         # end of run: waits for the last save
     reader = find_latest(save_ckpt_folder) or CheckpointReader(load_ckpt_folder)
+        # find_latest hashes every file of the candidates: on many ranks, call it on rank 0, broadcast
+        # reader.path, and open CheckpointReader(path) elsewhere (it hashes only the files a rank reads)
     reader.check({key: spec}, strict_prefixes=("model/",)); reader.load_into({key: (tensor, spec)})
     restore_rng(reader.rank_state(rank)["rng"]); reader.global_state()
     StopFile(stop_file_path, start_step).should_stop(step); StopSignal().install().requested
