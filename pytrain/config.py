@@ -14,7 +14,7 @@ Every name InternLM's and InternEvo's configs use is known, with one of these ki
                 run prints once in its start line (tables in pytrain/config_vocabulary.py);
   not available a feature pytrain lacks: accepted at the value that changes nothing, else a ConfigError;
   pending       implemented by the data-loader or checkpoint work: refused where a value would need it
-                (only(...) checks), listed as ignored here otherwise;
+                (only(...) checks), listed as ignored here when set to another value than the default;
   renamed       InternEvo's older name of a field pytrain has; the value moves there.
 
 The model section is the union of every family's fields; which act is up to the builder registered for
@@ -517,7 +517,7 @@ def _validate_section(raw, schema: dict, source: str, prefix: str, ignored: list
                 out[key] = section
         elif key in raw:
             out[key] = _validate_field(raw[key], spec, name, source)
-            if spec.kind in (IGNORED, PENDING):
+            if spec.kind == IGNORED or (spec.kind == PENDING and raw[key] != spec.default):
                 ignored.append(name)
         elif spec.kind in (ACTS, PENDING):
             out[key] = spec.default
