@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The prepared check for a lent GPU machine (H100/H200, no internet), at most 8 minutes in all: build pytrain with
 # its CUDA kernels, run the GPU tests (CUDA extension and Triton: -m "cuda or triton"), one GPU's 1B training run,
-# and the CUDA benchmark rows, then print a one-screen summary. Every step has its own timeout (the T_* budget
-# below sums to 480 s with the grace periods); a failing step never stops the later ones, and the script exits
-# non-zero at the end if any failed. Without a GPU it stops at once with "no GPU".
+# and pytrain's CUDA benchmark rows (with SDPA flash for attention), then print a one-screen summary. Every step
+# has its own timeout (the T_* budget below sums to 480 s with the grace periods); a failing step never stops the
+# later ones, and the script exits non-zero at the end if any failed. Without a GPU it stops at once with "no GPU".
 #
 # $OUT (./gpu-out when unset) receives few, flat files: env.txt, build.txt (the build's last lines), tests.txt,
 # train-1b.txt (the step lines only), bench.txt, bench.json, summary.txt. The 1B run's folder, the full build and
@@ -76,11 +76,12 @@ step train-1b "$train_status"
 grep -E '^step [0-9]+/' "$RUN_DIR/train-1b.log" >"$OUT/train-1b.txt"
 [ "$train_status" -eq 0 ] || { echo "--- exit $train_status; the log's last lines:"; tail -n 15 "$RUN_DIR/train-1b.log"; } >>"$OUT/train-1b.txt"
 
-# The CUDA rows only (the CPU rows and the gloo layout benchmarks measure the host). SIGINT at the limit:
-# pytest-benchmark still writes the JSON of the rows it finished.
-timeout -s INT -k "$GRACE" "$T_BENCH" python3 -m pytest bench -k cuda -q -p no:cacheprovider \
-  --ignore=bench/test_parallel_bench.py --benchmark-json="$OUT/bench.json" --benchmark-max-time=0.3 \
-  >"$OUT/bench.txt" 2>&1
+# The CUDA rows of pytrain's kernels and of SDPA's flash backend (the summary's numbers; the CPU rows, the eager
+# and torch.compile references and the gloo layout benchmarks are left out: they would not fit), cheapest files
+# first. SIGINT at the limit: pytest-benchmark still writes the JSON of the rows it finished.
+timeout -s INT -k "$GRACE" "$T_BENCH" python3 -m pytest bench/test_rms_norm_bench.py bench/test_rotary_bench.py \
+  bench/test_flash_attn_bench.py bench/test_cross_entropy_bench.py -k "cuda and (pytrain or sdpa_flash)" -q \
+  -p no:cacheprovider --benchmark-json="$OUT/bench.json" --benchmark-max-time=0.2 >"$OUT/bench.txt" 2>&1
 step bench $?
 
 timeout "$T_SUMMARY" python3 bench/gpu/summary.py --junit "$RUN_DIR/tests.xml" --bench "$OUT/bench.json" \
