@@ -4,15 +4,15 @@ from conftest import CONFIGS
 
 from pytrain.config import Config
 from pytrain.kernels import RMSNorm, reference
-from pytrain.model import InternLM, mlp_width
-from pytrain.model.internlm import LayerNorm
+from pytrain.model import LayerNorm, mlp_width
+from pytrain.model.families import build_internlm
 
 BASE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, dtype="torch.float32")
 
 
 def build(seed=0, **overrides):
     torch.manual_seed(seed)
-    return InternLM(**{**BASE, **overrides})
+    return build_internlm(**{**BASE, **overrides})
 
 
 def tokens(batch=2, seq=12, vocab=128, seed=1):
@@ -55,8 +55,8 @@ def test_dtypes_forward_backward(dtype, expected):
 @pytest.mark.parametrize("post_norm", [False, True])
 def test_norm_types_and_post_layer_norm(norm_type, cls, post_norm):
     model = build(norm_type=norm_type, apply_post_layer_norm=post_norm, layer_norm_epsilon=1e-6)
-    assert isinstance(model.norm, cls) and isinstance(model.blocks[0].norm1, cls)
-    assert model.blocks[0].norm1.eps == 1e-6
+    assert isinstance(model.norm, cls) and isinstance(model.blocks["0"].norm1, cls)
+    assert model.blocks["0"].norm1.eps == 1e-6
     _, loss = forward_backward(model, tokens())
     assert torch.isfinite(loss)
 
@@ -107,7 +107,7 @@ def test_flash_attention_path_equals_reference_path(kv_heads):
 
 
 def test_gqa_shrinks_the_kv_projection():
-    assert build(num_kv_attention_heads=1).blocks[0].mixer.Wqkv.out_features == (4 + 2) * 16
+    assert build(num_kv_attention_heads=1).blocks["0"].mixer.Wqkv.out_features == (4 + 2) * 16
 
 
 def test_causality():
@@ -121,10 +121,12 @@ def test_causality():
 def test_7b_builds_on_meta_device_with_its_parameter_count():
     cfg = Config.from_file(CONFIGS / "7B.py")
     with torch.device("meta"):
-        model = InternLM(**cfg.model)
+        model = build_internlm(**cfg.model)
     count = sum(p.numel() for p in model.parameters())
-    # 2 * 103168 * 4096 (embedding, head) + 32 * (4 * 4096^2 + 3 * 4096 * 11008 + 2 * 4096) + 4096
-    assert count == 2 * 103168 * 4096 + 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 4096 == 7_321_423_872
+    # 2 * 103168 * 4096 (embedding, head) + 32 * (4 * 4096^2 + 4 * 4096 (Wqkv, out_proj biases)
+    # + 3 * 4096 * 11008 + 2 * 4096) + 4096
+    layer = 4 * 4096**2 + 4 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    assert count == 2 * 103168 * 4096 + 32 * layer + 4096 == 7_321_948_160
     assert all(p.device.type == "meta" and p.dtype == torch.bfloat16 for p in model.parameters())
 
 
@@ -140,7 +142,7 @@ def test_fused_residual_stream_equals_the_textbook_pre_norm_decoder(norm_type):
         return torch.nn.functional.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
     x = model.embedding(ids)
-    for block in model.blocks:
+    for block in model.blocks.values():
         x = x + block.mixer(norm(block.norm1, x))
         x = x + block.mlp(norm(block.norm2, x))
     torch.testing.assert_close(model(ids), model.head(norm(model.norm, x)), rtol=1e-5, atol=1e-5)

@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 
 from pytrain.config import Config, ConfigError, check_world_size
 from pytrain.initialize.launch import launch
-from pytrain.model import partition_layers
 from pytrain.parallel import Layout, gpc
+from pytrain.parallel.model_part import partition_layers
 
 STEPS = 5
 MICRO_NUM = 8  # micro-batches per step over all data-parallel ranks
@@ -64,12 +64,25 @@ LAYOUTS = {
 }
 
 
+# Every layout runs for every family: their attention projections (fused, grouped, separate), biases
+# (column- and row-parallel, summed over the tensor group under sequence parallelism) and rotary
+# conventions (LLAMA2's default is the interleaved one) are split and cut differently.
+FAMILIES = ["INTERNLM", "INTERNLM2", "LLAMA2", "QWEN2"]
+
+
 def config(
-    parallel: dict, model: dict, optimizer: dict, world: int | None, run_folder, dtype="torch.float32"
+    parallel: dict,
+    model: dict,
+    optimizer: dict,
+    world: int | None,
+    run_folder,
+    dtype="torch.float32",
+    family="INTERNLM",
 ) -> Config:
     """The test's run config; MICRO_NUM micro-batches per step shared by the data-parallel ranks of `world`."""
     cfg = Config.from_dict(
         dict(
+            model_type=family,
             model=dict(MODEL, **model, dtype=dtype),
             parallel=parallel,
             data=dict(seq_len=SEQ_LEN, micro_bsz=MICRO_BSZ, micro_num=MICRO_NUM, total_steps=STEPS),
@@ -92,10 +105,6 @@ def batches(data_parallel_rank: int, data_parallel: int):
     per_rank = MICRO_NUM // data_parallel
     mine = tokens[:, data_parallel_rank * per_rank : (data_parallel_rank + 1) * per_rank]
     return [{"input_ids": step[..., :-1], "labels": step[..., 1:]} for step in mine]
-
-
-def stages(model):
-    return list(model) if isinstance(model, torch.nn.ModuleList) else [model]
 
 
 def train(cfg: Config, rank: int, world: int, inject_nan_at=None):
@@ -122,49 +131,49 @@ def train(cfg: Config, rank: int, world: int, inject_nan_at=None):
     _, loss = trainer.execute_schedule(batches(gpc.data_parallel_rank, gpc.data_parallel_size)[0], forward_only=True)
     dist.all_reduce(loss, group=gpc.data_parallel_group)
     history.append((loss.item() / gpc.data_parallel_size, 0.0, True, optimizer.loss_scale))
-    params = {
-        stage.global_name(name): p.detach().clone() for stage in stages(model) for name, p in stage.named_parameters()
-    }
+    params = {name: p.detach().clone() for name, p in model.full_state_names().items()}
     return history, params, optimizer.optimizer_state_bytes(), model
 
 
-def reference(model: dict, run_folder):
+def reference(family: str, model: dict, run_folder):
     """The single-process run of a model variant: its history and full parameters."""
     try:
-        history, params, _state_bytes, _ = train(config({}, model, {}, 1, run_folder), 0, 1)
+        history, params, _state_bytes, _ = train(config({}, model, {}, 1, run_folder, family=family), 0, 1)
     finally:
         dist.destroy_process_group()
     return history, params
 
 
-def worker(rank, world, init_method, names, references, run_folder, results):
+def worker(rank, world, init_method, family, names, references, run_folder, results):
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         for name in names:
             _, parallel, model_overrides, optimizer = LAYOUTS[name]
             history, _, state_bytes, model = train(
-                config(parallel, model_overrides, optimizer, world, run_folder), rank, world
+                config(parallel, model_overrides, optimizer, world, run_folder, family=family), rank, world
             )
-            shards = []  # (full name, this rank's parameter, the same shard of the reference's)
-            for stage in stages(model):
-                want = stage.local_state(references[name][1])
-                shards += [(stage.global_name(n), p.detach().clone(), want[n]) for n, p in stage.named_parameters()]
+            want = model.local_state(references[name][1])
+            # (full name, this rank's parameter, the same shard of the reference's)
+            shards = [(n, p.detach().clone(), want[n]) for n, p in model.full_state_names().items()]
             results[(name, rank)] = (history, shards, state_bytes)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def run_layouts(world, names, references, tmp_path, init_method):
+def run_layouts(world, family, names, references, tmp_path, init_method):
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(worker, args=(world, init_method, names, references, tmp_path, results), nprocs=world, join=True)
+        args = (world, init_method, family, names, references, tmp_path, results)
+        mp.spawn(worker, args=args, nprocs=world, join=True)
         return dict(results)
 
 
-@pytest.fixture(scope="module")
-def references(tmp_path_factory):
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_references(request, tmp_path_factory):
+    """(family, {layout name: the single-process run of its model variant})."""
+    family = request.param
     folder = tmp_path_factory.mktemp("reference")
     by_variant = {}
     out = {}
@@ -177,9 +186,9 @@ def references(tmp_path_factory):
             )
         )
         if key not in by_variant:
-            by_variant[key] = reference(dict(key), folder)
+            by_variant[key] = reference(family, dict(key), folder)
         out[name] = by_variant[key]
-    return out
+    return family, out
 
 
 # fp32: the layouts differ from one process only in the order of floating-point sums (matmuls split over
@@ -189,9 +198,10 @@ TOLERANCE = dict(rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_layout_matches_one_process(world, references, tmp_path, init_method, fresh_context):
+def test_layout_matches_one_process(world, family_references, tmp_path, init_method, fresh_context):
+    family, references = family_references
     names = [name for name, (size, *_) in LAYOUTS.items() if size == world]
-    results = run_layouts(world, names, references, tmp_path, init_method)
+    results = run_layouts(world, family, names, references, tmp_path, init_method)
     for name in names:
         want_history, _ = references[name]
         for rank in range(world):
@@ -201,16 +211,18 @@ def test_layout_matches_one_process(world, references, tmp_path, init_method, fr
                 [h[0] for h in history],
                 [h[0] for h in want_history],
                 **TOLERANCE,
-                msg=lambda m: f"{name} rank {rank} losses: {m}",
+                msg=lambda m: f"{family} {name} rank {rank} losses: {m}",
             )
             torch.testing.assert_close(
                 [h[1] for h in history],
                 [h[1] for h in want_history],
                 **TOLERANCE,
-                msg=lambda m: f"{name} rank {rank} grad norms: {m}",
+                msg=lambda m: f"{family} {name} rank {rank} grad norms: {m}",
             )
             for full_name, got, want in shards:
-                torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m: f"{name} rank {rank} {full_name}: {m}")
+                torch.testing.assert_close(
+                    got, want, **TOLERANCE, msg=lambda m: f"{family} {name} rank {rank} {full_name}: {m}"
+                )
     if world == 2:  # ZeRO-1 over both ranks holds about half the optimizer state of plain data parallel
         replicated, sharded = results[("dp2", 0)][2], results[("dp2-zero1-overlap", 0)][2]
         assert sharded < 0.7 * replicated, (sharded, replicated)
@@ -279,5 +291,5 @@ def test_a_model_not_built_in_stages_is_refused_by_the_pipeline(tmp_path, fresh_
     from pytrain.initialize import initialize_trainer
 
     cfg = config(dict(pipeline=2), {}, {}, None, tmp_path)
-    with pytest.raises(TypeError, match=r"needs the model builder to return this rank's pipeline stage"):
+    with pytest.raises(TypeError, match=r"needs this rank's pipeline stages as initialize_model\(\) returns them"):
         initialize_trainer(torch.nn.Linear(2, 2), optimizer=None, config=cfg)

@@ -123,7 +123,7 @@ def test_internlm_training_construction_api(fresh_context, tmp_path, monkeypatch
     """The names of InternLM's training-construction page, used as that page shows, with a NEW_MODEL."""
     import pytrain
     from pytrain.initialize import get_default_parser, initialize_distributed_env, initialize_trainer
-    from pytrain.model import InternLM
+    from pytrain.model.families import build_internlm
     from pytrain.registry import MODEL_INITIALIZER
     from pytrain.train import get_train_data_loader, initialize_model, initialize_optimizer
 
@@ -134,7 +134,7 @@ def test_internlm_training_construction_api(fresh_context, tmp_path, monkeypatch
     @MODEL_INITIALIZER.register_module(module_name=MODEL_TYPE)
     def build_new_model_with_cfg(*args, **kwargs):
         built.update(kwargs)
-        return InternLM(**kwargs)
+        return build_internlm(**kwargs)
 
     parser = pytrain.initialize.get_default_parser()
     assert parser is not None and get_default_parser is pytrain.initialize.get_default_parser
@@ -217,7 +217,7 @@ def test_7b_dry_run_reports_parameters_without_memory(capsys):
 
     assert main(["--config", str(CONFIGS / "7B.py"), "--dry_run"]) == 0
     out = capsys.readouterr().out
-    assert "7,321,423,872 parameters (7.32B)" in out and "44.61 GFLOPs per token" in out
+    assert "7,321,948,160 parameters (7.32B)" in out and "44.61 GFLOPs per token" in out
     assert (
         main(["--config", str(CONFIGS / "7B.py"), "--dry_run", "--world_size", "8", "--set", "parallel.zero1.size=3"])
         == 2

@@ -1,10 +1,9 @@
 """initialize_trainer: wraps model, optimizer, schedule and schedulers into a Trainer, as InternLM's."""
 
-from torch import nn
-
 from pytrain.config import Config
 from pytrain.model import DTYPES, LMLoss
 from pytrain.parallel import gpc
+from pytrain.parallel.model_part import ModelPart
 from pytrain.parallel.pipeline import InterleavedPipelineScheduler, PipelineScheduler
 from pytrain.parallel.schedule import NonPipelineScheduler
 from pytrain.train.trainer import Trainer
@@ -35,10 +34,11 @@ def initialize_trainer(
         )
     micro_num = cfg.data.micro_num
     if cfg.parallel.pipeline.size == 1:
-        schedule = NonPipelineScheduler(micro_num=micro_num)
+        schedule = NonPipelineScheduler(micro_num=micro_num, data_parallel_group=gpc.data_parallel_group)
     else:
         _check_pipeline_stages(model, cfg.model.num_chunks)
         pipeline = dict(
+            ctx=gpc,
             micro_num=micro_num,
             hidden_size=cfg.model.hidden_size,
             dtype=DTYPES[cfg.model.dtype],
@@ -63,13 +63,12 @@ def initialize_trainer(
 
 
 def _check_pipeline_stages(model, num_chunks: int) -> None:
-    """A pipelined model is this rank's stage (a ModuleList of num_chunks stages when interleaved), each
-    knowing whether it is the first or last (see pytrain.model.internlm.build_model_with_cfg)."""
-    stages = list(model) if num_chunks > 1 and isinstance(model, nn.ModuleList) else [model]
+    """A pipelined model is this rank's ModelPart (initialize_model): num_chunks stages, each knowing
+    whether it is the first or last."""
+    stages = list(model.stages) if isinstance(model, ModelPart) else []
     if len(stages) != num_chunks or not all(hasattr(s, "first") and hasattr(s, "last") for s in stages):
         raise TypeError(
-            f"parallel.pipeline.size > 1 needs the model builder to return this rank's pipeline stage "
-            f"({'an nn.ModuleList of ' + str(num_chunks) + ' stages' if num_chunks > 1 else 'one stage'}), "
-            f"each with .first / .last and forward(input_ids=None, hidden_states=None) as "
-            f"pytrain.model.InternLM; got {type(model).__name__}"
+            f"parallel.pipeline.size > 1 needs this rank's pipeline stages as initialize_model() returns them (a "
+            f"ModelPart of {num_chunks} stage(s), each with .first / .last and forward(input_ids=None, "
+            f"hidden_states=None) as pytrain.model.Decoder); got {type(model).__name__}"
         )

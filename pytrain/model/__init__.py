@@ -1,8 +1,9 @@
-"""Model definitions; importing this package registers them in MODEL_INITIALIZER."""
+"""Model definitions; importing this package registers the families in MODEL_INITIALIZER."""
 
 from pytrain.config import mlp_width
 
-from .internlm import DTYPES, InternLM, build_model_with_cfg, partition_layers
+from . import families
+from .decoder import DTYPES, Decoder, LayerNorm
 from .loss import LMLoss
 
-__all__ = ["DTYPES", "InternLM", "LMLoss", "build_model_with_cfg", "mlp_width", "partition_layers"]
+__all__ = ["DTYPES", "Decoder", "LMLoss", "LayerNorm", "families", "mlp_width"]

@@ -29,15 +29,22 @@ GPU_PEAK_TFLOPS = {
 
 
 def matmul_params(model: nn.Module) -> tuple[int, int]:
-    """(P_blocks, P_head) of the linear weights this rank holds: those inside the decoder layers
-    (`blocks`, in every pipeline chunk) and the rest."""
+    """(P_blocks, P_head) of the matmul weights this rank holds and runs: those inside the decoder layers
+    (in every pipeline chunk) and the LM head's (a tied head too: it is a matmul as well). A model that is
+    not a pytrain decoder counts its nn.Linear weights, those under `layers`/`blocks` as P_blocks."""
     block_params = head_params = 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            if "blocks" in name.split("."):
-                block_params += module.weight.numel()
-            else:
-                head_params += module.weight.numel()
+    for stage in getattr(model, "stages", [model]):
+        if hasattr(stage, "tensor_parallel_plan"):  # pytrain.model.decoder.Decoder, whole or a stage
+            block_params += sum(p.numel() for p in stage.decoder_layers.parameters() if p.dim() == 2)
+            head_params += stage.lm_head.weight.numel() if stage.last else 0
+            continue
+        for name, module in stage.named_modules():
+            if isinstance(module, nn.Linear):
+                parts = name.split(".")
+                if "blocks" in parts or "layers" in parts:
+                    block_params += module.weight.numel()
+                else:
+                    head_params += module.weight.numel()
     return block_params, head_params
 
 

@@ -20,7 +20,7 @@ on a two-stage ring, where a rank's previous and next stage are the same rank, m
 import torch
 import torch.distributed as dist
 
-from .context import gpc
+from .schedule import micro_batch_inputs, micro_batch_weights
 
 FORWARD_TAG, BACKWARD_TAG = 1, 2
 
@@ -28,10 +28,10 @@ FORWARD_TAG, BACKWARD_TAG = 1, 2
 class P2P:
     """Exchanges with the neighbouring stages (ring order: stage 0's previous stage is the last)."""
 
-    def __init__(self, shape: tuple, dtype: torch.dtype, device: torch.device, defer_sends: bool = False):
+    def __init__(self, ctx, shape: tuple, dtype: torch.dtype, device: torch.device, defer_sends: bool = False):
         self.shape, self.dtype, self.device, self.defer_sends = shape, dtype, device, defer_sends
-        stage = gpc.pipeline_parallel_rank
-        self.next_rank, self.prev_rank = gpc.stage_rank(stage + 1), gpc.stage_rank(stage - 1)
+        stage = ctx.pipeline_parallel_rank
+        self.next_rank, self.prev_rank = ctx.stage_rank(stage + 1), ctx.stage_rank(stage - 1)
         self.pending = []  # (work, tensor) of sends not yet waited for
 
     def _check(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -80,8 +80,9 @@ class P2P:
 class _PipelineStep:
     """One optimizer step's forward and backward passes of one rank's stage(s), shared by both schedules."""
 
-    def __init__(self, models, batch, criterion, optimizer, forward_only, return_output_label):
+    def __init__(self, models, batch, criterion, optimizer, forward_only, return_output_label, data_parallel_group):
         self.models, self.batch, self.criterion, self.optimizer = models, batch, criterion, optimizer
+        self.weights = micro_batch_weights(batch["labels"], data_parallel_group)
         self.forward_only, self.return_output_label = forward_only, return_output_label
         self.micro_num = batch["input_ids"].shape[0]
         self.backwards_done = [0] * len(models)  # per chunk
@@ -89,17 +90,18 @@ class _PipelineStep:
         self.outputs, self.labels = [], []
 
     def forward(self, chunk: int, micro: int, hidden):
-        """Runs stage `chunk` on micro-batch `micro`; the last stage returns the loss / micro_num."""
+        """Runs stage `chunk` on micro-batch `micro`; the last stage returns its weighted loss."""
         model = self.models[chunk]
         with torch.set_grad_enabled(not self.forward_only):
+            inputs = micro_batch_inputs(self.batch, micro)
             if model.first:
-                output = model(input_ids=self.batch["input_ids"][micro])
+                output = model(input_ids=self.batch["input_ids"][micro], **inputs)
             else:
-                output = model(hidden_states=hidden)
+                output = model(hidden_states=hidden, **inputs)
             if not model.last:
                 return output
             label = self.batch["labels"][micro]
-            loss = self.criterion(output, label) / self.micro_num
+            loss = self.criterion(output, label) * self.weights[micro]
         self.loss += loss.detach().float()
         if self.return_output_label:
             self.outputs.append(output.detach())
@@ -121,32 +123,31 @@ class _PipelineStep:
 
 
 class _PipelineScheduler:
-    def __init__(self, micro_num: int, hidden_size: int, dtype: torch.dtype, sequence_split: int = 1):
-        """sequence_split: the tensor size under sequence parallelism (stages send their slice of the
-        sequence), else 1."""
-        self.micro_num, self.hidden_size, self.dtype, self.sequence_split = (
-            micro_num,
-            hidden_size,
-            dtype,
-            sequence_split,
-        )
+    def __init__(self, ctx, micro_num: int, hidden_size: int, dtype: torch.dtype, sequence_split: int = 1):
+        """ctx: the run's ParallelContext (ranks and groups); sequence_split: the tensor size under sequence
+        parallelism (stages send their slice of the sequence), else 1."""
+        self.ctx, self.micro_num, self.hidden_size, self.dtype = ctx, micro_num, hidden_size, dtype
+        self.sequence_split = sequence_split
 
     def _p2p(self, batch, defer_sends=False) -> P2P:
         _, micro_bsz, seq_len = batch["input_ids"].shape
         shape = (micro_bsz, seq_len // self.sequence_split, self.hidden_size)
-        return P2P(shape, self.dtype, batch["input_ids"].device, defer_sends)
+        return P2P(self.ctx, shape, self.dtype, batch["input_ids"].device, defer_sends)
 
-    def _check_batch(self, batch):
+    def _check_batch(self, batch) -> int:
+        """The batch's micro-batch count (fewer than data.micro_num while rampup_batch_size ramps up)."""
         micro_num = batch["input_ids"].shape[0]
-        if micro_num != self.micro_num:
+        if micro_num > self.micro_num:
             raise ValueError(f"the batch holds {micro_num} micro-batches; data.micro_num is {self.micro_num}")
+        return micro_num
 
     def _finish(self, step: _PipelineStep, p2p: P2P, return_loss: bool):
         """Every stage reports the loss, which only the last stage computed (the main rank logs it)."""
         p2p.finish()
         loss = step.loss
-        if gpc.pipeline_parallel_size > 1:
-            dist.broadcast(loss, src=gpc.stage_rank(gpc.pipeline_parallel_size - 1), group=gpc.pipeline_parallel_group)
+        ctx = self.ctx
+        if ctx.pipeline_parallel_size > 1:
+            dist.broadcast(loss, src=ctx.stage_rank(ctx.pipeline_parallel_size - 1), group=ctx.pipeline_parallel_group)
         outputs = (step.outputs, step.labels) if step.return_output_label else None
         return outputs, loss if return_loss else None
 
@@ -164,13 +165,15 @@ class PipelineScheduler(_PipelineScheduler):
         return_loss: bool = True,
         return_output_label: bool = False,
     ):
-        self._check_batch(batch)
+        micro_num = self._check_batch(batch)
+        ctx = self.ctx
         p2p = self._p2p(batch)
-        first, last = gpc.is_first_stage, gpc.is_last_stage
-        step = _PipelineStep([model], batch, criterion, optimizer, forward_only, return_output_label)
-        micro_num = self.micro_num
+        first, last = ctx.is_first_stage, ctx.is_last_stage
+        step = _PipelineStep(
+            model.stages, batch, criterion, optimizer, forward_only, return_output_label, ctx.data_parallel_group
+        )
         warmup = (
-            micro_num if forward_only else min(gpc.pipeline_parallel_size - gpc.pipeline_parallel_rank - 1, micro_num)
+            micro_num if forward_only else min(ctx.pipeline_parallel_size - ctx.pipeline_parallel_rank - 1, micro_num)
         )
         in_flight = []  # (input activation, output) of micro-batches awaiting their backward
 
@@ -204,6 +207,7 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
 
     def __init__(
         self,
+        ctx,
         micro_num: int,
         hidden_size: int,
         dtype: torch.dtype,
@@ -211,7 +215,7 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
         sequence_split: int = 1,
         overlap: bool = True,
     ):
-        super().__init__(micro_num, hidden_size, dtype, sequence_split)
+        super().__init__(ctx, micro_num, hidden_size, dtype, sequence_split)
         self.num_chunks, self.overlap = num_chunks, overlap
 
     def forward_backward_step(
@@ -224,17 +228,19 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
         return_loss: bool = True,
         return_output_label: bool = False,
     ):
-        self._check_batch(batch)
-        chunks, stages, rank = self.num_chunks, gpc.pipeline_parallel_size, gpc.pipeline_parallel_rank
-        micro_num = self.micro_num
+        micro_num = self._check_batch(batch)
+        ctx = self.ctx
+        chunks, stages, rank = self.num_chunks, ctx.pipeline_parallel_size, ctx.pipeline_parallel_rank
         if micro_num % stages:
             raise ValueError(
                 f"the interleaved schedule needs micro_num ({micro_num}) to be a multiple of the pipeline size {stages}"
             )
         p2p = self._p2p(batch, defer_sends=self.overlap)
         total = micro_num * chunks
-        step = _PipelineStep(list(model), batch, criterion, optimizer, forward_only, return_output_label)
-        first_rank, last_rank = gpc.is_first_stage, gpc.is_last_stage
+        step = _PipelineStep(
+            model.stages, batch, criterion, optimizer, forward_only, return_output_label, ctx.data_parallel_group
+        )
+        first_rank, last_rank = ctx.is_first_stage, ctx.is_last_stage
 
         def chunk_of(k: int, forward: bool) -> int:
             chunk = k % (stages * chunks) // stages

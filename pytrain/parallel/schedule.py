@@ -1,16 +1,46 @@
-"""Schedules run one optimizer step's forward and backward passes over its micro-batches."""
+"""Schedules run one optimizer step's forward and backward passes over its micro-batches.
+
+The step's loss is the mean over every non-ignored label of the global batch (all micro-batches of all
+data-parallel ranks), not a mean of per-micro-batch means, so micro-batches with many ignored labels
+(padding, prompts, document ends) weigh by the tokens they really have. Micro-batch m's loss enters as
+criterion_mean_m * tokens_m * data_parallel_size / global_tokens: summed over micro-batches, and averaged
+over data-parallel ranks by the optimizer, that is the global token mean.
+"""
 
 import torch
+import torch.distributed as dist
+
+IGNORE_INDEX = -100
+HOST_KEYS = ("max_seqlen",)  # batch entries the kernels read on the host: never moved to the device
+
+
+def micro_batch_weights(labels: torch.Tensor, data_parallel_group) -> torch.Tensor:
+    """(micro_num,) factors turning each micro-batch's mean loss into its share of the global token mean."""
+    tokens = (labels != IGNORE_INDEX).flatten(1).sum(1).to(torch.float32)
+    total = tokens.sum()
+    world = 1
+    if data_parallel_group is not None and dist.get_world_size(data_parallel_group) > 1:
+        dist.all_reduce(total, group=data_parallel_group)  # on the labels' device: the backend's
+        world = dist.get_world_size(data_parallel_group)
+    return tokens * world / total.clamp_min(1)
+
+
+def micro_batch_inputs(batch: dict, micro: int) -> dict:
+    """The model's packed-document arguments for micro-batch `micro` (none for unpacked rows)."""
+    inputs = {}
+    if "positions" in batch:
+        inputs["positions"] = batch["positions"][micro]
+    if "cu_seqlens" in batch:
+        inputs["cu_seqlens"] = batch["cu_seqlens"][micro]
+        inputs["max_seqlen"] = int(batch["max_seqlen"][micro])
+    return inputs
 
 
 class NonPipelineScheduler:
-    """Gradient accumulation without a pipeline: micro-batch by micro-batch, forward then backward.
+    """Gradient accumulation without a pipeline: micro-batch by micro-batch, forward then backward."""
 
-    Each micro-batch's loss is divided by micro_num, so the accumulated gradient is that of the mean loss.
-    """
-
-    def __init__(self, micro_num: int):
-        self.micro_num = micro_num
+    def __init__(self, micro_num: int, data_parallel_group=None):
+        self.micro_num, self.data_parallel_group = micro_num, data_parallel_group
 
     def forward_backward_step(
         self,
@@ -23,15 +53,16 @@ class NonPipelineScheduler:
         return_output_label: bool = False,
     ):
         micro_num = batch["input_ids"].shape[0]
-        if micro_num != self.micro_num:
+        if micro_num > self.micro_num:
             raise ValueError(f"the batch holds {micro_num} micro-batches; data.micro_num is {self.micro_num}")
+        weights = micro_batch_weights(batch["labels"], self.data_parallel_group)
         total_loss = torch.zeros((), dtype=torch.float32, device=batch["input_ids"].device)
         outputs, labels = [], []
         for index in range(micro_num):
             input_ids, label = batch["input_ids"][index], batch["labels"][index]
             with torch.set_grad_enabled(not forward_only):
-                output = model(input_ids)
-                loss = criterion(output, label) / micro_num
+                output = model(input_ids, **micro_batch_inputs(batch, index))
+                loss = criterion(output, label) * weights[index]
             if not forward_only:
                 optimizer.backward(loss, last=index == micro_num - 1)
             total_loss += loss.detach().float()

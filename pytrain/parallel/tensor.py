@@ -12,15 +12,23 @@ linear becomes a reduce-scatter over the sequence and the copy before a column-p
 all-gather, the same bytes on the wire for 1/tensor-size of the activation memory. Norm weights then see
 only their rank's tokens, so their gradients are summed over the tensor group (`sequence_parallel` mark).
 
-Every layer here is also the plain layer when the group is None (one tensor rank): no communication.
-Each sharded weight knows how to cut its shard out of the full tensor (`shard`), which is how weights are
-initialised identically in every layout and how a full state dict is loaded into one.
+The model is written plain (pytrain.model.decoder); `apply_tensor_parallel` swaps its modules by name,
+following the model's `tensor_parallel_plan()`, for the parallel layers below, which keep the plain
+modules' names and call signatures. It returns where each parameter's shard sits in the full parameter
+(a ShardSpec), which is how weights are initialised identically in every layout and how checkpoints and
+Hugging Face weights are cut for (or gathered from) any layout.
 """
+
+import re
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from pytrain.model.decoder import Colwise, EmbeddingSplit, Replicated, Rowwise, VocabHead
+
+from .shard_spec import ShardSpec
 
 
 def group_size(group) -> int:
@@ -143,97 +151,48 @@ def scatter_sequence(x, group):
     return x if group is None else _Scatter.apply(x, SEQUENCE_DIM, group, False)
 
 
-def gather_sequence(x, group):
-    """This rank's tokens -> the whole sequence, e.g. the final hidden states before the head."""
-    return x if group is None else _Gather.apply(x, SEQUENCE_DIM, group, True)
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's output features split over the group; the output stays split
+    (gather_output: all features on every rank, the LM head without parallel_output)."""
 
-
-class ShardedWeight:
-    """A weight split along `split_dim` over the tensor group. `segments`: sizes along split_dim of the
-    parts the full weight is made of (Wqkv: q, k and v heads), each split evenly, so every rank holds
-    whole heads of each."""
-
-    def _setup_sharding(self, group, split_dim: int, segments: list[int]):
-        self.group, self.split_dim, self.segments = group, split_dim, segments
-        self.weight.is_tensor_parallel = group_size(group) > 1
-
-    @property
-    def full_shape(self) -> torch.Size:
-        shape = list(self.weight.shape)
-        shape[self.split_dim] = sum(self.segments)
-        return torch.Size(shape)
-
-    def shard(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's part of the full weight."""
-        world, rank = group_size(self.group), group_rank(self.group)
-        pieces = full.split(self.segments, dim=self.split_dim)
-        return torch.cat([p.chunk(world, dim=self.split_dim)[rank] for p in pieces], dim=self.split_dim)
-
-
-def counted_here(param: torch.Tensor, tensor_rank: int) -> bool:
-    """Whether this rank counts `param` in a model-wide sum over the model-parallel group (parameter count,
-    gradient norm): shards everywhere, a weight replicated over the tensor group (norms) on its first rank
-    only, the last stage's copy of a tied embedding nowhere."""
-    if getattr(param, "shared_copy", False):
-        return False
-    return tensor_rank == 0 or getattr(param, "is_tensor_parallel", False)
-
-
-def _local(size: int, group, what: str) -> int:
-    world = group_size(group)
-    if size % world:
-        raise ValueError(f"{what} {size} cannot be split over {world} tensor-parallel ranks")
-    return size // world
-
-
-class ColumnParallelLinear(nn.Linear, ShardedWeight):
-    """y = x W^T with W's output features split over the group; the output stays split.
-    segments: the output features' parts (each split evenly); default one part."""
-
-    def __init__(self, in_features, out_features, group=None, sequence_parallel=False, segments=None, dtype=None):
-        segments = segments or [out_features]
-        local = sum(_local(s, group, "output features") for s in segments)
-        super().__init__(in_features, local, bias=False, dtype=dtype)
-        self._setup_sharding(group, 0, segments)
-        self.sequence_parallel = sequence_parallel
-
-    def forward(self, x):
-        return F.linear(enter_parallel_region(x, self.group, self.sequence_parallel), self.weight)
-
-
-class RowParallelLinear(nn.Linear, ShardedWeight):
-    """y = x W^T with W's input features split over the group: takes split input, returns the full sum
-    (sequence parallel: this rank's tokens of it)."""
-
-    def __init__(self, in_features, out_features, group=None, sequence_parallel=False, dtype=None):
-        super().__init__(_local(in_features, group, "input features"), out_features, bias=False, dtype=dtype)
-        self._setup_sharding(group, 1, [in_features])
-        self.sequence_parallel = sequence_parallel
-
-    def forward(self, x):
-        return leave_parallel_region(F.linear(x, self.weight), self.group, self.sequence_parallel)
-
-
-class ParallelEmbedding(nn.Module, ShardedWeight):
-    """Token embedding split over the group along hidden (split_hidden=True, InternLM's default: each rank
-    looks up its columns, then all-gather) or along the vocabulary (each rank looks up the ids it holds,
-    zeros elsewhere, then all-reduce). With sequence parallelism each rank keeps its tokens only."""
-
-    def __init__(self, vocab_size, hidden_size, group=None, split_hidden=True, sequence_parallel=False, dtype=None):
+    def __init__(self, weight_shape, bias: bool, group, sequence_parallel: bool, gather_output: bool = False):
         super().__init__()
-        self.split_hidden, self.sequence_parallel = split_hidden, sequence_parallel
-        shape = (
-            (vocab_size, _local(hidden_size, group, "hidden size"))
-            if split_hidden
-            else (_local(vocab_size, group, "vocabulary size"), hidden_size)
-        )
-        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype))
-        self._setup_sharding(group, 1 if split_hidden else 0, [hidden_size if split_hidden else vocab_size])
+        self.weight = nn.Parameter(torch.empty(weight_shape))
+        self.bias = nn.Parameter(torch.empty(weight_shape[0])) if bias else None
+        self.group, self.sequence_parallel, self.gather_output = group, sequence_parallel, gather_output
+
+    def forward(self, x):
+        y = F.linear(enter_parallel_region(x, self.group, self.sequence_parallel), self.weight, self.bias)
+        return gather_last_dim(y, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's input features split over the group: takes split input, returns the full sum
+    (sequence parallel: this rank's tokens of it); the bias is whole and added once, after the sum."""
+
+    def __init__(self, weight_shape, bias: bool, group, sequence_parallel: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(weight_shape))
+        self.bias = nn.Parameter(torch.empty(weight_shape[0])) if bias else None
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, x):
+        y = leave_parallel_region(F.linear(x, self.weight), self.group, self.sequence_parallel)
+        return y if self.bias is None else y + self.bias
+
+
+class ParallelEmbedding(nn.Module):
+    """Token embedding split over the group along hidden (split_hidden: each rank looks up its columns,
+    then all-gather) or along the vocabulary (each rank looks up the ids it holds, zeros elsewhere, then
+    all-reduce). With sequence parallelism each rank keeps its tokens only."""
+
+    def __init__(self, weight_shape, group, split_hidden: bool, sequence_parallel: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(weight_shape))
+        self.group, self.split_hidden, self.sequence_parallel = group, split_hidden, sequence_parallel
 
     def forward(self, input_ids):
         group = self.group
-        if group is None:
-            return F.embedding(input_ids, self.weight)
         if self.split_hidden:
             out = gather_last_dim(F.embedding(input_ids, self.weight), group)
             return scatter_sequence(out, group) if self.sequence_parallel else out
@@ -244,3 +203,60 @@ class ParallelEmbedding(nn.Module, ShardedWeight):
         if self.sequence_parallel:
             return _Scatter.apply(out, SEQUENCE_DIM, group, True)
         return _ReduceFromGroup.apply(out, group)
+
+
+def plan_pattern(plan_key: str) -> re.Pattern:
+    """'layers.*.attention.wq' -> matches 'layers.12.attention.wq' ('*' is one name component)."""
+    return re.compile("^" + r"[^.]+".join(re.escape(part) for part in plan_key.split("*")) + "$")
+
+
+def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool) -> dict[str, tuple[ShardSpec, bool]]:
+    """Swaps the modules named in model.tensor_parallel_plan() for tensor-parallel ones over `group` (on
+    whatever device the model is, e.g. meta). Returns, per parameter name of the model, (where its shard
+    sits in the full parameter, whether its gradient is partial over the group and must be summed: the
+    parameters that see only this rank's tokens under sequence parallelism). Parameters not listed are
+    whole and complete on every rank."""
+    world, rank = group_size(group), group_rank(group)
+    plan = [(plan_pattern(key), how) for key, how in model.tensor_parallel_plan().items()]
+    facts = {}
+    for name, module in list(model.named_modules()):
+        how = next((how for pattern, how in plan if pattern.match(name)), None)
+        if how is None or module is model:
+            continue
+        swapped, specs = _parallel_module(module, how, group, rank, world, sequence_parallel)
+        if swapped is not module:
+            model.set_submodule(name, swapped)
+        for param_name, (spec, partial) in specs.items():
+            facts[f"{name}.{param_name}"] = (spec, partial)
+    if getattr(model, "tie_word_embeddings", False) and model.first and model.last:
+        model.lm_head.weight = model.token_embedding.weight  # one parameter again, after both were swapped
+    return facts
+
+
+def _parallel_module(module, how, group, rank: int, world: int, sequence_parallel: bool):
+    """(the module to use instead, {its parameter: (ShardSpec, partial gradient)})."""
+    if isinstance(how, Replicated):  # a norm: whole; under sequence parallelism it sees this rank's tokens
+        return module, {n: (ShardSpec.whole(p.shape), sequence_parallel) for n, p in module.named_parameters()}
+    if isinstance(how, EmbeddingSplit):
+        full = tuple(module.weight.shape)
+        spec = ShardSpec.split(full, 1 if how.split_hidden else 0, rank, world)
+        return ParallelEmbedding(spec.local_shape, group, how.split_hidden, sequence_parallel), {
+            "weight": (spec, False)
+        }
+    full = tuple(module.weight.shape)
+    bias = module.bias is not None
+    if isinstance(how, Rowwise):
+        spec = ShardSpec.split(full, 1, rank, world)
+        swapped = RowParallelLinear(spec.local_shape, bias, group, sequence_parallel)
+        specs = {"weight": (spec, False)}
+        if bias:  # added after the sum: whole on every rank, partial under sequence parallelism
+            specs["bias"] = (ShardSpec.whole((full[0],)), sequence_parallel)
+        return swapped, specs
+    segments = how.segments if isinstance(how, Colwise) else None
+    spec = ShardSpec.split(full, 0, rank, world, segments)
+    gather = how.gather_output if isinstance(how, VocabHead) else False
+    swapped = ColumnParallelLinear(spec.local_shape, bias, group, sequence_parallel, gather)
+    specs = {"weight": (spec, False)}
+    if bias:
+        specs["bias"] = (ShardSpec.split((full[0],), 0, rank, world, segments), False)
+    return swapped, specs

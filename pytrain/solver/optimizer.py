@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from pytrain.parallel.tensor import counted_here
+from pytrain.parallel.model_part import ModelPart
 
 from .grad_buckets import OverlappedGradReducer
 from .grad_scaler import DynamicGradScaler
@@ -116,16 +116,16 @@ class HybridZeroOptimizer:
             else None
         )
         tensor_rank = dist.get_rank(tensor_group) if tensor_group is not None else 0
-        pairs = list(zip(self.model_params, grad_views))
-        self.norm_views = [v for p, v in pairs if counted_here(p, tensor_rank)]  # each weight once, model-wide
+        part = model if isinstance(model, ModelPart) else ModelPart([model])
+        info_of = {id(p): info for p, info in part.infos()}
+        pairs = [(info_of[id(p)], v) for p, v in zip(self.model_params, grad_views)]
+        self.norm_views = [v for info, v in pairs if info.counted_here(tensor_rank)]  # each weight once, model-wide
         # Gradients this rank holds part of, summed over the ranks holding the rest: (group, views)
-        tied = [v for p, v in pairs if getattr(p, "tied_across_stages", False)]
-        sequence_parallel = [v for p, v in pairs if getattr(p, "sequence_parallel", False)]
-        self.partial_sums = [
-            (g, views)
-            for g, views in ((embedding_group, tied), (tensor_group, sequence_parallel))
-            if views and g is not None and _world(g) > 1
-        ]
+        self.partial_sums = []
+        for kind, group in (("embedding", embedding_group), ("tensor", tensor_group)):
+            views = [v for info, v in pairs if info.sum_over == kind]
+            if views and group is not None and _world(group) > 1:
+                self.partial_sums.append((group, views))
 
         # (model parameter, its fp32 master, the reduced gradient view) for the parameters this rank updates
         self.needs_master = any(p.dtype != torch.float32 for p in self.model_params)

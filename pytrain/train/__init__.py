@@ -10,10 +10,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pytrain.config import BUILTIN_CORPUS, Config
+from pytrain.config import BUILTIN_CORPUS, Config, ConfigError
 from pytrain.data import DummyDataset, StepBatchSampler, TokenWindowDataset, collate_micro_batches, load_stdlib_corpus
-from pytrain.kernels import RMSNorm
 from pytrain.parallel import gpc
+from pytrain.parallel.model_part import ModelPart, parallelize
 from pytrain.registry import MODEL_INITIALIZER
 from pytrain.solver import Beta2Scheduler, DynamicGradScaler, HybridZeroOptimizer, WarmupCosineLR
 
@@ -23,30 +23,44 @@ __all__ = ["Trainer", "get_train_data_loader", "initialize_model", "initialize_o
 
 
 def initialize_model(config: Config | None = None) -> nn.Module:
-    """Builds MODEL_INITIALIZER[config.model_type](**config.model) on the run's device: this rank's pipeline
-    stage(s) and tensor shard under a parallel layout."""
-    import pytrain.model  # noqa: F401  (registers "INTERNLM")
+    """MODEL_INITIALIZER[config.model_type](**config.model), as this rank's part under the run's layout.
+
+    A built-in family is built whole on the meta device (no memory), then cut into this rank's pipeline
+    stage(s), split over its tensor group and materialized holding only its shards (pytrain.parallel.
+    parallelize): a ModelPart. A user-registered model without a tensor-parallel plan is built on the
+    device and runs whole (data parallelism only)."""
+    import pytrain.model  # noqa: F401  (registers the families)
 
     cfg = gpc.require_config(config)
     builder = MODEL_INITIALIZER.get_module(cfg.model_type)
-    with torch.device(gpc.device):
-        model = builder(**cfg.model)
-    if cfg.model.dtype == "torch.tf32":
+    if cfg.model.get("dtype") == "torch.tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.use_fp32_norm:
-        for module in model.modules():
-            if isinstance(module, (RMSNorm, nn.LayerNorm)):
-                module.float()
-    if dist.is_initialized() and dist.get_world_size(gpc.data_parallel_group) > 1:
-        for tensor in list(model.parameters()) + list(model.buffers()):  # replicas start identical
-            dist.broadcast(
-                tensor.data, src=dist.get_global_rank(gpc.data_parallel_group, 0), group=gpc.data_parallel_group
-            )
-    tied = [p for p in model.parameters() if getattr(p, "tied_across_stages", False)]
-    for param in tied:  # the last stage's copy of a tied embedding starts as the first stage's
-        dist.broadcast(param.data, src=dist.get_global_rank(gpc.embedding_group, 0), group=gpc.embedding_group)
-    return model
+    with torch.device("meta"):
+        whole = builder(**cfg.model)
+    if hasattr(whole, "tensor_parallel_plan"):
+        tensor = gpc.tensor_parallel_size > 1
+        return parallelize(
+            whole,
+            tensor_group=gpc.tensor_parallel_group if tensor else None,
+            sequence_parallel=tensor and cfg.parallel.tensor.mode == "msp",
+            pipeline_rank=gpc.pipeline_parallel_rank,
+            pipeline_size=gpc.pipeline_parallel_size,
+            num_chunks=cfg.model.get("num_chunks", 1),
+            device=gpc.device,
+            fp32_norms=cfg.use_fp32_norm,
+            seed=gpc.seed,
+        )
+    if gpc.tensor_parallel_size > 1 or gpc.pipeline_parallel_size > 1:
+        raise ConfigError(
+            f"model_type {cfg.model_type!r}: its builder returned a {type(whole).__name__} without "
+            f"tensor_parallel_plan(), so it cannot be split over parallel.tensor / parallel.pipeline; build it "
+            f"from pytrain.model.decoder.Decoder, or use tensor.size=1 and pipeline.size=1"
+        )
+    torch.manual_seed(gpc.seed)  # every data-parallel replica draws the same initial weights
+    with torch.device(gpc.device):
+        model = builder(**cfg.model)
+    return ModelPart([model])
 
 
 def initialize_optimizer(model: nn.Module, config: Config | None = None):

@@ -15,7 +15,6 @@ from pytrain.initialize import get_default_parser, initialize_distributed_env, i
 from pytrain.model import DTYPES
 from pytrain.monitor import AlertLog, StepMonitor, flops_per_token, matmul_params, peak_tflops
 from pytrain.parallel import gpc
-from pytrain.parallel.tensor import counted_here
 from pytrain.registry import MODEL_INITIALIZER
 from pytrain.train import get_train_data_loader, initialize_model, initialize_optimizer
 
@@ -59,8 +58,8 @@ def train(args) -> list[dict]:
     data = cfg.data
     peak, peak_source = peak_tflops(gpc.device, DTYPES[cfg.model.dtype], cfg.monitor.peak_tflops)
     # The whole model's size: this rank's part summed over the ranks holding the rest.
-    local_params = sum(p.numel() for p in model.parameters() if counted_here(p, gpc.tensor_parallel_rank))
-    counts = torch.tensor([*matmul_params(model), local_params], dtype=torch.int64)
+    local_params = sum(p.numel() for p, info in model.infos() if info.counted_here(gpc.tensor_parallel_rank))
+    counts = torch.tensor([*matmul_params(model), local_params], dtype=torch.int64, device=gpc.device)
     dist.all_reduce(counts, group=gpc.model_parallel_group)
     block_params, head_params, params = counts.tolist()
     model_ranks = gpc.tensor_parallel_size * gpc.pipeline_parallel_size  # they share each micro-batch's work
@@ -129,7 +128,7 @@ def train(args) -> list[dict]:
 
 def dry_run(args) -> None:
     """--dry_run: validate the config and build the model on the meta device (no memory, no processes)."""
-    import pytrain.model  # noqa: F401  (registers "INTERNLM")
+    import pytrain.model  # noqa: F401  (registers the families)
 
     cfg = Config.from_file(args.config, overrides=args.overrides)
     world_size = int(os.environ.get("WORLD_SIZE", args.world_size or 1))

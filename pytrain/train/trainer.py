@@ -7,6 +7,8 @@ success, grad_norm = trainer.step()
 
 import torch
 
+from pytrain.parallel.schedule import HOST_KEYS
+
 
 class Trainer:
     def __init__(
@@ -30,7 +32,9 @@ class Trainer:
         self, batch: dict, forward_only: bool = False, return_loss: bool = True, return_output_label: bool = False
     ):
         """Forward (and backward) over the batch's micro-batches; returns (outputs and labels or None, loss)."""
-        batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+        batch = {
+            key: value if key in HOST_KEYS else value.to(self.device, non_blocking=True) for key, value in batch.items()
+        }
         return self.schedule.forward_backward_step(
             self.model,
             batch,

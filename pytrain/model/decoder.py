@@ -1,0 +1,403 @@
+"""The decoder every dense family shares, written plain: nn.Linear, nn.Embedding, norms, no parallelism.
+
+token embedding -> layers (attention with rotary embeddings, SwiGLU MLP; a norm before each, or after
+the residual add with post_norm) -> final norm -> LM head. The families (internlm.py, internlm2.py,
+llama.py, qwen2.py) differ in how q, k and v are projected (one fused [q | k | v] weight, InternLM2's
+grouped wqkv, or three weights), in biases, and in parameter names, which follow each family's InternEvo
+checkpoints (`Names`). Layers live in a ModuleDict keyed by their global index, so a pipeline stage is
+the same model with the other layers (and the embedding or the head) removed and every name unchanged.
+
+Tensor parallelism is applied from outside (pytrain.parallel.tensor): `tensor_parallel_plan()` says
+which module is split how, and the swapped-in modules keep the plain modules' names and forward. The
+attention therefore reads its head counts from the projections' output sizes, never from a constant.
+
+Norms, rotary embeddings and attention go through pytrain.kernels. Pre-norm layers hand the residual
+stream to the next norm, which adds it in the same pass (rms_norm's fused residual). Packed rows
+(documents back to back) carry positions restarting per document and cu_seqlens over the flattened
+tokens, so no document attends to another.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as recompute
+
+from pytrain.config import mlp_width
+from pytrain.kernels import RMSNorm, RotaryEmbedding, flash_attn_func, flash_attn_varlen_func, reference
+
+DTYPES = {
+    "torch.float16": torch.float16,
+    "torch.half": torch.float16,
+    "torch.bfloat16": torch.bfloat16,
+    "torch.float32": torch.float32,
+    "torch.tf32": torch.float32,
+}
+
+
+# How a module is split over the tensor-parallel group (see pytrain.parallel.tensor).
+@dataclass(frozen=True)
+class Colwise:
+    """Output features split; `segments`: the parts a fused weight is made of, each split evenly."""
+
+    segments: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Rowwise:
+    """Input features split; the partial outputs are summed (a residual-stream output projection)."""
+
+
+@dataclass(frozen=True)
+class VocabHead:
+    """The LM head: split over the vocabulary; gather_output: all logits on every rank."""
+
+    gather_output: bool
+
+
+@dataclass(frozen=True)
+class EmbeddingSplit:
+    """The token embedding split along hidden (split_hidden) or the vocabulary."""
+
+    split_hidden: bool
+
+
+@dataclass(frozen=True)
+class Replicated:
+    """Whole on every tensor rank (norms); under sequence parallelism it sees only this rank's tokens."""
+
+
+@dataclass(frozen=True)
+class Names:
+    """What a family calls each part (its InternEvo checkpoint keys)."""
+
+    embedding: str
+    layers: str
+    attention: str
+    mlp: str
+    attention_norm: str
+    mlp_norm: str
+    norm: str = "norm"
+    head: str = "head"
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm whose parameters may be fp32 while activations are 16-bit (config use_fp32_norm)."""
+
+    def forward(self, x, residual=None):
+        """y, or with `residual` (y, x + residual), as RMSNorm."""
+        if residual is not None:
+            total = x + residual
+            return self.forward(total), total
+        weight = self.weight
+        return F.layer_norm(x.to(weight.dtype), self.normalized_shape, weight, self.bias, self.eps).to(x.dtype)
+
+
+def build_norm(norm_type: str, hidden_size: int, eps: float) -> nn.Module:
+    if norm_type == "rmsnorm":
+        return RMSNorm(hidden_size, eps=eps)
+    if norm_type == "layernorm":
+        return LayerNorm(hidden_size, eps=eps)
+    raise ValueError(f"norm_type must be 'rmsnorm' or 'layernorm', got {norm_type!r}")
+
+
+def add_and_norm(norm, hidden, residual):
+    """(norm(hidden + residual), hidden + residual); the first layer has no residual yet."""
+    return (norm(hidden), hidden) if residual is None else norm(hidden, residual)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+class Attention(nn.Module):
+    """Causal self-attention with rotary embeddings (GQA/MQA when there are fewer kv heads). Subclasses
+    project x (batch, seq, hidden) to q (batch, seq, heads, head_dim), k and v (batch, seq, kv_heads,
+    head_dim) in `project`, and say how their weights split over tensor ranks in `plan`."""
+
+    def __init__(self, shape: AttentionShape, rope_base: float, qk_interleaved: bool, use_flash_attn: bool):
+        super().__init__()
+        self.shape, self.head_dim = shape, shape.head_dim  # the whole model's (a tensor rank holds some heads)
+        self.rotary = RotaryEmbedding(shape.head_dim, base=rope_base, interleaved=qk_interleaved)
+        self.use_flash_attn = use_flash_attn
+
+    def output(self, attended: torch.Tensor) -> torch.Tensor:
+        return self.wo(attended)
+
+    def forward(self, x, positions=None, cu_seqlens=None, max_seqlen=None):
+        q, k, v = self.project(x)  # this rank's heads of the whole sequence, also under sequence parallelism
+        batch, seq = q.shape[:2]
+        q, k = self.rotary(q, k, positions)
+        if cu_seqlens is not None:  # packed: attention within each document of the flattened tokens
+            q, k, v = (t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v))
+            if self.use_flash_attn:
+                out = flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, causal=True)
+            else:
+                out = reference.attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
+        elif self.use_flash_attn:
+            out = flash_attn_func(q, k, v, causal=True)
+        else:
+            out = reference.attention(q, k, v, causal=True)
+        return self.output(out.reshape(batch, seq, -1))
+
+
+def _heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return t.view(*t.shape[:2], -1, head_dim)
+
+
+class FusedQKVAttention(Attention):
+    """One Wqkv weight: all q heads, then all k heads, then all v heads (InternLM v1); out_proj."""
+
+    def __init__(self, shape: AttentionShape, bias: bool, **kwargs):
+        super().__init__(shape, **kwargs)
+        self.kv_share = shape.num_heads // shape.num_kv_heads  # q heads per kv head, the same on every rank
+        self.Wqkv = nn.Linear(shape.hidden_size, shape.q_width + 2 * shape.kv_width, bias=bias)
+        self.out_proj = nn.Linear(shape.q_width, shape.hidden_size, bias=bias)
+        self.segments = (shape.q_width, shape.kv_width, shape.kv_width)
+
+    def project(self, x):
+        qkv = _heads(self.Wqkv(x), self.head_dim)
+        kv_heads = qkv.shape[2] // (self.kv_share + 2)
+        return qkv.split([kv_heads * self.kv_share, kv_heads, kv_heads], dim=2)
+
+    def output(self, attended):
+        return self.out_proj(attended)
+
+    def plan(self) -> dict:
+        return {"Wqkv": Colwise(self.segments), "out_proj": Rowwise()}
+
+
+class GroupedQKVAttention(Attention):
+    """One wqkv weight in kv-head groups: each group's query heads, then its k head, then its v head
+    (InternLM2's layout), so a tensor rank's shard is whole groups; wo."""
+
+    def __init__(self, shape: AttentionShape, bias: bool, **kwargs):
+        super().__init__(shape, **kwargs)
+        self.kv_share = shape.num_heads // shape.num_kv_heads
+        self.wqkv = nn.Linear(shape.hidden_size, shape.q_width + 2 * shape.kv_width, bias=bias)
+        self.wo = nn.Linear(shape.q_width, shape.hidden_size, bias=bias)
+
+    def project(self, x):
+        qkv = self.wqkv(x)  # the whole sequence, also when x is this rank's part of it (sequence parallel)
+        groups = qkv.view(*qkv.shape[:2], -1, self.kv_share + 2, self.head_dim)
+        q = groups[:, :, :, : self.kv_share].flatten(2, 3)  # a copy: a group's heads are not evenly strided
+        return q, groups[:, :, :, self.kv_share].contiguous(), groups[:, :, :, self.kv_share + 1].contiguous()
+
+    def plan(self) -> dict:
+        return {"wqkv": Colwise(), "wo": Rowwise()}
+
+
+class SeparateQKVAttention(Attention):
+    """wq, wk, wv and wo (LLaMA, Qwen2); qkv_bias on the three projections, o_bias on wo."""
+
+    def __init__(self, shape: AttentionShape, qkv_bias: bool, o_bias: bool, **kwargs):
+        super().__init__(shape, **kwargs)
+        self.wq = nn.Linear(shape.hidden_size, shape.q_width, bias=qkv_bias)
+        self.wk = nn.Linear(shape.hidden_size, shape.kv_width, bias=qkv_bias)
+        self.wv = nn.Linear(shape.hidden_size, shape.kv_width, bias=qkv_bias)
+        self.wo = nn.Linear(shape.q_width, shape.hidden_size, bias=o_bias)
+
+    def project(self, x):
+        return tuple(_heads(proj(x), self.head_dim) for proj in (self.wq, self.wk, self.wv))
+
+    def plan(self) -> dict:
+        return {"wq": Colwise(), "wk": Colwise(), "wv": Colwise(), "wo": Rowwise()}
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x): w1 the gate, w3 up, w2 down (InternEvo's current meaning in every family)."""
+
+    def __init__(self, hidden_size: int, width: int, bias: bool = False):
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, width, bias=bias)
+        self.w3 = nn.Linear(hidden_size, width, bias=bias)
+        self.w2 = nn.Linear(width, hidden_size, bias=bias)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def plan(self) -> dict:
+        return {"w1": Colwise(), "w3": Colwise(), "w2": Rowwise()}
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, names: Names, attention: Attention, mlp: SwiGLU, norms: tuple, post_norm: bool):
+        super().__init__()
+        self.names, self.post_norm = names, post_norm
+        self.add_module(names.attention, attention)
+        self.add_module(names.mlp, mlp)
+        self.add_module(names.attention_norm, norms[0])
+        self.add_module(names.mlp_norm, norms[1])
+
+    def forward(self, hidden, residual=None, positions=None, cu_seqlens=None, max_seqlen=None):
+        """Pre-norm: returns (this layer's MLP output, the residual stream before it); the add happens in
+        the next norm. Post-norm: returns (the normalized stream, None)."""
+        n = self._modules
+        attention, mlp = n[self.names.attention], n[self.names.mlp]
+        norm1, norm2 = n[self.names.attention_norm], n[self.names.mlp_norm]
+        if self.post_norm:
+            hidden = norm1(hidden + attention(hidden, positions, cu_seqlens, max_seqlen))
+            return norm2(hidden + mlp(hidden)), None
+        normed, residual = add_and_norm(norm1, hidden, residual)
+        hidden = attention(normed, positions, cu_seqlens, max_seqlen)
+        normed, residual = add_and_norm(norm2, hidden, residual)
+        return mlp(normed), residual
+
+
+class Decoder(nn.Module):
+    """A decoder-only language model, or a pipeline stage of one (see the module docstring).
+
+    forward(input_ids) -> logits (batch, seq, vocab); a stage without the embedding takes the previous
+    stage's residual stream as hidden_states, one without the head returns its residual stream.
+    """
+
+    def __init__(
+        self,
+        *,
+        family: str,
+        names: Names,
+        layers: list[DecoderLayer],
+        vocab_size: int,
+        hidden_size: int,
+        norm_type: str,
+        layer_norm_epsilon: float,
+        tie_word_embeddings: bool = False,
+        embed_grad_scale: float = 1.0,
+        checkpoint: bool | float = False,
+        dtype: str = "torch.float32",
+        embed_split_hidden: bool = True,
+        parallel_output: bool = True,
+    ):
+        super().__init__()
+        self.family, self.names = family, names
+        self.num_layers, self.hidden_size, self.vocab_size = len(layers), hidden_size, vocab_size
+        self.embed_grad_scale = float(embed_grad_scale)
+        self.tie_word_embeddings = tie_word_embeddings
+        # How the model is trained, kept for whoever parallelizes and materializes it (pytrain.parallel):
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.checkpoint_fraction = float(checkpoint)
+        self.embed_split_hidden, self.parallel_output = embed_split_hidden, parallel_output
+        self.recompute_layers = int(len(layers) * self.checkpoint_fraction)  # the first ones (per stage)
+        self.add_module(names.embedding, nn.Embedding(vocab_size, hidden_size))
+        self.add_module(names.layers, nn.ModuleDict({str(i): layer for i, layer in enumerate(layers)}))
+        self.add_module(names.norm, build_norm(norm_type, hidden_size, layer_norm_epsilon))
+        self.add_module(names.head, nn.Linear(hidden_size, vocab_size, bias=False))
+        if tie_word_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+        self.to(self.dtype)  # on the meta device (initialize_model) this only records the dtype
+
+    # The parts by role (a pipeline stage holds None for those it does not have).
+    token_embedding = property(lambda self: self._modules.get(self.names.embedding))
+    decoder_layers = property(lambda self: self._modules[self.names.layers])
+    final_norm = property(lambda self: self._modules.get(self.names.norm))
+    lm_head = property(lambda self: self._modules.get(self.names.head))
+    first = property(lambda self: self.token_embedding is not None)
+    last = property(lambda self: self.lm_head is not None)
+
+    def tensor_parallel_plan(self) -> dict:
+        """{module name pattern ('*' = any layer index): how it is split over the tensor group}."""
+        n = self.names
+        plan = {
+            n.embedding: EmbeddingSplit(self.embed_split_hidden),
+            n.norm: Replicated(),
+            n.head: VocabHead(gather_output=not self.parallel_output),
+        }
+        layer = next(iter(self.decoder_layers.values()))
+        for part in (n.attention, n.mlp):
+            plan.update({f"{n.layers}.*.{part}.{name}": how for name, how in layer.get_submodule(part).plan().items()})
+        plan.update({f"{n.layers}.*.{norm}": Replicated() for norm in (n.attention_norm, n.mlp_norm)})
+        return plan
+
+    def residual_outputs(self) -> tuple[str, ...]:
+        """Names of the weights writing into the residual stream (initialised smaller, GPT-2)."""
+        return tuple(k for k, v in self.tensor_parallel_plan().items() if isinstance(v, Rowwise))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Packed documents: positions (batch, seq) restarting at 0 per document, cu_seqlens (documents + 1,)
+        int32 over the batch * seq flattened tokens and max_seqlen the longest document. None: each row is
+        one sequence, positions 0..seq-1."""
+        if self.first:
+            hidden = self.token_embedding(input_ids)
+            if self.embed_grad_scale != 1.0:  # forward unchanged, gradient to the embedding scaled
+                hidden = self.embed_grad_scale * hidden + (1 - self.embed_grad_scale) * hidden.detach()
+        else:
+            hidden = hidden_states
+        residual = None
+        for index, layer in enumerate(self.decoder_layers.values()):
+            args = (hidden, residual, positions, cu_seqlens, max_seqlen)
+            if index < self.recompute_layers and torch.is_grad_enabled():
+                hidden, residual = recompute(layer, *args, use_reentrant=False)
+            else:
+                hidden, residual = layer(*args)
+        if not self.last:
+            return hidden if residual is None else hidden + residual
+        return self.lm_head(add_and_norm(self.final_norm, hidden, residual)[0])
+
+
+def decoder_layers(
+    names: Names,
+    attention: type[Attention],
+    attention_args: dict,
+    *,
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    num_kv_attention_heads: int | None,
+    mlp_ratio: float,
+    multiple_of: int,
+    mlp_bias: bool,
+    norm_type: str,
+    layer_norm_epsilon: float,
+    apply_post_layer_norm: bool,
+    rope_base: float,
+    qk_interleaved: bool,
+    use_flash_attn: bool,
+    head_dim: int | None = None,
+) -> list[DecoderLayer]:
+    """num_layers identical layers of a family: its attention class and arguments, the shared MLP and norms."""
+    kv_heads = num_kv_attention_heads or num_attention_heads
+    if num_attention_heads % kv_heads:
+        raise ValueError(
+            f"num_attention_heads={num_attention_heads} is not a multiple of num_kv_attention_heads={kv_heads}"
+        )
+    shape = AttentionShape(hidden_size, num_attention_heads, kv_heads, head_dim or hidden_size // num_attention_heads)
+    width = mlp_width(hidden_size, mlp_ratio, multiple_of)
+    return [
+        DecoderLayer(
+            names,
+            attention(
+                shape,
+                rope_base=rope_base,
+                qk_interleaved=qk_interleaved,
+                use_flash_attn=use_flash_attn,
+                **attention_args,
+            ),
+            SwiGLU(hidden_size, width, bias=mlp_bias),
+            (
+                build_norm(norm_type, hidden_size, layer_norm_epsilon),
+                build_norm(norm_type, hidden_size, layer_norm_epsilon),
+            ),
+            apply_post_layer_norm,
+        )
+        for _ in range(num_layers)
+    ]

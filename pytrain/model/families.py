@@ -1,0 +1,324 @@
+"""The dense model families, registered in MODEL_INITIALIZER under InternEvo's model_type names.
+
+Each builder's keyword parameters are exactly the `model` fields that family takes, with the family's
+own defaults (InternEvo's builders'); the config fills a field the file does not set from here, and
+lists one the family does not take as ignored. A builder returns the whole plain model (pytrain.model.
+decoder); parallelism is applied to it afterwards (pytrain.parallel).
+
+model_type (what it is): how q, k and v are projected; the parameter names.
+- INTERNLM (InternLM v1, 7B/20B): one Wqkv [q, k, v], biases unless no_bias; embedding, blocks.N.mixer /
+  mlp / norm1 / norm2, norm, head.
+- INTERNLM2, INTERNLM2_PUBLIC (InternLM2): the grouped wqkv (per kv head: its q heads, then k, then v);
+  tok_embeddings, layers.N.attention / feed_forward / attention_norm / ffn_norm, norm, output.
+- LLAMA2, LLAMA (LLaMA 2/3): wq, wk, wv (the grouped wqkv with enable_qkv_fusion); names as INTERNLM2.
+- QWEN2 (Qwen2 / Qwen2.5): wq, wk, wv with qkv_bias, wo with o_bias; embed_tokens, then as INTERNLM2.
+"""
+
+from pytrain.registry import MODEL_INITIALIZER
+
+from .decoder import (
+    Decoder,
+    FusedQKVAttention,
+    GroupedQKVAttention,
+    Names,
+    SeparateQKVAttention,
+    decoder_layers,
+)
+
+INTERNLM_NAMES = Names("embedding", "blocks", "mixer", "mlp", "norm1", "norm2", "norm", "head")
+INTERNLM2_NAMES = Names(
+    "tok_embeddings", "layers", "attention", "feed_forward", "attention_norm", "ffn_norm", "norm", "output"
+)
+QWEN2_NAMES = Names(
+    "embed_tokens", "layers", "attention", "feed_forward", "attention_norm", "ffn_norm", "norm", "output"
+)
+
+
+def _decoder(
+    family,
+    names,
+    attention,
+    attention_args,
+    *,
+    vocab_size,
+    tie_word_embeddings,
+    embed_grad_scale,
+    checkpoint,
+    dtype,
+    embed_split_hidden,
+    parallel_output,
+    num_chunks,
+    **layer_fields,
+) -> Decoder:
+    del num_chunks  # pipeline chunks per rank: read by initialize_model when it cuts the stages
+    return Decoder(
+        family=family,
+        names=names,
+        layers=decoder_layers(names, attention, attention_args, **layer_fields),
+        vocab_size=vocab_size,
+        hidden_size=layer_fields["hidden_size"],
+        norm_type=layer_fields["norm_type"],
+        layer_norm_epsilon=layer_fields["layer_norm_epsilon"],
+        tie_word_embeddings=tie_word_embeddings,
+        embed_grad_scale=embed_grad_scale,
+        checkpoint=checkpoint,
+        dtype=dtype,
+        embed_split_hidden=embed_split_hidden,
+        parallel_output=parallel_output,
+    )
+
+
+def _qk_interleaved(qk_interleaved: bool | None, adapt_hf: bool) -> bool:
+    """InternEvo: an unset qk_interleaved is `not adapt_hf` (adapt_hf=True: HF's rotate-half pairs)."""
+    return (not adapt_hf) if qk_interleaved is None else qk_interleaved
+
+
+@MODEL_INITIALIZER.register_module(module_name="INTERNLM")
+def build_internlm(
+    *,
+    num_layers: int = 32,
+    hidden_size: int = 4096,
+    num_attention_heads: int = 32,
+    vocab_size: int = 103168,
+    num_kv_attention_heads: int | None = None,
+    mlp_ratio: float = 8 / 3,
+    multiple_of: int = 256,
+    no_bias: bool = False,
+    norm_type: str = "rmsnorm",
+    layer_norm_epsilon: float = 1e-5,
+    apply_post_layer_norm: bool = False,
+    rope_base: float = 10000.0,
+    qk_interleaved: bool = False,
+    use_flash_attn: bool = True,
+    tie_word_embeddings: bool = False,
+    embed_grad_scale: float = 1.0,
+    checkpoint: bool | float = False,
+    dtype: str = "torch.bfloat16",
+    embed_split_hidden: bool = True,
+    parallel_output: bool = True,
+    num_chunks: int = 1,
+) -> Decoder:
+    """InternLM v1 (InternLM-7B: bias on Wqkv and out_proj, no MLP bias)."""
+    return _decoder(
+        "INTERNLM",
+        INTERNLM_NAMES,
+        FusedQKVAttention,
+        dict(bias=not no_bias),
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        num_kv_attention_heads=num_kv_attention_heads,
+        mlp_ratio=mlp_ratio,
+        multiple_of=multiple_of,
+        mlp_bias=False,
+        norm_type=norm_type,
+        layer_norm_epsilon=layer_norm_epsilon,
+        apply_post_layer_norm=apply_post_layer_norm,
+        rope_base=rope_base,
+        qk_interleaved=qk_interleaved,
+        use_flash_attn=use_flash_attn,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
+        embed_grad_scale=embed_grad_scale,
+        checkpoint=checkpoint,
+        dtype=dtype,
+        embed_split_hidden=embed_split_hidden,
+        parallel_output=parallel_output,
+        num_chunks=num_chunks,
+    )
+
+
+def _build_internlm2_or_llama(family, names, enable_qkv_fusion, no_bias, qk_interleaved, adapt_hf, **fields):
+    if enable_qkv_fusion:
+        attention, args = GroupedQKVAttention, dict(bias=not no_bias)
+    else:
+        attention, args = SeparateQKVAttention, dict(qkv_bias=not no_bias, o_bias=not no_bias)
+    return _decoder(
+        family,
+        names,
+        attention,
+        args,
+        mlp_bias=False,
+        qk_interleaved=_qk_interleaved(qk_interleaved, adapt_hf),
+        **fields,
+    )
+
+
+@MODEL_INITIALIZER.register_module(module_name="INTERNLM2")
+def build_internlm2(
+    *,
+    num_layers: int = 32,
+    hidden_size: int = 4096,
+    num_attention_heads: int = 32,
+    vocab_size: int = 92544,
+    num_kv_attention_heads: int | None = None,
+    mlp_ratio: float = 4.0,
+    multiple_of: int = 256,
+    no_bias: bool = False,
+    enable_qkv_fusion: bool = True,
+    norm_type: str = "rmsnorm",
+    layer_norm_epsilon: float = 1e-5,
+    apply_post_layer_norm: bool = False,
+    rope_base: float = 10000.0,
+    qk_interleaved: bool | None = None,
+    adapt_hf: bool = True,
+    use_flash_attn: bool = True,
+    tie_word_embeddings: bool = False,
+    embed_grad_scale: float = 1.0,
+    checkpoint: bool | float = False,
+    dtype: str = "torch.bfloat16",
+    embed_split_hidden: bool = True,
+    parallel_output: bool = True,
+    num_chunks: int = 1,
+) -> Decoder:
+    """InternLM2 / InternLM2.5 (GQA, the grouped wqkv; InternLM2-7B: no_bias=True, 8 kv heads)."""
+    return _build_internlm2_or_llama(
+        "INTERNLM2",
+        INTERNLM2_NAMES,
+        enable_qkv_fusion,
+        no_bias,
+        qk_interleaved,
+        adapt_hf,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        num_kv_attention_heads=num_kv_attention_heads,
+        mlp_ratio=mlp_ratio,
+        multiple_of=multiple_of,
+        norm_type=norm_type,
+        layer_norm_epsilon=layer_norm_epsilon,
+        apply_post_layer_norm=apply_post_layer_norm,
+        rope_base=rope_base,
+        use_flash_attn=use_flash_attn,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
+        embed_grad_scale=embed_grad_scale,
+        checkpoint=checkpoint,
+        dtype=dtype,
+        embed_split_hidden=embed_split_hidden,
+        parallel_output=parallel_output,
+        num_chunks=num_chunks,
+    )
+
+
+@MODEL_INITIALIZER.register_module(module_name="LLAMA2")
+def build_llama2(
+    *,
+    num_layers: int = 32,
+    hidden_size: int = 4096,
+    num_attention_heads: int = 32,
+    vocab_size: int = 32000,
+    num_kv_attention_heads: int | None = None,
+    mlp_ratio: float = 4.0,
+    multiple_of: int = 256,
+    no_bias: bool = False,
+    enable_qkv_fusion: bool = False,
+    head_dim: int | None = None,
+    norm_type: str = "rmsnorm",
+    layer_norm_epsilon: float = 1e-5,
+    apply_post_layer_norm: bool = False,
+    rope_base: float = 10000.0,
+    qk_interleaved: bool | None = None,
+    adapt_hf: bool = False,
+    use_flash_attn: bool = True,
+    tie_word_embeddings: bool = False,
+    embed_grad_scale: float = 1.0,
+    checkpoint: bool | float = False,
+    dtype: str = "torch.bfloat16",
+    embed_split_hidden: bool = True,
+    parallel_output: bool = True,
+    num_chunks: int = 1,
+) -> Decoder:
+    """LLaMA 2 / 3 (Llama-2-7B: no_bias=True, mlp_ratio 2.6875 with multiple_of 256 -> 11008)."""
+    return _build_internlm2_or_llama(
+        "LLAMA2",
+        INTERNLM2_NAMES,
+        enable_qkv_fusion,
+        no_bias,
+        qk_interleaved,
+        adapt_hf,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        num_kv_attention_heads=num_kv_attention_heads,
+        mlp_ratio=mlp_ratio,
+        multiple_of=multiple_of,
+        head_dim=head_dim,
+        norm_type=norm_type,
+        layer_norm_epsilon=layer_norm_epsilon,
+        apply_post_layer_norm=apply_post_layer_norm,
+        rope_base=rope_base,
+        use_flash_attn=use_flash_attn,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
+        embed_grad_scale=embed_grad_scale,
+        checkpoint=checkpoint,
+        dtype=dtype,
+        embed_split_hidden=embed_split_hidden,
+        parallel_output=parallel_output,
+        num_chunks=num_chunks,
+    )
+
+
+@MODEL_INITIALIZER.register_module(module_name="QWEN2")
+def build_qwen2(
+    *,
+    num_layers: int = 28,
+    hidden_size: int = 3584,
+    num_attention_heads: int = 28,
+    vocab_size: int = 152064,
+    num_kv_attention_heads: int | None = 4,
+    mlp_ratio: float = 4.0,
+    multiple_of: int = 256,
+    qkv_bias: bool = True,
+    o_bias: bool = False,
+    mlp_bias: bool = False,
+    head_dim: int | None = None,
+    norm_type: str = "rmsnorm",
+    layer_norm_epsilon: float = 1e-6,
+    apply_post_layer_norm: bool = False,
+    rope_base: float = 1000000.0,
+    qk_interleaved: bool = False,
+    use_flash_attn: bool = True,
+    tie_word_embeddings: bool = False,
+    embed_grad_scale: float = 1.0,
+    checkpoint: bool | float = False,
+    dtype: str = "torch.bfloat16",
+    embed_split_hidden: bool = True,
+    parallel_output: bool = True,
+    num_chunks: int = 1,
+) -> Decoder:
+    """Qwen2 / Qwen2.5 (bias on wq, wk, wv; Qwen2-7B: 28 heads, 4 kv heads, MLP 18944 = mlp_ratio 37/7)."""
+    return _decoder(
+        "QWEN2",
+        QWEN2_NAMES,
+        SeparateQKVAttention,
+        dict(qkv_bias=qkv_bias, o_bias=o_bias),
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        num_kv_attention_heads=num_kv_attention_heads,
+        mlp_ratio=mlp_ratio,
+        multiple_of=multiple_of,
+        mlp_bias=mlp_bias,
+        head_dim=head_dim,
+        norm_type=norm_type,
+        layer_norm_epsilon=layer_norm_epsilon,
+        apply_post_layer_norm=apply_post_layer_norm,
+        rope_base=rope_base,
+        qk_interleaved=qk_interleaved,
+        use_flash_attn=use_flash_attn,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
+        embed_grad_scale=embed_grad_scale,
+        checkpoint=checkpoint,
+        dtype=dtype,
+        embed_split_hidden=embed_split_hidden,
+        parallel_output=parallel_output,
+        num_chunks=num_chunks,
+    )
+
+
+# InternEvo's other names for the same families.
+MODEL_INITIALIZER.register_module(module_name="INTERNLM2_PUBLIC", module=build_internlm2)
+MODEL_INITIALIZER.register_module(module_name="LLAMA", module=build_llama2)

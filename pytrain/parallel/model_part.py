@@ -1,0 +1,213 @@
+"""This rank's part of a model under a parallel layout, and what every one of its parameters is.
+
+`parallelize(model, ...)` takes the whole plain model (built on the meta device: shapes, no memory) and
+returns a ModelPart: the pipeline stage(s) this rank runs, cut out of the whole model (a stage keeps its
+layers under their global index, the embedding on the first stage, the norm and head on the last),
+tensor-parallel per the model's plan, materialized on the run's device in the run's dtype holding only
+this rank's shards, and initialised as the single-process model would be.
+
+Per-parameter facts the optimizer and checkpoints need travel in one explicit map, `ModelPart.infos()`:
+the parameter's full-model name, where its shard sits in the full parameter (ShardSpec), and which
+group its gradient must be summed over when this rank holds only part of it.
+"""
+
+import copy
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pytrain.kernels import RMSNorm
+
+from .shard_spec import ShardSpec
+from .tensor import apply_tensor_parallel, plan_pattern
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str  # in the whole model; the last stage's copy of a tied embedding carries the embedding's name
+    spec: ShardSpec  # where this rank's tensor sits in the full parameter
+    sum_over: str | None = None  # "tensor": partial (sequence parallel); "embedding": a tied copy on each end
+    duplicate: bool = False  # a copy whose twin elsewhere is the one counted (the last stage's tied embedding)
+
+    def counted_here(self, tensor_rank: int) -> bool:
+        """Whether this rank counts the parameter in a model-wide sum over the tensor x pipeline ranks
+        (parameter count, gradient norm): shards everywhere, a whole parameter on tensor rank 0 only."""
+        return not self.duplicate and (tensor_rank == 0 or not self.spec.is_whole)
+
+
+class ModelPart(nn.Module):
+    """The stages one rank runs (one, or num_chunks for the interleaved schedule) and their ParamInfo.
+    Called directly, it runs its only stage: model(input_ids, ...) -> logits without a pipeline."""
+
+    def __init__(self, stages: list[nn.Module], infos: dict[str, ParamInfo] | None = None):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        if infos is None:  # a model run whole: every parameter complete, named as in the model
+            infos = {name: ParamInfo(_full_name(name), ShardSpec.whole(p.shape)) for name, p in self.named_parameters()}
+        missing = {name for name, _ in self.named_parameters()} ^ set(infos)
+        if missing:
+            raise ValueError(f"ParamInfo does not match the parameters: {sorted(missing)}")
+        self._infos = infos
+
+    def forward(self, *args, **kwargs):
+        if len(self.stages) != 1:
+            raise RuntimeError(f"this model part holds {len(self.stages)} pipeline chunks: run it with a schedule")
+        return self.stages[0](*args, **kwargs)
+
+    def infos(self) -> list[tuple[nn.Parameter, ParamInfo]]:
+        """(parameter, what it is) for every parameter this rank holds, tied ones once."""
+        return [(param, self._infos[name]) for name, param in self.named_parameters()]
+
+    def full_state_names(self) -> dict[str, nn.Parameter]:
+        """{full-model name: this rank's parameter}."""
+        return {info.name: param for param, info in self.infos()}
+
+    def local_state(self, full_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{full name: this rank's shard} cut out of the whole model's {full name: tensor}."""
+        return {info.name: info.spec.cut(full_state[info.name]) for _, info in self.infos()}
+
+    @torch.no_grad()
+    def load_full_state(self, full_state: dict[str, torch.Tensor]) -> None:
+        """Loads this rank's shards of a whole model's {full name: tensor} (e.g. a single-process model's)."""
+        for param, info in self.infos():
+            param.copy_(info.spec.cut(full_state[info.name]))
+
+
+def _full_name(name: str) -> str:
+    """'stages.0.layers.3.attention.wo.weight' -> 'layers.3.attention.wo.weight'."""
+    return name.split(".", 2)[2]
+
+
+def partition_layers(num_layers: int, parts: int) -> list[range]:
+    """Consecutive layer ranges, sizes differing by at most one (the earlier parts get the extra layers:
+    the last holds the head as well)."""
+    base, extra = divmod(num_layers, parts)
+    bounds = [0]
+    for part in range(parts):
+        bounds.append(bounds[-1] + base + (part < extra))
+    return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def cut_stage(model: nn.Module, layers: range) -> nn.Module:
+    """The pipeline stage holding `layers` (global indices): a copy of the whole (meta) model without the
+    other layers, with the embedding only if it holds layer 0 and the norm and head only if it holds the
+    last layer. Names are unchanged."""
+    stage = copy.deepcopy(model)
+    names = stage.names
+    kept = {str(i) for i in layers}
+    for key in [k for k in stage.decoder_layers if k not in kept]:
+        del stage.decoder_layers[key]
+    if layers.start != 0:
+        del stage._modules[names.embedding]
+    if layers.stop != model.num_layers:
+        del stage._modules[names.norm], stage._modules[names.head]
+    stage.recompute_layers = int(len(layers) * stage.checkpoint_fraction)  # InternLM's rule, per stage
+    return stage
+
+
+def parallelize(
+    model: nn.Module,
+    *,
+    tensor_group,
+    sequence_parallel: bool,
+    pipeline_rank: int,
+    pipeline_size: int,
+    num_chunks: int,
+    device: torch.device,
+    fp32_norms: bool = False,
+    seed: int = 1024,
+) -> ModelPart:
+    """This rank's ModelPart of a whole plain model built on the meta device (see the module docstring).
+    Chunk c of pipeline rank r is stage c * pipeline_size + r of pipeline_size * num_chunks."""
+    parts = partition_layers(model.num_layers, pipeline_size * num_chunks)
+    stages, facts = [], {}
+    for chunk in range(num_chunks):
+        stage = cut_stage(model, parts[chunk * pipeline_size + pipeline_rank])
+        tp_facts = apply_tensor_parallel(stage, tensor_group, sequence_parallel) if tensor_group is not None else {}
+        facts.update({f"stages.{chunk}.{name}": fact for name, fact in tp_facts.items()})
+        _materialize(stage, device, model.dtype, fp32_norms)
+        stages.append(stage)
+    part = ModelPart(stages, _describe(stages, facts, model))
+    _initialize(part, model, seed)
+    return part
+
+
+def _describe(stages, facts: dict, model) -> dict[str, ParamInfo]:
+    part = nn.ModuleList(stages)
+    embedding_name = f"{model.names.embedding}.weight"
+    head_name = f"{model.names.head}.weight"
+    infos = {}
+    for name, param in part.named_parameters():
+        key = f"stages.{name}"
+        spec, partial = facts.get(key, (ShardSpec.whole(param.shape), False))
+        full = _full_name(key)
+        stage = stages[int(name.split(".", 1)[0])]
+        if model.tie_word_embeddings and not (stage.first and stage.last) and full in (embedding_name, head_name):
+            infos[key] = ParamInfo(embedding_name, spec, "embedding", duplicate=full == head_name)
+        else:
+            infos[key] = ParamInfo(full, spec, "tensor" if partial else None)
+    return infos
+
+
+def _materialize(stage: nn.Module, device: torch.device, dtype: torch.dtype, fp32_norms: bool) -> None:
+    """Replaces every meta parameter with an uninitialised one of its local shape on `device` (fp32 norms
+    with fp32_norms), keeping tied parameters tied."""
+    made = {}
+    for module in stage.modules():
+        wanted = torch.float32 if fp32_norms and isinstance(module, (RMSNorm, nn.LayerNorm)) else dtype
+        for key, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in made:
+                made[id(param)] = nn.Parameter(
+                    torch.empty(param.shape, dtype=wanted, device=device), requires_grad=param.requires_grad
+                )
+            module._parameters[key] = made[id(param)]
+
+
+ROWS_PER_DRAW = 1 << 22  # elements drawn per generator seed: bounds the memory of initialising a shard
+
+
+@torch.no_grad()
+def _initialize(part: ModelPart, model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Weights (2-D) Normal(0, std), those writing into the residual stream scaled by 1/sqrt(2 * layers)
+    (GPT-2); norm weights 1; biases 0. Each weight is drawn from generators seeded by `seed` and its full
+    name, in blocks of rows, and only the rows of this rank's shard are drawn: every layout and stage
+    starts from the same model without ever holding a full weight it does not keep."""
+    residual = [plan_pattern(f"{key}.weight") for key in model.residual_outputs()]
+    norms = (RMSNorm, nn.LayerNorm)
+    norm_weights = {_strip_layer(f"{name}.weight") for name, m in model.named_modules() if isinstance(m, norms)}
+    for param, info in part.infos():
+        if param.dim() < 2:
+            param.fill_(1.0 if _strip_layer(info.name) in norm_weights else 0.0)
+            continue
+        scale = (2 * model.num_layers) ** -0.5 if any(p.match(info.name) for p in residual) else 1.0
+        _draw_shard(param, info, std * scale, seed)
+
+
+def _draw_shard(param: torch.Tensor, info: ParamInfo, std: float, seed: int) -> None:
+    full_shape, spec = info.spec.full_shape, info.spec
+    row_numel = max(1, int(torch.Size(full_shape[1:]).numel()))
+    block = max(1, ROWS_PER_DRAW // row_numel)
+    name_seed = seed * 1_000_003 + zlib.crc32(info.name.encode())
+    rows = [(0, full_shape[0])] if spec.dim != 0 else list(spec.pieces)  # full rows this rank keeps
+    local_row = 0
+    for start, length in rows:
+        for first in range(start - start % block, start + length, block):  # the blocks these rows fall in
+            generator = torch.Generator().manual_seed(name_seed + first // block)
+            drawn = torch.empty((min(block, full_shape[0] - first), *full_shape[1:]))
+            drawn.normal_(0.0, std, generator=generator)
+            lo, hi = max(first, start), min(first + block, start + length)
+            values = drawn[lo - first : hi - first]
+            if spec.dim is not None and spec.dim != 0:
+                values = torch.cat([values.narrow(spec.dim, s, n) for s, n in spec.pieces], dim=spec.dim)
+            param[local_row : local_row + hi - lo].copy_(values)
+            local_row += hi - lo
+
+
+def _strip_layer(name: str) -> str:
+    """'layers.3.ffn_norm.weight' -> 'layers.*.ffn_norm.weight' (norms are alike in every layer)."""
+    parts = name.split(".")
+    return ".".join("*" if p.isdigit() else p for p in parts)

@@ -1,0 +1,156 @@
+"""The dense model families: published sizes, InternEvo's parameter names, and Hugging Face weights in and
+out, with transformers' own classes as the oracle (fp32 logits within 1e-5, the same loss)."""
+
+import pytest
+import torch
+
+from pytrain.model import Decoder
+from pytrain.model.families import build_internlm, build_internlm2, build_llama2, build_qwen2
+from pytrain.model.hf import HFReader, from_hf_state, hf_config, save_hf_folder, to_hf_state
+from pytrain.registry import MODEL_INITIALIZER
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_kv_attention_heads=2,
+    vocab_size=96,
+    multiple_of=32,
+    dtype="torch.float32",
+    use_flash_attn=False,
+)
+# (builder, extra fields): every attention layout, bias placement and rotary convention the families have.
+VARIANTS = {
+    "internlm": (build_internlm, {}),  # fused Wqkv with biases
+    "internlm-nobias-interleaved": (build_internlm, dict(no_bias=True, qk_interleaved=True)),
+    "internlm2": (build_internlm2, {}),  # grouped wqkv with biases
+    "internlm2-interleaved": (build_internlm2, dict(no_bias=True, adapt_hf=False)),
+    "llama2": (build_llama2, {}),  # adapt_hf=False: interleaved rotary, biases on q, k, v, o
+    "llama2-hf-order-tied": (build_llama2, dict(no_bias=True, adapt_hf=True, tie_word_embeddings=True)),
+    "llama2-fused": (build_llama2, dict(enable_qkv_fusion=True)),
+    "qwen2": (build_qwen2, {}),
+}
+
+
+def random_model(name: str, seed: int = 0) -> Decoder:
+    builder, extra = VARIANTS[name]
+    torch.manual_seed(seed)
+    model = builder(**TINY, **extra)
+    with torch.no_grad():  # norms and biases too, so that a mapping mistake anywhere shows
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    return model
+
+
+def loss_of(logits, ids):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+@pytest.mark.parametrize(
+    "model_type, fields, published",
+    [
+        ("INTERNLM", dict(vocab_size=103168, mlp_ratio=8 / 3), 7_321_948_160),  # InternLM-7B (with its biases)
+        ("INTERNLM2", dict(vocab_size=92544, num_kv_attention_heads=8, mlp_ratio=3.5, no_bias=True), 7_737_708_544),
+        ("LLAMA2", dict(vocab_size=32000, mlp_ratio=2.6875, no_bias=True), 6_738_415_616),  # Llama-2-7B
+        ("QWEN2", dict(mlp_ratio=37 / 7), 7_615_616_512),  # Qwen2-7B
+    ],
+)
+def test_7b_sizes_equal_the_published_ones(model_type, fields, published):
+    with torch.device("meta"):
+        model = MODEL_INITIALIZER.get_module(model_type)(**fields)
+    assert sum(p.numel() for p in model.parameters()) == published
+
+
+def test_parameter_names_follow_internevo():
+    names = {key: set(random_model(key).state_dict()) for key in ("internlm", "internlm2", "llama2", "qwen2")}
+    assert {
+        "embedding.weight",
+        "blocks.1.mixer.Wqkv.bias",
+        "blocks.1.mixer.out_proj.weight",
+        "blocks.0.mlp.w3.weight",
+        "blocks.0.norm1.weight",
+        "blocks.0.norm2.weight",
+        "norm.weight",
+        "head.weight",
+    } <= names["internlm"]
+    assert {
+        "tok_embeddings.weight",
+        "layers.1.attention.wqkv.weight",
+        "layers.1.attention.wo.weight",
+        "layers.0.feed_forward.w2.weight",
+        "layers.0.attention_norm.weight",
+        "layers.0.ffn_norm.weight",
+        "output.weight",
+    } <= names["internlm2"]
+    assert {"layers.0.attention.wq.weight", "layers.0.attention.wk.bias", "layers.0.attention.wo.bias"} <= names[
+        "llama2"
+    ]
+    assert {"embed_tokens.weight", "layers.0.attention.wv.bias", "layers.0.attention.wo.weight"} <= names["qwen2"]
+    assert "layers.0.attention.wo.bias" not in names["qwen2"]
+
+
+def test_qk_interleaved_defaults_follow_adapt_hf():
+    rotary = lambda model: model.layers["0"].attention.rotary.interleaved
+    assert rotary(build_llama2(**TINY)) is True  # LLAMA2's adapt_hf=False
+    assert rotary(build_internlm2(**TINY)) is False  # INTERNLM2's adapt_hf=True
+    assert rotary(build_llama2(**TINY, adapt_hf=True)) is False
+    assert rotary(build_internlm2(**TINY, qk_interleaved=True)) is True  # an explicit value wins
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_exported_folder_loads_in_transformers_with_the_same_logits(name, tmp_path):
+    model = random_model(name)
+    save_hf_folder(model, model.state_dict(), tmp_path, dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert type(theirs).__name__ == hf_config(model)["architectures"][0]
+    ids = torch.randint(0, TINY["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours_logits, their_logits = model(ids), theirs(ids).logits
+    assert (ours_logits - their_logits).abs().max() <= 1e-5
+    torch.testing.assert_close(loss_of(ours_logits, ids), loss_of(their_logits, ids), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_transformers_weights_import_with_the_same_logits_and_round_trip_bitwise(name, tmp_path):
+    model = random_model(name)
+    config_dict = hf_config(model, "float32")
+    config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    torch.manual_seed(5)
+    theirs = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for param in theirs.parameters():
+            param.normal_(0.0, 0.2)
+    theirs.save_pretrained(tmp_path)
+    reader = HFReader(tmp_path)
+    state = from_hf_state(model, {k: reader.get(k) for k in reader.weight_map})
+    model.load_state_dict(state)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (model(ids) - theirs(ids).logits).abs().max() <= 1e-5
+    back = to_hf_state(model, model.state_dict())
+    their_state = theirs.state_dict()
+    for key, tensor in back.items():
+        assert torch.equal(tensor, their_state[key]), key
+    again = from_hf_state(model, back)
+    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+
+
+def test_what_hugging_face_cannot_express_is_refused():
+    with pytest.raises(ValueError, match="apply_post_layer_norm=True has no Hugging Face"):
+        hf_config(build_llama2(**TINY, apply_post_layer_norm=True))
+    with pytest.raises(ValueError, match="norm_type='layernorm' has no Hugging Face"):
+        hf_config(build_llama2(**TINY, norm_type="layernorm"))
+    with pytest.raises(ValueError, match="Qwen2ForCausalLM has biases on q, k and v only"):
+        hf_config(build_qwen2(**TINY, o_bias=True))
+
+
+def test_missing_hugging_face_tensors_are_named(tmp_path):
+    model = random_model("llama2")
+    state = to_hf_state(model, model.state_dict())
+    del state["model.layers.1.self_attn.k_proj.weight"]
+    with pytest.raises(ValueError, match=r"lack 1 tensor\(s\) .* model.layers.1.self_attn.k_proj.weight"):
+        from_hf_state(model, state)
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):
+        HFReader(tmp_path)
