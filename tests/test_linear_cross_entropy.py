@@ -6,6 +6,7 @@ The op's logits are rounded to the inputs' dtype before the loss (as eager's mat
 grad_weight accumulates chunk by chunk in weight's dtype: the tolerances below include both.
 """
 
+import contextlib
 import warnings
 
 import pytest
@@ -280,12 +281,16 @@ def test_opcheck(device):
     hidden, weight, labels = make_inputs(9, 8, 30, torch.float32, device)
     torch.library.opcheck(
         torch.ops.pytrain.linear_cross_entropy_forward.default,
-        (hidden.requires_grad_(), weight.requires_grad_(), labels, -100, 0.1, 1e-3, "mean", 4, True),
+        (hidden.requires_grad_(), weight.requires_grad_(), labels, -100, 0.1, 1e-3, "mean", 4, True, False),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
     torch.library.opcheck(
         torch.ops.pytrain.linear_cross_entropy_forward.default,
-        (hidden.detach(), weight.detach(), labels, -100, 0.1, 1e-3, "none", 4, False),
+        (hidden.detach(), weight.detach(), labels, -100, 0.1, 1e-3, "none", 4, False, False),
+    )
+    torch.library.opcheck(
+        torch.ops.pytrain.linear_cross_entropy_forward.default,
+        (hidden.detach(), weight.detach(), labels, -100, 0.1, 1e-3, "mean", 4, False, True),
     )
     torch.library.opcheck(
         torch.ops.pytrain.linear_cross_entropy_backward.default,
@@ -329,3 +334,21 @@ def test_fallback_matches_reference(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cuda_llm_like_shape(dtype):
     check_against_reference(1000, 256, 32003, dtype, "cuda", chunk_size=256, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_labels_checked_reads_nothing_back(device, reduction, forbid_host_reads):
+    """labels_checked=True: the same loss and gradients with no host read-back in the forward (the backward runs
+    outside the guard: on the CPU it reads grad_output to skip a multiply by 1; on CUDA it never reads it)."""
+    hidden, weight, labels = make_inputs(21, 8, 30, torch.float32, device, seed=5)
+    grad_out = torch.rand((21,) if reduction == "none" else (), device=device) + 0.5
+    results = []
+    for checked in (False, True):
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        with forbid_host_reads() if checked else contextlib.nullcontext():
+            loss = linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=8, labels_checked=checked)
+        loss.backward(grad_out)
+        results.append((loss.detach(), h.grad, w.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)

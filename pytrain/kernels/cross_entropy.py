@@ -134,7 +134,7 @@ def _forward(
     labels_checked: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, vocab = logits.shape
-    if labels_checked:  # the count stays on the device; "mean" divides the gradient in the backward (_mean_count)
+    if labels_checked:  # the count stays on the device; "mean" divides the gradient in the backward (mean_count)
         count, grad_scale = (labels != ignore_index).sum(), 1.0
     else:
         count = check_labels_in_range(labels, vocab, ignore_index)
@@ -181,12 +181,12 @@ def _(grad, grad_output):
     return None
 
 
-def _mean_count(labels, ignore_index: int, reduction: str, labels_checked: bool):
+def mean_count(labels, ignore_index: int, reduction: str, labels_checked: bool):
     """The device count "mean" divides the gradient by in the backward when the forward left it unscaled."""
     return (labels != ignore_index).sum().clamp_min(1) if labels_checked and reduction == "mean" else None
 
 
-def _scaled_by_count(grad_loss, count):
+def scaled_by_count(grad_loss, count):
     return grad_loss.contiguous() if count is None else (grad_loss / count).contiguous()
 
 
@@ -195,7 +195,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero-filled logits-sized gradient for the unused output
-    ctx.count = _mean_count(labels, ignore_index, reduction, labels_checked)
+    ctx.count = mean_count(labels, ignore_index, reduction, labels_checked)
 
 
 def _autograd_backward(ctx, grad_loss, _grad_of_grad):
@@ -204,7 +204,7 @@ def _autograd_backward(ctx, grad_loss, _grad_of_grad):
     if grad_loss is None:  # the loss itself was not used
         return None, None, None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
-    scale_saved_grad_(grad, _scaled_by_count(grad_loss, ctx.count))
+    scale_saved_grad_(grad, scaled_by_count(grad_loss, ctx.count))
     return grad, None, None, None, None, None, None, None
 
 
@@ -322,7 +322,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         else:
             count = check_labels_in_range(labels, total_vocab, ignore_index)
             grad_scale = grad_scale_for(reduction, count)
-        ctx.count = _mean_count(labels, ignore_index, reduction, labels_checked)
+        ctx.count = mean_count(labels, ignore_index, reduction, labels_checked)
 
         stats = _shard_statistics(logits, labels, vocab_start, ignore_index, label_smoothing)
         global_max = stats[:, 0].clone()
@@ -356,7 +356,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        scale_saved_grad_(grad, _scaled_by_count(grad_loss, ctx.count))
+        scale_saved_grad_(grad, scaled_by_count(grad_loss, ctx.count))
         return grad, None, None, None, None, None, None, None, None
 
 

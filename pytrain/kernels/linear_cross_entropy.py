@@ -14,6 +14,8 @@ from . import reference
 from ._backend import extension
 from ._checks import check_same_device, check_tensor
 from .cross_entropy import (
+    mean_count,
+    scaled_by_count,
     check_labels_in_range,
     check_loss_args,
     grad_scale_for,
@@ -76,8 +78,13 @@ def _forward(
     reduction: str,
     chunk_size: int,
     with_grad: bool,
+    labels_checked: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    count = check_labels_in_range(labels, weight.shape[0], ignore_index)
+    if labels_checked:  # no host read-back; "mean" divides the gradients in the backward (mean_count)
+        count, grad_scale = (labels != ignore_index).sum(), 1.0
+    else:
+        count = check_labels_in_range(labels, weight.shape[0], ignore_index)
+        grad_scale = grad_scale_for(reduction, count)
     with_grad = with_grad and reduction != "none"  # "none": the backward recomputes with per-row scales
     loss_rows, grad_hidden, grad_weight = _chunked(
         hidden,
@@ -87,7 +94,7 @@ def _forward(
         ignore_index,
         label_smoothing,
         z_loss,
-        grad_scale_for(reduction, count),
+        grad_scale,
         chunk_size,
         with_grad,
     )
@@ -97,7 +104,7 @@ def _forward(
 
 
 @_forward.register_fake
-def _(hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, chunk_size, with_grad):
+def _(hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, chunk_size, with_grad, labels_checked):
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=torch.float32)
     if with_grad and reduction != "none":
         return loss, torch.empty_like(hidden), torch.empty_like(weight)
@@ -137,8 +144,9 @@ def _(grad_loss, hidden, weight, labels, ignore_index, label_smoothing, z_loss, 
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, chunk_size, _ = inputs
+    hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, chunk_size, _, labels_checked = inputs
     ctx.recompute = reduction == "none"
+    ctx.count = mean_count(labels, ignore_index, reduction, labels_checked)
     ctx.options = (ignore_index, label_smoothing, z_loss, chunk_size)
     if ctx.recompute:
         ctx.save_for_backward(hidden, weight, labels)
@@ -154,9 +162,10 @@ def _autograd_backward(ctx, grad_loss, _grad_of_grad_hidden, _grad_of_grad_weigh
         grad_hidden, grad_weight = _backward(grad_loss, hidden, weight, labels, *ctx.options)
     else:  # consumed in place: a second backward fails torch's saved-tensor version check
         grad_hidden, grad_weight = ctx.saved_tensors
+        grad_loss = scaled_by_count(grad_loss, ctx.count)
         scale_saved_grad_(grad_hidden, grad_loss)
         scale_saved_grad_(grad_weight, grad_loss)
-    return grad_hidden, grad_weight, None, None, None, None, None, None, None
+    return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -171,10 +180,13 @@ def linear_cross_entropy(
     reduction: str = "mean",
     z_loss: float = 0.0,
     chunk_size: int | None = None,
+    *,
+    labels_checked: bool = False,
 ) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T, labels, ...) with hidden (..., hidden_size), weight (vocab, hidden_size)
     as nn.Linear holds it (same dtype as hidden) and labels (...); the loss is fp32. chunk_size: tokens per
-    chunk (default: a (chunk, vocab) logits buffer of about 128 MiB, at least 256 tokens)."""
+    chunk (default: a (chunk, vocab) logits buffer of about 128 MiB, at least 256 tokens). labels_checked: as in
+    cross_entropy (the caller checked the labels on the host: no read-back here)."""
     labels = check_loss_args(labels, ignore_index, label_smoothing, reduction, z_loss)
     check_tensor("hidden", hidden)
     check_tensor("weight", weight, min_dim=2)
@@ -210,5 +222,6 @@ def linear_cross_entropy(
         reduction,
         max(1, chunk),
         with_grad,
+        bool(labels_checked),
     )
     return loss.reshape(labels.shape) if reduction == "none" else loss
