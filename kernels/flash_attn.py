@@ -5,6 +5,8 @@ head_dim), packed back to back, with cu_seqlens (num_seqs + 1,) int32 marking wh
 starts; a (batch, seq) input is the packed case with equal lengths. No token attends across a sequence
 boundary, and nothing quadratic in the packed length is ever built. q head h reads kv head
 h // (q_heads // kv_heads). Any head_dim up to 256 works: loads are masked up to the next power of two.
+Tokens and heads may be strided (q, k, v as views of one fused projection; stride(-1) must be 1): every tile
+address is computed in int64. Programs: grid axis 0 = sequences x heads, axis 1 = blocks within a sequence.
 
 Softmax runs in base 2 (exp2) on scores pre-multiplied by scale * log2(e); the saved logsumexp is in
 natural-log units, shape (q_heads, total_tokens), fp32. The backward recomputes the probabilities from
