@@ -44,8 +44,10 @@ class PackedSequences:
             raise ValueError(f"cu_seqlens ends at {bounds[-1]} tokens; the kernels take at most 2**31 - 1")
         self.bounds, self.max_seqlen, self.total_tokens = bounds, max(lengths), bounds[-1]
         device = torch.device("cpu" if device is None else device)
-        positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths if n] or [torch.zeros(0).long()])
-        both = torch.cat((torch.tensor(bounds, dtype=torch.int64), positions))
+        host_bounds = torch.tensor(bounds, dtype=torch.int64)
+        starts = torch.repeat_interleave(host_bounds[:-1], torch.tensor(lengths), output_size=bounds[-1])
+        positions = torch.arange(bounds[-1], dtype=torch.int64) - starts
+        both = torch.cat((host_bounds, positions))
         if device.type == "cuda":
             both = both.pin_memory().to(device, non_blocking=True)
         else:
