@@ -117,6 +117,18 @@ class StepMonitor:
                 line += " | step skipped (inf/NaN gradients)"
             print(line, file=self.stream or sys.stdout, flush=True)
 
+    def record_validation(self, step: int, metrics: dict[str, float]) -> None:
+        """A validation pass's metrics (pytrain.train.validation): a line, metrics.jsonl and TensorBoard."""
+        if not self.is_main_rank:
+            return
+        self._metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._metrics_file.flush()
+        if self._writer:
+            for key, value in metrics.items():
+                self._writer.add_scalar(key, value, step)
+        sets = " | ".join(f"{key.removeprefix('val/')} {value:.4f}" for key, value in metrics.items())
+        print(f"validation at step {step} | {sets}", file=self.stream or sys.stdout, flush=True)
+
     def watch(self):
         """A context around the training loop: with an alert log, a failure (SIGTERM too) on any rank writes
         run_failed before it propagates."""

@@ -3,15 +3,12 @@
 Each reads the launched run's config (pytrain.parallel.gpc.config) unless one is passed explicitly.
 """
 
-from functools import partial
-
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 
-from pytrain.config import BUILTIN_CORPUS, Config, ConfigError
-from pytrain.data import DummyDataset, StepBatchSampler, TokenWindowDataset, collate_micro_batches, load_stdlib_corpus
+from pytrain.config import Config, ConfigError
+from pytrain.data import BUILTIN_CORPUS, build_train_loader, build_valid_loaders
 from pytrain.parallel import gpc
 from pytrain.parallel.model_part import ModelPart, parallelize
 from pytrain.registry import MODEL_INITIALIZER
@@ -104,42 +101,36 @@ def initialize_optimizer(model: nn.Module, config: Config | None = None):
 
 
 def get_train_data_loader(num_worker: int = 0, config: Config | None = None):
-    """This rank's loader: each item is one step's batch {"input_ids", "labels"} of shape
-    (micro_num, micro_bsz, seq_len). Returns (loader, dataset_types), as InternLM's."""
+    """This rank's loader: each item is one step's batch of (micro_num, micro_bsz, seq_len) tensors
+    ("input_ids", "labels", "positions", "type_ids"; packed rows also "cu_seqlens" and "max_seqlen", see
+    pytrain.data.loader). Returns (loader, dataset_types), as InternLM's."""
     cfg = gpc.require_config(config)
-    data = cfg.data
-    samples_per_rank = data.micro_num * data.micro_bsz
-    if data.train_folder is None:
-        dataset = DummyDataset(
-            data.total_steps * samples_per_rank * gpc.data_parallel_size,
-            data.seq_len,
-            cfg.model.vocab_size,
-            seed=gpc.seed,
-        )
-        dataset_types = ["dummy"]
-    elif data.train_folder == BUILTIN_CORPUS:
-        if dist.is_initialized() and gpc.rank != 0:
-            dist.barrier()  # rank 0 tokenizes and caches first
-        tokens = load_stdlib_corpus(data.cache_folder, show_progress=gpc.rank == 0)
-        if dist.is_initialized() and gpc.rank == 0:
-            dist.barrier()
-        dataset = TokenWindowDataset(tokens, data.seq_len)
-        dataset_types = ["stdlib"]
-    else:
-        raise ValueError(f"data.train_folder={data.train_folder!r} is not supported")
-    sampler = StepBatchSampler(
-        len(dataset),
-        samples_per_rank,
-        gpc.data_parallel_size,
-        gpc.data_parallel_rank,
-        total_steps=data.total_steps,
+    first = not dist.is_initialized() or gpc.rank == 0
+    builtin = cfg.data.train_folder == BUILTIN_CORPUS
+    if builtin and not first:
+        dist.barrier()  # rank 0 tokenizes and caches the bundled corpus first
+    loader, dataset_types = build_train_loader(
+        cfg.data,
+        vocab_size=cfg.model.vocab_size,
+        data_parallel_size=gpc.data_parallel_size,
+        data_parallel_rank=gpc.data_parallel_rank,
         seed=gpc.seed,
-    )
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
+        device_type=gpc.device.type,
         num_workers=num_worker,
-        collate_fn=partial(collate_micro_batches, micro_num=data.micro_num),
-        pin_memory=gpc.device.type == "cuda",
     )
+    if builtin and first and dist.is_initialized():
+        dist.barrier()
     return loader, dataset_types
+
+
+def get_validation_data_loader(num_worker: int = 0, config: Config | None = None) -> dict:
+    """{validation set name: loader} for data.valid_folder ({} without one), as InternLM's."""
+    cfg = gpc.require_config(config)
+    return build_valid_loaders(
+        cfg.data,
+        vocab_size=cfg.model.vocab_size,
+        data_parallel_size=gpc.data_parallel_size,
+        data_parallel_rank=gpc.data_parallel_rank,
+        device_type=gpc.device.type,
+        num_workers=num_worker,
+    )

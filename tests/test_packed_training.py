@@ -1,0 +1,165 @@
+"""Packed rows through every schedule: documents packed back to back (cu_seqlens, positions restarting,
+-100 at each document's end) train exactly as the same documents each alone in its own padded row, in one
+process and under dp2, tp2 (mtp and msp) and pp2 (1F1B and interleaved); and the step loss is the mean
+over the global batch's non-ignored labels, not a mean of micro-batch means."""
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pytrain.config import Config
+from pytrain.data.loader import step_batch
+from pytrain.initialize import initialize_trainer
+from pytrain.initialize.launch import launch
+from pytrain.parallel import gpc
+from pytrain.train import initialize_model, initialize_optimizer
+
+SEQ_LEN, MICRO_BSZ, VOCAB = 16, 2, 128
+MODEL = dict(
+    num_layers=4,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_kv_attention_heads=2,
+    vocab_size=VOCAB,
+    multiple_of=32,
+    dtype="torch.float32",
+)
+# Eight documents of lengths <= SEQ_LEN filling 4 packs of MICRO_BSZ * SEQ_LEN = 32 tokens (some cross
+# the boundary between a pack's two rows, which attention must not care about).
+LENGTHS = [[5, 11, 16], [16, 9, 7], [3, 13, 16], [32]]
+
+
+def documents():
+    generator = torch.Generator().manual_seed(7)
+    docs = []
+    for pack in LENGTHS:
+        for length in pack:
+            for start in range(0, length, SEQ_LEN):  # a 32-token sample is cut into two of 16, as the packer does
+                docs.append(torch.randint(1, VOCAB, (min(SEQ_LEN, length - start),), generator=generator))
+    return docs
+
+
+def packed_batches(docs, data_parallel: int, rank: int):
+    """The documents packed as the loader packs them: one micro-batch per pack, rank r's share of them."""
+    packs = {k: [] for k in ("input_ids", "labels", "positions", "type_ids", "cu_seqlens")}
+    it = iter(docs)
+    for pack in LENGTHS:
+        pieces = [next(it) for length in pack for _ in range(0, length, SEQ_LEN)]
+        tokens = torch.cat(pieces).numpy()
+        labels = np.concatenate([np.append(p[1:].numpy(), -100) for p in pieces])
+        packs["input_ids"].append(tokens)
+        packs["labels"].append(labels)
+        packs["positions"].append(np.concatenate([np.arange(len(p)) for p in pieces]))
+        packs["type_ids"].append(np.zeros(len(tokens), dtype=np.int64))
+        packs["cu_seqlens"].append(np.cumsum([0] + [len(p) for p in pieces]))
+    per_rank = len(LENGTHS) // data_parallel
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    batch_packs = {k: np.stack(v[mine]) if k != "cu_seqlens" else v[mine] for k, v in packs.items()}
+    return step_batch(batch_packs, SEQ_LEN)
+
+
+def alone_batches(docs, data_parallel: int, rank: int):
+    """Each document alone in its own padded row, MICRO_BSZ rows per micro-batch."""
+    rows = len(docs) + (-len(docs)) % (MICRO_BSZ * data_parallel)
+    input_ids = torch.zeros(rows, SEQ_LEN, dtype=torch.int64)
+    labels = torch.full((rows, SEQ_LEN), -100, dtype=torch.int64)
+    for row, doc in enumerate(docs):
+        input_ids[row, : len(doc)] = doc
+        labels[row, : len(doc) - 1] = doc[1:]
+    per_rank = rows // data_parallel
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    shape = (-1, MICRO_BSZ, SEQ_LEN)
+    return {"input_ids": input_ids[mine].view(shape), "labels": labels[mine].view(shape)}
+
+
+def step(parallel: dict, micro_num: int, batch: dict, world: int, rank: int, run_folder):
+    model = dict(MODEL, **parallel.pop("model", {}))
+    cfg = Config.from_dict(
+        dict(
+            model=model,
+            parallel=parallel,
+            data=dict(seq_len=SEQ_LEN, micro_bsz=MICRO_BSZ, micro_num=micro_num),
+            hybrid_zero_optimizer=dict(overlap_sync_grad=False, clip_grad_norm=0.0),
+            adam=dict(lr=1e-2),
+            monitor=dict(run_folder=str(run_folder), tensorboard=dict(enable=False)),
+        )
+    )
+    launch(cfg, rank=rank, world_size=world, local_rank=0, init_method=None, backend="gloo", seed=3)
+    part = initialize_model()
+    optimizer, beta2, lr = initialize_optimizer(part)
+    trainer, *_ = initialize_trainer(part, optimizer, lr_scheduler=lr, beta2_scheduler=beta2)
+    trainer.zero_grad()
+    _, loss = trainer.execute_schedule(batch)
+    _, norm = trainer.step()
+    dist.all_reduce(loss, group=gpc.data_parallel_group)
+    params = {name: p.detach().clone() for name, p in part.full_state_names().items()}
+    return loss.item() / gpc.data_parallel_size, norm, params
+
+
+LAYOUTS = {
+    "one": (1, {}),
+    "dp2": (2, dict(zero1=1)),
+    "tp2": (2, dict(tensor=2)),
+    "tp2-msp": (2, dict(tensor=dict(size=2, mode="msp"))),
+    "pp2": (2, dict(pipeline=2)),
+    "pp2-interleaved": (2, dict(pipeline=2, model=dict(num_chunks=2))),
+}
+
+
+def worker(rank, world, init_method, name, run_folder, results):
+    if world > 1:
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        _, parallel = LAYOUTS[name]
+        data_parallel = world // (2 if ("tensor" in parallel or "pipeline" in parallel) else 1)
+        docs = documents()
+        packed = packed_batches(docs, data_parallel, rank // (world // data_parallel))
+        alone = alone_batches(docs, data_parallel, rank // (world // data_parallel))
+        results[(rank, "packed")] = step(dict(parallel), packed["input_ids"].shape[0], packed, world, rank, run_folder)
+        dist.destroy_process_group()
+        if world > 1:
+            dist.init_process_group("gloo", init_method=init_method + "-2", rank=rank, world_size=world)
+        results[(rank, "alone")] = step(dict(parallel), alone["input_ids"].shape[0], alone, world, rank, run_folder)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_packed_documents_train_as_each_document_alone(name, tmp_path, init_method, fresh_context):
+    world, _ = LAYOUTS[name]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(world, init_method, name, tmp_path, results), nprocs=world, join=True)
+        results = dict(results)
+    for rank in range(world):
+        (packed_loss, packed_norm, packed_params), (alone_loss, alone_norm, alone_params) = (
+            results[(rank, "packed")],
+            results[(rank, "alone")],
+        )
+        assert packed_loss == pytest.approx(alone_loss, rel=1e-5)
+        assert packed_norm == pytest.approx(alone_norm, rel=1e-4)
+        for key, value in packed_params.items():
+            torch.testing.assert_close(value, alone_params[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_the_loss_is_the_global_token_mean_not_a_mean_of_micro_batch_means(fresh_context, tmp_path):
+    """Micro-batch A has 2 labels, B has 30: as two micro-batches, or as one holding both rows, the loss and
+    the gradients are the same: the mean over all 32 labels."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (2, 1, 2 * SEQ_LEN), generator=generator).view(2, 2, SEQ_LEN)
+    labels = torch.randint(0, VOCAB, (2, 2, SEQ_LEN), generator=generator)
+    labels[0, :, 1:] = -100  # A: one label in each of its rows
+    labels[1, 0, :1] = -100  # B: one ignored
+    two = {"input_ids": input_ids, "labels": labels}
+    one = {"input_ids": input_ids.view(1, 4, SEQ_LEN), "labels": labels.view(1, 4, SEQ_LEN)}
+    loss_two, norm_two, params_two = step({}, 2, two, 1, 0, tmp_path)
+    dist.destroy_process_group()
+    loss_one, norm_one, params_one = step({}, 1, one, 1, 0, tmp_path)
+    assert loss_two == pytest.approx(loss_one, rel=1e-6)
+    assert norm_two == pytest.approx(norm_one, rel=1e-5)
+    for key, value in params_two.items():
+        torch.testing.assert_close(value, params_one[key], rtol=1e-5, atol=1e-7, msg=key)
