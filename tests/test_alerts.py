@@ -4,6 +4,7 @@ and the start line's "ignored here" list, in a unit test each and in one real ru
 import json
 import os
 import signal
+import time
 
 import pytest
 from conftest import CONFIGS, SMALL
@@ -52,15 +53,32 @@ def test_a_failure_is_written_and_propagates(tmp_path):
     assert alert["error"] == "ZeroDivisionError: division by zero" and "1 / 0" in alert["traceback"]
 
 
-def test_sigterm_is_a_failure_too(tmp_path):
+@pytest.fixture
+def default_sigterm():
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+def test_an_uncaught_sigterm_is_a_failure_too(tmp_path, default_sigterm):
     log = AlertLog(tmp_path / "a.log", "job")
-    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped, log.watch(lambda: 2):
         os.kill(os.getpid(), signal.SIGTERM)
-        signal.sigtimedwait([], 1) if hasattr(signal, "sigtimedwait") else None
+        time.sleep(1)  # the handler raises before this ends
     assert stopped.value.code == 128 + signal.SIGTERM
     assert read_alerts(tmp_path / "a.log")[0]["error"].startswith("SystemExit")
-    assert signal.getsignal(signal.SIGTERM) is before  # restored
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+def test_an_installed_sigterm_handler_stays_in_charge(tmp_path, default_sigterm):
+    """pytrain.checkpoint's StopSignal records SIGTERM to stop gracefully: watch() must not take it over."""
+    received = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    log = AlertLog(tmp_path / "a.log", "job")
+    with log.watch(lambda: 2):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+    assert received == [signal.SIGTERM] and not (tmp_path / "a.log").exists()
 
 
 def test_configured_peak_wins():

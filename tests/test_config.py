@@ -477,3 +477,14 @@ def test_pending_fields_are_the_data_and_checkpoint_ones():
     data = {"valid_folder", "valid_every", "valid_micro_num", "pack_sample_into_one", "skip_batches"}
     data |= {"rampup_batch_size", "min_length"}
     assert pending == {f"data.{f}" for f in data} | {name for name, _ in schema_leaves() if name.startswith("ckpt.")}
+
+
+def test_a_builder_naming_an_unavailable_field_implements_it(tmp_path, builders):
+    """model.num_experts > 1 is refused unless the model_type's builder takes num_experts itself."""
+
+    def build_moe(*, num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, num_experts=1):
+        raise AssertionError
+
+    builders("TEST_MOE", build_moe)
+    cfg = Config.from_file(write(tmp_path, 'model_type = "TEST_MOE"\nmodel = dict(num_experts=8)\n'))
+    assert cfg.model.num_experts == 8 and cfg.ignored_here == ()

@@ -6,7 +6,7 @@ One line per alert: {"time", "job", "rank", "host", "alert", ...}, where "alert"
   loss_spike     a step's loss exceeded loss_spike_limit x the previous step's (step, loss, previous_loss),
                  InternLM's check with its fixed 1.5 as the default;
   run_finished   the last step ran (step);
-  run_failed     an exception ended the run on this rank, SIGTERM included (step, error, traceback).
+  run_failed     an exception ended the run on this rank (step, error, traceback); an uncaught SIGTERM too.
 Step alerts come from the first rank (the loss is averaged over the data-parallel ranks); failures from the
 rank that saw them. Lines are appended whole with one write each, so ranks sharing the file do not interleave.
 """
@@ -82,15 +82,17 @@ class AlertLog:
 
     @contextlib.contextmanager
     def watch(self, last_step):
-        """Around the training loop: an exception (SIGTERM too, raised as SystemExit(143), which is how torchrun
-        stops the other ranks when one dies) writes run_failed with last_step() before it propagates."""
+        """Around the training loop: an exception writes run_failed with last_step() before it propagates.
+        SIGTERM (how torchrun stops the other ranks when one dies) counts too: where it would kill the process
+        outright (its default action), it is raised as SystemExit(143) instead; a handler already installed
+        (pytrain.checkpoint's graceful stop) is left in charge."""
         on_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.getsignal(signal.SIGTERM) if on_main_thread else None
+        takes_sigterm = on_main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
         def stop(signum, frame):
             raise SystemExit(128 + signum)
 
-        if on_main_thread:
+        if takes_sigterm:
             signal.signal(signal.SIGTERM, stop)
         try:
             yield self
@@ -98,5 +100,5 @@ class AlertLog:
             self.failed(error, last_step())
             raise
         finally:
-            if on_main_thread:
-                signal.signal(signal.SIGTERM, previous)
+            if takes_sigterm:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
