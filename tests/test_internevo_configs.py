@@ -45,6 +45,9 @@ class Fails:
 
 
 CASES = {
+    "internlm_7B_sft.py": Fails(
+        r"ckpt.load_ckpt_folder = 'local:llm_ckpts/': checkpoint loading is not available yet"
+    ),  # flips with checkpoint loading
     "internevo_7B_sft.py": Fails(
         r"ckpt.load_ckpt_folder = 'local:llm_ckpts/': checkpoint loading is not available yet"
     ),  # flips with checkpoint loading
