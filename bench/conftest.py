@@ -200,7 +200,7 @@ def record_throughput():
 
 def _throughput_summary(tr) -> None:
     for config, rows in _by_group([dict(r, group=r["config"]) for r in _THROUGHPUT_RESULTS]).items():
-        one = next((r for r in rows if r["processes"] == 1), None)
+        one = next((r for r in rows if r["processes"] == 1 and "(baseline)" not in r["layout"]), None)
         tr.section(f"training throughput, {config}: tokens/s over all ranks (median step) vs one process")
         for r in rows:
             ratio = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one else "-"

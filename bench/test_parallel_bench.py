@@ -10,6 +10,10 @@ cost on this machine.
 
 Configs: tiny (configs/tiny.py, 5M parameters) and 100M (configs/100M.py). `--benchmark-disable` runs the
 tiny rows for 2 steps only (each layout starts and trains from the command line) and skips the 100M ones.
+
+PYTRAIN_BASELINE_TREE=<a checkout of another commit, with its built extension> adds the same rows run by
+that code (side by side in one run, e.g. before and after a refactor): `git worktree add /tmp/before REV`,
+copy pytrain/_C*.so into it, and run `PYTRAIN_BASELINE_TREE=/tmp/before pytest bench/test_parallel_bench.py`.
 """
 
 import json
@@ -22,6 +26,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+BASELINE = os.environ.get("PYTRAIN_BASELINE_TREE")
+CODES = ["current", "baseline"] if BASELINE else ["current"]
 
 # name: (processes, overrides)
 LAYOUTS = {
@@ -51,7 +57,9 @@ def layout_sizes(overrides: list[str]) -> tuple[int, int]:
     return sizes["tensor"], sizes["pipeline"]
 
 
-def run_layout(config: str, processes: int, overrides: list[str], micro_batches: int, steps: int, folder: Path):
+def run_layout(
+    config: str, processes: int, overrides: list[str], micro_batches: int, steps: int, folder: Path, code="current"
+):
     tensor, pipeline = layout_sizes(overrides)
     data_parallel = processes // (tensor * pipeline)
     settings = [
@@ -76,7 +84,9 @@ def run_layout(config: str, processes: int, overrides: list[str], micro_batches:
             "pytrain.train",
         ]
     )
-    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count())) if processes == 1 else None
+    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count())) if processes == 1 else dict(os.environ)
+    if code == "baseline":  # that tree's pytrain first on the path (before the editable install's finder)
+        env["PYTHONPATH"] = BASELINE
     done = subprocess.run(
         [*launcher, "--config", str(ROOT / config), "--backend", "gloo", "--set", *settings],
         cwd=ROOT,
@@ -90,9 +100,10 @@ def run_layout(config: str, processes: int, overrides: list[str], micro_batches:
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
+@pytest.mark.parametrize("code", CODES)
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_throughput(benchmark, record_throughput, config_name, layout, tmp_path):
+def test_layout_throughput(benchmark, record_throughput, config_name, layout, code, tmp_path):
     config, micro_batches, steps, warmup = CONFIGS[config_name]
     if not benchmark.enabled:
         if config_name != "tiny":
@@ -100,7 +111,7 @@ def test_layout_throughput(benchmark, record_throughput, config_name, layout, tm
         steps, warmup = 2, 0
     processes, overrides = LAYOUTS[layout]
     rows = benchmark.pedantic(
-        run_layout, args=(config, processes, overrides, micro_batches, steps, tmp_path), rounds=1, iterations=1
+        run_layout, args=(config, processes, overrides, micro_batches, steps, tmp_path, code), rounds=1, iterations=1
     )
     assert len(rows) == steps and all(r["loss"] == r["loss"] for r in rows)
     if not benchmark.enabled:
@@ -110,7 +121,7 @@ def test_layout_throughput(benchmark, record_throughput, config_name, layout, tm
     tokens_per_step = rows[0]["tgs"] * rows[0]["step_time"] * processes  # per rank x ranks = the global batch
     row = dict(
         config=config_name,
-        layout=layout,
+        layout=layout if code == "current" else f"{layout} ({code})",
         processes=processes,
         step_time=step_time,
         tokens_per_s=tokens_per_step / step_time,

@@ -25,7 +25,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute
 
 from pytrain.config import mlp_width
-from pytrain.kernels import RMSNorm, RotaryEmbedding, flash_attn_func, flash_attn_varlen_func, reference
+from pytrain.kernels import (
+    PackedSequences,
+    RMSNorm,
+    RotaryEmbedding,
+    flash_attn_func,
+    flash_attn_varlen_func,
+    reference,
+)
 
 DTYPES = {
     "torch.float16": torch.float16,
@@ -137,16 +144,16 @@ class Attention(nn.Module):
     def output(self, attended: torch.Tensor) -> torch.Tensor:
         return self.wo(attended)
 
-    def forward(self, x, positions=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, x, positions=None, packed: PackedSequences | None = None):
         q, k, v = self.project(x)  # this rank's heads of the whole sequence, also under sequence parallelism
         batch, seq = q.shape[:2]
-        q, k = self.rotary(q, k, positions)
-        if cu_seqlens is not None:  # packed: attention within each document of the flattened tokens
+        q, k = self.rotary(q, k, positions if packed is None else packed)
+        if packed is not None:  # attention within each document of the flattened tokens
             q, k, v = (t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v))
             if self.use_flash_attn:
-                out = flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, causal=True)
+                out = flash_attn_varlen_func(q, k, v, packed, causal=True)
             else:
-                out = reference.attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
+                out = reference.attention(q, k, v, causal=True, cu_seqlens=packed)
         elif self.use_flash_attn:
             out = flash_attn_func(q, k, v, causal=True)
         else:
@@ -242,17 +249,17 @@ class DecoderLayer(nn.Module):
         self.add_module(names.attention_norm, norms[0])
         self.add_module(names.mlp_norm, norms[1])
 
-    def forward(self, hidden, residual=None, positions=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, hidden, residual=None, positions=None, packed=None):
         """Pre-norm: returns (this layer's MLP output, the residual stream before it); the add happens in
         the next norm. Post-norm: returns (the normalized stream, None)."""
         n = self._modules
         attention, mlp = n[self.names.attention], n[self.names.mlp]
         norm1, norm2 = n[self.names.attention_norm], n[self.names.mlp_norm]
         if self.post_norm:
-            hidden = norm1(hidden + attention(hidden, positions, cu_seqlens, max_seqlen))
+            hidden = norm1(hidden + attention(hidden, positions, packed))
             return norm2(hidden + mlp(hidden)), None
         normed, residual = add_and_norm(norm1, hidden, residual)
-        hidden = attention(normed, positions, cu_seqlens, max_seqlen)
+        hidden = attention(normed, positions, packed)
         normed, residual = add_and_norm(norm2, hidden, residual)
         return mlp(normed), residual
 
@@ -329,13 +336,19 @@ class Decoder(nn.Module):
         self,
         input_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: "torch.Tensor | PackedSequences | None" = None,
         max_seqlen: int | None = None,
         hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Packed documents: positions (batch, seq) restarting at 0 per document, cu_seqlens (documents + 1,)
-        int32 over the batch * seq flattened tokens and max_seqlen the longest document. None: each row is
-        one sequence, positions 0..seq-1."""
+        """Packed documents: cu_seqlens (documents + 1,) over the batch * seq flattened tokens, best as a
+        PackedSequences built once per micro-batch from the host's boundaries (a tensor is checked here,
+        once, which reads it back to the host); positions then restart at 0 per document. Without
+        cu_seqlens each row is one sequence, at `positions` (batch, seq) or 0..seq-1. max_seqlen: accepted
+        for flash-attn's signature; the boundaries determine it."""
+        del max_seqlen
+        packed = cu_seqlens
+        if cu_seqlens is not None and not isinstance(cu_seqlens, PackedSequences):
+            packed = PackedSequences(cu_seqlens)
         if self.first:
             hidden = self.token_embedding(input_ids)
             if self.embed_grad_scale != 1.0:  # forward unchanged, gradient to the embedding scaled
@@ -344,7 +357,7 @@ class Decoder(nn.Module):
             hidden = hidden_states
         residual = None
         for index, layer in enumerate(self.decoder_layers.values()):
-            args = (hidden, residual, positions, cu_seqlens, max_seqlen)
+            args = (hidden, residual, positions, packed)
             if index < self.recompute_layers and torch.is_grad_enabled():
                 hidden, residual = recompute(layer, *args, use_reentrant=False)
             else:

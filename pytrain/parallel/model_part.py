@@ -196,8 +196,8 @@ def _draw_shard(param: torch.Tensor, info: ParamInfo, std: float, seed: int) -> 
     local_row = 0
     for start, length in rows:
         for first in range(start - start % block, start + length, block):  # the blocks these rows fall in
-            generator = torch.Generator().manual_seed(name_seed + first // block)
-            drawn = torch.empty((min(block, full_shape[0] - first), *full_shape[1:]))
+            generator = torch.Generator("cpu").manual_seed(name_seed + first // block)
+            drawn = torch.empty((min(block, full_shape[0] - first), *full_shape[1:]), device="cpu")
             drawn.normal_(0.0, std, generator=generator)
             lo, hi = max(first, start), min(first + block, start + length)
             values = drawn[lo - first : hi - first]

@@ -10,8 +10,10 @@ over data-parallel ranks by the optimizer, that is the global token mean.
 import torch
 import torch.distributed as dist
 
+from pytrain.kernels import PackedSequences
+
 IGNORE_INDEX = -100
-HOST_KEYS = ("max_seqlen",)  # batch entries the kernels read on the host: never moved to the device
+HOST_KEYS = ("cu_seqlens", "max_seqlen")  # read on the host (PackedSequences): never moved to the device
 
 
 def micro_batch_weights(labels: torch.Tensor, data_parallel_group) -> torch.Tensor:
@@ -26,14 +28,13 @@ def micro_batch_weights(labels: torch.Tensor, data_parallel_group) -> torch.Tens
 
 
 def micro_batch_inputs(batch: dict, micro: int) -> dict:
-    """The model's packed-document arguments for micro-batch `micro` (none for unpacked rows)."""
-    inputs = {}
-    if "positions" in batch:
-        inputs["positions"] = batch["positions"][micro]
+    """The model's position arguments for micro-batch `micro`: packed rows' boundaries, checked once and
+    moved to the device without a synchronization (PackedSequences, which also gives the positions), or
+    unpacked rows' positions."""
     if "cu_seqlens" in batch:
-        inputs["cu_seqlens"] = batch["cu_seqlens"][micro]
-        inputs["max_seqlen"] = int(batch["max_seqlen"][micro])
-    return inputs
+        device = batch["input_ids"].device
+        return {"cu_seqlens": PackedSequences(batch["cu_seqlens"][micro].tolist(), device=device)}
+    return {"positions": batch["positions"][micro]} if "positions" in batch else {}
 
 
 class NonPipelineScheduler:
