@@ -263,36 +263,41 @@ SCHEMA: dict[str, Any] = {
         "cur_iter": _field(-1, int, "scheduler position to resume from (-1: start)"),
     },
     "ckpt": {
-        "enable_save_ckpt": _pending(
-            False, bool, "save checkpoints", "checkpoints", only(False, "checkpoint saving is not available yet")
+        "enable_save_ckpt": _field(False, bool, "save checkpoints into save_ckpt_folder"),
+        "save_ckpt_folder": _field(
+            None, (str, NONE), "where checkpoints go: 'local:/path' or '/path' (remote storage is not available)"
         ),
-        "save_ckpt_folder": _pending(None, (str, NONE), "where checkpoints go", "checkpoints"),
-        "load_ckpt_folder": _pending(
-            None,
-            (str, NONE),
-            "checkpoint to load",
-            "checkpoints",
-            only(None, "checkpoint loading is not available yet"),
+        "load_ckpt_folder": _field(
+            None, (str, NONE), "older configs: a pytrain checkpoint to load everything from (see load_ckpt_info)"
         ),
-        "load_ckpt_info": _pending(
+        "load_ckpt_info": _field(
             None,
             (dict, NONE),
-            "dict(path, content, ckpt_type)",
-            "checkpoints",
-            only(None, "checkpoint loading is not available yet"),
+            "dict(path, content=('model', 'sampler', 'optimizer', 'scheduler') | ('all',), ckpt_type='internlm' "
+            "(pytrain's checkpoints) | 'hf' (a Hugging Face folder, model only))",
         ),
-        "auto_resume": _pending(True, bool, "resume from the newest complete checkpoint", "checkpoints"),
-        "checkpoint_every": _pending(50, int, "save every N steps", "checkpoints", positive),
-        "async_upload": _pending(False, bool, "upload checkpoints in the background", "checkpoints"),
-        "async_upload_tmp_folder": _pending(None, (str, NONE), "staging folder for async uploads", "checkpoints"),
-        "oss_snapshot_freq": _pending(0, int, "snapshot every N steps to object storage", "checkpoints", non_negative),
-        "stop_file_path": _pending(None, (str, NONE), "a file whose content (a step) stops the run", "checkpoints"),
-        "enable_internevo2hf_ckpt": _pending(
+        "auto_resume": _field(True, bool, "resume from the newest complete checkpoint in save_ckpt_folder, if any"),
+        "checkpoint_every": _field(50, int, "save every N steps (and at the last step)", positive),
+        "keep_last": _field(
+            0, int, "complete checkpoints to keep (0: all); older ones go after a newer one is complete", non_negative
+        ),
+        "async_upload": _field(False, bool, "save in the background: the step loop waits only for the host copy"),
+        "async_upload_tmp_folder": _field(
+            None,
+            (str, NONE),
+            "InternLM's staging folder for async uploads (pytrain stages in host memory)",
+            kind=IGNORED,
+        ),
+        "oss_snapshot_freq": _field(
+            0, int, "a rolling snapshot every N steps (snapshot/0|1, only the last kept; 0: off)", non_negative
+        ),
+        "stop_file_path": _field(None, (str, NONE), "a file holding a step number: save at that step and stop"),
+        "enable_internevo2hf_ckpt": _field(
             False,
             bool,
-            "also save checkpoints in Hugging Face format",
-            "checkpoints",
-            only(False, "checkpoint saving is not available yet"),
+            "also save checkpoints in Hugging Face format (use python -m pytrain.convert --to hf)",
+            kind=UNAVAILABLE,
+            allowed=(False,),
         ),
     },
     "monitor": {

@@ -14,14 +14,14 @@ from . import reference
 from ._backend import extension
 from ._checks import check_same_device, check_tensor
 from .cross_entropy import (
-    mean_count,
-    scaled_by_count,
     check_labels_in_range,
     check_loss_args,
     grad_scale_for,
+    mean_count,
     reduce_rows,
     run_kernel,
     scale_saved_grad_,
+    scaled_by_count,
 )
 
 CHUNK_BYTES = 128 * 2**20  # logits buffer per chunk: large enough for efficient matmuls (measured in bench/)

@@ -44,9 +44,9 @@ class PackedSequences:
             raise ValueError(f"cu_seqlens ends at {bounds[-1]} tokens; the kernels take at most 2**31 - 1")
         self.bounds, self.max_seqlen, self.total_tokens = bounds, max(lengths), bounds[-1]
         device = torch.device("cpu" if device is None else device)
-        host_bounds = torch.tensor(bounds, dtype=torch.int64)
-        starts = torch.repeat_interleave(host_bounds[:-1], torch.tensor(lengths), output_size=bounds[-1])
-        positions = torch.arange(bounds[-1], dtype=torch.int64) - starts
+        host_bounds = torch.tensor(bounds, dtype=torch.int64, device="cpu")
+        starts = torch.repeat_interleave(host_bounds[:-1], torch.tensor(lengths, device="cpu"), output_size=bounds[-1])
+        positions = torch.arange(bounds[-1], dtype=torch.int64, device="cpu") - starts
         both = torch.cat((host_bounds, positions))
         if device.type == "cuda":
             both = both.pin_memory().to(device, non_blocking=True)

@@ -32,3 +32,12 @@ class DynamicGradScaler:
                 self._clean_steps = 0
                 self._hysteresis_left = self.hysteresis
                 self.scale = min(self.scale * self.growth_factor, self.max_scale)
+
+    def state_dict(self) -> dict:
+        """Where the dynamic scale stands (the settings come from the config)."""
+        return {"scale": self.scale, "clean_steps": self._clean_steps, "hysteresis_left": self._hysteresis_left}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self._clean_steps = int(state["clean_steps"])
+        self._hysteresis_left = int(state["hysteresis_left"])

@@ -27,6 +27,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from pytrain.parallel.model_part import ModelPart
+from pytrain.parallel.shard_spec import ShardSpec
 
 from .grad_buckets import OverlappedGradReducer
 from .grad_scaler import DynamicGradScaler
@@ -118,6 +119,7 @@ class HybridZeroOptimizer:
         tensor_rank = dist.get_rank(tensor_group) if tensor_group is not None else 0
         part = model if isinstance(model, ModelPart) else ModelPart([model])
         info_of = {id(p): info for p, info in part.infos()}
+        self.infos = info_of  # id(model parameter) -> its ParamInfo (full name, shard spec): for checkpoints
         pairs = [(info_of[id(p)], v) for p, v in zip(self.model_params, grad_views)]
         self.norm_views = [v for info, v in pairs if info.counted_here(tensor_rank)]  # each weight once, model-wide
         # Gradients this rank holds part of, summed over the ranks holding the rest: (group, views)
@@ -151,6 +153,7 @@ class HybridZeroOptimizer:
                 if any(True for _ in module.parameters(recurse=False)):
                     module.register_forward_pre_hook(self._wait_for_params)
         self.overlap_sync_param = overlap_sync_param
+        self.successful_steps = 0  # Adam's step count (a skipped step does not count)
 
     @property
     def param_groups(self):
@@ -164,6 +167,46 @@ class HybridZeroOptimizer:
         """Bytes of fp32 master weights (when separate from the model's) and Adam state on this rank."""
         masters = sum(m.numel() * 4 for _, m, _ in self.owned) if self.needs_master else 0
         return masters + sum(m.numel() * 8 for _, m, _ in self.owned)  # exp_avg + exp_avg_sq in fp32
+
+    def state_targets(self) -> list[tuple[str, torch.Tensor, ShardSpec, bool]]:
+        """This rank's optimizer tensors as (key, tensor, its parameter's ShardSpec, duplicate) for the
+        parameters it owns, keyed by full-model name: "master/<name>" (fp32 masters, when separate from the
+        model's parameters), "exp_avg/<name>", "exp_avg_sq/<name>". duplicate: the last stage's copy of a
+        tied embedding (the same key and values as the first stage's; loaded, not saved). Adam's state is
+        created first where it does not exist yet, as its first step would (zeros, step 0)."""
+        out = []
+        for param, master, _ in self.owned:
+            info = self.infos[id(param)]
+            state = self.optimizer.state[master]
+            if not state:
+                state["step"] = torch.tensor(float(self.successful_steps), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+            if self.needs_master:
+                out.append((f"master/{info.name}", master.detach(), info.spec, info.duplicate))
+            for what in ("exp_avg", "exp_avg_sq"):
+                out.append((f"{what}/{info.name}", state[what], info.spec, info.duplicate))
+        return out
+
+    def state_dict(self) -> dict:
+        """The optimizer's JSON state (its tensors: state_targets())."""
+        return {"successful_steps": self.successful_steps}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Sets Adam's step count; call after the tensors of state_targets() are loaded."""
+        self.successful_steps = int(state["successful_steps"])
+        for _, master, _ in self.owned:
+            if self.optimizer.state[master]:
+                self.optimizer.state[master]["step"].fill_(float(self.successful_steps))
+
+    @torch.no_grad()
+    def masters_from_model(self) -> None:
+        """The fp32 masters copied from the model's parameters (after loading weights into the model)."""
+        if self.needs_master:
+            for param, master, _ in self.owned:
+                if master.data_ptr() != param.data_ptr():
+                    master.copy_(param)
 
     def zero_grad(self) -> None:
         for param in self.model_params:
@@ -200,6 +243,7 @@ class HybridZeroOptimizer:
             for _, master, view in self.owned:
                 master.grad = view
             self.optimizer.step()
+        self.successful_steps += 1
         if self.needs_master:
             for param, master, _ in self.owned:
                 param.copy_(master)

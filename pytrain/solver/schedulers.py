@@ -48,6 +48,21 @@ class WarmupCosineLR:
     def get_last_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
 
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues from the saved position: the param groups get that step's lr."""
+        saved = [float(lr) for lr in state["base_lrs"]]
+        if len(saved) != len(self.optimizer.param_groups):  # another layout: one base lr for every group
+            if len(set(saved)) != 1:
+                raise ValueError(f"the saved lr scheduler has base lrs {saved}, this optimizer has other groups")
+            saved = saved[:1] * len(self.optimizer.param_groups)
+        self.base_lrs = saved
+        self.last_epoch = int(state["last_epoch"])
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["initial_lr"], group["lr"] = base, self.lr_at(base, self.last_epoch)
+
 
 class Beta2Scheduler:
     """beta2 = max(init_beta2, 1 - iter**(-c)) for c > 0 (beta2 grows toward 1); c <= 0 keeps init_beta2."""
@@ -67,3 +82,11 @@ class Beta2Scheduler:
         beta2 = self.beta2_at(self.cur_iter)
         for group in self.optimizer.param_groups:
             group["betas"] = (group["betas"][0], beta2)
+
+    def state_dict(self) -> dict:
+        return {"cur_iter": self.cur_iter}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues from the saved iteration: the param groups get its beta2."""
+        self.cur_iter = int(state["cur_iter"]) - 1
+        self.step()

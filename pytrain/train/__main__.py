@@ -10,6 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from pytrain.checkpoint import CheckpointError
 from pytrain.config import Config, ConfigError, check_world_size
 from pytrain.initialize import get_default_parser, initialize_distributed_env, initialize_trainer
 from pytrain.model import DTYPES
@@ -17,6 +18,7 @@ from pytrain.monitor import AlertLog, StepMonitor, flops_per_token, matmul_param
 from pytrain.parallel import gpc
 from pytrain.registry import MODEL_INITIALIZER
 from pytrain.train import get_train_data_loader, initialize_model, initialize_optimizer
+from pytrain.train.checkpointing import TrainingCheckpoints
 
 
 def profiler(enabled: bool, folder):
@@ -55,6 +57,9 @@ def train(args) -> list[dict]:
         lr_scheduler=lr_scheduler,
         beta2_scheduler=beta2_scheduler,
     )
+    # before step 1: the save folder is checked, and what auto_resume / load_ckpt_info name is loaded
+    checkpoints = TrainingCheckpoints(cfg, model=model, optimizer=optimizer, trainer=trainer, loader=train_dl)
+    start_step = checkpoints.resume()
     data = cfg.data
     peak, peak_source = peak_tflops(gpc.device, DTYPES[cfg.model.dtype], cfg.monitor.peak_tflops)
     # The whole model's size: this rank's part summed over the ranks holding the rest.
@@ -107,7 +112,7 @@ def train(args) -> list[dict]:
     trainer.train()
     monitor.start_step()
     with profiler(args.profiling, gpc.run_folder) as prof, monitor.watch():
-        for step, batch in enumerate(train_dl, start=1):
+        for step, batch in enumerate(train_dl, start=start_step + 1):
             trainer.zero_grad()
             _, loss = trainer.execute_schedule(batch, forward_only=False, return_loss=True)
             success, grad_norm = trainer.step()
@@ -119,6 +124,9 @@ def train(args) -> list[dict]:
             )
             if prof is not None:
                 prof.step()
+            if checkpoints.after_step(step):  # a stop file or SIGTERM/SIGINT: saved, stop here
+                break
+    checkpoints.close()
     optimizer.sync_params()  # the last step's parameter broadcasts, if overlapped, land before the end
     monitor.close()
     if gpc.is_main_rank:
@@ -175,6 +183,9 @@ def main(argv=None) -> int:
             dist.barrier()  # gloo aborts a rank that tears down while its peer is still mid-exchange
     except ConfigError as err:
         print(f"pytrain: config error: {err}", flush=True)
+        return 2
+    except CheckpointError as err:
+        print(f"pytrain: checkpoint error: {err}", flush=True)
         return 2
     finally:
         if dist.is_initialized():

@@ -1,0 +1,322 @@
+"""The training state in checkpoints: what a checkpoint of a run holds, saving it during the step loop, and
+resuming or starting from one (the `ckpt` config section). Storage itself is pytrain.checkpoint.
+
+A checkpoint holds, keyed by full-model parameter names with each shard's ShardSpec (so any layout loads
+any other): "model/<name>" (the weights), "optim/master/<name>" (fp32 masters when the model is 16-bit),
+"optim/exp_avg/<name>", "optim/exp_avg_sq/<name>" (Adam's moments, each ZeRO-1 owner its parameters');
+and as JSON: the step, Adam's step count, the lr and beta2 schedulers, the loss scaler, the data
+position, the trainer's counters and the effective config text (global), every RNG (per rank).
+
+The step loop (pytrain.train.__main__):
+    checkpoints = TrainingCheckpoints(cfg, model=..., optimizer=..., trainer=..., loader=...)
+    start = checkpoints.resume()            # before step 1: loads what the config asks, checks everything
+    for step, batch in enumerate(loader, start=start + 1):
+        ...train one step...
+        if checkpoints.after_step(step):    # saves when due; True: a stop file or SIGTERM/SIGINT asked
+            break
+    checkpoints.close()                     # waits for a background save
+
+Which checkpoint a run starts from: with auto_resume, the newest complete, uncorrupted one in
+save_ckpt_folder (everything in it); else load_ckpt_info (its `content`; ckpt_type "internlm" is pytrain's
+own format, "hf" a Hugging Face folder, model only); else load_ckpt_folder (older configs: everything).
+"""
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pytrain.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointReader,
+    StopFile,
+    StopSignal,
+    find_latest,
+    resolve_folder,
+    restore_rng,
+    rng_state,
+)
+from pytrain.config import Config, ConfigError
+
+CONTENTS = ("model", "sampler", "optimizer", "scheduler")
+CKPT_TYPES = ("internlm", "hf")
+MODEL, OPTIM = "model/", "optim/"
+
+
+def load_request(ckpt) -> tuple[str, frozenset[str], str] | None:
+    """(path, content, ckpt_type) that load_ckpt_info or load_ckpt_folder asks for, checked; None: nothing."""
+    info = ckpt.load_ckpt_info
+    if info is None:
+        if ckpt.load_ckpt_folder is None:
+            return None
+        return ckpt.load_ckpt_folder, frozenset(CONTENTS), "internlm"
+    unknown = set(info) - {"path", "content", "ckpt_type"}
+    if unknown or "path" not in info:
+        raise ConfigError(
+            f"ckpt.load_ckpt_info = {info!r}: write dict(path=..., content=('model', 'sampler', 'optimizer', "
+            f"'scheduler') or ('all',), ckpt_type='internlm' or 'hf')"
+            + (f"; unknown key(s) {sorted(unknown)}" if unknown else "; 'path' is missing")
+        )
+    content = info.get("content", ("model",))
+    content = (content,) if isinstance(content, str) else tuple(content)
+    wrong = [c for c in content if c not in (*CONTENTS, "all")]
+    if wrong or not content:
+        raise ConfigError(
+            f"ckpt.load_ckpt_info content {content!r}: each item must be one of {', '.join(CONTENTS)} or 'all'"
+        )
+    content = frozenset(CONTENTS) if "all" in content else frozenset(content)
+    ckpt_type = info.get("ckpt_type", "internlm")
+    if ckpt_type not in CKPT_TYPES:
+        raise ConfigError(
+            f"ckpt.load_ckpt_info ckpt_type {ckpt_type!r} is not available: 'internlm' (pytrain's checkpoints) "
+            f"or 'hf' (a Hugging Face safetensors folder)"
+        )
+    if ckpt_type == "hf" and content != {"model"}:
+        raise ConfigError(
+            f"ckpt.load_ckpt_info: a Hugging Face folder holds weights only: content=('model',), not {sorted(content)}"
+        )
+    return str(info["path"]), content, ckpt_type
+
+
+def open_checkpoint(path: str) -> CheckpointReader:
+    """A pytrain checkpoint folder; InternLM's pickled model_tp*_pp*.pt folders are refused, saying why."""
+    folder = resolve_folder(path)
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint {path!r} does not exist ({folder.resolve()}): fix ckpt.load_ckpt_info.path")
+    pickles = sorted(p.name for p in folder.glob("model_tp*_pp*.pt")) if folder.is_dir() else []
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds InternLM/InternEvo checkpoint files ({', '.join(pickles[:3])}...): those are Python "
+            f"pickles, which pytrain never loads (unpickling runs code). Export the weights to a Hugging Face "
+            f"folder with InternEvo's conversion tool and load that with ckpt_type='hf'"
+        )
+    return CheckpointReader(folder)
+
+
+class TrainingCheckpoints:
+    """Saving and loading a run's whole training state per its `ckpt` config section (module doc)."""
+
+    def __init__(self, cfg: Config, *, model, optimizer, trainer, loader, whole_model=None):
+        """model: this rank's ModelPart; trainer: holds the schedulers and the step counter; loader: the
+        TrainLoader (state_dict / load_state_dict); whole_model: the whole model on the meta device (for
+        Hugging Face loading; built from the config when needed and not given)."""
+        self.cfg, self.ckpt = cfg, cfg.ckpt
+        self.model, self.optimizer, self.trainer, self.loader = model, optimizer, trainer, loader
+        self.whole_model = whole_model
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.request = load_request(self.ckpt)  # bad load_ckpt_info: an error before anything runs
+        self.total_steps = cfg.data.total_steps
+        self.saver = None
+        self.signal = None
+        if self.ckpt.enable_save_ckpt:
+            if not self.ckpt.save_ckpt_folder:
+                raise ConfigError("ckpt.enable_save_ckpt=True needs ckpt.save_ckpt_folder (e.g. 'local:ckpts/run1')")
+            self.saver = Checkpointer(
+                self.ckpt.save_ckpt_folder, keep=self.ckpt.keep_last, async_save=self.ckpt.async_upload
+            )
+            self.signal = StopSignal().install()
+        self.stop_file = StopFile(self.ckpt.stop_file_path)
+        self.last_saved = None
+        self.loaded_from: Path | None = None
+
+    # -- what a checkpoint holds --------------------------------------------------------------------------
+    def _tensors(self, duplicates: bool) -> list[tuple[str, torch.Tensor, object]]:
+        """(key, tensor, spec) of this rank's state; duplicates: also the tied copies (to load them)."""
+        out = [(MODEL + info.name, p, info.spec) for p, info in self.model.infos() if duplicates or not info.duplicate]
+        out += [(OPTIM + k, t, s) for k, t, s, dup in self.optimizer.state_targets() if duplicates or not dup]
+        return out
+
+    def _global_state(self, step: int) -> dict:
+        opt, trainer = self.optimizer, self.trainer
+        return {
+            "step": step,
+            "trainer_steps": trainer.steps_taken,
+            "optimizer": opt.state_dict(),
+            "grad_scaler": opt.grad_scaler.state_dict() if opt.grad_scaler else None,
+            "lr_scheduler": trainer.lr_scheduler.state_dict() if trainer.lr_scheduler else None,
+            "beta2_scheduler": trainer.beta2_scheduler.state_dict() if trainer.beta2_scheduler else None,
+            "data": self.loader.state_dict(),
+            "world_size": self.world,
+            "config": self.cfg.dump(),
+        }
+
+    def save(self, step: int, snapshot: bool = False) -> Path:
+        """Saves the state after step `step` (collective)."""
+        self.optimizer.sync_params()  # overlapped parameter broadcasts land first
+        tensors = {key: (t, spec) for key, t, spec in self._tensors(duplicates=False)}
+        path = self.saver.save(
+            step,
+            tensors,
+            rank_state={"rng": rng_state()},
+            global_state=self._global_state(step) if self.rank == 0 else None,
+            snapshot=snapshot,
+        )
+        self.last_saved = step
+        return path
+
+    # -- resuming -----------------------------------------------------------------------------------------
+    def resume(self) -> int:
+        """Loads what the config asks for, on every rank, before step 1; returns the step to continue
+        after (0: a fresh start). Any rank's failure stops every rank with an error."""
+        try:
+            start = self._agree(self._resume)
+        except BaseException:
+            self.close(wait=False)
+            raise
+        self.stop_file.start_step = start
+        return start
+
+    def _resume(self) -> int:
+        source = None
+        if self.ckpt.auto_resume and self.ckpt.save_ckpt_folder:
+            source = self._newest()
+        if source is not None:
+            return self._load(CheckpointReader(source), frozenset(CONTENTS))
+        if self.request is None:
+            return 0
+        path, content, ckpt_type = self.request
+        if ckpt_type == "hf":
+            from pytrain.convert import load_hf_into
+
+            load_hf_into(self.model, self._whole_model(), path)
+            self.optimizer.masters_from_model()
+            return 0
+        return self._load(open_checkpoint(path), content)
+
+    def _newest(self) -> Path | None:
+        """The newest good checkpoint of save_ckpt_folder: found on rank 0 (it hashes every file), shared."""
+        found = [None]
+        if self.rank == 0:
+            folder = resolve_folder(self.ckpt.save_ckpt_folder)
+            reader = find_latest(folder) if folder.is_dir() else None
+            found = [str(reader.path) if reader else None]
+        if self.distributed:
+            dist.broadcast_object_list(found, src=0)
+        return Path(found[0]) if found[0] else None
+
+    def _load(self, reader: CheckpointReader, content: frozenset[str]) -> int:
+        saved = reader.shapes()
+        model = [(k, t, s) for k, t, s in self._tensors(duplicates=True) if k.startswith(MODEL)]
+        reader.check({k: s for k, _, s in model}, strict_prefixes=(MODEL,))
+        state = reader.global_state()
+        self._load_unique(reader, model)
+        self.optimizer.masters_from_model()
+        if "optimizer" in content:
+            optim = [(k, t, s) for k, t, s in self._tensors(duplicates=True) if k.startswith(OPTIM)]
+            # masters a checkpoint of an fp32 model does not hold are its weights themselves
+            masters = {k for k, _, _ in optim if k.startswith(OPTIM + "master/") and k not in saved}
+            reader.check({k: s for k, _, s in optim if k not in masters})
+            self._load_unique(reader, [(k, t, s) for k, t, s in optim if k not in masters])
+            self._load_unique(reader, [(MODEL + k.split("/", 2)[2], t, s) for k, t, s in optim if k in masters])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.optimizer.grad_scaler and state.get("grad_scaler"):
+                self.optimizer.grad_scaler.load_state_dict(state["grad_scaler"])
+        if "scheduler" in content:
+            for name in ("lr_scheduler", "beta2_scheduler"):
+                scheduler = getattr(self.trainer, name)
+                if scheduler is not None and state.get(name) is not None:
+                    scheduler.load_state_dict(state[name])
+        start = 0
+        if "sampler" in content:
+            self.loader.load_state_dict(state["data"])
+            self.trainer.steps_taken = state["trainer_steps"]
+            start = state["step"]
+        if content == frozenset(CONTENTS):
+            if state.get("world_size") == self.world:
+                restore_rng(reader.rank_state(self.rank)["rng"])
+            elif self.rank == 0:
+                warnings.warn(
+                    f"checkpoint {reader.path} was saved by {state.get('world_size')} ranks, this run has "
+                    f"{self.world}: random generators start afresh (weights, optimizer and data continue)",
+                    stacklevel=3,
+                )
+        self.loaded_from = reader.path
+        if self.rank == 0:
+            print(
+                f"pytrain: loaded {', '.join(sorted(content))} from checkpoint {reader.path} (step {reader.step})"
+                + (f"; continuing after step {start}" if start else ""),
+                flush=True,
+            )
+        return start
+
+    @staticmethod
+    def _load_unique(reader: CheckpointReader, targets) -> None:
+        """load_into for targets some of which share a key (a tied embedding's two copies)."""
+        while targets:
+            batch, rest, seen = {}, [], set()
+            for key, tensor, spec in targets:
+                if key in seen:
+                    rest.append((key, tensor, spec))
+                else:
+                    seen.add(key)
+                    batch[key] = (tensor, spec)
+            reader.load_into(batch)
+            targets = rest
+
+    def _whole_model(self):
+        if self.whole_model is None:
+            import pytrain.model  # noqa: F401  (registers the families)
+            from pytrain.registry import MODEL_INITIALIZER
+
+            with torch.device("meta"):
+                self.whole_model = MODEL_INITIALIZER.get_module(self.cfg.model_type)(**self.cfg.model)
+        return self.whole_model
+
+    def _agree(self, load):
+        """Runs load on every rank; when any rank fails, every rank raises (none goes on to step 1 alone)."""
+        error = None
+        try:
+            result = load()
+        except (CheckpointError, ConfigError, ValueError, KeyError, FileNotFoundError, OSError) as err:
+            error = err
+        if self.distributed:
+            failed = torch.tensor([0 if error is None else self.rank + 1], dtype=torch.int64)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if error is None and failed.item():
+                raise CheckpointError(
+                    f"rank {failed.item() - 1} could not load the checkpoint (its error is in its log)"
+                )
+        if error is not None:
+            raise error
+        return result
+
+    # -- the step loop ------------------------------------------------------------------------------------
+    def after_step(self, step: int) -> bool:
+        """Saves when due (every checkpoint_every steps, at the last step, a snapshot every oss_snapshot_freq
+        steps); returns True when the run must stop now (stop file or signal: saved first)."""
+        stop = self.stop_file.should_stop(step) or (self.signal is not None and self.signal.requested)
+        if self.distributed and (self.signal is not None or self.stop_file.path is not None):
+            flag = torch.tensor([int(stop)], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank decides alike before a collective save
+            stop = bool(flag.item())
+        if self.saver is None:
+            if stop and self.rank == 0:
+                print(f"pytrain: stopping after step {step} (no checkpoint: ckpt.enable_save_ckpt=False)", flush=True)
+            return stop
+        every, snapshot_every = self.ckpt.checkpoint_every, self.ckpt.oss_snapshot_freq
+        if stop or step % every == 0 or step == self.total_steps:
+            path = self.save(step)
+            if self.rank == 0:
+                print(f"pytrain: checkpoint of step {step} -> {path}", flush=True)
+        elif snapshot_every and step % snapshot_every == 0:
+            self.save(step, snapshot=True)
+        if stop and self.rank == 0:
+            print(f"pytrain: stopping after step {step} as asked; resume with auto_resume", flush=True)
+        return stop
+
+    def close(self, wait: bool = True) -> None:
+        """Waits for a background save (raising its failure) and restores the signal handlers."""
+        try:
+            if self.saver is not None and wait:
+                self.saver.close()
+        finally:
+            if self.signal is not None:
+                self.signal.uninstall()
+                self.signal = None
+
+
+__all__ = ["TrainingCheckpoints", "load_request", "open_checkpoint"]

@@ -1,0 +1,245 @@
+"""Checkpoints in training runs (pytrain.train.checkpointing): bit-exact resume in a new process, loading
+into other layouts, auto_resume past broken checkpoints, crashes, stop requests, and bad input.
+
+Every run trains on a small tokenized corpus through the real TrainLoader (6 batches per epoch: the save
+at step 4 is mid-epoch and the resumed half crosses an epoch boundary). The processes of one world size
+run all their cases one after the other (one spawn per group), in this order: first halves and straight
+runs, then, in new processes, the resumed halves.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from internlm_corpus import write_corpus
+
+from pytrain.config import Config, check_world_size
+from pytrain.initialize import initialize_trainer
+from pytrain.initialize.launch import launch
+from pytrain.parallel import gpc
+
+STEPS, HALF = 8, 4
+MICRO_NUM, MICRO_BSZ, SEQ_LEN, VOCAB = 4, 2, 16, 256  # MICRO_NUM: per step over all data-parallel ranks
+MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=VOCAB)
+MODEL.update(multiple_of=32, checkpoint=0.5)
+LAYOUTS = {  # name: (world size, parallel section, model overrides)
+    "one": (1, {}, {}),
+    "dp2-zero1": (2, dict(zero1=-1), {}),
+    "tp2": (2, dict(tensor=2), {}),
+    "pp2-interleaved": (2, dict(pipeline=2), dict(num_chunks=2)),
+    "tp2-pp2": (4, dict(tensor=2, pipeline=2), {}),
+}
+RESHARD_FROM = ("dp2-zero1", "tp2", "pp2-interleaved", "tp2-pp2")
+EXACT = [("one", "torch.float32"), ("one", "torch.bfloat16"), ("one", "torch.float16")]
+EXACT += [("dp2-zero1", "torch.float32"), ("dp2-zero1", "torch.bfloat16")]
+
+
+def config(layout: str, dtype: str, corpus: Path, root: Path, ckpt: dict, total_steps=STEPS, **model) -> Config:
+    world, parallel, overrides = LAYOUTS[layout]
+    cfg = Config.from_dict(
+        dict(
+            model_type="INTERNLM",
+            model=dict(MODEL, **overrides, **model, dtype=dtype),
+            parallel=parallel,
+            data=dict(
+                seq_len=SEQ_LEN,
+                micro_bsz=MICRO_BSZ,
+                micro_num=MICRO_NUM,
+                total_steps=total_steps,
+                min_length=0,
+            ),
+            adam=dict(lr=1e-3, weight_decay=0.01, adam_eps=1e-6),
+            lr_scheduler=dict(warmup_ratio=0.25),
+            beta2_scheduler=dict(c=0.8),
+            hybrid_zero_optimizer=dict(overlap_sync_grad=False, clip_grad_norm=1.0),
+            grad_scaler=dict(fp16=dict(initial_scale=2**14, growth_interval=2), hysteresis=1),
+            monitor=dict(run_folder=str(root / "runs"), tensorboard=dict(enable=False)),
+            ckpt=dict(dict(auto_resume=False), **ckpt),
+        )
+    )
+    cfg.data.micro_num = MICRO_NUM // check_world_size(cfg, world)
+    return cfg
+
+
+def run(cfg: Config, rank: int, world: int, corpus: Path, stop_at=None) -> dict:
+    """The step loop of pytrain.train with the checkpoint layer; returns per-step (step, loss, grad norm),
+    the loss scale, and this rank's parameters as {full name: shard}."""
+    from pytrain.data import build_train_loader
+    from pytrain.train import initialize_model, initialize_optimizer
+    from pytrain.train.checkpointing import TrainingCheckpoints
+
+    launch(cfg, rank=rank, world_size=world, local_rank=0, init_method=None, backend="gloo", seed=11)
+    model = initialize_model()
+    optimizer, beta2_scheduler, lr_scheduler = initialize_optimizer(model)
+    loader, _ = build_train_loader(
+        dict(cfg.data, train_folder=str(corpus)),  # the config cannot name a folder yet
+        vocab_size=VOCAB,
+        data_parallel_size=gpc.data_parallel_size,
+        data_parallel_rank=gpc.data_parallel_rank,
+        seed=gpc.seed,
+    )
+    trainer, *_ = initialize_trainer(model, optimizer, lr_scheduler=lr_scheduler, beta2_scheduler=beta2_scheduler)
+    checkpoints = TrainingCheckpoints(cfg, model=model, optimizer=optimizer, trainer=trainer, loader=loader)
+    start = checkpoints.resume()
+    loaded = {name: p.detach().clone() for name, p in model.full_state_names().items()}
+    history = []
+    trainer.train()
+    for step, batch in enumerate(loader, start=start + 1):
+        trainer.zero_grad()
+        _, loss = trainer.execute_schedule(batch)
+        _, norm = trainer.step()
+        if dist.is_initialized():
+            dist.all_reduce(loss, group=gpc.data_parallel_group)
+        history.append((step, loss.item() / gpc.data_parallel_size, norm))
+        if checkpoints.after_step(step) or step == stop_at:
+            break
+    checkpoints.close()
+    optimizer.sync_params()
+    params = {name: p.detach().clone() for name, p in model.full_state_names().items()}
+    specs = {info.name: info.spec for _, info in model.infos()}
+    return dict(history=history, scale=optimizer.loss_scale, params=params, loaded=loaded, start=start, specs=specs)
+
+
+def case_folder(root: Path, name: str) -> Path:
+    return root / "ckpt" / name.replace(".", "_")
+
+
+def cases(phase: str, world: int, corpus: Path, root: Path, hf_folder: Path):
+    """(result key, config, stop_at) of a phase ("first": first halves and straight runs; "second": the
+    resumed halves) for the processes of one world size."""
+    out = []
+    for layout, dtype in EXACT:
+        if LAYOUTS[layout][0] != world:
+            continue
+        save = dict(enable_save_ckpt=True, save_ckpt_folder=str(case_folder(root, f"{layout}-{dtype}")))
+        if phase == "first":
+            out.append(((layout, dtype, "straight"), config(layout, dtype, corpus, root, {}), None))
+            stop = dict(save, stop_file_path=str(root / "stop.txt"), checkpoint_every=100)
+            out.append(((layout, dtype, "first"), config(layout, dtype, corpus, root, stop), None))
+        else:
+            resume = dict(save, auto_resume=True, checkpoint_every=100)
+            out.append(((layout, dtype, "second"), config(layout, dtype, corpus, root, resume), None))
+    if phase == "first":
+        for layout in RESHARD_FROM:
+            if LAYOUTS[layout][0] == world and layout != "dp2-zero1":  # dp2-zero1 fp32 is saved above
+                save = dict(
+                    enable_save_ckpt=True, save_ckpt_folder=str(case_folder(root, layout)), checkpoint_every=HALF
+                )
+                out.append(
+                    ((layout, "torch.float32", "first"), config(layout, "torch.float32", corpus, root, save), HALF)
+                )
+        if world in (1, 2):  # started from a Hugging Face folder: 2 steps
+            for layout in ("one",) if world == 1 else ("tp2", "pp2-interleaved"):
+                load = dict(load_ckpt_info=dict(path=str(hf_folder), content=("model",), ckpt_type="hf"))
+                cfg = config(layout, "torch.float32", corpus, root, load, total_steps=2)
+                out.append(((layout, "hf"), cfg, None))
+    else:
+        into = "one" if world == 1 else "dp2-zero1"
+        for layout in RESHARD_FROM:
+            source = case_folder(root, layout if layout != "dp2-zero1" else "dp2-zero1-torch.float32")
+            load = dict(load_ckpt_info=dict(path=str(source / str(HALF)), content=("all",), ckpt_type="internlm"))
+            out.append(((into, "from", layout), config(into, "torch.float32", corpus, root, load), None))
+    return out
+
+
+def worker(rank, world, init_method, phase, corpus, root, hf_folder, results):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        for key, cfg, stop_at in cases(phase, world, corpus, root, hf_folder):
+            if key[-1] == "first" and rank == 0 and cfg.ckpt.stop_file_path:
+                Path(cfg.ckpt.stop_file_path).write_text(str(HALF))
+            dist.barrier()
+            results[(*key, rank)] = run(cfg, rank, world, corpus, stop_at)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world, phase, corpus, root, hf_folder, index):
+    init_method = f"file://{root}/rendezvous-{phase}-{world}-{index}"
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(world, init_method, phase, corpus, root, hf_folder, results), nprocs=world, join=True)
+        return dict(results)
+
+
+def write_hf_folder(folder: Path) -> dict:
+    """A tiny random INTERNLM model written by save_hf_folder; returns its {full name: tensor}."""
+    from pytrain.convert import whole_model
+    from pytrain.model.hf import save_hf_folder
+
+    cfg = Config.from_dict(dict(model_type="INTERNLM", model=dict(MODEL, dtype="torch.float32")))
+    model = whole_model(cfg)
+    generator = torch.Generator().manual_seed(3)
+    state = {name: torch.randn(p.shape, generator=generator) * 0.05 for name, p in model.named_parameters()}
+    save_hf_folder(model, state, folder, dtype=torch.float32)
+    return state
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    corpus = root / "corpus"
+    write_corpus(corpus, np.random.default_rng(0), seq_len=SEQ_LEN, vocab=VOCAB)
+    hf_folder = root / "hf"
+    hf_state = write_hf_folder(hf_folder)
+    results = {}
+    for index, (world, phase) in enumerate([(1, "first"), (2, "first"), (4, "first"), (1, "second"), (2, "second")]):
+        results.update(spawn(world, phase, corpus, root, hf_folder, index))
+    return results, hf_state, root
+
+
+def world_of(layout):
+    return LAYOUTS[layout][0]
+
+
+@pytest.mark.parametrize("layout, dtype", EXACT, ids=[f"{layout}-{dtype[6:]}" for layout, dtype in EXACT])
+def test_resume_in_a_new_process_is_bit_exact(runs, layout, dtype):
+    results, _, root = runs
+    for rank in range(world_of(layout)):
+        straight = results[(layout, dtype, "straight", rank)]
+        first, second = results[(layout, dtype, "first", rank)], results[(layout, dtype, "second", rank)]
+        assert [h[0] for h in first["history"]] == list(range(1, HALF + 1))  # the stop file stopped it at 4
+        assert second["start"] == HALF
+        assert first["history"] + second["history"] == straight["history"], (rank, dtype)  # losses, grad norms
+        assert second["scale"] == straight["scale"]
+        for name, want in straight["params"].items():
+            assert torch.equal(second["params"][name], want), (rank, name)
+    folder = case_folder(root, f"{layout}-{dtype}")
+    assert sorted(p.name for p in folder.iterdir()) == [str(HALF), str(STEPS)]  # stopped at 4, the last step
+
+
+def test_fp16_scaler_state_is_resumed(runs):
+    """growth_interval=2: the scale doubles every 2 clean steps; the resumed run continues the count."""
+    results, _, _ = runs
+    assert results[("one", "torch.float16", "first", 0)]["scale"] == 2**14 * 4
+    assert results[("one", "torch.float16", "second", 0)]["scale"] == 2**14 * 16
+
+
+@pytest.mark.parametrize("into", ["one", "dp2-zero1"])
+@pytest.mark.parametrize("source", RESHARD_FROM)
+def test_checkpoint_loads_into_another_layout_and_losses_continue(runs, source, into):
+    results, _, _ = runs
+    straight = results[("one", "torch.float32", "straight", 0)]["history"]
+    for rank in range(world_of(into)):
+        resumed = results[(into, "from", source, rank)]
+        assert resumed["start"] == HALF
+        got = resumed["history"]
+        assert [h[0] for h in got] == list(range(HALF + 1, STEPS + 1))
+        torch.testing.assert_close([h[1] for h in got], [h[1] for h in straight[HALF:]], rtol=1e-5, atol=0)
+        torch.testing.assert_close([h[2] for h in got], [h[2] for h in straight[HALF:]], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["one", "tp2", "pp2-interleaved"])
+def test_run_started_from_a_hugging_face_folder(runs, layout):
+    results, hf_state, _ = runs
+    one = results[("one", "hf", 0)]
+    for rank in range(world_of(layout)):
+        got = results[(layout, "hf", rank)]
+        for name, shard in got["loaded"].items():  # each rank's shard of the HF weights, bitwise
+            assert torch.equal(shard, got["specs"][name].cut(hf_state[name])), (layout, rank, name)
+        torch.testing.assert_close([h[1] for h in got["history"]], [h[1] for h in one["history"]], rtol=1e-5, atol=0)
