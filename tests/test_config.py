@@ -176,7 +176,7 @@ def test_bool_checkpoint_and_fraction(tmp_path):
         ("adam = dict(adam_beta2=1.0)\n", r"adam.adam_beta2 = 1.0: must be within \[0, 1\)"),
         ("lr_scheduler = dict(warmup_ratio=2)\n", r"lr_scheduler.warmup_ratio = 2: must be within \[0, 1\]"),
         ("grad_scaler = dict(backoff_factor=2)\n", r"grad_scaler.backoff_factor = 2: must be within \(0, 1\)"),
-        ("ckpt = dict(enable_save_ckpt=True)\n", r"ckpt.enable_save_ckpt = True: checkpoint saving is not available"),
+        ("ckpt = dict(checkpoint_every=0)\n", r"ckpt.checkpoint_every = 0: must be > 0"),
         ("loss = dict(label_smoothing=1)\n", r"loss.label_smoothing = 1: must be within \[0, 1\)"),
         (
             "monitor = dict(alert=dict(enable_feishu_alert=True))\n",
@@ -218,8 +218,8 @@ def test_bool_checkpoint_and_fraction(tmp_path):
         ("model = dict(no_biass=True)\n", r"model.no_biass: unknown field; did you mean 'no_bias'\?"),
         ("generation = 3\n", r"generation: expected dict | None, got 3"),
         (
-            "ckpt = dict(load_ckpt_folder='local:llm_ckpts/')\n",
-            r"ckpt.load_ckpt_folder = 'local:llm_ckpts/': checkpoint",
+            "ckpt = dict(enable_internevo2hf_ckpt=True)\n",
+            r"ckpt.enable_internevo2hf_ckpt = True: also save checkpoints in Hugging Face format .* is not available",
         ),
     ],
 )
@@ -392,7 +392,6 @@ def test_ignored_fields_are_listed_once_and_kept(tmp_path):
         "parallel.weight.overlap",
         "parallel.weight.memory_pool",
         "loss.moe_loss_coeff",
-        "ckpt.auto_resume",  # (checkpoint_every=50 is the default: a pending field at its default is not listed)
         "generation",
     )
     assert cfg.data.diag_outlier_ratio == 1.1 and cfg.generation == {"batch_size": 1, "max_length": 100}
@@ -410,7 +409,7 @@ def test_every_schema_field_has_a_kind_in_the_table():
     table = reference_table()
     assert "| `model.num_experts` | int | `1` | not available | mixture of experts |" in table
     assert "| `data.diag_outlier_ratio` | int | float | `1.1` | ignored here |" in table
-    assert "| `ckpt.auto_resume` | bool | `True` | pending (checkpoints) |" in table
+    assert "| `ckpt.auto_resume` | bool | `True` | acts |" in table
     assert "| `enable_tb` | bool | `True` | renamed: `monitor.tensorboard.enable` |" in table
 
 
@@ -476,7 +475,7 @@ def test_pending_fields_are_the_data_and_checkpoint_ones():
     pending = {name for name, spec in schema_leaves() if spec.kind == PENDING}
     data = {"valid_folder", "valid_every", "valid_micro_num", "pack_sample_into_one", "skip_batches"}
     data |= {"rampup_batch_size", "min_length"}
-    assert pending == {f"data.{f}" for f in data} | {name for name, _ in schema_leaves() if name.startswith("ckpt.")}
+    assert pending == {f"data.{f}" for f in data}
 
 
 def test_a_builder_naming_an_unavailable_field_implements_it(tmp_path, builders):

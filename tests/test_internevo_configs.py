@@ -15,13 +15,7 @@ from pytrain.config import Config, ConfigError, check_world_size
 from pytrain.registry import MODEL_INITIALIZER
 
 FOLDER = ROOT / "tests" / "configs"
-CKPT_IGNORED = (
-    "ckpt.save_ckpt_folder",
-    "ckpt.auto_resume",
-    "ckpt.async_upload",
-    "ckpt.async_upload_tmp_folder",
-    "ckpt.oss_snapshot_freq",
-)
+CKPT_IGNORED = ("ckpt.async_upload_tmp_folder",)
 INTERNEVO_IGNORED = (
     "data.valid_every",
     "data.empty_cache_and_diag_interval",
@@ -45,16 +39,35 @@ class Fails:
 
 
 CASES = {
-    "internlm_7B_sft.py": Fails(
-        r"ckpt.load_ckpt_folder = 'local:llm_ckpts/': checkpoint loading is not available yet"
-    ),  # flips with checkpoint loading
-    "internevo_7B_sft.py": Fails(
-        r"ckpt.load_ckpt_folder = 'local:llm_ckpts/': checkpoint loading is not available yet"
-    ),  # flips with checkpoint loading
+    "internlm_7B_sft.py": Loads(
+        "INTERNLM",
+        ("data.empty_cache_and_diag_interval", "data.diag_outlier_ratio", "parallel.sequence_parallel", *CKPT_IGNORED),
+        world_size=8,
+    ),
+    "internevo_7B_sft.py": Loads(
+        "INTERNLM",
+        (
+            "data.empty_cache_and_diag_interval",
+            "data.diag_outlier_ratio",
+            "parallel.weight.overlap",
+            "parallel.weight.memory_pool",
+            *CKPT_IGNORED,
+        ),
+    ),
     "internevo_7B_internlm2.py": Loads("INTERNLM2_PUBLIC", INTERNEVO_IGNORED, world_size=8),  # zero1=dict(size=8)
     "internevo_7B_llama2.py": Loads("LLAMA2", INTERNEVO_IGNORED),
-    "internevo_7B_qwen2.py": Fails(
-        r"ckpt.load_ckpt_info = \{.*'ckpt_type': 'hf'\}: checkpoint loading is not available"
+    "internevo_7B_qwen2.py": Loads(
+        "QWEN2",
+        (
+            "model.sliding_window",
+            "model.max_window_layers",
+            "data.valid_every",
+            "data.empty_cache_and_diag_interval",
+            "data.diag_outlier_ratio",
+            "parallel.weight.overlap",
+            *CKPT_IGNORED,
+            "generation",
+        ),
     ),
     "internevo_7B_isp_sft.py": Fails(
         r"parallel.weight.size = 4: weight parallelism \(isp\) is not available in pytrain"

@@ -41,7 +41,7 @@ from pytrain.checkpoint import (
 from pytrain.config import Config, ConfigError
 
 CONTENTS = ("model", "sampler", "optimizer", "scheduler")
-CKPT_TYPES = ("internlm", "hf")
+CKPT_TYPES = ("internlm", "internevo", "hf")  # internlm / internevo: pytrain's own checkpoints
 MODEL, OPTIM = "model/", "optim/"
 
 
@@ -70,8 +70,8 @@ def load_request(ckpt) -> tuple[str, frozenset[str], str] | None:
     ckpt_type = info.get("ckpt_type", "internlm")
     if ckpt_type not in CKPT_TYPES:
         raise ConfigError(
-            f"ckpt.load_ckpt_info ckpt_type {ckpt_type!r} is not available: 'internlm' (pytrain's checkpoints) "
-            f"or 'hf' (a Hugging Face safetensors folder)"
+            f"ckpt.load_ckpt_info ckpt_type {ckpt_type!r} is not available: 'internlm' or 'internevo' (pytrain's "
+            f"checkpoints) or 'hf' (a Hugging Face safetensors folder)"
         )
     if ckpt_type == "hf" and content != {"model"}:
         raise ConfigError(
