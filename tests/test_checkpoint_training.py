@@ -7,6 +7,15 @@ run all their cases one after the other (one spawn per group), in this order: fi
 runs, then, in new processes, the resumed halves.
 """
 
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +23,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import ROOT
 from internlm_corpus import write_corpus
 
-from pytrain.config import Config, check_world_size
+from pytrain.checkpoint import TEST_DIE_ENV, TEST_DIE_STATUS, CheckpointError, CheckpointVersionError
+from pytrain.config import Config, ConfigError, check_world_size
 from pytrain.initialize import initialize_trainer
 from pytrain.initialize.launch import launch
 from pytrain.parallel import gpc
@@ -243,3 +254,221 @@ def test_run_started_from_a_hugging_face_folder(runs, layout):
         for name, shard in got["loaded"].items():  # each rank's shard of the HF weights, bitwise
             assert torch.equal(shard, got["specs"][name].cut(hf_state[name])), (layout, rank, name)
         torch.testing.assert_close([h[1] for h in got["history"]], [h[1] for h in one["history"]], rtol=1e-5, atol=0)
+
+
+# -- bad input: clear errors before step 1 ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("corpus")
+    write_corpus(corpus, np.random.default_rng(0), seq_len=SEQ_LEN, vocab=VOCAB)
+    return corpus
+
+
+def run_alone(cfg: Config, corpus: Path) -> dict:
+    try:
+        return run(cfg, 0, 1, corpus)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def saved(small_corpus, tmp_path_factory):
+    """A complete checkpoint of 2 steps (one process): its folder."""
+    root = tmp_path_factory.mktemp("saved")
+    gpc.config = None
+    ckpt = dict(enable_save_ckpt=True, save_ckpt_folder=str(root / "ckpt"))
+    run_alone(config("one", "torch.float32", small_corpus, root, ckpt, total_steps=2), small_corpus)
+    return root / "ckpt" / "2"
+
+
+def load_config(path, small_corpus, root, **model):
+    load = dict(load_ckpt_info=dict(path=str(path), content=("all",), ckpt_type="internlm"))
+    return config("one", "torch.float32", small_corpus, root, load, **model)
+
+
+def rewrite_manifest(folder: Path, change) -> None:
+    """Edits the manifest and re-signs it in the marker (as a newer writer would have written it)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    data = json.dumps(manifest).encode()
+    (folder / "manifest.json").write_bytes(data)
+    marker = next(folder.glob("*.step"))
+    marker.write_text(
+        json.dumps(dict(json.loads(marker.read_text()), manifest_sha256=hashlib.sha256(data).hexdigest()))
+    )
+
+
+def test_bad_input_is_a_clear_error_before_step_1(saved, small_corpus, tmp_path, fresh_context):
+    def fails(cfg, error, message):
+        with pytest.raises(error, match=message):
+            run_alone(cfg, small_corpus)
+
+    fails(load_config(tmp_path / "nowhere", small_corpus, tmp_path), CheckpointError, r"does not exist")
+    fails(
+        load_config(saved, small_corpus, tmp_path, num_layers=2, hidden_size=32, num_attention_heads=2),
+        CheckpointError,
+        r"(?s)does not match.*shape differs \(21\):\n    model/embedding.weight: checkpoint \[256, 64\], wanted "
+        r"\[256, 32\].*in the checkpoint but not in this model \(18\):.*model/blocks.3.norm2.weight \[64\]",
+    )
+    flipped = tmp_path / "flipped"
+    shutil.copytree(saved, flipped)
+    shard = flipped / "model-r00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x10
+    shard.write_bytes(bytes(data))
+    fails(load_config(flipped, small_corpus, tmp_path), CheckpointError, r"model-r00000.safetensors is corrupt")
+    newer = tmp_path / "newer"
+    shutil.copytree(saved, newer)
+    rewrite_manifest(newer, lambda m: m.update(format_version=m["format_version"] + 1))
+    fails(load_config(newer, small_corpus, tmp_path), CheckpointVersionError, r"newer pytrain")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    unwritable = dict(enable_save_ckpt=True, save_ckpt_folder=str(blocker / "ckpt"))
+    fails(config("one", "torch.float32", small_corpus, tmp_path, unwritable), CheckpointError, r"cannot be written")
+    remote = dict(enable_save_ckpt=True, save_ckpt_folder="boto3:s3://bucket/ckpt")
+    fails(config("one", "torch.float32", small_corpus, tmp_path, remote), CheckpointError, r"'boto3'.*not available")
+    pickled = tmp_path / "internlm"
+    pickled.mkdir()
+    (pickled / "model_tp0_pp0.pt").write_bytes(b"")
+    fails(load_config(pickled, small_corpus, tmp_path), CheckpointError, r"pickles, which pytrain never loads")
+    wrong = dict(load_ckpt_info=dict(path=str(saved), content=("weights",)))
+    fails(config("one", "torch.float32", small_corpus, tmp_path, wrong), ConfigError, r"content \('weights',\)")
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["2"]  # nothing written over the good one
+
+
+# -- crashes and stop requests through `python -m pytrain.train` -------------------------------------------
+RUN_CONFIG = """
+JOB_NAME = "ckpt-test"
+model_type = "INTERNLM"
+model = dict(num_layers=2, hidden_size={hidden}, num_attention_heads=4, vocab_size=256, dtype="torch.float32")
+data = dict(seq_len={seq_len}, micro_num=2, micro_bsz=2, total_steps={steps}, train_folder=None)
+adam = dict(lr=1e-3)
+monitor = dict(run_folder={runs!r}, tensorboard=dict(enable=False))
+ckpt = dict(enable_save_ckpt=True, save_ckpt_folder={folder!r}, checkpoint_every={every}, stop_file_path={stop!r})
+"""
+
+
+def write_run_config(root: Path, steps: int, every: int, hidden=64, seq_len=16) -> tuple[Path, Path]:
+    folder, path = root / "ckpt", root / "run.py"
+    text = RUN_CONFIG.format(
+        hidden=hidden,
+        seq_len=seq_len,
+        steps=steps,
+        runs=str(root / "runs"),
+        folder=str(folder),
+        every=every,
+        stop=str(root / "stop.txt"),
+    )
+    path.write_text(text)
+    return path, folder
+
+
+def train_process(cfg_path: Path, env=None, launcher=()) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, *(launcher or ["-m"]), "pytrain.train", "--config", str(cfg_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def test_kill_during_save_and_corruption_resume_from_the_last_good_checkpoint(tmp_path):
+    cfg, folder = write_run_config(tmp_path, steps=4, every=2)
+    (tmp_path / "stop.txt").write_text("2")
+    first = train_process(cfg)
+    assert first.returncode == 0 and "stopping after step 2" in first.stdout, first.stdout + first.stderr
+    (tmp_path / "stop.txt").unlink()
+    killed = train_process(cfg, env={TEST_DIE_ENV: "3"})  # resumes from 2, dies 3 files into saving step 4
+    assert killed.returncode == TEST_DIE_STATUS, killed.stdout + killed.stderr
+    assert "from checkpoint" in killed.stdout and "(step 2)" in killed.stdout
+    assert not (folder / "4").exists() and (folder / ".tmp-4").is_dir()
+    resumed = train_process(cfg)
+    assert resumed.returncode == 0 and "(step 2); continuing after step 2" in resumed.stdout, resumed.stderr
+    assert "step 3/4" in resumed.stdout and "step 1/4" not in resumed.stdout
+    assert (folder / "4" / "4.step").is_file()
+    shard = folder / "4" / "model-r00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 1
+    shard.write_bytes(bytes(data))
+    again = train_process(cfg)
+    assert again.returncode == 0 and "skipping corrupt checkpoint" in again.stderr, again.stdout + again.stderr
+    assert "(step 2); continuing after step 2" in again.stdout and (folder / "corrupt-4").is_dir()
+    assert (folder / "4" / "4.step").is_file()
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def torchrun(cfg: Path, *extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            *extra,
+            "-m",
+            "pytrain.train",
+            "--config",
+            str(cfg),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def wait_for(predicate, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_sigterm_under_torchrun_saves_and_exits_0(tmp_path):
+    cfg, folder = write_run_config(tmp_path, steps=100000, every=100000, hidden=128, seq_len=64)
+    job = torchrun(cfg)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(job.stdout), daemon=True)
+    reader.start()
+    wait_for(lambda: any(line.startswith("step 2/") for line in lines))
+    workers = children(job.pid)
+    assert len(workers) == 2, workers
+    for worker in workers:  # what a scheduler does: every process of the job gets SIGTERM
+        os.kill(worker, signal.SIGTERM)
+    assert job.wait(timeout=120) == 0, "".join(lines)
+    reader.join(timeout=10)
+    text = "".join(lines)
+    saved = [p.name for p in folder.iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and (folder / saved[0] / f"{saved[0]}.step").is_file(), text
+    assert f"stopping after step {saved[0]} as asked" in text
+
+
+def test_torchrun_max_restarts_resumes_after_a_killed_rank(tmp_path):
+    cfg, folder = write_run_config(tmp_path, steps=40, every=4, hidden=128, seq_len=64)
+    job = torchrun(cfg, "--max-restarts=1")
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(job.stdout), daemon=True)
+    reader.start()
+    wait_for(lambda: (folder / "4" / "4.step").is_file())
+    os.kill(children(job.pid)[-1], signal.SIGKILL)
+    assert job.wait(timeout=240) == 0, "".join(lines)
+    reader.join(timeout=10)
+    text = "".join(lines)
+    assert "from checkpoint" in text and "continuing after step" in text, text
+    assert (folder / "40" / "40.step").is_file()

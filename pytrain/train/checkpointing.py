@@ -34,6 +34,7 @@ from pytrain.checkpoint import (
     StopFile,
     StopSignal,
     find_latest,
+    list_checkpoints,
     resolve_folder,
     restore_rng,
     rng_state,
@@ -194,9 +195,26 @@ class TrainingCheckpoints:
             folder = resolve_folder(self.ckpt.save_ckpt_folder)
             reader = find_latest(folder) if folder.is_dir() else None
             found = [str(reader.path) if reader else None]
+            self._move_aside_newer(folder, reader.step if reader else -1)
         if self.distributed:
             dist.broadcast_object_list(found, src=0)
         return Path(found[0]) if found[0] else None
+
+    @staticmethod
+    def _move_aside_newer(folder: Path, step: int) -> None:
+        """Complete checkpoints newer than the one resumed from were skipped as corrupt: the run will save
+        those steps again, so they are renamed to `corrupt-<step>` (kept for inspection, never loaded)."""
+        for info in list_checkpoints(folder) if folder.is_dir() else []:
+            if info.complete and not info.snapshot and info.step > step:
+                target = folder / f"corrupt-{info.path.name}"
+                suffix = 0
+                while target.exists():
+                    suffix += 1
+                    target = folder / f"corrupt-{info.path.name}.{suffix}"
+                info.path.rename(target)
+                warnings.warn(
+                    f"corrupt checkpoint {info.path} moved to {target}: this run saves that step again", stacklevel=3
+                )
 
     def _load(self, reader: CheckpointReader, content: frozenset[str]) -> int:
         saved = reader.shapes()
