@@ -221,8 +221,9 @@ class TrainingCheckpoints:
         model = [(k, t, s) for k, t, s in self._tensors(duplicates=True) if k.startswith(MODEL)]
         reader.check({k: s for k, _, s in model}, strict_prefixes=(MODEL,))
         state = reader.global_state()
-        self._load_unique(reader, model)
-        self.optimizer.masters_from_model()
+        if "model" in content:
+            self._load_unique(reader, model)
+            self.optimizer.masters_from_model()
         if "optimizer" in content:
             optim = [(k, t, s) for k, t, s in self._tensors(duplicates=True) if k.startswith(OPTIM)]
             # masters a checkpoint of an fp32 model does not hold are its weights themselves
