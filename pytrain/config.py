@@ -165,29 +165,26 @@ SCHEMA: dict[str, Any] = {
         "seq_len": _field(2048, int, "tokens per sample", positive),
         "micro_num": _field(4, int, "micro-batches per optimizer step (gradient accumulation)", positive),
         "micro_bsz": _field(2, int, "samples per micro-batch", positive),
-        "valid_micro_num": _pending(4, int, "micro-batches per validation step", "validation", positive),
-        "valid_every": _pending(50, int, "validate every N steps (0: off; needs valid_folder)", "validation"),
-        "pack_sample_into_one": _pending(False, bool, "pack with boundaries only every seq_len", "data loader"),
+        "valid_micro_num": _field(4, int, "micro-batches per validation step", positive),
+        "valid_every": _field(50, int, "validate every N steps (0: off; needs valid_folder)", non_negative),
+        "pack_sample_into_one": _field(False, bool, "pack with boundaries only every seq_len"),
         "total_steps": _field(50000, int, "optimizer steps to train", positive),
-        "skip_batches": _pending(
-            "", str, "batches to skip", "data loader", only("", "skipping batches is not available yet")
-        ),
-        "rampup_batch_size": _pending(
+        "skip_batches": _field("", str, "batches consumed but not trained: 'a-b,c' (0-based batch indices)"),
+        "rampup_batch_size": _field(
             "",
             str,
-            "batch-size ramp-up 'start incr every'",
-            "data loader",
-            only("", "batch-size ramp-up is not available yet"),
+            "batch-size ramp-up 'start incr every': micro-batches per step min(start + b // every * incr, micro_num)",
         ),
-        "min_length": _pending(50, int, "drop samples shorter than this", "data loader", non_negative),
+        "min_length": _field(50, int, "drop samples shorter than this", non_negative),
         "train_folder": _field(
             None,
             (str, NONE),
-            f"None: random dummy tokens (benchmarking); '{BUILTIN_CORPUS}': the bundled byte-level corpus",
+            f"None: random dummy tokens (benchmarking); '{BUILTIN_CORPUS}': the bundled byte-level corpus; else "
+            f"a folder of InternLM's tokenized .bin/.bin.meta files (python -m pytrain.data.tokenize)",
             None,
         ),
-        "valid_folder": _pending(
-            None, (str, NONE), "validation data", "validation", only(None, "validation data is not available yet")
+        "valid_folder": _field(
+            None, (str, NONE), "a tokenized folder: each sub-folder of .bin files is a validation set"
         ),
         "cache_folder": _field("~/.cache/pytrain", str, "where the bundled corpus is tokenized and cached"),
     },
@@ -640,12 +637,6 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
         )
     _check_model_split(model, data, parallel, fail)
     folder = data["train_folder"]
-    if folder is not None and folder != BUILTIN_CORPUS:
-        fail(
-            "data.train_folder",
-            f"{folder!r}: reading tokenized folders is not available yet; use None "
-            f"(dummy data) or {BUILTIN_CORPUS!r} (the bundled corpus)",
-        )
     if folder == BUILTIN_CORPUS and model.get("vocab_size", 256) < 256:
         fail("model.vocab_size", f"{model['vocab_size']} is too small for the byte-level corpus: use >= 256")
     if cfg["lr_scheduler"]["total_steps"] is None:

@@ -17,7 +17,6 @@ from pytrain.registry import MODEL_INITIALIZER
 FOLDER = ROOT / "tests" / "configs"
 CKPT_IGNORED = ("ckpt.async_upload_tmp_folder",)
 INTERNEVO_IGNORED = (
-    "data.valid_every",
     "data.empty_cache_and_diag_interval",
     "data.diag_outlier_ratio",
     "parallel.weight.overlap",
@@ -61,7 +60,6 @@ CASES = {
         (
             "model.sliding_window",
             "model.max_window_layers",
-            "data.valid_every",
             "data.empty_cache_and_diag_interval",
             "data.diag_outlier_ratio",
             "parallel.weight.overlap",

@@ -1,9 +1,7 @@
 """Datasets, packing, samplers and the batch layout the trainer consumes (see loader.py for the contract)."""
 
-from .collate import collate_micro_batches
 from .datasets import DummyDataset, TokenWindowDataset
 from .loader import BUILTIN_CORPUS, TrainLoader, ValidLoader, build_train_loader, build_valid_loaders
-from .sampler import StepBatchSampler
 from .stdlib_corpus import load_stdlib_corpus
 from .tokenized import DataError
 
@@ -11,12 +9,10 @@ __all__ = [
     "BUILTIN_CORPUS",
     "DataError",
     "DummyDataset",
-    "StepBatchSampler",
     "TokenWindowDataset",
     "TrainLoader",
     "ValidLoader",
     "build_train_loader",
     "build_valid_loaders",
-    "collate_micro_batches",
     "load_stdlib_corpus",
 ]

@@ -12,13 +12,15 @@ import torch.distributed as dist
 
 from pytrain.checkpoint import CheckpointError
 from pytrain.config import Config, ConfigError, check_world_size
+from pytrain.data import DataError
 from pytrain.initialize import get_default_parser, initialize_distributed_env, initialize_trainer
 from pytrain.model import DTYPES
 from pytrain.monitor import AlertLog, StepMonitor, flops_per_token, matmul_params, peak_tflops
 from pytrain.parallel import gpc
 from pytrain.registry import MODEL_INITIALIZER
-from pytrain.train import get_train_data_loader, initialize_model, initialize_optimizer
+from pytrain.train import get_train_data_loader, get_validation_data_loader, initialize_model, initialize_optimizer
 from pytrain.train.checkpointing import TrainingCheckpoints
+from pytrain.train.validation import evaluate
 
 
 def profiler(enabled: bool, folder):
@@ -50,6 +52,7 @@ def train(args) -> list[dict]:
     model = initialize_model()
     optimizer, beta2_scheduler, lr_scheduler = initialize_optimizer(model=model)
     train_dl, _dataset_types = get_train_data_loader(num_worker=0)
+    valid_loaders = get_validation_data_loader(num_worker=0)
     trainer, train_dl, _, _ = initialize_trainer(
         model=model,
         optimizer=optimizer,
@@ -122,6 +125,8 @@ def train(args) -> list[dict]:
                     step, loss, grad_norm, lr, success, optimizer.loss_scale if optimizer.grad_scaler else None
                 )
             )
+            if valid_loaders and cfg.data.valid_every > 0 and step % cfg.data.valid_every == 0:
+                monitor.record_validation(step, evaluate(trainer, valid_loaders, gpc.data_parallel_group))
             if prof is not None:
                 prof.step()
             if checkpoints.after_step(step):  # a stop file or SIGTERM/SIGINT: saved, stop here
@@ -186,6 +191,9 @@ def main(argv=None) -> int:
         return 2
     except CheckpointError as err:
         print(f"pytrain: checkpoint error: {err}", flush=True)
+        return 2
+    except DataError as err:
+        print(f"pytrain: data error: {err}", flush=True)
         return 2
     finally:
         if dist.is_initialized():
