@@ -135,3 +135,17 @@ def test_dry_run_prints_the_ignored_list(name, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"{expected.model_type} with " in out and f"; ignored here: {', '.join(expected.ignored)}" in out
+    if name in PARAMETERS:
+        assert f" with {PARAMETERS[name]:,} parameters" in out
+
+
+# The sizes the dry run reports for the real 7B configs: InternLM-7B 7.32B, InternLM2-7B 7.74B and Qwen2-7B 7.62B as
+# published; InternEvo's own 7B_llama2.py sets MLP_RATIO=3.5 (14336 wide), so it is 7.24B, not Llama-2-7B's 6.74B
+# (11008 wide: see tests/test_families.py).
+PARAMETERS = {
+    "internlm_7B_sft.py": 7_321_948_160,
+    "internevo_7B_sft.py": 7_321_948_160,
+    "internevo_7B_internlm2.py": 7_737_708_544,
+    "internevo_7B_qwen2.py": 7_615_616_512,
+    "internevo_7B_llama2.py": 7_241_732_096,
+}
