@@ -99,36 +99,12 @@ def build_internlm(
     num_chunks: int = 1,
 ) -> Decoder:
     """InternLM v1 (InternLM-7B: bias on Wqkv and out_proj, no MLP bias)."""
-    return _decoder(
-        "INTERNLM",
-        INTERNLM_NAMES,
-        FusedQKVAttention,
-        dict(bias=not no_bias),
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        num_attention_heads=num_attention_heads,
-        num_kv_attention_heads=num_kv_attention_heads,
-        mlp_ratio=mlp_ratio,
-        multiple_of=multiple_of,
-        mlp_bias=False,
-        norm_type=norm_type,
-        layer_norm_epsilon=layer_norm_epsilon,
-        apply_post_layer_norm=apply_post_layer_norm,
-        rope_base=rope_base,
-        qk_interleaved=qk_interleaved,
-        use_flash_attn=use_flash_attn,
-        vocab_size=vocab_size,
-        tie_word_embeddings=tie_word_embeddings,
-        embed_grad_scale=embed_grad_scale,
-        checkpoint=checkpoint,
-        dtype=dtype,
-        embed_split_hidden=embed_split_hidden,
-        parallel_output=parallel_output,
-        num_chunks=num_chunks,
-    )
+    fields = locals()
+    bias = not fields.pop("no_bias")
+    return _decoder("INTERNLM", INTERNLM_NAMES, FusedQKVAttention, dict(bias=bias), mlp_bias=False, **fields)
 
 
-def _build_internlm2_or_llama(family, names, enable_qkv_fusion, no_bias, qk_interleaved, adapt_hf, **fields):
+def _build_internlm2_or_llama(family, names, *, enable_qkv_fusion, no_bias, qk_interleaved, adapt_hf, **fields):
     if enable_qkv_fusion:
         attention, args = GroupedQKVAttention, dict(bias=not no_bias)
     else:
@@ -172,33 +148,7 @@ def build_internlm2(
     num_chunks: int = 1,
 ) -> Decoder:
     """InternLM2 / InternLM2.5 (GQA, the grouped wqkv; InternLM2-7B: no_bias=True, 8 kv heads)."""
-    return _build_internlm2_or_llama(
-        "INTERNLM2",
-        INTERNLM2_NAMES,
-        enable_qkv_fusion,
-        no_bias,
-        qk_interleaved,
-        adapt_hf,
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        num_attention_heads=num_attention_heads,
-        num_kv_attention_heads=num_kv_attention_heads,
-        mlp_ratio=mlp_ratio,
-        multiple_of=multiple_of,
-        norm_type=norm_type,
-        layer_norm_epsilon=layer_norm_epsilon,
-        apply_post_layer_norm=apply_post_layer_norm,
-        rope_base=rope_base,
-        use_flash_attn=use_flash_attn,
-        vocab_size=vocab_size,
-        tie_word_embeddings=tie_word_embeddings,
-        embed_grad_scale=embed_grad_scale,
-        checkpoint=checkpoint,
-        dtype=dtype,
-        embed_split_hidden=embed_split_hidden,
-        parallel_output=parallel_output,
-        num_chunks=num_chunks,
-    )
+    return _build_internlm2_or_llama("INTERNLM2", INTERNLM2_NAMES, **locals())
 
 
 @MODEL_INITIALIZER.register_module(module_name="LLAMA2")
@@ -230,34 +180,7 @@ def build_llama2(
     num_chunks: int = 1,
 ) -> Decoder:
     """LLaMA 2 / 3 (Llama-2-7B: no_bias=True, mlp_ratio 2.6875 with multiple_of 256 -> 11008)."""
-    return _build_internlm2_or_llama(
-        "LLAMA2",
-        INTERNLM2_NAMES,
-        enable_qkv_fusion,
-        no_bias,
-        qk_interleaved,
-        adapt_hf,
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        num_attention_heads=num_attention_heads,
-        num_kv_attention_heads=num_kv_attention_heads,
-        mlp_ratio=mlp_ratio,
-        multiple_of=multiple_of,
-        head_dim=head_dim,
-        norm_type=norm_type,
-        layer_norm_epsilon=layer_norm_epsilon,
-        apply_post_layer_norm=apply_post_layer_norm,
-        rope_base=rope_base,
-        use_flash_attn=use_flash_attn,
-        vocab_size=vocab_size,
-        tie_word_embeddings=tie_word_embeddings,
-        embed_grad_scale=embed_grad_scale,
-        checkpoint=checkpoint,
-        dtype=dtype,
-        embed_split_hidden=embed_split_hidden,
-        parallel_output=parallel_output,
-        num_chunks=num_chunks,
-    )
+    return _build_internlm2_or_llama("LLAMA2", INTERNLM2_NAMES, **locals())
 
 
 @MODEL_INITIALIZER.register_module(module_name="QWEN2")
@@ -289,34 +212,9 @@ def build_qwen2(
     num_chunks: int = 1,
 ) -> Decoder:
     """Qwen2 / Qwen2.5 (bias on wq, wk, wv; Qwen2-7B: 28 heads, 4 kv heads, MLP 18944 = mlp_ratio 37/7)."""
-    return _decoder(
-        "QWEN2",
-        QWEN2_NAMES,
-        SeparateQKVAttention,
-        dict(qkv_bias=qkv_bias, o_bias=o_bias),
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        num_attention_heads=num_attention_heads,
-        num_kv_attention_heads=num_kv_attention_heads,
-        mlp_ratio=mlp_ratio,
-        multiple_of=multiple_of,
-        mlp_bias=mlp_bias,
-        head_dim=head_dim,
-        norm_type=norm_type,
-        layer_norm_epsilon=layer_norm_epsilon,
-        apply_post_layer_norm=apply_post_layer_norm,
-        rope_base=rope_base,
-        qk_interleaved=qk_interleaved,
-        use_flash_attn=use_flash_attn,
-        vocab_size=vocab_size,
-        tie_word_embeddings=tie_word_embeddings,
-        embed_grad_scale=embed_grad_scale,
-        checkpoint=checkpoint,
-        dtype=dtype,
-        embed_split_hidden=embed_split_hidden,
-        parallel_output=parallel_output,
-        num_chunks=num_chunks,
-    )
+    fields = locals()
+    biases = dict(qkv_bias=fields.pop("qkv_bias"), o_bias=fields.pop("o_bias"))
+    return _decoder("QWEN2", QWEN2_NAMES, SeparateQKVAttention, biases, **fields)
 
 
 # InternEvo's other names for the same families.
