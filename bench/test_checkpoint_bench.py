@@ -122,3 +122,83 @@ def test_checkpoint_save_load_100m(benchmark, tmp_path):
         load_tp2_half_s=round(reshard, 4),
     )
     assert on_disk >= nbytes  # every byte of the state is there (the ratio is reported, not asserted)
+
+
+TRAIN_STEPS, SAVE_EVERY = 6, 3
+TRAINER_BATCH = ["data.micro_num=1", "data.micro_bsz=1", "monitor.tensorboard.enable=False"]
+
+
+def train_with_checkpoints(overrides, folder: Path, async_save: bool):
+    """configs/100M.py trained in this process for TRAIN_STEPS steps through pytrain.train.checkpointing,
+    saving every SAVE_EVERY steps; returns (seconds of each step including its save, the saved steps)."""
+    import torch.distributed as dist
+
+    from pytrain.data import build_train_loader
+    from pytrain.initialize import initialize_trainer
+    from pytrain.initialize.launch import launch
+    from pytrain.parallel import gpc
+    from pytrain.train import initialize_model, initialize_optimizer
+    from pytrain.train.checkpointing import TrainingCheckpoints
+
+    ckpt = [
+        "ckpt.enable_save_ckpt=True",
+        f"ckpt.save_ckpt_folder='{folder}'",
+        f"ckpt.checkpoint_every={SAVE_EVERY}",
+        "ckpt.keep_last=1",
+        f"ckpt.async_upload={async_save}",
+        f"data.total_steps={TRAIN_STEPS}",
+        f"monitor.run_folder='{folder / 'runs'}'",
+    ]
+    cfg = Config.from_file(CONFIG, overrides=[*overrides, *TRAINER_BATCH, *ckpt])
+    gpc.config = None
+    launch(cfg, rank=0, world_size=1, local_rank=0, init_method=None, backend="gloo", seed=1)
+    try:
+        model = initialize_model()
+        optimizer, beta2, lr = initialize_optimizer(model)
+        loader, _ = build_train_loader(cfg.data, vocab_size=cfg.model.vocab_size, seed=1)
+        trainer, *_ = initialize_trainer(model, optimizer, lr_scheduler=lr, beta2_scheduler=beta2)
+        checkpoints = TrainingCheckpoints(cfg, model=model, optimizer=optimizer, trainer=trainer, loader=loader)
+        resume_s = seconds(checkpoints.resume)
+        times = []
+        for step, batch in enumerate(loader, start=1):
+            start = time.perf_counter()
+            trainer.zero_grad()
+            trainer.execute_schedule(batch)
+            trainer.step()
+            checkpoints.after_step(step)
+            times.append(time.perf_counter() - start)
+        close_s = seconds(checkpoints.close)
+        return times, resume_s, close_s
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        gpc.config = None
+
+
+def test_trainer_checkpoint_stall_100m(benchmark, tmp_path):
+    """The step loop's view: a step's time with its save (sync / async) against a step without one, and
+    the time a new run takes to resume (find the newest, check every file, load model + optimizer)."""
+    overrides = [] if benchmark.enabled else SMOKE
+    benchmark.group = "checkpoint 100M trainer"
+    results = {}
+
+    def both():
+        for name in ("sync", "async"):
+            shutil.rmtree(tmp_path / name, ignore_errors=True)
+            results[name] = train_with_checkpoints(overrides, tmp_path / name, name == "async")
+
+    benchmark.pedantic(both, rounds=1)
+    _, resume_s, _ = train_with_checkpoints(overrides, tmp_path / "sync", False)  # everything saved: 0 steps
+    rows = {}
+    for name, (times, _, close_s) in results.items():
+        saving = [times[s - 1] for s in range(SAVE_EVERY, TRAIN_STEPS, SAVE_EVERY)]  # not the last step's
+        plain = sorted(t for s, t in enumerate(times, start=1) if s % SAVE_EVERY and s > 1)
+        step_s = plain[len(plain) // 2]
+        rows[f"{name}: step without save"] = f"{step_s:.3f} s"
+        rows[f"{name}: step with save"] = f"{max(saving):.3f} s (stall {max(saving) - step_s:+.3f} s)"
+        rows[f"{name}: close (last save)"] = f"{close_s:.3f} s"
+        benchmark.extra_info[f"{name}_step_s"] = round(step_s, 4)
+        benchmark.extra_info[f"{name}_stall_s"] = round(max(saving) - step_s, 4)
+    rows["resume (auto_resume, all)"] = f"{resume_s:.2f} s"
+    benchmark.extra_info["resume_s"] = round(resume_s, 4)
+    print("\n" + "\n".join(f"  {name:<28} {value}" for name, value in rows.items()))
