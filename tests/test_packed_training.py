@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pytrain.config import Config
-from pytrain.data.loader import step_batch
+from pytrain.data.loader import flat_batch, unflat_batch
 from pytrain.initialize import initialize_trainer
 from pytrain.initialize.launch import launch
 from pytrain.parallel import gpc
@@ -57,7 +57,7 @@ def packed_batches(docs, data_parallel: int, rank: int):
     per_rank = len(LENGTHS) // data_parallel
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     batch_packs = {k: np.stack(v[mine]) if k != "cu_seqlens" else v[mine] for k, v in packs.items()}
-    return step_batch(batch_packs, SEQ_LEN)
+    return unflat_batch(*flat_batch(batch_packs, SEQ_LEN))  # the loader's own batch layout
 
 
 def alone_batches(docs, data_parallel: int, rank: int):
@@ -163,3 +163,23 @@ def test_the_loss_is_the_global_token_mean_not_a_mean_of_micro_batch_means(fresh
     assert norm_two == pytest.approx(norm_one, rel=1e-5)
     for key, value in params_two.items():
         torch.testing.assert_close(value, params_one[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize("use_flash_attn", [True, False])
+def test_a_packed_micro_batch_reads_nothing_back_to_the_host(use_flash_attn, forbid_host_reads):
+    """Once the micro-batch's boundaries are a PackedSequences (the schedules build one per micro-batch from the
+    host's cu_seqlens), the forward through every layer and the loss (labels checked on the host by the
+    Trainer) make no .tolist() / .item(): on a GPU, no synchronization per layer or per micro-batch."""
+    from pytrain.kernels import PackedSequences
+    from pytrain.model import LMLoss
+    from pytrain.model.families import build_llama2
+
+    model = build_llama2(**dict(MODEL, use_flash_attn=use_flash_attn))
+    batch = packed_batches(documents(), 1, 0)
+    packed = PackedSequences(batch["cu_seqlens"][0].tolist())
+    criterion = LMLoss(labels_checked=True)
+    with forbid_host_reads():
+        logits = model(batch["input_ids"][0], cu_seqlens=packed)
+        loss = criterion(logits, batch["labels"][0])
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())

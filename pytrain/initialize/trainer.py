@@ -28,9 +28,12 @@ def initialize_trainer(
     cfg = gpc.require_config(config)
     if criterion is None:
         sharded_logits = gpc.tensor_parallel_size > 1 and cfg.model.parallel_output
+        tensor = gpc.tensor_parallel_size
         criterion = LMLoss(
             label_smoothing=cfg.loss.label_smoothing,
             vocab_parallel_group=gpc.tensor_parallel_group if sharded_logits else None,
+            labels_checked=True,  # the Trainer checks each step's labels on the host
+            vocab_sizes=[cfg.model.vocab_size // tensor] * tensor if sharded_logits else None,
         )
     micro_num = cfg.data.micro_num
     if cfg.parallel.pipeline.size == 1:
@@ -58,6 +61,7 @@ def initialize_trainer(
         device=gpc.device,
         lr_scheduler=lr_scheduler,
         beta2_scheduler=beta2_scheduler,
+        label_vocab_size=cfg.model.vocab_size,
     )
     return trainer, train_dataloader, test_dataloader, lr_scheduler
 

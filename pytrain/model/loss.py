@@ -13,19 +13,39 @@ class LMLoss(nn.Module):
     NaN loss would make the optimizer skip the whole step).
     """
 
-    def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100, vocab_parallel_group=None):
+    def __init__(
+        self,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        vocab_parallel_group=None,
+        labels_checked: bool = False,
+        vocab_sizes=None,
+    ):
         """vocab_parallel_group: the logits are this rank's vocabulary shard of that group's (tensor
-        parallelism with parallel_output); None: whole logits."""
+        parallelism with parallel_output), of vocab_sizes (every rank's shard size) when given; None: whole
+        logits. labels_checked: the caller has checked every label against the vocabulary on the host (the
+        Trainer does, once per step), so the kernels never read labels back (a device sync per call)."""
         super().__init__()
         self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
-        self.vocab_parallel_group = vocab_parallel_group
+        self.vocab_parallel_group, self.labels_checked, self.vocab_sizes = (
+            vocab_parallel_group,
+            labels_checked,
+            vocab_sizes,
+        )
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.reshape(-1)
-        options = dict(ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, reduction="sum")
+        options = dict(
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction="sum",
+            labels_checked=self.labels_checked,
+        )
         logits = logits.reshape(-1, logits.shape[-1])
         if self.vocab_parallel_group is not None:
-            total = vocab_parallel_cross_entropy(logits, labels, self.vocab_parallel_group, **options)
+            total = vocab_parallel_cross_entropy(
+                logits, labels, self.vocab_parallel_group, vocab_sizes=self.vocab_sizes, **options
+            )
         else:
             total = cross_entropy(logits, labels, **options)
         return total / (labels != self.ignore_index).sum().clamp_min(1)

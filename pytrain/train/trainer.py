@@ -7,15 +7,26 @@ success, grad_norm = trainer.step()
 
 import torch
 
-from pytrain.parallel.schedule import HOST_KEYS
+from pytrain.kernels.cross_entropy import check_labels_in_range
+from pytrain.parallel.schedule import HOST_KEYS, IGNORE_INDEX
 
 
 class Trainer:
     def __init__(
-        self, model, optimizer, schedule, criterion, device: torch.device, lr_scheduler=None, beta2_scheduler=None
+        self,
+        model,
+        optimizer,
+        schedule,
+        criterion,
+        device: torch.device,
+        lr_scheduler=None,
+        beta2_scheduler=None,
+        label_vocab_size: int | None = None,
     ):
+        """label_vocab_size: check each step's labels against it on the host, before they move to the
+        device, so the loss need not read them back per micro-batch (see LMLoss's labels_checked)."""
         self.model, self.optimizer, self.schedule, self.criterion = model, optimizer, schedule, criterion
-        self.device = device
+        self.device, self.label_vocab_size = device, label_vocab_size
         self.lr_scheduler, self.beta2_scheduler = lr_scheduler, beta2_scheduler
         self.steps_taken = 0
 
@@ -32,6 +43,8 @@ class Trainer:
         self, batch: dict, forward_only: bool = False, return_loss: bool = True, return_output_label: bool = False
     ):
         """Forward (and backward) over the batch's micro-batches; returns (outputs and labels or None, loss)."""
+        if self.label_vocab_size is not None:
+            check_labels_in_range(batch["labels"], self.label_vocab_size, IGNORE_INDEX)
         batch = {
             key: value if key in HOST_KEYS else value.to(self.device, non_blocking=True) for key, value in batch.items()
         }
