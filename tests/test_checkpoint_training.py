@@ -42,8 +42,11 @@ LAYOUTS = {  # name: (world size, parallel section, model overrides)
     "tp2": (2, dict(tensor=2), {}),
     "pp2-interleaved": (2, dict(pipeline=2), dict(num_chunks=2)),
     "tp2-pp2": (4, dict(tensor=2, pipeline=2), {}),
+    "one-tied": (1, {}, dict(tie_word_embeddings=True)),
+    "pp2-tied": (2, dict(pipeline=2), dict(tie_word_embeddings=True)),  # the embedding on both stages
 }
 RESHARD_FROM = ("dp2-zero1", "tp2", "pp2-interleaved", "tp2-pp2")
+TIED = ("pp2-tied", "one-tied")  # saved under, loaded into (against the straight run of the latter)
 EXACT = [("one", "torch.float32"), ("one", "torch.bfloat16"), ("one", "torch.float16")]
 EXACT += [("dp2-zero1", "torch.float32"), ("dp2-zero1", "torch.bfloat16")]
 # saving in the background; a rolling snapshot every 3 steps and only the newest checkpoint kept
@@ -140,7 +143,11 @@ def cases(phase: str, world: int, corpus: Path, root: Path, hf_folder: Path):
             resume = dict(save, auto_resume=True, checkpoint_every=100)
             out.append(((layout, dtype, "second"), config(layout, dtype, corpus, root, resume), None))
     if phase == "first":
-        for layout in RESHARD_FROM:
+        if world_of(TIED[1]) == world:
+            out.append(
+                ((TIED[1], "torch.float32", "straight"), config(TIED[1], "torch.float32", corpus, root, {}), None)
+            )
+        for layout in (*RESHARD_FROM, TIED[0]):
             if LAYOUTS[layout][0] == world and layout != "dp2-zero1":  # dp2-zero1 fp32 is saved above
                 save = dict(
                     enable_save_ckpt=True, save_ckpt_folder=str(case_folder(root, layout)), checkpoint_every=HALF
@@ -159,6 +166,9 @@ def cases(phase: str, world: int, corpus: Path, root: Path, hf_folder: Path):
             source = case_folder(root, layout if layout != "dp2-zero1" else "dp2-zero1-torch.float32")
             load = dict(load_ckpt_info=dict(path=str(source / str(HALF)), content=("all",), ckpt_type="internlm"))
             out.append(((into, "from", layout), config(into, "torch.float32", corpus, root, load), None))
+        if world_of(TIED[1]) == world:
+            load = dict(load_ckpt_info=dict(path=str(case_folder(root, TIED[0]) / str(HALF)), content=("all",)))
+            out.append(((TIED[1], "from", TIED[0]), config(TIED[1], "torch.float32", corpus, root, load), None))
     return out
 
 
@@ -242,11 +252,13 @@ def test_fp16_scaler_state_is_resumed(runs):
     assert results[("one", "torch.float16", "second", 0)]["scale"] == 2**14 * 16
 
 
-@pytest.mark.parametrize("into", ["one", "dp2-zero1"])
-@pytest.mark.parametrize("source", RESHARD_FROM)
+RESHARD_CASES = [(s, i) for s in RESHARD_FROM for i in ("one", "dp2-zero1")] + [TIED]
+
+
+@pytest.mark.parametrize("source, into", RESHARD_CASES, ids=[f"{s}-into-{i}" for s, i in RESHARD_CASES])
 def test_checkpoint_loads_into_another_layout_and_losses_continue(runs, source, into):
     results, _, _ = runs
-    straight = results[("one", "torch.float32", "straight", 0)]["history"]
+    straight = results[(into.replace("dp2-zero1", "one"), "torch.float32", "straight", 0)]["history"]
     for rank in range(world_of(into)):
         resumed = results[(into, "from", source, rank)]
         assert resumed["start"] == HALF
