@@ -1,0 +1,270 @@
+"""Model weights from a checkpoint folder written by InternLM / InternEvo, as the whole model's state dict.
+
+Such a folder holds one `model_tp{t}_pp{p}.pt` per tensor rank t and pipeline stage p: that rank's
+`state_dict()`, keys prefixed `model.` (the AMP wrapper), layer indices local to the stage. pytrain's
+parameter names already are InternEvo's for each family (pytrain.model.families), so loading means:
+
+- reading every file with torch.load(weights_only=True): tensors only, never arbitrary unpickling;
+- shifting each stage's layer indices by the layers of the stages before it (InternEvo's
+  `partition_uniform`: num_layers // P per stage, the last num_layers % P stages one more; the counts
+  are read from each file's keys and checked against that rule);
+- merging the tensor-parallel shards as the model's own tensor_parallel_plan() splits them, which is
+  InternEvo's layout: column-parallel weights (wqkv/Wqkv, wq, wk, wv, w1, w3, head/output) and their
+  biases along dim 0, where v1's fused Wqkv shard is [its q heads; its k heads; its v heads] (so each
+  part is merged on its own) and InternLM2's grouped wqkv shard is whole kv groups (a plain
+  concatenation); row-parallel weights (wo/out_proj, w2) along dim 1, their bias taken from tensor
+  rank 0, the only one that holds it; the embedding along hidden or along the vocabulary (as the shards'
+  shape says: InternLM saved `embedding.word_embeddings.weight` [V/t, H] without embed_split_hidden);
+  norms whole on every rank (rank 0's).
+
+InternLM v1's w2/w3: the code of 2023-07 to 2024-01 computed w3(silu(w1 x) * w2 x); InternEvo since
+2024-02 (and pytrain) computes w2(silu(w1 x) * w3 x): w1 gate, w3 up, w2 down. The weights are loaded
+under their names with the current meaning; a checkpoint of the older code is not told apart (its
+down projection w3 then has w2's shape and fails the shape check unless the MLP is square).
+
+Not supported, refused by name: ISP (weight-parallel) files, MoE expert files, FSDP (`_dp{d}`) files.
+"""
+
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from pytrain.checkpoint.storage import CheckpointError, resolve_folder
+from pytrain.parallel.shard_spec import ShardSpec
+from pytrain.parallel.tensor import plan_pattern
+
+from .decoder import Colwise, Decoder, EmbeddingSplit, Rowwise, VocabHead
+
+MODEL_FILE = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
+UNSUPPORTED_FILES = (
+    (
+        re.compile(r"^model_(tp\d+_)?wp\d+_pp\d+\.pt$"),
+        "ISP (parallel.tensor.mode='isp', weight-parallel) model files are not supported",
+    ),
+    (
+        re.compile(r"^model_moe_layer\d+_expert\d+_(tp|wp)\d+\.pt$"),
+        "MoE expert files are not supported (pytrain has no MoE layers)",
+    ),
+    (re.compile(r"^model_tp\d+_pp\d+_dp\d+\.pt$"), "FSDP (per data-parallel rank) model files are not supported"),
+)
+AMP_PREFIX = "model."
+LISTED = 12  # names shown per kind of problem
+
+
+def load_internlm_folder(folder: str | Path, model: Decoder) -> dict[str, torch.Tensor]:
+    """The whole model's state dict, in `model`'s names and order, from an InternLM/InternEvo folder of
+    `model_tp{t}_pp{p}.pt` files (see the module doc). `model` is the whole model built from the same
+    config (the meta device will do): its family's names, tensor_parallel_plan() and state_dict() shapes
+    say how the shards merge and what must come out. Tensors keep the checkpoint's dtype.
+
+    Raises CheckpointError naming the file or the parameters: an unsupported or incomplete set of files,
+    a file that is not a dict of tensors, a layer count other than the config's, or any missing,
+    unexpected or misshapen parameter."""
+    if not (model.first and model.last):
+        raise CheckpointError("load_internlm_folder needs the whole model (with embedding and head), not a stage")
+    files = _model_files(resolve_folder(str(folder)))
+    tp_size = 1 + max(t for t, _ in files)
+    pp_size = 1 + max(p for _, p in files)
+    full_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    merger = _ShardMerger(model, full_shapes, tp_size)
+    layer_counts, merged = [], {}
+    for stage in range(pp_size):
+        paths = [files[(rank, stage)] for rank in range(tp_size)]
+        shards = [_read_state(path) for path in paths]  # this stage's only: one stage in memory at a time
+        local_layers, shards = _globalize_layers(shards, paths, model.names.layers, offset=sum(layer_counts))
+        layer_counts.append(local_layers)
+        for name, tensor in merger.merge(shards, paths).items():
+            if name in merged and not torch.equal(merged[name], tensor):
+                merger.problems.append(f"{name} differs between pipeline stages ({paths[0].name} and an earlier one)")
+            merged.setdefault(name, tensor)
+    _check_layer_split(layer_counts, model.num_layers, files[(0, 0)].parent)
+    missing = [name for name in full_shapes if name not in merged]
+    unexpected = sorted(name for name in merged if name not in full_shapes)
+    problems = merger.problems
+    if missing:
+        problems.append(f"missing from the checkpoint: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"in the checkpoint but not in this {model.family} model: {_listing(unexpected)}")
+    if problems:
+        raise CheckpointError(
+            f"the InternLM checkpoint {files[(0, 0)].parent} does not fit this {model.family} model "
+            f"(model_type and model fields of the config):\n  " + "\n  ".join(problems)
+        )
+    return {name: merged[name] for name in full_shapes}
+
+
+def _model_files(folder: Path) -> dict[tuple[int, int], Path]:
+    """{(tp rank, pp stage): path}, every one of the grid present."""
+    if not folder.is_dir():
+        raise CheckpointError(f"InternLM checkpoint folder {folder} does not exist or is not a folder")
+    names = sorted(p.name for p in folder.iterdir())
+    for pattern, why in UNSUPPORTED_FILES:
+        found = [name for name in names if pattern.match(name)]
+        if found:
+            raise CheckpointError(
+                f"{folder}: {why} ({_listing(found)}). Load a checkpoint saved with plain tensor/pipeline "
+                f"parallelism (model_tp{{t}}_pp{{p}}.pt), or a Hugging Face folder exported by InternEvo "
+                f"(ckpt_type='hf')"
+            )
+    files = {}
+    for name in names:
+        match = MODEL_FILE.match(name)
+        if match:
+            files[(int(match[1]), int(match[2]))] = folder / name
+    if not files:
+        raise CheckpointError(
+            f"{folder} holds no InternLM model files (model_tp{{t}}_pp{{p}}.pt): point load_ckpt_info.path at "
+            f"one saved step's folder (save_ckpt_folder/<step>)"
+        )
+    tp_size, pp_size = 1 + max(t for t, _ in files), 1 + max(p for _, p in files)
+    absent = [f"model_tp{t}_pp{p}.pt" for p in range(pp_size) for t in range(tp_size) if (t, p) not in files]
+    if absent:
+        raise CheckpointError(
+            f"{folder} is incomplete for its layout of {tp_size} tensor x {pp_size} pipeline ranks: "
+            f"{_listing(absent)} missing (a save that did not finish, or files copied partly)"
+        )
+    return files
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """One rank's tensors, the AMP wrapper's `model.` prefix removed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} cannot be read as tensors only (torch.load weights_only=True; pytrain never unpickles "
+            f"arbitrary objects): {err}"
+        ) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a model state dict (name -> tensor)")
+    bad = [f"{key!r} ({type(value).__name__})" for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path} is not a model state dict: non-tensor values under {_listing(bad)}")
+    return {key.removeprefix(AMP_PREFIX): value for key, value in state.items()}
+
+
+def _globalize_layers(shards: list[dict], paths: list[Path], layers: str, offset: int) -> tuple[int, list[dict]]:
+    """(this stage's layer count, its shards with layer indices shifted by `offset`)."""
+    layer_key = re.compile(rf"^{re.escape(layers)}\.(\d+)\.(.+)$")
+    counts, shifted = [], []
+    for state, path in zip(shards, paths, strict=True):
+        indices, renamed = set(), {}
+        for key, value in state.items():
+            match = layer_key.match(key)
+            if match:
+                indices.add(int(match[1]))
+                key = f"{layers}.{int(match[1]) + offset}.{match[2]}"
+            renamed[key] = value
+        if indices != set(range(len(indices))):
+            raise CheckpointError(
+                f"{path}: the layer indices {sorted(indices)} are not 0..n-1 (InternEvo numbers a stage's layers "
+                f"from 0); this is not a model file of a plain pipeline layout"
+            )
+        counts.append(len(indices))
+        shifted.append(renamed)
+    if len(set(counts)) > 1:
+        raise CheckpointError(
+            "the tensor ranks of one pipeline stage hold different layer counts: "
+            + ", ".join(f"{p.name} {n}" for p, n in zip(paths, counts, strict=True))
+        )
+    return counts[0], shifted
+
+
+def partition_uniform(num_layers: int, num_stages: int) -> list[int]:
+    """Layers per pipeline stage as InternEvo splits them: num_layers // num_stages each, the last
+    num_layers % num_stages stages one more."""
+    base, extra = divmod(num_layers, num_stages)
+    return [base + (stage >= num_stages - extra) for stage in range(num_stages)]
+
+
+def _check_layer_split(counts: list[int], num_layers: int, folder: Path) -> None:
+    total = sum(counts)
+    split = " + ".join(map(str, counts))
+    if total != num_layers:
+        raise CheckpointError(
+            f"the checkpoint has {total} layers ({split} over {len(counts)} pipeline stages), the config "
+            f"{num_layers}: set model.num_layers = {total} or load a checkpoint of this model ({folder})"
+        )
+    expected = partition_uniform(total, len(counts))
+    if counts != expected:
+        raise CheckpointError(
+            f"{folder}: the stages hold {split} layers, but InternEvo's partition_uniform splits {total} layers "
+            f"over {len(counts)} stages as {' + '.join(map(str, expected))}; with another split (num_chunks > 1, "
+            f"or files from another trainer) the layers' global order is not known"
+        )
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:LISTED])
+    return shown if len(names) <= LISTED else f"{shown} and {len(names) - LISTED} more"
+
+
+class _ShardMerger:
+    """Merges the tensor ranks' pieces of each parameter of one stage into the whole parameter."""
+
+    def __init__(self, model: Decoder, full_shapes: dict[str, tuple[int, ...]], tp_size: int):
+        self.plan = [(plan_pattern(key), how) for key, how in model.tensor_parallel_plan().items()]
+        self.full_shapes, self.tp_size = full_shapes, tp_size
+        self.embedding = f"{model.names.embedding}.weight"
+        self.problems: list[str] = []
+
+    def merge(self, shards: list[dict], paths: list[Path]) -> dict[str, torch.Tensor]:
+        vocab_split_name = f"{self.embedding.removesuffix('.weight')}.word_embeddings.weight"
+        shards = [{self.embedding if k == vocab_split_name else k: v for k, v in s.items()} for s in shards]
+        names = list(dict.fromkeys(name for state in shards for name in state))
+        return {name: self._merge_one(name, [s.get(name) for s in shards], paths) for name in names}
+
+    def _merge_one(self, name: str, pieces: list, paths: list[Path]) -> torch.Tensor:
+        full_shape = self.full_shapes.get(name)
+        if pieces[0] is None:
+            holders = ", ".join(path.name for path, piece in zip(paths, pieces, strict=True) if piece is not None)
+            self.problems.append(f"{name}: not in {paths[0].name} (tensor rank 0), only in {holders}")
+            return next(t for t in pieces if t is not None)
+        if full_shape is None:  # not this model's: reported as unexpected
+            return pieces[0]
+        dim, segments = self._split(name, full_shape, tuple(pieces[0].shape))
+        if dim is None:  # whole on rank 0 (norms, a row-parallel bias, everything when there is one rank)
+            if tuple(pieces[0].shape) != full_shape:
+                self.problems.append(
+                    f"{name}: shape {tuple(pieces[0].shape)} in {paths[0].name}, the model's {full_shape}"
+                )
+            return pieces[0]
+        full = torch.empty(full_shape, dtype=pieces[0].dtype)
+        for rank, (piece, path) in enumerate(zip(pieces, paths, strict=True)):
+            if piece is None:
+                self.problems.append(f"{name}: missing from {path.name} (tensor rank {rank} of {self.tp_size})")
+                continue
+            try:
+                spec = ShardSpec.split(full_shape, dim, rank, self.tp_size, segments)
+            except ValueError as err:
+                self.problems.append(f"{name}: the model's {full_shape} cannot be {self.tp_size} shards: {err}")
+                return pieces[0]
+            if tuple(piece.shape) != spec.local_shape or piece.dtype != full.dtype:
+                self.problems.append(
+                    f"{name}: {tuple(piece.shape)} {piece.dtype} in {path.name}, expected a 1/{self.tp_size} shard "
+                    f"{spec.local_shape} {full.dtype} of the model's {full_shape}"
+                )
+                continue
+            spec.place(piece, full)
+        return full
+
+    def _split(self, name: str, full_shape: tuple, rank0_shape: tuple) -> tuple[int | None, tuple | None]:
+        """(the dim InternEvo split this parameter along, the parts split each on its own); dim None: whole."""
+        if self.tp_size == 1:
+            return None, None
+        module, leaf = name.rsplit(".", 1)
+        how = next((how for pattern, how in self.plan if pattern.match(module)), None)
+        if isinstance(how, Rowwise):
+            return (1, None) if leaf == "weight" else (None, None)
+        if isinstance(how, EmbeddingSplit):  # saved split either way, whatever this config's embed_split_hidden
+            vocab, hidden = full_shape
+            if rank0_shape == (vocab // self.tp_size, hidden) and vocab % self.tp_size == 0:
+                return 0, None
+            return 1, None
+        if isinstance(how, Colwise):
+            return 0, how.segments
+        if isinstance(how, VocabHead):
+            return 0, None
+        return None, None  # Replicated or not in the plan

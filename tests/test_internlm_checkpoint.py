@@ -1,0 +1,239 @@
+"""InternLM/InternEvo checkpoint folders in: each family's whole state, written here the way InternEvo
+lays out its model_tp{t}_pp{p}.pt files (cut by hand, independently of pytrain's tensor plan), comes back
+bitwise; bad folders fail with a message naming the problem."""
+
+import datetime
+
+import pytest
+import torch
+
+from pytrain.checkpoint.storage import CheckpointError
+from pytrain.model.families import build_internlm, build_internlm2, build_llama2, build_qwen2
+from pytrain.model.internlm_checkpoint import load_internlm_folder, partition_uniform
+
+TINY = dict(
+    num_layers=3,  # over 2 stages: 1 + 2, the last stage takes the extra layer
+    hidden_size=64,
+    num_attention_heads=4,
+    num_kv_attention_heads=2,
+    vocab_size=96,
+    multiple_of=32,
+    dtype="torch.float32",
+    use_flash_attn=False,
+)
+# Every family with all its biases on and GQA; InternLM2 also with LayerNorm (norm biases).
+FAMILIES = {
+    "internlm": (build_internlm, {}),
+    "internlm2": (build_internlm2, dict(norm_type="layernorm")),
+    "llama2": (build_llama2, {}),
+    "qwen2": (build_qwen2, dict(o_bias=True, mlp_bias=True)),
+}
+# InternEvo's split of each parameter by its last two name components: column-parallel (dim 0),
+# row-parallel (weight dim 1, bias on tensor rank 0 only); the rest (norms) whole on every rank.
+COLUMN = {"wq", "wk", "wv", "wqkv", "w1", "w3", "head", "output"}
+ROW = {"wo", "out_proj", "w2"}
+EMBEDDINGS = {"embedding", "tok_embeddings", "embed_tokens"}
+
+
+def build(family: str, **overrides):
+    builder, extra = FAMILIES[family]
+    return builder(**{**TINY, **extra, **overrides})
+
+
+def random_state(family: str, seed: int = 0, **overrides) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = build(family, **overrides)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)  # norms and biases too: a merge mistake anywhere shows
+    return {name: t.clone() for name, t in model.state_dict().items()}
+
+
+def meta_model(family: str, **overrides):
+    with torch.device("meta"):
+        return build(family, **overrides)
+
+
+def internevo_shard(name: str, tensor: torch.Tensor, rank: int, tp: int, vocab_split: bool):
+    """Tensor rank `rank`'s piece of a full tensor as InternEvo saves it (None: that rank has none)."""
+    parts = name.split(".")
+    module, leaf = parts[-2], parts[-1]
+    if module == "Wqkv":  # v1: each rank's shard is [its q heads; its k heads; its v heads]
+        kv_width = (tensor.shape[0] - TINY["hidden_size"]) // 2
+        q, k, v = tensor.split([TINY["hidden_size"], kv_width, kv_width])
+        return torch.cat([q.chunk(tp)[rank], k.chunk(tp)[rank], v.chunk(tp)[rank]])
+    if module in COLUMN:
+        return tensor.chunk(tp, 0)[rank]
+    if module in ROW:
+        if leaf == "bias":
+            return tensor if rank == 0 else None
+        return tensor.chunk(tp, 1)[rank]
+    if module in EMBEDDINGS:
+        return tensor.chunk(tp, 0 if vocab_split else 1)[rank]
+    return tensor
+
+
+def write_internevo_folder(folder, state, layers: str, tp: int, pp: int, vocab_split=False, stage_layers=None):
+    """model_tp{t}_pp{p}.pt files: stage-local layer indices, `model.` prefix, per-rank shards."""
+    num_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith(f"{layers}."))
+    counts = stage_layers or partition_uniform(num_layers, pp)
+    starts = [sum(counts[:p]) for p in range(pp)]
+    for p in range(pp):
+        for t in range(tp):
+            out = {}
+            for name, tensor in state.items():
+                parts = name.split(".")
+                if parts[0] == layers:
+                    index = int(parts[1])
+                    if not starts[p] <= index < starts[p] + counts[p]:
+                        continue
+                    name = ".".join([layers, str(index - starts[p]), *parts[2:]])
+                elif parts[0] in EMBEDDINGS:
+                    if p != 0:
+                        continue
+                elif p != pp - 1:  # final norm and head on the last stage
+                    continue
+                shard = internevo_shard(name, tensor, t, tp, vocab_split)
+                if parts[0] in EMBEDDINGS and vocab_split:  # InternLM without embed_split_hidden: flash-attn's
+                    name = f"{parts[0]}.word_embeddings.weight"  # vocab-parallel module
+                if shard is not None:
+                    out[f"model.{name}"] = shard.clone()  # clone: save the piece, not the whole storage
+            torch.save(out, folder / f"model_tp{t}_pp{p}.pt")
+    # What else a saved step holds, to be ignored:
+    torch.save({"num_layers": num_layers}, folder / "model_config.pt")
+    (folder / "context.pt").write_bytes(b"")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_every_layout_merges_back_bitwise(tmp_path, family, tp, pp):
+    state = random_state(family)
+    model = meta_model(family)
+    write_internevo_folder(tmp_path, state, model.names.layers, tp, pp)
+    loaded = load_internlm_folder(tmp_path, model)
+    assert list(loaded) == list(state)
+    for name, tensor in state.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vocab_split_embedding_under_flash_attn_name(tmp_path, tp):
+    state = random_state("internlm")
+    write_internevo_folder(tmp_path, state, "blocks", tp, 2, vocab_split=True)
+    loaded = load_internlm_folder(f"local:{tmp_path}", meta_model("internlm"))
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items())
+
+
+def test_bf16_stays_bf16(tmp_path):
+    state = random_state("internlm2", dtype="torch.bfloat16")
+    write_internevo_folder(tmp_path, state, "layers", 2, 2)
+    loaded = load_internlm_folder(tmp_path, meta_model("internlm2", dtype="torch.bfloat16"))
+    assert all(loaded[n].dtype == torch.bfloat16 and torch.equal(loaded[n], t) for n, t in state.items())
+
+
+def test_partition_uniform_gives_the_last_stages_the_extra_layers():
+    assert partition_uniform(32, 4) == [8, 8, 8, 8]
+    assert partition_uniform(30, 4) == [7, 7, 8, 8]
+    assert partition_uniform(3, 2) == [1, 2]
+
+
+def _tp2_pp2(tmp_path, family="llama2", **overrides):
+    model = meta_model(family, **overrides)
+    write_internevo_folder(tmp_path, random_state(family, **overrides), model.names.layers, 2, 2)
+    return model
+
+
+def test_missing_file_of_the_layout(tmp_path):
+    model = _tp2_pp2(tmp_path)
+    (tmp_path / "model_tp1_pp1.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"incomplete .* 2 tensor x 2 pipeline.*model_tp1_pp1\.pt missing"):
+        load_internlm_folder(tmp_path, model)
+
+
+def test_no_model_files(tmp_path):
+    with pytest.raises(CheckpointError, match=r"no InternLM model files"):
+        load_internlm_folder(tmp_path, meta_model("llama2"))
+    with pytest.raises(CheckpointError, match=r"does not exist"):
+        load_internlm_folder(tmp_path / "absent", meta_model("llama2"))
+
+
+def test_layer_count_other_than_the_config(tmp_path):
+    _tp2_pp2(tmp_path)
+    with pytest.raises(
+        CheckpointError, match=r"the checkpoint has 3 layers \(1 \+ 2 over 2 pipeline stages\), the config 4"
+    ):
+        load_internlm_folder(tmp_path, meta_model("llama2", num_layers=4))
+
+
+def test_stage_split_other_than_partition_uniform(tmp_path):
+    model = meta_model("qwen2")
+    write_internevo_folder(tmp_path, random_state("qwen2"), "layers", 1, 2, stage_layers=[2, 1])
+    with pytest.raises(CheckpointError, match=r"stages hold 2 \+ 1 layers.*partition_uniform.* as 1 \+ 2"):
+        load_internlm_folder(tmp_path, model)
+
+
+def test_non_tensor_value_names_the_file_and_key(tmp_path):
+    model = _tp2_pp2(tmp_path)
+    state = torch.load(tmp_path / "model_tp1_pp0.pt", weights_only=True)
+    torch.save({**state, "step": 7}, tmp_path / "model_tp1_pp0.pt")
+    with pytest.raises(
+        CheckpointError, match=r"model_tp1_pp0\.pt is not a model state dict: non-tensor .*'step' \(int\)"
+    ):
+        load_internlm_folder(tmp_path, model)
+    torch.save([torch.zeros(2)], tmp_path / "model_tp1_pp0.pt")
+    with pytest.raises(CheckpointError, match=r"model_tp1_pp0\.pt holds a list"):
+        load_internlm_folder(tmp_path, model)
+
+
+def test_arbitrary_objects_are_never_unpickled(tmp_path):
+    model = _tp2_pp2(tmp_path)
+    torch.save({"when": datetime.date(2024, 1, 1)}, tmp_path / "model_tp0_pp1.pt")
+    with pytest.raises(CheckpointError, match=r"model_tp0_pp1\.pt cannot be read as tensors only"):
+        load_internlm_folder(tmp_path, model)
+
+
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("model_tp0_wp0_pp0.pt", "ISP"),
+        ("model_wp1_pp0.pt", "ISP"),
+        ("model_moe_layer0_expert3_tp0.pt", "MoE expert"),
+        ("model_tp0_pp0_dp1.pt", "FSDP"),
+    ],
+)
+def test_unsupported_files_are_refused(tmp_path, name, why):
+    model = _tp2_pp2(tmp_path)
+    torch.save({}, tmp_path / name)
+    with pytest.raises(CheckpointError, match=rf"{why} .*not supported.*{name}"):
+        load_internlm_folder(tmp_path, model)
+
+
+def test_missing_unexpected_and_misshapen_parameters_listed_together(tmp_path):
+    model = _tp2_pp2(tmp_path, "internlm")
+    state = torch.load(tmp_path / "model_tp0_pp1.pt", weights_only=True)
+    del state["model.blocks.1.mixer.out_proj.bias"]  # rank 0's row bias, the only copy
+    state["model.blocks.0.mixer.rotary_emb.inv_freq"] = torch.ones(8)
+    torch.save(state, tmp_path / "model_tp0_pp1.pt")
+    with pytest.raises(CheckpointError) as raised:
+        load_internlm_folder(tmp_path, model)
+    message = str(raised.value)
+    assert "missing from the checkpoint: blocks.2.mixer.out_proj.bias" in message
+    assert "not in this INTERNLM model: blocks.1.mixer.rotary_emb.inv_freq" in message
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.mlp\.w1\.weight: \(96, 64\) .*1/2 shard \(128, 64\)"):
+        load_internlm_folder(tmp_path, meta_model("internlm", multiple_of=128))
+
+
+def test_a_shard_missing_on_one_tensor_rank(tmp_path):
+    model = _tp2_pp2(tmp_path, "internlm2")
+    state = torch.load(tmp_path / "model_tp1_pp0.pt", weights_only=True)
+    del state["model.layers.0.attention.wqkv.weight"]
+    torch.save(state, tmp_path / "model_tp1_pp0.pt")
+    with pytest.raises(CheckpointError, match=r"layers\.0\.attention\.wqkv\.weight: missing from model_tp1_pp0\.pt"):
+        load_internlm_folder(tmp_path, model)
+
+
+def test_a_pipeline_stage_is_refused():
+    model = meta_model("llama2")
+    del model.output
+    with pytest.raises(CheckpointError, match=r"needs the whole model"):
+        load_internlm_folder("/nonexistent", model)
