@@ -104,6 +104,7 @@ def run(cfg: Config, rank: int, world: int, corpus: Path, stop_at=None) -> dict:
     checkpoints = TrainingCheckpoints(cfg, model=model, optimizer=optimizer, trainer=trainer, loader=loader)
     start = checkpoints.resume()
     loaded = {name: p.detach().clone() for name, p in model.full_state_names().items()}
+    masters = {optimizer.infos[id(p)].name: m.detach().clone() for p, m, _ in optimizer.owned}  # as loaded
     history = []
     trainer.train()
     for step, batch in enumerate(loader, start=start + 1):
@@ -119,7 +120,15 @@ def run(cfg: Config, rank: int, world: int, corpus: Path, stop_at=None) -> dict:
     optimizer.sync_params()
     params = {name: p.detach().clone() for name, p in model.full_state_names().items()}
     specs = {info.name: info.spec for _, info in model.infos()}
-    return dict(history=history, scale=optimizer.loss_scale, params=params, loaded=loaded, start=start, specs=specs)
+    return dict(
+        history=history,
+        scale=optimizer.loss_scale,
+        params=params,
+        loaded=loaded,
+        start=start,
+        specs=specs,
+        masters=masters,
+    )
 
 
 def case_folder(root: Path, name: str) -> Path:
@@ -358,6 +367,38 @@ def test_bad_input_is_a_clear_error_before_step_1(saved, small_corpus, tmp_path,
     wrong = dict(load_ckpt_info=dict(path=str(saved), content=("weights",)))
     fails(config("one", "torch.float32", small_corpus, tmp_path, wrong), ConfigError, r"content \('weights',\)")
     assert sorted(p.name for p in saved.parent.iterdir()) == ["2"]  # nothing written over the good one
+
+
+def test_weights_load_from_the_most_precise_copy_across_dtypes(saved, small_corpus, tmp_path, fresh_context):
+    """fp32 checkpoint -> bf16 run: its fp32 masters are the saved weights; bf16 run's checkpoint -> fp32 run:
+    the weights are the saved fp32 masters (not the bf16 weights)."""
+    from pytrain.checkpoint import CheckpointReader
+
+    fp32 = CheckpointReader(saved).read({f"model/{n}": spec for n, spec in specs_of(saved).items()})
+    model_only = dict(load_ckpt_info=dict(path=str(saved), content=("model",)))
+    got = run_alone(config("one", "torch.bfloat16", small_corpus, tmp_path, model_only, total_steps=1), small_corpus)
+    for name, master in got["masters"].items():
+        assert torch.equal(master, fp32[f"model/{name}"]), name
+        assert torch.equal(got["loaded"][name], fp32[f"model/{name}"].to(torch.bfloat16)), name
+    bf16 = dict(enable_save_ckpt=True, save_ckpt_folder=str(tmp_path / "bf16"))
+    run_alone(config("one", "torch.bfloat16", small_corpus, tmp_path, bf16, total_steps=2), small_corpus)
+    masters = CheckpointReader(tmp_path / "bf16" / "2").read(
+        {f"optim/master/{n}": s for n, s in specs_of(saved).items()}
+    )
+    load = dict(load_ckpt_info=dict(path=str(tmp_path / "bf16" / "2"), content=("model",)))
+    got = run_alone(config("one", "torch.float32", small_corpus, tmp_path, load, total_steps=1), small_corpus)
+    for name, weight in got["loaded"].items():
+        assert weight.dtype == torch.float32 and torch.equal(weight, masters[f"optim/master/{name}"]), name
+
+
+def specs_of(checkpoint: Path) -> dict:
+    from pytrain.checkpoint import CheckpointReader
+    from pytrain.parallel.shard_spec import ShardSpec
+
+    shapes = CheckpointReader(checkpoint).shapes()
+    return {
+        k.removeprefix("model/"): ShardSpec.whole(shape) for k, (shape, _) in shapes.items() if k.startswith("model/")
+    }
 
 
 # -- crashes and stop requests through `python -m pytrain.train` -------------------------------------------

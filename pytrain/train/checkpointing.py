@@ -221,16 +221,22 @@ class TrainingCheckpoints:
         model = [(k, t, s) for k, t, s in self._tensors(duplicates=True) if k.startswith(MODEL)]
         reader.check({k: s for k, _, s in model}, strict_prefixes=(MODEL,))
         state = reader.global_state()
+        tensors = self._tensors(duplicates=True)
         if "model" in content:
-            self._load_unique(reader, model)
-            self.optimizer.masters_from_model()
+            # each from the most precise copy saved: a 16-bit run's fp32 masters when this run keeps none
+            # (its weights are fp32), an fp32 run's weights when this run needs masters of its own
+            def best(name: str, from_master: bool) -> str:
+                master = f"{OPTIM}master/{name}"
+                return master if from_master and master in saved else MODEL + name
+
+            plain = not self.optimizer.needs_master
+            self._load_unique(reader, [(best(k.removeprefix(MODEL), plain), t, s) for k, t, s in model])
+            masters = [(k, t, s) for k, t, s in tensors if k.startswith(OPTIM + "master/")]
+            self._load_unique(reader, [(best(k.split("/", 2)[2], True), t, s) for k, t, s in masters])
         if "optimizer" in content:
-            optim = [(k, t, s) for k, t, s in self._tensors(duplicates=True) if k.startswith(OPTIM)]
-            # masters a checkpoint of an fp32 model does not hold are its weights themselves
-            masters = {k for k, _, _ in optim if k.startswith(OPTIM + "master/") and k not in saved}
-            reader.check({k: s for k, _, s in optim if k not in masters})
-            self._load_unique(reader, [(k, t, s) for k, t, s in optim if k not in masters])
-            self._load_unique(reader, [(MODEL + k.split("/", 2)[2], t, s) for k, t, s in optim if k in masters])
+            moments = [(k, t, s) for k, t, s in tensors if k.startswith(OPTIM) and not k.startswith(OPTIM + "master/")]
+            reader.check({k: s for k, _, s in moments})
+            self._load_unique(reader, moments)
             self.optimizer.load_state_dict(state["optimizer"])
             if self.optimizer.grad_scaler and state.get("grad_scaler"):
                 self.optimizer.grad_scaler.load_state_dict(state["grad_scaler"])
