@@ -360,10 +360,10 @@ def test_bad_input_is_a_clear_error_before_step_1(saved, small_corpus, tmp_path,
     fails(config("one", "torch.float32", small_corpus, tmp_path, unwritable), CheckpointError, r"cannot be written")
     remote = dict(enable_save_ckpt=True, save_ckpt_folder="boto3:s3://bucket/ckpt")
     fails(config("one", "torch.float32", small_corpus, tmp_path, remote), CheckpointError, r"'boto3'.*not available")
-    pickled = tmp_path / "internlm"
-    pickled.mkdir()
-    (pickled / "model_tp0_pp0.pt").write_bytes(b"")
-    fails(load_config(pickled, small_corpus, tmp_path), CheckpointError, r"pickles, which pytrain never loads")
+    internlm = tmp_path / "internlm"
+    internlm.mkdir()
+    (internlm / "model_tp0_pp0.pt").write_bytes(b"")
+    fails(load_config(internlm, small_corpus, tmp_path), CheckpointError, r"only its model weights can be loaded")
     wrong = dict(load_ckpt_info=dict(path=str(saved), content=("weights",)))
     fails(config("one", "torch.float32", small_corpus, tmp_path, wrong), ConfigError, r"content \('weights',\)")
     assert sorted(p.name for p in saved.parent.iterdir()) == ["2"]  # nothing written over the good one
@@ -389,6 +389,25 @@ def test_weights_load_from_the_most_precise_copy_across_dtypes(saved, small_corp
     got = run_alone(config("one", "torch.float32", small_corpus, tmp_path, load, total_steps=1), small_corpus)
     for name, weight in got["loaded"].items():
         assert weight.dtype == torch.float32 and torch.equal(weight, masters[f"optim/master/{name}"]), name
+
+
+def test_an_internlm_folder_starts_the_run(saved, small_corpus, tmp_path, fresh_context):
+    """model_tp{t}_pp{p}.pt files as InternEvo writes them (here tp2 x pp2, cut from a pytrain checkpoint's
+    weights) load with ckpt_type="internlm": the run starts from exactly those weights."""
+    from test_internlm_checkpoint import write_internevo_folder
+
+    from pytrain.checkpoint import CheckpointReader
+
+    weights = CheckpointReader(saved).read({f"model/{n}": spec for n, spec in specs_of(saved).items()})
+    full = {name.removeprefix("model/"): tensor for name, tensor in weights.items()}
+    folder = tmp_path / "internevo" / "2"
+    folder.mkdir(parents=True)
+    write_internevo_folder(folder, full, "blocks", tp=2, pp=2)
+    load = dict(load_ckpt_info=dict(path=str(folder), content=("model",), ckpt_type="internlm"))
+    got = run_alone(config("one", "torch.float32", small_corpus, tmp_path, load, total_steps=1), small_corpus)
+    assert got["loaded"].keys() == full.keys()
+    for name, weight in got["loaded"].items():
+        assert torch.equal(weight, full[name]), name
 
 
 def specs_of(checkpoint: Path) -> dict:

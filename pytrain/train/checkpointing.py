@@ -81,18 +81,14 @@ def load_request(ckpt) -> tuple[str, frozenset[str], str] | None:
     return str(info["path"]), content, ckpt_type
 
 
-def open_checkpoint(path: str) -> CheckpointReader:
-    """A pytrain checkpoint folder; InternLM's pickled model_tp*_pp*.pt folders are refused, saying why."""
+def open_checkpoint(path: str) -> CheckpointReader | Path:
+    """A pytrain checkpoint folder's reader, or the Path of a folder InternLM/InternEvo wrote
+    (model_tp{t}_pp{p}.pt files: tensors only, read with weights_only=True, see internlm_checkpoint.py)."""
     folder = resolve_folder(path)
     if not folder.exists():
         raise CheckpointError(f"checkpoint {path!r} does not exist ({folder.resolve()}): fix ckpt.load_ckpt_info.path")
-    pickles = sorted(p.name for p in folder.glob("model_tp*_pp*.pt")) if folder.is_dir() else []
-    if pickles:
-        raise CheckpointError(
-            f"{folder} holds InternLM/InternEvo checkpoint files ({', '.join(pickles[:3])}...): those are Python "
-            f"pickles, which pytrain never loads (unpickling runs code). Export the weights to a Hugging Face "
-            f"folder with InternEvo's conversion tool and load that with ckpt_type='hf'"
-        )
+    if folder.is_dir() and any(folder.glob("model_tp*_pp*.pt")):
+        return folder
     return CheckpointReader(folder)
 
 
@@ -106,6 +102,7 @@ class TrainingCheckpoints:
         self.cfg, self.ckpt = cfg, cfg.ckpt
         self.model, self.optimizer, self.trainer, self.loader = model, optimizer, trainer, loader
         self.whole_model = whole_model
+        self.device = next(model.parameters()).device  # where the collectives' tensors go (NCCL: CUDA only)
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
@@ -186,7 +183,27 @@ class TrainingCheckpoints:
             load_hf_into(self.model, self._whole_model(), path)
             self.optimizer.masters_from_model()
             return 0
-        return self._load(open_checkpoint(path), content)
+        opened = open_checkpoint(path)
+        if isinstance(opened, Path):
+            return self._load_internlm(opened, content)
+        return self._load(opened, content)
+
+    def _load_internlm(self, folder: Path, content: frozenset[str]) -> int:
+        """The model weights of an InternLM/InternEvo folder, merged from its layout's shards into the whole
+        model, then cut for this rank; its optimizer / sampler / scheduler files are pickles of InternLM's
+        own objects, which are not read."""
+        from pytrain.model.internlm_checkpoint import load_internlm_folder
+
+        if content != frozenset({"model"}):
+            raise CheckpointError(
+                f"{folder} is an InternLM/InternEvo checkpoint: only its model weights can be loaded (its optimizer, "
+                f"sampler and scheduler files are pickled objects); use content=('model',)"
+            )
+        self.model.load_full_state(load_internlm_folder(folder, self._whole_model()))
+        self.optimizer.masters_from_model()
+        if self.rank == 0:
+            print(f"pytrain: loaded the model from InternLM checkpoint {folder}", flush=True)
+        return 0
 
     def _newest(self) -> Path | None:
         """The newest good checkpoint of save_ckpt_folder: found on rank 0 (it hashes every file), shared."""
@@ -299,7 +316,7 @@ class TrainingCheckpoints:
         except (CheckpointError, ConfigError, ValueError, KeyError, FileNotFoundError, OSError) as err:
             error = err
         if self.distributed:
-            failed = torch.tensor([0 if error is None else self.rank + 1], dtype=torch.int64)
+            failed = torch.tensor([0 if error is None else self.rank + 1], dtype=torch.int64, device=self.device)
             dist.all_reduce(failed, op=dist.ReduceOp.MAX)
             if error is None and failed.item():
                 raise CheckpointError(
@@ -315,7 +332,7 @@ class TrainingCheckpoints:
         steps); returns True when the run must stop now (stop file or signal: saved first)."""
         stop = self.stop_file.should_stop(step) or (self.signal is not None and self.signal.requested)
         if self.distributed and (self.signal is not None or self.stop_file.path is not None):
-            flag = torch.tensor([int(stop)], dtype=torch.int64)
+            flag = torch.tensor([int(stop)], dtype=torch.int64, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank decides alike before a collective save
             stop = bool(flag.item())
         if self.saver is None:
