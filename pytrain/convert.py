@@ -61,7 +61,7 @@ def load_hf_into(part, model, folder) -> None:
         if rule.is_rename:
             (hf_name,) = rule.hf_names
             # HFReader has no shape lookup: its safetensors handle's slice gives it without reading
-            shape = tuple(reader._handle(reader.weight_map[hf_name]).get_slice(hf_name).get_shape())
+            shape = reader.shape(hf_name)
             if shape != spec.full_shape:
                 problems.append(
                     f"{hf_name}: {list(shape)} in the folder, this model's {info.name} is {list(spec.full_shape)}"

@@ -308,6 +308,12 @@ class HFReader:
             raise KeyError(f"{self.folder}: no tensor {name!r} in the Hugging Face weights")
         return self._handle(self.weight_map[name]).get_tensor(name)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, read from its file's header (no data)."""
+        if name not in self.weight_map:
+            raise KeyError(f"{self.folder}: no tensor {name!r} in the Hugging Face weights")
+        return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
+
     def get_rows_or_columns(self, name: str, dim: int, pieces) -> torch.Tensor:
         """The concatenation along dim (0 or 1) of the [start, start + length) slices: a shard's part."""
         view = self._handle(self.weight_map[name]).get_slice(name)
