@@ -3,13 +3,13 @@ out, with transformers' own classes as the oracle (fp32 logits within 1e-5, the 
 
 import pytest
 import torch
+import transformers  # the oracle (in the test extra): a missing install fails, never skips
 
 from pytrain.model import Decoder
 from pytrain.model.families import build_internlm, build_internlm2, build_llama2, build_qwen2
 from pytrain.model.hf import HFReader, from_hf_state, hf_config, save_hf_folder, to_hf_state
 from pytrain.registry import MODEL_INITIALIZER
 
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(
     num_layers=2,
