@@ -10,7 +10,6 @@ from pytrain.model.families import build_internlm, build_internlm2, build_llama2
 from pytrain.model.hf import HFReader, from_hf_state, hf_config, save_hf_folder, to_hf_state
 from pytrain.registry import MODEL_INITIALIZER
 
-
 TINY = dict(
     num_layers=2,
     hidden_size=64,
