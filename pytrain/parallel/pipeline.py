@@ -83,6 +83,7 @@ class _PipelineStep:
     def __init__(self, models, batch, criterion, optimizer, forward_only, return_output_label, data_parallel_group):
         self.models, self.batch, self.criterion, self.optimizer = models, batch, criterion, optimizer
         self.weights = micro_batch_weights(batch["labels"], data_parallel_group)
+        self.inputs = {}  # micro-batch -> its packed-document arguments (PackedSequences or positions)
         self.forward_only, self.return_output_label = forward_only, return_output_label
         self.micro_num = batch["input_ids"].shape[0]
         self.backwards_done = [0] * len(models)  # per chunk
@@ -93,7 +94,9 @@ class _PipelineStep:
         """Runs stage `chunk` on micro-batch `micro`; the last stage returns its weighted loss."""
         model = self.models[chunk]
         with torch.set_grad_enabled(not self.forward_only):
-            inputs = micro_batch_inputs(self.batch, micro)
+            if micro not in self.inputs:  # built once per micro-batch, shared by this rank's chunks
+                self.inputs[micro] = micro_batch_inputs(self.batch, micro)
+            inputs = self.inputs[micro]
             if model.first:
                 output = model(input_ids=self.batch["input_ids"][micro], **inputs)
             else:
