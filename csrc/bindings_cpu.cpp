@@ -1,11 +1,23 @@
-// pytrain._C: the CPU kernels. Use them through pytrain.kernels, which validates and allocates.
+// pytrain._C: the CPU kernels (use them through pytrain.kernels, which validates and allocates) and the
+// tokenize command's line formatter (used by pytrain/data/tokenize.py).
 #include "bind_rotary.h"
 #include "bind_cross_entropy.h"
 #include "bindings.h"
+#include "token_lines.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pytrain CPU kernels (raw-pointer interface; use pytrain.kernels)";
   pytrain::def_rms_norm(m, pytrain::cpu::rms_norm_forward, pytrain::cpu::rms_norm_backward);
   pytrain::def_cross_entropy(m, pytrain::cpu::cross_entropy_forward, pytrain::cpu::cross_entropy_gradient);
   pytrain::def_rotary(m, pytrain::cpu::rotary);
+  m.def(
+      "format_token_lines",
+      [](uintptr_t ids, int id_bytes, uintptr_t counts, int64_t samples, uintptr_t out, uintptr_t line_bytes) {
+        pybind11::gil_scoped_release release;  // tokenize workers are processes, but a caller may use threads
+        return pytrain::cpu::format_token_lines(pytrain::ptr(ids), id_bytes, pytrain::ptr<int64_t>(counts), samples,
+                                                pytrain::ptr<char>(out), pytrain::ptr<int64_t>(line_bytes));
+      },
+      pybind11::arg("ids"), pybind11::arg("id_bytes"), pybind11::arg("counts"), pybind11::arg("samples"),
+      pybind11::arg("out"), pybind11::arg("line_bytes"));
+  m.attr("token_line_bytes") = pybind11::make_tuple(pytrain::cpu::kLineOverheadBytes, pytrain::cpu::kMaxIdBytes);
 }

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytrain.data import build_train_loader
-from pytrain.data.tokenize import json_line, load_tokenizer, main
+from pytrain.data import build_train_loader, tokenize
+from pytrain.data.tokenize import json_line, json_lines, load_tokenizer, main
 from pytrain.data.tokenized import SampleReader, open_folder
 
 TEXTS = ["Hello, world!", "  ünïcödé — 漢字 🙂 tabs\tand spaces  ", "x", "def f(a):\n    return a * 2"]
@@ -28,13 +28,32 @@ def read_back(folder):
     }
 
 
+INT64 = st.integers(-(2**63), 2**63 - 1)
+
+
 @settings(deadline=None)
-@given(st.one_of(st.lists(st.integers(-(2**40), 2**40), max_size=50), st.lists(st.integers(0, 2**18 + 5), max_size=50)))
+@given(st.one_of(st.lists(INT64, max_size=50), st.lists(st.integers(0, 255), max_size=50)))
 def test_json_line_is_exactly_jsons(ids):
     want = (json.dumps({"tokens": ids}) + "\n").encode()
     assert json_line(np.array(ids, dtype=np.int64)) == want
     if all(0 <= i < 256 for i in ids):
         assert json_line(bytes(ids)) == want  # the byte tokenizer's path
+
+
+@settings(deadline=None, max_examples=50)
+@given(st.lists(st.lists(INT64, max_size=8), max_size=6), st.booleans())
+def test_json_lines_compiled_equals_python(samples, as_bytes):
+    """Several samples at once (empty ones too): the compiled formatter and the Python fallback agree."""
+    samples = [bytes(i % 256 for i in s) for s in samples] if as_bytes else [np.array(s, np.int64) for s in samples]
+    compiled_text, compiled_lengths = json_lines(samples)
+    saved, tokenize._C = tokenize._C, None
+    try:
+        text, lengths = json_lines(samples)
+    finally:
+        tokenize._C = saved
+    assert saved is not None, "pytrain._C is not built"
+    assert bytes(compiled_text) == bytes(text) and compiled_lengths.tolist() == lengths.tolist()
+    assert len(text) == sum(lengths)
 
 
 def test_byte_round_trip_for_every_input_format(tmp_path):

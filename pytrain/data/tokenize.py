@@ -16,7 +16,6 @@ never leaves a .bin/.meta pair that looks complete. The meta is InternLM's: int3
 """
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -26,6 +25,11 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+try:
+    from pytrain import _C
+except ImportError:  # not built: json_lines formats in Python, about 10x slower
+    _C = None
 
 INPUT_SUFFIXES = (".txt", ".json", ".jsonl")
 ENCODE_CHUNK = 4096  # texts per encode_batch call
@@ -114,69 +118,30 @@ def load_tokenizer(spec: str):
 # -- the InternLM line ----------------------------------------------------------------------------------------
 def json_line(ids) -> bytes:
     """Exactly `(json.dumps({"tokens": ids}) + "\\n").encode()`."""
-    return json_lines([ids])[0]
+    text, _ = json_lines([ids])
+    return bytes(text)
 
 
-def json_lines(samples: list) -> list[bytes]:
-    """InternLM's line for every sample (an id array, or bytes: the byte tokenizer's ids),
-    `json.dumps({"tokens": ids}) + "\\n"` byte for byte.
-    All numbers of all samples are formatted in one vectorized pass (through a cached table of the
-    formatted ids below TABLE_LIMIT): a Python str(int) per token would cap the tokenizer at a few MB/s."""
-    if samples and all(isinstance(s, bytes) for s in samples):
-        # Byte ids: joining cached "id, " strings is faster than the array path on this short alphabet.
-        prefix, table = b'{"tokens": [', _BYTE_STRINGS
-        return [prefix + b"".join(map(table.__getitem__, s))[:-2] + b"]}\n" for s in samples]
-    counts = np.array([len(s) for s in samples], dtype=np.int64)
-    ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in samples]) if counts.sum() else np.zeros(0, np.int64)
-    if len(ids) and ids.min() >= 0 and ids.max() < TABLE_LIMIT:
-        table_chars, table_lengths = _number_table()
-        chars, lengths = table_chars[ids], table_lengths[ids]
+def json_lines(samples: list) -> tuple[memoryview, np.ndarray]:
+    """InternLM's lines for samples (id arrays, or bytes: the byte tokenizer's ids), concatenated, and each
+    line's byte length: `json.dumps({"tokens": ids}) + "\\n"` byte for byte. The numbers are formatted by
+    pytrain._C (csrc/cpu/token_lines.cpp): str(int) per token in Python caps the command at a few MB/s."""
+    counts = np.fromiter(map(len, samples), dtype=np.int64, count=len(samples))
+    if all(isinstance(s, bytes) for s in samples):
+        ids = np.frombuffer(b"".join(samples), dtype=np.uint8)
     else:
-        chars, lengths = format_numbers(ids)
-    lengths = lengths.copy()
-    ends = np.cumsum(counts)
-    lengths[ends[counts > 0] - 1] -= 2  # no ", " after a sample's last number
-    body = chars[np.arange(chars.shape[1]) < lengths[:, None]].tobytes()
-    line_ends = np.concatenate([[0], np.cumsum(lengths)])[ends].tolist()
-    prefix, suffix = b'{"tokens": [', b"]}\n"
-    lines, at = [], 0
-    for end in line_ends:
-        lines.append(prefix + body[at:end] + suffix)
-        at = end
-    return lines
-
-
-TABLE_LIMIT = 1 << 18  # ids below this (every common vocabulary) are formatted through one cached table
-_BYTE_STRINGS = [f"{i}, ".encode() for i in range(256)]
-
-
-def format_numbers(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each value as ASCII followed by ", ", left-aligned in the rows of a uint8 matrix; and each row's length."""
-    magnitude = np.abs(values)
-    digits = np.ones(len(values), dtype=np.int64)
-    power, largest = 10, int(magnitude.max()) if len(values) else 0
-    while power <= largest:
-        digits += magnitude >= power
-        power *= 10
-    negative = (values < 0).astype(np.int64)
-    width = digits + negative
-    columns = int(width.max()) + 2 if len(values) else 2
-    chars = np.zeros((len(values), columns), dtype=np.uint8)
-    rows = np.arange(len(values))
-    chars[negative.astype(bool), 0] = ord("-")
-    rest = magnitude
-    for place in range(int(digits.max()) if len(values) else 0):  # the place-th digit from the right
-        column = width - 1 - place
-        has = place < digits
-        chars[rows[has], column[has]] = 48 + rest[has] % 10
-        rest = rest // 10
-    chars[rows, width], chars[rows, width + 1] = ord(","), ord(" ")
-    return chars, width + 2
-
-
-@functools.cache
-def _number_table() -> tuple[np.ndarray, np.ndarray]:
-    return format_numbers(np.arange(TABLE_LIMIT, dtype=np.int64))
+        ids = np.concatenate([np.asarray(s, dtype=np.int64).ravel() for s in samples] + [np.zeros(0, np.int64)])
+    if _C is None:  # not built: the slow, obviously right formatter
+        ends = np.cumsum(counts)
+        lines = [(json.dumps({"tokens": ids[e - n : e].tolist()}) + "\n").encode() for n, e in zip(counts, ends)]
+        return memoryview(b"".join(lines)), np.array([len(line) for line in lines], dtype=np.int64)
+    line_overhead, max_id_bytes = _C.token_line_bytes
+    out = np.empty(len(samples) * line_overhead + len(ids) * (max_id_bytes if ids.itemsize == 8 else 5), np.uint8)
+    line_bytes = np.empty(len(samples), dtype=np.int64)
+    total = _C.format_token_lines(
+        ids.ctypes.data, ids.itemsize, counts.ctypes.data, len(samples), out.ctypes.data, line_bytes.ctypes.data
+    )
+    return memoryview(out)[:total], line_bytes
 
 
 # -- reading input ------------------------------------------------------------------------------------------
@@ -246,24 +211,25 @@ def tokenize_file(source: Path, target: Path, text_key: str, tokenizer=None) -> 
             texts = read_texts(source, text_key)
             while chunk := [t for _, t in zip(range(ENCODE_CHUNK), texts)]:
                 encoded = tokenizer.encode_batch(chunk)
-                lines = json_lines(encoded)
-                out.write(b"".join(lines))
-                for ids, line in zip(encoded, lines):
-                    offsets.append(offset)
-                    lengths.append(len(ids))
-                    offset += len(line)
-        if offsets and offsets[-1] > np.iinfo(np.int32).max:
+                text, line_bytes = json_lines(encoded)
+                out.write(text)
+                offsets.append(offset + np.cumsum(line_bytes) - line_bytes)
+                lengths.append(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+                offset += len(text)
+        offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
+        lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+        if len(offsets) and offsets[-1] > np.iinfo(np.int32).max:
             raise TokenizeError(
                 f"{source} makes a {offset}-byte .bin, too large for InternLM's int32 .meta offsets: split the input"
             )
         with open(temp_meta, "wb") as out:
-            np.save(out, np.array([offsets, lengths], dtype=np.int32).T.reshape(-1, 2))
+            np.save(out, np.stack([offsets, lengths], axis=1).astype(np.int32).reshape(-1, 2))
         os.replace(temp_bin, target)  # the bin first: a meta never describes a bin that is not there
         os.replace(temp_meta, meta_target)
     finally:
         for temp in (temp_bin, temp_meta):
             temp.unlink(missing_ok=True)
-    return len(lengths), int(sum(lengths)), source.stat().st_size
+    return len(lengths), int(lengths.sum()), source.stat().st_size
 
 
 def _tokenize_job(job) -> tuple[int, int, int]:
