@@ -132,7 +132,9 @@ def launch(
         if world_size == 1:  # no rendezvous needed: a store in this process
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+            dist.init_process_group(
+                backend, store=_attempt_store(init_method, rank, world_size), rank=rank, world_size=world_size
+            )
 
     gpc.config = cfg
     gpc.rank, gpc.local_rank, gpc.device = rank, local_rank, device
@@ -144,6 +146,16 @@ def launch(
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     set_seed(seed)
     return gpc
+
+
+def _attempt_store(init_method: str, rank: int, world_size: int):
+    """The rendezvous store of `init_method`; under torchrun, with a key prefix of its own per restart.
+    torchrun serves one store for every restart of a job, so the keys the killed attempt's ranks wrote
+    (gloo's and NCCL's addresses of processes now dead) are still there: a restarted rank reading one
+    before its peer overwrites it connects to the dead process and waits forever."""
+    store, _, _ = next(dist.rendezvous(init_method, rank=rank, world_size=world_size))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    return store if attempt is None else dist.PrefixStore(f"pytrain/attempt_{attempt}/", store)
 
 
 def _create_groups(cfg: Config, layout: Layout, rank: int) -> None:
