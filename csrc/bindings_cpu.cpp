@@ -2,6 +2,7 @@
 // tokenize command's line formatter (used by pytrain/data/tokenize.py).
 #include "bind_rotary.h"
 #include "bind_cross_entropy.h"
+#include "bind_moe_permute.h"
 #include "bindings.h"
 #include "token_lines.h"
 
@@ -10,6 +11,7 @@ PYBIND11_MODULE(_C, m) {
   pytrain::def_rms_norm(m, pytrain::cpu::rms_norm_forward, pytrain::cpu::rms_norm_backward);
   pytrain::def_cross_entropy(m, pytrain::cpu::cross_entropy_forward, pytrain::cpu::cross_entropy_gradient);
   pytrain::def_rotary(m, pytrain::cpu::rotary);
+  pytrain::def_moe_permute(m, pytrain::cpu::moe_route, pytrain::cpu::moe_scatter, pytrain::cpu::moe_gather);
   m.def(
       "format_token_lines",
       [](uintptr_t ids, int id_bytes, uintptr_t counts, int64_t samples, uintptr_t out, uintptr_t line_bytes) {

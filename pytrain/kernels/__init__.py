@@ -6,6 +6,8 @@ CUDA and PyTorch's SDPA (per document for packed input) on the CPU.
 
 Fused: rms_norm, apply_rotary, cross_entropy (and vocab_parallel_cross_entropy), linear_cross_entropy,
 flash_attn_func / flash_attn_varlen_func.
+Mixture of experts: moe_permute / moe_unpermute (tokens to expert-grouped rows and back, weighted by the
+routing weights) and grouped_mm (one GEMM per expert over those rows).
 PackedSequences: a packed micro-batch's sequence boundaries, checked once and passed to every layer's
 attention and rotary call (no host synchronization per call).
 """
@@ -13,8 +15,10 @@ attention and rotary call (no host synchronization per call).
 from . import reference
 from .cross_entropy import cross_entropy, vocab_parallel_cross_entropy
 from .flash_attn import flash_attn_func, flash_attn_varlen_func
+from .grouped_mm import grouped_mm
 from .linear_cross_entropy import linear_cross_entropy
 from .modules import CrossEntropyLoss, FlashAttention, LinearCrossEntropyLoss, RMSNorm, RotaryEmbedding
+from .moe_permute import moe_permute, moe_unpermute
 from .packed import PackedSequences
 from .rms_norm import rms_norm
 from .rotary import apply_rotary
@@ -30,7 +34,10 @@ __all__ = [
     "cross_entropy",
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "grouped_mm",
     "linear_cross_entropy",
+    "moe_permute",
+    "moe_unpermute",
     "reference",
     "rms_norm",
     "vocab_parallel_cross_entropy",

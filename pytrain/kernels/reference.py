@@ -155,3 +155,53 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, cu_seql
         n = q.shape[-3]
         scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     return (scores.softmax(-1) @ vs).transpose(-3, -2).to(q.dtype)
+
+
+def moe_route(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing index of pytrain.kernels.moe_permute: (row_of (T, k) int64, tokens_per_expert (E,) int64).
+
+    Assignment (t, j) to expert e >= 0 gets a row of the expert-grouped buffer: experts ascending, flat
+    order t * k + j within an expert (a stable sort); an entry -1 (dropped) gets row -1.
+    """
+    flat = expert_ids.reshape(-1).long()
+    kept = flat >= 0
+    key = torch.where(kept, flat, num_experts)  # dropped assignments sort after every expert
+    order = torch.sort(key, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    row_of = torch.where(kept, rank, -1).reshape(expert_ids.shape)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    return row_of, counts[:num_experts]
+
+
+def moe_permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int):
+    """pytrain.kernels.moe_permute: (permuted (N, H), row_of (T, k), tokens_per_expert (E,)); permuted[row_of[t, j]]
+    is x[t]. Differentiable (index_select's gradient sums a token's copies)."""
+    row_of, counts = moe_route(expert_ids, num_experts)
+    flat = row_of.reshape(-1)
+    kept = (flat >= 0).nonzero().squeeze(1)
+    source_token = torch.empty(int(counts.sum()), dtype=torch.int64, device=x.device)
+    source_token[flat[kept]] = kept // expert_ids.shape[1]
+    return x.index_select(0, source_token), row_of, counts
+
+
+def moe_unpermute(expert_out: torch.Tensor, row_of: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """pytrain.kernels.moe_unpermute: y[t] = sum_j weights[t, j] * expert_out[row_of[t, j]] (rows -1 add 0),
+    computed in fp32 (float64 stays float64), returned in expert_out's dtype."""
+    dtype = _compute_dtype(expert_out.dtype)
+    kept = row_of >= 0
+    rows = expert_out.to(dtype)
+    rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # row N: zeros, read by dropped slots
+    rows = rows[torch.where(kept, row_of, expert_out.shape[0])]  # (T, k, H)
+    scale = torch.where(kept, weights.to(dtype), 0.0)
+    return (rows * scale[..., None]).sum(1).to(expert_out.dtype)
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """pytrain.kernels.grouped_mm: rows of group e (contiguous, in order) times weight[e].T, in fp32 (float64
+    stays float64), returned in x's dtype."""
+    dtype = _compute_dtype(x.dtype)
+    groups = x.to(dtype).split(tokens_per_expert.tolist())
+    out = [rows @ weight[e].to(dtype).t() for e, rows in enumerate(groups)]
+    return torch.cat(out).to(x.dtype) if out else x.new_empty(0, weight.shape[1])
