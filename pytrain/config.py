@@ -160,6 +160,27 @@ SCHEMA: dict[str, Any] = {
         ),
         "adapt_hf": _field(True, bool, "InternEvo's older switch: True = rotary on halves (qk_interleaved=False)"),
         "enable_qkv_fusion": _field(True, bool, "one fused wqkv projection (InternLM2's grouped layout)"),
+        "top_k": _field(1, int, "experts per token (INTERNLM_MoE, MIXTRALMOE, QWEN2MOE; num_experts > 1)", positive),
+        "moe_type": _field(
+            "GShard",
+            (str, NONE),
+            "routing: 'GShard' (top-k with capacity, InternEvo's default) or 'Dropless' (no capacity); MegaBlock "
+            "variants are not available",
+        ),
+        "num_shared_experts": _field(
+            0,
+            int,
+            "a dense MLP n experts wide beside the experts (INTERNLM_MoE, MIXTRALMOE: softmax-mixed; QWEN2MOE: "
+            "sigmoid-gated shared expert)",
+            non_negative,
+        ),
+        "moe_use_residual": _field(False, bool, "INTERNLM_MoE's residual MoE (= num_shared_experts=1)"),
+        "moe_layer_kwargs": _field(
+            None,
+            (dict, NONE),
+            "routing settings per moe_type (capacity_factor, eval_capacity_factor, min_capacity, drop_tokens, "
+            "normalize_expert_weights, ...; the model.moe_layer_kwargs.* rows)",
+        ),
     },
     "data": {
         "seq_len": _field(2048, int, "tokens per sample", positive),
@@ -206,6 +227,14 @@ SCHEMA: dict[str, Any] = {
             "size": _field(1, int, "pipeline-parallel size", positive),
             "interleaved_overlap": _field(True, bool, "overlap communication in the interleaved schedule"),
         },
+        "expert": {
+            "size": _field(
+                -1,
+                int,
+                "expert-parallel size (<= 0: the data-parallel size, or num_experts if fewer; 1: off); it must divide "
+                "the data-parallel size and num_experts",
+            ),
+        },
     },
     "hybrid_zero_optimizer": {
         "overlap_sync_grad": _field(True, bool, "reduce gradients in buckets during the backward"),
@@ -231,7 +260,34 @@ SCHEMA: dict[str, Any] = {
         "max_scale": _field(2**24, (float, int), "highest loss scale", positive),
         "hysteresis": _field(2, int, "overflows tolerated before backing off", positive),
     },
-    "loss": {"label_smoothing": _field(0, (float, int), "cross-entropy label smoothing", open_unit_interval)},
+    "loss": {
+        "label_smoothing": _field(0, (float, int), "cross-entropy label smoothing", open_unit_interval),
+        "moe_loss_coeff": _field(
+            1.0, (float, int), "weight of the MoE load-balancing loss (summed over layers)", non_negative
+        ),
+    },
+    # InternEvo's older place of the routing settings: moved into the model section (_move_moe_section)
+    "moe": {
+        "top_k": _field(1, int, "InternEvo's older place of model.top_k", kind=RENAMED, note="model.top_k"),
+        **{
+            key: _field(
+                default,
+                types,
+                f"InternEvo's older place of model.moe_layer_kwargs[{key!r}]",
+                kind=RENAMED,
+                note="model.moe_layer_kwargs",
+            )
+            for key, default, types in (
+                ("capacity_factor", 1.0, (float, int)),
+                ("eval_capacity_factor", 1.0, (float, int)),
+                ("min_capacity", 4, int),
+                ("noisy_gate_policy", None, (str, NONE)),
+                ("drop_tokens", True, bool),
+                ("use_rts", True, bool),
+                ("use_fused_gating", True, bool),
+            )
+        },
+    },
     "adam": {
         "lr": _field(1e-4, (float, int), "peak learning rate", positive),
         "adam_beta1": _field(0.9, (float, int), "beta1", open_unit_interval),
@@ -363,9 +419,20 @@ _add_vocabulary(SCHEMA)
 # Fields InternLM configs may give as a bare number instead of a dict: parallel.tensor=2 == dict(size=2).
 SIZE_SHORTHAND = {("parallel", "zero1"), ("parallel", "tensor"), ("parallel", "pipeline"), ("parallel", "weight")}
 NO_DEFAULT = inspect.Parameter.empty
+MOE_FIELDS = ("top_k", "moe_type", "num_shared_experts", "moe_use_residual", "moe_layer_kwargs")
 # Model fields only some families take: a builder taking **kwargs gets them only when the file gives them.
 FAMILY_FIELDS = frozenset(
-    ("no_bias", "qkv_bias", "o_bias", "mlp_bias", "head_dim", "qk_interleaved", "adapt_hf", "enable_qkv_fusion")
+    (
+        "no_bias",
+        "qkv_bias",
+        "o_bias",
+        "mlp_bias",
+        "head_dim",
+        "qk_interleaved",
+        "adapt_hf",
+        "enable_qkv_fusion",
+        *MOE_FIELDS,
+    )
 )
 
 
@@ -490,12 +557,65 @@ def _move_renamed(raw: dict, source: str) -> None:
         target[new_leaf] = value
 
 
+def _move_moe_section(raw: dict, source: str) -> None:
+    """InternEvo's older top-level `moe = dict(top_k=2, capacity_factor=...)`: top_k moves to model.top_k, the
+    rest into model.moe_layer_kwargs (a value given in both places and different: an error)."""
+    if "moe" not in raw:
+        return
+    moe = raw.pop("moe")
+    if moe is None:
+        return
+    if not isinstance(moe, dict):
+        raise ConfigError(f"{source}: moe: must be a dict(...), got {type(moe).__name__}")
+    model = raw.setdefault("model", {})
+    if not isinstance(model, dict):
+        return  # a malformed section: its own validation names it
+    known = SCHEMA["moe"]
+    for key, value in moe.items():
+        if key not in known:
+            raise ConfigError(f"{source}: moe.{key}: unknown field" + _closest(key, known))
+        spec = known[key]
+        _validate_field(value, _field(spec.default, spec.types, spec.doc), f"moe.{key}", source)
+        if key == "top_k":
+            target, where = model, "model.top_k"
+        else:
+            kwargs = model.get("moe_layer_kwargs")
+            if kwargs is None:
+                kwargs = model["moe_layer_kwargs"] = {}
+            if not isinstance(kwargs, dict):
+                return  # model.moe_layer_kwargs' own validation names it
+            target, where = kwargs, f"model.moe_layer_kwargs[{key!r}]"
+        if key in target and target[key] != value:
+            raise ConfigError(
+                f"{source}: moe.{key} = {value!r} and {where} = {target[key]!r}: the moe section is InternEvo's older "
+                f"place of {where}; give only one"
+            )
+        target[key] = value
+
+
 def _validate(raw: dict, source: str, ignored: list[str]) -> dict:
     _move_renamed(raw, source)
+    _move_moe_section(raw, source)
     out = {key: value for key, value in raw.items() if key.isupper()}  # the file's own helper constants
     out.update(_validate_section(raw, SCHEMA, source, "", ignored))
     _check_cross_fields(out, source)
+    _check_moe(out["model"], source, ignored)
     return out
+
+
+def _check_moe(model: dict, source: str, ignored: list[str]) -> None:
+    """A mixture-of-experts model's routing settings, as its builder will read them (pytrain.model.moe)."""
+    if model.get("num_experts", 1) <= 1 or "moe_type" not in model:
+        return
+    from pytrain.model.moe import routing_from_fields
+
+    try:
+        _, no_effect = routing_from_fields(
+            model["moe_type"], model["num_experts"], model.get("top_k", 1), model.get("moe_layer_kwargs")
+        )
+    except ValueError as err:
+        raise ConfigError(f"{source}: model: {err}") from None
+    ignored.extend(f"model.moe_layer_kwargs.{key}" for key in no_effect)
 
 
 def _validate_section(raw, schema: dict, source: str, prefix: str, ignored: list[str]) -> dict:
@@ -707,6 +827,7 @@ def check_world_size(cfg: Config, world_size: int, source: str = "config") -> in
             f"the world size {world_size}"
         )
     data_parallel = world_size // (tensor * pipeline)
+    expert_parallel_size(cfg, data_parallel, source)
     zero1 = cfg.parallel.zero1.size
     if zero1 > 0 and data_parallel % zero1:
         raise ConfigError(
@@ -714,6 +835,29 @@ def check_world_size(cfg: Config, world_size: int, source: str = "config") -> in
             f"{data_parallel} (world {world_size} / tensor {tensor} / pipeline {pipeline})"
         )
     return data_parallel
+
+
+def expert_parallel_size(cfg: Config, data_parallel: int, source: str = "config") -> int:
+    """parallel.expert.size resolved for this data-parallel size (InternEvo's rule: <= 0 is the data-parallel
+    size, or num_experts if fewer), checked to divide the data-parallel size and num_experts; a dense model's
+    is 1."""
+    experts = cfg.model.get("num_experts", 1)
+    if experts <= 1:
+        return 1
+    size = cfg.parallel.expert.size
+    if size <= 0:
+        size = min(data_parallel, experts)
+    if data_parallel % size or experts % size:
+        raise ConfigError(
+            f"{source}: parallel.expert.size={size} must divide the data-parallel size {data_parallel} and "
+            f"model.num_experts={experts}"
+        )
+    if size > 1:
+        raise ConfigError(
+            f"{source}: parallel.expert.size={size} (from {cfg.parallel.expert.size} at data-parallel size "
+            f"{data_parallel}): expert parallelism: not available yet; set parallel.expert=dict(size=1)"
+        )
+    return size
 
 
 def reference_table() -> str:
@@ -731,4 +875,14 @@ def reference_table() -> str:
                 )
 
     walk(SCHEMA, "")
+    from pytrain.model.moe import MOE_LAYER_KWARGS
+
+    kinds = {"acts": ACTS, "ignored": IGNORED, "unavailable": UNAVAILABLE}
+    for moe_type, table in MOE_LAYER_KWARGS.items():
+        for key, (default, types, kind, _) in table.items():
+            types = types if isinstance(types, tuple) else (types,)
+            names = " | ".join("None" if t is NONE else t.__name__ for t in types)
+            rows.append(
+                f"| `model.moe_layer_kwargs.{key}` | {names} | `{default!r}` | {kinds[kind]} | moe_type={moe_type!r} |"
+            )
     return "\n".join(rows)

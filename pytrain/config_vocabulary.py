@@ -11,6 +11,12 @@ IGNORED: accepted with any value of the right type; a run lists the ones its fil
 start line, as "ignored here". UNAVAILABLE: accepted at a value that changes nothing (the first of
 `allowed` is InternEvo's default); any other value is a config error saying the feature is not available.
 RENAMED: InternEvo's older spelling of a field pytrain has; the value moves there.
+
+The mixture-of-experts fields act (pytrain.config's SCHEMA): model.num_experts / top_k / moe_type /
+num_shared_experts / moe_use_residual / moe_layer_kwargs in the MoE families, loss.moe_loss_coeff,
+parallel.expert.size, and InternEvo's older top-level `moe` section, whose top_k moves to model.top_k and
+whose other keys move into model.moe_layer_kwargs. The kinds of moe_layer_kwargs' keys per moe_type are
+pytrain.model.moe.MOE_LAYER_KWARGS.
 """
 
 NONE = type(None)
@@ -42,7 +48,6 @@ IGNORED = {
     "data.tokenizer_path": (None, (str, NONE), "tokenizer of InternEvo's Hugging Face datasets (data.type='hf')"),
     "hybrid_zero_optimizer.all_gather_size": (512 * 1024 * 1024, int, "only with use_split_tensor_optim"),
     "loss.op_type": ("py_vocab_parallel", str, "InternEvo's cross-entropy implementation; pytrain uses its own kernel"),
-    "loss.moe_loss_coeff": (1.0, NUMBER, "weight of the MoE balancing loss; no mixture of experts here"),
     "parallel.sequence_parallel": (
         False,
         bool,
@@ -55,6 +60,9 @@ IGNORED = {
     "parallel.pipeline.decouple_grad": (False, bool, "ZeroPP only"),
     "parallel.expert.no_tp": (False, bool, "expert parallelism (MoE) only"),
     "parallel.expert_weight.overlap": (False, bool, "expert weight parallelism (MoE) only"),
+    "parallel.expert_weight.memory_pool": (False, bool, "expert weight parallelism (MoE) only"),
+    "parallel.expert_weight.launch_allgather_before": ("wo", str, "expert weight parallelism (MoE) only"),
+    "parallel.expert_weight.forward_overlap_per": ("layer", str, "expert weight parallelism (MoE) only"),
     "parallel.sequence_2D.head_size": (1, int, "2D sequence parallelism only"),
     "parallel.sequence_2D.context_size": (1, int, "2D sequence parallelism only"),
     "parallel.sequence_2D.window_size": (1, int, "2D sequence parallelism only"),
@@ -72,18 +80,16 @@ IGNORED = {
     "model.mlp_layer_fusion": (False, bool, "a kernel choice of InternEvo (same math)"),
     "model.sliding_window": (None, (int, NONE), "only with use_sliding_window"),
     "model.max_window_layers": (0, int, "only with use_sliding_window"),
-    "model.moe_type": (None, (str, NONE), "mixture of experts only (num_experts > 1 is not available)"),
-    "model.top_k": (1, int, "mixture of experts only (num_experts > 1 is not available)"),
-    "model.num_shared_experts": (0, int, "mixture of experts only (num_experts > 1 is not available)"),
-    "model.moe_use_residual": (False, bool, "mixture of experts only (num_experts > 1 is not available)"),
-    "model.moe_layer_kwargs": (None, (dict, NONE), "mixture of experts only (num_experts > 1 is not available)"),
-    "model.moe_kwargs": (None, (dict, NONE), "mixture of experts only (num_experts > 1 is not available)"),
+    "model.moe_kwargs": (
+        None,
+        (dict, NONE),
+        "not read by InternEvo's MoE families (they take moe_layer_kwargs, or the top-level moe section)",
+    ),
 }
 
 # "section.field": (allowed values (the first is the default), types, the feature pytrain does not have)
 UNAVAILABLE = {
     "selective_checkpoint": ((False,), bool, "selective activation checkpointing"),
-    "moe": ((None,), (dict, NONE), "mixture of experts"),
     "data.type": (("tokenized",), str, "dataset types other than InternLM's tokenized format"),
     "data.use_packed_dataset": ((True,), bool, "unpacked batches"),
     "data.unit_schedule_size": ((None,), (int, NONE), "ZeroPP scheduling units"),
@@ -91,7 +97,6 @@ UNAVAILABLE = {
     "parallel.weight.size": ((1,), int, "weight parallelism (isp)"),
     "parallel.pipeline.mode": (("1F1B", "1f1b"), str, "zero-bubble pipeline schedules"),
     "parallel.pipeline.use_zeropp": ((False,), bool, "ZeroPP"),
-    "parallel.expert.size": ((-1, 1), int, "expert parallelism (MoE)"),
     "parallel.expert_weight.size": ((1,), int, "expert weight parallelism (MoE)"),
     "parallel.expert_zero1.size": ((-1, 1), int, "a ZeRO group of expert parameters (MoE)"),
     "parallel.sequence_2D.enable": ((False,), bool, "2D sequence parallelism"),
@@ -110,7 +115,11 @@ UNAVAILABLE = {
     "model.is_reward": ((False,), bool, "reward-model heads"),
     "model.scale_attn_weights": ((False,), bool, "Qwen1's attention scaling"),
     "model.use_logn_attn": ((False,), bool, "Qwen1's log-n attention"),
-    "model.num_experts": ((1, 0), int, "mixture of experts"),
+    "model.num_experts": (
+        (1, 0),
+        int,
+        "a mixture of experts in this model_type (the MoE ones: INTERNLM_MoE, MIXTRALMOE, QWEN2MOE)",
+    ),
     "model.num_mtp_layers": ((0,), int, "multi-token prediction"),
     "model.extra_pred_tokens": ((0,), int, "multi-token prediction"),
 }

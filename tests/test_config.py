@@ -184,12 +184,34 @@ def test_bool_checkpoint_and_fraction(tmp_path):
             r"monitor.alert.light_monitor_address = '10.0.0.1': InternLM's light monitor .* is not available",
         ),
         ("monitor = dict(alert=dict(loss_spike_limit=1))\n", r"monitor.alert.loss_spike_limit = 1: must be > 1"),
-        ("model = dict(num_experts=4)\n", r"model.num_experts = 4: mixture of experts is not available in pytrain"),
-        ("moe = dict(top_k=2)\n", r"moe = \{'top_k': 2\}: mixture of experts is not available in pytrain"),
+        (
+            "model = dict(num_experts=4)\n",
+            r"model.num_experts = 4: a mixture of experts in this model_type \(the MoE ones: INTERNLM_MoE, MIXTRALMOE, "
+            r"QWEN2MOE\) is not available in pytrain",
+        ),
+        (
+            "moe = dict(top_k=2, capacity_factr=1.0)\n",
+            r"moe.capacity_factr: unknown field; did you mean 'capacity_factor'",
+        ),
+        (
+            "model_type = 'MIXTRALMOE'\nmodel = dict(num_experts=4, top_k=2)\nmoe = dict(noisy_gate_policy='RSample')\n",
+            r"model: moe_layer_kwargs\['noisy_gate_policy'\] = 'RSample' is not available in pytrain \(Jitter and RSample",
+        ),
+        (
+            "model_type = 'QWEN2MOE'\nmodel = dict(num_experts=4, top_k=2, moe_type='MegaBlock-D')\n",
+            r"model: moe_type='MegaBlock-D' \(MegaBlocks\) is not available in pytrain",
+        ),
+        (
+            "model_type = 'QWEN2MOE'\nmodel = dict(num_experts=4, top_k=2, moe_layer_kwargs=dict(use_fused_gating=False))\n",
+            r"model: moe_layer_kwargs\['use_fused_gating'\] = False with top_k=2 .* Gumbel noise: not available in pytrain",
+        ),
+        (
+            "model_type = 'MIXTRALMOE'\nmodel = dict(num_experts=4, top_k=1)\nmoe = dict(top_k=2)\n",
+            r"moe.top_k = 2 and model.top_k = 1: the moe section is InternEvo's older place of model.top_k",
+        ),
         ("parallel = dict(zero1=dict(fsdp=True))\n", r"parallel.zero1.fsdp = True: FSDP \(instead of ZeRO-1\) is not"),
         ("parallel = dict(pipeline=dict(mode='ZBH1'))\n", r"parallel.pipeline.mode = 'ZBH1': zero-bubble"),
         ("parallel = dict(sequence_2D=dict(enable=True))\n", r"parallel.sequence_2D.enable = True: 2D sequence"),
-        ("parallel = dict(expert=dict(size=4))\n", r"parallel.expert.size = 4: expert parallelism \(MoE\) is not"),
         (
             "hybrid_zero_optimizer = dict(use_split_tensor_optim=True)\n",
             r"hybrid_zero_optimizer.use_split_tensor_optim = True: the split-tensor",
@@ -330,7 +352,9 @@ def test_explicit_builder_required_parameter_and_unavailable_value(tmp_path, bui
     with pytest.raises(ConfigError, match=r"model.num_attention_heads: required by TEST_PLAIN \(its builder has no"):
         Config.from_file(path)
     text = 'model_type = "TEST_PLAIN"\nmodel = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, num_experts=8)\n'
-    with pytest.raises(ConfigError, match=r"model.num_experts = 8: mixture of experts is not available"):
+    with pytest.raises(
+        ConfigError, match=r"model.num_experts = 8: a mixture of experts in this model_type .* not available"
+    ):
         Config.from_file(write(tmp_path, text))
 
 
@@ -388,7 +412,6 @@ def test_ignored_fields_are_listed_once_and_kept(tmp_path):
         "data.use_shm",
         "parallel.weight.overlap",
         "parallel.weight.memory_pool",
-        "loss.moe_loss_coeff",
         "generation",
     )
     assert cfg.data.diag_outlier_ratio == 1.1 and cfg.generation == {"batch_size": 1, "max_length": 100}
@@ -404,7 +427,9 @@ def test_ignored_fields_are_listed_once_and_kept(tmp_path):
 
 def test_every_schema_field_has_a_kind_in_the_table():
     table = reference_table()
-    assert "| `model.num_experts` | int | `1` | not available | mixture of experts |" in table
+    assert "| `model.num_experts` | int | `1` | not available | a mixture of experts in this model_type" in table
+    assert "| `moe.top_k` | int | `1` | renamed: `model.top_k` |" in table
+    assert "| `model.moe_layer_kwargs.use_rts` | bool | `True` | acts | moe_type='GShard' |" in table
     assert "| `data.diag_outlier_ratio` | int | float | `1.1` | ignored here |" in table
     assert "| `ckpt.auto_resume` | bool | `True` | acts |" in table
     assert "| `enable_tb` | bool | `True` | renamed: `monitor.tensorboard.enable` |" in table
@@ -482,3 +507,45 @@ def test_a_builder_naming_an_unavailable_field_implements_it(tmp_path, builders)
     builders("TEST_MOE", build_moe)
     cfg = Config.from_file(write(tmp_path, 'model_type = "TEST_MOE"\nmodel = dict(num_experts=8)\n'))
     assert cfg.model.num_experts == 8 and cfg.ignored_here == ()
+
+
+def test_the_moe_section_moves_into_the_model_section(tmp_path):
+    text = """
+    model_type = "MIXTRALMOE"
+    model = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=256, num_experts=4)
+    moe = dict(top_k=2, capacity_factor=1.25, min_capacity=2, use_rts=True)
+    loss = dict(moe_loss_coeff=0.02)
+    """
+    cfg = Config.from_file(write(tmp_path, text))
+    assert cfg.model.top_k == 2 and cfg.loss.moe_loss_coeff == 0.02 and "moe" not in cfg
+    assert cfg.model.moe_layer_kwargs == dict(capacity_factor=1.25, min_capacity=2, use_rts=True)
+    assert cfg.ignored_here == ()
+    assert Config.from_file(write(tmp_path, cfg.dump(), "dumped.py")) == cfg
+    text = 'model_type = "QWEN2MOE"\nmodel = dict(num_experts=4, moe_type="Dropless", moe_layer_kwargs=dict(use_grouped_mlp=False, deterministic_mode=True))\n'
+    cfg = Config.from_file(write(tmp_path, text))
+    assert cfg.ignored_here == ("model.moe_layer_kwargs.use_grouped_mlp", "model.moe_layer_kwargs.deterministic_mode")
+
+
+def test_expert_parallel_size_is_checked_against_the_layout(tmp_path):
+    from pytrain.config import expert_parallel_size
+
+    def moe(parallel):
+        text = f'model_type = "MIXTRALMOE"\nmodel = dict(num_experts=4, top_k=2)\nparallel = {parallel}\n'
+        return Config.from_file(write(tmp_path, text))
+
+    with pytest.raises(
+        ConfigError, match=r"parallel.expert.size=3 must divide the data-parallel size 6 and model.num_experts=4"
+    ):
+        check_world_size(moe("dict(expert=dict(size=3))"), 6)
+    # InternEvo's default -1: the data-parallel size (or num_experts if fewer): expert parallelism
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel.expert.size=2 \(from -1 at data-parallel size 2\): expert parallelism: not available yet",
+    ):
+        check_world_size(moe("dict()"), 2)
+    with pytest.raises(ConfigError, match=r"parallel.expert.size=4 \(from -1 at data-parallel size 8\)"):
+        check_world_size(moe("dict()"), 8)
+    assert check_world_size(moe("dict(expert=dict(size=1))"), 4) == 4
+    assert expert_parallel_size(moe("dict()"), 1) == 1
+    dense = Config.from_file(write(tmp_path, "parallel = dict(expert=dict(size=-1))\n"))
+    assert expert_parallel_size(dense, 8) == 1 and check_world_size(dense, 8) == 8

@@ -25,6 +25,19 @@ INTERNEVO_IGNORED = (
 )
 
 
+MOE_IGNORED = (
+    "model.max_position_embeddings",
+    "data.empty_cache_and_diag_interval",
+    "data.diag_outlier_ratio",
+    "parallel.expert.no_tp",
+    "parallel.weight.overlap",
+    "parallel.weight.memory_pool",
+    "parallel.expert_weight.overlap",
+    "parallel.expert_weight.memory_pool",
+    *CKPT_IGNORED,
+)
+
+
 @dataclass
 class Loads:
     model_type: str
@@ -70,7 +83,10 @@ CASES = {
     "internevo_7B_isp_sft.py": Fails(
         r"parallel.weight.size = 4: weight parallelism \(isp\) is not available in pytrain"
     ),
-    "internevo_7B_MoE4_sft.py": Loads("INTERNLM_MoE", ()),  # a MoE family: refused by num_experts once registered
+    # the top-level moe section (top_k=2, capacity_factor, ...) moves into model.top_k / model.moe_layer_kwargs
+    "internevo_7B_MoE4_sft.py": Loads("INTERNLM_MoE", INTERNEVO_IGNORED),
+    "internevo_8x7B_mixtral.py": Loads("MIXTRALMOE", MOE_IGNORED),
+    "internevo_57B_qwen2_MoE.py": Loads("QWEN2MOE", MOE_IGNORED),
     "ignored_fields_qwen2.py": Loads(
         "QWEN2",
         (
@@ -137,6 +153,10 @@ def test_dry_run_prints_the_ignored_list(name, capsys):
     assert f"{expected.model_type} with " in out and f"; ignored here: {', '.join(expected.ignored)}" in out
     if name in PARAMETERS:
         assert f" with {PARAMETERS[name]:,} parameters" in out
+    if name in ACTIVE:
+        assert f", {ACTIVE[name]:,} active per token" in out
+    else:
+        assert "active per token" not in out
 
 
 # The sizes the dry run reports for the real 7B configs: InternLM-7B 7.32B, InternLM2-7B 7.74B and Qwen2-7B 7.62B as
@@ -148,4 +168,26 @@ PARAMETERS = {
     "internevo_7B_internlm2.py": 7_737_708_544,
     "internevo_7B_qwen2.py": 7_615_616_512,
     "internevo_7B_llama2.py": 7_241_732_096,
+    # Mixtral-8x7B 46.7B (12.9B active) and Qwen2-57B-A14B 57.4B (14.2B active) as published; InternLM's
+    # 7B_MoE4_sft: 4 experts 5632 wide (mlp_ratio 4/3), top-2, with v1's biased attention, computed below.
+    "internevo_8x7B_mixtral.py": 46_702_792_704,
+    "internevo_57B_qwen2_MoE.py": 57_408_658_944,
+    "internevo_7B_MoE4_sft.py": 11_852_320_768,
 }
+ACTIVE = {
+    "internevo_8x7B_mixtral.py": 12_879_925_248,
+    "internevo_57B_qwen2_MoE.py": 14_249_270_784,
+    "internevo_7B_MoE4_sft.py": 7_423_135_744,
+}
+
+
+def test_the_moe4_counts_are_internlm_v1_with_four_experts():
+    """The 7B_MoE4 numbers above from the shapes: per layer Wqkv + out_proj with biases, 4 (or top-2) SwiGLU
+    experts of width 256 * ceil(int(4096 * 4/3) / 256) = 5632, the router, two norms; embedding, head, norm."""
+    hidden, width, vocab, layers = 4096, 5632, 103168, 32
+    attention = 4 * hidden * hidden + 4 * hidden
+    expert = 3 * hidden * width
+    rest = 4 * hidden + 2 * hidden  # router (4 x hidden) and the two norms
+    outside = 2 * vocab * hidden + hidden
+    assert layers * (attention + 4 * expert + rest) + outside == PARAMETERS["internevo_7B_MoE4_sft.py"]
+    assert layers * (attention + 2 * expert + rest) + outside == ACTIVE["internevo_7B_MoE4_sft.py"]

@@ -2,8 +2,9 @@
 
 from pytrain.config import mlp_width
 
-from . import families
+from . import families, moe
 from .decoder import DTYPES, Decoder, LayerNorm
 from .loss import LMLoss
+from .moe import MoE, MoELayer
 
-__all__ = ["DTYPES", "Decoder", "LMLoss", "LayerNorm", "families", "mlp_width"]
+__all__ = ["DTYPES", "Decoder", "LMLoss", "LayerNorm", "MoE", "MoELayer", "families", "mlp_width", "moe"]

@@ -15,8 +15,12 @@ Norms, rotary embeddings and attention go through pytrain.kernels. Pre-norm laye
 stream to the next norm, which adds it in the same pass (rms_norm's fused residual). Packed rows
 (documents back to back) carry positions restarting per document and cu_seqlens over the flattened
 tokens, so no document attends to another.
+
+A family may give its layers another MLP (decoder_layers' `mlp`): the mixtures of experts (moe.py) are
+these layers with an MoE in the MLP's place; its plan() is empty, so tensor parallelism leaves it whole.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -224,6 +228,11 @@ class SeparateQKVAttention(Attention):
         return {"wq": Colwise(), "wk": Colwise(), "wv": Colwise(), "wo": Rowwise()}
 
 
+def swiglu(x, w1, w3, w2, b1=None, b3=None, b2=None):
+    """w2(silu(w1 x) * w3 x) on weights (nn.Linear's layout); the dense MLP and each expert (moe.py)."""
+    return F.linear(F.silu(F.linear(x, w1, b1)) * F.linear(x, w3, b3), w2, b2)
+
+
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x): w1 the gate, w3 up, w2 down (InternEvo's current meaning in every family)."""
 
@@ -234,7 +243,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(width, hidden_size, bias=bias)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, self.w1.bias, self.w3.bias, self.w2.bias)
 
     def plan(self) -> dict:
         return {"w1": Colwise(), "w3": Colwise(), "w2": Rowwise()}
@@ -386,8 +395,10 @@ def decoder_layers(
     qk_interleaved: bool,
     use_flash_attn: bool,
     head_dim: int | None = None,
+    mlp: Callable[[int, int], nn.Module] | None = None,
 ) -> list[DecoderLayer]:
-    """num_layers identical layers of a family: its attention class and arguments, the shared MLP and norms."""
+    """num_layers identical layers of a family: its attention class and arguments, the shared MLP and norms.
+    mlp(layer index, SwiGLU width): a family's own MLP (a mixture of experts, pytrain.model.moe)."""
     kv_heads = num_kv_attention_heads or num_attention_heads
     if num_attention_heads % kv_heads:
         raise ValueError(
@@ -405,12 +416,12 @@ def decoder_layers(
                 use_flash_attn=use_flash_attn,
                 **attention_args,
             ),
-            SwiGLU(hidden_size, width, bias=mlp_bias),
+            SwiGLU(hidden_size, width, bias=mlp_bias) if mlp is None else mlp(index, width),
             (
                 build_norm(norm_type, hidden_size, layer_norm_epsilon),
                 build_norm(norm_type, hidden_size, layer_norm_epsilon),
             ),
             apply_post_layer_norm,
         )
-        for _ in range(num_layers)
+        for index in range(num_layers)
     ]

@@ -31,11 +31,13 @@ GPU_PEAK_TFLOPS = {
 def matmul_params(model: nn.Module) -> tuple[int, int]:
     """(P_blocks, P_head) of the matmul weights this rank holds and runs: those inside the decoder layers
     (in every pipeline chunk) and the LM head's (a tied head too: it is a matmul as well). A model that is
-    not a pytrain decoder counts its nn.Linear weights, those under `layers`/`blocks` as P_blocks."""
+    not a pytrain decoder counts its nn.Linear weights, those under `layers`/`blocks` as P_blocks. A mixture
+    of experts' stacked 3-D expert weights count as the top_k experts a token runs through."""
     block_params = head_params = 0
     for stage in getattr(model, "stages", [model]):
         if hasattr(stage, "tensor_parallel_plan"):  # pytrain.model.decoder.Decoder, whole or a stage
             block_params += sum(p.numel() for p in stage.decoder_layers.parameters() if p.dim() == 2)
+            block_params += sum(m.active_expert_params() for m in stage.modules() if hasattr(m, "active_expert_params"))
             head_params += stage.lm_head.weight.numel() if stage.last else 0
             continue
         for name, module in stage.named_modules():

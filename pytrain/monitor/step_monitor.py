@@ -1,7 +1,9 @@
 """The per-step log line, metrics.jsonl, TensorBoard scalars, the loss-curve plot and the alerts of a run.
 
 Only the first rank prints and writes (alerts of a failure: every rank); every rank takes part in the loss
-all-reduce.
+all-reduce. A mixture-of-experts run also reports `moe_loss` (the load-balancing loss: sum over layers, mean
+over micro-batches, unweighted by loss.moe_loss_coeff), summed over the pipeline stages, which hold
+different layers, then averaged over data-parallel ranks as the loss is.
 """
 
 import contextlib
@@ -41,11 +43,13 @@ class StepMonitor:
         stream=None,
         alerts: AlertLog | None = None,
         tensorboard_queue: int = 10,
+        pipeline_group=None,
     ):
         self.run_folder, self.total_steps = Path(run_folder), total_steps
         self.tokens = tokens_per_step_per_rank
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.device, self.log_every, self.group, self.stream = device, log_every, group, stream
+        self.pipeline_group = pipeline_group
         self.is_main_rank, self.alerts = is_main_rank, alerts
         self.last_step = 0
         self.steps: list[int] = []
@@ -63,8 +67,16 @@ class StepMonitor:
         self._last = time.perf_counter()
 
     def end_step(
-        self, step: int, loss: torch.Tensor, grad_norm: float, lr: float, success: bool, loss_scale: float | None = None
+        self,
+        step: int,
+        loss: torch.Tensor,
+        grad_norm: float,
+        lr: float,
+        success: bool,
+        loss_scale: float | None = None,
+        moe_loss: torch.Tensor | None = None,
     ) -> dict:
+        """moe_loss: this rank's MoE aux loss (Trainer.moe_loss()); every rank passes one or none does."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - self._last
@@ -72,6 +84,17 @@ class StepMonitor:
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(loss, group=self.group)
             loss /= dist.get_world_size(self.group)
+        if moe_loss is not None:
+            moe_loss = moe_loss.detach().float().clone()
+            if (
+                dist.is_initialized()
+                and self.pipeline_group is not None
+                and dist.get_world_size(self.pipeline_group) > 1
+            ):
+                dist.all_reduce(moe_loss, group=self.pipeline_group)  # each stage holds its own layers
+            if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+                dist.all_reduce(moe_loss, group=self.group)
+                moe_loss /= dist.get_world_size(self.group)
         tgs = self.tokens / seconds
         tflops = tgs * self.flops_per_token / 1e12
         metrics = {
@@ -88,6 +111,8 @@ class StepMonitor:
         }
         if loss_scale is not None:
             metrics["loss_scale"] = loss_scale
+        if moe_loss is not None:
+            metrics["moe_loss"] = moe_loss.item()
         self.last_step = step
         if self.is_main_rank:
             self._record(metrics)
@@ -102,12 +127,14 @@ class StepMonitor:
         self._metrics_file.write(json.dumps(m) + "\n")
         self._metrics_file.flush()
         if self._writer:
-            for key in ("loss", "lr", "grad_norm", "tgs", "tflops", "mfu", "memory_mib", "loss_scale"):
+            for key in ("loss", "moe_loss", "lr", "grad_norm", "tgs", "tflops", "mfu", "memory_mib", "loss_scale"):
                 if key in m:
                     self._writer.add_scalar(f"train/{key}", m[key], m["step"])
         if m["step"] % self.log_every == 0 or m["step"] == self.total_steps:
             line = (
-                f"step {m['step']}/{self.total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | "
+                f"step {m['step']}/{self.total_steps} | loss {m['loss']:.4f} | "
+                + (f"moe_loss {m['moe_loss']:.4f} | " if "moe_loss" in m else "")
+                + f"lr {m['lr']:.3e} | "
                 f"grad_norm {m['grad_norm']:.3f} | tgs {m['tgs']:,.0f} | tflops {m['tflops']:.3f} | "
                 f"mfu {100 * m['mfu']:.1f}% | mem {m['memory_mib']:,.0f} MiB | {m['step_time'] * 1000:.0f} ms"
             )

@@ -9,6 +9,7 @@ from torch import nn
 
 from pytrain.config import Config, ConfigError
 from pytrain.data import BUILTIN_CORPUS, build_train_loader, build_valid_loaders
+from pytrain.model.moe import moe_layers
 from pytrain.parallel import gpc
 from pytrain.parallel.model_part import ModelPart, parallelize
 from pytrain.registry import MODEL_INITIALIZER
@@ -35,6 +36,12 @@ def initialize_model(config: Config | None = None) -> nn.Module:
         torch.backends.cudnn.allow_tf32 = True
     with torch.device("meta"):
         whole = builder(**cfg.model)
+    if gpc.tensor_parallel_size > 1 and moe_layers(whole):
+        raise ConfigError(
+            f"model_type {cfg.model_type!r} with num_experts={cfg.model.num_experts}: tensor parallelism inside "
+            f"mixture-of-experts layers is not available yet; use parallel.tensor.size=1 (data and pipeline "
+            f"parallelism work)"
+        )
     if hasattr(whole, "tensor_parallel_plan"):
         tensor = gpc.tensor_parallel_size > 1
         return parallelize(

@@ -15,6 +15,7 @@ from pytrain.config import Config, ConfigError, check_world_size
 from pytrain.data import DataError
 from pytrain.initialize import get_default_parser, initialize_distributed_env, initialize_trainer
 from pytrain.model import DTYPES
+from pytrain.model.moe import active_parameters
 from pytrain.monitor import AlertLog, StepMonitor, flops_per_token, matmul_params, peak_tflops
 from pytrain.parallel import gpc
 from pytrain.registry import MODEL_INITIALIZER
@@ -91,6 +92,7 @@ def train(args) -> list[dict]:
         group=gpc.data_parallel_group,
         alerts=AlertLog.from_config(cfg, gpc.rank),
         tensorboard_queue=cfg.monitor.tensorboard.queue_max_length,
+        pipeline_group=gpc.pipeline_parallel_group,
     )
     # Optimizer state (fp32 masters when separate, Adam moments) per parameter this rank holds, every rank.
     state_bytes = [None] * gpc.world_size
@@ -122,7 +124,13 @@ def train(args) -> list[dict]:
             lr = optimizer.param_groups[0]["lr"]
             history.append(
                 monitor.end_step(
-                    step, loss, grad_norm, lr, success, optimizer.loss_scale if optimizer.grad_scaler else None
+                    step,
+                    loss,
+                    grad_norm,
+                    lr,
+                    success,
+                    optimizer.loss_scale if optimizer.grad_scaler else None,
+                    moe_loss=trainer.moe_loss(),
                 )
             )
             if valid_loaders and cfg.data.valid_every > 0 and step % cfg.data.valid_every == 0:
@@ -149,6 +157,7 @@ def dry_run(args) -> None:
     with torch.device("meta"):
         model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model)
     params = sum(p.numel() for p in model.parameters())
+    active = active_parameters(model)
     per_token = flops_per_token(
         *matmul_params(model),
         cfg.model.num_layers,
@@ -160,7 +169,9 @@ def dry_run(args) -> None:
     layout = f"data {data_parallel} x tensor {cfg.parallel.tensor.size} x pipeline {cfg.parallel.pipeline.size}"
     print(
         f"{args.config}: valid for {world_size} process(es) as {layout}; {cfg.model_type} with {params:,} parameters "
-        f"({params / 1e9:.2f}B); {per_token / 1e9:.2f} GFLOPs per token; {tokens:,} tokens per step"
+        f"({params / 1e9:.2f}B)"
+        + (f", {active:,} active per token ({active / 1e9:.2f}B)" if active != params else "")
+        + f"; {per_token / 1e9:.2f} GFLOPs per token; {tokens:,} tokens per step"
         + (f"; ignored here: {', '.join(cfg.ignored_here)}" if cfg.ignored_here else "")
     )
 

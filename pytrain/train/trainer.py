@@ -3,11 +3,18 @@
 trainer.zero_grad()
 _, loss = trainer.execute_schedule(batch, forward_only=False, return_loss=True)
 success, grad_norm = trainer.step()
+
+Mixture-of-experts models: before each schedule the Trainer sets every MoE layer's aux_loss_weight
+(pytrain.model.moe) to moe_loss_coeff x the optimizer's loss scale / the step's micro-batches, so the
+load-balancing loss enters the gradient as moe_loss_coeff x the mean over micro-batches (and, through the
+optimizer's gradient average, over data-parallel ranks) of each micro-batch's sum over layers, under any
+schedule; `moe_loss()` is that sum over this rank's layers, averaged over the step's micro-batches.
 """
 
 import torch
 
 from pytrain.kernels.cross_entropy import check_labels_in_range
+from pytrain.model.moe import moe_layers
 from pytrain.parallel.schedule import HOST_KEYS, IGNORE_INDEX
 
 
@@ -22,10 +29,19 @@ class Trainer:
         lr_scheduler=None,
         beta2_scheduler=None,
         label_vocab_size: int | None = None,
+        moe_loss_coeff: float | None = None,
     ):
         """label_vocab_size: check each step's labels against it on the host, before they move to the
-        device, so the loss need not read them back per micro-batch (see LMLoss's labels_checked)."""
+        device, so the loss need not read them back per micro-batch (see LMLoss's labels_checked).
+        moe_loss_coeff: the MoE aux loss's weight (None: the launched run's loss.moe_loss_coeff, else
+        InternEvo's default 1.0)."""
         self.model, self.optimizer, self.schedule, self.criterion = model, optimizer, schedule, criterion
+        self.moe_layers = moe_layers(model)
+        if moe_loss_coeff is None:
+            from pytrain.parallel import gpc
+
+            moe_loss_coeff = gpc.config.loss.moe_loss_coeff if gpc.config is not None else 1.0
+        self.moe_loss_coeff = float(moe_loss_coeff)
         self.device, self.label_vocab_size = device, label_vocab_size
         self.lr_scheduler, self.beta2_scheduler = lr_scheduler, beta2_scheduler
         self.steps_taken = 0
@@ -48,6 +64,15 @@ class Trainer:
         batch = {
             key: value if key in HOST_KEYS else value.to(self.device, non_blocking=True) for key, value in batch.items()
         }
+        if self.moe_layers:
+            # the gradient of the aux loss is handed out by each layer's backward (pytrain.model.moe), after the
+            # loss scale has been applied to the LM loss: so it carries the scale too
+            weight = (
+                self.moe_loss_coeff * float(getattr(self.optimizer, "loss_scale", 1.0)) / batch["input_ids"].shape[0]
+            )
+            for layer in self.moe_layers:
+                layer.aux_loss_weight = weight
+                layer.reset_aux_losses()
         return self.schedule.forward_backward_step(
             self.model,
             batch,
@@ -57,6 +82,18 @@ class Trainer:
             return_loss=return_loss,
             return_output_label=return_output_label,
         )
+
+    def moe_loss(self) -> torch.Tensor | None:
+        """The last schedule's MoE aux loss on this rank (sum over its layers, mean over the micro-batches;
+        without moe_loss_coeff), or None for a dense model. Under pipeline parallelism each stage holds only
+        its layers' share: the step monitor sums the stages'."""
+        if not self.moe_layers:
+            return None
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for layer in self.moe_layers:
+            if layer.aux_loss_count:
+                total = total + layer.aux_loss_sum.float() / layer.aux_loss_count
+        return total
 
     def step(self) -> tuple[bool, float]:
         """The optimizer step; the schedulers advance only when it succeeded (no inf/NaN gradients)."""

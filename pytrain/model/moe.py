@@ -1,0 +1,360 @@
+"""Mixture of experts, written plain: a router, experts stacked in 3-D weights, no parallelism inside.
+
+    MoE (a decoder layer's MLP; InternEvo's names)
+      moe_layer: MoELayer
+        gate.wg            nn.Linear(H, E, bias=False): the router; logits and softmax in fp32
+        experts            GroupedExperts: w1 (E, I, H) gate, w3 (E, I, H) up, w2 (E, H, I) down, SwiGLU each
+        dispatcher         LocalDispatcher (a plain attribute, not a module)
+      residual_mlp         optional dense SwiGLU (shared experts) and
+      coefficient          how it is mixed in: InternLM's residual MoE, nn.Linear(H, 2) with bias,
+                           out = moe * softmax(c)[..., 0] + mlp * softmax(c)[..., 1]; or Qwen2-MoE's shared
+                           expert gate, nn.Linear(H, 1, bias=False), out = moe + sigmoid(c) * mlp
+
+So a layer's parameters are `<mlp>.moe_layer.gate.wg.weight`, `<mlp>.moe_layer.experts.w1|w3|w2`,
+`<mlp>.residual_mlp.w1|w3|w2.weight`, `<mlp>.coefficient.weight` (+ `.bias` for InternLM's). InternEvo
+stores experts one module each (`experts.wrapped_experts.{e}.w1.weight`); here they are stacked along
+dim 0, the dimension expert parallelism shards; pytrain.model.hf splits them per expert for Hugging Face
+(Mixtral's `block_sparse_moe.experts.{e}.w1`, Qwen2-MoE's `mlp.experts.{e}.gate_proj`, `mlp.shared_expert.*`,
+`mlp.shared_expert_gate`).
+
+The two seams where kernels and expert parallelism plug in without touching the layer:
+
+- `GroupedExperts.forward(x_sorted (N, H), tokens_per_expert (E_local,) int64) -> (N, H)`: the rows come
+  grouped by expert, expert 0's first; each contiguous group goes through its expert's SwiGLU. Written
+  here as a loop of matmuls (the fused grouped GEMM replaces it).
+- `MoELayer.dispatcher`, an object with
+    `dispatch(x (T, H), expert_ids (T, k) int64, -1 = dropped) -> (x_sorted, tokens_per_expert, state)`
+    `combine(y_sorted (N, H), weights (T, k) fp32, state) -> (T, H)`: per token the weighted sum of its
+    experts' rows; a dropped assignment contributes 0; gradients reach `weights` (the router learns).
+  LocalDispatcher does this in one process with argsort / index_select / index_add; an expert-parallel
+  one exchanges the rows with all-to-all and returns only this rank's experts' groups (E_local of them).
+
+Routing (`Routing`, from model.moe_type and model.moe_layer_kwargs, see `routing_from_fields`):
+- "GShard" (InternEvo's default; its fused top-k gating): softmax, top-k; capacity per expert
+  ceil(k * T / E * capacity_factor) (eval_capacity_factor in eval mode), at least min_capacity;
+  assignments fill it first choices first, each in token order, the rest are dropped; the weights are
+  the kept choices' probabilities renormalised over the kept ones (DeepSpeed/GShard top-2). drop_tokens=
+  False: no capacity. use_fused_gating=False with top_k=1 is DeepSpeed's top-1: the weight is the raw
+  probability (not renormalised) and use_rts must be False (random token selection is random). Aux loss
+  E * sum_e mean_t(first choice == e) * mean_t(p_e).
+- "Dropless": softmax, top-k, renormalised iff normalize_expert_weights (Mixtral: always; Qwen2-MoE:
+  norm_topk_prob), no capacity. Aux loss E * sum_e (assignments to e / (T * k)) * mean_t(p_e).
+
+The aux (load-balancing) loss reaches the gradient under any schedule (micro-batches, pipelines,
+activation recompute) without being returned: the layer's output passes through AuxLossScaler, the
+identity forward, whose backward also hands the aux loss the gradient `aux_loss_weight`. The trainer
+sets `aux_loss_weight` on every MoELayer before each step (pytrain.train.trainer): moe_loss_coeff x
+the loss scale / micro-batches, so the gradient is moe_loss_coeff x the mean over micro-batches (and
+data-parallel ranks, which the optimizer averages) of the per-micro-batch sum of the layers' aux losses.
+Each forward also adds its aux loss (detached, not again when recomputed in the backward) to a per-step
+sum the trainer reads for the `moe_loss` metric.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .decoder import SwiGLU, swiglu
+
+MOE_TYPES = ("GShard", "Dropless")
+UNAVAILABLE_MOE_TYPES = ("MegaBlock", "MegaBlock-D", "MegaBlock-Dropless")
+
+# moe_layer_kwargs per moe_type: name -> (default, types, kind, allowed values or None); kind "acts",
+# "ignored" (an implementation choice of InternEvo's, same math) or "unavailable" (only `allowed`).
+NUMBER = (int, float)
+NONE = type(None)
+MOE_LAYER_KWARGS = {
+    "GShard": {
+        "capacity_factor": (1.0, NUMBER, "acts", None),
+        "eval_capacity_factor": (1.0, NUMBER, "acts", None),
+        "min_capacity": (4, int, "acts", None),
+        "drop_tokens": (True, bool, "acts", None),
+        "use_fused_gating": (True, bool, "acts", None),
+        "use_rts": (True, bool, "acts", None),
+        "noisy_gate_policy": (None, (str, NONE), "unavailable", (None, "None")),
+        "use_grouped_mlp": (True, bool, "ignored", None),
+    },
+    "Dropless": {
+        "normalize_expert_weights": (True, bool, "acts", None),
+        "capacity_factor": (None, (*NUMBER, NONE), "unavailable", (None,)),
+        "drop_and_pad": (False, bool, "unavailable", (False,)),
+        "noisy_gate_policy": (None, (str, NONE), "unavailable", (None, "None")),
+        "drop_policy": ("probs", str, "ignored", None),
+        "enable_fused_permute": (True, bool, "ignored", None),
+        "token_dispatch_policy": ("alltoall", str, "ignored", None),
+        "use_grouped_mlp": (True, bool, "ignored", None),
+        "deterministic_mode": (False, bool, "ignored", None),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a layer routes tokens (see the module docstring)."""
+
+    kind: str  # "GShard" or "Dropless"
+    num_experts: int
+    top_k: int
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True  # GShard: False = no capacity
+    normalize: bool = True  # renormalise the kept choices' weights to sum to 1
+
+    def capacity(self, tokens: int, training: bool) -> int | None:
+        """Assignments each expert takes (None: unlimited)."""
+        if self.kind != "GShard" or not self.drop_tokens:
+            return None
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        return max(math.ceil(self.top_k * tokens / self.num_experts * factor), self.min_capacity)
+
+
+def routing_from_fields(
+    moe_type: str | None, num_experts: int, top_k: int, moe_layer_kwargs: dict | None
+) -> tuple[Routing, tuple[str, ...]]:
+    """(Routing, the moe_layer_kwargs given that have no effect here); a ValueError names a field pytrain
+    cannot run (random gating, capacity in Dropless, MegaBlock)."""
+    moe_type = moe_type or "GShard"  # InternEvo's launch fills in "GShard"
+    if moe_type in UNAVAILABLE_MOE_TYPES:
+        raise ValueError(f"moe_type={moe_type!r} (MegaBlocks) is not available in pytrain; use 'GShard' or 'Dropless'")
+    if moe_type not in MOE_TYPES:
+        raise ValueError(f"moe_type={moe_type!r}: must be one of {', '.join(map(repr, MOE_TYPES))}")
+    if num_experts < 2:
+        raise ValueError(f"num_experts={num_experts}: a mixture of experts needs at least 2")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be within [1, num_experts={num_experts}]")
+    table = MOE_LAYER_KWARGS[moe_type]
+    given = dict(moe_layer_kwargs or {})
+    ignored = []
+    for key, value in given.items():
+        if key not in table:
+            known = ", ".join(table)
+            raise ValueError(f"moe_layer_kwargs[{key!r}]: not a setting of moe_type {moe_type!r}; known: {known}")
+        _, types, kind, allowed = table[key]
+        types = types if isinstance(types, tuple) else (types,)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " | ".join("None" if t is NONE else t.__name__ for t in types)
+            raise ValueError(f"moe_layer_kwargs[{key!r}] = {value!r}: expected {names}")
+        if kind == "unavailable" and value not in allowed:
+            raise ValueError(
+                f"moe_layer_kwargs[{key!r}] = {value!r} is not available in pytrain ({_WHY[key]}); "
+                f"leave it at {allowed[0]!r}"
+            )
+        if kind == "ignored":
+            ignored.append(key)
+    settings = {key: spec[0] for key, spec in table.items()} | given
+    if moe_type == "Dropless":
+        return Routing("Dropless", num_experts, top_k, normalize=settings["normalize_expert_weights"]), tuple(ignored)
+    for key in ("capacity_factor", "eval_capacity_factor"):
+        if settings[key] <= 0:
+            raise ValueError(f"moe_layer_kwargs[{key!r}] = {settings[key]!r}: must be > 0")
+    if settings["min_capacity"] < 0:
+        raise ValueError(f"moe_layer_kwargs['min_capacity'] = {settings['min_capacity']}: must be >= 0")
+    fused = settings["use_fused_gating"] or top_k > 2  # InternEvo: top_k > 2 always takes the fused gating
+    if not fused:
+        if top_k == 2:
+            raise ValueError(
+                "moe_layer_kwargs['use_fused_gating'] = False with top_k=2 is DeepSpeed's top-2 gating, which draws "
+                "the second expert with Gumbel noise: not available in pytrain; leave use_fused_gating at True"
+            )
+        if settings["use_rts"] and settings["drop_tokens"]:
+            raise ValueError(
+                "moe_layer_kwargs['use_rts'] = True with use_fused_gating=False: random token selection (which "
+                "tokens an over-full expert keeps, drawn at random) is not available in pytrain; set use_rts=False "
+                "(tokens are kept in order)"
+            )
+    routing = Routing(
+        "GShard",
+        num_experts,
+        top_k,
+        capacity_factor=float(settings["capacity_factor"]),
+        eval_capacity_factor=float(settings["eval_capacity_factor"]),
+        min_capacity=settings["min_capacity"],
+        drop_tokens=settings["drop_tokens"],
+        normalize=fused,
+    )
+    return routing, tuple(ignored)
+
+
+_WHY = {
+    "noisy_gate_policy": "Jitter and RSample add random noise to the router",
+    "capacity_factor": "Dropless with a capacity",
+    "drop_and_pad": "Dropless with a capacity",
+}
+
+
+def route(logits: torch.Tensor, routing: Routing, training: bool):
+    """logits (T, E) -> (expert_ids (T, k) int64 with -1 for a dropped assignment, weights (T, k) fp32,
+    aux loss (scalar fp32), tokens per expert before any drop (E,) int64)."""
+    tokens, experts = logits.shape
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_p, top_i = probs.topk(routing.top_k, dim=-1)
+    counts = torch.bincount(top_i.flatten(), minlength=experts)
+    if routing.kind == "GShard":  # fraction of tokens whose first choice is e
+        fraction = torch.bincount(top_i[:, 0], minlength=experts).float() / tokens
+    else:  # fraction of all k * T assignments going to e
+        fraction = counts.float() / (tokens * routing.top_k)
+    aux = experts * torch.sum(fraction * probs.mean(dim=0))
+    keep = torch.ones_like(top_i, dtype=torch.bool)
+    capacity = routing.capacity(tokens, training)
+    if capacity is not None:
+        # an assignment's place in its expert's queue: first choices of all tokens, then second choices, ...
+        by_choice = top_i.t().reshape(-1)
+        place = (F.one_hot(by_choice, experts).cumsum(0) - 1).gather(1, by_choice[:, None]).squeeze(1)
+        keep = (place < capacity).view(routing.top_k, tokens).t()
+    weights = top_p * keep
+    if routing.normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
+    return top_i.masked_fill(~keep, -1), weights, aux, counts
+
+
+class LocalDispatcher:
+    """Groups the tokens' assignments by expert in this process (see the module docstring)."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor):
+        k = expert_ids.shape[1]
+        flat = expert_ids.reshape(-1)
+        bucket = flat.masked_fill(flat < 0, self.num_experts)  # dropped ones sort after every expert
+        order = torch.argsort(bucket, stable=True)  # stable: each expert's rows in token order
+        tokens_per_expert = torch.bincount(bucket, minlength=self.num_experts + 1)[: self.num_experts]
+        order = order[: int(tokens_per_expert.sum())]  # a host read: the kept rows' count sizes x_sorted
+        token_of_row = order // k
+        return x.index_select(0, token_of_row), tokens_per_expert, (order, token_of_row, x.shape[0])
+
+    def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, state) -> torch.Tensor:
+        order, token_of_row, tokens = state
+        row_weights = weights.reshape(-1).index_select(0, order)
+        out = torch.zeros(tokens, y_sorted.shape[1], dtype=torch.float32, device=y_sorted.device)
+        # summed in fp32: a token's k contributions add without 16-bit rounding in between
+        out.index_add_(0, token_of_row, y_sorted.float() * row_weights[:, None])
+        return out.to(y_sorted.dtype)
+
+
+class GroupedExperts(nn.Module):
+    """E_local experts' SwiGLU weights stacked along dim 0: w1 (E, I, H) gate, w3 (E, I, H) up, w2 (E, H, I)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, width: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, width, hidden_size))
+        self.w3 = nn.Parameter(torch.empty(num_experts, width, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, width))
+
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        if tokens_per_expert.shape != (self.w1.shape[0],):
+            shape = tuple(tokens_per_expert.shape)
+            raise ValueError(f"tokens_per_expert has shape {shape}; this module holds {self.w1.shape[0]} experts")
+        groups = x_sorted.split(tokens_per_expert.tolist())
+        outs = [swiglu(rows, self.w1[e], self.w3[e], self.w2[e]) for e, rows in enumerate(groups)]
+        return torch.cat(outs) if outs else x_sorted
+
+
+class Gate(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.wg = nn.Linear(hidden_size, num_experts, bias=False)
+
+
+class AuxLossScaler(torch.autograd.Function):
+    """Identity on `output`; its backward also gives `aux_loss` the gradient `weight` (Megatron-LM's
+    MoEAuxLossAutoScaler), so the aux loss is trained by whatever backward reaches the layer's output."""
+
+    @staticmethod
+    def forward(ctx, output, aux_loss, weight: float):
+        ctx.weight = weight
+        ctx.save_for_backward(aux_loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux_loss, ctx.weight), None
+
+
+class MoELayer(nn.Module):
+    """Router, dispatcher and experts (InternEvo's `moe_layer`); forward (..., H) -> (..., H)."""
+
+    def __init__(self, hidden_size: int, width: int, routing: Routing):
+        super().__init__()
+        self.routing = routing
+        self.gate = Gate(hidden_size, routing.num_experts)
+        self.experts = GroupedExperts(routing.num_experts, hidden_size, width)
+        self.dispatcher = LocalDispatcher(routing.num_experts)
+        self.aux_loss_weight = 0.0  # set by the trainer before each step (module docstring)
+        self.aux_loss = None  # the last forward's aux loss (detached)
+        self.tokens_per_expert = None  # the last forward's assignments per expert, before drops
+        self.reset_aux_losses()
+
+    def reset_aux_losses(self) -> None:
+        self.aux_loss_sum, self.aux_loss_count = None, 0
+
+    def active_expert_params(self) -> int:
+        """Expert weights one token runs through (top_k of the num_experts)."""
+        local = self.experts.w1.shape[0]
+        per_expert = sum(p.numel() for p in self.experts.parameters()) // local
+        return per_expert * self.routing.top_k
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        logits = F.linear(x.float(), self.gate.wg.weight.float())  # fp32 router, whatever the model's dtype
+        expert_ids, weights, aux, self.tokens_per_expert = route(logits, self.routing, self.training)
+        x_sorted, tokens_per_expert, state = self.dispatcher.dispatch(x, expert_ids)
+        out = self.dispatcher.combine(self.experts(x_sorted, tokens_per_expert), weights, state).view(shape)
+        self.aux_loss = aux.detach()
+        if torch._C._current_graph_task_id() == -1:  # not the recompute of activation checkpointing
+            self.aux_loss_sum = self.aux_loss if self.aux_loss_sum is None else self.aux_loss_sum + self.aux_loss
+            self.aux_loss_count += 1
+        if torch.is_grad_enabled() and aux.requires_grad:
+            out = AuxLossScaler.apply(out, aux, float(self.aux_loss_weight))
+        return out
+
+
+class MoE(nn.Module):
+    """A decoder layer's MLP made of experts, optionally with a dense shared/residual MLP (module docstring).
+
+    shared: None, ("residual", width) for InternLM's residual MoE (softmax-mixed) or ("shared", width) for
+    Qwen2-MoE's sigmoid-gated shared expert."""
+
+    def __init__(self, hidden_size: int, width: int, routing: Routing, shared: tuple[str, int] | None = None):
+        super().__init__()
+        self.moe_layer = MoELayer(hidden_size, width, routing)
+        self.shared_kind = shared[0] if shared else None
+        if shared:
+            kind, shared_width = shared
+            if kind not in ("residual", "shared"):
+                raise ValueError(f"shared MLP kind {kind!r}: 'residual' or 'shared'")
+            self.residual_mlp = SwiGLU(hidden_size, shared_width)
+            # InternLM's residual MoE: two mixing logits with bias; Qwen2-MoE's shared expert: one gate, no bias
+            residual = kind == "residual"
+            self.coefficient = nn.Linear(hidden_size, 2 if residual else 1, bias=residual)
+
+    def forward(self, x):
+        out = self.moe_layer(x)
+        if self.shared_kind == "residual":
+            mix = torch.softmax(self.coefficient(x), dim=-1)
+            return out * mix[..., 0:1] + self.residual_mlp(x) * mix[..., 1:]
+        if self.shared_kind == "shared":
+            return out + torch.sigmoid(self.coefficient(x)) * self.residual_mlp(x)
+        return out
+
+    def plan(self) -> dict:
+        """Nothing is split over tensor ranks: MoE layers run with tensor size 1 (initialize_model checks)."""
+        return {}
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def active_parameters(model: nn.Module) -> int:
+    """Parameters one token runs through: all but the experts each token skips."""
+    total = sum(p.numel() for p in model.parameters())
+    for layer in moe_layers(model):
+        total -= sum(p.numel() for p in layer.experts.parameters()) - layer.active_expert_params()
+    return total
