@@ -21,7 +21,7 @@ import torch
 
 from pytrain.checkpoint import Checkpointer, CheckpointError, CheckpointReader, find_latest, resolve_folder
 from pytrain.config import Config, ConfigError
-from pytrain.model.hf import HFReader, from_hf_state, hf_rules, save_hf_folder
+from pytrain.model.hf import HFReader, from_hf_state, hf_rules, read_stacked_rows, save_hf_folder
 from pytrain.parallel.shard_spec import ShardSpec
 
 MODEL = "model/"
@@ -47,8 +47,9 @@ def _shape_error(folder, problems: list[str]) -> ValueError:
 @torch.no_grad()
 def load_hf_into(part, model, folder) -> None:
     """Fills a ModelPart (this rank's shards) from a transformers folder. A parameter whose rule is a
-    rename is read as its shard's rows or columns only; a converted one (fused qkv, reordered rotary
-    rows) needs its whole HF tensors, read and cut here. model: the whole model (meta is enough)."""
+    rename is read as its shard's rows or columns only; stacked experts as this rank's experts' tensors
+    only; a converted one (fused qkv, reordered rotary rows) needs its whole HF tensors, read and cut here.
+    model: the whole model (meta is enough)."""
     reader = HFReader(resolve_folder(str(folder)))
     rules = {rule.name: rule for rule in hf_rules(model)}
     wanted = {h for p, info in part.infos() for h in rules[info.name].hf_names}
@@ -68,6 +69,15 @@ def load_hf_into(part, model, folder) -> None:
                 )
                 continue
             value = reader.get(hf_name) if spec.is_whole else reader.get_rows_or_columns(hf_name, spec.dim, spec.pieces)
+        elif rule.stacked and spec.dim in (None, 0):
+            shapes = {reader.shape(h) for h in rule.hf_names}
+            if len(rule.hf_names) != spec.full_shape[0] or shapes != {tuple(spec.full_shape[1:])}:
+                problems.append(
+                    f"{rule.hf_names[0]} ... ({len(rule.hf_names)} tensors): {sorted(shapes)} in the folder, this "
+                    f"model's {info.name} is {list(spec.full_shape)}"
+                )
+                continue
+            value = read_stacked_rows(reader, rule, [(0, spec.full_shape[0])] if spec.dim is None else spec.pieces)
         else:
             full = rule.from_hf(*(reader.get(h) for h in rule.hf_names))
             if tuple(full.shape) != spec.full_shape:

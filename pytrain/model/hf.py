@@ -6,6 +6,23 @@
 | INTERNLM2 | LlamaForCausalLM | the grouped wqkv unpacked into q/k/v_proj |
 | LLAMA2 | LlamaForCausalLM | names only |
 | QWEN2 | Qwen2ForCausalLM | names only |
+| MIXTRALMOE | MixtralForCausalLM (no attention biases, no shared MLP) | the stacked experts split per expert |
+| INTERNLM_MoE | MixtralForCausalLM only with no_bias=True and no residual MLP | Wqkv split, experts split |
+| QWEN2MOE | Qwen2MoeForCausalLM (needs its shared expert: num_shared_experts >= 1) | experts split |
+
+INTERNLM_MoE as InternLM trains it (biases on Wqkv and out_proj, or a residual MLP) has no Hugging Face
+class: Mixtral's attention has no biases and no residual MLP, Qwen2-MoE's has no out_proj bias.
+
+Mixtures of experts (pytrain.model.moe): `<mlp>.moe_layer.gate.wg` -> `block_sparse_moe.gate` (Mixtral) or
+`mlp.gate` (Qwen2-MoE); the stacked experts `<mlp>.moe_layer.experts.w1|w3|w2` (E, ., .) <-> E tensors
+each, `block_sparse_moe.experts.{e}.w1|w3|w2.weight` (Mixtral) or `mlp.experts.{e}.gate_proj|up_proj|
+down_proj.weight` (Qwen2-MoE): the per-expert names Hub checkpoints use and transformers 5 still writes.
+Qwen2-MoE's shared expert: `<mlp>.residual_mlp.*` <-> `mlp.shared_expert.*_proj`, `<mlp>.coefficient` <->
+`mlp.shared_expert_gate`. HF routes without capacity (softmax, top-k, renormalised always for Mixtral,
+iff norm_topk_prob for Qwen2-MoE): a model trained with GShard's capacity exports its weights, and HF runs
+them as pytrain does with unlimited capacity. Reading, HFReader also accepts transformers 5's in-memory
+layout saved as is (`mlp.experts.gate_up_proj` (E, 2I, H), `mlp.experts.down_proj` (E, H, I), `mlp.gate`
+for Mixtral too): it presents those as the per-expert names.
 
 Every family: embedding -> model.embed_tokens, attention_norm -> input_layernorm, mlp_norm ->
 post_attention_layernorm, w1/w3/w2 -> gate/up/down_proj, norm -> model.norm, head -> lm_head (absent
@@ -14,6 +31,8 @@ rotate-half order (transformers' convert_llama_weights_to_hf permutation) and ba
 
 `hf_rules(model)` gives, per pytrain parameter, its HF tensors and the two conversions; everything else
 (whole-state export/import, reading a rank's shard from a sharded safetensors folder) is built on them.
+A rule with `stacked=True` maps dim 0 of the pytrain tensor to its HF tensors one each (experts): a rank
+holding experts [a, b) reads only hf_names[a:b] (`read_stacked_rows`; convert.load_hf_into does so).
 """
 
 import json
@@ -25,14 +44,28 @@ from pathlib import Path
 import torch
 
 from .decoder import Decoder, FusedQKVAttention, GroupedQKVAttention, LayerNorm
+from .moe import MoE
 
 HF_CLASSES = {
     "INTERNLM": "LlamaForCausalLM",
     "INTERNLM2": "LlamaForCausalLM",
     "LLAMA2": "LlamaForCausalLM",
     "QWEN2": "Qwen2ForCausalLM",
+    "MIXTRALMOE": "MixtralForCausalLM",
+    "INTERNLM_MoE": "MixtralForCausalLM",
+    "QWEN2MOE": "Qwen2MoeForCausalLM",
 }
-HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+HF_MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+}
+# HF's per-expert names of w1 (gate), w3 (up), w2 (down), and where the router and experts live
+EXPERT_NAMES = {
+    "MixtralForCausalLM": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "Qwen2MoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+}
 SHARD_BYTES = 4 << 30  # safetensors file size when exporting (transformers' own default is 5 GB)
 
 
@@ -44,6 +77,7 @@ class Rule:
     hf_names: tuple[str, ...]
     to_hf: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     from_hf: Callable[..., torch.Tensor]
+    stacked: bool = False  # hf_names[i] is row i of dim 0 (one expert each)
 
     @property
     def is_rename(self) -> bool:
@@ -60,6 +94,24 @@ def _one(t):
 
 def _rename(name: str, hf_name: str) -> Rule:
     return Rule(name, (hf_name,), _same, _one)
+
+
+def _unstack(t):
+    return tuple(t.unbind(0))
+
+
+def _stack(*tensors):
+    return torch.stack(tensors)
+
+
+def _stacked(name: str, hf_names: list[str]) -> Rule:
+    return Rule(name, tuple(hf_names), _unstack, _stack, stacked=True)
+
+
+def read_stacked_rows(reader: "HFReader", rule: Rule, pieces) -> torch.Tensor:
+    """Rows [start, start + length) of each piece of a stacked rule's tensor (a rank's experts), reading only
+    those experts' HF tensors."""
+    return torch.stack([reader.get(rule.hf_names[i]) for start, length in pieces for i in range(start, start + length)])
 
 
 def _interleaved_to_half(t: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -80,6 +132,36 @@ def check_exportable(model: Decoder) -> None:
         raise ValueError("model.norm_type='layernorm' has no Hugging Face Llama/Qwen2 equivalent: use 'rmsnorm'")
     if model.family not in HF_CLASSES:
         raise ValueError(f"model_type {model.family!r} has no Hugging Face mapping; known: {', '.join(HF_CLASSES)}")
+    cls = HF_CLASSES[model.family]
+    mlp = layer.get_submodule(model.names.mlp)
+    if cls in EXPERT_NAMES and not isinstance(mlp, MoE):
+        raise ValueError(f"{model.family} with num_experts <= 1 is dense: {cls} needs experts")
+    if not isinstance(mlp, MoE):
+        return
+    routing = mlp.moe_layer.routing
+    attention = layer.get_submodule(model.names.attention)
+    biases = [attention.get_submodule(p).bias is not None for p in _projections(attention)]
+    if cls == "MixtralForCausalLM":
+        if any(biases):
+            fields = "no_bias=True" if model.family == "INTERNLM_MoE" else "qkv_bias=False and o_bias=False"
+            raise ValueError(
+                f"{model.family} with attention biases has no Hugging Face class (Mixtral's attention has none): "
+                f"only {fields} exports, as MixtralForCausalLM"
+            )
+        if mlp.shared_kind is not None:
+            raise ValueError(
+                f"{model.family} with a residual MLP (num_shared_experts / moe_use_residual) has no Hugging Face "
+                f"class: Mixtral has no shared MLP"
+            )
+        if not routing.normalize:
+            raise ValueError(
+                "Mixtral renormalises the top-k weights: DeepSpeed's top-1 (use_fused_gating=False) is not"
+            )
+    else:
+        if mlp.shared_kind != "shared":
+            raise ValueError("Qwen2MoeForCausalLM always has its shared expert: use num_shared_experts >= 1")
+        if biases != [True, True, True, False]:
+            raise ValueError("Qwen2MoeForCausalLM has biases on q, k and v only: use qkv_bias=True, o_bias=False")
 
 
 def hf_rules(model: Decoder) -> list[Rule]:
@@ -99,10 +181,32 @@ def hf_rules(model: Decoder) -> list[Rule]:
             _rename(f"{ours}.{n.mlp_norm}.weight", f"{theirs}.post_attention_layernorm.weight"),
         ]
         mlp = layer.get_submodule(n.mlp)
-        for part, hf_part in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-            for kind in ("weight", "bias") if mlp.w1.bias is not None else ("weight",):
-                rules.append(_rename(f"{ours}.{n.mlp}.{part}.{kind}", f"{theirs}.mlp.{hf_part}.{kind}"))
+        if isinstance(mlp, MoE):
+            rules += _moe_rules(mlp, f"{ours}.{n.mlp}", theirs, HF_CLASSES[model.family])
+        else:
+            rules += _swiglu_rules(mlp, f"{ours}.{n.mlp}", f"{theirs}.mlp")
         rules += _attention_rules(layer.get_submodule(n.attention), f"{ours}.{n.attention}", f"{theirs}.self_attn")
+    return rules
+
+
+def _swiglu_rules(mlp, ours: str, theirs: str) -> list[Rule]:
+    rules = []
+    for part, hf_part in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+        for kind in ("weight", "bias") if mlp.w1.bias is not None else ("weight",):
+            rules.append(_rename(f"{ours}.{part}.{kind}", f"{theirs}.{hf_part}.{kind}"))
+    return rules
+
+
+def _moe_rules(mlp: MoE, ours: str, theirs: str, cls: str) -> list[Rule]:
+    where, parts = EXPERT_NAMES[cls]
+    experts = mlp.moe_layer.routing.num_experts
+    rules = [_rename(f"{ours}.moe_layer.gate.wg.weight", f"{theirs}.{where}.gate.weight")]
+    for part, hf_part in zip(("w1", "w3", "w2"), parts):
+        hf_names = [f"{theirs}.{where}.experts.{e}.{hf_part}.weight" for e in range(experts)]
+        rules.append(_stacked(f"{ours}.moe_layer.experts.{part}", hf_names))
+    if mlp.shared_kind == "shared":  # Qwen2-MoE (check_exportable refuses the others)
+        rules += _swiglu_rules(mlp.residual_mlp, f"{ours}.residual_mlp", f"{theirs}.mlp.shared_expert")
+        rules.append(_rename(f"{ours}.coefficient.weight", f"{theirs}.mlp.shared_expert_gate.weight"))
     return rules
 
 
@@ -171,7 +275,7 @@ def hf_config(model: Decoder, dtype: str = "bfloat16") -> dict:
         "model_type": HF_MODEL_TYPES[cls],
         "vocab_size": model.vocab_size,
         "hidden_size": model.hidden_size,
-        "intermediate_size": mlp.w1.weight.shape[0],
+        "intermediate_size": mlp.w1.weight.shape[0] if not isinstance(mlp, MoE) else None,
         "num_hidden_layers": model.num_layers,
         "num_attention_heads": shape.num_heads,
         "num_key_value_heads": shape.num_kv_heads,
@@ -185,7 +289,27 @@ def hf_config(model: Decoder, dtype: str = "bfloat16") -> dict:
         "torch_dtype": dtype,
     }
     has_bias = [layer.get_submodule(f"{n.attention}.{p}").bias is not None for p in _projections(attention)]
-    if cls == "LlamaForCausalLM":
+    if isinstance(mlp, MoE):  # check_exportable has checked the biases and the shared MLP
+        routing = mlp.moe_layer.routing
+        config.update(
+            intermediate_size=mlp.moe_layer.experts.w1.shape[1],
+            num_experts_per_tok=routing.top_k,
+            output_router_logits=False,
+        )
+        if cls == "MixtralForCausalLM":
+            config.update(num_local_experts=routing.num_experts, router_jitter_noise=0.0, sliding_window=None)
+        else:
+            config.update(
+                num_experts=routing.num_experts,
+                moe_intermediate_size=mlp.moe_layer.experts.w1.shape[1],
+                shared_expert_intermediate_size=mlp.residual_mlp.w1.weight.shape[0],
+                norm_topk_prob=routing.normalize,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+                qkv_bias=True,
+                use_sliding_window=False,
+            )
+    elif cls == "LlamaForCausalLM":
         if len(set(has_bias)) > 1:
             raise ValueError(
                 f"{model.family}: Llama has one attention_bias for q, k, v and o; this model has biases on some only"
@@ -268,7 +392,13 @@ def save_hf_folder(
 
 
 class HFReader:
-    """Reads tensors (or slices of them) from a HF folder's safetensors files, opening each file once."""
+    """Reads tensors (or slices of them) from a HF folder's safetensors files, opening each file once.
+
+    Experts saved in transformers 5's stacked layout (`<p>.mlp.experts.gate_up_proj` (E, 2I, H) = each
+    expert's [gate; up], `<p>.mlp.experts.down_proj` (E, H, I)) are also readable under the per-expert names
+    (`<p>.mlp.experts.{e}.gate_proj|up_proj|down_proj.weight`, and for Mixtral `<p>.block_sparse_moe.
+    experts.{e}.w1|w3|w2.weight` and `<p>.block_sparse_moe.gate.weight`): `aliases` maps such a name to
+    (stored name, expert, first row, rows), read as that slice."""
 
     def __init__(self, folder: str | os.PathLike):
         from safetensors import safe_open
@@ -291,6 +421,32 @@ class HFReader:
             handle = self._handle("model.safetensors")
             weight_map = dict.fromkeys(handle.keys(), "model.safetensors")
         self.weight_map = weight_map
+        self.aliases = {}
+        self.aliases = self._stacked_expert_aliases()
+        for alias, (stored, *_) in self.aliases.items():
+            self.weight_map.setdefault(alias, weight_map[stored])
+
+    def _stacked_expert_aliases(self) -> dict:
+        aliases = {}
+        for name in list(self.weight_map):
+            if name.endswith(".mlp.experts.gate_up_proj"):
+                prefix = name.removesuffix(".mlp.experts.gate_up_proj")
+                experts, rows, _ = self.shape(name)
+                for e in range(experts):
+                    for index, (qwen, mixtral) in enumerate((("gate_proj", "w1"), ("up_proj", "w3"))):
+                        where = (name, e, index * rows // 2, rows // 2)
+                        aliases[f"{prefix}.mlp.experts.{e}.{qwen}.weight"] = where
+                        aliases[f"{prefix}.block_sparse_moe.experts.{e}.{mixtral}.weight"] = where
+                if f"{prefix}.mlp.gate.weight" in self.weight_map:
+                    rows = self.shape(f"{prefix}.mlp.gate.weight")[0]
+                    aliases[f"{prefix}.block_sparse_moe.gate.weight"] = (f"{prefix}.mlp.gate.weight", None, 0, rows)
+            elif name.endswith(".mlp.experts.down_proj"):
+                prefix = name.removesuffix(".mlp.experts.down_proj")
+                experts, rows, _ = self.shape(name)
+                for e in range(experts):
+                    aliases[f"{prefix}.mlp.experts.{e}.down_proj.weight"] = (name, e, 0, rows)
+                    aliases[f"{prefix}.block_sparse_moe.experts.{e}.w2.weight"] = (name, e, 0, rows)
+        return {alias: where for alias, where in aliases.items() if alias not in self.weight_map}
 
     def _handle(self, file: str):
         if file not in self._files:
@@ -306,16 +462,27 @@ class HFReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(f"{self.folder}: no tensor {name!r} in the Hugging Face weights")
+        if name in self.aliases:
+            stored, expert, first, rows = self.aliases[name]
+            view = self._handle(self.weight_map[stored]).get_slice(stored)
+            return view[first : first + rows] if expert is None else view[expert, first : first + rows]
         return self._handle(self.weight_map[name]).get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, read from its file's header (no data)."""
         if name not in self.weight_map:
             raise KeyError(f"{self.folder}: no tensor {name!r} in the Hugging Face weights")
+        if name in self.aliases:
+            stored, expert, _, rows = self.aliases[name]
+            shape = self.shape(stored)
+            return (rows, *shape[1:]) if expert is None else (rows, *shape[2:])
         return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
 
     def get_rows_or_columns(self, name: str, dim: int, pieces) -> torch.Tensor:
         """The concatenation along dim (0 or 1) of the [start, start + length) slices: a shard's part."""
+        if name in self.aliases:  # a slice of a stacked tensor: small, read whole
+            whole = self.get(name)
+            return torch.cat([whole.narrow(dim, start, length) for start, length in pieces], dim=dim)
         view = self._handle(self.weight_map[name]).get_slice(name)
         parts = [
             view[start : start + length] if dim == 0 else view[:, start : start + length] for start, length in pieces
