@@ -371,9 +371,10 @@ def test_grouped_mm_int32_counts():
 
 
 def test_grouped_mm_default_implementation():
-    """The documented defaults: the per-expert loop on the CPU (see grouped_mm's docstring)."""
+    """The documented CPU defaults: torch._grouped_mm where its 16-byte row rule holds, else the loop."""
     x, w = torch.zeros(4, 8), torch.zeros(2, 8, 8)
-    assert grouped_mm_module.implementation(x, w) == "loop"
+    assert grouped_mm_module.implementation(x, w) == ("torch" if hasattr(torch, "_grouped_mm") else "loop")
+    assert grouped_mm_module.implementation(x[:, :3].contiguous(), w[:, :, :3].contiguous()) == "loop"
 
 
 @pytest.mark.cuda
@@ -400,6 +401,11 @@ def test_triton_permute_unpermute(triton_device, case, dtype):
     assert moe_permute_module._backend(x.device) == "triton"
     permuted, row_of, _ = check_permute(x, ids, experts, dtype)
     check_unpermute(floats(permuted.shape, dtype, triton_device, 5), row_of, weights, dtype)
+
+
+def test_triton_expert_ids_int32(triton_device):
+    x, ids, experts, _ = permute_case(CASES[3], torch.float32, triton_device)
+    check_permute(x, ids.to(torch.int32), experts, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", TRITON_GEMM_DTYPES, ids=["f32", "f16", "bf16"])

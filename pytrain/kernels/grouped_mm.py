@@ -9,13 +9,15 @@ accumulated in fp32. Gradients reach x (dx[rows of e] = dy[rows of e] @ weight[e
 
 Implementations (PYTRAIN_GROUPED_MM picks one; default "auto"):
   loop    one torch.mm per expert into slices of one output (reads tokens_per_expert on the host: on a GPU, a
-          synchronization). The CPU's default; plain torch, so it needs no compiled module.
-  torch   torch._grouped_mm (one fused kernel; int32 cumulative offsets on x's device, no host read). The default
-          on CUDA for bfloat16 on compute capability >= 9.0 with K and M multiples of 8 (its 16-byte stride rule).
-  triton  kernels/moe_grouped_mm.py (int32 cumulative offsets on the device, no host read): CUDA otherwise, and
-          the CPU under PYTRAIN_TRITON_CPU=1 (Triton's interpreter; tests only).
-bench/test_moe_kernels_bench.py times every implementation side by side (bench/gpu/run.sh on a GPU), which is
-where the CUDA default is to be revisited.
+          synchronization). Plain torch: it needs no compiled module.
+  torch   torch._grouped_mm (one call; int32 cumulative offsets on x's device, no host read). Needs rows of
+          16 bytes' multiples (K and M; x and weight 16-byte aligned).
+  triton  kernels/moe_grouped_mm.py (int32 cumulative offsets on the device, no host read): CUDA, and the CPU
+          under PYTRAIN_TRITON_CPU=1 (Triton's interpreter; tests only).
+"auto": on the CPU torch where its layout rule holds (measured 1.1-1.2x faster than loop for fp32 and bf16 on
+this project's CPU machine, bench/test_moe_kernels_bench.py), else loop; on CUDA torch for bfloat16 on compute
+capability >= 9.0 (its fused CUTLASS kernel) where the layout rule holds, else triton. The CUDA choice is a
+default not yet measured: bench/gpu/run.sh times torch, triton and loop side by side on the GPU machine.
 
 tokens_per_expert's values are checked on every call: on the host a ValueError; for a tensor on a GPU a
 device-side assertion (no synchronization; a bad value fails the next synchronizing call). Pass
@@ -53,9 +55,11 @@ def implementation(x: torch.Tensor, weight: torch.Tensor) -> str:
         )
     if choice != "auto":
         return choice
-    if x.device.type == "cuda" and _torch_grouped_mm_fits(x, weight):
-        return "torch"
-    return "triton" if _runs_triton(x.device) else "loop"
+    if x.device.type == "cuda":
+        return "torch" if _torch_grouped_mm_fits(x, weight) else "triton"
+    if _runs_triton(x.device):
+        return "triton"
+    return "torch" if hasattr(torch, "_grouped_mm") and _torch_layout_ok(x, weight) else "loop"
 
 
 def _torch_layout_ok(x, weight) -> bool:
