@@ -326,3 +326,45 @@ def test_moe_layouts_match_one_process(name, tmp_path, init_method, fresh_contex
                 got, want_params[full_name], **TOLERANCE, msg=lambda m: f"{name} {full_name}: {m}"
             )
         torch.testing.assert_close(moe_loss, want_moe_loss, rtol=1e-5, atol=1e-6)
+
+
+class ScaledOptimizer:
+    """What the Trainer needs of HybridZeroOptimizer here: a loss scale applied in backward."""
+
+    def __init__(self, loss_scale):
+        self.loss_scale = loss_scale
+
+    def backward(self, loss, last=True):
+        (loss * self.loss_scale).backward()
+
+
+def test_trainer_weights_the_aux_loss_by_coeff_loss_scale_and_micro_batches():
+    """aux_loss_weight = moe_loss_coeff x loss scale / micro-batches, so the unscaled gradient is the same
+    at any fp16 loss scale; moe_loss() is the layers' sum averaged over the micro-batches."""
+    from pytrain.model import LMLoss
+    from pytrain.parallel.model_part import ModelPart
+    from pytrain.parallel.schedule import NonPipelineScheduler
+    from pytrain.train.trainer import Trainer
+
+    ids = torch.randint(0, TINY["vocab_size"], (3, 2, 9), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:]}
+    grads, moe_losses = [], []
+    for scale in (1.0, 1024.0):
+        model = ModelPart([random_model("mixtral").train()])
+        trainer = Trainer(
+            model, ScaledOptimizer(scale), NonPipelineScheduler(3), LMLoss(), torch.device("cpu"), moe_loss_coeff=0.5
+        )
+        trainer.execute_schedule(dict(batch))
+        assert all(layer.aux_loss_weight == 0.5 * scale / 3 for layer in trainer.moe_layers)
+        grads.append({n: p.grad / scale for n, p in model.named_parameters()})
+        moe_losses.append(trainer.moe_loss())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+    # the metric: per layer the mean of its 3 micro-batches' aux losses, summed over the 2 layers
+    model = random_model("mixtral").train()
+    want = 0.0
+    for micro in range(3):
+        model(batch["input_ids"][micro])
+        want += sum(m.moe_layer.aux_loss for m in model.modules() if isinstance(m, MoE)) / 3
+    torch.testing.assert_close(moe_losses[0], want)
+    torch.testing.assert_close(moe_losses[1], want)
