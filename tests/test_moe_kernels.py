@@ -307,8 +307,9 @@ GEMM_CASES = [
     ([0, 0, 7], 8, 40),  # only the last expert has rows
     ([33, 1, 17, 2, 0, 9], 40, 24),  # several row tiles for one expert, tiny groups
     ([0, 0], 8, 8),  # N = 0
+    ([3, 2], 0, 8),  # K = 0: zeros out, no kernel
 ]
-GEMM_IDS = ["N1-odd", "empty-expert", "last-only", "six-experts", "N0"]
+GEMM_IDS = ["N1-odd", "empty-expert", "last-only", "six-experts", "N0", "K0"]
 
 
 def aligned(case):
@@ -561,6 +562,7 @@ P, ROWS, COUNTS = moe_permute(X, IDS, 3)
         ((X, IDS, 3.0), ValueError, "num_experts must be"),
         ((X, IDS, True), ValueError, "num_experts must be"),
         (("x", IDS, 3), TypeError, "x must be a torch.Tensor"),
+        ((X, IDS.to("meta"), 3), ValueError, "tensors must be on one device"),
     ],
 )
 def test_permute_bad_arguments(args, error, match):
@@ -582,6 +584,8 @@ def test_permute_bad_arguments(args, error, match):
         ((P, torch.where(ROWS == 0, 1, ROWS), W), ValueError, "exactly once"),
         ((P, torch.where(ROWS == 0, -1, ROWS), W), ValueError, "exactly once"),  # row 0 unnamed
         ((P, ROWS, "w"), TypeError, "weights must be a torch.Tensor"),
+        ((P, ROWS, W.to("meta")), ValueError, "tensors must be on one device"),
+        ((P, ROWS.to("meta"), W), ValueError, "tensors must be on one device"),
     ],
 )
 def test_unpermute_bad_arguments(args, error, match):
@@ -608,6 +612,8 @@ GW = torch.randn(3, 5, 4)
         ((GX, GW, COUNTS + 1), ValueError, "sum to x's 9 rows"),
         ((GX, GW, torch.tensor([10, -1, 0])), ValueError, "non-negative"),
         ((GX, GW, [3, 3, 2]), TypeError, "tokens_per_expert must be a torch.Tensor"),
+        ((GX, GW.to("meta"), COUNTS), ValueError, "tensors must be on one device"),
+        ((GX, GW, COUNTS.to("meta")), ValueError, "on x's device"),
     ],
 )
 def test_grouped_mm_bad_arguments(args, error, match):

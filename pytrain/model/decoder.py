@@ -338,8 +338,12 @@ class Decoder(nn.Module):
         return plan
 
     def residual_outputs(self) -> tuple[str, ...]:
-        """Names of the weights writing into the residual stream (initialised smaller, GPT-2)."""
-        return tuple(k for k, v in self.tensor_parallel_plan().items() if isinstance(v, Rowwise))
+        """Names of the weights writing into the residual stream (initialised smaller, GPT-2), as module names
+        (their `.weight`); an MoE MLP names its dense residual MLP's down projection (moe.py)."""
+        n = self.names
+        mlp = next(iter(self.decoder_layers.values())).get_submodule(n.mlp)
+        extra = tuple(f"{n.layers}.*.{n.mlp}.{name}" for name in getattr(mlp, "residual_outputs", tuple)())
+        return tuple(k for k, v in self.tensor_parallel_plan().items() if isinstance(v, Rowwise)) + extra
 
     def forward(
         self,

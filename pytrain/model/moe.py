@@ -344,8 +344,13 @@ class MoE(nn.Module):
         return out
 
     def plan(self) -> dict:
-        """Nothing is split over tensor ranks: MoE layers run with tensor size 1 (initialize_model checks)."""
+        """Nothing is split over tensor ranks here: the MoE internals are left to pytrain.parallel."""
         return {}
+
+    def residual_outputs(self) -> tuple[str, ...]:
+        """Modules whose `.weight` writes into the residual stream (Decoder.residual_outputs). The experts'
+        w2 is a bare 3-D parameter, not a module's `.weight`: it is initialised unscaled."""
+        return ("residual_mlp.w2",) if self.shared_kind else ()
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
