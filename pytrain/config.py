@@ -839,8 +839,8 @@ def check_world_size(cfg: Config, world_size: int, source: str = "config") -> in
 
 def expert_parallel_size(cfg: Config, data_parallel: int, source: str = "config") -> int:
     """parallel.expert.size resolved for this data-parallel size (InternEvo's rule: <= 0 is the data-parallel
-    size, or num_experts if fewer), checked to divide the data-parallel size and num_experts; a dense model's
-    is 1."""
+    size, or num_experts if fewer), checked to divide the data-parallel size and num_experts, and the
+    experts to split over expert x tensor ranks; a dense model's is 1."""
     experts = cfg.model.get("num_experts", 1)
     if experts <= 1:
         return 1
@@ -852,10 +852,12 @@ def expert_parallel_size(cfg: Config, data_parallel: int, source: str = "config"
             f"{source}: parallel.expert.size={size} must divide the data-parallel size {data_parallel} and "
             f"model.num_experts={experts}"
         )
-    if size > 1:
+    tensor = cfg.parallel.tensor.size
+    if experts % (size * tensor):
+        # the experts are split by index over the expert x tensor ranks (pytrain.parallel.expert)
         raise ConfigError(
-            f"{source}: parallel.expert.size={size} (from {cfg.parallel.expert.size} at data-parallel size "
-            f"{data_parallel}): expert parallelism: not available yet; set parallel.expert=dict(size=1)"
+            f"{source}: model.num_experts={experts} cannot be split over expert size {size} x tensor size "
+            f"{tensor}: make num_experts a multiple of {size * tensor}, or lower parallel.expert.size"
         )
     return size
 

@@ -49,8 +49,8 @@ def train(model, optimizer, rank=0, world=1):
         for micro, (x, y) in enumerate(zip(inputs.chunk(2), targets.chunk(2))):  # gradient accumulation
             loss = (model(x.to(model[0].weight.dtype)).float() - y).pow(2).mean() / 2
             optimizer.backward(loss, last=micro == 1)
-        if getattr(optimizer, "overlap", None) is not None:
-            assert optimizer.overlap.handles, "some buckets' all-reduce started during the backward"
+        for reducer in getattr(optimizer, "grad_reducers", []):
+            assert reducer.handles, "some buckets' all-reduce started during the backward"
         success, norm = optimizer.step()
         assert success
         losses.append(norm)
@@ -79,7 +79,7 @@ def worker(rank, init_method, dtype, results):
             zero_group = groups[rank // zero_size] if zero_size > 1 else None
             model = make_model(dtype)
             optimizer = optimizer_for(model, zero_group=zero_group, overlap=overlap)
-            assert (optimizer.overlap is not None) == overlap and (not overlap or len(optimizer.overlap.buckets) > 2)
+            assert bool(optimizer.grad_reducers) == overlap and all(len(r.buckets) > 2 for r in optimizer.grad_reducers)
             norms = train(model, optimizer, rank, WORLD)
             results[(zero_size, overlap, rank)] = (
                 [p.detach().float() for p in model.parameters()],

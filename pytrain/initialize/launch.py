@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pytrain.config import Config, check_world_size
+from pytrain.config import Config, check_world_size, expert_parallel_size
 from pytrain.parallel import Layout, gpc
 
 
@@ -138,7 +138,9 @@ def launch(
 
     gpc.config = cfg
     gpc.rank, gpc.local_rank, gpc.device = rank, local_rank, device
-    gpc.layout = Layout(world_size, cfg.parallel.tensor.size, cfg.parallel.pipeline.size)
+    tensor, pipeline = cfg.parallel.tensor.size, cfg.parallel.pipeline.size
+    expert = expert_parallel_size(cfg, world_size // (tensor * pipeline), source)
+    gpc.layout = Layout(world_size, tensor, pipeline, expert)
     _create_groups(cfg, gpc.layout, rank)
     gpc.run_folder = _make_run_folder(cfg)
     gpc.seed = seed
@@ -159,7 +161,7 @@ def _attempt_store(init_method: str, rank: int, world_size: int):
 
 
 def _create_groups(cfg: Config, layout: Layout, rank: int) -> None:
-    """The tensor, data, pipeline, model, ZeRO-1 and embedding groups of this layout, into gpc.
+    """The tensor, data, pipeline, model, ZeRO-1, embedding and expert groups of this layout, into gpc.
     Every rank creates every group, in the same order, as torch.distributed requires; each keeps its own."""
     world_size = layout.world_size
     zero1 = layout.data if cfg.parallel.zero1.size <= 0 else cfg.parallel.zero1.size
@@ -182,6 +184,15 @@ def _create_groups(cfg: Config, layout: Layout, rank: int) -> None:
     gpc.zero1_group = mine(layout.zero1_groups(zero1)) if zero1 > 1 else None
     ends = [[g[0], g[-1]] for g in layout.pipeline_groups()] if layout.pipeline > 1 else []
     gpc.embedding_group = mine(ends) if ends else None
+    if layout.expert > 1:
+        gpc.expert_parallel_group = mine(layout.expert_groups())
+        gpc.expert_data_parallel_group = mine(layout.expert_data_groups())
+        # ZeRO-1 shards the expert weights' state over the ranks holding the same experts (InternEvo's rule)
+        sharded = zero1 > 1 and layout.data > layout.expert
+        gpc.expert_zero1_group = gpc.expert_data_parallel_group if sharded else None
+    else:
+        gpc.expert_parallel_group, gpc.expert_data_parallel_group = None, gpc.data_parallel_group
+        gpc.expert_zero1_group = gpc.zero1_group
 
 
 def set_seed(seed: int) -> None:

@@ -286,6 +286,9 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(routing.num_experts, hidden_size, width)
         self.dispatcher = LocalDispatcher(routing.num_experts)
         self.aux_loss_weight = 0.0  # set by the trainer before each step (module docstring)
+        # this copy's share of the aux loss: 1/tensor size where every tensor rank routes the same tokens
+        # and the router's gradient is summed over them (pytrain.parallel.expert)
+        self.aux_loss_share = 1.0
         self.aux_loss = None  # the last forward's aux loss (detached)
         self.tokens_per_expert = None  # the last forward's assignments per expert, before drops
         self.reset_aux_losses()
@@ -311,7 +314,7 @@ class MoELayer(nn.Module):
             self.aux_loss_sum = self.aux_loss if self.aux_loss_sum is None else self.aux_loss_sum + self.aux_loss
             self.aux_loss_count += 1
         if torch.is_grad_enabled() and aux.requires_grad:
-            out = AuxLossScaler.apply(out, aux, float(self.aux_loss_weight))
+            out = AuxLossScaler.apply(out, aux, float(self.aux_loss_weight) * self.aux_loss_share)
         return out
 
 

@@ -3,6 +3,10 @@
 Ranks are laid out tensor-fastest, then data, then pipeline (Megatron's order): global rank =
 pipeline_rank * (data * tensor) + data_rank * tensor + tensor_rank, so the ranks of one tensor group are
 neighbours (one node, fastest links) and each pipeline stage is a contiguous block of ranks.
+
+Expert parallelism (InternEvo's rule) cuts each data group into runs of `expert` consecutive data ranks:
+an expert group shares one copy of the experts, each rank holding its part; the ranks at the same place
+in each run of a data group (the expert-data group) hold the same experts and average their gradients.
 """
 
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ class Layout:
     world_size: int
     tensor: int
     pipeline: int
+    expert: int = 1
 
     @property
     def data(self) -> int:
@@ -50,6 +55,18 @@ class Layout:
             [self.rank(p, d, t) for p in range(self.pipeline) for t in range(self.tensor)] for d in range(self.data)
         ]
 
+    def expert_groups(self) -> list[list[int]]:
+        """Each data group cut into runs of `expert` consecutive data-parallel ranks."""
+        return [
+            group[first : first + self.expert]
+            for group in self.data_groups()
+            for first in range(0, self.data, self.expert)
+        ]
+
+    def expert_data_groups(self) -> list[list[int]]:
+        """The ranks at the same place of every expert group within a data group."""
+        return [group[place :: self.expert] for group in self.data_groups() for place in range(self.expert)]
+
     def zero1_groups(self, size: int) -> list[list[int]]:
         """Each data group cut into runs of `size` consecutive data-parallel ranks."""
         return [group[first : first + size] for group in self.data_groups() for first in range(0, len(group), size)]
@@ -67,6 +84,9 @@ class ParallelContext:
     pipeline_parallel_group: object = None
     model_parallel_group: object = None  # the tensor x pipeline ranks holding one copy of the model
     embedding_group: object = None  # first and last pipeline stage, for tied embeddings; None: not on one
+    expert_parallel_group: object = None  # the data ranks sharing one copy of the experts; None: expert size 1
+    expert_data_parallel_group: object = None  # the ranks holding the same experts (the data group when size 1)
+    expert_zero1_group: object = None  # the ranks sharing one copy of the expert weights' optimizer state
     device: torch.device = torch.device("cpu")  # noqa: RUF009 (immutable)
     run_folder: object = None  # pathlib.Path of this run's outputs
     seed: int = 1024

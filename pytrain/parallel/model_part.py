@@ -20,6 +20,7 @@ from torch import nn
 
 from pytrain.kernels import RMSNorm
 
+from .expert import apply_expert_parallel
 from .shard_spec import ShardSpec
 from .tensor import apply_tensor_parallel, plan_pattern
 
@@ -30,6 +31,7 @@ class ParamInfo:
     spec: ShardSpec  # where this rank's tensor sits in the full parameter
     sum_over: str | None = None  # "tensor": partial (sequence parallel); "embedding": a tied copy on each end
     duplicate: bool = False  # a copy whose twin elsewhere is the one counted (the last stage's tied embedding)
+    replicas: str = "data"  # the group holding copies of this shard: "data", or "expert_data" (expert weights)
 
     def counted_here(self, tensor_rank: int) -> bool:
         """Whether this rank counts the parameter in a model-wide sum over the tensor x pipeline ranks
@@ -118,23 +120,27 @@ def parallelize(
     device: torch.device,
     fp32_norms: bool = False,
     seed: int = 1024,
+    expert_group=None,
 ) -> ModelPart:
     """This rank's ModelPart of a whole plain model built on the meta device (see the module docstring).
-    Chunk c of pipeline rank r is stage c * pipeline_size + r of pipeline_size * num_chunks."""
+    Chunk c of pipeline rank r is stage c * pipeline_size + r of pipeline_size * num_chunks. expert_group:
+    the ranks sharing one copy of the experts of MoE blocks (pytrain.parallel.expert); None: size 1."""
     parts = partition_layers(model.num_layers, pipeline_size * num_chunks)
-    stages, facts = [], {}
+    stages, facts, experts = [], {}, set()
     for chunk in range(num_chunks):
         stage = cut_stage(model, parts[chunk * pipeline_size + pipeline_rank])
         tp_facts = apply_tensor_parallel(stage, tensor_group, sequence_parallel) if tensor_group is not None else {}
-        facts.update({f"stages.{chunk}.{name}": fact for name, fact in tp_facts.items()})
+        ep_facts, expert_names = apply_expert_parallel(stage, tensor_group, expert_group, sequence_parallel)
+        facts.update({f"stages.{chunk}.{name}": fact for name, fact in (tp_facts | ep_facts).items()})
+        experts.update(f"stages.{chunk}.{name}" for name in expert_names)
         _materialize(stage, device, model.dtype, fp32_norms)
         stages.append(stage)
-    part = ModelPart(stages, _describe(stages, facts, model))
+    part = ModelPart(stages, _describe(stages, facts, experts, model))
     _initialize(part, model, seed)
     return part
 
 
-def _describe(stages, facts: dict, model) -> dict[str, ParamInfo]:
+def _describe(stages, facts: dict, experts: set, model) -> dict[str, ParamInfo]:
     part = nn.ModuleList(stages)
     embedding_name = f"{model.names.embedding}.weight"
     head_name = f"{model.names.head}.weight"
@@ -147,8 +153,12 @@ def _describe(stages, facts: dict, model) -> dict[str, ParamInfo]:
         if model.tie_word_embeddings and not (stage.first and stage.last) and full in (embedding_name, head_name):
             infos[key] = ParamInfo(embedding_name, spec, "embedding", duplicate=full == head_name)
         else:
-            infos[key] = ParamInfo(full, spec, "tensor" if partial else None)
+            infos[key] = ParamInfo(full, spec, "tensor" if partial else None, replicas=_replicas(key, experts))
     return infos
+
+
+def _replicas(key: str, experts: set) -> str:
+    return "expert_data" if key in experts else "data"
 
 
 def _materialize(stage: nn.Module, device: torch.device, dtype: torch.dtype, fp32_norms: bool) -> None:

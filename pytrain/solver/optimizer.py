@@ -17,6 +17,12 @@ the second copy of a tied embedding not at all) over the model-parallel group. G
 part of are summed first: a tied embedding's over the first and last pipeline stage, sequence-parallel
 norms' over the tensor group. With overlap_sync_param the owners' broadcasts run in the background and
 each layer waits for its own parameters just before its next forward.
+
+Mixture-of-experts weights under expert parallelism (ParamInfo.replicas "expert_data") form a second
+domain: their gradients are summed over the expert-data group (the ranks holding the same experts; each
+expert already saw the tokens of its whole expert group), their ZeRO-1 owners are chosen within that
+group, and their share of the gradient norm is summed over the expert group, whose ranks hold different
+experts. The divisor stays the data-parallel size: every rank's loss is weighted for the whole data group.
 """
 
 import math
@@ -76,6 +82,9 @@ class HybridZeroOptimizer:
         tensor_group=None,
         model_parallel_group=None,
         embedding_group=None,
+        expert_group=None,
+        expert_data_group=None,
+        expert_zero_group=None,
     ):
         """group: the data-parallel group gradients are averaged over; zero_group: the ranks (a subgroup of
         it) that share one copy of the optimizer state. None: the default group / no sharding.
@@ -83,27 +92,28 @@ class HybridZeroOptimizer:
         grad_buckets.py) instead of after it; only with more than one data-parallel rank.
         overlap_sync_param: the updated parameters' broadcast overlaps the next forward.
         tensor_group, model_parallel_group, embedding_group: this rank's tensor-parallel group, its
-        tensor x pipeline group (one copy of the model), the first + last pipeline stage; None: alone."""
+        tensor x pipeline group (one copy of the model), the first + last pipeline stage; None: alone.
+        expert_group, expert_data_group, expert_zero_group: the expert weights' groups (module docstring);
+        only read when the model has expert weights replicated over expert-data groups."""
         self.clip_grad_norm = clip_grad_norm
         self.grad_scaler = grad_scaler
         self.group, self.zero_group = group, zero_group
         self.model_parallel_group = model_parallel_group
         self.reduce_bucket_size = reduce_bucket_size
         groups = param_groups(model, weight_decay)
-        self.model_params = [p for g in groups for p in g["params"]]
-        zero_size = _world(zero_group) if zero_group is not None else 1
-        zero_rank = dist.get_rank(zero_group) if zero_group is not None else 0
-        self.owners = assign_owners([p.numel() for p in self.model_params], zero_size)
-        owned = {id(p) for p, owner in zip(self.model_params, self.owners) if owner == zero_rank}
-        # What each owner broadcasts after the update: (source global rank, its parameters of one dtype);
-        # fp32 norms may sit in a bf16 model, and one flat buffer holds one dtype.
-        self.broadcasts = []
-        for rank in range(zero_size if zero_size > 1 else 0):
-            for dtype in sorted({p.dtype for p in self.model_params}, key=str):
-                params = [p for p, owner in zip(self.model_params, self.owners) if owner == rank and p.dtype == dtype]
-                if params:
-                    self.broadcasts.append((dist.get_global_rank(zero_group, rank), params))
-
+        part = model if isinstance(model, ModelPart) else ModelPart([model])
+        info_of = {id(p): info for p, info in part.infos()}
+        self.infos = info_of  # id(model parameter) -> its ParamInfo (full name, shard spec): for checkpoints
+        params = [p for g in groups for p in g["params"]]
+        is_expert = [info_of[id(p)].replicas == "expert_data" for p in params]
+        # the expert weights last: each domain's gradients are one contiguous slice of the flat buffer
+        domains = [
+            ([p for p, e in zip(params, is_expert) if not e], group, zero_group),
+            ([p for p, e in zip(params, is_expert) if e], expert_data_group, expert_zero_group),
+        ]
+        domains = [d for d in domains if d[0]]
+        self.model_params = [p for members, _, _ in domains for p in members]
+        self.expert_group = expert_group if any(is_expert) and _world(expert_group) > 1 else None
         numel = sum(p.numel() for p in self.model_params)
         self.flat_grad = torch.zeros(numel, dtype=torch.float32, device=self.model_params[0].device)
         grad_views, offset = [], 0
@@ -111,17 +121,37 @@ class HybridZeroOptimizer:
             grad_views.append(self.flat_grad[offset : offset + param.numel()].view_as(param))
             offset += param.numel()
         self.grad_views = grad_views
-        self.overlap = (
-            OverlappedGradReducer(self.model_params, grad_views, self.flat_grad, reduce_bucket_size, group)
-            if overlap_sync_grad and _world(group) > 1
-            else None
-        )
+
+        # Per domain: its flat slice and reduce group; ZeRO-1 owners within its zero group, and what each
+        # owner broadcasts after the update: (source global rank, its parameters of one dtype, the group);
+        # fp32 norms may sit in a bf16 model, and one flat buffer holds one dtype.
+        owned, self.broadcasts, self.reduce_slices, self.grad_reducers = set(), [], [], []
+        start = first = 0
+        for members, reduce_group, zero in domains:
+            size = sum(p.numel() for p in members)
+            flat, views = self.flat_grad[start : start + size], grad_views[first : first + len(members)]
+            reducer = None
+            if overlap_sync_grad and _world(reduce_group) > 1:
+                reducer = OverlappedGradReducer(members, views, flat, reduce_bucket_size, reduce_group)
+                self.grad_reducers.append(reducer)
+            self.reduce_slices.append((members, views, flat, reduce_group, reducer))
+            start, first = start + size, first + len(members)
+            zero_size = _world(zero) if zero is not None else 1
+            zero_rank = dist.get_rank(zero) if zero is not None else 0
+            owners = assign_owners([p.numel() for p in members], zero_size)
+            owned.update(id(p) for p, owner in zip(members, owners) if owner == zero_rank)
+            for rank in range(zero_size if zero_size > 1 else 0):
+                for dtype in sorted({p.dtype for p in members}, key=str):
+                    mine = [p for p, owner in zip(members, owners) if owner == rank and p.dtype == dtype]
+                    if mine:
+                        self.broadcasts.append((dist.get_global_rank(zero, rank), mine, zero))
         tensor_rank = dist.get_rank(tensor_group) if tensor_group is not None else 0
-        part = model if isinstance(model, ModelPart) else ModelPart([model])
-        info_of = {id(p): info for p, info in part.infos()}
-        self.infos = info_of  # id(model parameter) -> its ParamInfo (full name, shard spec): for checkpoints
         pairs = [(info_of[id(p)], v) for p, v in zip(self.model_params, grad_views)]
-        self.norm_views = [v for info, v in pairs if info.counted_here(tensor_rank)]  # each weight once, model-wide
+        # each weight once, model-wide; the expert weights' apart when their ranks differ over the expert group
+        counted = [(info, v) for info, v in pairs if info.counted_here(tensor_rank)]
+        split = self.expert_group is not None
+        self.norm_views = [v for info, v in counted if not split or info.replicas != "expert_data"]
+        self.expert_norm_views = [v for info, v in counted if split and info.replicas == "expert_data"]
         # Gradients this rank holds part of, summed over the ranks holding the rest: (group, views)
         self.partial_sums = []
         for kind, group in (("embedding", embedding_group), ("tensor", tensor_group)):
@@ -215,15 +245,19 @@ class HybridZeroOptimizer:
     def backward(self, loss: torch.Tensor, last: bool = True, params=None) -> None:
         """last: this is the step's final micro-batch for `params` (default: the whole model): its backward
         completes their gradients."""
-        if self.overlap is not None and last:
-            self.overlap.arm(params)
+        if last:
+            self._arm(params)
         (loss * self.loss_scale).backward()
 
     def backward_by_grad(self, tensor: torch.Tensor, grad: torch.Tensor, last: bool = True, params=None) -> None:
         """Backward from a pipeline stage's output and the gradient the next stage sent (already scaled)."""
-        if self.overlap is not None and last:
-            self.overlap.arm(params)
+        if last:
+            self._arm(params)
         torch.autograd.backward(tensor, grad)
+
+    def _arm(self, params) -> None:
+        for reducer in self.grad_reducers:
+            reducer.arm(None if params is None else [p for p in params if id(p) in reducer.index_of])
 
     @torch.no_grad()
     def step(self) -> tuple[bool, float]:
@@ -251,17 +285,18 @@ class HybridZeroOptimizer:
         return True, norm
 
     def _gather_and_reduce_grads(self) -> None:
-        if self.overlap is not None:
-            self.overlap.finish()
-        else:
-            for param, view in zip(self.model_params, self.grad_views):
+        for members, views, flat, group, reducer in self.reduce_slices:
+            if reducer is not None:
+                reducer.finish()
+                continue
+            for param, view in zip(members, views):
                 if param.grad is None:  # unused in this step's forward
                     view.zero_()
                 else:
                     view.copy_(param.grad)
-            if _world(self.group) > 1:
-                for start in range(0, self.flat_grad.numel(), self.reduce_bucket_size):
-                    dist.all_reduce(self.flat_grad[start : start + self.reduce_bucket_size], group=self.group)
+            if _world(group) > 1:
+                for start in range(0, flat.numel(), self.reduce_bucket_size):
+                    dist.all_reduce(flat[start : start + self.reduce_bucket_size], group=group)
         for group, views in self.partial_sums:
             flat = _flatten_dense_tensors(views)
             dist.all_reduce(flat, group=group)
@@ -275,19 +310,21 @@ class HybridZeroOptimizer:
         """The L2 norm of the whole model's gradient, every shard counted once; the same on every rank."""
         if len(self.norm_views) == len(self.model_params):
             squares = torch.linalg.vector_norm(self.flat_grad).square()
-        elif self.norm_views:
-            squares = torch.stack(torch._foreach_norm(self.norm_views)).square().sum()
         else:
-            squares = self.flat_grad.new_zeros(())
+            squares = _squares(self.norm_views, self.flat_grad)
+        if self.expert_norm_views:
+            experts = _squares(self.expert_norm_views, self.flat_grad)
+            dist.all_reduce(experts, group=self.expert_group)
+            squares = squares + experts
         if self.model_parallel_group is not None and _world(self.model_parallel_group) > 1:
             dist.all_reduce(squares, group=self.model_parallel_group)
         return squares.sqrt().item()
 
     def _broadcast_updated_params(self) -> None:
         """Each owner sends its updated parameters to the rest of its zero1 group, one flat buffer per dtype."""
-        for source, params in self.broadcasts:
+        for source, params, group in self.broadcasts:
             flat = _flatten_dense_tensors([p.detach() for p in params])
-            work = dist.broadcast(flat, src=source, group=self.zero_group, async_op=self.overlap_sync_param)
+            work = dist.broadcast(flat, src=source, group=group, async_op=self.overlap_sync_param)
             if self.overlap_sync_param:
                 pending = (work, flat, params)
                 self.pending_params.update((id(p), pending) for p in params)
@@ -312,6 +349,10 @@ class HybridZeroOptimizer:
         _unpack(flat, params)
         for param in params:
             del self.pending_params[id(param)]
+
+
+def _squares(views: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.stack(torch._foreach_norm(views)).square().sum() if views else like.new_zeros(())
 
 
 def _unpack(flat: torch.Tensor, params: list[torch.Tensor]) -> None:

@@ -9,7 +9,6 @@ from torch import nn
 
 from pytrain.config import Config, ConfigError
 from pytrain.data import BUILTIN_CORPUS, build_train_loader, build_valid_loaders
-from pytrain.model.moe import moe_layers
 from pytrain.parallel import gpc
 from pytrain.parallel.model_part import ModelPart, parallelize
 from pytrain.registry import MODEL_INITIALIZER
@@ -36,12 +35,6 @@ def initialize_model(config: Config | None = None) -> nn.Module:
         torch.backends.cudnn.allow_tf32 = True
     with torch.device("meta"):
         whole = builder(**cfg.model)
-    if gpc.tensor_parallel_size > 1 and moe_layers(whole):
-        raise ConfigError(
-            f"model_type {cfg.model_type!r} with num_experts={cfg.model.num_experts}: tensor parallelism inside "
-            f"mixture-of-experts layers is not available yet; use parallel.tensor.size=1 (data and pipeline "
-            f"parallelism work)"
-        )
     if hasattr(whole, "tensor_parallel_plan"):
         tensor = gpc.tensor_parallel_size > 1
         return parallelize(
@@ -54,6 +47,7 @@ def initialize_model(config: Config | None = None) -> nn.Module:
             device=gpc.device,
             fp32_norms=cfg.use_fp32_norm,
             seed=gpc.seed,
+            expert_group=gpc.expert_parallel_group,
         )
     if gpc.tensor_parallel_size > 1 or gpc.pipeline_parallel_size > 1:
         raise ConfigError(
@@ -101,6 +95,9 @@ def initialize_optimizer(model: nn.Module, config: Config | None = None):
         tensor_group=gpc.tensor_parallel_group,
         model_parallel_group=gpc.model_parallel_group,
         embedding_group=gpc.embedding_group,
+        expert_group=gpc.expert_parallel_group,
+        expert_data_group=gpc.expert_data_parallel_group,
+        expert_zero_group=gpc.expert_zero1_group,
     )
     beta2_scheduler = Beta2Scheduler(optimizer, **cfg.beta2_scheduler)
     lr_scheduler = WarmupCosineLR(optimizer, **cfg.lr_scheduler)
