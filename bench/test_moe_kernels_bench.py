@@ -3,16 +3,17 @@
 A SwiGLU expert layer, y = sum_j w[t, j] * W2_e (silu(W1_e x) * W3_e x) over each token's k experts, forward and
 backward (gradients of x, the routing weights and the three stacked expert weights), rows side by side:
   pytrain         moe_permute -> grouped_mm x3 (default implementation) -> moe_unpermute
-  pytrain_<gemm>  the same with PYTRAIN_GROUPED_MM=<gemm>: loop (torch.mm per expert), torch (torch._grouped_mm),
-                  triton (CUDA): grouped_mm's default is chosen from these rows
-  loop            eager PyTorch per expert: torch.where(ids == e) -> index_select -> three matmuls -> index_add_
+  pytrain_<gemm>  the same with PYTRAIN_GROUPED_MM=<gemm>: loop (torch.mm per expert), triton (CUDA); grouped_mm's
+                  default is chosen from these rows and the grouped_mm group
+  moe_loop        eager PyTorch per expert: torch.where(ids == e) -> index_select -> three matmuls -> index_add_
   compile         torch.compile of that loop (graph breaks at the data-dependent torch.where, as a user gets it)
 FLOPs: 3 GEMMs of 2 * N * H * F, times 3 for forward + backward (N routed rows); the peak is a square matmul
 in the same dtype measured in the same run (bench/conftest.py). A second group times grouped_mm alone
 (forward + backward) per implementation; a third the permutation alone, permute + unpermute forward + backward
 (pytrain vs the plain-PyTorch reference, which builds (T, k, H), vs torch.compile of it), as achieved bandwidth
 against copy bandwidth. On the CPU that group is dominated by first-touch page faults of its fresh outputs
-(glibc maps allocations over 32 MB anew; see test_rms_norm_bench.py): THP_MEM_ALLOC_ENABLE=1 shrinks them. CPU shapes stay small (2 shared cores); CUDA rows need a GPU.
+(glibc maps allocations over 32 MB anew; see test_rms_norm_bench.py): THP_MEM_ALLOC_ENABLE=1 shrinks them.
+CPU shapes stay small (2 shared cores); CUDA rows need a GPU (bench/gpu/run.sh runs them).
 """
 
 import os
@@ -34,11 +35,21 @@ CASES = [
         "cuda", torch.bfloat16, 8192, 2048, 1408, 16, 4, id="cuda-bf16-T8192-H2048-F1408-E16-k4", marks=NEEDS_CUDA
     ),
 ]
+# Rows per device ("pytrain" is grouped_mm's default: torch._grouped_mm on the CPU and on sm90+ for bf16).
 LAYER_IMPLS = {
-    "cpu": ["pytrain", "pytrain_torch", "loop", "compile"],
-    "cuda": ["pytrain", "pytrain_torch", "pytrain_triton", "moe_loop"],
+    "cpu": ["pytrain", "pytrain_loop", "moe_loop", "compile"],
+    "cuda": ["pytrain", "pytrain_triton", "moe_loop"],
 }
 GEMM_IMPLS = {"cpu": ["loop", "torch"], "cuda": ["torch", "triton", "loop"]}
+
+
+def with_impls(cases, impls, name=lambda impl: impl):
+    """Each case's parameters plus one of its device's implementations (so no combination is a skip)."""
+    return [
+        pytest.param(*case.values, impl, id=f"{case.id}-{name(impl)}", marks=case.marks)
+        for case in cases
+        for impl in impls[case.values[0]]
+    ]
 
 
 @contextmanager
@@ -85,7 +96,7 @@ def loop_layer(x, ids, weights, w1, w3, w2, experts):
 
 def train_step(impl, x, ids, weights, w1, w3, w2, dy, experts):
     leaves = [t.detach().requires_grad_() for t in (x, weights, w1, w3, w2)]
-    if impl in ("loop", "moe_loop"):
+    if impl == "moe_loop":
         layer = loop_layer
     elif impl == "compile":
         torch._dynamo.reset()
@@ -106,11 +117,10 @@ def train_step(impl, x, ids, weights, w1, w3, w2, dy, experts):
     return step
 
 
-@pytest.mark.parametrize("gemm", sorted({i for v in GEMM_IMPLS.values() for i in v}), ids=lambda g: f"pytrain_{g}")
-@pytest.mark.parametrize("device,dtype,tokens,hidden,ffn,experts,top_k", CASES)
+@pytest.mark.parametrize(
+    "device,dtype,tokens,hidden,ffn,experts,top_k,gemm", with_impls(CASES, GEMM_IMPLS, lambda g: f"pytrain_{g}")
+)
 def test_grouped_mm_forward_backward(benchmark, compute, device, dtype, tokens, hidden, ffn, experts, top_k, gemm):
-    if gemm not in GEMM_IMPLS[device]:
-        pytest.skip(f"{gemm} is not a {device} row")
     x, ids, _, w1, _, _, _ = make(device, dtype, tokens, hidden, ffn, experts, top_k)
     permuted, _, counts = moe_permute(x, ids, experts)
     a, w = permuted.detach().requires_grad_(), w1.detach().requires_grad_()
@@ -132,11 +142,8 @@ def test_grouped_mm_forward_backward(benchmark, compute, device, dtype, tokens, 
     )
 
 
-@pytest.mark.parametrize("impl", sorted({i for v in LAYER_IMPLS.values() for i in v}))
-@pytest.mark.parametrize("device,dtype,tokens,hidden,ffn,experts,top_k", CASES)
+@pytest.mark.parametrize("device,dtype,tokens,hidden,ffn,experts,top_k,impl", with_impls(CASES, LAYER_IMPLS))
 def test_moe_layer_forward_backward(benchmark, compute, device, dtype, tokens, hidden, ffn, experts, top_k, impl):
-    if impl not in LAYER_IMPLS[device]:
-        pytest.skip(f"{impl} is not a {device} row")
     x, ids, weights, w1, w3, w2, dy = make(device, dtype, tokens, hidden, ffn, experts, top_k)
     rows = ids.numel()
     compute(
@@ -169,13 +176,11 @@ PERMUTE_CASES = [
     pytest.param("cuda", torch.bfloat16, 16384, 4096, 64, 8, id="cuda-bf16-T16384-H4096-E64-k8", marks=NEEDS_CUDA),
 ]
 PERMUTE_IMPLS = {"pytrain": (moe_permute, moe_unpermute), "eager": (reference.moe_permute, reference.moe_unpermute)}
+PERMUTE_ROWS = {"cpu": ["pytrain", "eager", "compile"], "cuda": ["pytrain"]}  # CUDA: run.sh's time budget
 
 
-@pytest.mark.parametrize("impl", ["pytrain", "eager", "compile"])
-@pytest.mark.parametrize("device,dtype,tokens,hidden,experts,top_k", PERMUTE_CASES)
+@pytest.mark.parametrize("device,dtype,tokens,hidden,experts,top_k,impl", with_impls(PERMUTE_CASES, PERMUTE_ROWS))
 def test_permute_unpermute_forward_backward(benchmark, bandwidth, device, dtype, tokens, hidden, experts, top_k, impl):
-    if device == "cuda" and impl != "pytrain":
-        pytest.skip("CUDA: the pytrain row only (bench/gpu/run.sh's budget)")
     x, ids, weights, *_ = make(device, dtype, tokens, hidden, 16, experts, top_k)
     permute, unpermute = PERMUTE_IMPLS["eager" if impl == "compile" else impl]
     if impl == "compile":
