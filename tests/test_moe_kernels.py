@@ -661,3 +661,37 @@ def test_cuda_bad_values_fail_without_a_host_read():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs these tiles through the autotuner")
+@pytest.mark.parametrize("tile", range(3))
+def test_triton_gemm_gpu_tiles_under_the_interpreter(triton_device, tile):
+    """Each GPU tile candidate of kernels/moe_grouped_mm.py (the interpreter otherwise runs 16 x 16 x 16 only), with
+    groups smaller and larger than a tile and an empty one."""
+    import triton
+    from pytrain.triton import moe_grouped_mm as kernels
+
+    block_m, block_n, block_k, _, _ = kernels._CONFIGS[tile]
+    counts = [70, 0, 150, 3]
+    rows, experts, in_features, out_features = sum(counts), len(counts), 72, 136
+    x = floats((rows, in_features), torch.float32, "cpu", 0)
+    weight = floats((experts, out_features, in_features), torch.float32, "cpu", 1)
+    dy = floats((rows, out_features), torch.float32, "cpu", 2)
+    offsets = torch.tensor(counts).cumsum(0).int()
+    out = torch.empty(rows, out_features)
+    grid = (triton.cdiv(rows, block_m) + experts, triton.cdiv(out_features, block_n))
+    kernels._rows_kernel.fn[grid](
+        x, weight, out, offsets, experts, in_features, out_features, weight.stride(0), 1, in_features,
+        E_POW2=4, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="ieee",
+    )  # fmt: skip
+    dw = torch.empty_like(weight)
+    grid = (experts, triton.cdiv(out_features, block_m), triton.cdiv(in_features, block_n))
+    kernels._weight_grad_kernel.fn[grid](
+        dy, x, dw, offsets, experts, out_features, in_features,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="ieee",
+    )  # fmt: skip
+    want = reference.grouped_mm(x.double(), weight.double(), torch.tensor(counts))
+    want_dw = torch.stack([a.t() @ b for a, b in zip(dy.double().split(counts), x.double().split(counts))])
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dw.double(), want_dw, rtol=1e-5, atol=1e-4)
+    assert torch.equal(dw[1], torch.zeros_like(dw[1]))
