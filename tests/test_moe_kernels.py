@@ -407,7 +407,11 @@ TRITON_GEMM_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16,
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[5], CASES[6]], ids=lambda c: f"T{c[0]}k{c[1]}")
+@pytest.mark.parametrize(
+    "case",
+    [*(CASES[i] for i in (0, 2, 3, 5, 6)), (40, 2, 4, 1100, 0.1, None)],
+    ids=[*(CASE_IDS[i] for i in (0, 2, 3, 5, 6)), "H1100"],  # H1100: two BLOCK_H chunks per row
+)
 def test_triton_permute_unpermute(triton_device, case, dtype):
     x, ids, experts, weights = permute_case(case, dtype, triton_device)
     assert moe_permute_module._backend(x.device) == "triton"
