@@ -37,6 +37,7 @@ data = dict(
 adam = dict(lr=2e-3, adam_beta1=0.9, adam_beta2=0.95, adam_beta2_c=0, adam_eps=1e-8, weight_decay=0.01)
 lr_scheduler = dict(warmup_ratio=0.05, eta_min=2e-4)
 hybrid_zero_optimizer = dict(clip_grad_norm=1.0)
-# expert parallelism is not available yet: experts are replicated on data-parallel ranks
+# expert size 1: every data-parallel rank holds all 4 experts (InternEvo's default -1 splits them over the
+# data-parallel ranks: expert parallelism)
 parallel = dict(zero1=dict(size=-1), tensor=dict(size=1), pipeline=dict(size=1), expert=dict(size=1))
 monitor = dict(log_every=10)
