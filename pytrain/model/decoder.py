@@ -243,7 +243,8 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(width, hidden_size, bias=bias)
 
     def forward(self, x):
-        return swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, self.w1.bias, self.w3.bias, self.w2.bias)
+        # through the modules, not their weights: tensor parallelism swaps them for ones with collectives
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     def plan(self) -> dict:
         return {"w1": Colwise(), "w3": Colwise(), "w2": Rowwise()}
