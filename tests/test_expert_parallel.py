@@ -4,10 +4,16 @@ layouts gives the single-process run's per-step losses, gradient norms and final
 shard of them), through the real construction path (tests/test_parallel.py's harness), in gloo processes.
 """
 
+import json
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import ROOT
 from test_parallel import TOLERANCE, config, reference, train
 
 from pytrain.config import ConfigError, check_world_size
@@ -101,3 +107,54 @@ def test_layouts_that_cannot_split_the_experts_are_config_errors(world, parallel
     cfg = config(parallel, MOE, {}, None, tmp_path, family=FAMILY)
     with pytest.raises(ConfigError, match=message):
         check_world_size(cfg, world)
+
+
+RUN_CONFIG = """
+JOB_NAME = "moe-ckpt"
+model_type = "MIXTRALMOE"
+model = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=256,
+             multiple_of=32, mlp_ratio=1.0, num_experts=4, top_k=2, dtype="torch.float32")
+data = dict(seq_len=32, micro_num={micro_num}, micro_bsz=2, total_steps=6, train_folder=None)
+adam = dict(lr=1e-3)
+parallel = dict(expert=dict(size={expert}), tensor=dict(size={tensor}), zero1=dict(size=-1))
+monitor = dict(run_folder={runs!r}, tensorboard=dict(enable=False))
+ckpt = dict(enable_save_ckpt=True, save_ckpt_folder={folder!r}, checkpoint_every=3)
+"""
+
+
+def run_job(root, name, folder, world, expert=1, tensor=1):
+    """`python -m pytrain.train` (under torchrun when world > 1) on one global batch of 4 micro-batches;
+    returns {step: loss} from its metrics.jsonl."""
+    data = world // tensor
+    path = root / f"{name}.py"
+    runs = root / f"runs-{name}"
+    path.write_text(
+        RUN_CONFIG.format(micro_num=4 // data, expert=expert, tensor=tensor, runs=str(runs), folder=str(folder))
+    )
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
+    done = subprocess.run(
+        [sys.executable, *launcher, "-m", "pytrain.train", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (metrics,) = runs.glob("*/*/metrics.jsonl")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def test_an_expert_parallel_checkpoint_resumes_in_one_process_and_under_tensor_parallelism(tmp_path):
+    """Saved under ep2 (each rank holds 2 of the 4 experts), the checkpoint holds whole expert weights by
+    full name: one process, and tp2 (experts split over tensor ranks instead), continue with its losses."""
+    straight = run_job(tmp_path, "ep2", tmp_path / "ckpt", world=2, expert=2)
+    assert sorted(straight) == [1, 2, 3, 4, 5, 6]
+    for name, world, tensor in (("one", 1, 1), ("tp2", 2, 2)):
+        folder = tmp_path / f"ckpt-{name}"
+        shutil.copytree(tmp_path / "ckpt" / "3", folder / "3")  # only the step-3 checkpoint: resume there
+        resumed = run_job(tmp_path, name, folder, world=world, tensor=tensor)
+        assert sorted(resumed) == [4, 5, 6], (name, resumed)
+        torch.testing.assert_close(
+            [resumed[s] for s in (4, 5, 6)], [straight[s] for s in (4, 5, 6)], rtol=1e-5, atol=0, msg=name
+        )
