@@ -699,3 +699,49 @@ def test_triton_gemm_gpu_tiles_under_the_interpreter(triton_device, tile):
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(dw.double(), want_dw, rtol=1e-5, atol=1e-4)
     assert torch.equal(dw[1], torch.zeros_like(dw[1]))
+
+
+# Compiles every Triton kernel variant to sm_90 code on this machine (no GPU needed): the interpreter runs the
+# kernels' logic but not Triton's compiler, whose type and layout rules only a real compile checks.
+SM90_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pytrain.triton import moe_grouped_mm as G, moe_permute as P
+
+def build(fn, signature, constexprs, warps=4, stages=3):
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    assert kernel.asm["cubin"], fn
+
+# Every tile in bf16; fp32 (exact "ieee" dots, the most registers) with the largest tile.
+for dtype, precision, tiles in (("bf16", "tf32", G._CONFIGS), ("fp32", "ieee", G._CONFIGS[:1])):
+    for m, n, k, warps, stages in tiles:
+        tile = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "PRECISION": precision}
+        build(G._rows_kernel.fn, {"A": "*" + dtype, "B": "*" + dtype, "C": "*" + dtype, "Offsets": "*i32",
+              "num_groups": "i32", "inner": "i32", "out_cols": "i32", "stride_be": "i32", "stride_bk": "i32",
+              "stride_bn": "i32", **{c: "constexpr" for c in ("E_POW2", *tile)}}, {"E_POW2": 16, **tile}, warps, stages)
+        build(G._weight_grad_kernel.fn, {"DY": "*" + dtype, "X": "*" + dtype, "DW": "*" + dtype, "Offsets": "*i32",
+              "num_groups": "i32", "out_rows": "i32", "out_cols": "i32", **{c: "constexpr" for c in tile}}, tile, warps,
+              stages)
+for weights, dots in ((False, False), (True, True), (True, False)):
+    flags = {"K_POW2": 8, "BLOCK_H": 512, "HAS_WEIGHTS": weights}
+    build(P._scatter_kernel, {"TokensIn": "*bf16", "RowsIn": "*bf16", "RowsOut": "*bf16", "RowOf": "*i64",
+          "Weights": "*fp32", "GradWeights": "*fp32", "top_k": "i32", "hidden": "i32",
+          **{c: "constexpr" for c in (*flags, "DOTS")}}, {**flags, "DOTS": dots})
+    build(P._gather_kernel, {"RowsIn": "*bf16", "TokensOut": "*bf16", "RowOf": "*i64", "Weights": "*fp32",
+          "top_k": "i32", "hidden": "i32", **{c: "constexpr" for c in flags}}, flags)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels compile for real in the tests above")
+def test_triton_kernels_compile_for_sm90():
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTRAIN_TRITON_CPU")}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stdout + done.stderr[-4000:]
