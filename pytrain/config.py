@@ -285,6 +285,7 @@ SCHEMA: dict[str, Any] = {
                 ("drop_tokens", True, bool),
                 ("use_rts", True, bool),
                 ("use_fused_gating", True, bool),
+                ("parallel_mode", "tensor", str),  # MegaBlock-D's (refused with it)
             )
         },
     },

@@ -198,7 +198,7 @@ def test_bool_checkpoint_and_fraction(tmp_path):
             r"model: moe_layer_kwargs\['noisy_gate_policy'\] = 'RSample' is not available in pytrain \(Jitter and RSample",
         ),
         (
-            "model_type = 'QWEN2MOE'\nmodel = dict(num_experts=4, top_k=2, moe_type='MegaBlock-D')\n",
+            "model_type = 'QWEN2MOE'\nmodel = dict(num_experts=4, top_k=2, moe_type='MegaBlock-D')\nmoe = dict(parallel_mode='weight')\n",
             r"model: moe_type='MegaBlock-D' \(MegaBlocks\) is not available in pytrain",
         ),
         (
