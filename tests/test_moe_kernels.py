@@ -124,8 +124,9 @@ CASES = [
     (20, 2, 4, 16, 1.0, None),  # every assignment dropped: N = 0
     (9, 3, 2, 8, 0.1, None),  # k > experts: a token sent twice to one expert
     (300, 2, 16, 1100, 0.1, None),  # H over one 1024-element accumulation chunk of the CPU kernel
+    (0, 2, 4, 8, 0.0, None),  # no tokens
 ]
-CASE_IDS = ["T1k1E1", "T1k2", "oddH-empty", "k4", "k1-empty0", "all-dropped", "k>E", "H1100"]
+CASE_IDS = ["T1k1E1", "T1k2", "oddH-empty", "k4", "k1-empty0", "all-dropped", "k>E", "H1100", "T0"]
 
 
 def permute_case(case, dtype, device, seed=0):
