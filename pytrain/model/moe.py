@@ -297,10 +297,12 @@ class MoELayer(nn.Module):
         self.aux_loss_sum, self.aux_loss_count = None, 0
 
     def active_expert_params(self) -> int:
-        """Expert weights one token runs through (top_k of the num_experts)."""
+        """Expert weights one token runs through (top_k of the num_experts), this rank's share of them: a
+        dispatcher that spreads the experts over tensor ranks (`tensor_size`, pytrain.parallel.expert) has
+        each tensor rank run 1/tensor_size of a token's expert work (the TFLOPS column sums the ranks)."""
         local = self.experts.w1.shape[0]
         per_expert = sum(p.numel() for p in self.experts.parameters()) // local
-        return per_expert * self.routing.top_k
+        return per_expert * self.routing.top_k // getattr(self.dispatcher, "tensor_size", 1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
