@@ -116,16 +116,22 @@ def test_layout_throughput(benchmark, record_throughput, config_name, layout, co
     assert len(rows) == steps and all(r["loss"] == r["loss"] for r in rows)
     if not benchmark.enabled:
         return
+    row = throughput_row(rows, warmup, config_name, layout if code == "current" else f"{layout} ({code})", processes)
+    benchmark.extra_info.update(row)
+    record_throughput(row)
+
+
+def throughput_row(rows: list[dict], warmup: int, config: str, layout: str, processes: int) -> dict:
+    """A run's metrics.jsonl rows -> the summary's row: median step time (warm-up dropped), tokens/s over
+    all ranks, median MFU per rank."""
     measured = rows[warmup:]
     step_time = statistics.median(r["step_time"] for r in measured)
     tokens_per_step = rows[0]["tgs"] * rows[0]["step_time"] * processes  # per rank x ranks = the global batch
-    row = dict(
-        config=config_name,
-        layout=layout if code == "current" else f"{layout} ({code})",
+    return dict(
+        config=config,
+        layout=layout,
         processes=processes,
         step_time=step_time,
         tokens_per_s=tokens_per_step / step_time,
         mfu=statistics.median(r["mfu"] for r in measured),
     )
-    benchmark.extra_info.update(row)
-    record_throughput(row)
