@@ -36,12 +36,17 @@ DTYPES = list(TOLERANCES)
 DTYPE_IDS = ["f32", "bf16", "f16"]
 
 
+@pytest.fixture(autouse=True)
+def one_gemm_tile(monkeypatch):
+    """GPU: the Triton GEMM runs its first tile untimed (each candidate costs a compile, and bench/gpu/run.sh's test
+    step has a fixed budget); the large-shape tests autotune. The interpreter has one tile anyway."""
+    monkeypatch.setenv("PYTRAIN_MOE_AUTOTUNE", "0")
+
+
 @pytest.fixture
 def triton_device(monkeypatch):
-    """Where the Triton kernels run: the GPU (one GEMM tile, untimed: the large-shape tests autotune), or the CPU
-    through Triton's interpreter."""
+    """Where the Triton kernels run: the GPU, or the CPU through Triton's interpreter."""
     if torch.cuda.is_available():
-        monkeypatch.setenv("PYTRAIN_MOE_AUTOTUNE", "0")
         return "cuda"
     assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets it before triton is imported"
     monkeypatch.setenv("PYTRAIN_TRITON_CPU", "1")
@@ -434,8 +439,9 @@ def test_triton_grouped_mm(triton_device, case, dtype, gemm_impl):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_cuda_grouped_mm_large(impl, gemm_impl):
+def test_cuda_grouped_mm_large(impl, gemm_impl, monkeypatch):
     """Many row tiles per expert, uneven groups, an empty expert: the real tile sizes of the autotuner."""
+    monkeypatch.setenv("PYTRAIN_MOE_AUTOTUNE", "1")
     gemm_impl(impl)
     check_grouped_mm(([700, 0, 1301, 64, 3, 980], 512, 768), torch.bfloat16, "cuda")
 
