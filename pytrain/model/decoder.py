@@ -228,9 +228,9 @@ class SeparateQKVAttention(Attention):
         return {"wq": Colwise(), "wk": Colwise(), "wv": Colwise(), "wo": Rowwise()}
 
 
-def swiglu(x, w1, w3, w2, b1=None, b3=None, b2=None):
-    """w2(silu(w1 x) * w3 x) on weights (nn.Linear's layout); the dense MLP and each expert (moe.py)."""
-    return F.linear(F.silu(F.linear(x, w1, b1)) * F.linear(x, w3, b3), w2, b2)
+def swiglu(x, w1, w3, w2):
+    """w2(silu(w1 x) * w3 x) on weights in nn.Linear's layout: one expert's MLP (moe.py)."""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 
 class SwiGLU(nn.Module):
