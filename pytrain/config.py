@@ -235,6 +235,14 @@ SCHEMA: dict[str, Any] = {
                 "the data-parallel size and num_experts",
             ),
         },
+        "expert_zero1": {
+            "size": _field(
+                -1,
+                int,
+                "ZeRO-1 group size of the expert weights, within the ranks holding the same experts (<= 0: all of "
+                "them while zero1 is on; 1: off); it must divide data-parallel size / expert size",
+            ),
+        },
     },
     "hybrid_zero_optimizer": {
         "overlap_sync_grad": _field(True, bool, "reduce gradients in buckets during the backward"),
@@ -828,7 +836,7 @@ def check_world_size(cfg: Config, world_size: int, source: str = "config") -> in
             f"the world size {world_size}"
         )
     data_parallel = world_size // (tensor * pipeline)
-    expert_parallel_size(cfg, data_parallel, source)
+    expert_zero1_size(cfg, data_parallel, expert_parallel_size(cfg, data_parallel, source), source)
     zero1 = cfg.parallel.zero1.size
     if zero1 > 0 and data_parallel % zero1:
         raise ConfigError(
@@ -859,6 +867,23 @@ def expert_parallel_size(cfg: Config, data_parallel: int, source: str = "config"
         raise ConfigError(
             f"{source}: model.num_experts={experts} cannot be split over expert size {size} x tensor size "
             f"{tensor}: make num_experts a multiple of {size * tensor}, or lower parallel.expert.size"
+        )
+    return size
+
+
+def expert_zero1_size(cfg: Config, data_parallel: int, expert: int, source: str = "config") -> int:
+    """parallel.expert_zero1.size resolved: the ZeRO-1 group of the expert weights, a run of that many ranks of
+    an expert-data group (data_parallel / expert ranks hold the same experts). <= 0: the whole expert-data
+    group when ZeRO-1 is on (parallel.zero1.size != 1), else 1."""
+    size, expert_data = cfg.parallel.expert_zero1.size, data_parallel // expert
+    if cfg.model.get("num_experts", 1) <= 1:
+        return 1
+    if size <= 0:
+        return expert_data if cfg.parallel.zero1.size != 1 else 1
+    if expert_data % size:
+        raise ConfigError(
+            f"{source}: parallel.expert_zero1.size={size} must divide the {expert_data} ranks holding the same experts "
+            f"(data-parallel size {data_parallel} / expert size {expert})"
         )
     return size
 

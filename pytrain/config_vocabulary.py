@@ -98,7 +98,6 @@ UNAVAILABLE = {
     "parallel.pipeline.mode": (("1F1B", "1f1b"), str, "zero-bubble pipeline schedules"),
     "parallel.pipeline.use_zeropp": ((False,), bool, "ZeroPP"),
     "parallel.expert_weight.size": ((1,), int, "expert weight parallelism (MoE)"),
-    "parallel.expert_zero1.size": ((-1, 1), int, "a ZeRO group of expert parameters (MoE)"),
     "parallel.sequence_2D.enable": ((False,), bool, "2D sequence parallelism"),
     "monitor.alert.enable_feishu_alert": ((False,), bool, "Feishu alerts (no network here)"),
     "monitor.alert.feishu_alert_address": ((None,), (str, NONE), "Feishu alerts (no network here)"),

@@ -17,6 +17,7 @@ from conftest import ROOT
 from test_parallel import TOLERANCE, config, reference, train
 
 from pytrain.config import ConfigError, check_world_size
+from pytrain.parallel import Layout, gpc
 from pytrain.parallel.expert import ExpertParallelDispatcher
 
 FAMILY = "MIXTRALMOE"
@@ -35,10 +36,15 @@ LAYOUTS = {
     "ep2": (2, dict(expert=dict(size=2)), {}, {}),
     "tp2": (2, dict(tensor=2), {}, {}),
     "ep2-dp2-zero1": (4, dict(expert=dict(size=2), zero1=-1), {}, dict(overlap_sync_grad=True)),
+    "ep2-dp2-expert-zero1-off": (4, dict(expert=dict(size=2), zero1=-1, expert_zero1=dict(size=1)), {}, {}),
     "ep2-tp2": (4, dict(expert=dict(size=2), tensor=2), {}, {}),
     "ep2-tp2-msp": (4, dict(expert=dict(size=2), tensor=dict(size=2, mode="msp")), dict(checkpoint=True), {}),
     "ep2-pp2": (4, dict(expert=dict(size=2), pipeline=2), {}, {}),
 }
+
+# ZeRO-1 group sizes [dense weights, expert weights]: the expert weights' state is sharded within the ranks
+# holding the same experts, unless parallel.expert_zero1.size = 1
+ZERO_SIZES = {"ep2-dp2-zero1": [4, 2], "ep2-dp2-expert-zero1-off": [4, 1]}
 
 
 def worker(rank, world, init_method, names, want, run_folder, results):
@@ -52,7 +58,10 @@ def worker(rank, world, init_method, names, want, run_folder, results):
             expected = part.local_state(want[1])
             shards = [(n, p.detach().clone(), expected[n]) for n, p in part.full_state_names().items()]
             dispatchers = {type(m.dispatcher).__name__ for m in part.modules() if hasattr(m, "dispatcher")}
-            results[(name, rank)] = (history, shards, dispatchers)
+            zero_sizes = [
+                dist.get_world_size(g) if g is not None else 1 for g in (gpc.zero1_group, gpc.expert_zero1_group)
+            ]
+            results[(name, rank)] = (history, shards, dispatchers, zero_sizes)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -74,8 +83,9 @@ def test_expert_layouts_match_one_process(world, single_process, tmp_path, init_
     want_history = single_process[0]
     for name in names:
         for rank in range(world):
-            history, shards, dispatchers = results[(name, rank)]
+            history, shards, dispatchers, zero_sizes = results[(name, rank)]
             assert dispatchers == {ExpertParallelDispatcher.__name__}, (name, dispatchers)
+            assert name not in ZERO_SIZES or zero_sizes == ZERO_SIZES[name], (name, zero_sizes)
             assert all(success for _, _, success, _ in history), (name, rank, history)
             for column, what in ((0, "losses"), (1, "grad norms")):
                 torch.testing.assert_close(
@@ -101,6 +111,7 @@ def _size(section) -> int:
     [
         (4, dict(expert=dict(size=3)), r"parallel.expert.size=3 must divide the data-parallel size 4"),
         (8, dict(expert=dict(size=4), tensor=2), r"num_experts=4 .* expert size 4 x tensor size 2"),
+        (8, dict(expert=dict(size=2), expert_zero1=dict(size=3)), r"expert_zero1.size=3 must divide the 4 ranks"),
     ],
 )
 def test_layouts_that_cannot_split_the_experts_are_config_errors(world, parallel, message, tmp_path):
@@ -158,3 +169,9 @@ def test_an_expert_parallel_checkpoint_resumes_in_one_process_and_under_tensor_p
         torch.testing.assert_close(
             [resumed[s] for s in (4, 5, 6)], [straight[s] for s in (4, 5, 6)], rtol=1e-5, atol=0, msg=name
         )
+
+
+def test_expert_zero1_groups_cut_the_ranks_holding_the_same_experts():
+    layout = Layout(world_size=8, tensor=1, pipeline=1, expert=2)
+    assert layout.expert_data_groups() == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert layout.expert_zero1_groups(2) == [[0, 2], [4, 6], [1, 3], [5, 7]]

@@ -27,6 +27,7 @@ from pytrain.model.hf import (
     to_hf_state,
 )
 from pytrain.model.moe import MoE, active_parameters
+from pytrain.parallel.model_part import parallelize
 
 TINY = dict(
     num_layers=2,
@@ -110,6 +111,27 @@ def test_internlm_moe_residual_mlp_and_dense_fallback():
     assert mlp.residual_mlp.w1.weight.shape == mlp.moe_layer.experts.w1.shape[1:]  # as wide as one expert
     dense = build_internlm_moe(**{**TINY, "num_experts": 1})  # InternEvo: num_experts <= 1 is the dense model
     assert not any(isinstance(m, MoE) for m in dense.modules()) and "blocks.0.mlp.w1.weight" in dense.state_dict()
+
+
+def test_initialisation_scales_every_residual_stream_writer():
+    """The experts' and the shared expert's down projections start as the dense w2 does: std 0.02 / sqrt(2 L)."""
+    with torch.device("meta"):
+        model = build_qwen2_moe(**{**TINY, "num_layers": 8, "num_shared_experts": 1, **DROPLESS})
+    part = parallelize(
+        model,
+        tensor_group=None,
+        sequence_parallel=False,
+        pipeline_rank=0,
+        pipeline_size=1,
+        num_chunks=1,
+        device=torch.device("cpu"),
+    )
+    std = {info.name: param.std().item() for param, info in part.infos() if param.dim() >= 2}
+    layer = "layers.3"
+    for name in ("feed_forward.moe_layer.experts.w2", "feed_forward.residual_mlp.w2.weight", "attention.wo.weight"):
+        assert std[f"{layer}.{name}"] == pytest.approx(0.02 / 4, rel=0.1), name  # sqrt(2 * 8 layers)
+    for name in ("feed_forward.moe_layer.experts.w1", "feed_forward.moe_layer.experts.w3", "attention.wq.weight"):
+        assert std[f"{layer}.{name}"] == pytest.approx(0.02, rel=0.1), name
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pytrain.config import Config, check_world_size, expert_parallel_size
+from pytrain.config import Config, check_world_size, expert_parallel_size, expert_zero1_size
 from pytrain.parallel import Layout, gpc
 
 
@@ -187,12 +187,14 @@ def _create_groups(cfg: Config, layout: Layout, rank: int) -> None:
     if layout.expert > 1:
         gpc.expert_parallel_group = mine(layout.expert_groups())
         gpc.expert_data_parallel_group = mine(layout.expert_data_groups())
-        # ZeRO-1 shards the expert weights' state over the ranks holding the same experts (InternEvo's rule)
-        sharded = zero1 > 1 and layout.data > layout.expert
-        gpc.expert_zero1_group = gpc.expert_data_parallel_group if sharded else None
     else:
         gpc.expert_parallel_group, gpc.expert_data_parallel_group = None, gpc.data_parallel_group
-        gpc.expert_zero1_group = gpc.zero1_group
+    # ZeRO-1 shards the expert weights' state within the ranks holding the same experts (InternEvo's rule)
+    expert_zero1 = expert_zero1_size(cfg, layout.data, layout.expert)
+    if expert_zero1 == layout.data // layout.expert > 1:
+        gpc.expert_zero1_group = gpc.expert_data_parallel_group
+    else:
+        gpc.expert_zero1_group = mine(layout.expert_zero1_groups(expert_zero1)) if expert_zero1 > 1 else None
 
 
 def set_seed(seed: int) -> None:

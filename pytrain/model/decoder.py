@@ -228,11 +228,6 @@ class SeparateQKVAttention(Attention):
         return {"wq": Colwise(), "wk": Colwise(), "wv": Colwise(), "wo": Rowwise()}
 
 
-def swiglu(x, w1, w3, w2):
-    """w2(silu(w1 x) * w3 x) on weights in nn.Linear's layout: one expert's MLP (moe.py)."""
-    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
-
-
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x): w1 the gate, w3 up, w2 down (InternEvo's current meaning in every family)."""
 
@@ -332,19 +327,25 @@ class Decoder(nn.Module):
             n.norm: Replicated(),
             n.head: VocabHead(gather_output=not self.parallel_output),
         }
-        layer = next(iter(self.decoder_layers.values()))
-        for part in (n.attention, n.mlp):
-            plan.update({f"{n.layers}.*.{part}.{name}": how for name, how in layer.get_submodule(part).plan().items()})
+        for layer in self.decoder_layers.values():  # every layer: a family may mix dense and MoE MLPs
+            for part in (n.attention, n.mlp):
+                part_plan = layer.get_submodule(part).plan()
+                plan.update({f"{n.layers}.*.{part}.{name}": how for name, how in part_plan.items()})
         plan.update({f"{n.layers}.*.{norm}": Replicated() for norm in (n.attention_norm, n.mlp_norm)})
         return plan
 
     def residual_outputs(self) -> tuple[str, ...]:
-        """Names of the weights writing into the residual stream (initialised smaller, GPT-2), as module names
-        (their `.weight`); an MoE MLP names its dense residual MLP's down projection (moe.py)."""
+        """Name patterns of the parameters writing into the residual stream (initialised smaller, GPT-2): the
+        row-parallel projections' weights, and what an MoE MLP names (its experts' and residual MLP's down
+        projections, moe.py)."""
         n = self.names
-        mlp = next(iter(self.decoder_layers.values())).get_submodule(n.mlp)
-        extra = tuple(f"{n.layers}.*.{n.mlp}.{name}" for name in getattr(mlp, "residual_outputs", tuple)())
-        return tuple(k for k, v in self.tensor_parallel_plan().items() if isinstance(v, Rowwise)) + extra
+        rowwise = [f"{k}.weight" for k, v in self.tensor_parallel_plan().items() if isinstance(v, Rowwise)]
+        extra = {
+            f"{n.layers}.*.{n.mlp}.{name}"
+            for layer in self.decoder_layers.values()
+            for name in getattr(layer.get_submodule(n.mlp), "residual_outputs", tuple)()
+        }
+        return (*rowwise, *sorted(extra))
 
     def forward(
         self,

@@ -20,13 +20,14 @@ dim 0, the dimension expert parallelism shards; pytrain.model.hf splits them per
 The two seams where kernels and expert parallelism plug in without touching the layer:
 
 - `GroupedExperts.forward(x_sorted (N, H), tokens_per_expert (E_local,) int64) -> (N, H)`: the rows come
-  grouped by expert, expert 0's first; each contiguous group goes through its expert's SwiGLU. Written
-  here as a loop of matmuls (the fused grouped GEMM replaces it).
+  grouped by expert, expert 0's first; each contiguous group goes through its expert's SwiGLU: three
+  grouped GEMMs (pytrain.kernels.grouped_mm) over all the groups at once.
 - `MoELayer.dispatcher`, an object with
     `dispatch(x (T, H), expert_ids (T, k) int64, -1 = dropped) -> (x_sorted, tokens_per_expert, state)`
     `combine(y_sorted (N, H), weights (T, k) fp32, state) -> (T, H)`: per token the weighted sum of its
     experts' rows; a dropped assignment contributes 0; gradients reach `weights` (the router learns).
-  LocalDispatcher does this in one process with argsort / index_select / index_add; an expert-parallel
+  LocalDispatcher does this in one process with the fused pytrain.kernels.moe_permute / moe_unpermute
+  (a counting sort and row gather; the weighted sum back in fp32, gradients to x and weights); an expert-parallel
   one exchanges the rows with all-to-all and returns only this rank's experts' groups (E_local of them).
 
 Routing (`Routing`, from model.moe_type and model.moe_layer_kwargs, see `routing_from_fields`):
@@ -57,7 +58,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import SwiGLU, swiglu
+from pytrain.kernels import grouped_mm, moe_permute, moe_unpermute
+
+from .decoder import SwiGLU
 
 MOE_TYPES = ("GShard", "Dropless")
 UNAVAILABLE_MOE_TYPES = ("MegaBlock", "MegaBlock-D", "MegaBlock-Dropless")
@@ -212,32 +215,24 @@ def route(logits: torch.Tensor, routing: Routing, training: bool):
 
 
 class LocalDispatcher:
-    """Groups the tokens' assignments by expert in this process (see the module docstring)."""
+    """Groups the tokens' assignments by expert in this process (see the module docstring), through the fused
+    kernels: moe_permute's rows are each expert's assignments in token order, moe_unpermute sums them back
+    weighted, in fp32."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor):
-        k = expert_ids.shape[1]
-        flat = expert_ids.reshape(-1)
-        bucket = flat.masked_fill(flat < 0, self.num_experts)  # dropped ones sort after every expert
-        order = torch.argsort(bucket, stable=True)  # stable: each expert's rows in token order
-        tokens_per_expert = torch.bincount(bucket, minlength=self.num_experts + 1)[: self.num_experts]
-        order = order[: int(tokens_per_expert.sum())]  # a host read: the kept rows' count sizes x_sorted
-        token_of_row = order // k
-        return x.index_select(0, token_of_row), tokens_per_expert, (order, token_of_row, x.shape[0])
+        x_sorted, row_of, tokens_per_expert = moe_permute(x, expert_ids, self.num_experts)
+        return x_sorted, tokens_per_expert, row_of
 
-    def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, state) -> torch.Tensor:
-        order, token_of_row, tokens = state
-        row_weights = weights.reshape(-1).index_select(0, order)
-        out = torch.zeros(tokens, y_sorted.shape[1], dtype=torch.float32, device=y_sorted.device)
-        # summed in fp32: a token's k contributions add without 16-bit rounding in between
-        out.index_add_(0, token_of_row, y_sorted.float() * row_weights[:, None])
-        return out.to(y_sorted.dtype)
+    def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, row_of) -> torch.Tensor:
+        return moe_unpermute(y_sorted, row_of, weights)
 
 
 class GroupedExperts(nn.Module):
-    """E_local experts' SwiGLU weights stacked along dim 0: w1 (E, I, H) gate, w3 (E, I, H) up, w2 (E, H, I)."""
+    """E_local experts' SwiGLU weights stacked along dim 0: w1 (E, I, H) gate, w3 (E, I, H) up, w2 (E, H, I);
+    each runs as one grouped GEMM over all experts' rows."""
 
     def __init__(self, num_experts: int, hidden_size: int, width: int):
         super().__init__()
@@ -246,12 +241,9 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, width))
 
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        if tokens_per_expert.shape != (self.w1.shape[0],):
-            shape = tuple(tokens_per_expert.shape)
-            raise ValueError(f"tokens_per_expert has shape {shape}; this module holds {self.w1.shape[0]} experts")
-        groups = x_sorted.split(tokens_per_expert.tolist())
-        outs = [swiglu(rows, self.w1[e], self.w3[e], self.w2[e]) for e, rows in enumerate(groups)]
-        return torch.cat(outs) if outs else x_sorted
+        gate = grouped_mm(x_sorted, self.w1, tokens_per_expert)
+        up = grouped_mm(x_sorted, self.w3, tokens_per_expert)
+        return grouped_mm(F.silu(gate) * up, self.w2, tokens_per_expert)
 
 
 class Gate(nn.Module):
@@ -353,9 +345,9 @@ class MoE(nn.Module):
         return {}
 
     def residual_outputs(self) -> tuple[str, ...]:
-        """Modules whose `.weight` writes into the residual stream (Decoder.residual_outputs). The experts'
-        w2 is a bare 3-D parameter, not a module's `.weight`: it is initialised unscaled."""
-        return ("residual_mlp.w2",) if self.shared_kind else ()
+        """Parameters writing into the residual stream (Decoder.residual_outputs): the experts' down
+        projections and the dense residual MLP's."""
+        return ("moe_layer.experts.w2", "residual_mlp.w2.weight") if self.shared_kind else ("moe_layer.experts.w2",)
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -67,9 +67,17 @@ class Layout:
         """The ranks at the same place of every expert group within a data group."""
         return [group[place :: self.expert] for group in self.data_groups() for place in range(self.expert)]
 
+    def expert_zero1_groups(self, size: int) -> list[list[int]]:
+        """Each expert-data group cut into runs of `size` (the expert weights' ZeRO-1 groups)."""
+        return _runs(self.expert_data_groups(), size)
+
     def zero1_groups(self, size: int) -> list[list[int]]:
         """Each data group cut into runs of `size` consecutive data-parallel ranks."""
-        return [group[first : first + size] for group in self.data_groups() for first in range(0, len(group), size)]
+        return _runs(self.data_groups(), size)
+
+
+def _runs(groups: list[list[int]], size: int) -> list[list[int]]:
+    return [group[first : first + size] for group in groups for first in range(0, len(group), size)]
 
 
 @dataclass

@@ -22,13 +22,16 @@ per block at any tensor size, and every expert's GEMM stays whole. The price: nu
 multiple of expert size x tensor size (pytrain.config checks it).
 
 Expert weights are replicated over the expert-data group (the data ranks holding the same experts), so
-their gradients are averaged there instead of over the whole data group (ParamInfo.replicas).
+their gradients are averaged there instead of over the whole data group (ParamInfo.replicas); even left
+whole (expert and tensor size 1) they are named as expert weights, for their own ZeRO-1 group
+(parallel.expert_zero1).
 """
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from pytrain.kernels import moe_permute
 from pytrain.model.moe import LocalDispatcher, MoE
 
 from .shard_spec import ShardSpec
@@ -72,19 +75,13 @@ class ExpertParallelDispatcher(LocalDispatcher):
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor):
         per_rank, ranks = self.experts_per_rank, self.expert_size
-        k = expert_ids.shape[1]
-        flat = expert_ids.reshape(-1)
-        block = flat.div(per_rank, rounding_mode="floor")
-        taken = (flat >= 0) & (block % self.tensor_size == self.tensor_rank)
-        # sorted by (destination expert rank, its local expert), in token order within; the rest last
-        bucket = torch.where(taken, block // self.tensor_size * per_rank + flat - block * per_rank, ranks * per_rank)
-        order = torch.argsort(bucket, stable=True)
-        counts = torch.bincount(bucket, minlength=ranks * per_rank + 1)[: ranks * per_rank]
-        order = order[: int(counts.sum())]
-        token_of_row = order // k
-        rows = x.index_select(0, token_of_row)
+        block = expert_ids.div(per_rank, rounding_mode="floor")
+        taken = (expert_ids >= 0) & (block % self.tensor_size == self.tensor_rank)
+        # numbered by (destination expert rank, its local expert): moe_permute groups the rows that way
+        slot = block // self.tensor_size * per_rank + expert_ids - block * per_rank
+        rows, row_of, counts = moe_permute(x, torch.where(taken, slot, -1), ranks * per_rank)
         if ranks == 1:
-            return rows, counts, (order, token_of_row, x.shape[0], None)
+            return rows, counts, (row_of, None)
         received_counts = torch.empty_like(counts)
         dist.all_to_all_single(received_counts, counts, group=self.group)
         sent = counts.view(ranks, per_rank).tolist()  # [destination rank][its local expert]
@@ -101,14 +98,14 @@ class ExpertParallelDispatcher(LocalDispatcher):
         regroup = torch.cat(pieces)
         tokens_per_expert = torch.tensor([sum(r[e] for r in received) for e in range(per_rank)], device=x.device)
         exchange = (send_splits, receive_splits, torch.argsort(regroup))
-        return arrived.index_select(0, regroup), tokens_per_expert, (order, token_of_row, x.shape[0], exchange)
+        return arrived.index_select(0, regroup), tokens_per_expert, (row_of, exchange)
 
     def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, state) -> torch.Tensor:
-        order, token_of_row, tokens, exchange = state
+        row_of, exchange = state
         if exchange is not None:
             send_splits, receive_splits, ungroup = exchange
             y_sorted = _AllToAll.apply(y_sorted.index_select(0, ungroup), send_splits, receive_splits, self.group)
-        return super().combine(y_sorted, weights, (order, token_of_row, tokens))
+        return super().combine(y_sorted, weights, row_of)
 
 
 def _shard(param: nn.Parameter, spec: ShardSpec) -> nn.Parameter:
@@ -138,12 +135,13 @@ def apply_expert_parallel(stage: nn.Module, tensor_group, expert_group, sequence
     tensor_size, tensor_rank = group_size(tensor_group), group_rank(tensor_group)
     expert_size, expert_rank = group_size(expert_group), group_rank(expert_group)
     facts, experts = {}, set()
-    if tensor_size == 1 and expert_size == 1:
-        return facts, experts
     for name, block in list(stage.named_modules()):
         if not isinstance(block, MoE):
             continue
         layer = block.moe_layer
+        if tensor_size == expert_size == 1:  # whole, but still their own ZeRO-1 domain (parallel.expert_zero1)
+            experts.update(f"{name}.moe_layer.experts.{weight}" for weight, _ in layer.experts.named_parameters())
+            continue
         num_experts = layer.experts.w1.shape[0]
         if num_experts % (expert_size * tensor_size):
             raise ValueError(

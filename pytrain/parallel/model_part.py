@@ -186,7 +186,7 @@ def _initialize(part: ModelPart, model: nn.Module, seed: int, std: float = 0.02)
     (GPT-2); norm weights 1; biases 0. Each weight is drawn from generators seeded by `seed` and its full
     name, in blocks of rows, and only the rows of this rank's shard are drawn: every layout and stage
     starts from the same model without ever holding a full weight it does not keep."""
-    residual = [plan_pattern(f"{key}.weight") for key in model.residual_outputs()]
+    residual = [plan_pattern(key) for key in model.residual_outputs()]
     norms = (RMSNorm, nn.LayerNorm)
     norm_weights = {_strip_layer(f"{name}.weight") for name, m in model.named_modules() if isinstance(m, norms)}
     for param, info in part.infos():

@@ -18,11 +18,12 @@ part of are summed first: a tied embedding's over the first and last pipeline st
 norms' over the tensor group. With overlap_sync_param the owners' broadcasts run in the background and
 each layer waits for its own parameters just before its next forward.
 
-Mixture-of-experts weights under expert parallelism (ParamInfo.replicas "expert_data") form a second
-domain: their gradients are summed over the expert-data group (the ranks holding the same experts; each
-expert already saw the tokens of its whole expert group), their ZeRO-1 owners are chosen within that
-group, and their share of the gradient norm is summed over the expert group, whose ranks hold different
-experts. The divisor stays the data-parallel size: every rank's loss is weighted for the whole data group.
+Mixture-of-experts' expert weights (ParamInfo.replicas "expert_data") form a second domain: their
+gradients are summed over the expert-data group (the ranks holding the same experts; each expert already
+saw the tokens of its whole expert group; the data group without expert parallelism), their ZeRO-1 owners
+are chosen within the expert zero group (parallel.expert_zero1), and under expert parallelism their share
+of the gradient norm is summed over the expert group, whose ranks hold different experts. The divisor
+stays the data-parallel size: every rank's loss is weighted for the whole data group.
 """
 
 import math
