@@ -133,14 +133,14 @@ ckpt = dict(enable_save_ckpt=True, save_ckpt_folder={folder!r}, checkpoint_every
 """
 
 
-def run_job(root, name, folder, world, expert=1, tensor=1):
-    """`python -m pytrain.train` (under torchrun when world > 1) on one global batch of 4 micro-batches;
-    returns {step: loss} from its metrics.jsonl."""
+def run_job(root, name, folder, world, expert=1, tensor=1, extra=""):
+    """`python -m pytrain.train` (under torchrun when world > 1) on one global batch of 4 micro-batches, its
+    config RUN_CONFIG + `extra`; returns {step: loss} from its metrics.jsonl."""
     data = world // tensor
     path = root / f"{name}.py"
     runs = root / f"runs-{name}"
     path.write_text(
-        RUN_CONFIG.format(micro_num=4 // data, expert=expert, tensor=tensor, runs=str(runs), folder=str(folder))
+        RUN_CONFIG.format(micro_num=4 // data, expert=expert, tensor=tensor, runs=str(runs), folder=str(folder)) + extra
     )
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
     done = subprocess.run(
@@ -169,6 +169,31 @@ def test_an_expert_parallel_checkpoint_resumes_in_one_process_and_under_tensor_p
         torch.testing.assert_close(
             [resumed[s] for s in (4, 5, 6)], [straight[s] for s in (4, 5, 6)], rtol=1e-5, atol=0, msg=name
         )
+
+
+def test_an_internevo_moe_folder_starts_an_expert_parallel_run(tmp_path):
+    """model_tp{t}_pp0.pt + model_moe_layer{L}_expert{e}_tp{t}.pt files as InternEvo writes them under tp2
+    (tests/test_internlm_checkpoint.py's writer) start an ep2 run and a one-process run alike, from those
+    weights, not from the initialisation."""
+    from test_internlm_checkpoint import write_internevo_folder
+
+    from pytrain.model.families import build_mixtral_moe
+
+    torch.manual_seed(0)
+    fields = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=256)
+    model = build_mixtral_moe(**fields, multiple_of=32, mlp_ratio=1.0, num_experts=4, top_k=2, dtype="torch.float32")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    source = tmp_path / "internevo"
+    source.mkdir()
+    write_internevo_folder(source, model.state_dict(), "blocks", tp=2, pp=1)
+    load = f'ckpt["load_ckpt_info"] = dict(path={str(source)!r}, content=("model",), ckpt_type="internlm")\n'
+    ep2 = run_job(tmp_path, "ep2", tmp_path / "ckpt-ep2", world=2, expert=2, extra=load)
+    one = run_job(tmp_path, "one", tmp_path / "ckpt-one", world=1, extra=load)
+    fresh = run_job(tmp_path, "fresh", tmp_path / "ckpt-fresh", world=1)
+    assert abs(ep2[1] - fresh[1]) > 0.01, (ep2, fresh)  # the run started from the folder's weights
+    torch.testing.assert_close([ep2[s] for s in sorted(ep2)], [one[s] for s in sorted(one)], rtol=1e-5, atol=0)
 
 
 def test_expert_zero1_groups_cut_the_ranks_holding_the_same_experts():

@@ -3,12 +3,21 @@ lays out its model_tp{t}_pp{p}.pt files (cut by hand, independently of pytrain's
 bitwise; bad folders fail with a message naming the problem."""
 
 import datetime
+import re
 
 import pytest
 import torch
 
 from pytrain.checkpoint.storage import CheckpointError
-from pytrain.model.families import build_internlm, build_internlm2, build_llama2, build_qwen2
+from pytrain.model.families import (
+    build_internlm,
+    build_internlm2,
+    build_internlm_moe,
+    build_llama2,
+    build_mixtral_moe,
+    build_qwen2,
+    build_qwen2_moe,
+)
 from pytrain.model.internlm_checkpoint import load_internlm_folder, partition_uniform
 
 TINY = dict(
@@ -28,6 +37,13 @@ FAMILIES = {
     "llama2": (build_llama2, {}),
     "qwen2": (build_qwen2, dict(o_bias=True, mlp_bias=True)),
 }
+MOE = dict(num_experts=4, top_k=2, num_layers=4)  # 4 layers: InternEvo's expert file numbering needs pp | layers
+MOE_FAMILIES = {
+    "internlm-moe-residual": (build_internlm_moe, dict(MOE, moe_use_residual=True)),
+    "mixtral": (build_mixtral_moe, MOE),
+    "qwen2-moe-shared": (build_qwen2_moe, dict(MOE, num_shared_experts=2)),
+}
+FAMILIES.update(MOE_FAMILIES)
 # InternEvo's split of each parameter by its last two name components: column-parallel (dim 0),
 # row-parallel (weight dim 1, bias on tensor rank 0 only); the rest (norms) whole on every rank.
 COLUMN = {"wq", "wk", "wv", "wqkv", "w1", "w3", "head", "output"}
@@ -74,15 +90,21 @@ def internevo_shard(name: str, tensor: torch.Tensor, rank: int, tp: int, vocab_s
 
 
 def write_internevo_folder(folder, state, layers: str, tp: int, pp: int, vocab_split=False, stage_layers=None):
-    """model_tp{t}_pp{p}.pt files: stage-local layer indices, `model.` prefix, per-rank shards."""
+    """model_tp{t}_pp{p}.pt files: stage-local layer indices, `model.` prefix, per-rank shards; MoE experts
+    in model_moe_layer{L}_expert{e}_tp{t}.pt files, one expert each, split like the dense MLP."""
     num_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith(f"{layers}."))
     counts = stage_layers or partition_uniform(num_layers, pp)
     starts = [sum(counts[:p]) for p in range(pp)]
+    for name, tensor in state.items():
+        if ".moe_layer.experts." in name:
+            write_internevo_experts(folder, name, tensor, tp, num_layers // pp, starts)
     for p in range(pp):
         for t in range(tp):
             out = {}
             for name, tensor in state.items():
                 parts = name.split(".")
+                if ".moe_layer.experts." in name:
+                    continue
                 if parts[0] == layers:
                     index = int(parts[1])
                     if not starts[p] <= index < starts[p] + counts[p]:
@@ -102,6 +124,22 @@ def write_internevo_folder(folder, state, layers: str, tp: int, pp: int, vocab_s
     # What else a saved step holds, to be ignored:
     torch.save({"num_layers": num_layers}, folder / "model_config.pt")
     (folder / "context.pt").write_bytes(b"")
+
+
+def write_internevo_experts(folder, name: str, stacked: torch.Tensor, tp: int, stage_size: int, starts: list[int]):
+    """One stacked expert weight `<layers>.<g>.<mlp>.moe_layer.experts.<w>` (E, ., .) as InternEvo's per-expert
+    files: layer id pipeline rank x (num_layers // pp) + local layer, keys with the stage-local layer."""
+    layers, index, rest = name.split(".", 2)
+    mlp, weight = rest.split(".moe_layer.experts.")
+    stage = max(p for p, start in enumerate(starts) if start <= int(index))
+    local = int(index) - starts[stage]
+    for expert, full in enumerate(stacked):
+        for t in range(tp):
+            path = folder / f"model_moe_layer{stage * stage_size + local}_expert{expert}_tp{t}.pt"
+            out = torch.load(path, weights_only=True) if path.exists() else {}
+            key = f"model.{layers}.{local}.{mlp}.moe_layer.experts.wrapped_experts.{expert}.{weight}.weight"
+            out[key] = full.chunk(tp, 1 if weight == "w2" else 0)[t].clone()
+            torch.save(out, path)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -197,7 +235,7 @@ def test_arbitrary_objects_are_never_unpickled(tmp_path):
     [
         ("model_tp0_wp0_pp0.pt", "ISP"),
         ("model_wp1_pp0.pt", "ISP"),
-        ("model_moe_layer0_expert3_tp0.pt", "MoE expert"),
+        ("model_moe_layer0_expert3_wp0.pt", "ISP"),
         ("model_tp0_pp0_dp1.pt", "FSDP"),
     ],
 )
@@ -237,3 +275,40 @@ def test_a_pipeline_stage_is_refused():
     del model.output
     with pytest.raises(CheckpointError, match=r"needs the whole model"):
         load_internlm_folder("/nonexistent", model)
+
+
+def test_moe_experts_whole_in_tp0_files_as_with_expert_no_tp(tmp_path):
+    family = "mixtral"
+    state, model = random_state(family), meta_model(family)
+    write_internevo_folder(tmp_path, state, model.names.layers, 2, 2)
+    for path in tmp_path.glob("model_moe_layer*_expert*_tp1.pt"):
+        path.unlink()  # parallel.expert.no_tp: each expert whole, in the _tp0 file only
+    for path in tmp_path.glob("model_moe_layer*_expert*_tp0.pt"):
+        layer, expert = (int(g) for g in re.match(r"model_moe_layer(\d+)_expert(\d+)", path.name).groups())
+        local = layer % 2  # 2 layers per stage
+        prefix = f"model.blocks.{local}.mlp.moe_layer.experts.wrapped_experts.{expert}"
+        full = {w: state[f"blocks.{layer}.mlp.moe_layer.experts.{w}"][expert] for w in ("w1", "w2", "w3")}
+        torch.save({f"{prefix}.{w}.weight": t.clone() for w, t in full.items()}, path)
+    loaded = load_internlm_folder(tmp_path, model)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items())
+
+
+def test_moe_expert_file_problems_are_named(tmp_path):
+    family = "qwen2-moe-shared"
+    model = meta_model(family)
+    write_internevo_folder(tmp_path, random_state(family), model.names.layers, 2, 2)
+    (tmp_path / "model_moe_layer3_expert1_tp0.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"model_moe_layer3_expert1_tp0\.pt is missing"):
+        load_internlm_folder(tmp_path, model)
+    with pytest.raises(CheckpointError, match=r"MoE expert files .* but this model has no experts"):
+        load_internlm_folder(tmp_path, meta_model(family, num_experts=1))
+
+
+def test_moe_expert_files_of_an_uneven_pipeline_split_are_refused(tmp_path):
+    family = "mixtral"
+    # 6 layers over 4 stages: 1 + 1 + 2 + 2; InternEvo names stage 2's second layer 2 x 1 + 1 = 3, as stage 3's first
+    overrides = dict(num_layers=6)
+    state, model = random_state(family, **overrides), meta_model(family, **overrides)
+    write_internevo_folder(tmp_path, state, model.names.layers, 1, 4)
+    with pytest.raises(CheckpointError, match=r"two layers' expert files share a name"):
+        load_internlm_folder(tmp_path, model)

@@ -22,7 +22,17 @@ InternLM v1's w2/w3: the code of 2023-07 to 2024-01 computed w3(silu(w1 x) * w2 
 under their names with the current meaning; a checkpoint of the older code is not told apart (its
 down projection w3 then has w2's shape and fails the shape check unless the MLP is square).
 
-Not supported, refused by name: ISP (weight-parallel) files, MoE expert files, FSDP (`_dp{d}`) files.
+Mixtures of experts: InternEvo keeps the experts out of the model files and writes one
+`model_moe_layer{L}_expert{e}_tp{t}.pt` per layer, global expert e and tensor rank t, holding
+`<layers>.<i>.<mlp>.moe_layer.experts.wrapped_experts.<e>.w1|w2|w3.weight` (i local to the stage), with
+L = pipeline rank x (num_layers // pipeline size) + i. Each expert's w1 and w3 are split over the tensor ranks
+along dim 0 and its w2 along dim 1, like the dense MLP (or whole in `_tp0` only, with parallel.expert.no_tp);
+they are merged and stacked into pytrain's `<mlp>.moe_layer.experts.w1|w3|w2` (E, ., .). The router and
+the mixing coefficient sit whole in the model files, the residual/shared MLP split like the dense MLP.
+With a pipeline size that does not divide num_layers InternEvo's L of two layers coincide; such a folder
+is refused.
+
+Not supported, refused by name: ISP (weight-parallel) files, FSDP (`_dp{d}`) files.
 """
 
 import pickle
@@ -38,14 +48,16 @@ from pytrain.parallel.tensor import plan_pattern
 from .decoder import Colwise, Decoder, EmbeddingSplit, Rowwise, VocabHead
 
 MODEL_FILE = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
+EXPERT_FILE = re.compile(r"^model_moe_layer(\d+)_expert(\d+)_tp(\d+)\.pt$")
+EXPERT_WEIGHTS = {"w1": 0, "w3": 0, "w2": 1}  # each expert's tensor-parallel split dim (InternEvo's MLP)
 UNSUPPORTED_FILES = (
     (
         re.compile(r"^model_(tp\d+_)?wp\d+_pp\d+\.pt$"),
         "ISP (parallel.tensor.mode='isp', weight-parallel) model files are not supported",
     ),
     (
-        re.compile(r"^model_moe_layer\d+_expert\d+_(tp|wp)\d+\.pt$"),
-        "MoE expert files are not supported (pytrain has no MoE layers)",
+        re.compile(r"^model_moe_layer\d+_expert\d+_wp\d+\.pt$"),
+        "ISP (expert weight-parallel) MoE expert files are not supported",
     ),
     (re.compile(r"^model_tp\d+_pp\d+_dp\d+\.pt$"), "FSDP (per data-parallel rank) model files are not supported"),
 )
@@ -80,6 +92,8 @@ def load_internlm_folder(folder: str | Path, model: Decoder) -> dict[str, torch.
                 merger.problems.append(f"{name} differs between pipeline stages ({paths[0].name} and an earlier one)")
             merged.setdefault(name, tensor)
     _check_layer_split(layer_counts, model.num_layers, files[(0, 0)].parent)
+    folder = files[(0, 0)].parent
+    merged.update(_merge_experts(folder, model, full_shapes, layer_counts, tp_size, merger.problems))
     missing = [name for name in full_shapes if name not in merged]
     unexpected = sorted(name for name in merged if name not in full_shapes)
     problems = merger.problems
@@ -126,6 +140,85 @@ def _model_files(folder: Path) -> dict[tuple[int, int], Path]:
             f"{_listing(absent)} missing (a save that did not finish, or files copied partly)"
         )
     return files
+
+
+def _merge_experts(
+    folder: Path, model: Decoder, full_shapes: dict, layer_counts: list[int], tp_size: int, problems: list[str]
+) -> dict[str, torch.Tensor]:
+    """The stacked expert weights of every MoE layer from the folder's expert files (module docstring)."""
+    files = {}
+    for path in folder.iterdir():
+        match = EXPERT_FILE.match(path.name)
+        if match:
+            files[tuple(int(g) for g in match.groups())] = path
+    n = model.names
+    stacked = {name: shape for name, shape in full_shapes.items() if ".moe_layer.experts." in name}
+    if not stacked:
+        if files:
+            problems.append(
+                f"MoE expert files ({_listing(sorted(p.name for p in files.values()))}) but this model "
+                f"has no experts: set model.num_experts as the run that saved them"
+            )
+        return {}
+    base = model.num_layers // len(layer_counts)
+    file_layer = [stage * base + i for stage, count in enumerate(layer_counts) for i in range(count)]
+    if len(set(file_layer)) < len(file_layer):
+        problems.append(
+            f"InternEvo numbers expert files by pipeline rank x (num_layers // pipeline size) + layer, so with "
+            f"{model.num_layers} layers over {len(layer_counts)} stages ({' + '.join(map(str, layer_counts))}) two "
+            f"layers' expert files share a name: this folder cannot be read unambiguously"
+        )
+        return {}
+    starts = [sum(layer_counts[:stage]) for stage in range(len(layer_counts))]
+    merged = {}
+    for layer, name_layer in enumerate(file_layer):
+        stage = max(s for s in range(len(starts)) if starts[s] <= layer)
+        local = layer - starts[stage]
+        prefix = f"{n.layers}.{layer}.{n.mlp}.moe_layer.experts"
+        if f"{prefix}.w1" not in stacked:
+            continue
+        experts = stacked[f"{prefix}.w1"][0]
+        weights = {w: torch.empty(stacked[f"{prefix}.{w}"], dtype=torch.float32) for w in EXPERT_WEIGHTS}
+        dtypes = set()
+        for expert in range(experts):
+            ranks = [files.get((name_layer, expert, t)) for t in range(tp_size)]
+            if ranks[0] is None:
+                problems.append(f"expert file model_moe_layer{name_layer}_expert{expert}_tp0.pt is missing ({prefix})")
+                continue
+            ranks = [path for path in ranks if path is not None]
+            if len(ranks) not in (1, tp_size):
+                problems.append(f"{prefix}: expert {expert} has {len(ranks)} of {tp_size} tensor ranks' files")
+                continue
+            key = f"{n.layers}.{local}.{n.mlp}.moe_layer.experts.wrapped_experts.{expert}"
+            pieces = [_read_state(path) for path in ranks]
+            for state, path in zip(pieces, ranks, strict=True):
+                extra = sorted(set(state) - {f"{key}.{w}.weight" for w in EXPERT_WEIGHTS})
+                if extra:
+                    problems.append(f"{path.name}: unexpected {_listing(extra)} (expected {key}.w1|w2|w3.weight)")
+            for weight, dim in EXPERT_WEIGHTS.items():
+                parts = [state.get(f"{key}.{weight}.weight") for state in pieces]
+                if any(part is None for part in parts):
+                    problems.append(f"{ranks[0].name}: {key}.{weight}.weight is missing")
+                    continue
+                full_shape = tuple(weights[weight].shape[1:])
+                whole = len(parts) == 1 or tuple(parts[0].shape) == full_shape
+                if whole:
+                    part = parts[0]
+                elif tuple(parts[0].shape) == ShardSpec.split(full_shape, dim, 0, len(parts)).local_shape:
+                    part = torch.cat(parts, dim)
+                else:
+                    part = parts[0]
+                if tuple(part.shape) != full_shape:
+                    problems.append(
+                        f"{ranks[0].name}: {key}.{weight}.weight has shape {tuple(parts[0].shape)}, the model's expert "
+                        f"{full_shape} (or a 1/{tp_size} shard of it along dim {dim})"
+                    )
+                    continue
+                weights[weight][expert] = part
+                dtypes.add(part.dtype)
+        if len(dtypes) == 1:  # the checkpoint's dtype, as for every other tensor
+            merged.update({f"{prefix}.{w}": t.to(next(iter(dtypes))) for w, t in weights.items()})
+    return merged
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -205,7 +298,13 @@ class _ShardMerger:
     """Merges the tensor ranks' pieces of each parameter of one stage into the whole parameter."""
 
     def __init__(self, model: Decoder, full_shapes: dict[str, tuple[int, ...]], tp_size: int):
-        self.plan = [(plan_pattern(key), how) for key, how in model.tensor_parallel_plan().items()]
+        plan = model.tensor_parallel_plan()
+        n = model.names
+        for layer in model.decoder_layers.values():  # InternEvo splits an MoE block's residual MLP as a dense one
+            residual = getattr(layer.get_submodule(n.mlp), "residual_mlp", None)
+            if residual is not None:
+                plan.update({f"{n.layers}.*.{n.mlp}.residual_mlp.{k}": how for k, how in residual.plan().items()})
+        self.plan = [(plan_pattern(key), how) for key, how in plan.items()]
         self.full_shapes, self.tp_size = full_shapes, tp_size
         self.embedding = f"{model.names.embedding}.weight"
         self.problems: list[str] = []
