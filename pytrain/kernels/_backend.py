@@ -1,6 +1,7 @@
 """Finds the compiled kernel modules and describes tensors to them (dtype codes, streams, threads)."""
 
 import importlib
+import os
 import warnings
 
 import torch
@@ -46,3 +47,18 @@ def parallelism(tensor: torch.Tensor, rows: int) -> int:
     else:
         workers = torch.get_num_threads()
     return max(1, min(workers, rows))
+
+
+def runs_triton(device: torch.device) -> bool:
+    """Whether the Triton kernels serve `device`: CUDA, or the CPU through Triton's interpreter on request
+    (PYTRAIN_TRITON_CPU=1 with TRITON_INTERPRET=1; tests only)."""
+    if device.type == "cuda":
+        return True
+    if os.environ.get("PYTRAIN_TRITON_CPU", "0") != "1":
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(
+            "PYTRAIN_TRITON_CPU=1 runs Triton on the CPU through its interpreter: set "
+            "TRITON_INTERPRET=1 too, before triton is first imported"
+        )
+    return True

@@ -10,29 +10,16 @@ only: it is slow); that needs TRITON_INTERPRET=1 set before triton is first impo
 
 import itertools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
+from ._backend import runs_triton
 from ._checks import check_same_device, check_tensor
 from .packed import PackedSequences
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-
-
-def _runs_triton(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    if os.environ.get("PYTRAIN_TRITON_CPU", "0") != "1":
-        return False
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(
-            "PYTRAIN_TRITON_CPU=1 runs Triton on the CPU through its interpreter: set "
-            "TRITON_INTERPRET=1 too, before triton is first imported"
-        )
-    return True
 
 
 @torch.library.custom_op("pytrain::flash_attn_varlen_forward", mutates_args=())
@@ -144,7 +131,7 @@ def flash_attn_func(
     _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
     scale = _scale(softmax_scale, q.shape[-1])
     batch, seq = q.shape[:2]
-    if not _runs_triton(q.device):
+    if not runs_triton(q.device):
         return _sdpa(q, k, v, causal, scale)
     cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=q.device)
     # A view whenever (batch, seq) merge (q, k, v as slices of one fused qkv do): the kernels take strided tokens.
@@ -182,7 +169,7 @@ def flash_attn_varlen_func(
         max_seqlen = longest
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
         raise ValueError(f"max_seqlen ({max_seqlen}) must be an int >= the longest sequence ({longest})")
-    if not _runs_triton(q.device):
+    if not runs_triton(q.device):
         # One document at a time, each as a batch of one: SDPA's CPU flash kernel takes 4-D input only
         # (3-D input falls back to its materializing math path, 5x slower).
         return torch.cat(

@@ -30,9 +30,8 @@ import os
 
 import torch
 
-from ._backend import SUPPORTED_DTYPES
+from ._backend import SUPPORTED_DTYPES, runs_triton
 from ._checks import check_same_device, check_tensor
-from .flash_attn import _runs_triton
 from .moe_permute import INDEX_DTYPES, require
 
 IMPLEMENTATIONS = ("auto", "loop", "torch", "triton")
@@ -50,7 +49,7 @@ def implementation(x: torch.Tensor, weight: torch.Tensor) -> str:
             "PYTRAIN_GROUPED_MM=torch: torch._grouped_mm needs in_features and out_features whose rows are a multiple "
             f"of 16 bytes, got {x.shape[1]} and {weight.shape[1]} of {x.dtype}"
         )
-    if choice == "triton" and not _runs_triton(x.device):
+    if choice == "triton" and not runs_triton(x.device):
         raise ValueError(
             "PYTRAIN_GROUPED_MM=triton needs a CUDA tensor (or PYTRAIN_TRITON_CPU=1 with TRITON_INTERPRET=1)"
         )
@@ -58,7 +57,7 @@ def implementation(x: torch.Tensor, weight: torch.Tensor) -> str:
         return choice
     if x.device.type == "cuda":
         return "torch" if _torch_grouped_mm_fits(x, weight) else "triton"
-    if _runs_triton(x.device):
+    if runs_triton(x.device):
         return "triton"
     return "torch" if hasattr(torch, "_grouped_mm") and _torch_layout_ok(x, weight) else "loop"
 

@@ -27,7 +27,7 @@ its check of row_of is a device-side assertion (a bad row_of fails the next sync
 device-side assert); on the CPU every bad value is a ValueError at the call. Both are torch.library custom ops
 (autograd and torch.compile(fullgraph=True) see one op each way; `permuted` has a data-dependent row count).
 Without pytrain._C the plain-PyTorch references in `reference` run on the CPU. PYTRAIN_TRITON_CPU=1 runs the
-Triton kernels on CPU tensors through Triton's interpreter (tests only; see flash_attn.py).
+Triton kernels on CPU tensors through Triton's interpreter (tests only; _backend.runs_triton).
 """
 
 import warnings
@@ -35,9 +35,8 @@ import warnings
 import torch
 
 from . import reference
-from ._backend import DTYPE_CODES, extension, parallelism
+from ._backend import DTYPE_CODES, extension, parallelism, runs_triton
 from ._checks import check_same_device, check_tensor
-from .flash_attn import _runs_triton
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -63,7 +62,7 @@ _cpu_extension = _load_cpu_extension()
 
 def _backend(device: torch.device) -> str:
     """'triton' (CUDA, or the interpreter on request), 'cpp' (pytrain._C) or 'reference' (not built)."""
-    if _runs_triton(device):
+    if runs_triton(device):
         return "triton"
     return "cpp" if device.type == "cpu" and _cpu_extension is not None else "reference"
 
