@@ -209,12 +209,18 @@ def test_unpermute_weights_of_any_float_dtype(weights_dtype, device):
     check_unpermute(expert_out, row_of, weights.to(weights_dtype), torch.bfloat16)
 
 
+# Work enough for 3 threads (csrc/cpu/moe_permute.cpp: 2^18 assignments, 2^20 row elements per thread): of
+# the counting sort (900k assignments of 1-element rows), of the row moves (30k tokens x 2 x 64 elements).
+THREADED_CASES = {"sort": (300_000, 3, 8, 1, 0.1, None), "rows": (30_000, 2, 8, 64, 0.1, None)}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_cpu_threads_split_tokens(dtype, threads, num_threads):
-    """Enough assignments that the counting sort and the row moves split over threads (uneven with 3)."""
+@pytest.mark.parametrize("work", list(THREADED_CASES))
+def test_cpu_threads_split_tokens(dtype, threads, work, num_threads):
+    """Enough work that the counting sort or the row moves split over threads (uneven with 3)."""
     num_threads(threads)
-    x, ids, experts, weights = permute_case((20000, 2, 8, 4, 0.1, None), dtype, "cpu")
+    x, ids, experts, weights = permute_case(THREADED_CASES[work], dtype, "cpu")
     permuted, row_of, _ = check_permute(x, ids, experts, dtype)
     check_unpermute(floats(permuted.shape, dtype, "cpu", 5), row_of, weights, dtype)
 

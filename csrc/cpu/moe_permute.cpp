@@ -10,8 +10,10 @@
 namespace pytrain::cpu {
 namespace {
 
-constexpr int64_t kMinElementsPerThread = 1 << 15;
-constexpr int64_t kMinAssignmentsPerThread = 1 << 14;
+// A thread costs 100-300 us to start and join on the project's shared 2-core machine (measured), as long as
+// ~1M row elements take to move: below that one thread is faster (bench/test_moe_kernels_bench.py).
+constexpr int64_t kMinElementsPerThread = 1 << 20;
+constexpr int64_t kMinAssignmentsPerThread = 1 << 18;
 constexpr int64_t kChunk = 1024;  // hidden elements accumulated at a time in fp32 (on the stack)
 
 template <typename Id>
