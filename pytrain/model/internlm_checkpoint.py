@@ -150,75 +150,83 @@ def _merge_experts(
     for path in folder.iterdir():
         match = EXPERT_FILE.match(path.name)
         if match:
-            files[tuple(int(g) for g in match.groups())] = path
+            files[tuple(int(g) for g in match.groups())] = path  # (L, expert, tensor rank)
     n = model.names
-    stacked = {name: shape for name, shape in full_shapes.items() if ".moe_layer.experts." in name}
-    if not stacked:
+    if not any(".moe_layer.experts." in name for name in full_shapes):
         if files:
             problems.append(
                 f"MoE expert files ({_listing(sorted(p.name for p in files.values()))}) but this model "
                 f"has no experts: set model.num_experts as the run that saved them"
             )
         return {}
-    base = model.num_layers // len(layer_counts)
-    file_layer = [stage * base + i for stage, count in enumerate(layer_counts) for i in range(count)]
-    if len(set(file_layer)) < len(file_layer):
+    merged = {}
+    for layer, (file_layer, local) in enumerate(_expert_file_layers(model.num_layers, layer_counts, problems)):
+        prefix = f"{n.layers}.{layer}.{n.mlp}.moe_layer.experts"
+        if f"{prefix}.w1" not in full_shapes:  # a dense layer
+            continue
+        shapes = {w: full_shapes[f"{prefix}.{w}"][1:] for w in EXPERT_WEIGHTS}
+        experts = [
+            _read_expert(
+                [files.get((file_layer, expert, t)) for t in range(tp_size)],
+                f"model_moe_layer{file_layer}_expert{expert}_tp0.pt",
+                f"{n.layers}.{local}.{n.mlp}.moe_layer.experts.wrapped_experts.{expert}",
+                shapes,
+                problems,
+            )
+            for expert in range(full_shapes[f"{prefix}.w1"][0])
+        ]
+        if all(e is not None for e in experts):
+            merged.update({f"{prefix}.{w}": torch.stack([e[w] for e in experts]) for w in EXPERT_WEIGHTS})
+    return merged
+
+
+def _expert_file_layers(num_layers: int, layer_counts: list[int], problems: list[str]) -> list[tuple[int, int]]:
+    """Per global layer: (InternEvo's L in its expert files' names, its stage-local index); [] when two
+    layers share an L."""
+    base = num_layers // len(layer_counts)
+    pairs = [(stage * base + i, i) for stage, count in enumerate(layer_counts) for i in range(count)]
+    if len({file_layer for file_layer, _ in pairs}) < len(pairs):
         problems.append(
             f"InternEvo numbers expert files by pipeline rank x (num_layers // pipeline size) + layer, so with "
-            f"{model.num_layers} layers over {len(layer_counts)} stages ({' + '.join(map(str, layer_counts))}) two "
+            f"{num_layers} layers over {len(layer_counts)} stages ({' + '.join(map(str, layer_counts))}) two "
             f"layers' expert files share a name: this folder cannot be read unambiguously"
         )
-        return {}
-    starts = [sum(layer_counts[:stage]) for stage in range(len(layer_counts))]
-    merged = {}
-    for layer, name_layer in enumerate(file_layer):
-        stage = max(s for s in range(len(starts)) if starts[s] <= layer)
-        local = layer - starts[stage]
-        prefix = f"{n.layers}.{layer}.{n.mlp}.moe_layer.experts"
-        if f"{prefix}.w1" not in stacked:
-            continue
-        experts = stacked[f"{prefix}.w1"][0]
-        weights = {w: torch.empty(stacked[f"{prefix}.{w}"], dtype=torch.float32) for w in EXPERT_WEIGHTS}
-        dtypes = set()
-        for expert in range(experts):
-            ranks = [files.get((name_layer, expert, t)) for t in range(tp_size)]
-            if ranks[0] is None:
-                problems.append(f"expert file model_moe_layer{name_layer}_expert{expert}_tp0.pt is missing ({prefix})")
-                continue
-            ranks = [path for path in ranks if path is not None]
-            if len(ranks) not in (1, tp_size):
-                problems.append(f"{prefix}: expert {expert} has {len(ranks)} of {tp_size} tensor ranks' files")
-                continue
-            key = f"{n.layers}.{local}.{n.mlp}.moe_layer.experts.wrapped_experts.{expert}"
-            pieces = [_read_state(path) for path in ranks]
-            for state, path in zip(pieces, ranks, strict=True):
-                extra = sorted(set(state) - {f"{key}.{w}.weight" for w in EXPERT_WEIGHTS})
-                if extra:
-                    problems.append(f"{path.name}: unexpected {_listing(extra)} (expected {key}.w1|w2|w3.weight)")
-            for weight, dim in EXPERT_WEIGHTS.items():
-                parts = [state.get(f"{key}.{weight}.weight") for state in pieces]
-                if any(part is None for part in parts):
-                    problems.append(f"{ranks[0].name}: {key}.{weight}.weight is missing")
-                    continue
-                full_shape = tuple(weights[weight].shape[1:])
-                whole = len(parts) == 1 or tuple(parts[0].shape) == full_shape
-                if whole:
-                    part = parts[0]
-                elif tuple(parts[0].shape) == ShardSpec.split(full_shape, dim, 0, len(parts)).local_shape:
-                    part = torch.cat(parts, dim)
-                else:
-                    part = parts[0]
-                if tuple(part.shape) != full_shape:
-                    problems.append(
-                        f"{ranks[0].name}: {key}.{weight}.weight has shape {tuple(parts[0].shape)}, the model's expert "
-                        f"{full_shape} (or a 1/{tp_size} shard of it along dim {dim})"
-                    )
-                    continue
-                weights[weight][expert] = part
-                dtypes.add(part.dtype)
-        if len(dtypes) == 1:  # the checkpoint's dtype, as for every other tensor
-            merged.update({f"{prefix}.{w}": t.to(next(iter(dtypes))) for w, t in weights.items()})
-    return merged
+        return []
+    return pairs
+
+
+def _read_expert(
+    paths: list, first: str, key: str, shapes: dict, problems: list[str]
+) -> dict[str, torch.Tensor] | None:
+    """One expert's whole w1, w3, w2 from its tensor ranks' files (`paths`, None where absent; `first` the name
+    of tensor rank 0's), under `key`; None (with the problems noted) when they do not make the expert."""
+    if paths[0] is None:
+        problems.append(f"expert file {first} is missing")
+        return None
+    present = [path for path in paths if path is not None]
+    if len(present) not in (1, len(paths)):
+        problems.append(f"{present[0].name}: {len(present)} of {len(paths)} tensor ranks' files of {key}")
+        return None
+    states = [_read_state(path) for path in present]
+    expected = {f"{key}.{w}.weight" for w in EXPERT_WEIGHTS}
+    for state, path in zip(states, present, strict=True):
+        if set(state) != expected:
+            problems.append(f"{path.name}: holds {_listing(sorted(state))}, expected {key}.w1|w2|w3.weight")
+            return None
+    expert = {}
+    for weight, dim in EXPERT_WEIGHTS.items():
+        parts = [state[f"{key}.{weight}.weight"] for state in states]
+        whole = len(parts) == 1 or tuple(parts[0].shape) == shapes[weight]  # parallel.expert.no_tp: rank 0's
+        same = all(part.shape == parts[0].shape for part in parts)
+        tensor = parts[0] if whole or not same else torch.cat(parts, dim)
+        if tuple(tensor.shape) != shapes[weight]:
+            problems.append(
+                f"{present[0].name}: {key}.{weight}.weight has shape {tuple(parts[0].shape)}, the model's expert "
+                f"{shapes[weight]} (or a 1/{len(paths)} shard of it along dim {dim})"
+            )
+            return None
+        expert[weight] = tensor
+    return expert
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
