@@ -91,9 +91,9 @@ def load_internlm_folder(folder: str | Path, model: Decoder) -> dict[str, torch.
             if name in merged and not torch.equal(merged[name], tensor):
                 merger.problems.append(f"{name} differs between pipeline stages ({paths[0].name} and an earlier one)")
             merged.setdefault(name, tensor)
-    _check_layer_split(layer_counts, model.num_layers, files[(0, 0)].parent)
-    folder = files[(0, 0)].parent
-    merged.update(_merge_experts(folder, model, full_shapes, layer_counts, tp_size, merger.problems))
+    root = files[(0, 0)].parent
+    _check_layer_split(layer_counts, model.num_layers, root)
+    merged.update(_merge_experts(root, model, full_shapes, layer_counts, tp_size, merger.problems))
     missing = [name for name in full_shapes if name not in merged]
     unexpected = sorted(name for name in merged if name not in full_shapes)
     problems = merger.problems
@@ -103,7 +103,7 @@ def load_internlm_folder(folder: str | Path, model: Decoder) -> dict[str, torch.
         problems.append(f"in the checkpoint but not in this {model.family} model: {_listing(unexpected)}")
     if problems:
         raise CheckpointError(
-            f"the InternLM checkpoint {files[(0, 0)].parent} does not fit this {model.family} model "
+            f"the InternLM checkpoint {root} does not fit this {model.family} model "
             f"(model_type and model fields of the config):\n  " + "\n  ".join(problems)
         )
     return {name: merged[name] for name in full_shapes}

@@ -139,8 +139,9 @@ def apply_expert_parallel(stage: nn.Module, tensor_group, expert_group, sequence
         if not isinstance(block, MoE):
             continue
         layer = block.moe_layer
-        if tensor_size == expert_size == 1:  # whole, but still their own ZeRO-1 domain (parallel.expert_zero1)
-            experts.update(f"{name}.moe_layer.experts.{weight}" for weight, _ in layer.experts.named_parameters())
+        # expert weights even when left whole: their own ZeRO-1 domain (parallel.expert_zero1)
+        experts.update(f"{name}.moe_layer.experts.{weight}" for weight, _ in layer.experts.named_parameters())
+        if tensor_size == expert_size == 1:
             continue
         num_experts = layer.experts.w1.shape[0]
         if num_experts % (expert_size * tensor_size):
@@ -152,9 +153,7 @@ def apply_expert_parallel(stage: nn.Module, tensor_group, expert_group, sequence
         for weight_name, param in list(layer.experts.named_parameters(recurse=False)):
             spec = ShardSpec.split(tuple(param.shape), 0, owner, expert_size * tensor_size)
             setattr(layer.experts, weight_name, _shard(param, spec))
-            full_name = f"{name}.moe_layer.experts.{weight_name}"
-            facts[full_name] = (spec, False)
-            experts.add(full_name)
+            facts[f"{name}.moe_layer.experts.{weight_name}"] = (spec, False)
         layer.dispatcher = ExpertParallelDispatcher(num_experts, expert_group, tensor_size, tensor_rank)
         if tensor_size == 1:
             continue
