@@ -15,7 +15,8 @@ Every name InternLM's and InternEvo's configs use is known, with one of these ki
   not available a feature pytrain lacks: accepted at the value that changes nothing, else a ConfigError;
   pending       implemented by the data-loader or checkpoint work: refused where a value would need it
                 (only(...) checks), listed as ignored here when set to another value than the default;
-  renamed       InternEvo's older name of a field pytrain has; the value moves there.
+  renamed       InternEvo's older name of a field pytrain has, or InternLM's older spelling of one (README's "Older
+                InternLM spellings"); the value moves there.
 
 The model section is the union of every family's fields; which act is up to the builder registered for
 model_type (MODEL_INITIALIZER). A builder with explicit keyword parameters gets exactly those: the file's
@@ -28,6 +29,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import os
 import pprint
 import runpy
 from collections.abc import Callable
@@ -40,6 +42,14 @@ from pytrain import config_vocabulary
 
 DTYPES = ("torch.float16", "torch.half", "torch.bfloat16", "torch.float32", "torch.tf32")
 BUILTIN_CORPUS = "builtin:stdlib"
+
+# InternLM's sp values, each the mode InternEvo later named (InternEvo d30aecd renamed them in this order)
+OLD_SP = {"none": "mtp", "megatron": "msp", "flash-attn": "fsp", "intern": "isp"}
+# The tensor-parallel modes pytrain does not run, by their feature
+UNAVAILABLE_MODES = {
+    "fsp": "flash-attn's sequence parallel; msp computes the same, keeping the gathered activations for the backward",
+    "isp": "InternEvo's intern sequence parallel, with weight parallelism",
+}
 
 
 class ConfigError(ValueError):
@@ -193,8 +203,9 @@ SCHEMA: dict[str, Any] = {
         "skip_batches": _field("", str, "batches consumed but not trained: 'a-b,c' (0-based batch indices)"),
         "rampup_batch_size": _field(
             "",
-            str,
-            "batch-size ramp-up 'start incr every': micro-batches per step min(start + b // every * incr, micro_num)",
+            (str, NONE),
+            "batch-size ramp-up 'start incr every': micro-batches per step min(start + b // every * incr, micro_num) "
+            "('' or None: none)",
         ),
         "min_length": _field(50, int, "drop samples shorter than this", non_negative),
         "train_folder": _field(
@@ -219,8 +230,18 @@ SCHEMA: dict[str, Any] = {
             "mode": _field(
                 "mtp",
                 str,
-                "mtp (Megatron tensor parallel), msp (+ sequence parallel); fsp, isp are not available",
+                "mtp (Megatron tensor parallel), msp (+ sequence parallel); fsp, isp are not available; InternLM's "
+                "older 'origin_tp' is mtp (fsp with parallel.sequence_parallel=True), its 'fstp' is isp",
                 one_of("mtp", "msp", "fsp", "isp"),
+            ),
+            # moved into mode by _move_old_tensor_spellings
+            "sp": _field(
+                "none",
+                str,
+                "InternLM's older spelling of mode: 'none' = mtp, 'megatron' = msp, 'flash-attn' = fsp, 'intern' = isp",
+                one_of(*OLD_SP),
+                kind=RENAMED,
+                note="parallel.tensor.mode",
             ),
         },
         "pipeline": {
@@ -243,6 +264,13 @@ SCHEMA: dict[str, Any] = {
                 "them while zero1 is on; 1: off); it must divide data-parallel size / expert size",
             ),
         },
+        "process_group_timeout_s": _field(
+            1800,
+            (int, float),
+            "seconds a rank waits on the others (rendezvous, each process group's collectives) before failing "
+            "instead of hanging (1800: InternEvo's LLM_NCCL_TIMEOUT, which no InternEvo config field sets)",
+            positive,
+        ),
     },
     "hybrid_zero_optimizer": {
         "overlap_sync_grad": _field(True, bool, "reduce gradients in buckets during the backward"),
@@ -339,6 +367,29 @@ SCHEMA: dict[str, Any] = {
             "(pytrain's checkpoints) | 'hf' (a Hugging Face folder, model only))",
         ),
         "auto_resume": _field(True, bool, "resume from the newest complete checkpoint in save_ckpt_folder, if any"),
+        # InternLM v0.1/v0.2's loading switches, moved into load_ckpt_info / auto_resume by _move_old_ckpt_loads
+        "load_model_only_folder": _field(
+            None,
+            (str, NONE),
+            "InternLM's older model-only start: load_ckpt_info=dict(path=..., content=('model',))",
+            kind=RENAMED,
+            note="ckpt.load_ckpt_info",
+        ),
+        "load_optimizer": _field(
+            True,
+            bool,
+            "InternLM's older switch for resuming load_ckpt_folder: False is "
+            "load_ckpt_info=dict(path=load_ckpt_folder, content=('model', 'sampler', 'scheduler'))",
+            kind=RENAMED,
+            note="ckpt.load_ckpt_info",
+        ),
+        "load_given_ckpt": _field(
+            False,
+            bool,
+            "InternLM v0.2.0's: True loads load_ckpt_folder rather than the newest checkpoint (auto_resume=False)",
+            kind=RENAMED,
+            note="ckpt.auto_resume",
+        ),
         "checkpoint_every": _field(50, int, "save every N steps (and at the last step)", positive),
         "keep_last": _field(
             0, int, "complete checkpoints to keep (0: all); older ones go after a newer one is complete", non_negative
@@ -602,9 +653,87 @@ def _move_moe_section(raw: dict, source: str) -> None:
         target[key] = value
 
 
+def _move_old_tensor_spellings(raw: dict, source: str) -> None:
+    """InternLM's older tensor-parallel modes, read as the mode InternEvo later named: sp='none' | 'megatron' |
+    'flash-attn' | 'intern' (InternLM d91a5d9) and mode='origin_tp' | 'fstp' (InternLM 189a313; d91a5d9 renamed
+    fstp to sp='intern'). A mode pytrain does not run is refused in the spelling the file used."""
+    parallel = raw.get("parallel")
+    tensor = parallel.get("tensor") if isinstance(parallel, dict) else None
+    if not isinstance(tensor, dict):
+        return  # absent, a bare size, or malformed (its own validation names it)
+    if "sp" in tensor:
+        sp = tensor.pop("sp")
+        _validate_field(sp, SCHEMA["parallel"]["tensor"]["sp"], "parallel.tensor.sp", source)
+        mode, spelling = OLD_SP[sp], f"parallel.tensor.sp = {sp!r}"
+        if tensor.get("mode", mode) != mode:
+            raise ConfigError(
+                f"{source}: {spelling} and parallel.tensor.mode = {tensor['mode']!r}: sp is InternLM's older spelling "
+                f"of mode ({sp!r} is {mode!r}); give only mode"
+            )
+    elif tensor.get("mode") in ("origin_tp", "fstp"):
+        old = tensor["mode"]
+        # origin_tp's sequence parallelism was flash-attn's linear layers', which sp='flash-attn' kept
+        if old == "fstp":
+            mode = "isp"
+        else:
+            mode = "fsp" if parallel.get("sequence_parallel") else "mtp"
+        with_sequence = " with parallel.sequence_parallel=True" if mode == "fsp" else ""
+        spelling = f"parallel.tensor.mode = {old!r}{with_sequence}"
+    else:
+        return
+    if mode in UNAVAILABLE_MODES:
+        raise ConfigError(
+            f"{source}: {spelling}: InternLM's older spelling of mode={mode!r} ({UNAVAILABLE_MODES[mode]}), which is "
+            f"not available in pytrain; use mode='mtp' or 'msp'"
+        )
+    tensor["mode"] = mode
+
+
+def _move_old_ckpt_loads(raw: dict, source: str, ignored: list[str]) -> None:
+    """InternLM v0.1/v0.2's loading switches, moved where InternLM's own legacy shim put them (InternLM f6e007f,
+    internlm/initialize/legacy/launch.py): load_model_only_folder=P is load_ckpt_info=dict(path=P,
+    content=('model',)), load_given_ckpt=B is auto_resume=not B, and load_optimizer=False resumes load_ckpt_folder
+    without the optimizer state (the shim left out the scheduler too, which v0.1 and v0.2 resumed: here it is
+    resumed). As in InternLM, load_optimizer applies to load_ckpt_folder only; elsewhere it is ignored here."""
+    ckpt = raw.get("ckpt")
+    if not isinstance(ckpt, dict):
+        return  # a malformed section: its own validation names it
+    old = {key: ckpt.pop(key) for key in ("load_model_only_folder", "load_optimizer", "load_given_ckpt") if key in ckpt}
+    for key, value in old.items():
+        _validate_field(value, SCHEMA["ckpt"][key], f"ckpt.{key}", source)
+
+    def move(key: str, field: str, value) -> None:
+        if ckpt.get(field) not in (None, value):
+            raise ConfigError(
+                f"{source}: ckpt.{key} = {old[key]!r} and ckpt.{field} = {ckpt[field]!r}: {key} is InternLM's older "
+                f"spelling of {field}={value!r}; give only {field}"
+            )
+        ckpt[field] = value
+
+    if "load_given_ckpt" in old:
+        move("load_given_ckpt", "auto_resume", not old["load_given_ckpt"])
+    folder, model_only = ckpt.get("load_ckpt_folder"), old.get("load_model_only_folder")
+    if model_only is not None:
+        if folder is not None:
+            raise ConfigError(
+                f"{source}: ckpt.load_model_only_folder and ckpt.load_ckpt_folder are both set: InternLM refuses that "
+                f"too; give the folder to start from as load_ckpt_info=dict(path=..., content=...)"
+            )
+        move(
+            "load_model_only_folder", "load_ckpt_info", dict(path=model_only, content=("model",), ckpt_type="internlm")
+        )
+    if "load_optimizer" in old:
+        if folder is None or ckpt.get("load_ckpt_info") is not None:
+            ignored.append("ckpt.load_optimizer (applies to load_ckpt_folder only)")
+        elif not old["load_optimizer"]:
+            ckpt["load_ckpt_info"] = dict(path=folder, content=("model", "sampler", "scheduler"), ckpt_type="internlm")
+
+
 def _validate(raw: dict, source: str, ignored: list[str]) -> dict:
     _move_renamed(raw, source)
     _move_moe_section(raw, source)
+    _move_old_tensor_spellings(raw, source)
+    _move_old_ckpt_loads(raw, source, ignored)
     out = {key: value for key, value in raw.items() if key.isupper()}  # the file's own helper constants
     out.update(_validate_section(raw, SCHEMA, source, "", ignored))
     _check_cross_fields(out, source)
@@ -751,9 +880,10 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
             "model.num_chunks",
             "num_chunks > 1 selects the interleaved pipeline schedule and needs parallel.pipeline.size > 1",
         )
-    if parallel["tensor"]["mode"] not in ("mtp", "msp"):
-        fail("parallel.tensor.mode", f"{parallel['tensor']['mode']!r} is not available; use 'mtp' or 'msp'")
-    if parallel.get("sequence_parallel") and parallel["tensor"]["mode"] == "mtp":
+    mode = parallel["tensor"]["mode"]
+    if mode in UNAVAILABLE_MODES:
+        fail("parallel.tensor.mode", f"{mode!r} ({UNAVAILABLE_MODES[mode]}) is not available; use 'mtp' or 'msp'")
+    if parallel.get("sequence_parallel") and mode == "mtp":
         fail(
             "parallel.sequence_parallel",
             "True is InternEvo's older spelling of sequence parallelism: set parallel.tensor.mode='msp' instead",
@@ -764,6 +894,9 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
             f"{data['gradient_accumulation']}: pytrain accumulates data.micro_num={data['micro_num']} micro-batches "
             "per step; leave it out or make it equal",
         )
+    if data["rampup_batch_size"] is None:  # InternLM v0.2's spelling of no ramp-up
+        data["rampup_batch_size"] = ""
+    _check_snapshot_folder(cfg["ckpt"], fail)
     _check_model_split(model, data, parallel, fail)
     folder = data["train_folder"]
     if folder == BUILTIN_CORPUS and model.get("vocab_size", 256) < 256:
@@ -774,6 +907,24 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
         cfg["beta2_scheduler"]["init_beta2"] = cfg["adam"]["adam_beta2"]
     if cfg["beta2_scheduler"]["c"] is None:
         cfg["beta2_scheduler"]["c"] = cfg["adam"]["adam_beta2_c"]
+
+
+def _check_snapshot_folder(ckpt: dict, fail) -> None:
+    """InternLM v0.2.0's snapshot_ckpt_folder: pytrain's snapshots go where InternLM's went by default."""
+    given = ckpt.get("snapshot_ckpt_folder")
+    if given is None or not (ckpt["enable_save_ckpt"] and ckpt["save_ckpt_folder"] and ckpt["oss_snapshot_freq"]):
+        return
+
+    def local(folder: str) -> str:
+        return os.path.normpath(folder.removeprefix("local:"))
+
+    expected = os.path.join(local(ckpt["save_ckpt_folder"]), "snapshot")
+    if local(given) != expected:
+        fail(
+            "ckpt.snapshot_ckpt_folder",
+            f"{given!r}: snapshots go to <save_ckpt_folder>/snapshot ({expected}) in pytrain; another folder is not "
+            "available: leave the field out",
+        )
 
 
 def mlp_width(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int:
@@ -824,6 +975,13 @@ def _check_model_split(model: dict, data: dict, parallel: dict, fail) -> None:
             "data.micro_num",
             f"the interleaved schedule needs micro_num ({data['micro_num']}) to be a multiple of "
             f"parallel.pipeline.size={pipeline}",
+        )
+    ramp = data.get("rampup_batch_size", "").split()  # "start increment every"; its form is the loader's check
+    if chunks > 1 and len(ramp) == 3 and all(x.isdigit() for x in ramp) and any(int(x) % pipeline for x in ramp[:2]):
+        fail(
+            "data.rampup_batch_size",
+            f"{' '.join(ramp)!r}: the interleaved schedule needs every step's micro-batch count to be a multiple "
+            f"of parallel.pipeline.size={pipeline}: use a start and an increment divisible by {pipeline}",
         )
 
 

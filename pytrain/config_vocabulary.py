@@ -6,6 +6,10 @@ Read from InternEvo's configs/ folder (7B_sft, 7B_internlm2, 7B_llama2, 7B_qwen2
 internlm/initialize/launch.py (args_sanity_check: the defaults it fills in) and from the model classes'
 constructor arguments (modeling_internlm, _internlm2, _llama, _qwen2, _moe, _mixtral, _qwen2_moe).
 Multimodal configs (llava, chameleon, DiT) are not covered: their model types are not registered here.
+InternLM's older spellings (README's "Older InternLM spellings" names each one's source commit) were read from
+InternLM's tagged releases v0.1.0 to v0.2.1dev20240102 (configs/, internlm/initialize/launch.py and
+internlm/initialize/legacy/launch.py) and from the tensor-parallel modes of InternLM's isp work before InternEvo
+named them (InternLM 5fb6d99, d91a5d9, 9b1265c, 7475439; InternEvo d30aecd).
 
 IGNORED: accepted with any value of the right type; a run lists the ones its file sets once, in its
 start line, as "ignored here". UNAVAILABLE: accepted at a value that changes nothing (the first of
@@ -34,6 +38,16 @@ IGNORED = {
     "metric_dtype": (None, (str, NONE), "dtype of InternEvo's metric accumulation; pytrain accumulates in fp32"),
     "generation": (None, (dict, NONE), "InternEvo's text-generation settings (an inference tool, not training)"),
     "alert_address": (None, (str, NONE), "InternEvo's old alert webhook (see monitor.alert)"),
+    "grad_profiling": (
+        None,
+        (dict, NONE),
+        "InternLM's per-layer gradient-norm and zero-gradient counts on TensorBoard",
+    ),
+    "selective_checkpoint_offload": (
+        False,
+        bool,
+        "isp's CPU offload of the activations selective_checkpoint keeps (neither is available)",
+    ),
     "data.empty_cache_and_diag_interval": (50, int, "InternEvo's periodic CUDA cache flush and slow-rank diagnosis"),
     "data.diag_outlier_ratio": (1.1, NUMBER, "threshold of InternEvo's slow-rank diagnosis"),
     "data.packed_length": (None, (int, NONE), "InternEvo overrides it with seq_len * micro_bsz too"),
@@ -46,6 +60,12 @@ IGNORED = {
         "pytrain accumulates data.micro_num micro-batches (it must equal that)",
     ),
     "data.tokenizer_path": (None, (str, NONE), "tokenizer of InternEvo's Hugging Face datasets (data.type='hf')"),
+    "ckpt.snapshot_ckpt_folder": (
+        None,
+        (str, NONE),
+        "InternLM v0.2.0's snapshot folder: pytrain's snapshots go to <save_ckpt_folder>/snapshot, the folder "
+        "InternLM defaulted to (another one is a config error)",
+    ),
     "hybrid_zero_optimizer.all_gather_size": (512 * 1024 * 1024, int, "only with use_split_tensor_optim"),
     "loss.op_type": ("py_vocab_parallel", str, "InternEvo's cross-entropy implementation; pytrain uses its own kernel"),
     "parallel.sequence_parallel": (
@@ -53,16 +73,30 @@ IGNORED = {
         bool,
         "InternEvo's old switch; parallel.tensor.mode='msp' is sequence parallel",
     ),
+    "parallel.tensor.intern_overlap": (
+        False,
+        bool,
+        "intern sequence parallel (sp='intern', isp) only: InternEvo's later parallel.weight.overlap",
+    ),
+    "parallel.tensor.overlap": (False, bool, "mode='fstp' (isp) only: InternEvo's later parallel.weight.overlap"),
+    "parallel.tensor.memory_pool": (
+        False,
+        bool,
+        "intern sequence parallel (isp) only: InternEvo's later parallel.weight.memory_pool",
+    ),
+    "parallel.tensor.reduce_scatter_overlap": (False, bool, "intern sequence parallel (isp) only"),
     "parallel.weight.overlap": (False, bool, "weight parallelism (isp) only"),
     "parallel.weight.memory_pool": (False, bool, "weight parallelism (isp) only"),
     "parallel.weight.launch_allgather_before": ("wo", str, "weight parallelism (isp) only"),
     "parallel.weight.forward_overlap_per": ("layer", str, "weight parallelism (isp) only"),
+    "parallel.weight.early_reduce_scatter_release": (True, bool, "weight parallelism (isp) only"),
     "parallel.pipeline.decouple_grad": (False, bool, "ZeroPP only"),
     "parallel.expert.no_tp": (False, bool, "expert parallelism (MoE) only"),
     "parallel.expert_weight.overlap": (False, bool, "expert weight parallelism (MoE) only"),
     "parallel.expert_weight.memory_pool": (False, bool, "expert weight parallelism (MoE) only"),
     "parallel.expert_weight.launch_allgather_before": ("wo", str, "expert weight parallelism (MoE) only"),
     "parallel.expert_weight.forward_overlap_per": ("layer", str, "expert weight parallelism (MoE) only"),
+    "parallel.expert_weight.early_reduce_scatter_release": (True, bool, "expert weight parallelism (MoE) only"),
     "parallel.sequence_2D.head_size": (1, int, "2D sequence parallelism only"),
     "parallel.sequence_2D.context_size": (1, int, "2D sequence parallelism only"),
     "parallel.sequence_2D.window_size": (1, int, "2D sequence parallelism only"),
@@ -127,4 +161,5 @@ UNAVAILABLE = {
 RENAMED = {
     "enable_tb": "monitor.tensorboard.enable",
     "hybrid_zero_optimizer.zero_overlap_communication": "hybrid_zero_optimizer.overlap_sync_grad",
+    "model.moe_gate_k": "model.top_k",
 }

@@ -152,8 +152,19 @@ def test_bool_checkpoint_and_fraction(tmp_path):
             r"data.micro_num: the interleaved schedule needs micro_num \(6\) to be a multiple of parallel.pipeline.size=4",
         ),
         (
+            "parallel = dict(pipeline=2)\nmodel = dict(num_chunks=2)\ndata = dict(micro_num=4, rampup_batch_size='1 2 10')\n",
+            r"data.rampup_batch_size: '1 2 10': the interleaved schedule needs every step's micro-batch count to be a "
+            r"multiple of parallel.pipeline.size=2: use a start and an increment divisible by 2",
+        ),
+        (
             "parallel = dict(tensor=dict(mode='isp'))\n",
-            r"parallel.tensor.mode: 'isp' is not available; use 'mtp' or 'msp'",
+            r"parallel.tensor.mode: 'isp' \(InternEvo's intern sequence parallel, with weight parallelism\) is not "
+            r"available; use 'mtp' or 'msp'",
+        ),
+        (
+            "parallel = dict(tensor=dict(size=2, mode='fsp'))\n",
+            r"parallel.tensor.mode: 'fsp' \(flash-attn's sequence parallel; msp computes the same, keeping the gathered "
+            r"activations for the backward\) is not available",
         ),
         (
             "parallel = dict(tensor=dict(size=2, mode='msp'))\nmodel = dict(num_attention_heads=32)\ndata = dict(seq_len=2047)\n",
@@ -239,6 +250,64 @@ def test_bool_checkpoint_and_fraction(tmp_path):
         (
             "ckpt = dict(enable_internevo2hf_ckpt=True)\n",
             r"ckpt.enable_internevo2hf_ckpt = True: also save checkpoints in Hugging Face format .* is not available",
+        ),
+        ("parallel = dict(process_group_timeout_s=0)\n", r"parallel.process_group_timeout_s = 0: must be > 0"),
+        (
+            "parallel = dict(process_group_timeout_s='30m')\n",
+            r"parallel.process_group_timeout_s: expected int | float, got '30m' \(str\)",
+        ),
+        ("parallel = dict(process_group_timeout_s=True)\n", r"parallel.process_group_timeout_s: expected int | float"),
+        # InternLM's older spellings of a mode pytrain does not run: refused in the spelling the file used
+        (
+            "parallel = dict(tensor=dict(size=2, sp='intern', intern_overlap=True, memory_pool=True))\n",
+            r"parallel.tensor.sp = 'intern': InternLM's older spelling of mode='isp' \(InternEvo's intern sequence "
+            r"parallel, with weight parallelism\), which is not available in pytrain; use mode='mtp' or 'msp'",
+        ),
+        (
+            "parallel = dict(tensor=dict(size=2, sp='flash-attn'))\n",
+            r"parallel.tensor.sp = 'flash-attn': InternLM's older spelling of mode='fsp' \(flash-attn's sequence "
+            r"parallel; msp computes the same.*\), which is not available in pytrain",
+        ),
+        (
+            "parallel = dict(tensor=dict(size=8, mode='fstp', overlap=True), sequence_parallel=True)\n",
+            r"parallel.tensor.mode = 'fstp': InternLM's older spelling of mode='isp' \(InternEvo's intern sequence",
+        ),
+        (
+            "parallel = dict(tensor=dict(size=2, mode='origin_tp'), sequence_parallel=True)\n",
+            r"parallel.tensor.mode = 'origin_tp' with parallel.sequence_parallel=True: InternLM's older spelling of "
+            r"mode='fsp' \(flash-attn's sequence parallel",
+        ),
+        (
+            "parallel = dict(tensor=dict(size=2, sp='flash'))\n",
+            r"parallel.tensor.sp = 'flash': must be one of 'none', 'megatron', 'flash-attn', 'intern'",
+        ),
+        (
+            "parallel = dict(tensor=dict(size=2, sp='megatron', mode='mtp'))\n",
+            r"parallel.tensor.sp = 'megatron' and parallel.tensor.mode = 'mtp': sp is InternLM's older spelling of mode "
+            r"\('megatron' is 'msp'\); give only mode",
+        ),
+        ("parallel = dict(tensor=dict(sp=1))\n", r"parallel.tensor.sp: expected str, got 1 \(int\)"),
+        # InternLM v0.1/v0.2's loading switches, where they say something else than the fields they became
+        (
+            "ckpt = dict(load_ckpt_folder='local:a/10', load_model_only_folder='local:b')\n",
+            r"ckpt.load_model_only_folder and ckpt.load_ckpt_folder are both set: InternLM refuses that too",
+        ),
+        (
+            "ckpt = dict(load_model_only_folder='local:b', load_ckpt_info=dict(path='local:c', content=('model',)))\n",
+            r"ckpt.load_model_only_folder = 'local:b' and ckpt.load_ckpt_info = \{'path': 'local:c'.*: "
+            r"load_model_only_folder is InternLM's older spelling of load_ckpt_info=.*; give only load_ckpt_info",
+        ),
+        (
+            "ckpt = dict(load_given_ckpt=True, auto_resume=True)\n",
+            r"ckpt.load_given_ckpt = True and ckpt.auto_resume = True: load_given_ckpt is InternLM's older spelling of "
+            r"auto_resume=False; give only auto_resume",
+        ),
+        ("ckpt = dict(load_optimizer='no')\n", r"ckpt.load_optimizer: expected bool, got 'no' \(str\)"),
+        (
+            "ckpt = dict(enable_save_ckpt=True, save_ckpt_folder='local:ckpts', oss_snapshot_freq=25, "
+            "snapshot_ckpt_folder='local:elsewhere')\n",
+            r"ckpt.snapshot_ckpt_folder: 'local:elsewhere': snapshots go to <save_ckpt_folder>/snapshot "
+            r"\(ckpts/snapshot\) in pytrain; another folder is not available",
         ),
     ],
 )
@@ -546,3 +615,103 @@ def test_expert_parallel_size_is_checked_against_the_layout(tmp_path):
     )
     dense = Config.from_file(write(tmp_path, "parallel = dict(expert=dict(size=-1))\n"))
     assert expert_parallel_size(dense, 8) == 1 and check_world_size(dense, 8) == 8
+
+
+MODEL_ONLY = dict(path="local:llm_ckpts/xxxx", content=("model",), ckpt_type="internlm")
+
+
+@pytest.mark.parametrize(
+    "text, effective, ignored",
+    [
+        # parallel.tensor: InternLM's sp (d91a5d9) and mode='origin_tp' (5fb6d99), as InternEvo's modes
+        (
+            "parallel = dict(tensor=dict(size=2, sp='none', intern_overlap=False))",
+            {"parallel.tensor.mode": "mtp"},
+            ["parallel.tensor.intern_overlap"],
+        ),
+        ("parallel = dict(tensor=dict(size=2, sp='megatron'))", {"parallel.tensor.mode": "msp"}, []),
+        ("parallel = dict(tensor=dict(size=2, sp='megatron', mode='msp'))", {"parallel.tensor.mode": "msp"}, []),
+        (
+            "parallel = dict(tensor=dict(size=2, sp='none', memory_pool=False, reduce_scatter_overlap=True))",
+            {"parallel.tensor.mode": "mtp"},
+            ["parallel.tensor.memory_pool", "parallel.tensor.reduce_scatter_overlap"],
+        ),
+        (
+            "parallel = dict(tensor=dict(size=2, mode='origin_tp', overlap=False), sequence_parallel=False)",
+            {"parallel.tensor.mode": "mtp"},
+            ["parallel.tensor.overlap", "parallel.sequence_parallel"],
+        ),
+        # ckpt: InternLM v0.1/v0.2's switches, where InternLM's legacy shim (f6e007f) put them
+        ("ckpt = dict(load_model_only_folder='local:llm_ckpts/xxxx')", {"ckpt.load_ckpt_info": MODEL_ONLY}, []),
+        (
+            "ckpt = dict(load_model_only_folder='local:llm_ckpts/xxxx', load_ckpt_info=MODEL_ONLY)",
+            {"ckpt.load_ckpt_info": MODEL_ONLY},
+            [],
+        ),
+        (
+            "ckpt = dict(load_ckpt_folder='local:llm_ckpts/49', load_optimizer=False)",
+            {
+                "ckpt.load_ckpt_info": dict(
+                    path="local:llm_ckpts/49", content=("model", "sampler", "scheduler"), ckpt_type="internlm"
+                )
+            },
+            [],
+        ),
+        (
+            "ckpt = dict(load_ckpt_folder='local:llm_ckpts/49', load_optimizer=True)",
+            {"ckpt.load_ckpt_info": None, "ckpt.load_ckpt_folder": "local:llm_ckpts/49"},
+            [],
+        ),
+        (
+            "ckpt = dict(load_optimizer=False)",
+            {"ckpt.load_ckpt_info": None},
+            ["ckpt.load_optimizer (applies to load_ckpt_folder only)"],
+        ),
+        (
+            "ckpt = dict(load_ckpt_folder='local:llm_ckpts/49', load_ckpt_info=MODEL_ONLY, load_optimizer=False)",
+            {"ckpt.load_ckpt_info": MODEL_ONLY},
+            ["ckpt.load_optimizer (applies to load_ckpt_folder only)"],
+        ),
+        ("ckpt = dict(load_ckpt_folder='local:llm_ckpts/49', load_given_ckpt=True)", {"ckpt.auto_resume": False}, []),
+        ("ckpt = dict(load_given_ckpt=False, auto_resume=True)", {"ckpt.auto_resume": True}, []),
+        # InternLM v0.2.0's snapshot folder, where pytrain's snapshots go
+        (
+            "ckpt = dict(enable_save_ckpt=True, save_ckpt_folder='local:llm_ckpts', oss_snapshot_freq=25, snapshot_ckpt_folder='/'.join(['local:llm_ckpts', 'snapshot']))",
+            {"ckpt.snapshot_ckpt_folder": "local:llm_ckpts/snapshot"},
+            ["ckpt.snapshot_ckpt_folder"],
+        ),
+        # InternLM v0.2.1's rampup_batch_size=None and model.moe_gate_k
+        ("data = dict(rampup_batch_size=None)", {"data.rampup_batch_size": ""}, []),
+        ("model_type = 'INTERNLM_MoE'\nmodel = dict(num_experts=4, moe_gate_k=2)", {"model.top_k": 2}, []),
+        # InternEvo's names of isp-only and diagnostic switches
+        (
+            "grad_profiling = dict(grad_norm_profiling=True, zero_grad_profiling=True, interval_steps=5)",
+            {},
+            ["grad_profiling"],
+        ),
+        ("selective_checkpoint_offload = False", {}, ["selective_checkpoint_offload"]),
+        (
+            "parallel = dict(weight=dict(size=1, early_reduce_scatter_release=False))",
+            {},
+            ["parallel.weight.early_reduce_scatter_release"],
+        ),
+    ],
+)
+def test_older_internlm_spellings_move_to_the_fields_they_became(tmp_path, text, effective, ignored):
+    cfg = Config.from_file(write(tmp_path, f"MODEL_ONLY = {MODEL_ONLY!r}\n{text}\n"))
+    for name, value in effective.items():
+        section, field = name.rsplit(".", 1)
+        node = cfg
+        for part in section.split("."):
+            node = node[part]
+        assert node.get(field) == value, name
+    assert "sp" not in cfg.parallel.tensor and not {"load_optimizer", "load_model_only_folder"} & set(cfg.ckpt)
+    assert list(cfg.ignored_here) == ignored
+    assert Config.from_file(write(tmp_path, cfg.dump(), "dumped.py")) == cfg
+
+
+def test_the_timeout_of_the_process_groups_is_a_parallel_field(tmp_path):
+    assert Config.from_file(write(tmp_path, "")).parallel.process_group_timeout_s == 1800
+    cfg = Config.from_file(write(tmp_path, "parallel = dict(tensor=1, process_group_timeout_s=120.5)\n"))
+    assert cfg.parallel.process_group_timeout_s == 120.5
+    assert "| `parallel.process_group_timeout_s` | int | float | `1800` | acts |" in reference_table()

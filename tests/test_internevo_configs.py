@@ -38,6 +38,15 @@ MOE_IGNORED = (
 )
 
 
+LOAD_OPTIMIZER_IGNORED = "ckpt.load_optimizer (applies to load_ckpt_folder only)"  # no load_ckpt_folder set
+V02_IGNORED = (
+    "data.empty_cache_and_diag_interval",
+    "data.diag_outlier_ratio",
+    "parallel.sequence_parallel",
+    *CKPT_IGNORED,
+)
+
+
 @dataclass
 class Loads:
     model_type: str
@@ -114,6 +123,29 @@ CASES = {
     "unavailable_sliding_window_qwen2.py": Fails(
         r"model.use_sliding_window = True: sliding-window attention is not available in pytrain; leave it at False"
     ),
+    # InternLM's older releases and its isp work (README's "Older InternLM spellings")
+    "internlm_v010_7B_sft.py": Loads("INTERNLM", (LOAD_OPTIMIZER_IGNORED,), world_size=8),  # zero1=8
+    "internlm_v020_7B_sft.py": Loads(
+        "INTERNLM",
+        (LOAD_OPTIMIZER_IGNORED, "parallel.sequence_parallel", *CKPT_IGNORED, "ckpt.snapshot_ckpt_folder"),
+        world_size=8,
+    ),
+    "internlm_v021_7B_MoE4_sft.py": Loads("INTERNLM_MoE", V02_IGNORED),
+    "internlm_origin_tp_7B_sft.py": Loads("INTERNLM", V02_IGNORED, world_size=8),
+    "internlm_sp_none_7B_sft.py": Loads(
+        "INTERNLM",
+        (
+            "data.empty_cache_and_diag_interval",
+            "data.diag_outlier_ratio",
+            "parallel.tensor.intern_overlap",
+            *CKPT_IGNORED,
+        ),
+        world_size=8,  # tensor=dict(size=8, ...)
+    ),
+    "internlm_sp_intern_7B_sft.py": Fails(
+        r"parallel.tensor.sp = 'intern': InternLM's older spelling of mode='isp' \(InternEvo's intern sequence "
+        r"parallel, with weight parallelism\), which is not available in pytrain; use mode='mtp' or 'msp'"
+    ),
 }
 
 
@@ -173,21 +205,49 @@ PARAMETERS = {
     "internevo_8x7B_mixtral.py": 46_702_792_704,
     "internevo_57B_qwen2_MoE.py": 57_408_658_944,
     "internevo_7B_MoE4_sft.py": 11_852_320_768,
+    # InternLM v0.2.1's 7B_MoE4_sft: the same model with 8 experts (computed below too); the older InternLM 7Bs
+    "internlm_v021_7B_MoE4_sft.py": 20_711_215_104,
+    **dict.fromkeys(
+        (
+            "internlm_v010_7B_sft.py",
+            "internlm_v020_7B_sft.py",
+            "internlm_origin_tp_7B_sft.py",
+            "internlm_sp_none_7B_sft.py",
+        ),
+        7_321_948_160,
+    ),
 }
 ACTIVE = {
     "internevo_8x7B_mixtral.py": 12_879_925_248,
     "internevo_57B_qwen2_MoE.py": 14_249_270_784,
     "internevo_7B_MoE4_sft.py": 7_423_135_744,
+    "internlm_v021_7B_MoE4_sft.py": 7_423_660_032,
 }
+
+
+def test_old_internlm_spellings_take_the_fields_they_became():
+    """The older spellings in the InternLM files above, read as what they meant there."""
+    v020 = Config.from_file(FOLDER / "internlm_v020_7B_sft.py")
+    # snapshot_ckpt_folder is SAVE_CKPT_FOLDER/snapshot, where pytrain's snapshots go; load_optimizer=True with no
+    # load_ckpt_folder to resume loads nothing either way
+    assert v020.ckpt.snapshot_ckpt_folder == "local:llm_ckpts/snapshot" and "load_optimizer" not in v020.ckpt
+    assert v020.ckpt.load_ckpt_info is None and v020.ckpt.auto_resume is True
+    moe = Config.from_file(FOLDER / "internlm_v021_7B_MoE4_sft.py")
+    assert moe.model.top_k == 2 and "moe_gate_k" not in moe.model
+    for name in ("internlm_sp_none_7B_sft.py", "internlm_origin_tp_7B_sft.py"):
+        tensor = Config.from_file(FOLDER / name).parallel.tensor
+        assert tensor.mode == "mtp" and "sp" not in tensor
 
 
 def test_the_moe4_counts_are_internlm_v1_with_four_experts():
     """The 7B_MoE4 numbers above from the shapes: per layer Wqkv + out_proj with biases, 4 (or top-2) SwiGLU
-    experts of width 256 * ceil(int(4096 * 4/3) / 256) = 5632, the router, two norms; embedding, head, norm."""
+    experts of width 256 * ceil(int(4096 * 4/3) / 256) = 5632, the router, two norms; embedding, head, norm.
+    InternLM v0.2.1's file of that name has 8 experts."""
     hidden, width, vocab, layers = 4096, 5632, 103168, 32
     attention = 4 * hidden * hidden + 4 * hidden
     expert = 3 * hidden * width
-    rest = 4 * hidden + 2 * hidden  # router (4 x hidden) and the two norms
     outside = 2 * vocab * hidden + hidden
-    assert layers * (attention + 4 * expert + rest) + outside == PARAMETERS["internevo_7B_MoE4_sft.py"]
-    assert layers * (attention + 2 * expert + rest) + outside == ACTIVE["internevo_7B_MoE4_sft.py"]
+    for name, experts in (("internevo_7B_MoE4_sft.py", 4), ("internlm_v021_7B_MoE4_sft.py", 8)):
+        rest = experts * hidden + 2 * hidden  # router (experts x hidden) and the two norms
+        assert layers * (attention + experts * expert + rest) + outside == PARAMETERS[name]
+        assert layers * (attention + 2 * expert + rest) + outside == ACTIVE[name]

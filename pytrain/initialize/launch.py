@@ -3,6 +3,7 @@
 One process started with plain `python` (no torchrun variables) runs as a world of one.
 """
 
+import datetime
 import os
 import random
 import re
@@ -128,20 +129,21 @@ def launch(
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    # every wait on another rank ends after this, with an error naming the collective, rather than hanging
+    timeout = datetime.timedelta(seconds=cfg.parallel.process_group_timeout_s)
     if not dist.is_initialized():
         if world_size == 1:  # no rendezvous needed: a store in this process
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
-            dist.init_process_group(
-                backend, store=_attempt_store(init_method, rank, world_size), rank=rank, world_size=world_size
-            )
+            store = _attempt_store(init_method, rank, world_size, timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
     gpc.config = cfg
     gpc.rank, gpc.local_rank, gpc.device = rank, local_rank, device
     tensor, pipeline = cfg.parallel.tensor.size, cfg.parallel.pipeline.size
     expert = expert_parallel_size(cfg, world_size // (tensor * pipeline), source)
     gpc.layout = Layout(world_size, tensor, pipeline, expert)
-    _create_groups(cfg, gpc.layout, rank)
+    _create_groups(cfg, gpc.layout, rank, timeout)
     gpc.run_folder = _make_run_folder(cfg)
     gpc.seed = seed
     torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
@@ -150,19 +152,22 @@ def launch(
     return gpc
 
 
-def _attempt_store(init_method: str, rank: int, world_size: int):
+def _attempt_store(init_method: str, rank: int, world_size: int, timeout: datetime.timedelta):
     """The rendezvous store of `init_method`; under torchrun, with a key prefix of its own per restart.
     torchrun serves one store for every restart of a job, so the keys the killed attempt's ranks wrote
     (gloo's and NCCL's addresses of processes now dead) are still there: a restarted rank reading one
-    before its peer overwrites it connects to the dead process and waits forever."""
-    store, _, _ = next(dist.rendezvous(init_method, rank=rank, world_size=world_size))
+    before its peer overwrites it connects to the dead process and waits forever. The store waits for a
+    missing peer `timeout` long, as init_process_group's own rendezvous would."""
+    store, _, _ = next(dist.rendezvous(init_method, rank=rank, world_size=world_size, timeout=timeout))
+    store.set_timeout(timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     return store if attempt is None else dist.PrefixStore(f"pytrain/attempt_{attempt}/", store)
 
 
-def _create_groups(cfg: Config, layout: Layout, rank: int) -> None:
-    """The tensor, data, pipeline, model, ZeRO-1, embedding and expert groups of this layout, into gpc.
-    Every rank creates every group, in the same order, as torch.distributed requires; each keeps its own."""
+def _create_groups(cfg: Config, layout: Layout, rank: int, timeout: datetime.timedelta) -> None:
+    """The tensor, data, pipeline, model, ZeRO-1, embedding and expert groups of this layout, into gpc, each
+    with `timeout` (parallel.process_group_timeout_s). Every rank creates every group, in the same order, as
+    torch.distributed requires; each keeps its own."""
     world_size = layout.world_size
     zero1 = layout.data if cfg.parallel.zero1.size <= 0 else cfg.parallel.zero1.size
 
@@ -172,7 +177,7 @@ def _create_groups(cfg: Config, layout: Layout, rank: int) -> None:
             return dist.group.WORLD
         found = None
         for ranks in groups:
-            group = dist.new_group(ranks=ranks)
+            group = dist.new_group(ranks=ranks, timeout=timeout)
             if rank in ranks:
                 found = group
         return found
