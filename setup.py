@@ -20,7 +20,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -168,9 +168,10 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["pytrain"]
-    + [f"pytrain.{p}" for p in ("initialize", "train", "model", "kernels", "parallel", "solver", "data", "monitor")]
-    + ["pytrain.triton"],
+    # Every package under pytrain/ (a list by hand once left pytrain.checkpoint out of built wheels).
+    # pytrain.triton's files are the top-level kernels/ folder, which has no __init__.py so that it cannot be
+    # imported as a top-level package named `kernels` (see pytrain/triton/__init__.py).
+    packages=find_packages(include=["pytrain", "pytrain.*"]),
     package_dir={"pytrain.triton": "kernels"},
     ext_modules=[
         CMakeExtension("pytrain._C", target="_C"),

@@ -43,7 +43,7 @@ CE_CASES = [pytest.param("cpu", 4096, vocab, id=f"cpu-4096x{vocab}") for vocab i
 # The CPU does ~0.35 TFLOP/s in bf16 and ~0.1 in fp32: hidden 512 keeps one eager step to seconds while
 # the logits (tokens x vocab) still dwarf the weight, as they do in LLM training at hidden 2048-8192.
 LINEAR_CASES = [
-    pytest.param("cpu", 4096, 512, 128256, "bf16", id="cpu-4096x512x128256-bf16"),
+    pytest.param("cpu", 4096, 512, 128256, "bf16", id="cpu-4096x512x128256-bf16", marks=pytest.mark.slow),
     pytest.param("cpu", 2048, 256, 128256, "fp32", id="cpu-2048x256x128256-fp32"),
 ] + [
     pytest.param("cuda", 16384, 4096, 128256, dtype, id=f"cuda-16384x4096x128256-{dtype}", marks=NEEDS_CUDA)

@@ -66,7 +66,9 @@ def build_part(rank, world, init_method, parallel, small, results):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize(  # as a smoke test, one process (tests/ checks the layouts)
+    "layout", [pytest.param(name, marks=() if name == "one process" else pytest.mark.slow) for name in LAYOUTS]
+)
 def test_1b_materialized_per_rank(benchmark, layout, tmp_path):
     world, parallel = LAYOUTS[layout]
     small = not benchmark.enabled

@@ -9,7 +9,8 @@ processes one thread, so layouts with more processes than cores are oversubscrib
 cost on this machine.
 
 Configs: tiny (configs/tiny.py, 5M parameters) and 100M (configs/100M.py). `--benchmark-disable` runs the
-tiny rows for 2 steps only (each layout starts and trains from the command line) and skips the 100M ones.
+tiny rows for 2 steps of 4 micro-batches only (each layout starts and trains from the command line) and skips
+the 100M ones.
 
 PYTRAIN_BASELINE_TREE=<a checkout of another commit, with its built extension> adds the same rows run by
 that code (side by side in one run, e.g. before and after a refactor): `git worktree add /tmp/before REV`,
@@ -100,15 +101,20 @@ def run_layout(
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
+SMOKE_LAYOUTS = ("1 process",)  # the others are `slow` as smoke tests (tests/ checks every layout)
+
+
 @pytest.mark.parametrize("code", CODES)
 @pytest.mark.parametrize("config_name", list(CONFIGS))
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize(
+    "layout", [pytest.param(name, marks=() if name in SMOKE_LAYOUTS else pytest.mark.slow) for name in LAYOUTS]
+)
 def test_layout_throughput(benchmark, record_throughput, config_name, layout, code, tmp_path):
     config, micro_batches, steps, warmup = CONFIGS[config_name]
     if not benchmark.enabled:
         if config_name != "tiny":
             pytest.skip("the 100M rows run only with benchmarks enabled")
-        steps, warmup = 2, 0
+        micro_batches, steps, warmup = 4, 2, 0  # a smoke test: that the row runs (4: every layout's dp divides it)
     processes, overrides = LAYOUTS[layout]
     rows = benchmark.pedantic(
         run_layout, args=(config, processes, overrides, micro_batches, steps, tmp_path, code), rounds=1, iterations=1

@@ -17,6 +17,10 @@ On machines without a GPU the same kernels run under TRITON_INTERPRET=1 (tests o
 pytrain/kernels/flash_attn.py).
 """
 
+# kernels/ imported as a top-level package (Python started in the repository root): see pytrain/triton/__init__.py
+if not __name__.startswith("pytrain.triton."):
+    raise ImportError(f"{__name__}: kernels/ is the package pytrain.triton; import pytrain.triton{__name__[7:]}")
+
 import os
 
 import torch
@@ -33,9 +37,10 @@ def _interpreting() -> bool:
 MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0 takes 2**31 - 1); Triton's launcher does not check
 
 # Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per input precision, kernel and BLOCK_D (the head_dim
-# rounded up to a power of two). The autotuner times a launch's candidates once per (head_dim, causal, dtypes) and
-# keeps the fastest, in memory and in Triton's cache folder (cache_results), so later processes do not time them.
-# Spills below: Triton 3.6's ptxas for sm_90, causal (bytes of spill stores per thread).
+# rounded up to a power of two). The autotuner times a launch's candidates once per (head_dim, sequence-length
+# bucket, causal, dtypes) and keeps the fastest, in memory and in Triton's cache folder (cache_results), so later
+# processes do not time them. Spills below: ptxas for sm_90 as Triton 3.6 and 3.9 run it (bytes of spill stores per
+# thread; tests/test_flash_attn.py compiles every 16-bit dK/dV tile and checks that none spills).
 _TILES = {
     "16bit": {
         "fwd": {
@@ -43,8 +48,12 @@ _TILES = {
             128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
             256: [(64, 32, 8, 2), (64, 32, 4, 3)],
         },
-        # head_dim 96..128 with 4 warps needed 255 registers and spilled: 8 warps there (200-224 registers, 0 spills).
-        "dkdv": {64: [(64, 64, 4, 2), (32, 64, 4, 2)], 128: [(64, 32, 8, 2), (32, 64, 8, 2)], 256: [(32, 32, 8, 2)]},
+        # dK/dV keeps two fp32 (BLOCK_N, head_dim) accumulators in registers across its query loop, and pipelining
+        # that loop (2 stages) costs more: head_dim 96..128 spills with 4 warps at 64 x 32 and 32 x 64 (50-200 bytes
+        # at 255 registers), and so does 64 x 32 with 8 warps and 2 stages under Triton 3.9 (64 bytes; 200 registers
+        # under 3.6); with one stage it takes 160-183 under both, 32 x 64 with two 216-224. Head_dim 256's 32 x 32
+        # spilled 30-60 bytes with 2 stages; 162 registers with one.
+        "dkdv": {64: [(64, 64, 4, 2), (32, 64, 4, 2)], 128: [(64, 32, 8, 1), (32, 64, 8, 2)], 256: [(32, 32, 8, 1)]},
         "dq": {64: [(64, 64, 4, 2), (64, 32, 4, 2)], 128: [(64, 32, 4, 2), (64, 64, 8, 2)], 256: [(64, 32, 8, 2)]},
     },
     # fp32 runs exact ("ieee") dots without tensor cores: the 16-bit tiles spilled 6-32 KB per thread there and took
@@ -66,6 +75,12 @@ def tiles(kernel: str, dtype, block_d: int) -> list[tuple[int, int, int, int]]:
     return table[min(b for b in table if b >= block_d)]
 
 
+def seqlen_bucket_of(max_seqlen: int) -> int:
+    """The autotuner's sequence-length key: the tiles that win on short sequences (a test step's) need not win on
+    long ones, so each power of two tunes apart; 128 and shorter share one, as do 16384 and longer."""
+    return min(max(triton.next_power_of_2(max_seqlen), 128), 16384)
+
+
 def _tile_of(config: triton.Config) -> tuple[int, int, int, int]:
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
@@ -83,7 +98,7 @@ def _autotuned(kernel: str):
 
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in candidates],
-        key=["head_dim", "CAUSAL"],  # the autotuner adds every tensor argument's dtype to the key
+        key=["head_dim", "seqlen_bucket", "CAUSAL"],  # the autotuner adds every tensor argument's dtype to the key
         prune_configs_by={"early_config_prune": prune},
         cache_results=True,
     )
@@ -135,6 +150,7 @@ def _fwd_kernel(
     q_heads,
     group_size,
     head_dim,
+    seqlen_bucket,  # read by the autotuner only (its key)
     stride_qt,
     stride_qh,
     stride_kt,
@@ -243,6 +259,7 @@ def _bwd_dkdv_kernel(
     kv_heads,
     group_size,
     head_dim,
+    seqlen_bucket,  # read by the autotuner only (its key)
     stride_qt,
     stride_qh,
     stride_kt,
@@ -315,6 +332,7 @@ def _bwd_dq_kernel(
     q_heads,
     group_size,
     head_dim,
+    seqlen_bucket,  # read by the autotuner only (its key)
     stride_qt,
     stride_qh,
     stride_kt,
@@ -396,6 +414,7 @@ def flash_attn_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale
         q_heads,
         q_heads // kv_heads,
         head_dim,
+        seqlen_bucket_of(max_seqlen),
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -458,6 +477,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, ca
         kv_heads,
         q_heads // kv_heads,
         head_dim,
+        seqlen_bucket_of(max_seqlen),
         *strides,
         dk.stride(0),
         dk.stride(1),
@@ -481,6 +501,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, ca
         q_heads,
         q_heads // kv_heads,
         head_dim,
+        seqlen_bucket_of(max_seqlen),
         *strides,
         dq.stride(0),
         dq.stride(1),

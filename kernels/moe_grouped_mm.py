@@ -13,6 +13,10 @@ bound cdiv(N, BLOCK_M) + E on axis 0 and programs past the last tile return at o
 fp32 inputs use exact ("ieee") dots, as torch's default fp32 matmul; 16-bit inputs use tensor cores.
 """
 
+# kernels/ imported as a top-level package (Python started in the repository root): see pytrain/triton/__init__.py
+if not __name__.startswith("pytrain.triton."):
+    raise ImportError(f"{__name__}: kernels/ is the package pytrain.triton; import pytrain.triton{__name__[7:]}")
+
 import os
 
 import torch
@@ -24,15 +28,22 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the autotuner keeps the fastest per (K, M, E, dtype),
-# never per N (the routed row count changes every step). Three candidates only: each costs a compile per dtype,
-# and bench/gpu/run.sh's test step has a fixed budget. Not yet tuned on a GPU (bench/test_moe_kernels_bench.py).
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the autotuner keeps the fastest per (K, M, E, bucket of N,
+# dtype): the routed row count N changes every step, its power-of-two bucket seldom (rows_bucket_of). Three
+# candidates only: each costs a compile per dtype, and bench/gpu/run.sh's test step has a fixed budget. Not yet
+# tuned on a GPU (bench/test_moe_kernels_bench.py).
 _CONFIGS = [
     (128, 128, 64, 8, 3),
     (64, 128, 64, 4, 3),
     (64, 64, 32, 4, 4),
 ]
 _CONFIG_INTERPRETER = (16, 16, 16, 1, 1)
+
+
+def rows_bucket_of(rows: int) -> int:
+    """The autotuner's row-count key: the tiles that win for a small batch (a test step's) need not win for a large
+    one, so each power of two tunes apart; 256 rows and fewer share one, as do 65536 and more."""
+    return min(max(triton.next_power_of_2(rows), 256), 65536)
 
 
 def _autotuned(key):
@@ -54,7 +65,7 @@ def _autotuned(key):
     )
 
 
-@_autotuned(["out_cols", "inner", "num_groups"])
+@_autotuned(["out_cols", "inner", "num_groups", "rows_bucket"])
 @triton.jit
 def _rows_kernel(
     A,
@@ -64,6 +75,7 @@ def _rows_kernel(
     num_groups,
     inner,
     out_cols,
+    rows_bucket,  # read by the autotuner only (its key)
     stride_be,
     stride_bk,
     stride_bn,
@@ -108,7 +120,7 @@ def _rows_kernel(
         )
 
 
-@_autotuned(["out_rows", "out_cols", "num_groups"])
+@_autotuned(["out_rows", "out_cols", "num_groups", "rows_bucket"])
 @triton.jit
 def _weight_grad_kernel(
     DY,
@@ -118,6 +130,7 @@ def _weight_grad_kernel(
     num_groups,
     out_rows,
     out_cols,
+    rows_bucket,  # read by the autotuner only (its key)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -158,6 +171,7 @@ def _rows_matmul(a, b, offsets, out_cols: int, stride_bk: int, stride_bn: int) -
         groups,
         inner,
         out_cols,
+        rows_bucket_of(rows),
         b.stride(0),
         stride_bk,
         stride_bn,
@@ -185,5 +199,5 @@ def grouped_mm_dweight(dy, x, offsets, groups: int) -> torch.Tensor:
     dw = torch.empty(groups, out_rows, out_cols, device=x.device, dtype=x.dtype)
     _weight_grad_kernel[
         lambda meta: (groups, triton.cdiv(out_rows, meta["BLOCK_M"]), triton.cdiv(out_cols, meta["BLOCK_N"]))
-    ](dy, x, dw, offsets, groups, out_rows, out_cols, PRECISION=_precision(x.dtype))
+    ](dy, x, dw, offsets, groups, out_rows, out_cols, rows_bucket_of(x.shape[0]), PRECISION=_precision(x.dtype))
     return dw

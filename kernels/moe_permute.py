@@ -13,6 +13,10 @@ Row addresses are computed in int64 (N * H passes 2**31 for a large batch). Weig
 weight pointer is not expressible in Triton, so HAS_WEIGHTS selects the unit-weight variant.
 """
 
+# kernels/ imported as a top-level package (Python started in the repository root): see pytrain/triton/__init__.py
+if not __name__.startswith("pytrain.triton."):
+    raise ImportError(f"{__name__}: kernels/ is the package pytrain.triton; import pytrain.triton{__name__[7:]}")
+
 import triton
 import triton.language as tl
 

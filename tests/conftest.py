@@ -95,6 +95,16 @@ def extension_missing(monkeypatch):
 
 
 @pytest.fixture
+def triton_device(monkeypatch):
+    """Where the Triton kernels run: the GPU, or the CPU through Triton's interpreter (the GPU's code path)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    assert os.environ.get("TRITON_INTERPRET") == "1", "set above, before triton is imported"
+    monkeypatch.setenv("PYTRAIN_TRITON_CPU", "1")
+    return "cpu"
+
+
+@pytest.fixture
 def forbid_host_reads(monkeypatch):
     """Inside `with forbid_host_reads():`, Tensor.tolist() and .item() raise: on a GPU each is a synchronization
     (the host waits for the device queue), so a per-layer call that reads a tensor back fails the test on the CPU."""

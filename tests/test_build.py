@@ -35,6 +35,7 @@ def build(tmp_path, setup=("setup.py",), **env):
     )
 
 
+@pytest.mark.slow
 @needs_toolchain
 def test_required_cuda_build_failure_fails(tmp_path):
     result = build(tmp_path, PYTRAIN_CUDA="1")
@@ -42,6 +43,7 @@ def test_required_cuda_build_failure_fails(tmp_path):
     assert "PYTRAIN_CUDA=1" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 @needs_toolchain
 def test_automatic_cuda_build_failure_falls_back_to_cpu(tmp_path):
     result = build(tmp_path, PYTRAIN_CUDA="")
@@ -72,6 +74,7 @@ def tools_folder(folder, **tools):
     return folder
 
 
+@pytest.mark.slow
 @needs_cmake
 @pytest.mark.skipif(shutil.which("ninja") is None or shutil.which("make") is None, reason="needs ninja and make")
 def test_build_folder_outlives_the_tools_that_configured_it(tmp_path):

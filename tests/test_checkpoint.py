@@ -434,6 +434,7 @@ def run_crash(root, rank, world, init_method, die_after, **kwargs):
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_process_dying_at_any_point_of_a_save_leaves_the_previous_checkpoint(tmp_path):
     for die_after in range(1, WRITES_PER_SAVE + 1):
         root = tmp_path / str(die_after)
@@ -512,17 +513,29 @@ def test_stop_file(tmp_path):
     assert StopFile(None).requested_step() is None
 
 
-def test_signal_handler_records_and_restores_previous_handlers():
-    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with StopSignal() as stop:
-        assert not stop.requested
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.requested and stop.signum == signal.SIGTERM
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.signum == signal.SIGINT  # a different signal: recorded, not fatal
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)  # the same one again: the previous handler (Ctrl-C twice)
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == previous
+@pytest.mark.parametrize("sigint_at_start", ["default", "ignored"])
+def test_signal_handler_records_and_restores_previous_handlers(sigint_at_start):
+    """Set SIGINT's disposition explicitly: a shell's background job starts with it ignored, a terminal's
+    foreground job with Python's KeyboardInterrupt handler, and the test must not depend on which ran pytest."""
+    before = signal.SIG_IGN if sigint_at_start == "ignored" else signal.default_int_handler
+    saved = signal.signal(signal.SIGINT, before)
+    try:
+        previous_term = signal.getsignal(signal.SIGTERM)
+        with StopSignal() as stop:
+            assert not stop.requested
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.requested and stop.signum == signal.SIGTERM
+            if before is signal.SIG_IGN:  # ignored at start: stays ignored, neither recorded nor fatal
+                os.kill(os.getpid(), signal.SIGINT)
+                assert stop.signum == signal.SIGTERM
+            else:
+                os.kill(os.getpid(), signal.SIGINT)
+                assert stop.signum == signal.SIGINT  # a different signal: recorded, not fatal
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), signal.SIGINT)  # the same one again: the previous handler (Ctrl-C twice)
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == (previous_term, before)
+    finally:
+        signal.signal(signal.SIGINT, saved)
 
 
 LOOP_SCRIPT = r"""

@@ -234,6 +234,7 @@ def world_of(layout):
     return LAYOUTS[layout][0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, dtype", EXACT, ids=[f"{layout}-{dtype[6:]}" for layout, dtype in EXACT])
 def test_resume_in_a_new_process_is_bit_exact(runs, layout, dtype):
     results, _, root = runs
@@ -255,6 +256,7 @@ def test_resume_in_a_new_process_is_bit_exact(runs, layout, dtype):
         assert saved == [str(HALF), str(STEPS)]  # the stop file's step and the last step
 
 
+@pytest.mark.slow
 def test_fp16_scaler_state_is_resumed(runs):
     """growth_interval=2: the scale doubles every 2 clean steps; the resumed run continues the count."""
     results, _, _ = runs
@@ -265,6 +267,7 @@ def test_fp16_scaler_state_is_resumed(runs):
 RESHARD_CASES = [(s, i) for s in RESHARD_FROM for i in ("one", "dp2-zero1")] + [TIED]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source, into", RESHARD_CASES, ids=[f"{s}-into-{i}" for s, i in RESHARD_CASES])
 def test_checkpoint_loads_into_another_layout_and_losses_continue(runs, source, into):
     results, _, _ = runs
@@ -278,6 +281,7 @@ def test_checkpoint_loads_into_another_layout_and_losses_continue(runs, source, 
         torch.testing.assert_close([h[2] for h in got], [h[2] for h in straight[HALF:]], rtol=1e-4, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["one", "tp2", "pp2-interleaved"])
 def test_run_started_from_a_hugging_face_folder(runs, layout):
     results, hf_state, _ = runs
@@ -460,6 +464,7 @@ def train_process(cfg_path: Path, env=None, launcher=()) -> subprocess.Completed
     )
 
 
+@pytest.mark.slow
 def test_kill_during_save_and_corruption_resume_from_the_last_good_checkpoint(tmp_path):
     cfg, folder = write_run_config(tmp_path, steps=4, every=2)
     (tmp_path / "stop.txt").write_text("2")
@@ -539,6 +544,7 @@ def wait_for(predicate, timeout=120.0):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_saves_and_exits_0(tmp_path):
     cfg, folder = write_run_config(tmp_path, steps=100000, every=100000, hidden=128, seq_len=64)
     job = torchrun(cfg)
@@ -558,6 +564,7 @@ def test_sigterm_under_torchrun_saves_and_exits_0(tmp_path):
     assert f"stopping after step {saved[0]} as asked" in text
 
 
+@pytest.mark.slow
 def test_torchrun_max_restarts_resumes_after_a_killed_rank(tmp_path):
     """The restarted ranks find the newest complete checkpoint by themselves (auto_resume). Repeated
     because the restart used to hang at random (one run in three to five): the new ranks read the killed

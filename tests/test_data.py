@@ -36,6 +36,15 @@ def test_stdlib_corpus_is_built_once_and_cached(tmp_path):
     assert files[0].stat().st_mtime_ns == mtime and np.array_equal(again[:1000], tokens[:1000])
 
 
+def test_stdlib_sources_are_every_py_file_outside_site_packages_in_order():
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    want = sorted(p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts))
+    assert stdlib_sources() == want
+
+
 def test_stdlib_corpus_built_once_by_concurrent_ranks(tmp_path):
     """Two processes starting together (ranks on one machine): one builds under the lock, the other waits."""
     import concurrent.futures

@@ -7,6 +7,7 @@ Tolerance rule (flash-attention's own): the kernel's max error against the float
 """
 
 import itertools
+import json
 import math
 import os
 
@@ -19,16 +20,6 @@ from pytrain.triton.flash_attn import _lse_offsets, _tile_offsets
 from pytrain.kernels import PackedSequences, flash_attn_func, flash_attn_varlen_func, reference
 
 FLOOR = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture
-def triton_device(monkeypatch):
-    """Where the Triton kernels run: the GPU, or the CPU through Triton's interpreter."""
-    if torch.cuda.is_available():
-        return "cuda"
-    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets it before triton is imported"
-    monkeypatch.setenv("PYTRAIN_TRITON_CPU", "1")
-    return "cpu"
 
 
 def reference_attention(q, k, v, bounds, causal, scale):
@@ -138,7 +129,7 @@ def test_triton_batched_layout(triton_device, causal):
 # runs there, in CI, on short documents; bf16 runs on the GPU only (bench/gpu/run.sh), with the long documents.
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("head_dim,ratio", [(64, 1), (128, 4), (96, 8)])
+@pytest.mark.parametrize("head_dim,ratio", [(64, 1), (128, 4), pytest.param(96, 8, marks=pytest.mark.slow)])
 def test_triton_16bit(triton_device, dtype, causal, head_dim, ratio):
     lengths = [1, 300, 77, 1024, 129] if triton_device == "cuda" else [1, 17, 20]
     q, k, v, dout, bounds = packed_inputs(lengths, 8, 8 // ratio, head_dim, dtype, triton_device)
@@ -384,6 +375,120 @@ def test_autotuning_candidates_per_dtype_and_head_dim():
         assert {s for _, _, _, s in fa.tiles("fwd", torch.float16, 64)} == {2, 3}
         assert fa.tiles("dq", torch.bfloat16, 256) == fa._TILES["16bit"]["dq"][256]
     assert fa.tiles("fwd", torch.bfloat16, 128) == [fa._TILE_INTERPRETER]
+
+
+class LaunchRecorder:
+    """Stands in for an autotuned Triton kernel: records each launch's arguments by name instead of running it."""
+
+    def __init__(self, autotuner):
+        self.autotuner, self.launches = autotuner, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append({**dict(zip(self.autotuner.arg_names, args)), **kwargs})
+
+    def keys(self) -> list[tuple]:
+        """Each launch's autotuning key, as triton.runtime.Autotuner.run makes it: the `key` arguments' values, then
+        every tensor argument's dtype."""
+        return [
+            (
+                *(launch[name] for name in self.autotuner.keys),
+                *(str(v.dtype) for n, v in launch.items() if n in self.autotuner.arg_names and hasattr(v, "dtype")),
+            )
+            for launch in self.launches
+        ]
+
+
+def test_autotuning_keys_separate_sequence_lengths(monkeypatch):
+    """A short test step's tuning is not reused for long sequences: the autotuner's key holds the power-of-two
+    bucket of max_seqlen (from 128 to 16384), for the forward and both backward kernels."""
+    from pytrain.triton import flash_attn as fa
+
+    kernels = {
+        name: LaunchRecorder(getattr(fa, name)) for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+    }
+    for name, recorder in kernels.items():
+        monkeypatch.setattr(fa, name, recorder)
+    monkeypatch.setattr(fa, "_bwd_preprocess", GridRecorder())
+    q = torch.zeros(8, 4, 64, dtype=torch.bfloat16)
+    cu_seqlens = torch.tensor([0, 8], dtype=torch.int32)
+    lengths = (100, 2000, 3000, 4096, 5000, 100_000)
+    for max_seqlen in lengths:
+        out, lse = fa.flash_attn_forward(q, q, q, cu_seqlens, max_seqlen, True, 0.125)
+        fa.flash_attn_backward(q, q, q, q, out, lse, cu_seqlens, max_seqlen, True, 0.125)
+    for name, recorder in kernels.items():
+        assert "seqlen_bucket" in recorder.autotuner.keys, name
+        keys = dict(zip(lengths, recorder.keys()))
+        assert keys[2000] != keys[3000] == keys[4096] != keys[5000], name  # buckets 2048, 4096, 8192
+        bucket = recorder.autotuner.keys.index("seqlen_bucket")
+        assert [key[bucket] for key in keys.values()] == [128, 2048, 4096, 4096, 8192, 16384], name
+
+
+# The dK/dV kernel's 16-bit tiles compiled for sm_90 as a GQA training launch specializes them (pointers, strides,
+# head_dim and the autotuning bucket divisible by 16; the head counts and token count not): ptxas's own report of
+# registers and spills (Triton prints it with TRITON_DUMP_PTXAS_LOG=1; no GPU needed).
+DKDV_SPILLS = """
+import contextlib, io, json, re
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pytrain.triton import flash_attn as fa
+
+fn = fa._bwd_dkdv_kernel.fn
+constexprs = ("CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PRECISION")
+signature = {}
+for name in fn.arg_names:
+    if name in constexprs:
+        signature[name] = "constexpr"
+    elif name in ("Q", "K", "V", "DOut", "DK", "DV"):
+        signature[name] = "*bf16"
+    elif name in ("Lse", "Delta"):
+        signature[name] = "*fp32"
+    else:
+        signature[name] = {"CuSeqlens": "*i32", "scale": "fp32"}.get(name, "i32")
+aligned = [i for i, name in enumerate(fn.arg_names)
+           if signature[name].startswith("*") or name.startswith("stride") or name in ("head_dim", "seqlen_bucket")]
+attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+for block_d, block_m, block_n, warps, stages in TILES:
+    for causal in (False, True):
+        values = {"CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "PRECISION": "tf32"}
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            triton.compile(ASTSource(fn=fn, signature=signature, constexprs=values, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        registers = int(re.search(r"Used (\\d+) registers", log.getvalue())[1])
+        spills = int(re.search(r"(\\d+) bytes spill stores", log.getvalue())[1])
+        print(json.dumps([block_d, block_m, block_n, warps, stages, causal, registers, spills]))
+"""
+
+
+@pytest.mark.slow
+def test_dkdv_16bit_tiles_do_not_spill(tmp_path):
+    """Every 16-bit dK/dV tile the autotuner may pick fits in registers (a spill goes to local memory on every
+    iteration of the query loop). At head_dim 128, 64 x 32 with 8 warps and 2 stages spilled 64 bytes at 255
+    registers with Triton 3.9 (not with 3.6); at 256, 32 x 32 with 2 stages spilled with both."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
+    tiles = [(d, *tile) for d in (64, 128, 256) for tile in fa_tiles("dkdv", torch.bfloat16, d)]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTRAIN_TRITON_CPU")}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_DUMP_PTXAS_LOG="1", TRITON_CACHE_DIR=str(tmp_path))  # ptxas runs
+    script = f"TILES = {tiles!r}\n{DKDV_SPILLS}"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    compiled = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("[")]
+    assert len(compiled) == 2 * len(tiles), done.stdout
+    spilled = [c for c in compiled if c[-1]]
+    assert not spilled, f"(BLOCK_D, BLOCK_M, BLOCK_N, warps, stages, causal, registers, spill bytes): {spilled}"
+
+
+def fa_tiles(kernel, dtype, block_d):
+    """The GPU's candidate tiles (this process runs the interpreter, which has its own)."""
+    from pytrain.triton import flash_attn as fa
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fa, "_interpreting", lambda: False)
+        return fa.tiles(kernel, dtype, block_d)
 
 
 @pytest.mark.parametrize("path", ["triton", "cpu"])

@@ -27,6 +27,7 @@ from pytrain.model.hf import (
     to_hf_state,
 )
 from pytrain.model.moe import MoE, active_parameters
+from pytrain.parallel import gpc
 from pytrain.parallel.model_part import parallelize
 
 TINY = dict(
@@ -294,7 +295,6 @@ def moe_loss_after(model, cfg):
     """A forward-only pass over the first batch: its moe_loss as the step monitor reports it (all stages)."""
     from pytrain.initialize import initialize_trainer
     from pytrain.monitor import StepMonitor
-    from pytrain.parallel import gpc
 
     trainer, *_ = initialize_trainer(model, optimizer=None, config=cfg)
     trainer.execute_schedule(batches(gpc.data_parallel_rank, gpc.data_parallel_size)[0], forward_only=True)
@@ -313,33 +313,45 @@ def moe_loss_after(model, cfg):
     return monitor.end_step(1, torch.zeros(()), 0.0, 0.0, True, moe_loss=trainer.moe_loss())["moe_loss"]
 
 
-def moe_worker(rank, world, init_method, name, run_folder, results):
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+def moe_worker(rank, world, init_method, names, run_folder, results):
     torch.set_num_threads(1)
+    for name in names:  # one process group each: train() launches the layout on it
+        dist.init_process_group("gloo", init_method=f"{init_method}-{name}", rank=rank, world_size=world)
+        try:
+            model_fields = dict(MOE_MODEL, num_chunks=2) if name == "pp2-interleaved" else MOE_MODEL
+            cfg = config(MOE_LAYOUTS[name], model_fields, {}, world, run_folder, family=MOE_FAMILY)
+            history, params, _, model = train(cfg, rank, world)
+            results[(name, rank)] = (history, params, moe_loss_after(model, cfg))
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory):
+    """(the single-process run's history, parameters and moe_loss; {(layout, rank): the same}), every layout in
+    one launch of two processes."""
+    folder = tmp_path_factory.mktemp("moe_layouts")
+    cfg = config({}, MOE_MODEL, {}, 1, folder, family=MOE_FAMILY)
     try:
-        model_fields = dict(MOE_MODEL, num_chunks=2) if name == "pp2-interleaved" else MOE_MODEL
-        cfg = config(MOE_LAYOUTS[name], model_fields, {}, world, run_folder, family=MOE_FAMILY)
-        history, params, _, model = train(cfg, rank, world)
-        results[rank] = (history, params, moe_loss_after(model, cfg))
-        dist.barrier()
+        want_history, want_params, _, model = train(cfg, 0, 1)
+        want = (want_history, want_params, moe_loss_after(model, cfg))
     finally:
         dist.destroy_process_group()
+        gpc.config = None
+    with mp.Manager() as manager:
+        results = manager.dict()
+        init_method = f"file://{folder / 'rendezvous'}"
+        mp.spawn(moe_worker, args=(2, init_method, list(MOE_LAYOUTS), folder, results), nprocs=2, join=True)
+        return want, dict(results)
 
 
 @pytest.mark.parametrize("name", list(MOE_LAYOUTS))
-def test_moe_layouts_match_one_process(name, tmp_path, init_method, fresh_context):
-    cfg = config({}, MOE_MODEL, {}, 1, tmp_path, family=MOE_FAMILY)
-    try:
-        want_history, want_params, _, model = train(cfg, 0, 1)
-        want_moe_loss = moe_loss_after(model, cfg)
-    finally:
-        dist.destroy_process_group()
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(moe_worker, args=(2, init_method, name, tmp_path, results), nprocs=2, join=True)
-        results = dict(results)
+def test_moe_layouts_match_one_process(name, moe_runs):
+    (want_history, want_params, want_moe_loss), results = moe_runs
     assert 3.0 < want_moe_loss < 8.0  # 4 MoE layers (test_parallel's MODEL), each about 1
-    for history, params, moe_loss in results.values():
+    for rank in range(2):
+        history, params, moe_loss = results[(name, rank)]
         assert all(success for _, _, success, _ in history)
         torch.testing.assert_close([h[0] for h in history], [h[0] for h in want_history], **TOLERANCE)
         torch.testing.assert_close([h[1] for h in history], [h[1] for h in want_history], **TOLERANCE)
@@ -374,7 +386,7 @@ def test_trainer_weights_the_aux_loss_by_coeff_loss_scale_and_micro_batches():
     for scale in (1.0, 1024.0):
         model = ModelPart([random_model("mixtral").train()])
         trainer = Trainer(
-            model, ScaledOptimizer(scale), NonPipelineScheduler(3), LMLoss(), torch.device("cpu"), moe_loss_coeff=0.5
+            model, ScaledOptimizer(scale), NonPipelineScheduler(), LMLoss(), torch.device("cpu"), moe_loss_coeff=0.5
         )
         trainer.execute_schedule(dict(batch))
         assert all(layer.aux_loss_weight == 0.5 * scale / 3 for layer in trainer.moe_layers)

@@ -44,16 +44,6 @@ def one_gemm_tile(monkeypatch):
 
 
 @pytest.fixture
-def triton_device(monkeypatch):
-    """Where the Triton kernels run: the GPU, or the CPU through Triton's interpreter."""
-    if torch.cuda.is_available():
-        return "cuda"
-    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets it before triton is imported"
-    monkeypatch.setenv("PYTRAIN_TRITON_CPU", "1")
-    return "cpu"
-
-
-@pytest.fixture
 def gemm_impl(monkeypatch):
     def use(name: str):
         monkeypatch.setenv("PYTRAIN_GROUPED_MM", name)
@@ -431,6 +421,25 @@ def test_triton_permute_unpermute(triton_device, case, dtype):
     check_unpermute(floats(permuted.shape, dtype, triton_device, 5), row_of, weights, dtype)
 
 
+@pytest.mark.parametrize("path", ["triton", "cpu"])
+def test_permute_with_num_kept_reads_nothing_back(path, request, forbid_host_reads):
+    """Given the count of kept assignments (num_kept), moe_permute sizes its rows without reading anything back (on a
+    GPU a synchronization) and checks the count and the ids' range on the device instead: the same result."""
+    device = request.getfixturevalue("triton_device") if path == "triton" else "cpu"
+    x, ids, experts, _ = permute_case(CASES[3], torch.float32, device)
+    want = moe_permute(x, ids, experts)
+    kept = int((ids >= 0).sum())
+    with forbid_host_reads():
+        got = moe_permute(x, ids, experts, num_kept=kept)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    wrong_count = r"expert_ids must be in \[-1, 8\) with num_kept=" if path == "triton" else r"num_kept=\d+, but"
+    with pytest.raises(ValueError, match=wrong_count):
+        moe_permute(x, ids, experts, num_kept=kept - 1)
+    with pytest.raises(ValueError, match=r"expert_ids must be in \[-1, 8\)"):
+        moe_permute(x, torch.where(ids == 0, experts, ids), experts, num_kept=kept)
+
+
 def test_triton_expert_ids_int32(triton_device):
     x, ids, experts, _ = permute_case(CASES[3], torch.float32, triton_device)
     check_permute(x, ids.to(torch.int32), experts, torch.float32)
@@ -500,6 +509,8 @@ def test_reference_fallback_without_the_extension(monkeypatch):
 def test_opcheck(device):
     x, ids, experts, weights = permute_case(CASES[2], torch.float32, device)
     torch.library.opcheck(torch.ops.pytrain.moe_permute.default, (x.requires_grad_(), ids, experts))
+    kept = int((ids >= 0).sum())  # given: the fake's row count is static
+    torch.library.opcheck(torch.ops.pytrain.moe_permute.default, (x, ids, experts, kept))
     _, row_of, counts = moe_permute(x, ids, experts)
     eo = floats((int((row_of >= 0).sum()), x.shape[1]), torch.float32, device, 3)
     torch.library.opcheck(torch.ops.pytrain.moe_unpermute.default, (eo.requires_grad_(), row_of, weights, True))
@@ -580,6 +591,10 @@ P, ROWS, COUNTS = moe_permute(X, IDS, 3)
         ((X, IDS, True), ValueError, "num_experts must be"),
         (("x", IDS, 3), TypeError, "x must be a torch.Tensor"),
         ((X, IDS.to("meta"), 3), ValueError, "tensors must be on one device"),
+        ((X, IDS, 3, -1), ValueError, r"num_kept must be None or an int in \[0, 12\]"),
+        ((X, IDS, 3, 13), ValueError, r"num_kept must be None or an int in \[0, 12\]"),
+        ((X, IDS, 3, 9.0), ValueError, "num_kept must be None or an int"),
+        ((X, IDS, 3, 10), ValueError, "num_kept=10, but expert_ids holds 9 entries >= 0"),
     ],
 )
 def test_permute_bad_arguments(args, error, match):
@@ -686,6 +701,7 @@ def test_triton_gemm_gpu_tiles_under_the_interpreter(triton_device, tile):
     """Each GPU tile candidate of kernels/moe_grouped_mm.py (the interpreter otherwise runs 16 x 16 x 16 only), with
     groups smaller and larger than a tile and an empty one."""
     import triton
+
     from pytrain.triton import moe_grouped_mm as kernels
 
     block_m, block_n, block_k, _, _ = kernels._CONFIGS[tile]
@@ -698,13 +714,13 @@ def test_triton_gemm_gpu_tiles_under_the_interpreter(triton_device, tile):
     out = torch.empty(rows, out_features)
     grid = (triton.cdiv(rows, block_m) + experts, triton.cdiv(out_features, block_n))
     kernels._rows_kernel.fn[grid](
-        x, weight, out, offsets, experts, in_features, out_features, weight.stride(0), 1, in_features,
+        x, weight, out, offsets, experts, in_features, out_features, 256, weight.stride(0), 1, in_features,
         E_POW2=4, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="ieee",
     )  # fmt: skip
     dw = torch.empty_like(weight)
     grid = (experts, triton.cdiv(out_features, block_m), triton.cdiv(in_features, block_n))
     kernels._weight_grad_kernel.fn[grid](
-        dy, x, dw, offsets, experts, out_features, in_features,
+        dy, x, dw, offsets, experts, out_features, in_features, 256,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="ieee",
     )  # fmt: skip
     want = reference.grouped_mm(x.double(), weight.double(), torch.tensor(counts))
@@ -712,6 +728,31 @@ def test_triton_gemm_gpu_tiles_under_the_interpreter(triton_device, tile):
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(dw.double(), want_dw, rtol=1e-5, atol=1e-4)
     assert torch.equal(dw[1], torch.zeros_like(dw[1]))
+
+
+def test_gemm_autotuning_keys_separate_row_counts(monkeypatch):
+    """A small test step's tuning is not reused for a large batch: the autotuner's key holds the power-of-two bucket
+    of the row count (from 256 to 65536), for the row kernel (forward, dx) and the weight-gradient kernel."""
+    from test_flash_attn import LaunchRecorder
+
+    from pytrain.triton import moe_grouped_mm as kernels
+
+    recorders = {name: LaunchRecorder(getattr(kernels, name)) for name in ("_rows_kernel", "_weight_grad_kernel")}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(kernels, name, recorder)
+    weight = torch.zeros(4, 8, 16)
+    row_counts = (100, 2000, 3000, 4096, 5000, 100_000)
+    for rows in row_counts:
+        x, dy = torch.zeros(rows, 16), torch.zeros(rows, 8)
+        offsets = torch.tensor([rows // 4, rows // 2, rows // 2, rows], dtype=torch.int32)
+        kernels.grouped_mm_forward(x, weight, offsets)
+        kernels.grouped_mm_dweight(dy, x, offsets, 4)
+    for name, recorder in recorders.items():
+        assert "rows_bucket" in recorder.autotuner.keys, name
+        keys = dict(zip(row_counts, recorder.keys()))
+        assert keys[2000] != keys[3000] == keys[4096] != keys[5000], name  # buckets 2048, 4096, 8192
+        bucket = recorder.autotuner.keys.index("rows_bucket")
+        assert [key[bucket] for key in keys.values()] == [256, 2048, 4096, 4096, 8192, 65536], name
 
 
 # Compiles every Triton kernel variant to sm_90 code on this machine (no GPU needed): the interpreter runs the
@@ -732,11 +773,12 @@ for dtype, precision, tiles in (("bf16", "tf32", G._CONFIGS), ("fp32", "ieee", G
     for m, n, k, warps, stages in tiles:
         tile = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "PRECISION": precision}
         build(G._rows_kernel.fn, {"A": "*" + dtype, "B": "*" + dtype, "C": "*" + dtype, "Offsets": "*i32",
-              "num_groups": "i32", "inner": "i32", "out_cols": "i32", "stride_be": "i32", "stride_bk": "i32",
-              "stride_bn": "i32", **{c: "constexpr" for c in ("E_POW2", *tile)}}, {"E_POW2": 16, **tile}, warps, stages)
+              "num_groups": "i32", "inner": "i32", "out_cols": "i32", "rows_bucket": "i32", "stride_be": "i32",
+              "stride_bk": "i32", "stride_bn": "i32", **{c: "constexpr" for c in ("E_POW2", *tile)}},
+              {"E_POW2": 16, **tile}, warps, stages)
         build(G._weight_grad_kernel.fn, {"DY": "*" + dtype, "X": "*" + dtype, "DW": "*" + dtype, "Offsets": "*i32",
-              "num_groups": "i32", "out_rows": "i32", "out_cols": "i32", **{c: "constexpr" for c in tile}}, tile, warps,
-              stages)
+              "num_groups": "i32", "out_rows": "i32", "out_cols": "i32", "rows_bucket": "i32",
+              **{c: "constexpr" for c in tile}}, tile, warps, stages)
 for weights, dots in ((False, False), (True, True), (True, False)):
     flags = {"K_POW2": 8, "BLOCK_H": 512, "HAS_WEIGHTS": weights}
     build(P._scatter_kernel, {"TokensIn": "*bf16", "RowsIn": "*bf16", "RowsOut": "*bf16", "RowOf": "*i64",
@@ -748,6 +790,7 @@ print("compiled")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels compile for real in the tests above")
 def test_triton_kernels_compile_for_sm90():
     import subprocess

@@ -82,7 +82,7 @@ def step(parallel: dict, micro_num: int, batch: dict, world: int, rank: int, run
             parallel=parallel,
             data=dict(seq_len=SEQ_LEN, micro_bsz=MICRO_BSZ, micro_num=micro_num),
             hybrid_zero_optimizer=dict(overlap_sync_grad=False, clip_grad_norm=0.0),
-            adam=dict(lr=1e-2),
+            adam=dict(lr=1e-2, adam_eps=1e-6),  # damps Adam's sign-of-gradient step where a gradient is ~0
             monitor=dict(run_folder=str(run_folder), tensorboard=dict(enable=False)),
         )
     )
@@ -108,38 +108,51 @@ LAYOUTS = {
 }
 
 
-def worker(rank, world, init_method, name, run_folder, results):
-    if world > 1:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+def worker(rank, world, init_method, names, run_folder, results):
+    """Each layout's step on the packed rows, then on the documents alone, each in a process group of its own."""
     torch.set_num_threads(1)
-    try:
+    for name in names:
         _, parallel = LAYOUTS[name]
         data_parallel = world // (2 if ("tensor" in parallel or "pipeline" in parallel) else 1)
         docs = documents()
-        packed = packed_batches(docs, data_parallel, rank // (world // data_parallel))
-        alone = alone_batches(docs, data_parallel, rank // (world // data_parallel))
-        results[(rank, "packed")] = step(dict(parallel), packed["input_ids"].shape[0], packed, world, rank, run_folder)
-        dist.destroy_process_group()
-        if world > 1:
-            dist.init_process_group("gloo", init_method=init_method + "-2", rank=rank, world_size=world)
-        results[(rank, "alone")] = step(dict(parallel), alone["input_ids"].shape[0], alone, world, rank, run_folder)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        for kind, batch in (
+            ("packed", packed_batches(docs, data_parallel, rank // (world // data_parallel))),
+            ("alone", alone_batches(docs, data_parallel, rank // (world // data_parallel))),
+        ):
+            if world > 1:
+                dist.init_process_group("gloo", init_method=f"{init_method}-{name}-{kind}", rank=rank, world_size=world)
+            try:
+                micro_num = batch["input_ids"].shape[0]
+                results[(name, rank, kind)] = step(dict(parallel), micro_num, batch, world, rank, run_folder)
+            finally:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def layout_steps(tmp_path_factory):
+    """{(layout, rank, "packed" | "alone"): (loss, grad norm, parameters)}: one process here, two launched."""
+    folder = tmp_path_factory.mktemp("packed_layouts")
+    with mp.Manager() as manager:
+        results = manager.dict()
+        threads = torch.get_num_threads()
+        try:  # the one-process layout in this process
+            worker(0, 1, None, [name for name, (size, _) in LAYOUTS.items() if size == 1], folder, results)
+        finally:
+            torch.set_num_threads(threads)
+            gpc.config = None
+        names = [name for name, (size, _) in LAYOUTS.items() if size == 2]
+        init_method = f"file://{folder / 'rendezvous'}"
+        mp.spawn(worker, args=(2, init_method, names, folder, results), nprocs=2, join=True)
+        return dict(results)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_packed_documents_train_as_each_document_alone(name, tmp_path, init_method, fresh_context):
+def test_packed_documents_train_as_each_document_alone(name, layout_steps):
     world, _ = LAYOUTS[name]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(worker, args=(world, init_method, name, tmp_path, results), nprocs=world, join=True)
-        results = dict(results)
     for rank in range(world):
-        (packed_loss, packed_norm, packed_params), (alone_loss, alone_norm, alone_params) = (
-            results[(rank, "packed")],
-            results[(rank, "alone")],
-        )
+        packed_loss, packed_norm, packed_params = layout_steps[(name, rank, "packed")]
+        alone_loss, alone_norm, alone_params = layout_steps[(name, rank, "alone")]
         assert packed_loss == pytest.approx(alone_loss, rel=1e-5)
         assert packed_norm == pytest.approx(alone_norm, rel=1e-4)
         for key, value in packed_params.items():
@@ -183,3 +196,39 @@ def test_a_packed_micro_batch_reads_nothing_back_to_the_host(use_flash_attn, for
         loss = criterion(logits, batch["labels"][0])
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+
+
+class BackwardOnly:
+    """The optimizer's part in a schedule: the backward (with its loss scale 1)."""
+
+    def backward(self, loss, last=False):
+        loss.backward()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["positions", "cu_seqlens"])
+def test_a_step_reads_back_once_per_micro_batch_on_the_host_whatever_the_depth(packed):
+    """A step's only host reads are one per micro-batch of the loader's host tensors (cu_seqlens or positions,
+    checked once there: no GPU synchronization); none per layer, and no op sized by its input's values."""
+    from host_syncs import count_host_reads, no_value_sized_ops
+
+    from pytrain.kernels import CheckedPositions, PackedSequences
+    from pytrain.model import LMLoss
+    from pytrain.model.families import build_internlm
+    from pytrain.parallel.schedule import NonPipelineScheduler
+
+    docs = documents()
+    batch = packed_batches(docs, 1, 0)
+    if not packed:
+        batch = {key: batch[key] for key in ("input_ids", "labels", "positions")}
+    micro_num = batch["input_ids"].shape[0]
+    for num_layers in (1, 3):
+        model = build_internlm(**dict(MODEL, num_layers=num_layers, dtype=torch.float32))
+        given = []  # what the schedule hands the model: checked on the host, so a GPU model reads nothing back
+        model.register_forward_pre_hook(lambda _, args, kwargs: given.extend(kwargs.values()), with_kwargs=True)
+        with count_host_reads(callers=True) as reads, no_value_sized_ops():
+            NonPipelineScheduler().forward_backward_step(model, batch, LMLoss(labels_checked=True), BackwardOnly())
+        # scale_saved_grad_ reads the loss's incoming gradient on the CPU only (to skip a multiply by 1)
+        on_a_gpu = [read for read in reads if read != "item in scale_saved_grad_"]
+        checked_once = "tolist in micro_batch_inputs" if packed else "tolist in _table_rows"  # cu_seqlens, positions
+        assert on_a_gpu == [checked_once] * micro_num, (num_layers, reads)
+        assert {type(value) for value in given} == {PackedSequences if packed else CheckedPositions}

@@ -8,6 +8,7 @@ skipped on machines without a GPU.
 
 import pytest
 import torch
+from host_syncs import count_host_reads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from markers import DEVICES
@@ -637,3 +638,65 @@ def test_packed_sequences_give_positions_without_host_reads(device, layout, forb
     short = (slice(0, 14),) if layout == "packed" else (slice(None), slice(0, 7))
     with pytest.raises(ValueError, match="q holds 14 tokens, the PackedSequences 16"):
         apply_rotary(q.detach()[short], k.detach()[short], packed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(8,), (2, 8)], ids=["seq", "batch-seq"])
+def test_checked_positions_read_back_once_not_per_call(device, shape, forbid_host_reads):
+    """apply_rotary(q, k, CheckedPositions) equals the positions tensor it checked, forward and backward, and reads
+    nothing back to the host: the range check (the cos/sin table's size) was made once, when it was built."""
+    positions = torch.randint(0, 3000, shape, generator=torch.Generator().manual_seed(3)).to(device)
+    q, k = (torch.randn(2, 8, h, 32, device=device).requires_grad_() for h in (4, 2))
+    want = apply_rotary(q, k, positions)
+    dq_want, dk_want = torch.autograd.grad(want, (q, k), (torch.ones_like(want[0]), torch.ones_like(want[1])))
+    checked = pytrain.kernels.CheckedPositions(positions.int().cpu(), device=device)  # from the host's tensor
+    assert checked.rows == int(positions.max()) + 1 and checked.positions.dtype == torch.int64
+    assert checked.positions.device == q.device
+    with forbid_host_reads():
+        got = apply_rotary(q, k, checked)
+        dq, dk = torch.autograd.grad(got, (q, k), (torch.ones_like(got[0]), torch.ones_like(got[1])))
+    for g, w in zip((*got, dq, dk), (*want, dq_want, dk_want)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"positions must have shape \(seq,\) or \(batch, seq\)"):
+        apply_rotary(q.detach()[:, :7], k.detach()[:, :7], checked)
+
+
+def test_checked_positions_checks_its_tensor():
+    with pytest.raises(ValueError, match=r"^positions must lie in \[0, 2097152\), got values in \[-1, 2\]"):
+        pytrain.kernels.CheckedPositions(torch.tensor([0, 2, -1]))
+    with pytest.raises(TypeError, match=r"positions has dtype torch\.float32"):
+        pytrain.kernels.CheckedPositions(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"positions must be \(seq,\) or \(batch, seq\)"):
+        pytrain.kernels.CheckedPositions(torch.zeros(1, 2, 3, dtype=torch.long))
+    empty = pytrain.kernels.CheckedPositions(torch.zeros(0, dtype=torch.int32))
+    assert empty.rows == 1 and repr(empty) == "CheckedPositions(shape=(0,), rows=1, device=cpu)"
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_model_checks_unpacked_positions_once_per_forward(num_layers):
+    """A (batch, seq) positions tensor costs the decoder's forward and backward one read-back in all, whatever the
+    number of layers (it was two per layer: each rotary call range-checked it, forward and backward); a
+    CheckedPositions built from the host's tensor costs none."""
+    from pytrain.model.families import build_internlm
+
+    torch.manual_seed(0)
+    model = build_internlm(
+        num_layers=num_layers, hidden_size=64, num_attention_heads=4, vocab_size=50, use_flash_attn=False
+    )
+    ids = torch.randint(0, 50, (2, 12))
+    positions = torch.arange(12).repeat(2, 1) + torch.tensor([[0], [7]])
+    want = model(ids, positions=positions)
+    want.sum().backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    checked = pytrain.kernels.CheckedPositions(positions)
+    with count_host_reads() as reads:
+        model(ids, positions=positions).sum().backward()
+    assert reads == ["tolist"]
+    with count_host_reads() as reads:
+        got = model(ids, positions=checked)
+        got.sum().backward()
+    assert reads == []
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip((p.grad for p in model.parameters()), want_grads):
+        torch.testing.assert_close(g, 2 * w)

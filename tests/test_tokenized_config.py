@@ -37,6 +37,8 @@ def test_text_to_tokenized_folder_to_training_with_validation(tmp_path, fresh_co
         f"data.valid_folder={tmp_path / 'valid'}",
         "data.total_steps=4",
         "data.valid_every=2",
+        "data.micro_num=1",  # a validation step holds another number of micro-batches than a training step
+        "data.valid_micro_num=3",
         "model.num_layers=2",
         "model.hidden_size=64",
         "model.num_attention_heads=4",

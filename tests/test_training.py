@@ -56,34 +56,26 @@ def test_config_error_exits_cleanly(fresh_context, capsys):
     assert "did you mean 'num_layers'" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(
-    "layout, micro_num",
-    [
-        (["parallel.zero1.size=-1"], 2),
-        (["parallel.zero1.size=1"], 2),
-        (["parallel.pipeline.size=2", "model.num_chunks=2"], 4),
-        (["parallel.tensor.size=2", "parallel.tensor.mode='msp'"], 4),
-    ],
-    ids=["dp2-zero1-sharded", "dp2-zero1-off", "pp2-interleaved", "tp2-msp"],
-)
-def test_two_gloo_processes_equal_one_process(tmp_path, layout, micro_num):
-    """`python -m pytrain.train` under torchrun with 2 gloo processes against 1 process with the same global
-    batch (4 micro-batches): the same logged losses and gradient norms, logged by rank 0 also when the
-    loss is computed on the last pipeline stage."""
-    common = [
-        "--config",
-        str(CONFIGS / "tiny.py"),
-        "--backend",
-        "gloo",
-        "--set",
-        *SMALL,
-        "data.total_steps=6",
-        "adam.lr=3e-3",
-        "model.num_layers=4",
-    ]
+TWO_PROCESS_RUN = [
+    "--config",
+    str(CONFIGS / "tiny.py"),
+    "--backend",
+    "gloo",
+    "--set",
+    *SMALL,
+    "data.total_steps=6",
+    "adam.lr=3e-3",
+    "model.num_layers=4",
+]
+
+
+@pytest.fixture(scope="module")
+def one_process_metrics(tmp_path_factory):
+    """The single-process run every two-process layout is compared with (the same global batch of 4 micro-batches)."""
+    folder = tmp_path_factory.mktemp("one")
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it: same matmul blocking
     one = subprocess.run(
-        [python(), "-m", "pytrain.train", *common, "data.micro_num=4", f"monitor.run_folder={tmp_path / 'one'}"],
+        [python(), "-m", "pytrain.train", *TWO_PROCESS_RUN, "data.micro_num=4", f"monitor.run_folder={folder}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -91,6 +83,22 @@ def test_two_gloo_processes_equal_one_process(tmp_path, layout, micro_num):
         env=one_thread,
     )
     assert one.returncode == 0, one.stdout + one.stderr
+    return metrics(only_run(folder))
+
+
+@pytest.mark.parametrize(
+    "layout, micro_num",
+    [
+        (["parallel.zero1.size=-1"], 2),
+        pytest.param(["parallel.pipeline.size=2", "model.num_chunks=2"], 4, marks=pytest.mark.slow),
+    ],
+    ids=["dp2-zero1-sharded", "pp2-interleaved"],
+)
+def test_two_gloo_processes_equal_one_process(tmp_path, layout, micro_num, one_process_metrics):
+    """`python -m pytrain.train` under torchrun with 2 gloo processes against 1 process with the same global
+    batch: the same logged losses and gradient norms, with the real loader splitting the data over the
+    data-parallel ranks, and logged by rank 0 also when the loss is computed on the last pipeline stage.
+    (Every layout's equality with one process is tests/test_parallel.py's, in-process.)"""
     two = subprocess.run(
         [
             python(),
@@ -100,7 +108,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, layout, micro_num):
             "--nproc_per_node=2",
             "-m",
             "pytrain.train",
-            *common,
+            *TWO_PROCESS_RUN,
             *layout,
             f"data.micro_num={micro_num}",
             f"monitor.run_folder={tmp_path / 'two'}",
@@ -112,7 +120,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, layout, micro_num):
     )
     assert two.returncode == 0, two.stdout + two.stderr
     assert "2 rank(s)" in two.stdout
-    a, b = metrics(only_run(tmp_path / "one")), metrics(only_run(tmp_path / "two"))
+    a, b = one_process_metrics, metrics(only_run(tmp_path / "two"))
     assert len(a) == len(b) == 6
     # fp32: the only difference is the order of floating-point sums (all-reduce, split matmuls, threads)
     torch.testing.assert_close([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5, atol=1e-5)
@@ -223,3 +231,15 @@ def test_7b_dry_run_reports_parameters_without_memory(capsys):
         == 2
     )
     assert "parallel.zero1.size=3 does not divide the data-parallel size 8" in capsys.readouterr().out
+
+
+def test_labels_beyond_the_vocabulary_are_a_data_error_naming_the_field():
+    from pytrain.data import DataError
+    from pytrain.train import Trainer
+
+    trainer = Trainer(
+        torch.nn.Linear(2, 2), None, None, None, torch.device("cpu"), label_vocab_size=10, moe_loss_coeff=1
+    )
+    batch = {"input_ids": torch.zeros(1, 1, 4, dtype=torch.long), "labels": torch.tensor([[[1, -100, 12, 3]]])}
+    with pytest.raises(DataError, match=r"found 12: the data holds token ids beyond model.vocab_size=10"):
+        trainer.execute_schedule(batch)

@@ -91,7 +91,7 @@ def worker(rank, init_method, dtype, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_zero1_matches_one_process_and_shards_the_state(dtype, init_method):
     model = make_model(dtype)
     optimizer = optimizer_for(model)

@@ -65,13 +65,17 @@ class StopSignal:
     """Records SIGTERM/SIGINT instead of dying, so the loop can finish the step, save and exit 0.
 
     A second signal of the same kind is handed to the handler that was there before (Ctrl-C twice still
-    interrupts at once). uninstall() puts the previous handlers back. Use as a context manager or with
-    install()/uninstall(), from the main thread (Python only delivers signals there)."""
+    interrupts at once). A signal the process started with ignored (SIG_IGN: a shell's background job
+    ignores SIGINT, so that Ctrl-C at the terminal reaches only the foreground job) stays ignored, as Python
+    itself leaves it: whoever started the run chose that it must not stop on it. uninstall() puts the
+    previous handlers back. Use as a context manager or with install()/uninstall(), from the main thread
+    (Python only delivers signals there)."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signals = tuple(signals)
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, object] = {}  # the handlers replaced (ignored signals are left alone)
+        self._installed = False
 
     @property
     def requested(self) -> bool:
@@ -80,16 +84,18 @@ class StopSignal:
     def install(self) -> "StopSignal":
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("StopSignal.install() must run in the main thread (Python delivers signals there)")
-        if self._previous:
+        if self._installed:
             raise RuntimeError("StopSignal is already installed")
+        self._installed = True
         for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def uninstall(self) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
-        self._previous = {}
+        self._previous, self._installed = {}, False
 
     def _handle(self, signum, frame) -> None:
         if self.signum == signum:

@@ -18,8 +18,13 @@ SEPARATOR = 0  # never occurs in source text
 
 
 def stdlib_sources() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    """The stdlib's .py files, sorted. The walk never enters site-packages (under the stdlib folder, and most of
+    its files when torch is installed): every run lists these to fingerprint its cache."""
+    files = []
+    for folder, subfolders, names in os.walk(sysconfig.get_paths()["stdlib"]):
+        subfolders[:] = [name for name in subfolders if name not in ("site-packages", "dist-packages")]
+        files.extend(Path(folder, name) for name in names if name.endswith(".py"))
+    return sorted(files)
 
 
 def load_stdlib_corpus(cache_folder: str | os.PathLike, show_progress: bool = True) -> np.ndarray:

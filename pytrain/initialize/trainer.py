@@ -35,14 +35,12 @@ def initialize_trainer(
             labels_checked=True,  # the Trainer checks each step's labels on the host
             vocab_sizes=[cfg.model.vocab_size // tensor] * tensor if sharded_logits else None,
         )
-    micro_num = cfg.data.micro_num
     if cfg.parallel.pipeline.size == 1:
-        schedule = NonPipelineScheduler(micro_num=micro_num, data_parallel_group=gpc.data_parallel_group)
+        schedule = NonPipelineScheduler(data_parallel_group=gpc.data_parallel_group)
     else:
         _check_pipeline_stages(model, cfg.model.num_chunks)
         pipeline = dict(
             ctx=gpc,
-            micro_num=micro_num,
             hidden_size=cfg.model.hidden_size,
             dtype=DTYPES[cfg.model.dtype],
             sequence_split=gpc.tensor_parallel_size if cfg.parallel.tensor.mode == "msp" else 1,

@@ -9,7 +9,8 @@ flash_attn_func / flash_attn_varlen_func.
 Mixture of experts: moe_permute / moe_unpermute (tokens to expert-grouped rows and back, weighted by the
 routing weights) and grouped_mm (one GEMM per expert over those rows).
 PackedSequences: a packed micro-batch's sequence boundaries, checked once and passed to every layer's
-attention and rotary call (no host synchronization per call).
+attention and rotary call (no host synchronization per call); CheckedPositions: the same for unpacked rows'
+positions (rotary).
 """
 
 from . import reference
@@ -21,9 +22,10 @@ from .modules import CrossEntropyLoss, FlashAttention, LinearCrossEntropyLoss, R
 from .moe_permute import moe_permute, moe_unpermute
 from .packed import PackedSequences
 from .rms_norm import rms_norm
-from .rotary import apply_rotary
+from .rotary import CheckedPositions, apply_rotary
 
 __all__ = [
+    "CheckedPositions",
     "CrossEntropyLoss",
     "FlashAttention",
     "LinearCrossEntropyLoss",

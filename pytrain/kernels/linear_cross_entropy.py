@@ -2,10 +2,14 @@
 
 Tokens are processed in chunks: each chunk's logits are computed into one reused buffer, the fused
 cross-entropy kernel turns them in place into their gradient, and grad_hidden (that chunk) and
-grad_weight (addmm_) are accumulated right away — all in the forward, so the backward only scales
-the stored gradients by grad_output. Peak extra memory: one (chunk, vocab) buffer plus the two gradients
-(grad_weight accumulates in weight's dtype). reduction="none" cannot be pre-scaled: its forward only
-computes the loss and the backward recomputes the chunks with grad_output as per-row scale.
+grad_weight are accumulated right away — all in the forward, so the backward only scales the stored
+gradients by grad_output. grad_weight sums over every chunk in fp32 and is rounded to weight's dtype once at
+the end: summed in bf16, each chunk's small contribution to a large running sum would be rounded off (a
+few hundred chunks lose most of them). For 16-bit weights each chunk's product is computed in weight's dtype, a
+block of vocabulary rows at a time into one reused buffer, and added to the fp32 sum. Peak extra memory: the
+(chunk, vocab) logits buffer, the product block, grad_hidden, and grad_weight in fp32 (twice a 16-bit weight).
+reduction="none" cannot be pre-scaled: its forward only computes the loss and the backward recomputes the chunks
+with grad_output as per-row scale.
 """
 
 import torch
@@ -34,6 +38,31 @@ def default_chunk_size(tokens: int, vocab: int, dtype: torch.dtype) -> int:
     return max(1, min(tokens, max(MIN_CHUNK, 1 << (rows.bit_length() - 1))))
 
 
+class _WeightGradSum:
+    """grad_weight summed over the chunks in fp32: add(grad_logits, hidden) adds grad_logits.T @ hidden."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.sum = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        self.product = None  # 16-bit weights: one block of vocabulary rows of a chunk's product, reused
+        if weight.dtype != torch.float32:
+            rows = max(1, min(weight.shape[0], CHUNK_BYTES // max(1, weight.shape[1] * weight.element_size())))
+            self.product = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+
+    def add(self, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        if self.product is None:
+            self.sum.addmm_(grad_logits.t(), hidden)
+            return
+        rows = self.product.shape[0]
+        for start in range(0, self.sum.shape[0], rows):
+            block = self.sum[start : start + rows]
+            product = self.product[: block.shape[0]]
+            torch.mm(grad_logits[:, start : start + rows].t(), hidden, out=product)
+            block += product
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.sum.to(dtype)  # the one rounding
+
+
 def _chunked(
     hidden, weight, labels, row_scale, ignore_index, label_smoothing, z_loss, grad_scale, chunk_size, with_grad
 ):
@@ -42,7 +71,7 @@ def _chunked(
     loss_rows = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(loss_rows)
     grad_hidden = torch.empty_like(hidden) if with_grad else None
-    grad_weight = torch.zeros_like(weight) if with_grad else None
+    grad_weight = _WeightGradSum(weight) if with_grad else None
     logits = torch.empty(min(chunk_size, tokens), vocab, dtype=hidden.dtype, device=hidden.device)
     for start in range(0, tokens, chunk_size):
         end = min(start + chunk_size, tokens)
@@ -63,8 +92,8 @@ def _chunked(
         )
         if with_grad:  # chunk_logits now holds d loss / d logits
             torch.mm(chunk_logits, weight, out=grad_hidden[start:end])
-            grad_weight.addmm_(chunk_logits.t(), hidden[start:end])
-    return loss_rows, grad_hidden, grad_weight
+            grad_weight.add(chunk_logits, hidden[start:end])
+    return loss_rows, grad_hidden, grad_weight.result(weight.dtype) if with_grad else None
 
 
 @torch.library.custom_op("pytrain::linear_cross_entropy_forward", mutates_args=())

@@ -6,8 +6,9 @@ from torch import nn
 from .cross_entropy import cross_entropy
 from .flash_attn import flash_attn_func, flash_attn_varlen_func
 from .linear_cross_entropy import linear_cross_entropy
+from .packed import PackedSequences
 from .rms_norm import rms_norm
-from .rotary import apply_rotary
+from .rotary import CheckedPositions, apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -37,7 +38,11 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.base, self.interleaved = head_dim, base, interleaved
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None, inplace: bool = False
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        positions: torch.Tensor | CheckedPositions | PackedSequences | None = None,
+        inplace: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(q, torch.Tensor) and q.shape[-1] != self.head_dim:
             raise ValueError(f"q's head_dim {q.shape[-1]} does not match this RotaryEmbedding's {self.head_dim}")

@@ -1,6 +1,6 @@
 """Mixture-of-experts token permutation: tokens to expert-grouped rows and back, with the routing weights.
 
-    permuted, row_of, tokens_per_expert = moe_permute(x, expert_ids, num_experts)
+    permuted, row_of, tokens_per_expert = moe_permute(x, expert_ids, num_experts, num_kept=None)
     y = moe_unpermute(expert_out, row_of, weights)
 
 x (T, H) float32/bfloat16/float16, contiguous; expert_ids (T, k) int32/int64: assignment (t, j) sends token t
@@ -22,7 +22,9 @@ each row 0..N-1 of expert_out exactly once (as moe_permute's does).
 Backends: CPU tensors run pytrain._C (a threaded counting sort for the index; row moves threaded over
 tokens); CUDA tensors run the Triton kernels of kernels/moe_permute.py, with the index made by a stable sort
 in torch. moe_permute on a GPU reads three numbers back to the host (one synchronization): N, which sizes
-`permuted`, and the range of expert_ids, checked from the same read. moe_unpermute never synchronizes: on a GPU
+`permuted`, and the range of expert_ids, checked from the same read; unless the caller knows N and passes it as
+num_kept (expert_ids.numel() when it drops nothing, or the sum of counts it has read back already): then it reads
+nothing, and checks N and the range with a device-side assertion. moe_unpermute never synchronizes: on a GPU
 its check of row_of is a device-side assertion (a bad row_of fails the next synchronizing call with a CUDA
 device-side assert); on the CPU every bad value is a ValueError at the call. Both are torch.library custom ops
 (autograd and torch.compile(fullgraph=True) see one op each way; `permuted` has a data-dependent row count).
@@ -101,8 +103,15 @@ def _check_row_of(row_of: torch.Tensor, rows: int) -> None:
     require((seen[1:] == 1).all(), f"row_of must name each row of expert_out (0..{rows - 1}) exactly once")
 
 
-def _route(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(row_of, tokens_per_expert, N), expert_ids checked; see reference.moe_route for the order."""
+def _check_num_kept(num_kept: int, kept: int) -> None:
+    """num_kept < 0: not given."""
+    if num_kept >= 0 and kept != num_kept:
+        raise ValueError(f"num_kept={num_kept}, but expert_ids holds {kept} entries >= 0")
+
+
+def _route(expert_ids: torch.Tensor, num_experts: int, num_kept: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(row_of, tokens_per_expert, N), expert_ids checked; see reference.moe_route for the order. num_kept >= 0: N
+    as the caller knows it (nothing read back on a GPU); -1: unknown."""
     flat = expert_ids.reshape(-1)
     if flat.numel() == 0:
         return (
@@ -127,9 +136,18 @@ def _route(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
             workspace.data_ptr(),
             workers,
         )
-        return row_of, counts, int(counts.sum())
-    low, high, kept = torch.stack([flat.min(), flat.max(), (flat >= 0).sum()]).tolist()  # the one host read
-    _check_expert_ids(num_experts, low, high)
+        kept = int(counts.sum())
+        _check_num_kept(num_kept, kept)
+        return row_of, counts, kept
+    if num_kept < 0:
+        low, high, kept = torch.stack([flat.min(), flat.max(), (flat >= 0).sum()]).tolist()  # the one host read
+        _check_expert_ids(num_experts, low, high)
+    else:
+        kept = num_kept
+        require(
+            ((flat >= -1) & (flat < num_experts)).all() & ((flat >= 0).sum() == num_kept),
+            f"expert_ids must be in [-1, {num_experts}) with num_kept={num_kept} entries >= 0",
+        )
     row_of, counts = reference.moe_route(expert_ids, num_experts)
     return row_of, counts, kept
 
@@ -183,9 +201,9 @@ def _gather(rows_in, row_of, weights, tokens_out) -> None:
 
 @torch.library.custom_op("pytrain::moe_permute", mutates_args=())
 def _permute(
-    x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
+    x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, num_kept: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    row_of, counts, rows = _route(expert_ids, num_experts)
+    row_of, counts, rows = _route(expert_ids, num_experts, num_kept)
     permuted = x.new_empty(rows, x.shape[1])
     if rows and x.shape[1]:
         _scatter(x, row_of, None, permuted)
@@ -193,8 +211,9 @@ def _permute(
 
 
 @_permute.register_fake
-def _(x, expert_ids, num_experts):
-    rows = torch.library.get_ctx().new_dynamic_size()  # N: the kept assignments, known only at run time
+def _(x, expert_ids, num_experts, num_kept=-1):
+    # N: the kept assignments, known only at run time unless the caller gave it
+    rows = num_kept if num_kept >= 0 else torch.library.get_ctx().new_dynamic_size()
     return (
         x.new_empty(rows, x.shape[1]),
         expert_ids.new_empty(expert_ids.shape, dtype=torch.int64),
@@ -255,7 +274,7 @@ def _permute_setup_context(ctx, inputs, output):
 
 def _permute_autograd_backward(ctx, grad_permuted, _grad_row_of, _grad_counts):
     (row_of,) = ctx.saved_tensors
-    return _unpermute(grad_permuted.contiguous(), row_of, None, False), None, None
+    return _unpermute(grad_permuted.contiguous(), row_of, None, False), None, None, None
 
 
 _permute.register_autograd(_permute_autograd_backward, setup_context=_permute_setup_context)
@@ -285,10 +304,11 @@ def _check_tokens(name: str, tokens: torch.Tensor, x_name: str, x: torch.Tensor)
 
 
 def moe_permute(
-    x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
+    x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, num_kept: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens to expert-grouped rows: (permuted (N, H), row_of (T, k) int64, tokens_per_expert (E,) int64).
 
+    num_kept: N, the entries of expert_ids >= 0, when the caller knows it: nothing is then read back to the host.
     See the module docstring for the exact order and semantics."""
     check_tensor("x", x)
     if x.dim() != 2:
@@ -298,12 +318,18 @@ def moe_permute(
     _check_tokens("expert_ids", expert_ids, "x", x)
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    if num_kept is not None and (
+        isinstance(num_kept, bool) or not isinstance(num_kept, int) or not 0 <= num_kept <= expert_ids.numel()
+    ):
+        raise ValueError(f"num_kept must be None or an int in [0, {expert_ids.numel()}] (expert_ids' entries)")
+    num_kept = -1 if num_kept is None else num_kept
     if _backend(x.device) == "reference":
         flat = expert_ids.reshape(-1)
         if flat.numel():
             _check_expert_ids(num_experts, int(flat.min()), int(flat.max()))
+        _check_num_kept(num_kept, int((flat >= 0).sum()))
         return reference.moe_permute(x, expert_ids, num_experts)
-    return _permute(x, expert_ids, num_experts)
+    return _permute(x, expert_ids, num_experts, num_kept)
 
 
 def moe_unpermute(expert_out: torch.Tensor, row_of: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

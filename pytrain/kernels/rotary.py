@@ -10,6 +10,11 @@ cos/sin come from an fp32 table per (device, head_dim, base), computed once with
 large positions keep their precision) and grown by powers of two as larger positions arrive; the kernel
 gathers one row per token and applies it to every q and k head. CPU sin/cos per element would cost more
 than the rotation itself.
+
+The table must cover the largest position, so a positions tensor is range-checked by each call (its min and max
+read back to the host: on a GPU a synchronization, forward and backward, in every layer). A model checks its
+positions once per micro-batch instead: CheckedPositions (unpacked rows) or PackedSequences (packed documents)
+carry the table size to every layer's call, which then reads nothing back.
 """
 
 import math
@@ -51,8 +56,50 @@ def _heads_are_dense(t: torch.Tensor) -> bool:
     return (head_dim <= 1 or t.stride(-1) == 1) and (heads <= 1 or t.stride(-2) == head_dim)
 
 
+def _table_rows(positions: torch.Tensor) -> int:
+    """The table rows `positions` need (their max + 1, at least 1), range-checked: reads their min and max back."""
+    if not positions.numel():
+        return 1
+    low, high = torch.stack(torch.aminmax(positions)).tolist()
+    if low < 0 or high >= MAX_POSITION:
+        raise ValueError(f"positions must lie in [0, {MAX_POSITION}), got values in [{low}, {high}]")
+    return high + 1
+
+
+class CheckedPositions:
+    """Each token's position for unpacked rows, range-checked once and passed to every layer's apply_rotary.
+
+        positions = CheckedPositions(batch_positions, device="cuda")   # once per micro-batch
+        q, k = apply_rotary(q, k, positions)                           # each layer, forward and backward: no read
+
+    positions: int32/int64 (seq,) or (batch, seq) in [0, 2**21). A CPU tensor is checked on the host and moved to
+    `device` with one pinned copy: no synchronization at all. A tensor already on the GPU is read back here, once
+    (its min and max). Attributes: positions (int64, contiguous, on `device`), rows (the cos/sin table rows they
+    need: their max + 1), device.
+    """
+
+    def __init__(self, positions: torch.Tensor, device=None):
+        if not isinstance(positions, torch.Tensor):
+            raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
+        if positions.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"positions has dtype {positions.dtype}; supported: torch.int32, torch.int64")
+        if positions.dim() not in (1, 2):
+            raise ValueError(f"positions must be (seq,) or (batch, seq), got shape {tuple(positions.shape)}")
+        self.rows = _table_rows(positions)
+        device = positions.device if device is None else torch.device(device)
+        positions = positions.to(torch.int64)
+        if device.type == "cuda" and positions.device.type == "cpu":
+            positions = positions.pin_memory().to(device, non_blocking=True)
+        self.positions = positions.to(device).contiguous()
+        self.device = self.positions.device  # "cuda" resolved to its index, as tensors report it
+
+    def __repr__(self) -> str:
+        return f"CheckedPositions(shape={tuple(self.positions.shape)}, rows={self.rows}, device={self.device})"
+
+
 def _launch(q, k, q_out, k_out, positions, base: float, interleaved: bool, inverse: bool, rows: int) -> None:
-    """rows > 0: every position is known to lie below it (a PackedSequences' max_seqlen); 0: check them here."""
+    """rows > 0: every position is known to lie below it (checked once per micro-batch: CheckedPositions,
+    PackedSequences); 0: check them here."""
     batch, seq = (1, q.shape[0]) if q.dim() == 3 else q.shape[:2]
     head_dim = q.shape[-1]
     positions_address, positions_stride = 0, 0
@@ -61,12 +108,9 @@ def _launch(q, k, q_out, k_out, positions, base: float, interleaved: bool, inver
     else:
         positions_address = positions.data_ptr()
         positions_stride = seq if positions.dim() == 2 else 0
-        if rows == 0 and positions.numel():
+        if rows == 0:
             # The only data-dependent check; it lives inside the op, so torch.compile traces no .item().
-            low, high = torch.stack(torch.aminmax(positions)).tolist()
-            if low < 0 or high >= MAX_POSITION:
-                raise ValueError(f"positions must lie in [0, {MAX_POSITION}), got values in [{low}, {high}]")
-            rows = high + 1
+            rows = _table_rows(positions)
     table = cos_sin_table(q.device, head_dim, base, max(rows, 1))
     extension(q.device).rotary(
         q.data_ptr(),
@@ -165,6 +209,16 @@ def _check_dense_heads(name: str, t: torch.Tensor):
         )
 
 
+def _check_positions_shape(positions: torch.Tensor, q: torch.Tensor) -> None:
+    packed = q.dim() == 3
+    allowed = [(q.shape[0],)] if packed else [(q.shape[1],), tuple(q.shape[:2])]
+    if tuple(positions.shape) not in allowed:
+        names = "(tokens,)" if packed else "(seq,) or (batch, seq)"
+        raise ValueError(
+            f"positions must have shape {names} = {' or '.join(map(str, allowed))}, got {tuple(positions.shape)}"
+        )
+
+
 def _check_positions(positions, q: torch.Tensor) -> tuple[torch.Tensor | None, int]:
     """(positions as contiguous int64 of shape (seq,) or (batch, seq) for 4-D q, (tokens,) for packed q; the table
     rows they need when known on the host, else 0)."""
@@ -173,6 +227,10 @@ def _check_positions(positions, q: torch.Tensor) -> tuple[torch.Tensor | None, i
         if positions.max_seqlen > MAX_POSITION:
             raise ValueError(f"positions must lie in [0, {MAX_POSITION}), got sequences of {positions.max_seqlen}")
         return positions.positions.view(q.shape[:-2]), max(positions.max_seqlen, 1)
+    if isinstance(positions, CheckedPositions):
+        _check_positions_shape(positions.positions, q)
+        check_same_device(q=q, positions=positions.positions)
+        return positions.positions, positions.rows
     packed = q.dim() == 3
     if positions is None:
         if packed:
@@ -185,12 +243,7 @@ def _check_positions(positions, q: torch.Tensor) -> tuple[torch.Tensor | None, i
         raise TypeError(f"positions must be a torch.Tensor, a PackedSequences or None, got {type(positions).__name__}")
     if positions.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"positions has dtype {positions.dtype}; supported: torch.int32, torch.int64")
-    allowed = [(q.shape[0],)] if packed else [(q.shape[1],), tuple(q.shape[:2])]
-    if tuple(positions.shape) not in allowed:
-        names = "(tokens,)" if packed else "(seq,) or (batch, seq)"
-        raise ValueError(
-            f"positions must have shape {names} = {' or '.join(map(str, allowed))}, got {tuple(positions.shape)}"
-        )
+    _check_positions_shape(positions, q)
     check_same_device(q=q, positions=positions)
     return positions.to(torch.int64).contiguous(), 0
 
@@ -198,7 +251,7 @@ def _check_positions(positions, q: torch.Tensor) -> tuple[torch.Tensor | None, i
 def apply_rotary(
     q: torch.Tensor,
     k: torch.Tensor,
-    positions: "torch.Tensor | PackedSequences | None" = None,
+    positions: "torch.Tensor | CheckedPositions | PackedSequences | None" = None,
     base: float = 10000.0,
     interleaved: bool = False,
     inplace: bool = False,
@@ -211,9 +264,9 @@ def apply_rotary(
     views of one fused qkv projection) as long as (heads, head_dim) is contiguous within each token.
     positions: int tensor of each token's position, in [0, 2**21). None means 0..seq-1 (4-D only);
     4-D accepts (seq,) or (batch, seq); packed needs (tokens,) (positions restart at 0 per document). A tensor is
-    range-checked by each call, which reads its min/max back to the host (forward and backward). A PackedSequences
-    (built once per micro-batch) gives each token's position in its sequence with nothing to read back; q's
-    (batch, seq) or (tokens,) must hold its total_tokens.
+    range-checked by each call, which reads its min/max back to the host (forward and backward). Built once per
+    micro-batch, a CheckedPositions (the same tensor, checked once) or a PackedSequences (each token's position in
+    its sequence; q's (batch, seq) or (tokens,) must hold its total_tokens) has nothing to read back.
     base: the rotary base (angle of pair i = position * base ** (-2i / head_dim)).
     interleaved: False rotates (x[i], x[i + head_dim/2]) (LLaMA/NeoX); True rotates (x[2i], x[2i+1]) (GPT-J).
     inplace: rotate q and k in their own memory and return them. Refused while autograd would record the

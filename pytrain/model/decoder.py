@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from pytrain.config import mlp_width
 from pytrain.kernels import (
+    CheckedPositions,
     PackedSequences,
     RMSNorm,
     RotaryEmbedding,
@@ -350,7 +351,7 @@ class Decoder(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
+        positions: "torch.Tensor | CheckedPositions | None" = None,
         cu_seqlens: "torch.Tensor | PackedSequences | None" = None,
         max_seqlen: int | None = None,
         hidden_states: torch.Tensor | None = None,
@@ -358,12 +359,16 @@ class Decoder(nn.Module):
         """Packed documents: cu_seqlens (documents + 1,) over the batch * seq flattened tokens, best as a
         PackedSequences built once per micro-batch from the host's boundaries (a tensor is checked here,
         once, which reads it back to the host); positions then restart at 0 per document. Without
-        cu_seqlens each row is one sequence, at `positions` (batch, seq) or 0..seq-1. max_seqlen: accepted
-        for flash-attn's signature; the boundaries determine it."""
+        cu_seqlens each row is one sequence, at `positions` (batch, seq) or 0..seq-1: best a CheckedPositions
+        built from the host's tensor (a tensor is range-checked here, once, which reads it back to the host, rather
+        than by every layer's rotary embedding, forward and backward). max_seqlen: accepted for flash-attn's
+        signature; the boundaries determine it."""
         del max_seqlen
         packed = cu_seqlens
         if cu_seqlens is not None and not isinstance(cu_seqlens, PackedSequences):
             packed = PackedSequences(cu_seqlens)
+        if packed is None and isinstance(positions, torch.Tensor):
+            positions = CheckedPositions(positions)
         if self.first:
             hidden = self.token_embedding(input_ids)
             if self.embed_grad_scale != 1.0:  # forward unchanged, gradient to the embedding scaled

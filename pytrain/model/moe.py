@@ -29,6 +29,9 @@ The two seams where kernels and expert parallelism plug in without touching the 
   LocalDispatcher does this in one process with the fused pytrain.kernels.moe_permute / moe_unpermute
   (a counting sort and row gather; the weighted sum back in fp32, gradients to x and weights); an expert-parallel
   one exchanges the rows with all-to-all and returns only this rank's experts' groups (E_local of them).
+  `dispatch(..., num_kept)`: the entries of expert_ids >= 0 when the caller knows them, so that nothing is read
+  back to the host (on a GPU a synchronization); `runs_dropped(device)`: whether the dispatcher would rather be
+  given dropped assignments with their expert id (and weight 0) than as -1 (LocalDispatcher on a GPU).
 
 Routing (`Routing`, from model.moe_type and model.moe_layer_kwargs, see `routing_from_fields`):
 - "GShard" (InternEvo's default; its fused top-k gating): softmax, top-k; capacity per expert
@@ -40,6 +43,10 @@ Routing (`Routing`, from model.moe_type and model.moe_layer_kwargs, see `routing
   E * sum_e mean_t(first choice == e) * mean_t(p_e).
 - "Dropless": softmax, top-k, renormalised iff normalize_expert_weights (Mixtral: always; Qwen2-MoE:
   norm_topk_prob), no capacity. Aux loss E * sum_e (assignments to e / (T * k)) * mean_t(p_e).
+
+On a GPU nothing in a layer's forward or backward reads a value back to the host, which would wait for the
+device (tokens are counted per expert on the device, never with torch.bincount, which reads its input's max
+back), except the one read of an expert-parallel dispatcher: the all-to-all's split sizes (pytrain.parallel.expert).
 
 The aux (load-balancing) loss reaches the gradient under any schedule (micro-batches, pipelines,
 activation recompute) without being returned: the layer's output passes through AuxLossScaler, the
@@ -59,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pytrain.kernels import grouped_mm, moe_permute, moe_unpermute
+from pytrain.kernels._backend import runs_triton
 
 from .decoder import SwiGLU
 
@@ -189,15 +197,24 @@ _WHY = {
 }
 
 
-def route(logits: torch.Tensor, routing: Routing, training: bool):
+def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(num_experts,) int64: how many entries of expert_ids (any shape; -1 names no expert) name each expert,
+    counted on the device (torch.bincount reads its input's max back to the host: on a GPU a synchronization)."""
+    bins = expert_ids.reshape(-1) + 1  # -1 into bin 0, left out below
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert_ids.device)
+    return counts.scatter_add_(0, bins, torch.ones_like(bins))[1:]
+
+
+def route(logits: torch.Tensor, routing: Routing, training: bool, mark_dropped: bool = True):
     """logits (T, E) -> (expert_ids (T, k) int64 with -1 for a dropped assignment, weights (T, k) fp32,
-    aux loss (scalar fp32), tokens per expert before any drop (E,) int64)."""
+    aux loss (scalar fp32), tokens per expert before any drop (E,) int64). mark_dropped=False: a dropped
+    assignment keeps its expert id in expert_ids (its weight is 0 all the same)."""
     tokens, experts = logits.shape
     probs = torch.softmax(logits.float(), dim=-1)
     top_p, top_i = probs.topk(routing.top_k, dim=-1)
-    counts = torch.bincount(top_i.flatten(), minlength=experts)
+    counts = count_per_expert(top_i, experts)
     if routing.kind == "GShard":  # fraction of tokens whose first choice is e
-        fraction = torch.bincount(top_i[:, 0], minlength=experts).float() / tokens
+        fraction = count_per_expert(top_i[:, 0], experts).float() / tokens
     else:  # fraction of all k * T assignments going to e
         fraction = counts.float() / (tokens * routing.top_k)
     aux = experts * torch.sum(fraction * probs.mean(dim=0))
@@ -211,7 +228,7 @@ def route(logits: torch.Tensor, routing: Routing, training: bool):
     weights = top_p * keep
     if routing.normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
-    return top_i.masked_fill(~keep, -1), weights, aux, counts
+    return (top_i.masked_fill(~keep, -1) if mark_dropped else top_i), weights, aux, counts
 
 
 class LocalDispatcher:
@@ -222,8 +239,16 @@ class LocalDispatcher:
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor):
-        x_sorted, row_of, tokens_per_expert = moe_permute(x, expert_ids, self.num_experts)
+    def runs_dropped(self, device: torch.device) -> bool:
+        """Where moe_permute runs on the GPU (its Triton kernels), dropped assignments come with their expert id
+        and weight 0: each runs as a row that adds nothing to the output or to any gradient, and the rows are T * k,
+        known without reading the kept count back (a synchronization per layer), so every shape is static. The
+        price: the experts' compute for the dropped rows (GShard's capacity only; DeepSpeed and InternEvo compute a
+        capacity-padded buffer of about as many rows). On the CPU the count is free and the rows are not."""
+        return runs_triton(device)
+
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, num_kept: int | None = None):
+        x_sorted, row_of, tokens_per_expert = moe_permute(x, expert_ids, self.num_experts, num_kept)
         return x_sorted, tokens_per_expert, row_of
 
     def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, row_of) -> torch.Tensor:
@@ -300,8 +325,14 @@ class MoELayer(nn.Module):
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         logits = F.linear(x.float(), self.gate.wg.weight.float())  # fp32 router, whatever the model's dtype
-        expert_ids, weights, aux, self.tokens_per_expert = route(logits, self.routing, self.training)
-        x_sorted, tokens_per_expert, state = self.dispatcher.dispatch(x, expert_ids)
+        runs_dropped = self.dispatcher.runs_dropped(x.device)
+        expert_ids, weights, aux, self.tokens_per_expert = route(
+            logits, self.routing, self.training, mark_dropped=not runs_dropped
+        )
+        # every id names an expert (none dropped, or the dropped ones unmarked): the row count T * k is known here
+        every_id_kept = runs_dropped or self.routing.capacity(x.shape[0], self.training) is None
+        num_kept = expert_ids.numel() if every_id_kept else None
+        x_sorted, tokens_per_expert, state = self.dispatcher.dispatch(x, expert_ids, num_kept)
         out = self.dispatcher.combine(self.experts(x_sorted, tokens_per_expert), weights, state).view(shape)
         self.aux_loss = aux.detach()
         if torch._C._current_graph_task_id() == -1:  # not the recompute of activation checkpointing

@@ -75,14 +75,17 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float | No
     return measure_matmul_tflops(device, dtype), "measured matmul"
 
 
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 1024, trials: int = 5) -> float:
+def measure_matmul_tflops(
+    device: torch.device, dtype: torch.dtype, max_size: int = 1024, budget_s: float = 0.5, trials: int = 5
+) -> float:
     """Throughput of a square matmul on this device with the current thread count: the machine's limit.
-    The best of several short trials, so that a moment of contention does not lower the peak."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b  # warm up
-    best = 0.0
-    for _ in range(trials):
+
+    The size doubles from 128 up to max_size while a trial at the next size would take under a fifth of budget_s
+    (a CPU without 16-bit matmul units multiplies bf16 at about 1 GFLOP/s, where one 1024-square product takes
+    seconds); then the best of up to `trials` trials, stopping once budget_s has passed, so that a moment of
+    contention does not lower the peak and the measurement stays short on any machine."""
+
+    def trial_seconds(a, b) -> float:  # 4 products per trial: one synchronization per 4 on a GPU
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -90,5 +93,20 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 
             a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e12)
+        return time.perf_counter() - start
+
+    size = 128
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        a @ b  # warm up
+        seconds = trial_seconds(a, b)
+        if size >= max_size or 8 * seconds > budget_s / 5:
+            break
+        size *= 2
+    best, deadline = 4 * 2 * size**3 / seconds / 1e12, time.perf_counter() + budget_s
+    for _ in range(trials - 1):
+        if time.perf_counter() > deadline:
+            break
+        best = max(best, 4 * 2 * size**3 / trial_seconds(a, b) / 1e12)
     return best

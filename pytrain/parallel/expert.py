@@ -10,6 +10,8 @@ splits them over the expert group (parallel.expert.size data ranks) and the tens
 - The dispatcher becomes an ExpertParallelDispatcher. Of its tokens' assignments, this rank takes those
   whose expert sits at its tensor rank (on any expert rank), sends each to its expert's rank with one
   all-to-all over the expert group, runs its experts on what it receives, and sends the results back.
+  The all-to-all's split sizes are read back to the host once per layer (on a GPU its one synchronization,
+  which also gives moe_permute its row count); everything else stays on the device.
 - Under tensor parallelism the block sees the whole sequence on every tensor rank (entered as a
   column-parallel layer is: a copy, or an all-gather under sequence parallelism), and its output is the
   sum over the tensor ranks (an all-reduce, or a reduce-scatter), as a row-parallel layer's is. Each tensor
@@ -32,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pytrain.kernels import moe_permute
-from pytrain.model.moe import LocalDispatcher, MoE
+from pytrain.model.moe import LocalDispatcher, MoE, count_per_expert
 
 from .shard_spec import ShardSpec
 from .tensor import enter_parallel_region, group_rank, group_size, leave_parallel_region
@@ -73,32 +75,36 @@ class ExpertParallelDispatcher(LocalDispatcher):
         self.tensor_size, self.tensor_rank = tensor_size, tensor_rank
         self.experts_per_rank = num_experts // (self.expert_size * tensor_size)
 
-    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor):
+    def runs_dropped(self, device: torch.device) -> bool:
+        return False  # a dropped assignment (-1) is sent nowhere: the split sizes are read back anyway
+
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, num_kept: int | None = None):
+        """num_kept: unused; this rank takes only some of the assignments, and counts them itself."""
         per_rank, ranks = self.experts_per_rank, self.expert_size
         block = expert_ids.div(per_rank, rounding_mode="floor")
         taken = (expert_ids >= 0) & (block % self.tensor_size == self.tensor_rank)
         # numbered by (destination expert rank, its local expert): moe_permute groups the rows that way
-        slot = block // self.tensor_size * per_rank + expert_ids - block * per_rank
-        rows, row_of, counts = moe_permute(x, torch.where(taken, slot, -1), ranks * per_rank)
-        if ranks == 1:
+        slot = torch.where(taken, block // self.tensor_size * per_rank + expert_ids - block * per_rank, -1)
+        if ranks == 1:  # tensor parallelism alone: nothing to exchange; moe_permute reads its row count (the one read)
+            rows, row_of, counts = moe_permute(x, slot, per_rank)
             return rows, counts, (row_of, None)
+        counts = count_per_expert(slot, ranks * per_rank)
         received_counts = torch.empty_like(counts)
         dist.all_to_all_single(received_counts, counts, group=self.group)
-        sent = counts.view(ranks, per_rank).tolist()  # [destination rank][its local expert]
-        received = received_counts.view(ranks, per_rank).tolist()  # [source rank][my local expert]
+        # the one host read: rows sent per (destination rank, its expert), received per (source rank, my expert)
+        sent, received = torch.stack((counts, received_counts)).view(2, ranks, per_rank).tolist()
         send_splits, receive_splits = [sum(r) for r in sent], [sum(r) for r in received]
+        rows, row_of, _ = moe_permute(x, slot, ranks * per_rank, num_kept=sum(send_splits))
         arrived = _AllToAll.apply(rows, receive_splits, send_splits, self.group)  # by source, then expert
-        # regrouped by expert (then source): the groups GroupedExperts runs
-        starts = [sum(receive_splits[:s]) + sum(received[s][:e]) for s in range(ranks) for e in range(per_rank)]
-        pieces = [
-            torch.arange(starts[s * per_rank + e], starts[s * per_rank + e] + received[s][e], device=x.device)
-            for e in range(per_rank)
-            for s in range(ranks)
-        ]
-        regroup = torch.cat(pieces)
-        tokens_per_expert = torch.tensor([sum(r[e] for r in received) for e in range(per_rank)], device=x.device)
-        exchange = (send_splits, receive_splits, torch.argsort(regroup))
-        return arrived.index_select(0, regroup), tokens_per_expert, (row_of, exchange)
+        # regrouped by expert (then source, each source's rows in order: a stable sort): the groups GroupedExperts runs
+        total = sum(receive_splits)
+        expert_of_row = torch.arange(ranks * per_rank, device=x.device) % per_rank
+        expert_of_row = expert_of_row.repeat_interleave(received_counts, output_size=total)
+        regroup = torch.sort(expert_of_row, stable=True).indices
+        ungroup = torch.empty_like(regroup)
+        ungroup[regroup] = torch.arange(total, device=x.device)
+        tokens_per_expert = received_counts.view(ranks, per_rank).sum(0)
+        return arrived.index_select(0, regroup), tokens_per_expert, (row_of, (send_splits, receive_splits, ungroup))
 
     def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, state) -> torch.Tensor:
         row_of, exchange = state

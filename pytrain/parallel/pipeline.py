@@ -20,7 +20,7 @@ on a two-stage ring, where a rank's previous and next stage are the same rank, m
 import torch
 import torch.distributed as dist
 
-from .schedule import micro_batch_inputs, micro_batch_weights
+from .schedule import IGNORE_INDEX, micro_batch_inputs, micro_batch_weights
 
 FORWARD_TAG, BACKWARD_TAG = 1, 2
 
@@ -126,23 +126,16 @@ class _PipelineStep:
 
 
 class _PipelineScheduler:
-    def __init__(self, ctx, micro_num: int, hidden_size: int, dtype: torch.dtype, sequence_split: int = 1):
+    def __init__(self, ctx, hidden_size: int, dtype: torch.dtype, sequence_split: int = 1):
         """ctx: the run's ParallelContext (ranks and groups); sequence_split: the tensor size under sequence
         parallelism (stages send their slice of the sequence), else 1."""
-        self.ctx, self.micro_num, self.hidden_size, self.dtype = ctx, micro_num, hidden_size, dtype
+        self.ctx, self.hidden_size, self.dtype = ctx, hidden_size, dtype
         self.sequence_split = sequence_split
 
     def _p2p(self, batch, defer_sends=False) -> P2P:
         _, micro_bsz, seq_len = batch["input_ids"].shape
         shape = (micro_bsz, seq_len // self.sequence_split, self.hidden_size)
         return P2P(self.ctx, shape, self.dtype, batch["input_ids"].device, defer_sends)
-
-    def _check_batch(self, batch) -> int:
-        """The batch's micro-batch count (fewer than data.micro_num while rampup_batch_size ramps up)."""
-        micro_num = batch["input_ids"].shape[0]
-        if micro_num > self.micro_num:
-            raise ValueError(f"the batch holds {micro_num} micro-batches; data.micro_num is {self.micro_num}")
-        return micro_num
 
     def _finish(self, step: _PipelineStep, p2p: P2P, return_loss: bool):
         """Every stage reports the loss, which only the last stage computed (the main rank logs it)."""
@@ -168,7 +161,7 @@ class PipelineScheduler(_PipelineScheduler):
         return_loss: bool = True,
         return_output_label: bool = False,
     ):
-        micro_num = self._check_batch(batch)
+        micro_num = batch["input_ids"].shape[0]
         ctx = self.ctx
         p2p = self._p2p(batch)
         first, last = ctx.is_first_stage, ctx.is_last_stage
@@ -205,20 +198,36 @@ class PipelineScheduler(_PipelineScheduler):
         return self._finish(step, p2p, return_loss)
 
 
+def pad_micro_batches(batch: dict, multiple: int) -> dict:
+    """The batch with copies of its last micro-batch appended, up to a multiple of `multiple` micro-batches,
+    their labels all ignored: a forward-only pass (validation's valid_micro_num) in whole groups of stages,
+    to which the copies add no loss (their weight, from their label count, is 0)."""
+    micro_num = batch["input_ids"].shape[0]
+    missing = (-micro_num) % multiple
+    padded = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == micro_num:
+            copies = value[-1:].expand(missing, *value.shape[1:])
+            if key == "labels":
+                copies = torch.full_like(copies, IGNORE_INDEX)
+            value = torch.cat([value, copies])
+        padded[key] = value
+    return padded
+
+
 class InterleavedPipelineScheduler(_PipelineScheduler):
     """Interleaved 1F1B: num_chunks stages per rank; micro_num must be a multiple of the pipeline size."""
 
     def __init__(
         self,
         ctx,
-        micro_num: int,
         hidden_size: int,
         dtype: torch.dtype,
         num_chunks: int,
         sequence_split: int = 1,
         overlap: bool = True,
     ):
-        super().__init__(ctx, micro_num, hidden_size, dtype, sequence_split)
+        super().__init__(ctx, hidden_size, dtype, sequence_split)
         self.num_chunks, self.overlap = num_chunks, overlap
 
     def forward_backward_step(
@@ -231,13 +240,16 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
         return_loss: bool = True,
         return_output_label: bool = False,
     ):
-        micro_num = self._check_batch(batch)
         ctx = self.ctx
         chunks, stages, rank = self.num_chunks, ctx.pipeline_parallel_size, ctx.pipeline_parallel_rank
+        micro_num = given = batch["input_ids"].shape[0]
         if micro_num % stages:
-            raise ValueError(
-                f"the interleaved schedule needs micro_num ({micro_num}) to be a multiple of the pipeline size {stages}"
-            )
+            if not forward_only:  # the config allows no such training step (data.micro_num, rampup_batch_size)
+                raise ValueError(
+                    f"the interleaved schedule trains micro-batches in groups of the pipeline size {stages}; "
+                    f"this batch holds {micro_num}"
+                )
+            batch, micro_num = pad_micro_batches(batch, stages), micro_num + (-micro_num) % stages
         p2p = self._p2p(batch, defer_sends=self.overlap)
         total = micro_num * chunks
         step = _PipelineStep(
@@ -327,4 +339,7 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
                 _, grad = p2p.exchange(send_prev=grad_in, recv_next=recv_next)
                 if grad is not None:
                     grads[next_chunk].append(grad)
-        return self._finish(step, p2p, return_loss)
+        outputs, loss = self._finish(step, p2p, return_loss)
+        if outputs is not None:  # without the padding's copies (the last micro-batches)
+            outputs = (outputs[0][:given], outputs[1][:given])
+        return outputs, loss

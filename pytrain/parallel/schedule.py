@@ -5,15 +5,20 @@ data-parallel ranks), not a mean of per-micro-batch means, so micro-batches with
 (padding, prompts, document ends) weigh by the tokens they really have. Micro-batch m's loss enters as
 criterion_mean_m * tokens_m * data_parallel_size / global_tokens: summed over micro-batches, and averaged
 over data-parallel ranks by the optimizer, that is the global token mean.
+
+A schedule takes the micro-batch count from each batch, not from the config: training steps have
+data.micro_num (fewer while rampup_batch_size ramps up), validation steps data.valid_micro_num.
 """
 
 import torch
 import torch.distributed as dist
 
-from pytrain.kernels import PackedSequences
+from pytrain.kernels import CheckedPositions, PackedSequences
 
 IGNORE_INDEX = -100
-HOST_KEYS = ("cu_seqlens", "max_seqlen")  # read on the host (PackedSequences): never moved to the device
+# Checked on the host (PackedSequences, CheckedPositions) and moved to the device by micro_batch_inputs: the
+# Trainer leaves them where the loader made them.
+HOST_KEYS = ("cu_seqlens", "max_seqlen", "positions")
 
 
 def micro_batch_weights(labels: torch.Tensor, data_parallel_group) -> torch.Tensor:
@@ -28,20 +33,20 @@ def micro_batch_weights(labels: torch.Tensor, data_parallel_group) -> torch.Tens
 
 
 def micro_batch_inputs(batch: dict, micro: int) -> dict:
-    """The model's position arguments for micro-batch `micro`: packed rows' boundaries, checked once and
-    moved to the device without a synchronization (PackedSequences, which also gives the positions), or
-    unpacked rows' positions."""
+    """The model's position arguments for micro-batch `micro`, checked once on the host and moved to the device
+    without a synchronization: packed rows' boundaries (PackedSequences, which also gives the positions), or
+    unpacked rows' positions (CheckedPositions)."""
+    device = batch["input_ids"].device
     if "cu_seqlens" in batch:
-        device = batch["input_ids"].device
         return {"cu_seqlens": PackedSequences(batch["cu_seqlens"][micro].tolist(), device=device)}
-    return {"positions": batch["positions"][micro]} if "positions" in batch else {}
+    return {"positions": CheckedPositions(batch["positions"][micro], device=device)} if "positions" in batch else {}
 
 
 class NonPipelineScheduler:
     """Gradient accumulation without a pipeline: micro-batch by micro-batch, forward then backward."""
 
-    def __init__(self, micro_num: int, data_parallel_group=None):
-        self.micro_num, self.data_parallel_group = micro_num, data_parallel_group
+    def __init__(self, data_parallel_group=None):
+        self.data_parallel_group = data_parallel_group
 
     def forward_backward_step(
         self,
@@ -54,8 +59,6 @@ class NonPipelineScheduler:
         return_output_label: bool = False,
     ):
         micro_num = batch["input_ids"].shape[0]
-        if micro_num > self.micro_num:
-            raise ValueError(f"the batch holds {micro_num} micro-batches; data.micro_num is {self.micro_num}")
         weights = micro_batch_weights(batch["labels"], self.data_parallel_group)
         total_loss = torch.zeros((), dtype=torch.float32, device=batch["input_ids"].device)
         outputs, labels = [], []

@@ -13,6 +13,7 @@ schedule; `moe_loss()` is that sum over this rank's layers, averaged over the st
 
 import torch
 
+from pytrain.data import DataError
 from pytrain.kernels.cross_entropy import check_labels_in_range
 from pytrain.model.moe import moe_layers
 from pytrain.parallel.schedule import HOST_KEYS, IGNORE_INDEX
@@ -60,7 +61,13 @@ class Trainer:
     ):
         """Forward (and backward) over the batch's micro-batches; returns (outputs and labels or None, loss)."""
         if self.label_vocab_size is not None:
-            check_labels_in_range(batch["labels"], self.label_vocab_size, IGNORE_INDEX)
+            try:
+                check_labels_in_range(batch["labels"], self.label_vocab_size, IGNORE_INDEX)
+            except ValueError as err:  # the data's vocabulary, not a bug: a message, not a traceback mid-run
+                raise DataError(
+                    f"a batch's {err}: the data holds token ids beyond model.vocab_size={self.label_vocab_size}; "
+                    f"set model.vocab_size to the tokenizer's vocabulary size"
+                ) from None
         batch = {
             key: value if key in HOST_KEYS else value.to(self.device, non_blocking=True) for key, value in batch.items()
         }
