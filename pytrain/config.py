@@ -408,7 +408,7 @@ SCHEMA: dict[str, Any] = {
         "enable_internevo2hf_ckpt": _field(
             False,
             bool,
-            "also save checkpoints in Hugging Face format (use python -m pytrain.convert --to hf)",
+            "also save checkpoints in Hugging Face format (use python -m pytrain.checkpoint.convert --to hf)",
             kind=UNAVAILABLE,
             allowed=(False,),
         ),

@@ -206,8 +206,8 @@ def spawn(world, phase, corpus, root, hf_folder, index):
 
 def write_hf_folder(folder: Path) -> dict:
     """A tiny random INTERNLM model written by save_hf_folder; returns its {full name: tensor}."""
-    from pytrain.convert import whole_model
-    from pytrain.model.hf import save_hf_folder
+    from pytrain.checkpoint.convert import whole_model
+    from pytrain.checkpoint.hf import save_hf_folder
 
     cfg = Config.from_dict(dict(model_type="INTERNLM", model=dict(MODEL, dtype="torch.float32")))
     model = whole_model(cfg)

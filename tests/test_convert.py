@@ -1,4 +1,4 @@
-"""python -m pytrain.convert: a pytrain checkpoint to a Hugging Face folder and back, bitwise, for a family
+"""python -m pytrain.checkpoint.convert: a pytrain checkpoint to a Hugging Face folder and back, bitwise, for a family
 whose HF layout is a rename (QWEN2) and one that is converted (INTERNLM's fused Wqkv, LLAMA2's
 interleaved rotary rows); bad input names the problem."""
 
@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from pytrain.checkpoint import CheckpointReader
+from pytrain.checkpoint.convert import main, whole_model
+from pytrain.checkpoint.hf import save_hf_folder
 from pytrain.config import Config
-from pytrain.convert import main, whole_model
-from pytrain.model.hf import save_hf_folder
 from pytrain.parallel.shard_spec import ShardSpec
 
 MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=128)

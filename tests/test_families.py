@@ -5,9 +5,9 @@ import pytest
 import torch
 import transformers  # the oracle (in the test extra): a missing install fails, never skips
 
+from pytrain.checkpoint.hf import HFReader, from_hf_state, hf_config, save_hf_folder, to_hf_state
 from pytrain.model import Decoder
 from pytrain.model.families import build_internlm, build_internlm2, build_llama2, build_qwen2
-from pytrain.model.hf import HFReader, from_hf_state, hf_config, save_hf_folder, to_hf_state
 from pytrain.registry import MODEL_INITIALIZER
 
 TINY = dict(

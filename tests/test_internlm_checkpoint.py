@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from pytrain.checkpoint.internlm import load_internlm_folder, partition_uniform
 from pytrain.checkpoint.storage import CheckpointError
 from pytrain.model.families import (
     build_internlm,
@@ -18,7 +19,6 @@ from pytrain.model.families import (
     build_qwen2,
     build_qwen2_moe,
 )
-from pytrain.model.internlm_checkpoint import load_internlm_folder, partition_uniform
 
 TINY = dict(
     num_layers=3,  # over 2 stages: 1 + 2, the last stage takes the extra layer

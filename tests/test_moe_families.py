@@ -16,8 +16,7 @@ from conftest import ROOT
 from safetensors.torch import save_file
 from test_parallel import TOLERANCE, batches, config, train
 
-from pytrain.model.families import build_internlm_moe, build_mixtral_moe, build_qwen2_moe
-from pytrain.model.hf import (
+from pytrain.checkpoint.hf import (
     HFReader,
     from_hf_state,
     hf_config,
@@ -26,6 +25,7 @@ from pytrain.model.hf import (
     save_hf_folder,
     to_hf_state,
 )
+from pytrain.model.families import build_internlm_moe, build_mixtral_moe, build_qwen2_moe
 from pytrain.model.moe import MoE, active_parameters
 from pytrain.parallel import gpc
 from pytrain.parallel.model_part import parallelize
@@ -202,7 +202,7 @@ def test_transformers_weights_import_with_the_same_logits_and_round_trip_bitwise
 def test_convert_load_hf_into_reads_a_ranks_experts(tmp_path):
     """convert.load_hf_into fills each parameter from its rule; a stacked expert weight cut along dim 0 (as
     expert parallelism will) gets only its experts."""
-    from pytrain.convert import load_hf_into
+    from pytrain.checkpoint.convert import load_hf_into
     from pytrain.parallel.model_part import ModelPart, ParamInfo
     from pytrain.parallel.shard_spec import ShardSpec
 

@@ -13,7 +13,7 @@
 So a layer's parameters are `<mlp>.moe_layer.gate.wg.weight`, `<mlp>.moe_layer.experts.w1|w3|w2`,
 `<mlp>.residual_mlp.w1|w3|w2.weight`, `<mlp>.coefficient.weight` (+ `.bias` for InternLM's). InternEvo
 stores experts one module each (`experts.wrapped_experts.{e}.w1.weight`); here they are stacked along
-dim 0, the dimension expert parallelism shards; pytrain.model.hf splits them per expert for Hugging Face
+dim 0, the dimension expert parallelism shards; pytrain.checkpoint.hf splits them per expert for Hugging Face
 (Mixtral's `block_sparse_moe.experts.{e}.w1`, Qwen2-MoE's `mlp.experts.{e}.gate_proj`, `mlp.shared_expert.*`,
 `mlp.shared_expert_gate`).
 

@@ -178,7 +178,7 @@ class TrainingCheckpoints:
             return 0
         path, content, ckpt_type = self.request
         if ckpt_type == "hf":
-            from pytrain.convert import load_hf_into
+            from pytrain.checkpoint.convert import load_hf_into
 
             load_hf_into(self.model, self._whole_model(), path)
             self.optimizer.masters_from_model()
@@ -192,7 +192,7 @@ class TrainingCheckpoints:
         """The model weights of an InternLM/InternEvo folder, merged from its layout's shards into the whole
         model, then cut for this rank; its optimizer / sampler / scheduler files are pickles of InternLM's
         own objects, which are not read."""
-        from pytrain.model.internlm_checkpoint import load_internlm_folder
+        from pytrain.checkpoint.internlm import load_internlm_folder
 
         if content != frozenset({"model"}):
             raise CheckpointError(

@@ -1,11 +1,11 @@
 """Hugging Face weights in and out of pytrain.
 
-    python -m pytrain.convert --to hf --config CFG --ckpt CKPT --out HF_DIR [--dtype bfloat16]
-    python -m pytrain.convert --from hf --config CFG --hf HF_DIR --out SAVE_FOLDER
+    python -m pytrain.checkpoint.convert --to hf --config CFG --ckpt CKPT --out HF_DIR [--dtype bfloat16]
+    python -m pytrain.checkpoint.convert --from hf --config CFG --hf HF_DIR --out SAVE_FOLDER
 
 --to hf: a pytrain checkpoint (a `<step>/` folder, or a save folder: its newest complete checkpoint) of the
 config's model written as a transformers folder (config.json, safetensors shards; the class per family is
-in pytrain.model.hf). --from hf: a transformers folder written as a pytrain checkpoint `SAVE_FOLDER/0/`
+in pytrain.checkpoint.hf). --from hf: a transformers folder written as a pytrain checkpoint `SAVE_FOLDER/0/`
 (model only), which a run loads with load_ckpt_info=dict(path=..., content=("model",)). Both keep the
 dtype unless --dtype says otherwise, so a round trip is bitwise.
 
@@ -19,10 +19,14 @@ from pathlib import Path
 
 import torch
 
-from pytrain.checkpoint import Checkpointer, CheckpointError, CheckpointReader, find_latest, resolve_folder
 from pytrain.config import Config, ConfigError
-from pytrain.model.hf import HFReader, from_hf_state, hf_rules, read_stacked_rows, save_hf_folder
 from pytrain.parallel.shard_spec import ShardSpec
+
+from .catalog import find_latest
+from .hf import HFReader, from_hf_state, hf_rules, read_stacked_rows, save_hf_folder
+from .reader import CheckpointReader
+from .storage import CheckpointError, resolve_folder
+from .writer import Checkpointer
 
 MODEL = "model/"
 
@@ -142,7 +146,7 @@ def from_hf(cfg: Config, hf: str, out: str, dtype: str | None) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pytrain.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pytrain.checkpoint.convert", description=__doc__.split("\n\n")[0])
     way = parser.add_mutually_exclusive_group(required=True)
     way.add_argument("--to", choices=["hf"], help="write a pytrain checkpoint as a Hugging Face folder")
     way.add_argument(
@@ -165,9 +169,9 @@ def main(argv=None) -> int:
         else:
             path = from_hf(cfg, args.hf, args.out, args.dtype)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
-        print(f"pytrain.convert: error: {err}", file=sys.stderr, flush=True)
+        print(f"pytrain.checkpoint.convert: error: {err}", file=sys.stderr, flush=True)
         return 2
-    print(f"pytrain.convert: wrote {path}", flush=True)
+    print(f"pytrain.checkpoint.convert: wrote {path}", flush=True)
     return 0
 
 

@@ -41,11 +41,11 @@ from pathlib import Path
 
 import torch
 
-from pytrain.checkpoint.storage import CheckpointError, resolve_folder
+from pytrain.model.decoder import Colwise, Decoder, EmbeddingSplit, Rowwise, VocabHead
 from pytrain.parallel.shard_spec import ShardSpec
 from pytrain.parallel.tensor import plan_pattern
 
-from .decoder import Colwise, Decoder, EmbeddingSplit, Rowwise, VocabHead
+from .storage import CheckpointError, resolve_folder
 
 MODEL_FILE = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
 EXPERT_FILE = re.compile(r"^model_moe_layer(\d+)_expert(\d+)_tp(\d+)\.pt$")

@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 
-from .decoder import Decoder, FusedQKVAttention, GroupedQKVAttention, LayerNorm
-from .moe import MoE
+from pytrain.model.decoder import Decoder, FusedQKVAttention, GroupedQKVAttention, LayerNorm
+from pytrain.model.moe import MoE
 
 HF_CLASSES = {
     "INTERNLM": "LlamaForCausalLM",
