@@ -22,7 +22,7 @@ from torch import nn
 
 from pytrain.config import ConfigError, check_world_size
 from pytrain.model.moe import MoELayer, Routing
-from pytrain.parallel import Layout, gpc
+from pytrain.parallel import gpc
 from pytrain.parallel.expert import ExpertParallelDispatcher
 
 FAMILY = "MIXTRALMOE"
@@ -250,9 +250,3 @@ def test_an_internevo_moe_folder_starts_an_expert_parallel_run(tmp_path):
     fresh = run_job(tmp_path, "fresh", tmp_path / "ckpt-fresh", world=1)
     assert abs(ep2[1] - fresh[1]) > 0.01, (ep2, fresh)  # the run started from the folder's weights
     torch.testing.assert_close([ep2[s] for s in sorted(ep2)], [one[s] for s in sorted(one)], rtol=1e-5, atol=0)
-
-
-def test_expert_zero1_groups_cut_the_ranks_holding_the_same_experts():
-    layout = Layout(world_size=8, tensor=1, pipeline=1, expert=2)
-    assert layout.expert_data_groups() == [[0, 2, 4, 6], [1, 3, 5, 7]]
-    assert layout.expert_zero1_groups(2) == [[0, 2], [4, 6], [1, 3], [5, 7]]

@@ -73,46 +73,35 @@ def test_local_rank_argument_reaches_the_launcher(fresh_context, tmp_path, monke
 
 
 def test_process_groups_get_the_configured_timeout(fresh_context, tmp_path, monkeypatch):
-    """parallel.process_group_timeout_s (default 1800 s) reaches init_process_group and every new_group."""
+    """parallel.process_group_timeout_s (default 1800 s) reaches init_process_group and the mesh, which gives it
+    to every group it creates (tests/test_mesh.py)."""
     import datetime
     import importlib
 
     import torch.distributed as dist
     from conftest import CONFIGS
 
-    from pytrain.config import Config
-    from pytrain.parallel import Layout
-    from pytrain.parallel.context import ParallelContext
-
     launch = importlib.import_module("pytrain.initialize.launch")  # the module (the package exports its launch())
-    given = []  # the timeouts init_process_group and _create_groups were given, both then run as they are
-    real_init, real_create = dist.init_process_group, launch._create_groups
+    given = []  # the timeouts init_process_group and the mesh were given, both then run as they are
+    real_init, real_mesh = dist.init_process_group, launch.ParallelMesh
 
     def init_process_group(*args, timeout, **kwargs):
         given.append(("init_process_group", timeout))
         return real_init(*args, timeout=timeout, **kwargs)
 
-    def create_groups(cfg, layout, rank, timeout):
-        given.append(("_create_groups", timeout))
-        return real_create(cfg, layout, rank, timeout)
+    def parallel_mesh(dims, device_type, timeout):
+        given.append(("ParallelMesh", timeout))
+        return real_mesh(dims, device_type, timeout)
 
     monkeypatch.setattr(launch.dist, "init_process_group", init_process_group)
-    monkeypatch.setattr(launch, "_create_groups", create_groups)
+    monkeypatch.setattr(launch, "ParallelMesh", parallel_mesh)
     run_folder = f"monitor.run_folder={tmp_path}"
     launch_from_torch(str(CONFIGS / "tiny.py"), overrides=[run_folder])
     dist.destroy_process_group()
     launch_from_torch(str(CONFIGS / "tiny.py"), overrides=[run_folder, "parallel.process_group_timeout_s=77"])
     default, configured = datetime.timedelta(seconds=1800), datetime.timedelta(seconds=77)
-    calls = ("init_process_group", "_create_groups")
+    calls = ("init_process_group", "ParallelMesh")
     assert given == [(call, default) for call in calls] + [(call, configured) for call in calls]
-
-    # a world of one has no groups but WORLD: the groups of an 8-rank layout, as its rank 0 creates them
-    created = []
-    monkeypatch.setattr(launch.dist, "new_group", lambda ranks, **kwargs: created.append(kwargs) or object())
-    monkeypatch.setattr(launch, "gpc", ParallelContext())
-    cfg = Config.from_file(CONFIGS / "tiny.py")
-    real_create(cfg, Layout(8, tensor=2, pipeline=2), rank=0, timeout=configured)
-    assert len(created) > 8 and all(kwargs == {"timeout": configured} for kwargs in created)
 
 
 def test_the_rendezvous_store_waits_the_configured_timeout(tmp_path):

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from pytrain.config import Config, ConfigError, check_world_size
 from pytrain.initialize.launch import launch
-from pytrain.parallel import Layout, gpc
+from pytrain.parallel import gpc
 from pytrain.parallel.model_part import partition_layers
 from pytrain.parallel.schedule import IGNORE_INDEX
 
@@ -283,17 +283,6 @@ def test_layers_are_partitioned_in_balanced_consecutive_ranges():
     assert partition_layers(10, 4) == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
     assert partition_layers(4, 4) == [range(i, i + 1) for i in range(4)]
     assert [len(r) for r in partition_layers(32, 6)] == [6, 6, 5, 5, 5, 5]
-
-
-def test_layout_groups_follow_megatron_order():
-    layout = Layout(world_size=8, tensor=2, pipeline=2)
-    assert layout.data == 2
-    assert layout.tensor_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert layout.data_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
-    assert layout.pipeline_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
-    assert layout.model_groups() == [[0, 1, 4, 5], [2, 3, 6, 7]]
-    assert layout.coordinates(6) == (1, 1, 0)
-    assert Layout(8, 1, 1).zero1_groups(2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
 def test_a_model_not_built_in_stages_is_refused_by_the_pipeline(tmp_path, fresh_context):

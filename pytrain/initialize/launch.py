@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pytrain.config import Config, check_world_size, expert_parallel_size, expert_zero1_size
-from pytrain.parallel import Layout, gpc
+from pytrain.config import Config
+from pytrain.parallel import ParallelDims, ParallelMesh, gpc
 
 
 def launch_from_torch(config, backend: str | None = None, seed: int = 1024, overrides=()):
@@ -121,7 +121,7 @@ def launch(
         )
     )
     source = str(config) if isinstance(config, (str, Path)) else "config"
-    check_world_size(cfg, world_size, source)  # before any process waits on another
+    dims = ParallelDims.from_config(cfg, world_size, source)  # checked before any process waits on another
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
@@ -140,10 +140,7 @@ def launch(
 
     gpc.config = cfg
     gpc.rank, gpc.local_rank, gpc.device = rank, local_rank, device
-    tensor, pipeline = cfg.parallel.tensor.size, cfg.parallel.pipeline.size
-    expert = expert_parallel_size(cfg, world_size // (tensor * pipeline), source)
-    gpc.layout = Layout(world_size, tensor, pipeline, expert)
-    _create_groups(cfg, gpc.layout, rank, timeout)
+    gpc.mesh = ParallelMesh(dims, device.type, timeout)
     gpc.run_folder = _make_run_folder(cfg)
     gpc.seed = seed
     torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
@@ -162,44 +159,6 @@ def _attempt_store(init_method: str, rank: int, world_size: int, timeout: dateti
     store.set_timeout(timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     return store if attempt is None else dist.PrefixStore(f"pytrain/attempt_{attempt}/", store)
-
-
-def _create_groups(cfg: Config, layout: Layout, rank: int, timeout: datetime.timedelta) -> None:
-    """The tensor, data, pipeline, model, ZeRO-1, embedding and expert groups of this layout, into gpc, each
-    with `timeout` (parallel.process_group_timeout_s). Every rank creates every group, in the same order, as
-    torch.distributed requires; each keeps its own."""
-    world_size = layout.world_size
-    zero1 = layout.data if cfg.parallel.zero1.size <= 0 else cfg.parallel.zero1.size
-
-    def mine(groups: list[list[int]]):
-        """This rank's group among `groups`; the whole world when there is one group of everyone."""
-        if len(groups) == 1 and len(groups[0]) == world_size:
-            return dist.group.WORLD
-        found = None
-        for ranks in groups:
-            group = dist.new_group(ranks=ranks, timeout=timeout)
-            if rank in ranks:
-                found = group
-        return found
-
-    gpc.tensor_parallel_group = mine(layout.tensor_groups())
-    gpc.data_parallel_group = mine(layout.data_groups())
-    gpc.pipeline_parallel_group = mine(layout.pipeline_groups())
-    gpc.model_parallel_group = mine(layout.model_groups())
-    gpc.zero1_group = mine(layout.zero1_groups(zero1)) if zero1 > 1 else None
-    ends = [[g[0], g[-1]] for g in layout.pipeline_groups()] if layout.pipeline > 1 else []
-    gpc.embedding_group = mine(ends) if ends else None
-    if layout.expert > 1:
-        gpc.expert_parallel_group = mine(layout.expert_groups())
-        gpc.expert_data_parallel_group = mine(layout.expert_data_groups())
-    else:
-        gpc.expert_parallel_group, gpc.expert_data_parallel_group = None, gpc.data_parallel_group
-    # ZeRO-1 shards the expert weights' state within the ranks holding the same experts (InternEvo's rule)
-    expert_zero1 = expert_zero1_size(cfg, layout.data, layout.expert)
-    if expert_zero1 == layout.data // layout.expert > 1:
-        gpc.expert_zero1_group = gpc.expert_data_parallel_group
-    else:
-        gpc.expert_zero1_group = mine(layout.expert_zero1_groups(expert_zero1)) if expert_zero1 > 1 else None
 
 
 def set_seed(seed: int) -> None:

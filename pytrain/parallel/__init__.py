@@ -1,5 +1,6 @@
-"""Process groups and the global parallel context."""
+"""The layout of a run (ParallelDims, ParallelMesh) and the global parallel context."""
 
-from .context import Layout, ParallelContext, gpc
+from .context import ParallelContext, gpc
+from .mesh import ParallelDims, ParallelMesh
 
-__all__ = ["Layout", "ParallelContext", "gpc"]
+__all__ = ["ParallelContext", "ParallelDims", "ParallelMesh", "gpc"]

@@ -1,0 +1,168 @@
+"""The layout of a run in one object: `ParallelDims` (the sizes, resolved from the config and checked once) and
+`ParallelMesh` (the process groups, each one named axis of a torch DeviceMesh).
+
+The world is a (pipeline, data, tensor) mesh, tensor fastest (Megatron's order): the ranks of one tensor group
+are neighbours (one node, the fastest links) and each pipeline stage is a contiguous block of ranks. Other
+groups are views of that mesh, never rank arithmetic:
+- model: pipeline x tensor flattened, the ranks that together hold one copy of the model;
+- zero1: the data axis cut into runs of `zero1` consecutive ranks (the ranks sharing one copy of the optimizer
+  state);
+- expert (InternEvo's rule): the data axis unflattened into (expert-data, expert), expert fastest: an expert
+  group is a run of `expert` consecutive data ranks sharing one copy of the experts; the expert-data group,
+  the ranks at the same place of each run, holds the same experts and averages their gradients; its runs of
+  `expert_zero1` ranks share the expert weights' optimizer state.
+- embedding: the first and last pipeline stage of each (data, tensor) place, for a tied embedding.
+
+A new parallelism is one more axis here (a size in ParallelDims, a view in ParallelMesh) plus the code that
+uses its group.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """The sizes of a layout. data = world / (tensor x pipeline); zero1 and expert_zero1 are resolved sizes
+    (1: not sharded); expert is 1 for a dense model."""
+
+    world_size: int
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    zero1: int = 1
+    expert_zero1: int = 1
+
+    def __post_init__(self):
+        data = self.world_size // (self.tensor * self.pipeline)
+        if data * self.tensor * self.pipeline != self.world_size:
+            raise ValueError(f"tensor {self.tensor} x pipeline {self.pipeline} does not divide world {self.world_size}")
+        for name, size, whole in (
+            ("zero1", self.zero1, data),
+            ("expert", self.expert, data),
+            ("expert_zero1", self.expert_zero1, data // self.expert),
+        ):
+            if size < 1 or whole % size:
+                raise ValueError(f"{name} size {size} does not divide {whole} ({self})")
+
+    @property
+    def data(self) -> int:
+        return self.world_size // (self.tensor * self.pipeline)
+
+    @property
+    def expert_data(self) -> int:
+        """The data ranks holding the same experts."""
+        return self.data // self.expert
+
+    @classmethod
+    def from_config(cls, cfg, world_size: int, source: str = "config") -> ParallelDims:
+        """The layout `cfg.parallel` asks for on `world_size` ranks; a ConfigError naming the field when it
+        cannot be laid out."""
+        from pytrain.config import check_world_size, expert_parallel_size, expert_zero1_size
+
+        data = check_world_size(cfg, world_size, source)
+        expert = expert_parallel_size(cfg, data, source)
+        zero1 = cfg.parallel.zero1.size
+        return cls(
+            world_size=world_size,
+            tensor=cfg.parallel.tensor.size,
+            pipeline=cfg.parallel.pipeline.size,
+            expert=expert,
+            zero1=data if zero1 <= 0 else zero1,
+            expert_zero1=expert_zero1_size(cfg, data, expert, source),
+        )
+
+
+class ParallelMesh:
+    """The process groups of a ParallelDims layout, from a DeviceMesh with named axes (see the module docstring).
+
+    Every rank builds it, collectively. A group a layout does not use is None (zero1 / expert_zero1 of size 1,
+    expert of size 1, embedding without a pipeline); the expert-data group is the data group for a dense model.
+    Every group waits `timeout` at most for a peer.
+    """
+
+    def __init__(self, dims: ParallelDims, device_type: str, timeout: datetime.timedelta):
+        self.dims = dims
+        override = _timeout_options(timeout)
+        self.world = init_device_mesh(
+            device_type,
+            (dims.pipeline, dims.data, dims.tensor),
+            mesh_dim_names=("pp", "dp", "tp"),
+            backend_override=_for_axes(override, "pp", "dp", "tp"),
+        )
+        self.pipeline_rank, self.data_rank, self.tensor_rank = self.world.get_coordinate()
+        self.tensor_group = self.world.get_group("tp")
+        self.data_group = self.world.get_group("dp")
+        self.pipeline_group = self.world.get_group("pp")
+        self.model_group = self.world["pp", "tp"]._flatten("model", backend_override=override).get_group()
+        data = self.world["dp"]
+        self.zero1_group = _runs_of(data, dims.zero1, "zero1", override)
+        if dims.expert > 1:
+            expert = data._unflatten(
+                0,
+                (dims.expert_data // dims.expert_zero1, dims.expert_zero1, dims.expert),
+                ("edp_replicate", "edp_zero1", "ep"),
+                backend_override=_for_axes(override, "edp_replicate", "edp_zero1", "ep"),
+            )
+            self.expert_group = expert.get_group("ep")
+            edp = expert["edp_replicate", "edp_zero1"]._flatten("edp", backend_override=override)
+            self.expert_data_group = edp.get_group()
+            whole = dims.expert_zero1 == dims.expert_data
+            self.expert_zero1_group = self.expert_data_group if whole else _group_or_none(expert, "edp_zero1")
+        else:
+            self.expert_group, self.expert_data_group = None, self.data_group
+            self.expert_zero1_group = _runs_of(data, dims.expert_zero1, "expert_zero1", override)
+        self.embedding_group = self._ends_of_pipeline(timeout) if dims.pipeline > 1 else None
+
+    def stage_rank(self, stage: int) -> int:
+        """The global rank of pipeline stage `stage` (modulo the pipeline size) at this rank's (data, tensor)."""
+        return int(self.world.mesh[stage % self.dims.pipeline, self.data_rank, self.tensor_rank])
+
+    def _ends_of_pipeline(self, timeout: datetime.timedelta):
+        """The first and last stage of each (data, tensor) place: not an axis, a pair of mesh faces."""
+        first, last = self.world.mesh[0].flatten().tolist(), self.world.mesh[-1].flatten().tolist()
+        mine = None
+        for pair in zip(first, last):
+            group = dist.new_group(ranks=list(pair), timeout=timeout)  # every rank creates every group
+            if dist.get_rank() in pair:
+                mine = group
+        return mine
+
+
+def _group_or_none(mesh: DeviceMesh, axis: str):
+    return mesh.get_group(axis) if mesh.size(mesh.mesh_dim_names.index(axis)) > 1 else None
+
+
+def _runs_of(data: DeviceMesh, size: int, name: str, override):
+    """The group of `size` consecutive ranks of the data axis holding this rank; None for size 1."""
+    if size == 1:
+        return None
+    if size == data.size():  # a group of its own: ZeRO-1's collectives stay apart from the gradient all-reduce
+        return data._flatten(name, backend_override=override).get_group()
+    runs = data._unflatten(
+        0,
+        (data.size() // size, size),
+        (f"{name}_replicate", name),
+        backend_override=_for_axes(override, f"{name}_replicate", name),
+    )
+    return runs.get_group(name)
+
+
+def _for_axes(options, *axes: str) -> dict | None:
+    return None if options is None else dict.fromkeys(axes, options)
+
+
+def _timeout_options(timeout: datetime.timedelta):
+    """Backend options carrying `timeout`, the way DeviceMesh passes a timeout to the groups it creates (None
+    for a backend other than NCCL and gloo: its groups keep torch's default)."""
+    backend = dist.get_backend()
+    if backend not in ("nccl", "gloo"):
+        return None
+    options = dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    return options
