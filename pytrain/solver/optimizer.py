@@ -18,7 +18,7 @@ part of are summed first: a tied embedding's over the first and last pipeline st
 norms' over the tensor group. With overlap_sync_param the owners' broadcasts run in the background and
 each layer waits for its own parameters just before its next forward.
 
-Mixture-of-experts' expert weights (ParamInfo.replicas "expert_data") form a second domain: their
+Mixture-of-experts' expert weights (ParamInfo.replicas EXPERT_DATA) form a second domain: their
 gradients are summed over the expert-data group (the ranks holding the same experts; each expert already
 saw the tokens of its whole expert group; the data group without expert parallelism), their ZeRO-1 owners
 are chosen within the expert zero group (parallel.expert_zero1), and under expert parallelism their share
@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from pytrain.parallel.model_part import ModelPart
+from pytrain.parallel.model_part import ModelPart, Replicas, SumOver
 from pytrain.parallel.shard_spec import ShardSpec
 
 from .grad_buckets import OverlappedGradReducer
@@ -130,12 +130,10 @@ class HybridZeroOptimizer:
         self.infos = {id(p): info for p, info in part.infos()}  # id(model parameter) -> ParamInfo: for checkpoints
 
         params = [p for g in groups for p in g["params"]]
-        experts = [p for p in params if self.infos[id(p)].replicas == "expert_data"]
+        dense = [p for p in params if self.infos[id(p)].replicas is Replicas.DATA]
+        experts = [p for p in params if self.infos[id(p)].replicas is Replicas.EXPERT_DATA]
         # the expert weights last: each domain's gradients are one contiguous slice of the flat buffer
-        domains = [
-            _Domain([p for p in params if self.infos[id(p)].replicas != "expert_data"], group, zero_group),
-            _Domain(experts, expert_data_group, expert_zero_group),
-        ]
+        domains = [_Domain(dense, group, zero_group), _Domain(experts, expert_data_group, expert_zero_group)]
         domains = [d for d in domains if d.params]
         self.model_params = [p for d in domains for p in d.params]
         self.expert_group = expert_group if experts and _world(expert_group) > 1 else None
@@ -195,11 +193,11 @@ class HybridZeroOptimizer:
         # each weight once, model-wide; the expert weights' apart when their ranks differ over the expert group
         counted = [(info, v) for info, v in pairs if info.counted_here(tensor_rank)]
         split = self.expert_group is not None
-        self.norm_views = [v for info, v in counted if not split or info.replicas != "expert_data"]
-        self.expert_norm_views = [v for info, v in counted if split and info.replicas == "expert_data"]
+        self.norm_views = [v for info, v in counted if not split or info.replicas is Replicas.DATA]
+        self.expert_norm_views = [v for info, v in counted if split and info.replicas is Replicas.EXPERT_DATA]
         self.partial_sums = []
-        for kind, group in (("embedding", embedding_group), ("tensor", tensor_group)):
-            views = [v for info, v in pairs if info.sum_over == kind]
+        for kind, group in ((SumOver.EMBEDDING, embedding_group), (SumOver.TENSOR, tensor_group)):
+            views = [v for info, v in pairs if info.sum_over is kind]
             if views and group is not None and _world(group) > 1:
                 self.partial_sums.append((group, views))
 
