@@ -698,11 +698,11 @@ def test_cuda_bad_values_fail_without_a_host_read():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs these tiles through the autotuner")
 @pytest.mark.parametrize("tile", range(3))
 def test_triton_gemm_gpu_tiles_under_the_interpreter(triton_device, tile):
-    """Each GPU tile candidate of kernels/moe_grouped_mm.py (the interpreter otherwise runs 16 x 16 x 16 only), with
+    """Each GPU tile candidate of kernels/grouped_mm_triton.py (the interpreter otherwise runs 16 x 16 x 16 only), with
     groups smaller and larger than a tile and an empty one."""
     import triton
 
-    from pytrain.triton import moe_grouped_mm as kernels
+    from pytrain.triton import grouped_mm_triton as kernels
 
     block_m, block_n, block_k, _, _ = kernels._CONFIGS[tile]
     counts = [70, 0, 150, 3]
@@ -735,7 +735,7 @@ def test_gemm_autotuning_keys_separate_row_counts(monkeypatch):
     of the row count (from 256 to 65536), for the row kernel (forward, dx) and the weight-gradient kernel."""
     from test_flash_attn import LaunchRecorder
 
-    from pytrain.triton import moe_grouped_mm as kernels
+    from pytrain.triton import grouped_mm_triton as kernels
 
     recorders = {name: LaunchRecorder(getattr(kernels, name)) for name in ("_rows_kernel", "_weight_grad_kernel")}
     for name, recorder in recorders.items():
@@ -761,7 +761,7 @@ SM90_COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pytrain.triton import moe_grouped_mm as G, moe_permute as P
+from pytrain.triton import grouped_mm_triton as G, moe_permute_triton as P
 
 def build(fn, signature, constexprs, warps=4, stages=3):
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)

@@ -20,7 +20,7 @@ computed in fp32 without materializing (T, k, H). Its gradients reach expert_out
 each row 0..N-1 of expert_out exactly once (as moe_permute's does).
 
 Backends: CPU tensors run pytrain._C (a threaded counting sort for the index; row moves threaded over
-tokens); CUDA tensors run the Triton kernels of kernels/moe_permute.py, with the index made by a stable sort
+tokens); CUDA tensors run the Triton kernels of kernels/moe_permute_triton.py, with the index made by a stable sort
 in torch. moe_permute on a GPU reads three numbers back to the host (one synchronization): N, which sizes
 `permuted`, and the range of expert_ids, checked from the same read; unless the caller knows N and passes it as
 num_kept (expert_ids.numel() when it drops nothing, or the sum of counts it has read back already): then it reads
@@ -156,7 +156,7 @@ def _scatter(tokens_in, row_of, weights, rows_out, rows_in=None, grad_weights=No
     """rows_out[row_of[t, j]] = w * tokens_in[t]; with grad_weights also its dot with rows_in[row]
     (see csrc/moe_permute.h)."""
     if _backend(tokens_in.device) == "triton":
-        from pytrain.triton.moe_permute import scatter
+        from pytrain.triton.moe_permute_triton import scatter
 
         return scatter(tokens_in, row_of, weights, rows_out, rows_in, grad_weights)
     tokens, hidden = tokens_in.shape
@@ -179,7 +179,7 @@ def _scatter(tokens_in, row_of, weights, rows_out, rows_in=None, grad_weights=No
 def _gather(rows_in, row_of, weights, tokens_out) -> None:
     """tokens_out[t] = sum_j w * rows_in[row_of[t, j]]."""
     if _backend(rows_in.device) == "triton":
-        from pytrain.triton.moe_permute import gather
+        from pytrain.triton.moe_permute_triton import gather
 
         return gather(rows_in, row_of, weights, tokens_out)
     tokens, hidden = tokens_out.shape
