@@ -171,7 +171,7 @@ def flash_attn_varlen_func(
         raise ValueError(f"max_seqlen ({max_seqlen}) must be an int >= the longest sequence ({longest})")
     if not runs_triton(q.device):
         # One document at a time, each as a batch of one: SDPA's CPU flash kernel takes 4-D input only
-        # (3-D input falls back to its materializing math path, 5x slower).
+        # (3-D input falls back to its slower math path, which materializes the scores).
         return torch.cat(
             [
                 _sdpa(q[None, s:e], k[None, s:e], v[None, s:e], causal, scale)[0]
