@@ -99,7 +99,7 @@ def leaf64(t):
 def test_cpu_extension_has_the_moe_kernels():
     ext = moe_permute_module._cpu_extension
     assert ext is not None and all(hasattr(ext, f) for f in ("moe_route", "moe_scatter", "moe_gather"))
-    assert moe_permute_module._backend(torch.device("cpu")) == "cpp"
+    assert moe_permute_module._kernel_path(torch.device("cpu")) is moe_permute_module._KernelPath.CPP
 
 
 def test_exported():
@@ -416,7 +416,7 @@ TRITON_GEMM_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16,
 )
 def test_triton_permute_unpermute(triton_device, case, dtype):
     x, ids, experts, weights = permute_case(case, dtype, triton_device)
-    assert moe_permute_module._backend(x.device) == "triton"
+    assert moe_permute_module._kernel_path(x.device) is moe_permute_module._KernelPath.TRITON
     permuted, row_of, _ = check_permute(x, ids, experts, dtype)
     check_unpermute(floats(permuted.shape, dtype, triton_device, 5), row_of, weights, dtype)
 
