@@ -1,5 +1,5 @@
 // pybind11 definitions of the mixture-of-experts permutation kernels for pytrain._C (raw pointers as ints;
-// Python owns every buffer; a null pointer is 0). CUDA runs the Triton kernels instead (kernels/moe_permute.py).
+// Python owns every buffer; a null pointer is 0). CUDA runs the Triton kernels instead (kernels/moe_permute_triton.py).
 #pragma once
 #include "bindings.h"
 #include "moe_permute.h"

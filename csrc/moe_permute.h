@@ -1,4 +1,4 @@
-// Mixture-of-experts token permutation kernels (CPU; CUDA runs Triton, kernels/moe_permute.py).
+// Mixture-of-experts token permutation kernels (CPU; CUDA runs Triton, kernels/moe_permute_triton.py).
 // Python validates, allocates and derives every index (pytrain/kernels/moe_permute.py); these only compute.
 //
 // Layout: T tokens, k routing slots per token, N kept assignments, H hidden. row_of (T, k) int64 maps

@@ -16,7 +16,8 @@ from internlm_corpus import (
 )
 
 from pytrain.data import DummyDataset, build_train_loader
-from pytrain.data.loader import parse_rampup, parse_skip_batches
+from pytrain.data.loader import TrainLoader, parse_rampup, parse_skip_batches
+from pytrain.data.packing import PackSource, dummy_packs
 
 SEQ_LEN, MICRO_BSZ, SEED = 16, 2, 7
 
@@ -277,3 +278,55 @@ def test_packing_property(tmp_path_factory, lengths, seq_len, micro_bsz, into_on
         assert_batch_equals(batch, [packs[k]], seq_len)
         if not into_one:
             assert int(batch["max_seqlen"][0]) <= seq_len
+
+
+class CountingPacks:
+    """A toy source written against the PackSource protocol only: pack k holds the tokens k*P .. k*P+P-1 as one
+    document per row, each row's last label ignored."""
+
+    shuffle = False
+    description = "counting tokens"
+
+    def __init__(self, num_packs: int, micro_bsz: int, seq_len: int):
+        self.num_packs, self.seq_len, self.pack_tokens = num_packs, seq_len, micro_bsz * seq_len
+        self.fingerprint = dict(kind="counting", num_packs=num_packs, pack_tokens=self.pack_tokens)
+
+    def build_packs(self, pack_ids) -> dict:
+        tokens = np.asarray(pack_ids, dtype=np.int64)[:, None] * self.pack_tokens + np.arange(self.pack_tokens)
+        rows = tokens.reshape(len(pack_ids), -1, self.seq_len)
+        labels = np.concatenate([rows[:, :, 1:], np.full((*rows.shape[:2], 1), -100)], axis=2)
+        positions = np.broadcast_to(np.arange(self.seq_len), rows.shape)
+        shape = tokens.shape
+        return dict(
+            input_ids=tokens,
+            labels=labels.reshape(shape),
+            positions=positions.reshape(shape),
+            type_ids=np.zeros_like(tokens),
+        )
+
+
+def test_a_source_satisfying_the_pack_protocol_is_read_by_the_loader():
+    """A new data format is a PackSource: the loader splits its packs over data-parallel ranks and resumes its
+    stream by its fingerprint, as for the built-in sources (which satisfy the protocol too)."""
+    source = CountingPacks(num_packs=8, micro_bsz=2, seq_len=4)
+    assert isinstance(source, PackSource)
+    assert isinstance(dummy_packs(micro_bsz=2, seq_len=4, vocab_size=10, seed=0), PackSource)
+
+    def loader(source):
+        return TrainLoader(source, micro_num=2, total_steps=3, data_parallel_size=2, data_parallel_rank=1, seed=0)
+
+    stream = loader(source)
+    batches = iter(stream)
+    first = next(batches)
+    after_first = stream.state_dict()
+    second, third = batches
+    # batch b of rank 1 holds packs 4b+2, 4b+3 of the (unshuffled) epoch; the third batch starts epoch 2
+    assert first["input_ids"].flatten().tolist() == list(range(16, 32))
+    assert second["input_ids"].flatten().tolist() == list(range(48, 64))
+    assert torch.equal(third["input_ids"], first["input_ids"])
+    assert first["labels"][0, 0].tolist() == [17, 18, 19, -100]
+    resumed = loader(source)
+    resumed.load_state_dict(after_first)
+    assert [torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(resumed, [second, third])] == [True, True]
+    with pytest.raises(ValueError, match=r"num_packs: 8 -> 10"):
+        loader(CountingPacks(num_packs=10, micro_bsz=2, seq_len=4)).load_state_dict(after_first)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from pytrain.triton.flash_attn import _lse_offsets, _tile_offsets
+from pytrain.triton.flash_attn_triton import _lse_offsets, _tile_offsets
 
 from pytrain.kernels import PackedSequences, flash_attn_func, flash_attn_varlen_func, reference
 
@@ -285,7 +285,7 @@ def test_grid_keeps_sequences_times_heads_on_axis_0(monkeypatch):
     """4,096 packed documents x 16 heads: 65,536 programs per block row, one more than CUDA allows on grid axes
     1 and 2 (Triton's launcher does not check; the GPU refuses with "invalid argument"). Every candidate tile of
     every kernel must put that product on axis 0."""
-    from pytrain.triton import flash_attn as fa
+    from pytrain.triton import flash_attn_triton as fa
 
     kernels = {
         name: GridRecorder() for name in ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
@@ -308,7 +308,7 @@ def test_grid_keeps_sequences_times_heads_on_axis_0(monkeypatch):
 
 
 def test_grid_refuses_a_sequence_longer_than_cuda_allows():
-    from pytrain.triton import flash_attn as fa
+    from pytrain.triton import flash_attn_triton as fa
 
     assert fa.grid(7, 65535 * 16, 16) == (7, 65535)
     with pytest.raises(ValueError, match="65536 blocks of 16 tokens, above CUDA's 65535 on a grid axis"):
@@ -366,7 +366,7 @@ def test_triton_strided_tokens_past_two_to_the_31_elements(triton_device, causal
 
 def test_autotuning_candidates_per_dtype_and_head_dim():
     """What the GPU autotuner may pick (the interpreter always runs one small tile)."""
-    from pytrain.triton import flash_attn as fa
+    from pytrain.triton import flash_attn_triton as fa
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fa, "_interpreting", lambda: False)
@@ -401,7 +401,7 @@ class LaunchRecorder:
 def test_autotuning_keys_separate_sequence_lengths(monkeypatch):
     """A short test step's tuning is not reused for long sequences: the autotuner's key holds the power-of-two
     bucket of max_seqlen (from 128 to 16384), for the forward and both backward kernels."""
-    from pytrain.triton import flash_attn as fa
+    from pytrain.triton import flash_attn_triton as fa
 
     kernels = {
         name: LaunchRecorder(getattr(fa, name)) for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
@@ -431,7 +431,7 @@ import contextlib, io, json, re
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pytrain.triton import flash_attn as fa
+from pytrain.triton import flash_attn_triton as fa
 
 fn = fa._bwd_dkdv_kernel.fn
 constexprs = ("CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PRECISION")
@@ -484,7 +484,7 @@ def test_dkdv_16bit_tiles_do_not_spill(tmp_path):
 
 def fa_tiles(kernel, dtype, block_d):
     """The GPU's candidate tiles (this process runs the interpreter, which has its own)."""
-    from pytrain.triton import flash_attn as fa
+    from pytrain.triton import flash_attn_triton as fa
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fa, "_interpreting", lambda: False)

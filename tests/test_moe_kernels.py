@@ -99,7 +99,7 @@ def leaf64(t):
 def test_cpu_extension_has_the_moe_kernels():
     ext = moe_permute_module._cpu_extension
     assert ext is not None and all(hasattr(ext, f) for f in ("moe_route", "moe_scatter", "moe_gather"))
-    assert moe_permute_module._backend(torch.device("cpu")) == "cpp"
+    assert moe_permute_module._kernel_path(torch.device("cpu")) is moe_permute_module._KernelPath.CPP
 
 
 def test_exported():
@@ -416,7 +416,7 @@ TRITON_GEMM_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16,
 )
 def test_triton_permute_unpermute(triton_device, case, dtype):
     x, ids, experts, weights = permute_case(case, dtype, triton_device)
-    assert moe_permute_module._backend(x.device) == "triton"
+    assert moe_permute_module._kernel_path(x.device) is moe_permute_module._KernelPath.TRITON
     permuted, row_of, _ = check_permute(x, ids, experts, dtype)
     check_unpermute(floats(permuted.shape, dtype, triton_device, 5), row_of, weights, dtype)
 
@@ -698,11 +698,11 @@ def test_cuda_bad_values_fail_without_a_host_read():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs these tiles through the autotuner")
 @pytest.mark.parametrize("tile", range(3))
 def test_triton_gemm_gpu_tiles_under_the_interpreter(triton_device, tile):
-    """Each GPU tile candidate of kernels/moe_grouped_mm.py (the interpreter otherwise runs 16 x 16 x 16 only), with
+    """Each GPU tile candidate of kernels/grouped_mm_triton.py (the interpreter otherwise runs 16 x 16 x 16 only), with
     groups smaller and larger than a tile and an empty one."""
     import triton
 
-    from pytrain.triton import moe_grouped_mm as kernels
+    from pytrain.triton import grouped_mm_triton as kernels
 
     block_m, block_n, block_k, _, _ = kernels._CONFIGS[tile]
     counts = [70, 0, 150, 3]
@@ -735,7 +735,7 @@ def test_gemm_autotuning_keys_separate_row_counts(monkeypatch):
     of the row count (from 256 to 65536), for the row kernel (forward, dx) and the weight-gradient kernel."""
     from test_flash_attn import LaunchRecorder
 
-    from pytrain.triton import moe_grouped_mm as kernels
+    from pytrain.triton import grouped_mm_triton as kernels
 
     recorders = {name: LaunchRecorder(getattr(kernels, name)) for name in ("_rows_kernel", "_weight_grad_kernel")}
     for name, recorder in recorders.items():
@@ -761,7 +761,7 @@ SM90_COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pytrain.triton import moe_grouped_mm as G, moe_permute as P
+from pytrain.triton import grouped_mm_triton as G, moe_permute_triton as P
 
 def build(fn, signature, constexprs, warps=4, stages=3):
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)

@@ -15,9 +15,9 @@ def test_cpu_extension_is_built():
 
 
 def test_triton_kernels_package_is_installed_inside_pytrain():
-    import pytrain.triton.flash_attn
+    import pytrain.triton.flash_attn_triton
 
-    assert Path(pytrain.triton.flash_attn.__file__) == ROOT / "kernels" / "flash_attn.py"
+    assert Path(pytrain.triton.flash_attn_triton.__file__) == ROOT / "kernels" / "flash_attn_triton.py"
     assert not (ROOT / "kernels" / "__init__.py").exists()  # see pytrain/triton/__init__.py
 
 
@@ -38,7 +38,7 @@ def test_python_in_the_repository_root_does_not_see_kernels_as_a_top_level_packa
     assert origin == "None" or not Path(origin).is_relative_to(ROOT / "kernels"), origin  # Hugging Face's, or none
 
 
-@pytest.mark.parametrize("name", ["flash_attn", "moe_permute", "moe_grouped_mm"])
+@pytest.mark.parametrize("name", ["flash_attn_triton", "moe_permute_triton", "grouped_mm_triton"])
 def test_a_triton_source_loaded_as_a_top_level_kernels_module_refuses(name):
     """Without Hugging Face's kernels installed, `import kernels.<name>` from the repository root would find
     kernels/ as a namespace package: each source refuses to load under that name."""

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .packing import IGNORE, TokenizedPacks, dummy_packs, window_packs
+from .packing import IGNORE, PackSource, TokenizedPacks, dummy_packs, window_packs
 from .stdlib_corpus import load_stdlib_corpus
 from .tokenized import DataError, SampleReader, open_folder
 
@@ -94,7 +94,7 @@ class TrainLoader:
 
     def __init__(
         self,
-        source,
+        source: PackSource,
         *,
         micro_num: int,
         total_steps: int,
@@ -265,7 +265,7 @@ class _Plan:
 class StepBuilder(Dataset):
     """Builds one step's batch (in a worker when num_workers > 0) from (batch index, pack ids, position)."""
 
-    def __init__(self, source):
+    def __init__(self, source: PackSource):
         self.source = source
 
     def __getitem__(self, item):

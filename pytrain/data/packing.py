@@ -1,8 +1,8 @@
 """Pack sources: what the loader reads. A pack is one micro-batch, micro_bsz * seq_len tokens.
 
-Every source numbers its packs 0..num_packs-1 and builds any list of them into numpy arrays of shape
-(packs, micro_bsz * seq_len): input_ids, labels (-100 = no loss), positions, type_ids, and for rows that
-hold several documents the per-pack segment boundaries (cu_seqlens).
+Every source (PackSource) numbers its packs 0..num_packs-1 and builds any list of them into numpy arrays of
+shape (packs, micro_bsz * seq_len): input_ids, labels (-100 = no loss), positions, type_ids, and for rows
+that hold several documents the per-pack segment boundaries (cu_seqlens).
 
 TokenizedPacks follows InternLM's PackedDataset: the samples (after min_length) are shuffled once with the
 seed and concatenated into one token stream; pack k is the window [kP, (k+1)P) of it (P = micro_bsz *
@@ -18,12 +18,34 @@ drops each file's tail), and token id 0 keeps its label (InternLM also masks lab
 real token in most vocabularies).
 """
 
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
 import numpy as np
 
 from .datasets import DummyDataset, TokenWindowDataset
 from .tokenized import BinFile, DataError, SampleReader
 
 IGNORE = -100
+
+
+@runtime_checkable
+class PackSource(Protocol):
+    """What the training loader reads (pytrain.data.loader). TokenizedPacks and RowPacks are the built-in
+    sources; a new data format is a class with these members."""
+
+    num_packs: int  # the packs are numbered 0..num_packs-1
+    pack_tokens: int  # tokens in a pack: micro_bsz * seq_len
+    seq_len: int  # tokens in a row of a pack
+    shuffle: bool  # the loader permutes the packs per epoch (False: in pack order)
+    fingerprint: dict  # JSON values naming the stream: a saved loader position resumes only on an equal one
+    description: str  # what the source holds, for error messages
+
+    def build_packs(self, pack_ids: Sequence[int]) -> dict:
+        """The packs as numpy arrays of shape (len(pack_ids), pack_tokens): input_ids, labels, positions,
+        type_ids; and cu_seqlens, one array of segment boundaries per pack, when rows hold several
+        documents. Runs in the loader's workers; bad data raises DataError."""
+        ...
 
 
 class TokenizedPacks:

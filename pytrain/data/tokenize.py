@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 try:
     from pytrain import _C
-except ImportError:  # not built: json_lines formats in Python, about 10x slower
+except ImportError:  # not built: json_lines formats in Python, slower (bench/test_data_bench.py)
     _C = None
 
 INPUT_SUFFIXES = (".txt", ".json", ".jsonl")
@@ -125,7 +125,7 @@ def json_line(ids) -> bytes:
 def json_lines(samples: list) -> tuple[memoryview, np.ndarray]:
     """InternLM's lines for samples (id arrays, or bytes: the byte tokenizer's ids), concatenated, and each
     line's byte length: `json.dumps({"tokens": ids}) + "\\n"` byte for byte. The numbers are formatted by
-    pytrain._C (csrc/cpu/token_lines.cpp): str(int) per token in Python caps the command at a few MB/s."""
+    pytrain._C (csrc/cpu/token_lines.cpp): str(int) per token in Python would bound the command's speed."""
     counts = np.fromiter(map(len, samples), dtype=np.int64, count=len(samples))
     if all(isinstance(s, bytes) for s in samples):
         ids = np.frombuffer(b"".join(samples), dtype=np.uint8)

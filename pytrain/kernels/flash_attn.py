@@ -1,6 +1,6 @@
 """Flash-attention: (batch, seq, heads, dim) and packed variable-length (tokens, heads, dim) inputs, GQA/MQA.
 
-CUDA tensors run pytrain's Triton kernels (kernels/flash_attn.py) as torch.library custom ops (autograd
+CUDA tensors run pytrain's Triton kernels (kernels/flash_attn_triton.py) as torch.library custom ops (autograd
 and torch.compile see one op each way). CPU tensors run PyTorch's SDPA (its CPU flash kernel), one
 document at a time for packed input, so no mask quadratic in the packed length is ever built.
 
@@ -32,7 +32,7 @@ def _forward(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from pytrain.triton.flash_attn import flash_attn_forward
+    from pytrain.triton.flash_attn_triton import flash_attn_forward
 
     return flash_attn_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)
 
@@ -55,7 +55,7 @@ def _backward(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from pytrain.triton.flash_attn import flash_attn_backward
+    from pytrain.triton.flash_attn_triton import flash_attn_backward
 
     return flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale)
 
@@ -171,7 +171,7 @@ def flash_attn_varlen_func(
         raise ValueError(f"max_seqlen ({max_seqlen}) must be an int >= the longest sequence ({longest})")
     if not runs_triton(q.device):
         # One document at a time, each as a batch of one: SDPA's CPU flash kernel takes 4-D input only
-        # (3-D input falls back to its materializing math path, 5x slower).
+        # (3-D input falls back to its slower math path, which materializes the scores).
         return torch.cat(
             [
                 _sdpa(q[None, s:e], k[None, s:e], v[None, s:e], causal, scale)[0]

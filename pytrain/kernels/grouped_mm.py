@@ -12,13 +12,12 @@ Implementations (PYTRAIN_GROUPED_MM picks one; default "auto"):
           synchronization). Plain torch: it needs no compiled module.
   torch   torch._grouped_mm (one call; int32 cumulative offsets on x's device, no host read). Needs rows of
           16 bytes' multiples (K and M; x and weight 16-byte aligned).
-  triton  kernels/moe_grouped_mm.py (int32 cumulative offsets on the device, no host read): CUDA, and the CPU
+  triton  kernels/grouped_mm_triton.py (int32 cumulative offsets on the device, no host read): CUDA, and the CPU
           under PYTRAIN_TRITON_CPU=1 (Triton's interpreter; tests only).
-"auto": on the CPU torch where its layout rule holds (measured from as fast as loop to 1.2x faster, fp32 and
-bf16, on this project's shared 2-core CPU machine: bench/test_moe_kernels_bench.py), else loop; on CUDA
-torch for bfloat16 on compute capability >= 9.0 (its fused CUTLASS kernel) where the layout rule holds,
-else triton. The CUDA choice is a default not yet measured: bench/gpu/run.sh times torch, triton and
-loop side by side on the GPU machine.
+"auto": on the CPU torch where its layout rule holds (one call instead of one per expert;
+bench/test_moe_kernels_bench.py times both), else loop; on CUDA torch for bfloat16 on compute capability
+>= 9.0 (its fused CUTLASS kernel) where the layout rule holds, else triton. The CUDA choice is a default
+not yet measured: bench/gpu/run.sh times torch, triton and loop side by side on the GPU machine.
 
 tokens_per_expert's values are checked on every call: on the host a ValueError; for a tensor on a GPU a
 device-side assertion (no synchronization; a bad value fails the next synchronizing call). Pass
@@ -109,7 +108,7 @@ def _forward_impl(x, weight, tokens_per_expert, impl: str) -> torch.Tensor:
     offsets = _offsets(tokens_per_expert, x.device)
     if impl == "torch":
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    from pytrain.triton.moe_grouped_mm import grouped_mm_forward
+    from pytrain.triton.grouped_mm_triton import grouped_mm_forward
 
     return grouped_mm_forward(x, weight, offsets)
 
@@ -132,7 +131,7 @@ def _backward_impl(dy, x, weight, tokens_per_expert, impl: str, need_dx: bool, n
         if need_dweight:
             dweight = torch._grouped_mm(dy.t(), x, offs=offsets)
         return dx, dweight
-    from pytrain.triton.moe_grouped_mm import grouped_mm_dweight, grouped_mm_dx
+    from pytrain.triton.grouped_mm_triton import grouped_mm_dweight, grouped_mm_dx
 
     if need_dx:
         dx = grouped_mm_dx(dy, weight, offsets)

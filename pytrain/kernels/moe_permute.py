@@ -20,7 +20,7 @@ computed in fp32 without materializing (T, k, H). Its gradients reach expert_out
 each row 0..N-1 of expert_out exactly once (as moe_permute's does).
 
 Backends: CPU tensors run pytrain._C (a threaded counting sort for the index; row moves threaded over
-tokens); CUDA tensors run the Triton kernels of kernels/moe_permute.py, with the index made by a stable sort
+tokens); CUDA tensors run the Triton kernels of kernels/moe_permute_triton.py, with the index made by a stable sort
 in torch. moe_permute on a GPU reads three numbers back to the host (one synchronization): N, which sizes
 `permuted`, and the range of expert_ids, checked from the same read; unless the caller knows N and passes it as
 num_kept (expert_ids.numel() when it drops nothing, or the sum of counts it has read back already): then it reads
@@ -32,6 +32,7 @@ Without pytrain._C the plain-PyTorch references in `reference` run on the CPU. P
 Triton kernels on CPU tensors through Triton's interpreter (tests only; _backend.runs_triton).
 """
 
+import enum
 import warnings
 
 import torch
@@ -62,11 +63,18 @@ def _load_cpu_extension():
 _cpu_extension = _load_cpu_extension()
 
 
-def _backend(device: torch.device) -> str:
-    """'triton' (CUDA, or the interpreter on request), 'cpp' (pytrain._C) or 'reference' (not built)."""
+class _KernelPath(enum.Enum):
+    """Which kernels run the permutation on a device."""
+
+    TRITON = "triton"  # CUDA, or Triton's interpreter on request
+    CPP = "cpp"  # pytrain._C on the CPU
+    REFERENCE = "reference"  # plain PyTorch: pytrain._C is not built
+
+
+def _kernel_path(device: torch.device) -> _KernelPath:
     if runs_triton(device):
-        return "triton"
-    return "cpp" if device.type == "cpu" and _cpu_extension is not None else "reference"
+        return _KernelPath.TRITON
+    return _KernelPath.CPP if device.type == "cpu" and _cpu_extension is not None else _KernelPath.REFERENCE
 
 
 def require(ok: torch.Tensor, message: str) -> None:
@@ -119,7 +127,7 @@ def _route(expert_ids: torch.Tensor, num_experts: int, num_kept: int) -> tuple[t
             torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device),
             0,
         )
-    if _backend(expert_ids.device) == "cpp":
+    if _kernel_path(expert_ids.device) is _KernelPath.CPP:
         low, high = (int(v) for v in flat.aminmax())
         _check_expert_ids(num_experts, low, high)
         workers = parallelism(flat, flat.numel())
@@ -155,8 +163,8 @@ def _route(expert_ids: torch.Tensor, num_experts: int, num_kept: int) -> tuple[t
 def _scatter(tokens_in, row_of, weights, rows_out, rows_in=None, grad_weights=None) -> None:
     """rows_out[row_of[t, j]] = w * tokens_in[t]; with grad_weights also its dot with rows_in[row]
     (see csrc/moe_permute.h)."""
-    if _backend(tokens_in.device) == "triton":
-        from pytrain.triton.moe_permute import scatter
+    if _kernel_path(tokens_in.device) is _KernelPath.TRITON:
+        from pytrain.triton.moe_permute_triton import scatter
 
         return scatter(tokens_in, row_of, weights, rows_out, rows_in, grad_weights)
     tokens, hidden = tokens_in.shape
@@ -178,8 +186,8 @@ def _scatter(tokens_in, row_of, weights, rows_out, rows_in=None, grad_weights=No
 
 def _gather(rows_in, row_of, weights, tokens_out) -> None:
     """tokens_out[t] = sum_j w * rows_in[row_of[t, j]]."""
-    if _backend(rows_in.device) == "triton":
-        from pytrain.triton.moe_permute import gather
+    if _kernel_path(rows_in.device) is _KernelPath.TRITON:
+        from pytrain.triton.moe_permute_triton import gather
 
         return gather(rows_in, row_of, weights, tokens_out)
     tokens, hidden = tokens_out.shape
@@ -323,7 +331,7 @@ def moe_permute(
     ):
         raise ValueError(f"num_kept must be None or an int in [0, {expert_ids.numel()}] (expert_ids' entries)")
     num_kept = -1 if num_kept is None else num_kept
-    if _backend(x.device) == "reference":
+    if _kernel_path(x.device) is _KernelPath.REFERENCE:
         flat = expert_ids.reshape(-1)
         if flat.numel():
             _check_expert_ids(num_experts, int(flat.min()), int(flat.max()))
@@ -346,7 +354,7 @@ def moe_unpermute(expert_out: torch.Tensor, row_of: torch.Tensor, weights: torch
         raise ValueError(f"row_of must be (tokens, k) with k >= 1, got shape {tuple(row_of.shape)}")
     if weights.shape != row_of.shape:
         raise ValueError(f"weights must have row_of's shape {tuple(row_of.shape)}, got {tuple(weights.shape)}")
-    if _backend(expert_out.device) == "reference":
+    if _kernel_path(expert_out.device) is _KernelPath.REFERENCE:
         _check_row_of(row_of, expert_out.shape[0])
         return reference.moe_unpermute(expert_out, row_of, weights)
     return _unpermute(expert_out, row_of, weights.to(torch.float32).contiguous(), True)

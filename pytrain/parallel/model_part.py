@@ -12,6 +12,7 @@ group its gradient must be summed over when this rank holds only part of it.
 """
 
 import copy
+import enum
 import zlib
 from dataclasses import dataclass
 
@@ -25,13 +26,28 @@ from .shard_spec import ShardSpec
 from .tensor import apply_tensor_parallel, plan_pattern
 
 
+class SumOver(enum.Enum):
+    """The group over which the gradient of a parameter this rank holds only part of is summed."""
+
+    TENSOR = "tensor"  # a sequence-parallel norm: each tensor rank saw part of the sequence
+    EMBEDDING = "embedding"  # a tied embedding: one copy on the first pipeline stage, one on the last
+
+
+class Replicas(enum.Enum):
+    """The group holding copies of a parameter's shard: its gradient is averaged, its optimizer state
+    sharded over it."""
+
+    DATA = "data"
+    EXPERT_DATA = "expert_data"  # expert weights: the ranks holding the same experts
+
+
 @dataclass(frozen=True)
 class ParamInfo:
     name: str  # in the whole model; the last stage's copy of a tied embedding carries the embedding's name
     spec: ShardSpec  # where this rank's tensor sits in the full parameter
-    sum_over: str | None = None  # "tensor": partial (sequence parallel); "embedding": a tied copy on each end
+    sum_over: SumOver | None = None  # None: this rank holds the whole gradient of its shard
     duplicate: bool = False  # a copy whose twin elsewhere is the one counted (the last stage's tied embedding)
-    replicas: str = "data"  # the group holding copies of this shard: "data", or "expert_data" (expert weights)
+    replicas: Replicas = Replicas.DATA
 
     def counted_here(self, tensor_rank: int) -> bool:
         """Whether this rank counts the parameter in a model-wide sum over the tensor x pipeline ranks
@@ -151,14 +167,12 @@ def _describe(stages, facts: dict, experts: set, model) -> dict[str, ParamInfo]:
         full = _full_name(key)
         stage = stages[int(name.split(".", 1)[0])]
         if model.tie_word_embeddings and not (stage.first and stage.last) and full in (embedding_name, head_name):
-            infos[key] = ParamInfo(embedding_name, spec, "embedding", duplicate=full == head_name)
+            infos[key] = ParamInfo(embedding_name, spec, SumOver.EMBEDDING, duplicate=full == head_name)
         else:
-            infos[key] = ParamInfo(full, spec, "tensor" if partial else None, replicas=_replicas(key, experts))
+            sum_over = SumOver.TENSOR if partial else None
+            replicas = Replicas.EXPERT_DATA if key in experts else Replicas.DATA
+            infos[key] = ParamInfo(full, spec, sum_over, replicas=replicas)
     return infos
-
-
-def _replicas(key: str, experts: set) -> str:
-    return "expert_data" if key in experts else "data"
 
 
 def _materialize(stage: nn.Module, device: torch.device, dtype: torch.dtype, fp32_norms: bool) -> None:

@@ -215,6 +215,117 @@ def pad_micro_batches(batch: dict, multiple: int) -> dict:
     return padded
 
 
+class _InterleavedOrder:
+    """One interleaved step's order of work on this rank, and its queues between work and messages.
+
+    The k-th forward (backward) runs chunk chunk_of(k) on micro-batch micro_of(k): groups of P micro-batches
+    pass through chunk 0, 1, ... C-1 (backwards: C-1, ..., 0). Per chunk, received activations, outputs
+    awaiting their backward and received output gradients queue in micro-batch order."""
+
+    def __init__(self, step: _PipelineStep, p2p: P2P, ctx, chunks: int, micro_num: int, forward_only: bool):
+        self.step, self.p2p, self.chunks = step, p2p, chunks
+        self.stages, rank = ctx.pipeline_parallel_size, ctx.pipeline_parallel_rank
+        self.first_rank, self.last_rank = ctx.is_first_stage, ctx.is_last_stage
+        self.total = micro_num * chunks
+        if forward_only or micro_num == self.stages:
+            self.warmup = self.total
+        else:
+            self.warmup = min(self.total, (self.stages - rank - 1) * 2 + (chunks - 1) * self.stages)
+        self.steady = self.total - self.warmup
+        self.inputs = [[] for _ in range(chunks)]
+        self.outputs = [[] for _ in range(chunks)]
+        self.grads = [[] for _ in range(chunks)]
+
+    def chunk_of(self, k: int, forward: bool) -> int:
+        chunk = k % (self.stages * self.chunks) // self.stages
+        return chunk if forward else self.chunks - 1 - chunk
+
+    def micro_of(self, k: int) -> int:
+        return k // (self.stages * self.chunks) * self.stages + k % self.stages
+
+    def run_forward(self, k: int):
+        """The k-th forward; returns the activation to send on (None: the loss of the model's last stage)."""
+        chunk = self.chunk_of(k, True)
+        inputs, outputs = self.inputs[chunk], self.outputs[chunk]
+        hidden = inputs[len(outputs)] if inputs else None
+        output = self.step.forward(chunk, self.micro_of(k), hidden)
+        outputs.append(output)
+        return None if (self.last_rank and chunk == self.chunks - 1) else output
+
+    def run_backward(self, k: int):
+        """The k-th backward; returns the gradient to send back (None from the model's first stage)."""
+        chunk = self.chunk_of(k, False)
+        hidden = self.inputs[chunk].pop(0) if self.inputs[chunk] else None
+        output = self.outputs[chunk].pop(0)
+        grad = self.grads[chunk].pop(0) if self.grads[chunk] else None
+        grad_in = self.step.backward(chunk, hidden, output, grad)
+        return None if (self.first_rank and chunk == 0) else grad_in
+
+    def warm_up(self, then_backward: bool) -> None:
+        """Forwards only; the last one also receives the first gradient when backwards follow."""
+        hidden, _ = self.p2p.exchange(recv_prev=not self.first_rank)
+        if hidden is not None:
+            self.inputs[0].append(hidden)
+        for k in range(self.warmup):
+            output = self.run_forward(k)
+            next_chunk = self.chunk_of(k + 1, True)
+            recv_prev = not (self.first_rank and next_chunk == 0) and k != self.total - 1
+            if k == self.warmup - 1 and then_backward:
+                hidden, grad = self.p2p.exchange(send_next=output, recv_prev=recv_prev, recv_next=not self.last_rank)
+                if grad is not None:
+                    self.grads[self.chunks - 1].append(grad)
+            else:
+                hidden, _ = self.p2p.exchange(send_next=output, recv_prev=recv_prev)
+            if hidden is not None:
+                self.inputs[next_chunk].append(hidden)
+
+    def steady_state(self) -> None:
+        """One forward and one backward at a time, their messages in one exchange."""
+        for index in range(self.steady):
+            forward_k, backward_k = index + self.warmup, index
+            output = self.run_forward(forward_k)
+            grad_in = self.run_backward(backward_k)
+            recv_prev, next_forward_chunk = self._next_input(forward_k)
+            recv_next, next_backward_chunk = self._next_grad(backward_k)
+            if index == self.steady - 1:
+                recv_prev = False
+            hidden, grad = self.p2p.exchange(
+                send_next=output, send_prev=grad_in, recv_prev=recv_prev, recv_next=recv_next
+            )
+            if recv_prev:
+                self.inputs[next_forward_chunk].append(hidden)
+            if recv_next:
+                self.grads[next_backward_chunk].append(grad)
+
+    def _next_input(self, forward_k: int) -> tuple[bool, int]:
+        """Whether an activation arrives with forward k's exchange, and for which chunk."""
+        if self.first_rank:  # what rank P-1 sends now is for the chunk after its own
+            source_chunk = self.chunk_of(forward_k - (self.stages - 1), True)
+            return source_chunk != self.chunks - 1, source_chunk + 1
+        return True, self.chunk_of(forward_k + 1, True)
+
+    def _next_grad(self, backward_k: int) -> tuple[bool, int]:
+        """Whether an output gradient arrives with backward k's exchange, and for which chunk."""
+        if self.last_rank:  # what rank 0 sends now is for the chunk before its own
+            source_chunk = self.chunk_of(backward_k - (self.stages - 1), False)
+            return source_chunk != 0, source_chunk - 1
+        return True, self.chunk_of(backward_k + 1, False)
+
+    def cool_down(self) -> None:
+        """The remaining backwards."""
+        if self.steady == 0:  # everything was warm-up: the first gradient is still to come
+            _, grad = self.p2p.exchange(recv_next=not self.last_rank)
+            if grad is not None:
+                self.grads[self.chunks - 1].append(grad)
+        for k in range(self.steady, self.total):
+            grad_in = self.run_backward(k)
+            next_chunk = self.chunk_of(k + 1, False)
+            recv_next = not (self.last_rank and next_chunk == self.chunks - 1) and k != self.total - 1
+            _, grad = self.p2p.exchange(send_prev=grad_in, recv_next=recv_next)
+            if grad is not None:
+                self.grads[next_chunk].append(grad)
+
+
 class InterleavedPipelineScheduler(_PipelineScheduler):
     """Interleaved 1F1B: num_chunks stages per rank; micro_num must be a multiple of the pipeline size."""
 
@@ -241,7 +352,7 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
         return_output_label: bool = False,
     ):
         ctx = self.ctx
-        chunks, stages, rank = self.num_chunks, ctx.pipeline_parallel_size, ctx.pipeline_parallel_rank
+        stages = ctx.pipeline_parallel_size
         micro_num = given = batch["input_ids"].shape[0]
         if micro_num % stages:
             if not forward_only:  # the config allows no such training step (data.micro_num, rampup_batch_size)
@@ -251,94 +362,14 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
                 )
             batch, micro_num = pad_micro_batches(batch, stages), micro_num + (-micro_num) % stages
         p2p = self._p2p(batch, defer_sends=self.overlap)
-        total = micro_num * chunks
         step = _PipelineStep(
             model.stages, batch, criterion, optimizer, forward_only, return_output_label, ctx.data_parallel_group
         )
-        first_rank, last_rank = ctx.is_first_stage, ctx.is_last_stage
-
-        def chunk_of(k: int, forward: bool) -> int:
-            chunk = k % (stages * chunks) // stages
-            return chunk if forward else chunks - 1 - chunk
-
-        def micro_of(k: int) -> int:
-            return k // (stages * chunks) * stages + k % stages
-
-        inputs = [[] for _ in range(chunks)]  # per chunk, received activations in micro-batch order
-        outputs = [[] for _ in range(chunks)]
-        grads = [[] for _ in range(chunks)]  # per chunk, received output gradients
-
-        def run_forward(k: int):
-            chunk = chunk_of(k, True)
-            hidden = inputs[chunk][len(outputs[chunk])] if inputs[chunk] else None
-            output = step.forward(chunk, micro_of(k), hidden)
-            outputs[chunk].append(output)
-            return None if (last_rank and chunk == chunks - 1) else output
-
-        def run_backward(k: int):
-            chunk = chunk_of(k, False)
-            hidden = inputs[chunk].pop(0) if inputs[chunk] else None
-            output = outputs[chunk].pop(0)
-            grad = grads[chunk].pop(0) if grads[chunk] else None
-            grad_in = step.backward(chunk, hidden, output, grad)
-            return None if (first_rank and chunk == 0) else grad_in
-
-        if forward_only or micro_num == stages:
-            warmup = total
-        else:
-            warmup = min(total, (stages - rank - 1) * 2 + (chunks - 1) * stages)
-        steady = total - warmup
-
-        hidden, _ = p2p.exchange(recv_prev=not first_rank)
-        if hidden is not None:
-            inputs[0].append(hidden)
-        for k in range(warmup):
-            output = run_forward(k)
-            next_chunk = chunk_of(k + 1, True)
-            recv_prev = not (first_rank and next_chunk == 0) and k != total - 1
-            if k == warmup - 1 and not forward_only and steady > 0:
-                hidden, grad = p2p.exchange(send_next=output, recv_prev=recv_prev, recv_next=not last_rank)
-                if grad is not None:
-                    grads[chunks - 1].append(grad)
-            else:
-                hidden, _ = p2p.exchange(send_next=output, recv_prev=recv_prev)
-            if hidden is not None:
-                inputs[next_chunk].append(hidden)
-        for index in range(steady):
-            forward_k, backward_k = index + warmup, index
-            output = run_forward(forward_k)
-            grad_in = run_backward(backward_k)
-            if first_rank:  # what rank P-1 sends now is for the chunk after its own
-                source_chunk = chunk_of(forward_k - (stages - 1), True)
-                recv_prev = source_chunk != chunks - 1
-                next_forward_chunk = source_chunk + 1
-            else:
-                recv_prev, next_forward_chunk = True, chunk_of(forward_k + 1, True)
-            if last_rank:
-                source_chunk = chunk_of(backward_k - (stages - 1), False)
-                recv_next = source_chunk != 0
-                next_backward_chunk = source_chunk - 1
-            else:
-                recv_next, next_backward_chunk = True, chunk_of(backward_k + 1, False)
-            if index == steady - 1:
-                recv_prev = False
-            hidden, grad = p2p.exchange(send_next=output, send_prev=grad_in, recv_prev=recv_prev, recv_next=recv_next)
-            if recv_prev:
-                inputs[next_forward_chunk].append(hidden)
-            if recv_next:
-                grads[next_backward_chunk].append(grad)
+        order = _InterleavedOrder(step, p2p, ctx, self.num_chunks, micro_num, forward_only)
+        order.warm_up(then_backward=not forward_only and order.steady > 0)
+        order.steady_state()
         if not forward_only:
-            if steady == 0:  # everything was warm-up: the first gradient is still to come
-                _, grad = p2p.exchange(recv_next=not last_rank)
-                if grad is not None:
-                    grads[chunks - 1].append(grad)
-            for k in range(steady, total):
-                grad_in = run_backward(k)
-                next_chunk = chunk_of(k + 1, False)
-                recv_next = not (last_rank and next_chunk == chunks - 1) and k != total - 1
-                _, grad = p2p.exchange(send_prev=grad_in, recv_next=recv_next)
-                if grad is not None:
-                    grads[next_chunk].append(grad)
+            order.cool_down()
         outputs, loss = self._finish(step, p2p, return_loss)
         if outputs is not None:  # without the padding's copies (the last micro-batches)
             outputs = (outputs[0][:given], outputs[1][:given])

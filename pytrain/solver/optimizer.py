@@ -18,7 +18,7 @@ part of are summed first: a tied embedding's over the first and last pipeline st
 norms' over the tensor group. With overlap_sync_param the owners' broadcasts run in the background and
 each layer waits for its own parameters just before its next forward.
 
-Mixture-of-experts' expert weights (ParamInfo.replicas "expert_data") form a second domain: their
+Mixture-of-experts' expert weights (ParamInfo.replicas EXPERT_DATA) form a second domain: their
 gradients are summed over the expert-data group (the ranks holding the same experts; each expert already
 saw the tokens of its whole expert group; the data group without expert parallelism), their ZeRO-1 owners
 are chosen within the expert zero group (parallel.expert_zero1), and under expert parallelism their share
@@ -27,13 +27,14 @@ stays the data-parallel size: every rank's loss is weighted for the whole data g
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from pytrain.parallel.model_part import ModelPart
+from pytrain.parallel.model_part import ModelPart, Replicas, SumOver
 from pytrain.parallel.shard_spec import ShardSpec
 
 from .grad_buckets import OverlappedGradReducer
@@ -63,6 +64,27 @@ def assign_owners(sizes: list[int], ranks: int) -> list[int]:
 
 def _world(group) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+@dataclass
+class _Domain:
+    """Parameters whose gradients are reduced over one group and whose ZeRO-1 owners are one zero group's
+    ranks: the dense weights (data group), or the expert weights (expert-data group)."""
+
+    params: list[nn.Parameter]
+    reduce_group: object
+    zero_group: object
+
+
+@dataclass
+class _GradSlice:
+    """A domain's contiguous slice of the flat gradient buffer and how it is reduced."""
+
+    params: list[nn.Parameter]
+    views: list[torch.Tensor]  # each parameter's gradient inside `flat`
+    flat: torch.Tensor
+    group: object  # reduced over (summed, then divided by the data-parallel size)
+    reducer: OverlappedGradReducer | None  # reduces during the backward (overlap_sync_grad)
 
 
 class HybridZeroOptimizer:
@@ -101,70 +123,91 @@ class HybridZeroOptimizer:
         self.group, self.zero_group = group, zero_group
         self.model_parallel_group = model_parallel_group
         self.reduce_bucket_size = reduce_bucket_size
+        self.overlap_sync_param = overlap_sync_param
+        self.successful_steps = 0  # Adam's step count (a skipped step does not count)
         groups = param_groups(model, weight_decay)
         part = model if isinstance(model, ModelPart) else ModelPart([model])
-        info_of = {id(p): info for p, info in part.infos()}
-        self.infos = info_of  # id(model parameter) -> its ParamInfo (full name, shard spec): for checkpoints
+        self.infos = {id(p): info for p, info in part.infos()}  # id(model parameter) -> ParamInfo: for checkpoints
+
         params = [p for g in groups for p in g["params"]]
-        is_expert = [info_of[id(p)].replicas == "expert_data" for p in params]
+        dense = [p for p in params if self.infos[id(p)].replicas is Replicas.DATA]
+        experts = [p for p in params if self.infos[id(p)].replicas is Replicas.EXPERT_DATA]
         # the expert weights last: each domain's gradients are one contiguous slice of the flat buffer
-        domains = [
-            ([p for p, e in zip(params, is_expert) if not e], group, zero_group),
-            ([p for p, e in zip(params, is_expert) if e], expert_data_group, expert_zero_group),
-        ]
-        domains = [d for d in domains if d[0]]
-        self.model_params = [p for members, _, _ in domains for p in members]
-        self.expert_group = expert_group if any(is_expert) and _world(expert_group) > 1 else None
+        domains = [_Domain(dense, group, zero_group), _Domain(experts, expert_data_group, expert_zero_group)]
+        domains = [d for d in domains if d.params]
+        self.model_params = [p for d in domains for p in d.params]
+        self.expert_group = expert_group if experts and _world(expert_group) > 1 else None
+
+        self._make_flat_grad(domains, overlap_sync_grad)
+        owned = self._assign_owners(domains)
+        self._plan_norm_and_partial_sums(tensor_group, embedding_group)
+        self._make_fp32_masters(groups, owned, lr, betas, eps, weight_decay)
+        self._hook_param_waits(model)
+
+    def _make_flat_grad(self, domains: list[_Domain], overlap_sync_grad: bool) -> None:
+        """One fp32 buffer for every gradient (grad_views: each parameter's view of it, in model_params order)
+        and each domain's slice of it with its reduce group."""
         numel = sum(p.numel() for p in self.model_params)
         self.flat_grad = torch.zeros(numel, dtype=torch.float32, device=self.model_params[0].device)
-        grad_views, offset = [], 0
+        self.grad_views, offset = [], 0
         for param in self.model_params:
-            grad_views.append(self.flat_grad[offset : offset + param.numel()].view_as(param))
+            self.grad_views.append(self.flat_grad[offset : offset + param.numel()].view_as(param))
             offset += param.numel()
-        self.grad_views = grad_views
-
-        # Per domain: its flat slice and reduce group; ZeRO-1 owners within its zero group, and what each
-        # owner broadcasts after the update: (source global rank, its parameters of one dtype, the group);
-        # fp32 norms may sit in a bf16 model, and one flat buffer holds one dtype.
-        owned, self.broadcasts, self.reduce_slices, self.grad_reducers = set(), [], [], []
+        self.grad_slices, self.grad_reducers = [], []
         start = first = 0
-        for members, reduce_group, zero in domains:
-            size = sum(p.numel() for p in members)
-            flat, views = self.flat_grad[start : start + size], grad_views[first : first + len(members)]
+        for domain in domains:
+            size = sum(p.numel() for p in domain.params)
+            flat, views = self.flat_grad[start : start + size], self.grad_views[first : first + len(domain.params)]
+            start, first = start + size, first + len(domain.params)
             reducer = None
-            if overlap_sync_grad and _world(reduce_group) > 1:
-                reducer = OverlappedGradReducer(members, views, flat, reduce_bucket_size, reduce_group)
+            if overlap_sync_grad and _world(domain.reduce_group) > 1:
+                reducer = OverlappedGradReducer(
+                    domain.params, views, flat, self.reduce_bucket_size, domain.reduce_group
+                )
                 self.grad_reducers.append(reducer)
-            self.reduce_slices.append((members, views, flat, reduce_group, reducer))
-            start, first = start + size, first + len(members)
+            self.grad_slices.append(_GradSlice(domain.params, views, flat, domain.reduce_group, reducer))
+
+    def _assign_owners(self, domains: list[_Domain]) -> set[int]:
+        """The ids of the parameters this rank owns (ZeRO-1 owners within each domain's zero group), and
+        what each owner broadcasts after the update: (source global rank, its parameters of one dtype, the
+        group); fp32 norms may sit in a bf16 model, and one flat buffer holds one dtype."""
+        owned, self.broadcasts = set(), []
+        for domain in domains:
+            zero = domain.zero_group
             zero_size = _world(zero) if zero is not None else 1
             zero_rank = dist.get_rank(zero) if zero is not None else 0
-            owners = assign_owners([p.numel() for p in members], zero_size)
-            owned.update(id(p) for p, owner in zip(members, owners) if owner == zero_rank)
+            owners = assign_owners([p.numel() for p in domain.params], zero_size)
+            owned.update(id(p) for p, owner in zip(domain.params, owners) if owner == zero_rank)
             for rank in range(zero_size if zero_size > 1 else 0):
-                for dtype in sorted({p.dtype for p in members}, key=str):
-                    mine = [p for p, owner in zip(members, owners) if owner == rank and p.dtype == dtype]
+                for dtype in sorted({p.dtype for p in domain.params}, key=str):
+                    mine = [p for p, owner in zip(domain.params, owners) if owner == rank and p.dtype == dtype]
                     if mine:
                         self.broadcasts.append((dist.get_global_rank(zero, rank), mine, zero))
+        return owned
+
+    def _plan_norm_and_partial_sums(self, tensor_group, embedding_group) -> None:
+        """Which gradient views the global norm counts on this rank, and which gradients this rank holds
+        only part of, summed over the ranks holding the rest: partial_sums = [(group, views)]."""
         tensor_rank = dist.get_rank(tensor_group) if tensor_group is not None else 0
-        pairs = [(info_of[id(p)], v) for p, v in zip(self.model_params, grad_views)]
+        pairs = [(self.infos[id(p)], v) for p, v in zip(self.model_params, self.grad_views)]
         # each weight once, model-wide; the expert weights' apart when their ranks differ over the expert group
         counted = [(info, v) for info, v in pairs if info.counted_here(tensor_rank)]
         split = self.expert_group is not None
-        self.norm_views = [v for info, v in counted if not split or info.replicas != "expert_data"]
-        self.expert_norm_views = [v for info, v in counted if split and info.replicas == "expert_data"]
-        # Gradients this rank holds part of, summed over the ranks holding the rest: (group, views)
+        self.norm_views = [v for info, v in counted if not split or info.replicas is Replicas.DATA]
+        self.expert_norm_views = [v for info, v in counted if split and info.replicas is Replicas.EXPERT_DATA]
         self.partial_sums = []
-        for kind, group in (("embedding", embedding_group), ("tensor", tensor_group)):
-            views = [v for info, v in pairs if info.sum_over == kind]
+        for kind, group in ((SumOver.EMBEDDING, embedding_group), (SumOver.TENSOR, tensor_group)):
+            views = [v for info, v in pairs if info.sum_over is kind]
             if views and group is not None and _world(group) > 1:
                 self.partial_sums.append((group, views))
 
-        # (model parameter, its fp32 master, the reduced gradient view) for the parameters this rank updates
+    def _make_fp32_masters(self, groups: list[dict], owned: set[int], lr, betas, eps, weight_decay) -> None:
+        """owned = [(model parameter, its fp32 master, the reduced gradient view)] for the parameters this
+        rank updates (the master is the parameter itself in an fp32 model), and AdamW over the masters."""
         self.needs_master = any(p.dtype != torch.float32 for p in self.model_params)
         self.owned = [
             (p, p.detach().float().requires_grad_() if self.needs_master else p, view)
-            for p, view in zip(self.model_params, grad_views)
+            for p, view in zip(self.model_params, self.grad_views)
             if id(p) in owned
         ]
         master_of = {id(p): master for p, master, _ in self.owned}
@@ -178,13 +221,13 @@ class HybridZeroOptimizer:
         )
         self._param_groups = self.optimizer.param_groups if self.optimizer else [{"lr": lr, "betas": betas}]
 
-        self.pending_params = {}  # id(param) -> its in-flight broadcast (overlap_sync_param)
-        if overlap_sync_param and self.broadcasts:
+    def _hook_param_waits(self, model: nn.Module) -> None:
+        """With overlap_sync_param, each module waits for its own parameters' broadcast before its forward."""
+        self.pending_params = {}  # id(param) -> its in-flight broadcast
+        if self.overlap_sync_param and self.broadcasts:
             for module in model.modules():
                 if any(True for _ in module.parameters(recurse=False)):
                     module.register_forward_pre_hook(self._wait_for_params)
-        self.overlap_sync_param = overlap_sync_param
-        self.successful_steps = 0  # Adam's step count (a skipped step does not count)
 
     @property
     def param_groups(self):
@@ -286,18 +329,18 @@ class HybridZeroOptimizer:
         return True, norm
 
     def _gather_and_reduce_grads(self) -> None:
-        for members, views, flat, group, reducer in self.reduce_slices:
-            if reducer is not None:
-                reducer.finish()
+        for grads in self.grad_slices:
+            if grads.reducer is not None:
+                grads.reducer.finish()
                 continue
-            for param, view in zip(members, views):
+            for param, view in zip(grads.params, grads.views):
                 if param.grad is None:  # unused in this step's forward
                     view.zero_()
                 else:
                     view.copy_(param.grad)
-            if _world(group) > 1:
-                for start in range(0, flat.numel(), self.reduce_bucket_size):
-                    dist.all_reduce(flat[start : start + self.reduce_bucket_size], group=group)
+            if _world(grads.group) > 1:
+                for start in range(0, grads.flat.numel(), self.reduce_bucket_size):
+                    dist.all_reduce(grads.flat[start : start + self.reduce_bucket_size], group=grads.group)
         for group, views in self.partial_sums:
             flat = _flatten_dense_tensors(views)
             dist.all_reduce(flat, group=group)

@@ -64,15 +64,34 @@ def train(args) -> list[dict]:
     # before step 1: the save folder is checked, and what auto_resume / load_ckpt_info name is loaded
     checkpoints = TrainingCheckpoints(cfg, model=model, optimizer=optimizer, trainer=trainer, loader=train_dl)
     start_step = checkpoints.resume()
-    data = cfg.data
     peak, peak_source = peak_tflops(gpc.device, DTYPES[cfg.model.dtype], cfg.monitor.peak_tflops)
-    # The whole model's size: this rank's part summed over the ranks holding the rest.
+    block_params, head_params, params = whole_model_sizes(model)
+    monitor = step_monitor(cfg, block_params, head_params, peak)
+    report_start(cfg, model, optimizer, params, peak, peak_source)
+
+    history = run_steps(cfg, trainer, train_dl, valid_loaders, checkpoints, monitor, start_step, args.profiling)
+    checkpoints.close()
+    optimizer.sync_params()  # the last step's parameter broadcasts, if overlapped, land before the end
+    monitor.close()
+    if gpc.is_main_rank:
+        print(f"pytrain: done; metrics, TensorBoard logs and loss.svg in {gpc.run_folder}", flush=True)
+    return history
+
+
+def whole_model_sizes(model) -> tuple[int, int, int]:
+    """(matmul parameters of the blocks, of the head, all parameters) of the whole model: this rank's part
+    summed over the ranks holding the rest."""
     local_params = sum(p.numel() for p, info in model.infos() if info.counted_here(gpc.tensor_parallel_rank))
     counts = torch.tensor([*matmul_params(model), local_params], dtype=torch.int64, device=gpc.device)
     dist.all_reduce(counts, group=gpc.model_parallel_group)
-    block_params, head_params, params = counts.tolist()
+    return tuple(counts.tolist())
+
+
+def step_monitor(cfg: Config, block_params: int, head_params: int, peak: float) -> StepMonitor:
+    """The per-step log: loss, tokens/s and, from the whole model's matmul parameters, TFLOPS and MFU."""
+    data = cfg.data
     model_ranks = gpc.tensor_parallel_size * gpc.pipeline_parallel_size  # they share each micro-batch's work
-    monitor = StepMonitor(
+    return StepMonitor(
         gpc.run_folder,
         total_steps=data.total_steps,
         tokens_per_step_per_rank=data.micro_num * data.micro_bsz * data.seq_len / model_ranks,
@@ -94,29 +113,43 @@ def train(args) -> list[dict]:
         tensorboard_queue=cfg.monitor.tensorboard.queue_max_length,
         pipeline_group=gpc.pipeline_parallel_group,
     )
-    # Optimizer state (fp32 masters when separate, Adam moments) per parameter this rank holds, every rank.
+
+
+def report_start(cfg: Config, model, optimizer, params: int, peak: float, peak_source: str) -> None:
+    """The start line, printed by the first rank: model, layout, step shape, optimizer state, peak, folder.
+    Every rank takes part: the optimizer state (fp32 masters when separate, Adam moments) per parameter
+    each rank holds is gathered from all of them."""
     state_bytes = [None] * gpc.world_size
     dist.all_gather_object(state_bytes, optimizer.optimizer_state_bytes() / sum(p.numel() for p in model.parameters()))
-    if gpc.is_main_rank:
-        layout = (
-            f"data {gpc.data_parallel_size} x tensor {gpc.tensor_parallel_size} ({cfg.parallel.tensor.mode}) x "
-            f"pipeline {gpc.pipeline_parallel_size}"
-            + (f" ({cfg.model.num_chunks} chunks per rank)" if cfg.model.num_chunks > 1 else "")
-        )
-        print(
-            f"pytrain: {cfg.model_type} with {params / 1e6:.2f}M parameters, {gpc.world_size} rank(s) on "
-            f"{gpc.device.type} as {layout}, {data.total_steps} steps of {data.micro_num} x {data.micro_bsz} x "
-            f"{data.seq_len} tokens per data-parallel rank; optimizer state "
-            f"{min(state_bytes):.1f}-{max(state_bytes):.1f} bytes per parameter per rank; peak {peak:.2f} "
-            f"TFLOPS per rank ({peak_source}); run folder {gpc.run_folder}"
-            + (f"; ignored here: {', '.join(cfg.ignored_here)}" if cfg.ignored_here else ""),
-            flush=True,
-        )
+    if not gpc.is_main_rank:
+        return
+    data = cfg.data
+    layout = (
+        f"data {gpc.data_parallel_size} x tensor {gpc.tensor_parallel_size} ({cfg.parallel.tensor.mode}) x "
+        f"pipeline {gpc.pipeline_parallel_size}"
+        + (f" ({cfg.model.num_chunks} chunks per rank)" if cfg.model.num_chunks > 1 else "")
+    )
+    print(
+        f"pytrain: {cfg.model_type} with {params / 1e6:.2f}M parameters, {gpc.world_size} rank(s) on "
+        f"{gpc.device.type} as {layout}, {data.total_steps} steps of {data.micro_num} x {data.micro_bsz} x "
+        f"{data.seq_len} tokens per data-parallel rank; optimizer state "
+        f"{min(state_bytes):.1f}-{max(state_bytes):.1f} bytes per parameter per rank; peak {peak:.2f} "
+        f"TFLOPS per rank ({peak_source}); run folder {gpc.run_folder}"
+        + (f"; ignored here: {', '.join(cfg.ignored_here)}" if cfg.ignored_here else ""),
+        flush=True,
+    )
 
+
+def run_steps(
+    cfg: Config, trainer, train_dl, valid_loaders: dict, checkpoints, monitor, start_step: int, profiling: bool
+) -> list[dict]:
+    """The loop: one step per batch, validation every data.valid_every steps, until the loader ends or a
+    stop is asked for (checkpoints.after_step). Returns the per-step metrics."""
+    optimizer = trainer.optimizer
     history = []
     trainer.train()
     monitor.start_step()
-    with profiler(args.profiling, gpc.run_folder) as prof, monitor.watch():
+    with profiler(profiling, gpc.run_folder) as prof, monitor.watch():
         for step, batch in enumerate(train_dl, start=start_step + 1):
             trainer.zero_grad()
             _, loss = trainer.execute_schedule(batch, forward_only=False, return_loss=True)
@@ -139,11 +172,6 @@ def train(args) -> list[dict]:
                 prof.step()
             if checkpoints.after_step(step):  # a stop file or SIGTERM/SIGINT: saved, stop here
                 break
-    checkpoints.close()
-    optimizer.sync_params()  # the last step's parameter broadcasts, if overlapped, land before the end
-    monitor.close()
-    if gpc.is_main_rank:
-        print(f"pytrain: done; metrics, TensorBoard logs and loss.svg in {gpc.run_folder}", flush=True)
     return history
 
 

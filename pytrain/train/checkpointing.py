@@ -83,7 +83,7 @@ def load_request(ckpt) -> tuple[str, frozenset[str], str] | None:
 
 def open_checkpoint(path: str) -> CheckpointReader | Path:
     """A pytrain checkpoint folder's reader, or the Path of a folder InternLM/InternEvo wrote
-    (model_tp{t}_pp{p}.pt files: tensors only, read with weights_only=True, see internlm_checkpoint.py)."""
+    (model_tp{t}_pp{p}.pt files: tensors only, read with weights_only=True, see pytrain/checkpoint/internlm.py)."""
     folder = resolve_folder(path)
     if not folder.exists():
         raise CheckpointError(f"checkpoint {path!r} does not exist ({folder.resolve()}): fix ckpt.load_ckpt_info.path")

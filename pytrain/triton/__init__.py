@@ -1,5 +1,6 @@
 """pytrain's Triton kernels, whose sources are the repository's top-level kernels/ folder (the project's
-declared layout); use them through pytrain.kernels.
+declared layout); use them through pytrain.kernels. kernels/<op>_triton.py holds the Triton kernels of the
+op whose public function, validation and dispatch are pytrain/kernels/<op>.py.
 
 kernels/ has no __init__.py on purpose. With one, Python started from the repository root (its folder first
 on sys.path, as under pytest) imports it as a top-level package named `kernels` and so hides Hugging Face's

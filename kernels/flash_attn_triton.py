@@ -56,8 +56,8 @@ _TILES = {
         "dkdv": {64: [(64, 64, 4, 2), (32, 64, 4, 2)], 128: [(64, 32, 8, 1), (32, 64, 8, 2)], 256: [(32, 32, 8, 1)]},
         "dq": {64: [(64, 64, 4, 2), (64, 32, 4, 2)], 128: [(64, 32, 4, 2), (64, 64, 8, 2)], 256: [(64, 32, 8, 2)]},
     },
-    # fp32 runs exact ("ieee") dots without tensor cores: the 16-bit tiles spilled 6-32 KB per thread there and took
-    # 3-8 s to compile each; these spill 0-0.6 KB and compile in about 1 s. One candidate each: nothing to time.
+    # fp32 runs exact ("ieee") dots without tensor cores: the 16-bit tiles spilled 6-32 KB per thread there and were
+    # slow to compile; these spill 0-0.6 KB. One candidate each: nothing to time.
     "fp32": {
         "fwd": {64: [(32, 32, 4, 2)], 128: [(32, 32, 8, 2)], 256: [(16, 32, 8, 2)]},
         "dkdv": {64: [(32, 32, 8, 2)], 128: [(32, 16, 8, 2)], 256: [(16, 16, 8, 2)]},
