@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 import warnings
@@ -57,8 +58,12 @@ def fresh_context(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     yield context.gpc
+    context.gpc.mesh = None
     if dist.is_initialized():
         dist.destroy_process_group()
+    # the launched run's DeviceMesh holds reference cycles: free its groups now, not in a process forked later
+    # (a multiprocessing Manager) whose garbage collector would finalize them there
+    gc.collect()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 built in this one process over torch's fake backend (no communication, only the bookkeeping every rank does)."""
 
 import datetime
+import gc
 
 import pytest
 import torch.distributed as dist
@@ -39,7 +40,11 @@ def build_every_rank(dims: ParallelDims, timeout=datetime.timedelta(seconds=60))
             seen["stages"] = [mesh.stage_rank(stage) for stage in range(dims.pipeline)]
             out.append(seen)
         finally:
+            mesh = None
             dist.destroy_process_group()
+            # a DeviceMesh holds reference cycles: free its groups now, not in a process forked later
+            # (a multiprocessing Manager) whose garbage collector would finalize them there
+            gc.collect()
     return out
 
 

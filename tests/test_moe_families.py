@@ -118,15 +118,7 @@ def test_initialisation_scales_every_residual_stream_writer():
     """The experts' and the shared expert's down projections start as the dense w2 does: std 0.02 / sqrt(2 L)."""
     with torch.device("meta"):
         model = build_qwen2_moe(**{**TINY, "num_layers": 8, "num_shared_experts": 1, **DROPLESS})
-    part = parallelize(
-        model,
-        tensor_group=None,
-        sequence_parallel=False,
-        pipeline_rank=0,
-        pipeline_size=1,
-        num_chunks=1,
-        device=torch.device("cpu"),
-    )
+    part = parallelize(model, device=torch.device("cpu"))
     std = {info.name: param.std().item() for param, info in part.infos() if param.dim() >= 2}
     layer = "layers.3"
     for name in ("feed_forward.moe_layer.experts.w2", "feed_forward.residual_mlp.w2.weight", "attention.wo.weight"):

@@ -1,12 +1,15 @@
 """ZeRO-1 (HybridZeroOptimizer), with and without the overlapped gradient reduce, in 4 gloo processes against
 the same model trained in one process."""
 
+import datetime
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from pytrain.parallel import ParallelDims, ParallelMesh
 from pytrain.solver import HybridZeroOptimizer
 from pytrain.solver.optimizer import assign_owners
 
@@ -57,14 +60,19 @@ def train(model, optimizer, rank=0, world=1):
     return losses
 
 
-def optimizer_for(model, zero_group=None, overlap=False):
+def mesh_of(world: int, zero_size: int) -> ParallelMesh:
+    """A data-parallel layout of `world` ranks whose optimizer state is sharded over runs of `zero_size`."""
+    return ParallelMesh(ParallelDims(world_size=world, zero1=zero_size), "cpu", datetime.timedelta(seconds=120))
+
+
+def optimizer_for(model, mesh=None, overlap=False):
     # A small bucket size: several buckets, so the overlapped reduce starts some before the backward ends.
     return HybridZeroOptimizer(
         model,
         lr=1e-2,
         weight_decay=0.1,
         clip_grad_norm=0.5,
-        zero_group=zero_group,
+        mesh=mesh,
         reduce_bucket_size=700,
         overlap_sync_grad=overlap,
     )
@@ -75,10 +83,8 @@ def worker(rank, init_method, dtype, results):
     torch.set_num_threads(1)
     try:
         for zero_size, overlap in ((1, False), (2, True), (4, False), (4, True)):
-            groups = [dist.new_group(list(range(first, first + zero_size))) for first in range(0, WORLD, zero_size)]
-            zero_group = groups[rank // zero_size] if zero_size > 1 else None
             model = make_model(dtype)
-            optimizer = optimizer_for(model, zero_group=zero_group, overlap=overlap)
+            optimizer = optimizer_for(model, mesh=mesh_of(WORLD, zero_size), overlap=overlap)
             assert bool(optimizer.grad_reducers) == overlap and all(len(r.buckets) > 2 for r in optimizer.grad_reducers)
             norms = train(model, optimizer, rank, WORLD)
             results[(zero_size, overlap, rank)] = (
@@ -135,7 +141,7 @@ def nan_worker(rank, init_method, results):
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         model = make_model(torch.float32)
-        optimizer = optimizer_for(model, zero_group=dist.group.WORLD)
+        optimizer = optimizer_for(model, mesh=mesh_of(2, zero_size=2))
         outcomes = []
         for step, (inputs, targets) in enumerate(batches()):
             optimizer.zero_grad()

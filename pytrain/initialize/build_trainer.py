@@ -40,7 +40,7 @@ def initialize_trainer(
     else:
         _check_pipeline_stages(model, cfg.model.num_chunks)
         pipeline = dict(
-            ctx=gpc,
+            mesh=gpc.mesh,
             hidden_size=cfg.model.hidden_size,
             dtype=DTYPES[cfg.model.dtype],
             sequence_split=gpc.tensor_parallel_size if cfg.parallel.tensor.mode == "msp" else 1,

@@ -119,6 +119,14 @@ class ParallelMesh:
             self.expert_zero1_group = _runs_of(data, dims.expert_zero1, "expert_zero1", override)
         self.embedding_group = self._ends_of_pipeline(timeout) if dims.pipeline > 1 else None
 
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pipeline_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pipeline_rank == self.dims.pipeline - 1
+
     def stage_rank(self, stage: int) -> int:
         """The global rank of pipeline stage `stage` (modulo the pipeline size) at this rank's (data, tensor)."""
         return int(self.world.mesh[stage % self.dims.pipeline, self.data_rank, self.tensor_rank])

@@ -22,6 +22,7 @@ from torch import nn
 from pytrain.kernels import RMSNorm
 
 from .expert import apply_expert_parallel
+from .mesh import ParallelMesh
 from .shard_spec import ShardSpec
 from .tensor import apply_tensor_parallel, plan_pattern
 
@@ -127,20 +128,20 @@ def cut_stage(model: nn.Module, layers: range) -> nn.Module:
 
 def parallelize(
     model: nn.Module,
+    mesh: ParallelMesh | None = None,
     *,
-    tensor_group,
-    sequence_parallel: bool,
-    pipeline_rank: int,
-    pipeline_size: int,
-    num_chunks: int,
     device: torch.device,
+    sequence_parallel: bool = False,
+    num_chunks: int = 1,
     fp32_norms: bool = False,
     seed: int = 1024,
-    expert_group=None,
 ) -> ModelPart:
-    """This rank's ModelPart of a whole plain model built on the meta device (see the module docstring).
-    Chunk c of pipeline rank r is stage c * pipeline_size + r of pipeline_size * num_chunks. expert_group:
-    the ranks sharing one copy of the experts of MoE blocks (pytrain.parallel.expert); None: size 1."""
+    """This rank's ModelPart of a whole plain model built on the meta device (see the module docstring), under
+    the run's layout `mesh` (its pipeline stage, tensor group and expert group; None: one process). Chunk c of
+    pipeline rank r is stage c * pipeline_size + r of pipeline_size * num_chunks."""
+    pipeline_rank, pipeline_size = (mesh.pipeline_rank, mesh.dims.pipeline) if mesh else (0, 1)
+    tensor_group = mesh.tensor_group if mesh and mesh.dims.tensor > 1 else None
+    expert_group = mesh.expert_group if mesh else None
     parts = partition_layers(model.num_layers, pipeline_size * num_chunks)
     stages, facts, experts = [], {}, set()
     for chunk in range(num_chunks):

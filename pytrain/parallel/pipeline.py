@@ -20,6 +20,7 @@ on a two-stage ring, where a rank's previous and next stage are the same rank, m
 import torch
 import torch.distributed as dist
 
+from .mesh import ParallelMesh
 from .schedule import IGNORE_INDEX, micro_batch_inputs, micro_batch_weights
 
 FORWARD_TAG, BACKWARD_TAG = 1, 2
@@ -28,10 +29,12 @@ FORWARD_TAG, BACKWARD_TAG = 1, 2
 class P2P:
     """Exchanges with the neighbouring stages (ring order: stage 0's previous stage is the last)."""
 
-    def __init__(self, ctx, shape: tuple, dtype: torch.dtype, device: torch.device, defer_sends: bool = False):
+    def __init__(
+        self, mesh: ParallelMesh, shape: tuple, dtype: torch.dtype, device: torch.device, defer_sends: bool = False
+    ):
         self.shape, self.dtype, self.device, self.defer_sends = shape, dtype, device, defer_sends
-        stage = ctx.pipeline_parallel_rank
-        self.next_rank, self.prev_rank = ctx.stage_rank(stage + 1), ctx.stage_rank(stage - 1)
+        stage = mesh.pipeline_rank
+        self.next_rank, self.prev_rank = mesh.stage_rank(stage + 1), mesh.stage_rank(stage - 1)
         self.pending = []  # (work, tensor) of sends not yet waited for
 
     def _check(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -126,24 +129,25 @@ class _PipelineStep:
 
 
 class _PipelineScheduler:
-    def __init__(self, ctx, hidden_size: int, dtype: torch.dtype, sequence_split: int = 1):
-        """ctx: the run's ParallelContext (ranks and groups); sequence_split: the tensor size under sequence
-        parallelism (stages send their slice of the sequence), else 1."""
-        self.ctx, self.hidden_size, self.dtype = ctx, hidden_size, dtype
+    def __init__(self, mesh: ParallelMesh, hidden_size: int, dtype: torch.dtype, sequence_split: int = 1):
+        """mesh: the run's layout (this rank's stage, its neighbours, the pipeline and data groups);
+        sequence_split: the tensor size under sequence parallelism (stages send their slice of the
+        sequence), else 1."""
+        self.mesh, self.hidden_size, self.dtype = mesh, hidden_size, dtype
         self.sequence_split = sequence_split
 
     def _p2p(self, batch, defer_sends=False) -> P2P:
         _, micro_bsz, seq_len = batch["input_ids"].shape
         shape = (micro_bsz, seq_len // self.sequence_split, self.hidden_size)
-        return P2P(self.ctx, shape, self.dtype, batch["input_ids"].device, defer_sends)
+        return P2P(self.mesh, shape, self.dtype, batch["input_ids"].device, defer_sends)
 
     def _finish(self, step: _PipelineStep, p2p: P2P, return_loss: bool):
         """Every stage reports the loss, which only the last stage computed (the main rank logs it)."""
         p2p.finish()
         loss = step.loss
-        ctx = self.ctx
-        if ctx.pipeline_parallel_size > 1:
-            dist.broadcast(loss, src=ctx.stage_rank(ctx.pipeline_parallel_size - 1), group=ctx.pipeline_parallel_group)
+        mesh = self.mesh
+        if mesh.dims.pipeline > 1:
+            dist.broadcast(loss, src=mesh.stage_rank(mesh.dims.pipeline - 1), group=mesh.pipeline_group)
         outputs = (step.outputs, step.labels) if step.return_output_label else None
         return outputs, loss if return_loss else None
 
@@ -162,15 +166,13 @@ class PipelineScheduler(_PipelineScheduler):
         return_output_label: bool = False,
     ):
         micro_num = batch["input_ids"].shape[0]
-        ctx = self.ctx
+        mesh = self.mesh
         p2p = self._p2p(batch)
-        first, last = ctx.is_first_stage, ctx.is_last_stage
+        first, last = mesh.is_first_stage, mesh.is_last_stage
         step = _PipelineStep(
-            model.stages, batch, criterion, optimizer, forward_only, return_output_label, ctx.data_parallel_group
+            model.stages, batch, criterion, optimizer, forward_only, return_output_label, mesh.data_group
         )
-        warmup = (
-            micro_num if forward_only else min(ctx.pipeline_parallel_size - ctx.pipeline_parallel_rank - 1, micro_num)
-        )
+        warmup = micro_num if forward_only else min(mesh.dims.pipeline - mesh.pipeline_rank - 1, micro_num)
         in_flight = []  # (input activation, output) of micro-batches awaiting their backward
 
         def run_forward(micro, hidden):
@@ -222,10 +224,12 @@ class _InterleavedOrder:
     pass through chunk 0, 1, ... C-1 (backwards: C-1, ..., 0). Per chunk, received activations, outputs
     awaiting their backward and received output gradients queue in micro-batch order."""
 
-    def __init__(self, step: _PipelineStep, p2p: P2P, ctx, chunks: int, micro_num: int, forward_only: bool):
+    def __init__(
+        self, step: _PipelineStep, p2p: P2P, mesh: ParallelMesh, chunks: int, micro_num: int, forward_only: bool
+    ):
         self.step, self.p2p, self.chunks = step, p2p, chunks
-        self.stages, rank = ctx.pipeline_parallel_size, ctx.pipeline_parallel_rank
-        self.first_rank, self.last_rank = ctx.is_first_stage, ctx.is_last_stage
+        self.stages, rank = mesh.dims.pipeline, mesh.pipeline_rank
+        self.first_rank, self.last_rank = mesh.is_first_stage, mesh.is_last_stage
         self.total = micro_num * chunks
         if forward_only or micro_num == self.stages:
             self.warmup = self.total
@@ -331,14 +335,14 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
 
     def __init__(
         self,
-        ctx,
+        mesh: ParallelMesh,
         hidden_size: int,
         dtype: torch.dtype,
         num_chunks: int,
         sequence_split: int = 1,
         overlap: bool = True,
     ):
-        super().__init__(ctx, hidden_size, dtype, sequence_split)
+        super().__init__(mesh, hidden_size, dtype, sequence_split)
         self.num_chunks, self.overlap = num_chunks, overlap
 
     def forward_backward_step(
@@ -351,8 +355,8 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
         return_loss: bool = True,
         return_output_label: bool = False,
     ):
-        ctx = self.ctx
-        stages = ctx.pipeline_parallel_size
+        mesh = self.mesh
+        stages = mesh.dims.pipeline
         micro_num = given = batch["input_ids"].shape[0]
         if micro_num % stages:
             if not forward_only:  # the config allows no such training step (data.micro_num, rampup_batch_size)
@@ -363,9 +367,9 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
             batch, micro_num = pad_micro_batches(batch, stages), micro_num + (-micro_num) % stages
         p2p = self._p2p(batch, defer_sends=self.overlap)
         step = _PipelineStep(
-            model.stages, batch, criterion, optimizer, forward_only, return_output_label, ctx.data_parallel_group
+            model.stages, batch, criterion, optimizer, forward_only, return_output_label, mesh.data_group
         )
-        order = _InterleavedOrder(step, p2p, ctx, self.num_chunks, micro_num, forward_only)
+        order = _InterleavedOrder(step, p2p, mesh, self.num_chunks, micro_num, forward_only)
         order.warm_up(then_backward=not forward_only and order.steady > 0)
         order.steady_state()
         if not forward_only:

@@ -28,12 +28,14 @@ stays the data-parallel size: every rank's loss is weighted for the whole data g
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from pytrain.parallel import ParallelMesh
 from pytrain.parallel.model_part import ModelPart, Replicas, SumOver
 from pytrain.parallel.shard_spec import ShardSpec
 
@@ -64,6 +66,19 @@ def assign_owners(sizes: list[int], ranks: int) -> list[int]:
 
 def _world(group) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+# the groups of a run without a mesh: every collective on the default group, nothing sharded or split
+_UNSPLIT = SimpleNamespace(
+    data_group=None,
+    zero1_group=None,
+    model_group=None,
+    tensor_group=None,
+    embedding_group=None,
+    expert_group=None,
+    expert_data_group=None,
+    expert_zero1_group=None,
+)
 
 
 @dataclass
@@ -97,31 +112,23 @@ class HybridZeroOptimizer:
         weight_decay: float = 0.0,
         clip_grad_norm: float = 0.0,
         grad_scaler: DynamicGradScaler | None = None,
-        group=None,
-        zero_group=None,
+        mesh: ParallelMesh | None = None,
         reduce_bucket_size: int = 512 * 1024 * 1024,
         overlap_sync_grad: bool = False,
         overlap_sync_param: bool = False,
-        tensor_group=None,
-        model_parallel_group=None,
-        embedding_group=None,
-        expert_group=None,
-        expert_data_group=None,
-        expert_zero_group=None,
     ):
-        """group: the data-parallel group gradients are averaged over; zero_group: the ranks (a subgroup of
-        it) that share one copy of the optimizer state. None: the default group / no sharding.
+        """mesh: the run's layout (pytrain.parallel.ParallelMesh); gradients are averaged over its data group and
+        the optimizer state sharded over its zero1 group; its tensor, model (tensor x pipeline) and embedding
+        (first + last stage) groups take the norm and the partial gradients; its expert groups the expert
+        weights' (module docstring). None: one process, or every rank of the default group, unsharded.
         overlap_sync_grad: reduce gradient buckets during the last micro-batch's backward (see
         grad_buckets.py) instead of after it; only with more than one data-parallel rank.
-        overlap_sync_param: the updated parameters' broadcast overlaps the next forward.
-        tensor_group, model_parallel_group, embedding_group: this rank's tensor-parallel group, its
-        tensor x pipeline group (one copy of the model), the first + last pipeline stage; None: alone.
-        expert_group, expert_data_group, expert_zero_group: the expert weights' groups (module docstring);
-        only read when the model has expert weights replicated over expert-data groups."""
+        overlap_sync_param: the updated parameters' broadcast overlaps the next forward."""
+        layout = mesh or _UNSPLIT
         self.clip_grad_norm = clip_grad_norm
         self.grad_scaler = grad_scaler
-        self.group, self.zero_group = group, zero_group
-        self.model_parallel_group = model_parallel_group
+        self.group, self.zero_group = layout.data_group, layout.zero1_group
+        self.model_parallel_group = layout.model_group
         self.reduce_bucket_size = reduce_bucket_size
         self.overlap_sync_param = overlap_sync_param
         self.successful_steps = 0  # Adam's step count (a skipped step does not count)
@@ -133,14 +140,17 @@ class HybridZeroOptimizer:
         dense = [p for p in params if self.infos[id(p)].replicas is Replicas.DATA]
         experts = [p for p in params if self.infos[id(p)].replicas is Replicas.EXPERT_DATA]
         # the expert weights last: each domain's gradients are one contiguous slice of the flat buffer
-        domains = [_Domain(dense, group, zero_group), _Domain(experts, expert_data_group, expert_zero_group)]
+        domains = [
+            _Domain(dense, layout.data_group, layout.zero1_group),
+            _Domain(experts, layout.expert_data_group, layout.expert_zero1_group),
+        ]
         domains = [d for d in domains if d.params]
         self.model_params = [p for d in domains for p in d.params]
-        self.expert_group = expert_group if experts and _world(expert_group) > 1 else None
+        self.expert_group = layout.expert_group if experts and _world(layout.expert_group) > 1 else None
 
         self._make_flat_grad(domains, overlap_sync_grad)
         owned = self._assign_owners(domains)
-        self._plan_norm_and_partial_sums(tensor_group, embedding_group)
+        self._plan_norm_and_partial_sums(layout.tensor_group, layout.embedding_group)
         self._make_fp32_masters(groups, owned, lr, betas, eps, weight_decay)
         self._hook_param_waits(model)
 

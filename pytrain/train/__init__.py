@@ -36,18 +36,14 @@ def initialize_model(config: Config | None = None) -> nn.Module:
     with torch.device("meta"):
         whole = builder(**cfg.model)
     if hasattr(whole, "tensor_parallel_plan"):
-        tensor = gpc.tensor_parallel_size > 1
         return parallelize(
             whole,
-            tensor_group=gpc.tensor_parallel_group if tensor else None,
-            sequence_parallel=tensor and cfg.parallel.tensor.mode == "msp",
-            pipeline_rank=gpc.pipeline_parallel_rank,
-            pipeline_size=gpc.pipeline_parallel_size,
-            num_chunks=cfg.model.get("num_chunks", 1),
+            gpc.mesh,
             device=gpc.device,
+            sequence_parallel=gpc.tensor_parallel_size > 1 and cfg.parallel.tensor.mode == "msp",
+            num_chunks=cfg.model.get("num_chunks", 1),
             fp32_norms=cfg.use_fp32_norm,
             seed=gpc.seed,
-            expert_group=gpc.expert_parallel_group,
         )
     if gpc.tensor_parallel_size > 1 or gpc.pipeline_parallel_size > 1:
         raise ConfigError(
@@ -87,17 +83,10 @@ def initialize_optimizer(model: nn.Module, config: Config | None = None):
         weight_decay=adam.weight_decay,
         clip_grad_norm=cfg.hybrid_zero_optimizer.clip_grad_norm,
         grad_scaler=grad_scaler,
-        group=gpc.data_parallel_group,
-        zero_group=gpc.zero1_group,
+        mesh=gpc.mesh,
         reduce_bucket_size=cfg.hybrid_zero_optimizer.reduce_bucket_size,
         overlap_sync_grad=cfg.hybrid_zero_optimizer.overlap_sync_grad,
         overlap_sync_param=cfg.hybrid_zero_optimizer.overlap_sync_param,
-        tensor_group=gpc.tensor_parallel_group,
-        model_parallel_group=gpc.model_parallel_group,
-        embedding_group=gpc.embedding_group,
-        expert_group=gpc.expert_parallel_group,
-        expert_data_group=gpc.expert_data_parallel_group,
-        expert_zero_group=gpc.expert_zero1_group,
     )
     beta2_scheduler = Beta2Scheduler(optimizer, **cfg.beta2_scheduler)
     lr_scheduler = WarmupCosineLR(optimizer, **cfg.lr_scheduler)

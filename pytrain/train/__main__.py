@@ -17,7 +17,7 @@ from pytrain.initialize import get_default_parser, initialize_distributed_env, i
 from pytrain.model import DTYPES
 from pytrain.model.moe import active_parameters
 from pytrain.monitor import AlertLog, StepMonitor, flops_per_token, matmul_params, peak_tflops
-from pytrain.parallel import gpc
+from pytrain.parallel import ParallelMesh, gpc
 from pytrain.registry import MODEL_INITIALIZER
 from pytrain.train import get_train_data_loader, get_validation_data_loader, initialize_model, initialize_optimizer
 from pytrain.train.checkpointing import TrainingCheckpoints
@@ -65,9 +65,9 @@ def train(args) -> list[dict]:
     checkpoints = TrainingCheckpoints(cfg, model=model, optimizer=optimizer, trainer=trainer, loader=train_dl)
     start_step = checkpoints.resume()
     peak, peak_source = peak_tflops(gpc.device, DTYPES[cfg.model.dtype], cfg.monitor.peak_tflops)
-    block_params, head_params, params = whole_model_sizes(model)
-    monitor = step_monitor(cfg, block_params, head_params, peak)
-    report_start(cfg, model, optimizer, params, peak, peak_source)
+    block_params, head_params, params = whole_model_sizes(model, gpc.mesh)
+    monitor = step_monitor(cfg, gpc.mesh, block_params, head_params, peak)
+    report_start(cfg, gpc.mesh, model, optimizer, params, peak, peak_source)
 
     history = run_steps(cfg, trainer, train_dl, valid_loaders, checkpoints, monitor, start_step, args.profiling)
     checkpoints.close()
@@ -78,19 +78,19 @@ def train(args) -> list[dict]:
     return history
 
 
-def whole_model_sizes(model) -> tuple[int, int, int]:
+def whole_model_sizes(model, mesh: ParallelMesh) -> tuple[int, int, int]:
     """(matmul parameters of the blocks, of the head, all parameters) of the whole model: this rank's part
     summed over the ranks holding the rest."""
-    local_params = sum(p.numel() for p, info in model.infos() if info.counted_here(gpc.tensor_parallel_rank))
+    local_params = sum(p.numel() for p, info in model.infos() if info.counted_here(mesh.tensor_rank))
     counts = torch.tensor([*matmul_params(model), local_params], dtype=torch.int64, device=gpc.device)
-    dist.all_reduce(counts, group=gpc.model_parallel_group)
+    dist.all_reduce(counts, group=mesh.model_group)
     return tuple(counts.tolist())
 
 
-def step_monitor(cfg: Config, block_params: int, head_params: int, peak: float) -> StepMonitor:
+def step_monitor(cfg: Config, mesh: ParallelMesh, block_params: int, head_params: int, peak: float) -> StepMonitor:
     """The per-step log: loss, tokens/s and, from the whole model's matmul parameters, TFLOPS and MFU."""
     data = cfg.data
-    model_ranks = gpc.tensor_parallel_size * gpc.pipeline_parallel_size  # they share each micro-batch's work
+    model_ranks = mesh.dims.tensor * mesh.dims.pipeline  # they share each micro-batch's work
     return StepMonitor(
         gpc.run_folder,
         total_steps=data.total_steps,
@@ -108,29 +108,29 @@ def step_monitor(cfg: Config, block_params: int, head_params: int, peak: float) 
         log_every=cfg.monitor.log_every,
         tensorboard=cfg.monitor.tensorboard.enable,
         is_main_rank=gpc.is_main_rank,
-        group=gpc.data_parallel_group,
+        group=mesh.data_group,
         alerts=AlertLog.from_config(cfg, gpc.rank),
         tensorboard_queue=cfg.monitor.tensorboard.queue_max_length,
-        pipeline_group=gpc.pipeline_parallel_group,
+        pipeline_group=mesh.pipeline_group,
     )
 
 
-def report_start(cfg: Config, model, optimizer, params: int, peak: float, peak_source: str) -> None:
+def report_start(cfg: Config, mesh: ParallelMesh, model, optimizer, params: int, peak: float, peak_source: str) -> None:
     """The start line, printed by the first rank: model, layout, step shape, optimizer state, peak, folder.
     Every rank takes part: the optimizer state (fp32 masters when separate, Adam moments) per parameter
     each rank holds is gathered from all of them."""
-    state_bytes = [None] * gpc.world_size
+    state_bytes = [None] * mesh.dims.world_size
     dist.all_gather_object(state_bytes, optimizer.optimizer_state_bytes() / sum(p.numel() for p in model.parameters()))
     if not gpc.is_main_rank:
         return
     data = cfg.data
     layout = (
-        f"data {gpc.data_parallel_size} x tensor {gpc.tensor_parallel_size} ({cfg.parallel.tensor.mode}) x "
-        f"pipeline {gpc.pipeline_parallel_size}"
+        f"data {mesh.dims.data} x tensor {mesh.dims.tensor} ({cfg.parallel.tensor.mode}) x "
+        f"pipeline {mesh.dims.pipeline}"
         + (f" ({cfg.model.num_chunks} chunks per rank)" if cfg.model.num_chunks > 1 else "")
     )
     print(
-        f"pytrain: {cfg.model_type} with {params / 1e6:.2f}M parameters, {gpc.world_size} rank(s) on "
+        f"pytrain: {cfg.model_type} with {params / 1e6:.2f}M parameters, {mesh.dims.world_size} rank(s) on "
         f"{gpc.device.type} as {layout}, {data.total_steps} steps of {data.micro_num} x {data.micro_bsz} x "
         f"{data.seq_len} tokens per data-parallel rank; optimizer state "
         f"{min(state_bytes):.1f}-{max(state_bytes):.1f} bytes per parameter per rank; peak {peak:.2f} "
@@ -167,7 +167,7 @@ def run_steps(
                 )
             )
             if valid_loaders and cfg.data.valid_every > 0 and step % cfg.data.valid_every == 0:
-                monitor.record_validation(step, evaluate(trainer, valid_loaders, gpc.data_parallel_group))
+                monitor.record_validation(step, evaluate(trainer, valid_loaders, gpc.mesh.data_group))
             if prof is not None:
                 prof.step()
             if checkpoints.after_step(step):  # a stop file or SIGTERM/SIGINT: saved, stop here
