@@ -18,10 +18,12 @@ Every name InternLM's and InternEvo's configs use is known, with one of these ki
   renamed       InternEvo's older name of a field pytrain has, or InternLM's older spelling of one (README's "Older
                 InternLM spellings"); the value moves there.
 
-The model section is the union of every family's fields; which act is up to the builder registered for
-model_type (MODEL_INITIALIZER). A builder with explicit keyword parameters gets exactly those: the file's
-value where given, else the builder's own default; given fields it does not take are "ignored here". A
-builder taking **kwargs (a user's) gets every given field over the generic defaults of the acting ones.
+The model section is the union of every family's fields (pytrain.model_args.DecoderArgs, whose defaults
+are the section's); which act is up to the builder registered for model_type (MODEL_INITIALIZER). A builder
+with explicit keyword parameters gets exactly those: the file's value where given, else the builder's own
+default; given fields it does not take are "ignored here". A built-in family's spec (pytrain.specs) is such a
+builder: its signature is the family's fields at the family's defaults. A builder taking **kwargs (a user's)
+gets every given field over the generic defaults of the acting ones.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Hugging Face transformers weights in and out, for every dense family.
+"""Hugging Face transformers weights in and out, for every family whose spec (pytrain.specs) names its HF class
+(an `HFClass` below: LLAMA, QWEN2, MIXTRAL, QWEN2_MOE).
 
 | model_type | HF class | what changes |
 |---|---|---|

@@ -30,7 +30,7 @@ as the dense MLP would be (mlp_ratio, multiple_of), routed per moe_type / top_k 
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 
 from pytrain.model_args import COMMON_FIELDS, DEFAULTS, MOE_FIELDS, DecoderArgs
 
@@ -93,6 +93,9 @@ class Family:
         not_taken = set(self.defaults) - self._taken()
         if not_taken:
             raise ValueError(f"{self.name}: defaults for {sorted(not_taken)}, which the family does not take")
+        clash = [name for name in astuple(self.names) if hasattr(Decoder, name)]
+        if clash:
+            raise ValueError(f"{self.name}: the names {clash} are taken by Decoder's attributes; pick others")
         if self.experts not in (None, "residual", "shared"):
             raise ValueError(f"{self.name}: experts={self.experts!r}: 'residual', 'shared' or None (dense)")
 
