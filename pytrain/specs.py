@@ -13,6 +13,7 @@ with their defaults, which is what the config checks a file's model section agai
 that fits the decoder is one `register(ModelSpec(Family(...), hf=...))` (README's "Adding a family").
 """
 
+import inspect
 from dataclasses import dataclass
 
 from pytrain.checkpoint import hf
@@ -26,6 +27,8 @@ from pytrain.registry import MODEL_INITIALIZER
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A family with its checkpoint adapters (the module docstring); called, it builds the plain model."""
+
     family: Family
     hf: HFClass | None = None
     internevo: InternEvoAdapter = INTERNEVO
@@ -36,7 +39,7 @@ class ModelSpec:
         return self.family.name
 
     @property
-    def __signature__(self):
+    def __signature__(self) -> inspect.Signature:
         return self.family.signature
 
     def __call__(self, **fields) -> Decoder:

@@ -122,7 +122,7 @@ class Family:
         unknown = set(fields) - set(self.parameters)
         if unknown:
             raise TypeError(f"{self.name} takes no field {', '.join(sorted(unknown))}")
-        return replace(DecoderArgs(), **{**self.defaults, **fields})
+        return DecoderArgs(**{**self.defaults, **fields})
 
     def build(self, **fields) -> Decoder:
         args = self.args(**fields)
@@ -137,7 +137,8 @@ INTERNLM2_NAMES = Names(
 )
 QWEN2_NAMES = replace(INTERNLM2_NAMES, embedding="embed_tokens")
 
-QWEN2_SIZE = dict(num_layers=28, hidden_size=3584, num_attention_heads=28, num_kv_attention_heads=4)  # Qwen2-7B
+# Qwen2-7B's and Qwen2-57B-A14B's
+QWEN2_SIZE = dict(num_layers=28, hidden_size=3584, num_attention_heads=28, num_kv_attention_heads=4)
 
 # InternLM v1 (InternLM-7B: bias on Wqkv and out_proj, no MLP bias)
 INTERNLM = Family("INTERNLM", INTERNLM_NAMES, FUSED_QKV, dict(qk_interleaved=False))
