@@ -32,8 +32,6 @@ ROUNDS = 3
 
 def training_state(overrides) -> dict[str, torch.Tensor]:
     """Model weights and AdamW moments, fp32, keyed as the trainer saves them."""
-    import pytrain.model  # noqa: F401  (registers the model types)
-
     cfg = Config.from_file(CONFIG, overrides=overrides)
     with torch.device("meta"):
         model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model)

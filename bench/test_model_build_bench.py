@@ -26,8 +26,6 @@ def peak_rss_bytes() -> int:
 
 
 def test_7b_on_the_meta_device(benchmark):
-    import pytrain.model  # noqa: F401  (registers the families)
-
     cfg = Config.from_file(ROOT / "configs" / "7B.py")
     builder = MODEL_INITIALIZER.get_module(cfg.model_type)
 

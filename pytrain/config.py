@@ -18,10 +18,12 @@ Every name InternLM's and InternEvo's configs use is known, with one of these ki
   renamed       InternEvo's older name of a field pytrain has, or InternLM's older spelling of one (README's "Older
                 InternLM spellings"); the value moves there.
 
-The model section is the union of every family's fields; which act is up to the builder registered for
-model_type (MODEL_INITIALIZER). A builder with explicit keyword parameters gets exactly those: the file's
-value where given, else the builder's own default; given fields it does not take are "ignored here". A
-builder taking **kwargs (a user's) gets every given field over the generic defaults of the acting ones.
+The model section is the union of every family's fields (pytrain.model_args.DecoderArgs, whose defaults
+are the section's); which act is up to the builder registered for model_type (MODEL_INITIALIZER). A builder
+with explicit keyword parameters gets exactly those: the file's value where given, else the builder's own
+default; given fields it does not take are "ignored here". A built-in family's spec (pytrain.specs) is such a
+builder: its signature is the family's fields at the family's defaults. A builder taking **kwargs (a user's)
+gets every given field over the generic defaults of the acting ones.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from types import FunctionType, ModuleType
 from typing import Any
 
 from pytrain import config_vocabulary
+from pytrain.model_args import DEFAULTS as MODEL_DEFAULTS
+from pytrain.model_args import FAMILY_FIELDS, MOE_LAYER_KWARGS, NONE, mlp_width, routing_from_fields
 
 DTYPES = ("torch.float16", "torch.half", "torch.bfloat16", "torch.float32", "torch.tf32")
 BUILTIN_CORPUS = "builtin:stdlib"
@@ -112,86 +116,91 @@ def only(value, why):
     return lambda v: None if v == value else f"{why}; leave it at {value!r}"
 
 
+def _model_section(fields: dict[str, tuple]) -> dict[str, Field]:
+    """{name: (types, doc[, check])} -> the model section's Fields, each at DecoderArgs' default."""
+    return {name: _field(MODEL_DEFAULTS[name], *how) for name, how in fields.items()}
+
+
 def _checkpoint(v):
     if isinstance(v, bool):
         return None
     return unit_interval(v)
 
 
-NONE = type(None)
 SCHEMA: dict[str, Any] = {
     "model_type": _field("INTERNLM", str, "registered model builder to use (MODEL_INITIALIZER)"),
     "use_fp32_norm": _field(False, bool, "keep norm weights in fp32 when model.dtype is 16-bit"),
     "cudnn_deterministic": _field(False, bool, "torch.backends.cudnn.deterministic"),
     "cudnn_benchmark": _field(False, bool, "torch.backends.cudnn.benchmark"),
-    "model": {
-        "checkpoint": _field(
-            False, (bool, float, int), "activation recompute: True/False or the fraction of layers", _checkpoint
-        ),
-        "num_attention_heads": _field(32, int, "query heads", positive),
-        "num_kv_attention_heads": _field(
-            None,
-            (int, NONE),
-            "key/value heads for GQA/MQA (None: = query heads)",
-            lambda v: None if v is None or v > 0 else "must be > 0",
-        ),
-        "embed_split_hidden": _field(True, bool, "tensor parallel: split the embedding along hidden (else vocab)"),
-        "vocab_size": _field(103168, int, "vocabulary size", positive),
-        "embed_grad_scale": _field(
-            1,
-            (float, int),
-            "scale of the gradient reaching the embedding",
-            lambda v: None if 0 < v <= 1 else "must be within (0, 1]",
-        ),
-        "parallel_output": _field(True, bool, "tensor parallel: keep the logits sharded over vocab"),
-        "hidden_size": _field(4096, int, "model width", positive),
-        "num_layers": _field(32, int, "decoder layers", positive),
-        "mlp_ratio": _field(8 / 3, (float, int), "SwiGLU width / hidden (rounded up to multiple_of)", positive),
-        "multiple_of": _field(256, int, "SwiGLU width is rounded up to a multiple of this", positive),
-        "apply_post_layer_norm": _field(False, bool, "norm after the residual add (post-LN) instead of before"),
-        "dtype": _field("torch.bfloat16", str, "parameter/activation dtype: " + ", ".join(DTYPES), one_of(*DTYPES)),
-        "norm_type": _field("rmsnorm", str, "rmsnorm or layernorm", one_of("rmsnorm", "layernorm")),
-        "layer_norm_epsilon": _field(1e-5, (float, int), "norm epsilon", positive),
-        "use_flash_attn": _field(
-            True,
-            bool,
-            "fused attention: pytrain's Triton flash-attention on GPUs, PyTorch SDPA on CPU (False: plain reference)",
-        ),
-        "num_chunks": _field(1, int, "model chunks per pipeline rank (> 1: interleaved schedule)", positive),
-        "rope_base": _field(10000.0, (float, int), "rotary embedding base", positive),
-        "tie_word_embeddings": _field(False, bool, "the LM head shares the embedding's weight"),
-        "no_bias": _field(False, bool, "no biases in attention (INTERNLM, INTERNLM2, LLAMA2)"),
-        "qkv_bias": _field(True, bool, "biases on the q/k/v projections (QWEN2)"),
-        "o_bias": _field(False, bool, "a bias on the attention output projection (QWEN2)"),
-        "mlp_bias": _field(False, bool, "biases in the MLP (QWEN2)"),
-        "head_dim": _field(None, (int, NONE), "per-head width (None: hidden_size / num_attention_heads)", positive),
-        "qk_interleaved": _field(
-            None, (bool, NONE), "rotary pairs adjacent (2i, 2i+1) rather than halves (None: not adapt_hf)"
-        ),
-        "adapt_hf": _field(True, bool, "InternEvo's older switch: True = rotary on halves (qk_interleaved=False)"),
-        "enable_qkv_fusion": _field(True, bool, "one fused wqkv projection (InternLM2's grouped layout)"),
-        "top_k": _field(1, int, "experts per token (INTERNLM_MoE, MIXTRALMOE, QWEN2MOE; num_experts > 1)", positive),
-        "moe_type": _field(
-            "GShard",
-            (str, NONE),
-            "routing: 'GShard' (top-k with capacity, InternEvo's default) or 'Dropless' (no capacity); MegaBlock "
-            "variants are not available",
-        ),
-        "num_shared_experts": _field(
-            0,
-            int,
-            "a dense MLP n experts wide beside the experts (INTERNLM_MoE, MIXTRALMOE: softmax-mixed; QWEN2MOE: "
-            "sigmoid-gated shared expert)",
-            non_negative,
-        ),
-        "moe_use_residual": _field(False, bool, "INTERNLM_MoE's residual MoE (= num_shared_experts=1)"),
-        "moe_layer_kwargs": _field(
-            None,
-            (dict, NONE),
-            "routing settings per moe_type (capacity_factor, eval_capacity_factor, min_capacity, drop_tokens, "
-            "normalize_expert_weights, ...; the model.moe_layer_kwargs.* rows)",
-        ),
-    },
+    # each field's default is DecoderArgs' (the one place; a family's own are in its spec, pytrain.model.families)
+    "model": _model_section(
+        {
+            "checkpoint": (
+                (bool, float, int),
+                "activation recompute: True/False or the fraction of layers",
+                _checkpoint,
+            ),
+            "num_attention_heads": (int, "query heads", positive),
+            "num_kv_attention_heads": (
+                (int, NONE),
+                "key/value heads for GQA/MQA (None: = query heads)",
+                lambda v: None if v is None or v > 0 else "must be > 0",
+            ),
+            "embed_split_hidden": (bool, "tensor parallel: split the embedding along hidden (else vocab)"),
+            "vocab_size": (int, "vocabulary size", positive),
+            "embed_grad_scale": (
+                (float, int),
+                "scale of the gradient reaching the embedding",
+                lambda v: None if 0 < v <= 1 else "must be within (0, 1]",
+            ),
+            "parallel_output": (bool, "tensor parallel: keep the logits sharded over vocab"),
+            "hidden_size": (int, "model width", positive),
+            "num_layers": (int, "decoder layers", positive),
+            "mlp_ratio": ((float, int), "SwiGLU width / hidden (rounded up to multiple_of)", positive),
+            "multiple_of": (int, "SwiGLU width is rounded up to a multiple of this", positive),
+            "apply_post_layer_norm": (bool, "norm after the residual add (post-LN) instead of before"),
+            "dtype": (str, "parameter/activation dtype: " + ", ".join(DTYPES), one_of(*DTYPES)),
+            "norm_type": (str, "rmsnorm or layernorm", one_of("rmsnorm", "layernorm")),
+            "layer_norm_epsilon": ((float, int), "norm epsilon", positive),
+            "use_flash_attn": (
+                bool,
+                "fused attention: pytrain's Triton flash-attention on GPUs, PyTorch SDPA on CPU (False: plain "
+                "reference)",
+            ),
+            "num_chunks": (int, "model chunks per pipeline rank (> 1: interleaved schedule)", positive),
+            "rope_base": ((float, int), "rotary embedding base", positive),
+            "tie_word_embeddings": (bool, "the LM head shares the embedding's weight"),
+            "no_bias": (bool, "no biases in attention (INTERNLM, INTERNLM2, LLAMA2)"),
+            "qkv_bias": (bool, "biases on the q/k/v projections (QWEN2)"),
+            "o_bias": (bool, "a bias on the attention output projection (QWEN2)"),
+            "mlp_bias": (bool, "biases in the MLP (QWEN2)"),
+            "head_dim": ((int, NONE), "per-head width (None: hidden_size / num_attention_heads)", positive),
+            "qk_interleaved": (
+                (bool, NONE),
+                "rotary pairs adjacent (2i, 2i+1) rather than halves (None: not adapt_hf)",
+            ),
+            "adapt_hf": (bool, "InternEvo's older switch: True = rotary on halves (qk_interleaved=False)"),
+            "enable_qkv_fusion": (bool, "one fused wqkv projection (InternLM2's grouped layout)"),
+            "top_k": (int, "experts per token (INTERNLM_MoE, MIXTRALMOE, QWEN2MOE; num_experts > 1)", positive),
+            "moe_type": (
+                (str, NONE),
+                "routing: 'GShard' (top-k with capacity, InternEvo's default) or 'Dropless' (no capacity); MegaBlock "
+                "variants are not available",
+            ),
+            "num_shared_experts": (
+                int,
+                "a dense MLP n experts wide beside the experts (INTERNLM_MoE, MIXTRALMOE: softmax-mixed; QWEN2MOE: "
+                "sigmoid-gated shared expert)",
+                non_negative,
+            ),
+            "moe_use_residual": (bool, "INTERNLM_MoE's residual MoE (= num_shared_experts=1)"),
+            "moe_layer_kwargs": (
+                (dict, NONE),
+                "routing settings per moe_type (capacity_factor, eval_capacity_factor, min_capacity, drop_tokens, "
+                "normalize_expert_weights, ...; the model.moe_layer_kwargs.* rows)",
+            ),
+        }
+    ),
     "data": {
         "seq_len": _field(2048, int, "tokens per sample", positive),
         "micro_num": _field(4, int, "micro-batches per optimizer step (gradient accumulation)", positive),
@@ -479,21 +488,6 @@ _add_vocabulary(SCHEMA)
 # Fields InternLM configs may give as a bare number instead of a dict: parallel.tensor=2 == dict(size=2).
 SIZE_SHORTHAND = {("parallel", "zero1"), ("parallel", "tensor"), ("parallel", "pipeline"), ("parallel", "weight")}
 NO_DEFAULT = inspect.Parameter.empty
-MOE_FIELDS = ("top_k", "moe_type", "num_shared_experts", "moe_use_residual", "moe_layer_kwargs")
-# Model fields only some families take: a builder taking **kwargs gets them only when the file gives them.
-FAMILY_FIELDS = frozenset(
-    (
-        "no_bias",
-        "qkv_bias",
-        "o_bias",
-        "mlp_bias",
-        "head_dim",
-        "qk_interleaved",
-        "adapt_hf",
-        "enable_qkv_fusion",
-        *MOE_FIELDS,
-    )
-)
 
 
 class Config(dict):
@@ -742,11 +736,9 @@ def _validate(raw: dict, source: str, ignored: list[str]) -> dict:
 
 
 def _check_moe(model: dict, source: str, ignored: list[str]) -> None:
-    """A mixture-of-experts model's routing settings, as its builder will read them (pytrain.model.moe)."""
+    """A mixture-of-experts model's routing settings, as its builder will read them (pytrain.model_args)."""
     if model.get("num_experts", 1) <= 1 or "moe_type" not in model:
         return
-    from pytrain.model.moe import routing_from_fields
-
     try:
         _, no_effect = routing_from_fields(
             model["moe_type"], model["num_experts"], model.get("top_k", 1), model.get("moe_layer_kwargs")
@@ -927,12 +919,6 @@ def _check_snapshot_folder(ckpt: dict, fail) -> None:
         )
 
 
-def mlp_width(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int:
-    """InternLM's SwiGLU width: int(hidden * ratio) rounded up to a multiple (4096 * 8/3 -> 11008)."""
-    width = int(hidden_size * mlp_ratio)
-    return multiple_of * ((width + multiple_of - 1) // multiple_of)
-
-
 def _check_model_split(model: dict, data: dict, parallel: dict, fail) -> None:
     """Can the model be cut into tensor shards and pipeline x num_chunks stages? (Fields the model_type's
     builder does not take are not checked.)"""
@@ -1061,8 +1047,6 @@ def reference_table() -> str:
                 )
 
     walk(SCHEMA, "")
-    from pytrain.model.moe import MOE_LAYER_KWARGS
-
     kinds = {"acts": ACTS, "ignored": IGNORED, "unavailable": UNAVAILABLE}
     for moe_type, table in MOE_LAYER_KWARGS.items():
         for key, (default, types, kind, _) in table.items():

@@ -20,7 +20,7 @@ The mixture-of-experts fields act (pytrain.config's SCHEMA): model.num_experts /
 num_shared_experts / moe_use_residual / moe_layer_kwargs in the MoE families, loss.moe_loss_coeff,
 parallel.expert.size, and InternEvo's older top-level `moe` section, whose top_k moves to model.top_k and
 whose other keys move into model.moe_layer_kwargs. The kinds of moe_layer_kwargs' keys per moe_type are
-pytrain.model.moe.MOE_LAYER_KWARGS.
+pytrain.model_args.MOE_LAYER_KWARGS.
 """
 
 NONE = type(None)

@@ -3,8 +3,8 @@
 @MODEL_INITIALIZER.register_module(module_name="NEW_MODEL")
 def build_new_model_with_cfg(*args, **kwargs): ...
 
-The built-in model families register themselves when pytrain.model is imported; MODEL_INITIALIZER imports it
-at its first lookup, so every caller (config validation, initialize_model, --dry_run) sees them.
+The built-in model families (pytrain.specs) register themselves when pytrain.specs is imported; MODEL_INITIALIZER
+imports it at its first lookup, so every caller (config validation, initialize_model, --dry_run) sees them.
 """
 
 import importlib
@@ -72,4 +72,4 @@ class Registry:
         return f"Registry({self.name!r}, {sorted(self._modules)})"
 
 
-MODEL_INITIALIZER = Registry("MODEL_INITIALIZER", builtins="pytrain.model")
+MODEL_INITIALIZER = Registry("MODEL_INITIALIZER", builtins="pytrain.specs")

@@ -135,6 +135,7 @@ def test_internlm_training_construction_api(fresh_context, tmp_path, monkeypatch
     from pytrain.registry import MODEL_INITIALIZER
     from pytrain.train import get_train_data_loader, initialize_model, initialize_optimizer
 
+    MODEL_INITIALIZER.names()  # the built-in families register at the first lookup: into the dict, not the copy
     monkeypatch.setattr(MODEL_INITIALIZER, "_modules", dict(MODEL_INITIALIZER._modules))
     built = {}
     MODEL_TYPE = "NEW_MODEL"

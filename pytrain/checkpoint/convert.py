@@ -33,7 +33,6 @@ MODEL = "model/"
 
 def whole_model(cfg: Config):
     """The config's whole model on the meta device (shapes and names, no memory)."""
-    import pytrain.model  # noqa: F401  (registers the families)
     from pytrain.registry import MODEL_INITIALIZER
 
     with torch.device("meta"):

@@ -1,4 +1,5 @@
-"""Hugging Face transformers weights in and out, for every dense family.
+"""Hugging Face transformers weights in and out, for every family whose spec (pytrain.specs) names its HF class
+(an `HFClass` below: LLAMA, QWEN2, MIXTRAL, QWEN2_MOE).
 
 | model_type | HF class | what changes |
 |---|---|---|
@@ -45,27 +46,23 @@ import torch
 
 from pytrain.model.decoder import Decoder, FusedQKVAttention, GroupedQKVAttention, LayerNorm
 from pytrain.model.moe import MoE
+from pytrain.registry import MODEL_INITIALIZER
 
-HF_CLASSES = {
-    "INTERNLM": "LlamaForCausalLM",
-    "INTERNLM2": "LlamaForCausalLM",
-    "LLAMA2": "LlamaForCausalLM",
-    "QWEN2": "Qwen2ForCausalLM",
-    "MIXTRALMOE": "MixtralForCausalLM",
-    "INTERNLM_MoE": "MixtralForCausalLM",
-    "QWEN2MOE": "Qwen2MoeForCausalLM",
-}
-HF_MODEL_TYPES = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "MixtralForCausalLM": "mixtral",
-    "Qwen2MoeForCausalLM": "qwen2_moe",
-}
-# HF's per-expert names of w1 (gate), w3 (up), w2 (down), and where the router and experts live
-EXPERT_NAMES = {
-    "MixtralForCausalLM": ("block_sparse_moe", ("w1", "w3", "w2")),
-    "Qwen2MoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj")),
-}
+
+@dataclass(frozen=True)
+class HFClass:
+    """The transformers class a family's weights map to (a family's spec names it: pytrain.specs)."""
+
+    architecture: str  # config.json's "architectures"
+    model_type: str  # config.json's "model_type"
+    # mixtures of experts: where HF keeps the router and the experts in a layer, and its names of w1, w3, w2
+    experts: tuple[str, tuple[str, str, str]] | None = None
+
+
+LLAMA = HFClass("LlamaForCausalLM", "llama")
+QWEN2 = HFClass("Qwen2ForCausalLM", "qwen2")
+MIXTRAL = HFClass("MixtralForCausalLM", "mixtral", ("block_sparse_moe", ("w1", "w3", "w2")))
+QWEN2_MOE = HFClass("Qwen2MoeForCausalLM", "qwen2_moe", ("mlp", ("gate_proj", "up_proj", "down_proj")))
 SHARD_BYTES = 4 << 30  # safetensors file size when exporting (transformers' own default is 5 GB)
 
 
@@ -123,6 +120,16 @@ def _half_to_interleaved(t: torch.Tensor, head_dim: int) -> torch.Tensor:
     return t.reshape(-1, 2, head_dim // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
+def hf_class(model: Decoder) -> HFClass:
+    """The Hugging Face class of the model's family: the `hf` of the spec registered under its name."""
+    family = model.family
+    hf = getattr(MODEL_INITIALIZER.get_module(family), "hf", None) if family in MODEL_INITIALIZER else None
+    if hf is None:
+        known = [name for name in MODEL_INITIALIZER.names() if getattr(MODEL_INITIALIZER.get_module(name), "hf", None)]
+        raise ValueError(f"model_type {family!r} has no Hugging Face mapping; known: {', '.join(known)}")
+    return hf
+
+
 def check_exportable(model: Decoder) -> None:
     """HF's decoders are pre-RMSNorm with SwiGLU: say which field cannot be expressed there."""
     layer = next(iter(model.decoder_layers.values()))
@@ -130,11 +137,10 @@ def check_exportable(model: Decoder) -> None:
         raise ValueError("model.apply_post_layer_norm=True has no Hugging Face Llama/Qwen2 equivalent")
     if isinstance(model.final_norm, LayerNorm):
         raise ValueError("model.norm_type='layernorm' has no Hugging Face Llama/Qwen2 equivalent: use 'rmsnorm'")
-    if model.family not in HF_CLASSES:
-        raise ValueError(f"model_type {model.family!r} has no Hugging Face mapping; known: {', '.join(HF_CLASSES)}")
-    cls = HF_CLASSES[model.family]
+    hf = hf_class(model)
+    cls = hf.architecture
     mlp = layer.get_submodule(model.names.mlp)
-    if cls in EXPERT_NAMES and not isinstance(mlp, MoE):
+    if hf.experts is not None and not isinstance(mlp, MoE):
         raise ValueError(f"{model.family} with num_experts <= 1 is dense: {cls} needs experts")
     if not isinstance(mlp, MoE):
         return
@@ -182,7 +188,7 @@ def hf_rules(model: Decoder) -> list[Rule]:
         ]
         mlp = layer.get_submodule(n.mlp)
         if isinstance(mlp, MoE):
-            rules += _moe_rules(mlp, f"{ours}.{n.mlp}", theirs, HF_CLASSES[model.family])
+            rules += _moe_rules(mlp, f"{ours}.{n.mlp}", theirs, hf_class(model))
         else:
             rules += _swiglu_rules(mlp, f"{ours}.{n.mlp}", f"{theirs}.mlp")
         rules += _attention_rules(layer.get_submodule(n.attention), f"{ours}.{n.attention}", f"{theirs}.self_attn")
@@ -197,8 +203,8 @@ def _swiglu_rules(mlp, ours: str, theirs: str) -> list[Rule]:
     return rules
 
 
-def _moe_rules(mlp: MoE, ours: str, theirs: str, cls: str) -> list[Rule]:
-    where, parts = EXPERT_NAMES[cls]
+def _moe_rules(mlp: MoE, ours: str, theirs: str, hf: HFClass) -> list[Rule]:
+    where, parts = hf.experts
     experts = mlp.moe_layer.routing.num_experts
     rules = [_rename(f"{ours}.moe_layer.gate.wg.weight", f"{theirs}.{where}.gate.weight")]
     for part, hf_part in zip(("w1", "w3", "w2"), parts):
@@ -269,10 +275,11 @@ def hf_config(model: Decoder, dtype: str = "bfloat16") -> dict:
     layer = next(iter(model.decoder_layers.values()))
     attention, mlp, n = layer.get_submodule(model.names.attention), layer.get_submodule(model.names.mlp), model.names
     shape = attention.shape
-    cls = HF_CLASSES[model.family]
+    hf = hf_class(model)
+    cls = hf.architecture
     config = {
         "architectures": [cls],
-        "model_type": HF_MODEL_TYPES[cls],
+        "model_type": hf.model_type,
         "vocab_size": model.vocab_size,
         "hidden_size": model.hidden_size,
         "intermediate_size": mlp.w1.weight.shape[0] if not isinstance(mlp, MoE) else None,

@@ -2,7 +2,8 @@
 
 Such a folder holds one `model_tp{t}_pp{p}.pt` per tensor rank t and pipeline stage p: that rank's
 `state_dict()`, keys prefixed `model.` (the AMP wrapper), layer indices local to the stage. pytrain's
-parameter names already are InternEvo's for each family (pytrain.model.families), so loading means:
+parameter names already are InternEvo's for each family (pytrain.model.families), but for what the
+family's `InternEvoAdapter` (its spec's `internevo`, pytrain.specs) renames, so loading means:
 
 - reading every file with torch.load(weights_only=True): tensors only, never arbitrary unpickling;
 - shifting each stage's layer indices by the layers of the stages before it (InternEvo's
@@ -41,9 +42,10 @@ from pathlib import Path
 
 import torch
 
-from pytrain.model.decoder import Colwise, Decoder, EmbeddingSplit, Rowwise, VocabHead
+from pytrain.model.decoder import Colwise, Decoder, EmbeddingSplit, Names, Rowwise, VocabHead
 from pytrain.parallel.shard_spec import ShardSpec
 from pytrain.parallel.tensor import plan_pattern
+from pytrain.registry import MODEL_INITIALIZER
 
 from .storage import CheckpointError, resolve_folder
 
@@ -65,6 +67,27 @@ AMP_PREFIX = "model."
 LISTED = 12  # names shown per kind of problem
 
 
+class InternEvoAdapter:
+    """How a family's InternEvo model files name its parameters. The built-in families' keys are their
+    model's names but for InternLM's vocab-parallel embedding; a family whose checkpoints name more
+    otherwise overrides `model_name` (and its spec, pytrain.specs, names the subclass)."""
+
+    def model_name(self, key: str, names: Names) -> str:
+        """The model's name for a key of a model file (the AMP wrapper's prefix removed, layer indices global):
+        `<embedding>.word_embeddings.weight` (saved split over the vocabulary) is the embedding's weight."""
+        return f"{names.embedding}.weight" if key == f"{names.embedding}.word_embeddings.weight" else key
+
+
+INTERNEVO = InternEvoAdapter()
+
+
+def internevo_adapter(model: Decoder) -> InternEvoAdapter:
+    """The adapter of the spec registered under the model's family; INTERNEVO where it names none."""
+    family = model.family
+    spec = MODEL_INITIALIZER.get_module(family) if family in MODEL_INITIALIZER else None
+    return getattr(spec, "internevo", INTERNEVO)
+
+
 def load_internlm_folder(folder: str | Path, model: Decoder) -> dict[str, torch.Tensor]:
     """The whole model's state dict, in `model`'s names and order, from an InternLM/InternEvo folder of
     `model_tp{t}_pp{p}.pt` files (see the module doc). `model` is the whole model built from the same
@@ -80,7 +103,7 @@ def load_internlm_folder(folder: str | Path, model: Decoder) -> dict[str, torch.
     tp_size = 1 + max(t for t, _ in files)
     pp_size = 1 + max(p for _, p in files)
     full_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    merger = _ShardMerger(model, full_shapes, tp_size)
+    merger = _ShardMerger(model, full_shapes, tp_size, internevo_adapter(model))
     layer_counts, merged = [], {}
     for stage in range(pp_size):
         paths = [files[(rank, stage)] for rank in range(tp_size)]
@@ -305,7 +328,9 @@ def _listing(names: list[str]) -> str:
 class _ShardMerger:
     """Merges the tensor ranks' pieces of each parameter of one stage into the whole parameter."""
 
-    def __init__(self, model: Decoder, full_shapes: dict[str, tuple[int, ...]], tp_size: int):
+    def __init__(
+        self, model: Decoder, full_shapes: dict[str, tuple[int, ...]], tp_size: int, adapter: InternEvoAdapter
+    ):
         plan = model.tensor_parallel_plan()
         n = model.names
         for layer in model.decoder_layers.values():  # InternEvo splits an MoE block's residual MLP as a dense one
@@ -314,12 +339,11 @@ class _ShardMerger:
                 plan.update({f"{n.layers}.*.{n.mlp}.residual_mlp.{k}": how for k, how in residual.plan().items()})
         self.plan = [(plan_pattern(key), how) for key, how in plan.items()]
         self.full_shapes, self.tp_size = full_shapes, tp_size
-        self.embedding = f"{model.names.embedding}.weight"
+        self.names, self.adapter = model.names, adapter
         self.problems: list[str] = []
 
     def merge(self, shards: list[dict], paths: list[Path]) -> dict[str, torch.Tensor]:
-        vocab_split_name = f"{self.embedding.removesuffix('.weight')}.word_embeddings.weight"
-        shards = [{self.embedding if k == vocab_split_name else k: v for k, v in s.items()} for s in shards]
+        shards = [{self.adapter.model_name(k, self.names): v for k, v in s.items()} for s in shards]
         names = list(dict.fromkeys(name for state in shards for name in state))
         return {name: self._merge_one(name, [s.get(name) for s in shards], paths) for name in names}
 

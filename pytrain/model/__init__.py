@@ -1,6 +1,7 @@
-"""Model definitions; importing this package registers the families in MODEL_INITIALIZER."""
+"""Model definitions: the plain decoder, its mixture-of-experts MLP and the families' specs (pytrain.specs
+registers them in MODEL_INITIALIZER with their checkpoint adapters)."""
 
-from pytrain.config import mlp_width
+from pytrain.model_args import mlp_width
 
 from . import families, moe
 from .decoder import DTYPES, Decoder, LayerNorm

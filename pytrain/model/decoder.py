@@ -1,15 +1,19 @@
 """The decoder every dense family shares, written plain: nn.Linear, nn.Embedding, norms, no parallelism.
 
 token embedding -> layers (attention with rotary embeddings, SwiGLU MLP; a norm before each, or after
-the residual add with post_norm) -> final norm -> LM head. The families (internlm.py, internlm2.py,
-llama.py, qwen2.py) differ in how q, k and v are projected (one fused [q | k | v] weight, InternLM2's
-grouped wqkv, or three weights), in biases, and in parameter names, which follow each family's InternEvo
-checkpoints (`Names`). Layers live in a ModuleDict keyed by their global index, so a pipeline stage is
-the same model with the other layers (and the embedding or the head) removed and every name unchanged.
+the residual add with post_norm) -> final norm -> LM head. The families (families.py) differ in how q, k
+and v are projected (one fused [q | k | v] weight, InternLM2's grouped wqkv, or three weights), in
+biases, and in parameter names, which follow each family's InternEvo checkpoints (`Names`). Layers live
+in a ModuleDict keyed by their global index, so a pipeline stage is the same model with the other layers
+(and the embedding or the head) removed and every name unchanged.
 
 Tensor parallelism is applied from outside (pytrain.parallel.tensor): `tensor_parallel_plan()` says
 which module is split how, and the swapped-in modules keep the plain modules' names and forward. The
 attention therefore reads its head counts from the projections' output sizes, never from a constant.
+
+Attention itself (softmax(q k^T) v over the heads, within each document) is a module of its own without
+weights, `InnerAttention`, so that a sequence- or context-parallel layout can replace or wrap it from
+outside as tensor parallelism swaps the linears.
 
 Norms, rotary embeddings and attention go through pytrain.kernels. Pre-norm layers hand the residual
 stream to the next norm, which adds it in the same pass (rms_norm's fused residual). Packed rows
@@ -28,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute
 
-from pytrain.config import mlp_width
 from pytrain.kernels import (
     CheckedPositions,
     PackedSequences,
@@ -38,6 +41,7 @@ from pytrain.kernels import (
     flash_attn_varlen_func,
     reference,
 )
+from pytrain.model_args import DecoderArgs, mlp_width
 
 DTYPES = {
     "torch.float16": torch.float16,
@@ -135,6 +139,29 @@ class AttentionShape:
         return self.num_kv_heads * self.head_dim
 
 
+class InnerAttention(nn.Module):
+    """softmax(q k^T * softmax_scale) v per head, causal, each packed document attending only to itself: the
+    attention call alone, holding no weights (the seam a sequence- or context-parallel layout replaces or
+    wraps). q (batch, seq, heads, head_dim), k and v (batch, seq, kv_heads, head_dim) -> like q."""
+
+    def __init__(self, use_flash_attn: bool, causal: bool = True, softmax_scale: float | None = None):
+        super().__init__()
+        self.use_flash_attn, self.causal, self.softmax_scale = use_flash_attn, causal, softmax_scale
+
+    def forward(self, q, k, v, packed: PackedSequences | None = None):
+        if packed is None:
+            if self.use_flash_attn:
+                return flash_attn_func(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale)
+            return reference.attention(q, k, v, causal=self.causal, scale=self.softmax_scale)
+        batch, seq = q.shape[:2]  # the packed documents run over the flattened tokens
+        q, k, v = (t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v))
+        if self.use_flash_attn:
+            out = flash_attn_varlen_func(q, k, v, packed, causal=self.causal, softmax_scale=self.softmax_scale)
+        else:
+            out = reference.attention(q, k, v, causal=self.causal, scale=self.softmax_scale, cu_seqlens=packed)
+        return out.reshape(batch, seq, *out.shape[1:])
+
+
 class Attention(nn.Module):
     """Causal self-attention with rotary embeddings (GQA/MQA when there are fewer kv heads). Subclasses
     project x (batch, seq, hidden) to q (batch, seq, heads, head_dim), k and v (batch, seq, kv_heads,
@@ -144,26 +171,16 @@ class Attention(nn.Module):
         super().__init__()
         self.shape, self.head_dim = shape, shape.head_dim  # the whole model's (a tensor rank holds some heads)
         self.rotary = RotaryEmbedding(shape.head_dim, base=rope_base, interleaved=qk_interleaved)
-        self.use_flash_attn = use_flash_attn
+        self.inner_attention = InnerAttention(use_flash_attn)
 
     def output(self, attended: torch.Tensor) -> torch.Tensor:
         return self.wo(attended)
 
     def forward(self, x, positions=None, packed: PackedSequences | None = None):
         q, k, v = self.project(x)  # this rank's heads of the whole sequence, also under sequence parallelism
-        batch, seq = q.shape[:2]
         q, k = self.rotary(q, k, positions if packed is None else packed)
-        if packed is not None:  # attention within each document of the flattened tokens
-            q, k, v = (t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v))
-            if self.use_flash_attn:
-                out = flash_attn_varlen_func(q, k, v, packed, causal=True)
-            else:
-                out = reference.attention(q, k, v, causal=True, cu_seqlens=packed)
-        elif self.use_flash_attn:
-            out = flash_attn_func(q, k, v, causal=True)
-        else:
-            out = reference.attention(q, k, v, causal=True)
-        return self.output(out.reshape(batch, seq, -1))
+        attended = self.inner_attention(q, k, v, packed)
+        return self.output(attended.flatten(2))
 
 
 def _heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -277,38 +294,23 @@ class Decoder(nn.Module):
     stage's residual stream as hidden_states, one without the head returns its residual stream.
     """
 
-    def __init__(
-        self,
-        *,
-        family: str,
-        names: Names,
-        layers: list[DecoderLayer],
-        vocab_size: int,
-        hidden_size: int,
-        norm_type: str,
-        layer_norm_epsilon: float,
-        tie_word_embeddings: bool = False,
-        embed_grad_scale: float = 1.0,
-        checkpoint: bool | float = False,
-        dtype: str = "torch.float32",
-        embed_split_hidden: bool = True,
-        parallel_output: bool = True,
-    ):
+    def __init__(self, family: str, names: Names, layers: list[DecoderLayer], args: DecoderArgs):
         super().__init__()
         self.family, self.names = family, names
+        hidden_size, vocab_size = args.hidden_size, args.vocab_size
         self.num_layers, self.hidden_size, self.vocab_size = len(layers), hidden_size, vocab_size
-        self.embed_grad_scale = float(embed_grad_scale)
-        self.tie_word_embeddings = tie_word_embeddings
+        self.embed_grad_scale = float(args.embed_grad_scale)
+        self.tie_word_embeddings = args.tie_word_embeddings
         # How the model is trained, kept for whoever parallelizes and materializes it (pytrain.parallel):
-        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        self.checkpoint_fraction = float(checkpoint)
-        self.embed_split_hidden, self.parallel_output = embed_split_hidden, parallel_output
+        self.dtype = DTYPES[args.dtype] if isinstance(args.dtype, str) else args.dtype
+        self.checkpoint_fraction = float(args.checkpoint)
+        self.embed_split_hidden, self.parallel_output = args.embed_split_hidden, args.parallel_output
         self.recompute_layers = int(len(layers) * self.checkpoint_fraction)  # the first ones (per stage)
         self.add_module(names.embedding, nn.Embedding(vocab_size, hidden_size))
         self.add_module(names.layers, nn.ModuleDict({str(i): layer for i, layer in enumerate(layers)}))
-        self.add_module(names.norm, build_norm(norm_type, hidden_size, layer_norm_epsilon))
+        self.add_module(names.norm, build_norm(args.norm_type, hidden_size, args.layer_norm_epsilon))
         self.add_module(names.head, nn.Linear(hidden_size, vocab_size, bias=False))
-        if tie_word_embeddings:
+        if args.tie_word_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         self.to(self.dtype)  # on the meta device (initialize_model) this only records the dtype
 
@@ -391,48 +393,37 @@ def decoder_layers(
     names: Names,
     attention: type[Attention],
     attention_args: dict,
-    *,
-    num_layers: int,
-    hidden_size: int,
-    num_attention_heads: int,
-    num_kv_attention_heads: int | None,
-    mlp_ratio: float,
-    multiple_of: int,
-    mlp_bias: bool,
-    norm_type: str,
-    layer_norm_epsilon: float,
-    apply_post_layer_norm: bool,
-    rope_base: float,
-    qk_interleaved: bool,
-    use_flash_attn: bool,
-    head_dim: int | None = None,
+    args: DecoderArgs,
     mlp: Callable[[int, int], nn.Module] | None = None,
 ) -> list[DecoderLayer]:
-    """num_layers identical layers of a family: its attention class and arguments, the shared MLP and norms.
-    mlp(layer index, SwiGLU width): a family's own MLP (a mixture of experts, pytrain.model.moe)."""
-    kv_heads = num_kv_attention_heads or num_attention_heads
-    if num_attention_heads % kv_heads:
-        raise ValueError(
-            f"num_attention_heads={num_attention_heads} is not a multiple of num_kv_attention_heads={kv_heads}"
-        )
-    shape = AttentionShape(hidden_size, num_attention_heads, kv_heads, head_dim or hidden_size // num_attention_heads)
-    width = mlp_width(hidden_size, mlp_ratio, multiple_of)
+    """args.num_layers identical layers of a family: its attention class and arguments, the shared MLP and
+    norms. mlp(layer index, SwiGLU width): a family's own MLP (a mixture of experts, pytrain.model.moe)."""
+    heads = args.num_attention_heads
+    kv_heads = args.num_kv_attention_heads or heads
+    if heads % kv_heads:
+        raise ValueError(f"num_attention_heads={heads} is not a multiple of num_kv_attention_heads={kv_heads}")
+    hidden = args.hidden_size
+    shape = AttentionShape(hidden, heads, kv_heads, args.head_dim or hidden // heads)
+    # InternEvo: an unset qk_interleaved is `not adapt_hf` (adapt_hf=True: HF's rotate-half pairs)
+    interleaved = (not args.adapt_hf) if args.qk_interleaved is None else args.qk_interleaved
+    width = mlp_width(hidden, args.mlp_ratio, args.multiple_of)
+
+    def norm():
+        return build_norm(args.norm_type, hidden, args.layer_norm_epsilon)
+
     return [
         DecoderLayer(
             names,
             attention(
                 shape,
-                rope_base=rope_base,
-                qk_interleaved=qk_interleaved,
-                use_flash_attn=use_flash_attn,
+                rope_base=args.rope_base,
+                qk_interleaved=interleaved,
+                use_flash_attn=args.use_flash_attn,
                 **attention_args,
             ),
-            SwiGLU(hidden_size, width, bias=mlp_bias) if mlp is None else mlp(index, width),
-            (
-                build_norm(norm_type, hidden_size, layer_norm_epsilon),
-                build_norm(norm_type, hidden_size, layer_norm_epsilon),
-            ),
-            apply_post_layer_norm,
+            SwiGLU(hidden, width, bias=args.mlp_bias) if mlp is None else mlp(index, width),
+            (norm(), norm()),
+            args.apply_post_layer_norm,
         )
-        for index in range(num_layers)
+        for index in range(args.num_layers)
     ]

@@ -1,9 +1,13 @@
-"""The dense model families, registered in MODEL_INITIALIZER under InternEvo's model_type names.
+"""The model families, one `Family` spec each: what sets a family apart on the shared decoder.
 
-Each builder's keyword parameters are exactly the `model` fields that family takes, with the family's
-own defaults (InternEvo's builders'); the config fills a field the file does not set from here, and
-lists one the family does not take as ignored. A builder returns the whole plain model (pytrain.model.
-decoder); parallelism is applied to it afterwards (pytrain.parallel).
+A spec holds the family's parameter names (`Names`: its InternEvo checkpoints' keys), how it projects q, k
+and v (an `AttentionKind`, whose attention module's plan() also says how those projections split over
+tensor ranks), the fields it takes besides COMMON_FIELDS, InternEvo's defaults for it where they differ
+from DecoderArgs' (pytrain.model_args), and for a mixture of experts how its shared MLP mixes in.
+`Family.build(**fields)` is its builder: the fields it takes as keyword arguments, each missing one at the
+family's default, into the whole plain model. Parallelism is applied to that model afterwards
+(pytrain.parallel); the spec pytrain.specs registers in MODEL_INITIALIZER bundles a Family with its
+checkpoint adapters, which this package must not know.
 
 model_type (what it is): how q, k and v are projected; the parameter names.
 - INTERNLM (InternLM v1, 7B/20B): one Wqkv [q, k, v], biases unless no_bias; embedding, blocks.N.mixer /
@@ -24,10 +28,14 @@ as the dense MLP would be (mlp_ratio, multiple_of), routed per moe_type / top_k 
   expert (n times as wide) gated by sigmoid(`coefficient` [1, H]).
 """
 
-from pytrain.config import mlp_width
-from pytrain.registry import MODEL_INITIALIZER
+import inspect
+from collections.abc import Callable
+from dataclasses import astuple, dataclass, field, replace
+
+from pytrain.model_args import COMMON_FIELDS, DEFAULTS, MOE_FIELDS, DecoderArgs
 
 from .decoder import (
+    Attention,
     Decoder,
     FusedQKVAttention,
     GroupedQKVAttention,
@@ -35,356 +43,154 @@ from .decoder import (
     SeparateQKVAttention,
     decoder_layers,
 )
-from .moe import MoE, routing_from_fields
+from .moe import moe_mlp
+
+
+@dataclass(frozen=True)
+class AttentionKind:
+    """How a family projects q, k and v: `projections(args)` -> (the Attention class, its arguments), chosen
+    by the fields the kind adds to the family's (qk_interleaved, the rotary convention, in each)."""
+
+    fields: tuple[str, ...]
+    projections: Callable[[DecoderArgs], tuple[type[Attention], dict]]
+
+
+def _internlm2_projections(args: DecoderArgs) -> tuple[type[Attention], dict]:
+    if args.enable_qkv_fusion:
+        return GroupedQKVAttention, dict(bias=not args.no_bias)
+    return SeparateQKVAttention, dict(qkv_bias=not args.no_bias, o_bias=not args.no_bias)
+
+
+# InternLM v1's one Wqkv [q; k; v] and out_proj, biased unless no_bias
+FUSED_QKV = AttentionKind(("no_bias", "qk_interleaved"), lambda args: (FusedQKVAttention, dict(bias=not args.no_bias)))
+# InternLM2's grouped wqkv (or wq, wk, wv without enable_qkv_fusion) and wo, biased unless no_bias
+INTERNLM2_QKV = AttentionKind(("no_bias", "enable_qkv_fusion", "qk_interleaved"), _internlm2_projections)
+# wq, wk, wv (qkv_bias) and wo (o_bias)
+SEPARATE_QKV = AttentionKind(
+    ("qkv_bias", "o_bias", "qk_interleaved"),
+    lambda args: (SeparateQKVAttention, dict(qkv_bias=args.qkv_bias, o_bias=args.o_bias)),
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family on the shared decoder (the module docstring). `defaults`: InternEvo's defaults for
+    this family where they differ from DecoderArgs'; `fields`: what it takes besides COMMON_FIELDS and its
+    attention's fields (MOE_FIELDS come with `experts`); `experts`: a mixture of experts whose shared MLP is
+    InternLM's softmax-mixed "residual" one or Qwen2-MoE's sigmoid-gated "shared" expert."""
+
+    name: str
+    names: Names
+    attention: AttentionKind
+    defaults: dict = field(default_factory=dict)
+    fields: tuple[str, ...] = ()
+    experts: str | None = None
+
+    def __post_init__(self):
+        unknown = self._taken() - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"{self.name}: {sorted(unknown)} are not model fields (pytrain.model_args.DecoderArgs)")
+        not_taken = set(self.defaults) - self._taken()
+        if not_taken:
+            raise ValueError(f"{self.name}: defaults for {sorted(not_taken)}, which the family does not take")
+        clash = [name for name in astuple(self.names) if hasattr(Decoder, name)]
+        if clash:
+            raise ValueError(f"{self.name}: the names {clash} are taken by Decoder's attributes; pick others")
+        if self.experts not in (None, "residual", "shared"):
+            raise ValueError(f"{self.name}: experts={self.experts!r}: 'residual', 'shared' or None (dense)")
+
+    def _taken(self) -> set[str]:
+        return {*COMMON_FIELDS, *self.attention.fields, *self.fields, *(MOE_FIELDS if self.experts else ())}
+
+    @property
+    def parameters(self) -> dict:
+        """The fields this family takes, each with its default, in DecoderArgs' order."""
+        taken = self._taken()
+        return {name: self.defaults.get(name, default) for name, default in DEFAULTS.items() if name in taken}
+
+    @property
+    def signature(self) -> inspect.Signature:
+        """build's signature as a function of exactly the family's fields would have it (what the config reads)."""
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        return inspect.Signature(
+            [inspect.Parameter(name, keyword, default=default) for name, default in self.parameters.items()],
+            return_annotation=Decoder,
+        )
+
+    def args(self, **fields) -> DecoderArgs:
+        """The decoder's arguments: the given fields over the family's defaults."""
+        unknown = set(fields) - set(self.parameters)
+        if unknown:
+            raise TypeError(f"{self.name} takes no field {', '.join(sorted(unknown))}")
+        return DecoderArgs(**{**self.defaults, **fields})
+
+    def build(self, **fields) -> Decoder:
+        args = self.args(**fields)
+        attention, attention_args = self.attention.projections(args)
+        mlp = moe_mlp(args, self.experts) if self.experts else None
+        return Decoder(self.name, self.names, decoder_layers(self.names, attention, attention_args, args, mlp), args)
+
 
 INTERNLM_NAMES = Names("embedding", "blocks", "mixer", "mlp", "norm1", "norm2", "norm", "head")
 INTERNLM2_NAMES = Names(
     "tok_embeddings", "layers", "attention", "feed_forward", "attention_norm", "ffn_norm", "norm", "output"
 )
-QWEN2_NAMES = Names(
-    "embed_tokens", "layers", "attention", "feed_forward", "attention_norm", "ffn_norm", "norm", "output"
+QWEN2_NAMES = replace(INTERNLM2_NAMES, embedding="embed_tokens")
+
+# Qwen2-7B's and Qwen2-57B-A14B's
+QWEN2_SIZE = dict(num_layers=28, hidden_size=3584, num_attention_heads=28, num_kv_attention_heads=4)
+
+# InternLM v1 (InternLM-7B: bias on Wqkv and out_proj, no MLP bias)
+INTERNLM = Family("INTERNLM", INTERNLM_NAMES, FUSED_QKV, dict(qk_interleaved=False))
+# InternLM2 / InternLM2.5 (GQA, the grouped wqkv; InternLM2-7B: no_bias=True, 8 kv heads)
+INTERNLM2 = Family("INTERNLM2", INTERNLM2_NAMES, INTERNLM2_QKV, dict(vocab_size=92544, mlp_ratio=4.0), ("adapt_hf",))
+# LLaMA 2 / 3 (Llama-2-7B: no_bias=True, mlp_ratio 2.6875 with multiple_of 256 -> 11008)
+LLAMA2 = Family(
+    "LLAMA2",
+    INTERNLM2_NAMES,
+    INTERNLM2_QKV,
+    dict(vocab_size=32000, mlp_ratio=4.0, enable_qkv_fusion=False, adapt_hf=False),
+    ("head_dim", "adapt_hf"),
+)
+# Qwen2 / Qwen2.5 (bias on wq, wk, wv; Qwen2-7B: 28 heads, 4 kv heads, MLP 18944 = mlp_ratio 37/7)
+QWEN2 = Family(
+    "QWEN2",
+    QWEN2_NAMES,
+    SEPARATE_QKV,
+    dict(QWEN2_SIZE, vocab_size=152064, mlp_ratio=4.0, layer_norm_epsilon=1e-6, rope_base=1e6, qk_interleaved=False),
+    ("mlp_bias", "head_dim"),
+)
+# InternLM v1 with MoE MLPs (InternLM's 7B_MoE4_sft: 4 experts, top-2; moe_use_residual = InternEvo's later
+# num_shared_experts=1)
+INTERNLM_MOE = Family(
+    "INTERNLM_MoE", INTERNLM_NAMES, FUSED_QKV, dict(qk_interleaved=False), ("moe_use_residual",), experts="residual"
+)
+# Mixtral (Mixtral-8x7B: num_experts=8, top_k=2, qkv_bias=False, 14336-wide experts = mlp_ratio 3.5;
+# InternEvo's class default qkv_bias=True is kept)
+MIXTRAL_MOE = Family(
+    "MIXTRALMOE",
+    INTERNLM_NAMES,
+    SEPARATE_QKV,
+    dict(vocab_size=32000, num_kv_attention_heads=8, mlp_ratio=3.5, rope_base=1e6, qk_interleaved=False),
+    ("head_dim",),
+    experts="residual",
+)
+# Qwen2-MoE (Qwen2-57B-A14B: 64 experts 2560 wide = mlp_ratio 5/7, top_k=8, num_shared_experts=8; for HF's
+# routing use moe_type="Dropless" with moe_layer_kwargs=dict(normalize_expert_weights=norm_topk_prob))
+QWEN2_MOE = Family(
+    "QWEN2MOE",
+    QWEN2_NAMES,
+    SEPARATE_QKV,
+    dict(QWEN2_SIZE, vocab_size=151936, mlp_ratio=5 / 7, layer_norm_epsilon=1e-6, rope_base=1e6, qk_interleaved=False),
+    ("head_dim",),
+    experts="shared",
 )
 
-
-def _decoder(
-    family,
-    names,
-    attention,
-    attention_args,
-    *,
-    vocab_size,
-    tie_word_embeddings,
-    embed_grad_scale,
-    checkpoint,
-    dtype,
-    embed_split_hidden,
-    parallel_output,
-    num_chunks,
-    **layer_fields,
-) -> Decoder:
-    del num_chunks  # pipeline chunks per rank: read by initialize_model when it cuts the stages
-    moe = {key: layer_fields.pop(key) for key in MOE_FIELDS if key in layer_fields}
-    if moe:
-        layer_fields["mlp"] = _moe_mlp(layer_fields, **moe)
-    return Decoder(
-        family=family,
-        names=names,
-        layers=decoder_layers(names, attention, attention_args, **layer_fields),
-        vocab_size=vocab_size,
-        hidden_size=layer_fields["hidden_size"],
-        norm_type=layer_fields["norm_type"],
-        layer_norm_epsilon=layer_fields["layer_norm_epsilon"],
-        tie_word_embeddings=tie_word_embeddings,
-        embed_grad_scale=embed_grad_scale,
-        checkpoint=checkpoint,
-        dtype=dtype,
-        embed_split_hidden=embed_split_hidden,
-        parallel_output=parallel_output,
-    )
-
-
-MOE_FIELDS = ("num_experts", "top_k", "moe_type", "moe_layer_kwargs", "num_shared_experts", "shared_kind")
-
-
-def _moe_mlp(layer_fields, *, num_experts, top_k, moe_type, moe_layer_kwargs, num_shared_experts, shared_kind):
-    """The MLP factory of a mixture-of-experts family (None: dense, num_experts <= 1)."""
-    if num_experts <= 1:
-        return None
-    if num_shared_experts < 0:
-        raise ValueError(f"num_shared_experts={num_shared_experts} must be >= 0")
-    routing, _ = routing_from_fields(moe_type, num_experts, top_k, moe_layer_kwargs)
-    hidden, ratio, multiple_of = layer_fields["hidden_size"], layer_fields["mlp_ratio"], layer_fields["multiple_of"]
-    shared = None
-    if num_shared_experts:  # InternEvo: int(int(hidden * mlp_ratio) * n), rounded up to multiple_of
-        shared = (shared_kind, mlp_width(int(hidden * ratio) * num_shared_experts, 1.0, multiple_of))
-    return lambda index, width: MoE(hidden, width, routing, shared)
-
-
-def _qk_interleaved(qk_interleaved: bool | None, adapt_hf: bool) -> bool:
-    """InternEvo: an unset qk_interleaved is `not adapt_hf` (adapt_hf=True: HF's rotate-half pairs)."""
-    return (not adapt_hf) if qk_interleaved is None else qk_interleaved
-
-
-@MODEL_INITIALIZER.register_module(module_name="INTERNLM")
-def build_internlm(
-    *,
-    num_layers: int = 32,
-    hidden_size: int = 4096,
-    num_attention_heads: int = 32,
-    vocab_size: int = 103168,
-    num_kv_attention_heads: int | None = None,
-    mlp_ratio: float = 8 / 3,
-    multiple_of: int = 256,
-    no_bias: bool = False,
-    norm_type: str = "rmsnorm",
-    layer_norm_epsilon: float = 1e-5,
-    apply_post_layer_norm: bool = False,
-    rope_base: float = 10000.0,
-    qk_interleaved: bool = False,
-    use_flash_attn: bool = True,
-    tie_word_embeddings: bool = False,
-    embed_grad_scale: float = 1.0,
-    checkpoint: bool | float = False,
-    dtype: str = "torch.bfloat16",
-    embed_split_hidden: bool = True,
-    parallel_output: bool = True,
-    num_chunks: int = 1,
-) -> Decoder:
-    """InternLM v1 (InternLM-7B: bias on Wqkv and out_proj, no MLP bias)."""
-    fields = locals()
-    bias = not fields.pop("no_bias")
-    return _decoder("INTERNLM", INTERNLM_NAMES, FusedQKVAttention, dict(bias=bias), mlp_bias=False, **fields)
-
-
-def _build_internlm2_or_llama(family, names, *, enable_qkv_fusion, no_bias, qk_interleaved, adapt_hf, **fields):
-    if enable_qkv_fusion:
-        attention, args = GroupedQKVAttention, dict(bias=not no_bias)
-    else:
-        attention, args = SeparateQKVAttention, dict(qkv_bias=not no_bias, o_bias=not no_bias)
-    return _decoder(
-        family,
-        names,
-        attention,
-        args,
-        mlp_bias=False,
-        qk_interleaved=_qk_interleaved(qk_interleaved, adapt_hf),
-        **fields,
-    )
-
-
-@MODEL_INITIALIZER.register_module(module_name="INTERNLM2")
-def build_internlm2(
-    *,
-    num_layers: int = 32,
-    hidden_size: int = 4096,
-    num_attention_heads: int = 32,
-    vocab_size: int = 92544,
-    num_kv_attention_heads: int | None = None,
-    mlp_ratio: float = 4.0,
-    multiple_of: int = 256,
-    no_bias: bool = False,
-    enable_qkv_fusion: bool = True,
-    norm_type: str = "rmsnorm",
-    layer_norm_epsilon: float = 1e-5,
-    apply_post_layer_norm: bool = False,
-    rope_base: float = 10000.0,
-    qk_interleaved: bool | None = None,
-    adapt_hf: bool = True,
-    use_flash_attn: bool = True,
-    tie_word_embeddings: bool = False,
-    embed_grad_scale: float = 1.0,
-    checkpoint: bool | float = False,
-    dtype: str = "torch.bfloat16",
-    embed_split_hidden: bool = True,
-    parallel_output: bool = True,
-    num_chunks: int = 1,
-) -> Decoder:
-    """InternLM2 / InternLM2.5 (GQA, the grouped wqkv; InternLM2-7B: no_bias=True, 8 kv heads)."""
-    return _build_internlm2_or_llama("INTERNLM2", INTERNLM2_NAMES, **locals())
-
-
-@MODEL_INITIALIZER.register_module(module_name="LLAMA2")
-def build_llama2(
-    *,
-    num_layers: int = 32,
-    hidden_size: int = 4096,
-    num_attention_heads: int = 32,
-    vocab_size: int = 32000,
-    num_kv_attention_heads: int | None = None,
-    mlp_ratio: float = 4.0,
-    multiple_of: int = 256,
-    no_bias: bool = False,
-    enable_qkv_fusion: bool = False,
-    head_dim: int | None = None,
-    norm_type: str = "rmsnorm",
-    layer_norm_epsilon: float = 1e-5,
-    apply_post_layer_norm: bool = False,
-    rope_base: float = 10000.0,
-    qk_interleaved: bool | None = None,
-    adapt_hf: bool = False,
-    use_flash_attn: bool = True,
-    tie_word_embeddings: bool = False,
-    embed_grad_scale: float = 1.0,
-    checkpoint: bool | float = False,
-    dtype: str = "torch.bfloat16",
-    embed_split_hidden: bool = True,
-    parallel_output: bool = True,
-    num_chunks: int = 1,
-) -> Decoder:
-    """LLaMA 2 / 3 (Llama-2-7B: no_bias=True, mlp_ratio 2.6875 with multiple_of 256 -> 11008)."""
-    return _build_internlm2_or_llama("LLAMA2", INTERNLM2_NAMES, **locals())
-
-
-@MODEL_INITIALIZER.register_module(module_name="QWEN2")
-def build_qwen2(
-    *,
-    num_layers: int = 28,
-    hidden_size: int = 3584,
-    num_attention_heads: int = 28,
-    vocab_size: int = 152064,
-    num_kv_attention_heads: int | None = 4,
-    mlp_ratio: float = 4.0,
-    multiple_of: int = 256,
-    qkv_bias: bool = True,
-    o_bias: bool = False,
-    mlp_bias: bool = False,
-    head_dim: int | None = None,
-    norm_type: str = "rmsnorm",
-    layer_norm_epsilon: float = 1e-6,
-    apply_post_layer_norm: bool = False,
-    rope_base: float = 1000000.0,
-    qk_interleaved: bool = False,
-    use_flash_attn: bool = True,
-    tie_word_embeddings: bool = False,
-    embed_grad_scale: float = 1.0,
-    checkpoint: bool | float = False,
-    dtype: str = "torch.bfloat16",
-    embed_split_hidden: bool = True,
-    parallel_output: bool = True,
-    num_chunks: int = 1,
-) -> Decoder:
-    """Qwen2 / Qwen2.5 (bias on wq, wk, wv; Qwen2-7B: 28 heads, 4 kv heads, MLP 18944 = mlp_ratio 37/7)."""
-    fields = locals()
-    biases = dict(qkv_bias=fields.pop("qkv_bias"), o_bias=fields.pop("o_bias"))
-    return _decoder("QWEN2", QWEN2_NAMES, SeparateQKVAttention, biases, **fields)
-
-
-@MODEL_INITIALIZER.register_module(module_name="INTERNLM_MoE")
-def build_internlm_moe(
-    *,
-    num_layers: int = 32,
-    hidden_size: int = 4096,
-    num_attention_heads: int = 32,
-    vocab_size: int = 103168,
-    num_kv_attention_heads: int | None = None,
-    mlp_ratio: float = 8 / 3,
-    multiple_of: int = 256,
-    no_bias: bool = False,
-    norm_type: str = "rmsnorm",
-    layer_norm_epsilon: float = 1e-5,
-    apply_post_layer_norm: bool = False,
-    rope_base: float = 10000.0,
-    qk_interleaved: bool = False,
-    use_flash_attn: bool = True,
-    tie_word_embeddings: bool = False,
-    embed_grad_scale: float = 1.0,
-    checkpoint: bool | float = False,
-    dtype: str = "torch.bfloat16",
-    embed_split_hidden: bool = True,
-    parallel_output: bool = True,
-    num_chunks: int = 1,
-    num_experts: int = 1,
-    top_k: int = 1,
-    moe_type: str | None = "GShard",
-    moe_use_residual: bool = False,
-    num_shared_experts: int = 0,
-    moe_layer_kwargs: dict | None = None,
-) -> Decoder:
-    """InternLM v1 with MoE MLPs (InternLM's 7B_MoE4_sft: 4 experts, top-2; moe_use_residual = InternEvo's
-    later num_shared_experts=1)."""
-    fields = locals()
-    bias = not fields.pop("no_bias")
-    if fields.pop("moe_use_residual") and not fields["num_shared_experts"]:
-        fields["num_shared_experts"] = 1
-    return _decoder(
-        "INTERNLM_MoE",
-        INTERNLM_NAMES,
-        FusedQKVAttention,
-        dict(bias=bias),
-        mlp_bias=False,
-        shared_kind="residual",
-        **fields,
-    )
-
-
-@MODEL_INITIALIZER.register_module(module_name="MIXTRALMOE")
-def build_mixtral_moe(
-    *,
-    num_layers: int = 32,
-    hidden_size: int = 4096,
-    num_attention_heads: int = 32,
-    vocab_size: int = 32000,
-    num_kv_attention_heads: int | None = 8,
-    mlp_ratio: float = 3.5,
-    multiple_of: int = 256,
-    qkv_bias: bool = True,
-    o_bias: bool = False,
-    head_dim: int | None = None,
-    norm_type: str = "rmsnorm",
-    layer_norm_epsilon: float = 1e-5,
-    apply_post_layer_norm: bool = False,
-    rope_base: float = 1000000.0,
-    qk_interleaved: bool = False,
-    use_flash_attn: bool = True,
-    tie_word_embeddings: bool = False,
-    embed_grad_scale: float = 1.0,
-    checkpoint: bool | float = False,
-    dtype: str = "torch.bfloat16",
-    embed_split_hidden: bool = True,
-    parallel_output: bool = True,
-    num_chunks: int = 1,
-    num_experts: int = 1,
-    top_k: int = 1,
-    moe_type: str | None = "GShard",
-    num_shared_experts: int = 0,
-    moe_layer_kwargs: dict | None = None,
-) -> Decoder:
-    """Mixtral (Mixtral-8x7B: num_experts=8, top_k=2, qkv_bias=False, 14336-wide experts = mlp_ratio 3.5;
-    InternEvo's class default qkv_bias=True is kept)."""
-    fields = locals()
-    biases = dict(qkv_bias=fields.pop("qkv_bias"), o_bias=fields.pop("o_bias"))
-    return _decoder(
-        "MIXTRALMOE",
-        INTERNLM_NAMES,
-        SeparateQKVAttention,
-        biases,
-        mlp_bias=False,
-        shared_kind="residual",
-        **fields,
-    )
-
-
-@MODEL_INITIALIZER.register_module(module_name="QWEN2MOE")
-def build_qwen2_moe(
-    *,
-    num_layers: int = 28,
-    hidden_size: int = 3584,
-    num_attention_heads: int = 28,
-    vocab_size: int = 151936,
-    num_kv_attention_heads: int | None = 4,
-    mlp_ratio: float = 5 / 7,
-    multiple_of: int = 256,
-    qkv_bias: bool = True,
-    o_bias: bool = False,
-    head_dim: int | None = None,
-    norm_type: str = "rmsnorm",
-    layer_norm_epsilon: float = 1e-6,
-    apply_post_layer_norm: bool = False,
-    rope_base: float = 1000000.0,
-    qk_interleaved: bool = False,
-    use_flash_attn: bool = True,
-    tie_word_embeddings: bool = False,
-    embed_grad_scale: float = 1.0,
-    checkpoint: bool | float = False,
-    dtype: str = "torch.bfloat16",
-    embed_split_hidden: bool = True,
-    parallel_output: bool = True,
-    num_chunks: int = 1,
-    num_experts: int = 1,
-    top_k: int = 1,
-    moe_type: str | None = "GShard",
-    num_shared_experts: int = 0,
-    moe_layer_kwargs: dict | None = None,
-) -> Decoder:
-    """Qwen2-MoE (Qwen2-57B-A14B: 64 experts 2560 wide = mlp_ratio 5/7, top_k=8, num_shared_experts=8; for
-    HF's routing use moe_type="Dropless" with moe_layer_kwargs=dict(normalize_expert_weights=norm_topk_prob))."""
-    fields = locals()
-    biases = dict(qkv_bias=fields.pop("qkv_bias"), o_bias=fields.pop("o_bias"))
-    return _decoder(
-        "QWEN2MOE", QWEN2_NAMES, SeparateQKVAttention, biases, mlp_bias=False, shared_kind="shared", **fields
-    )
-
-
-# InternEvo's other names for the same families.
-MODEL_INITIALIZER.register_module(module_name="INTERNLM2_PUBLIC", module=build_internlm2)
-MODEL_INITIALIZER.register_module(module_name="LLAMA", module=build_llama2)
+# The builders by InternEvo's function names
+build_internlm = INTERNLM.build
+build_internlm2 = INTERNLM2.build
+build_llama2 = LLAMA2.build
+build_qwen2 = QWEN2.build
+build_internlm_moe = INTERNLM_MOE.build
+build_mixtral_moe = MIXTRAL_MOE.build
+build_qwen2_moe = QWEN2_MOE.build

@@ -33,7 +33,8 @@ The two seams where kernels and expert parallelism plug in without touching the 
   back to the host (on a GPU a synchronization); `runs_dropped(device)`: whether the dispatcher would rather be
   given dropped assignments with their expert id (and weight 0) than as -1 (LocalDispatcher on a GPU).
 
-Routing (`Routing`, from model.moe_type and model.moe_layer_kwargs, see `routing_from_fields`):
+Routing (`Routing`, from model.moe_type and model.moe_layer_kwargs: pytrain.model_args.routing_from_fields,
+which the config also runs to validate a file):
 - "GShard" (InternEvo's default; its fused top-k gating): softmax, top-k; capacity per expert
   ceil(k * T / E * capacity_factor) (eval_capacity_factor in eval mode), at least min_capacity;
   assignments fill it first choices first, each in token order, the rest are dropped; the weights are
@@ -58,8 +59,7 @@ Each forward also adds its aux loss (detached, not again when recomputed in the 
 sum the trainer reads for the `moe_loss` metric.
 """
 
-import math
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,134 +67,9 @@ from torch import nn
 
 from pytrain.kernels import grouped_mm, moe_permute, moe_unpermute
 from pytrain.kernels._backend import runs_triton
+from pytrain.model_args import DecoderArgs, Routing, mlp_width, routing_from_fields
 
 from .decoder import SwiGLU
-
-MOE_TYPES = ("GShard", "Dropless")
-UNAVAILABLE_MOE_TYPES = ("MegaBlock", "MegaBlock-D", "MegaBlock-Dropless")
-
-# moe_layer_kwargs per moe_type: name -> (default, types, kind, allowed values or None); kind "acts",
-# "ignored" (an implementation choice of InternEvo's, same math) or "unavailable" (only `allowed`).
-NUMBER = (int, float)
-NONE = type(None)
-MOE_LAYER_KWARGS = {
-    "GShard": {
-        "capacity_factor": (1.0, NUMBER, "acts", None),
-        "eval_capacity_factor": (1.0, NUMBER, "acts", None),
-        "min_capacity": (4, int, "acts", None),
-        "drop_tokens": (True, bool, "acts", None),
-        "use_fused_gating": (True, bool, "acts", None),
-        "use_rts": (True, bool, "acts", None),
-        "noisy_gate_policy": (None, (str, NONE), "unavailable", (None, "None")),
-        "use_grouped_mlp": (True, bool, "ignored", None),
-    },
-    "Dropless": {
-        "normalize_expert_weights": (True, bool, "acts", None),
-        "capacity_factor": (None, (*NUMBER, NONE), "unavailable", (None,)),
-        "drop_and_pad": (False, bool, "unavailable", (False,)),
-        "noisy_gate_policy": (None, (str, NONE), "unavailable", (None, "None")),
-        "drop_policy": ("probs", str, "ignored", None),
-        "enable_fused_permute": (True, bool, "ignored", None),
-        "token_dispatch_policy": ("alltoall", str, "ignored", None),
-        "use_grouped_mlp": (True, bool, "ignored", None),
-        "deterministic_mode": (False, bool, "ignored", None),
-    },
-}
-
-
-@dataclass(frozen=True)
-class Routing:
-    """How a layer routes tokens (see the module docstring)."""
-
-    kind: str  # "GShard" or "Dropless"
-    num_experts: int
-    top_k: int
-    capacity_factor: float = 1.0
-    eval_capacity_factor: float = 1.0
-    min_capacity: int = 4
-    drop_tokens: bool = True  # GShard: False = no capacity
-    normalize: bool = True  # renormalise the kept choices' weights to sum to 1
-
-    def capacity(self, tokens: int, training: bool) -> int | None:
-        """Assignments each expert takes (None: unlimited)."""
-        if self.kind != "GShard" or not self.drop_tokens:
-            return None
-        factor = self.capacity_factor if training else self.eval_capacity_factor
-        return max(math.ceil(self.top_k * tokens / self.num_experts * factor), self.min_capacity)
-
-
-def routing_from_fields(
-    moe_type: str | None, num_experts: int, top_k: int, moe_layer_kwargs: dict | None
-) -> tuple[Routing, tuple[str, ...]]:
-    """(Routing, the moe_layer_kwargs given that have no effect here); a ValueError names a field pytrain
-    cannot run (random gating, capacity in Dropless, MegaBlock)."""
-    moe_type = moe_type or "GShard"  # InternEvo's launch fills in "GShard"
-    if moe_type in UNAVAILABLE_MOE_TYPES:
-        raise ValueError(f"moe_type={moe_type!r} (MegaBlocks) is not available in pytrain; use 'GShard' or 'Dropless'")
-    if moe_type not in MOE_TYPES:
-        raise ValueError(f"moe_type={moe_type!r}: must be one of {', '.join(map(repr, MOE_TYPES))}")
-    if num_experts < 2:
-        raise ValueError(f"num_experts={num_experts}: a mixture of experts needs at least 2")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k={top_k} must be within [1, num_experts={num_experts}]")
-    table = MOE_LAYER_KWARGS[moe_type]
-    given = dict(moe_layer_kwargs or {})
-    ignored = []
-    for key, value in given.items():
-        if key not in table:
-            known = ", ".join(table)
-            raise ValueError(f"moe_layer_kwargs[{key!r}]: not a setting of moe_type {moe_type!r}; known: {known}")
-        _, types, kind, allowed = table[key]
-        types = types if isinstance(types, tuple) else (types,)
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            names = " | ".join("None" if t is NONE else t.__name__ for t in types)
-            raise ValueError(f"moe_layer_kwargs[{key!r}] = {value!r}: expected {names}")
-        if kind == "unavailable" and value not in allowed:
-            raise ValueError(
-                f"moe_layer_kwargs[{key!r}] = {value!r} is not available in pytrain ({_WHY[key]}); "
-                f"leave it at {allowed[0]!r}"
-            )
-        if kind == "ignored":
-            ignored.append(key)
-    settings = {key: spec[0] for key, spec in table.items()} | given
-    if moe_type == "Dropless":
-        return Routing("Dropless", num_experts, top_k, normalize=settings["normalize_expert_weights"]), tuple(ignored)
-    for key in ("capacity_factor", "eval_capacity_factor"):
-        if settings[key] <= 0:
-            raise ValueError(f"moe_layer_kwargs[{key!r}] = {settings[key]!r}: must be > 0")
-    if settings["min_capacity"] < 0:
-        raise ValueError(f"moe_layer_kwargs['min_capacity'] = {settings['min_capacity']}: must be >= 0")
-    fused = settings["use_fused_gating"] or top_k > 2  # InternEvo: top_k > 2 always takes the fused gating
-    if not fused:
-        if top_k == 2:
-            raise ValueError(
-                "moe_layer_kwargs['use_fused_gating'] = False with top_k=2 is DeepSpeed's top-2 gating, which draws "
-                "the second expert with Gumbel noise: not available in pytrain; leave use_fused_gating at True"
-            )
-        if settings["use_rts"] and settings["drop_tokens"]:
-            raise ValueError(
-                "moe_layer_kwargs['use_rts'] = True with use_fused_gating=False: random token selection (which "
-                "tokens an over-full expert keeps, drawn at random) is not available in pytrain; set use_rts=False "
-                "(tokens are kept in order)"
-            )
-    routing = Routing(
-        "GShard",
-        num_experts,
-        top_k,
-        capacity_factor=float(settings["capacity_factor"]),
-        eval_capacity_factor=float(settings["eval_capacity_factor"]),
-        min_capacity=settings["min_capacity"],
-        drop_tokens=settings["drop_tokens"],
-        normalize=fused,
-    )
-    return routing, tuple(ignored)
-
-
-_WHY = {
-    "noisy_gate_policy": "Jitter and RSample add random noise to the router",
-    "capacity_factor": "Dropless with a capacity",
-    "drop_and_pad": "Dropless with a capacity",
-}
 
 
 def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -379,6 +254,22 @@ class MoE(nn.Module):
         """Parameters writing into the residual stream (Decoder.residual_outputs): the experts' down
         projections and the dense residual MLP's."""
         return ("moe_layer.experts.w2", "residual_mlp.w2.weight") if self.shared_kind else ("moe_layer.experts.w2",)
+
+
+def moe_mlp(args: DecoderArgs, shared_kind: str) -> Callable[[int, int], MoE] | None:
+    """The MLP factory (layer index, width) of a mixture-of-experts family whose shared MLP is of shared_kind
+    ("residual" or "shared"); None: the dense SwiGLU (num_experts <= 1, as InternEvo)."""
+    if args.num_experts <= 1:
+        return None
+    shared_experts = args.num_shared_experts or int(args.moe_use_residual)  # InternLM's residual MoE: one
+    if shared_experts < 0:
+        raise ValueError(f"num_shared_experts={shared_experts} must be >= 0")
+    routing, _ = routing_from_fields(args.moe_type, args.num_experts, args.top_k, args.moe_layer_kwargs)
+    hidden = args.hidden_size
+    shared = None
+    if shared_experts:  # InternEvo: int(int(hidden * mlp_ratio) * n), rounded up to multiple_of
+        shared = (shared_kind, mlp_width(int(hidden * args.mlp_ratio) * shared_experts, 1.0, args.multiple_of))
+    return lambda index, width: MoE(hidden, width, routing, shared)
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -26,8 +26,6 @@ def initialize_model(config: Config | None = None) -> nn.Module:
     stage(s), split over its tensor group and materialized holding only its shards (pytrain.parallel.
     parallelize): a ModelPart. A user-registered model without a tensor-parallel plan is built on the
     device and runs whole (data parallelism only)."""
-    import pytrain.model  # noqa: F401  (registers the families)
-
     cfg = gpc.require_config(config)
     builder = MODEL_INITIALIZER.get_module(cfg.model_type)
     if cfg.model.get("dtype") == "torch.tf32":

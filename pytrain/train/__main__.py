@@ -177,8 +177,6 @@ def run_steps(
 
 def dry_run(args) -> None:
     """--dry_run: validate the config and build the model on the meta device (no memory, no processes)."""
-    import pytrain.model  # noqa: F401  (registers the families)
-
     cfg = Config.from_file(args.config, overrides=args.overrides)
     world_size = int(os.environ.get("WORLD_SIZE", args.world_size or 1))
     data_parallel = check_world_size(cfg, world_size, args.config)

@@ -301,7 +301,6 @@ class TrainingCheckpoints:
 
     def _whole_model(self):
         if self.whole_model is None:
-            import pytrain.model  # noqa: F401  (registers the families)
             from pytrain.registry import MODEL_INITIALIZER
 
             with torch.device("meta"):
