@@ -1,8 +1,9 @@
-"""The packages' import rules (README's Layout): a model family knows nothing of parallelism, training or checkpoint
+"""The packages' import rules (README's Architecture): a model family knows nothing of parallelism, training or checkpoint
 formats (those are applied to it from outside; pytrain.specs, above both, bundles a family with its checkpoint
 adapters), nor of the config; the config nothing of the model package (both read the model fields from
 pytrain.model_args, which imports nothing of pytrain); and pytrain.kernels, which other projects import alone,
-nothing of pytrain outside itself. Read from the sources, so an import inside a function counts too."""
+nothing of pytrain outside itself; the layout (pytrain.parallel) no optimizer, data, checkpoint or monitor;
+and no piece the assembly (pytrain.train, pytrain.initialize). Read from the sources, so an import inside a function counts too."""
 
 import ast
 from pathlib import Path
@@ -52,6 +53,24 @@ RULES = {
     "config.py": (("pytrain.model", "pytrain.specs"), ()),
     "model_args.py": (("pytrain",), ()),
     "kernels": (("pytrain",), ("pytrain.kernels", "pytrain.triton", "pytrain._C", "pytrain._C_cuda")),
+    # the layout and its application know no optimizer, data, checkpoint format or family registry
+    "parallel": (
+        (
+            "pytrain.train",
+            "pytrain.initialize",
+            "pytrain.solver",
+            "pytrain.data",
+            "pytrain.checkpoint",
+            "pytrain.monitor",
+            "pytrain.specs",
+        ),
+        (),
+    ),
+    # the pieces a run is assembled from know nothing of the assembly
+    **{
+        where: (("pytrain.train", "pytrain.initialize"), ())
+        for where in ("solver", "data", "monitor", "checkpoint", "specs.py")
+    },
 }
 
 

@@ -42,9 +42,9 @@ def build_every_rank(dims: ParallelDims, timeout=datetime.timedelta(seconds=60))
         finally:
             mesh = None
             dist.destroy_process_group()
-            # a DeviceMesh holds reference cycles: free its groups now, not in a process forked later
-            # (a multiprocessing Manager) whose garbage collector would finalize them there
-            gc.collect()
+    # a DeviceMesh holds reference cycles: free its groups now, not in a process forked later (a
+    # multiprocessing Manager) whose garbage collector would finalize them there
+    gc.collect()
     return out
 
 
