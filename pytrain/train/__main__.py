@@ -124,6 +124,7 @@ def report_start(cfg: Config, mesh: ParallelMesh, model, optimizer, params: int,
     if not gpc.is_main_rank:
         return
     data = cfg.data
+    offload_on_cpu = cfg.selective_checkpoint_offload and gpc.device.type == "cpu"
     layout = (
         f"data {mesh.dims.data} x tensor {mesh.dims.tensor} ({cfg.parallel.tensor.mode}) x "
         f"pipeline {mesh.dims.pipeline}"
@@ -135,7 +136,8 @@ def report_start(cfg: Config, mesh: ParallelMesh, model, optimizer, params: int,
         f"{data.seq_len} tokens per data-parallel rank; optimizer state "
         f"{min(state_bytes):.1f}-{max(state_bytes):.1f} bytes per parameter per rank; peak {peak:.2f} "
         f"TFLOPS per rank ({peak_source}); run folder {gpc.run_folder}"
-        + (f"; ignored here: {', '.join(cfg.ignored_here)}" if cfg.ignored_here else ""),
+        + (f"; ignored here: {', '.join(cfg.ignored_here)}" if cfg.ignored_here else "")
+        + ("; selective_checkpoint_offload: a no-op on the CPU" if offload_on_cpu else ""),
         flush=True,
     )
 
