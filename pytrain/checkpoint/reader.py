@@ -70,8 +70,8 @@ class CheckpointReader:
         manifest = schema.load_json(data, str(manifest_path))
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             raise CheckpointError(f"{manifest_path} is not a {FORMAT_NAME} manifest")
-        version = manifest.get("format_version")
-        schema.check(version, schema.Int(), f"{manifest_path} (format_version)")
+        schema.check(manifest, schema.Record({"format_version": schema.Int()}), str(manifest_path))
+        version = manifest["format_version"]
         if version > FORMAT_VERSION:  # before the schema: a newer format may have another one
             raise CheckpointVersionError(
                 f"checkpoint {self.path} was written in checkpoint format version {version}; this pytrain reads "

@@ -66,7 +66,7 @@ def read_meta(bin_path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{bin_path} has no {meta_path.name} beside it: re-tokenize the file ({TOKENIZE_HINT})")
     try:
         meta = np.load(meta_path, allow_pickle=False)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, EOFError) as error:  # EOFError: an empty or cut file
         raise DataError(f"{meta_path} is not a numpy .npy array ({error}): re-tokenize {bin_path.name}") from None
     if meta.size == 0 and meta.dtype.kind in "iu":  # InternLM's writer saves an empty file's meta as shape (0,)
         meta = meta.reshape(0, 2)
