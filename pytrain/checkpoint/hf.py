@@ -443,7 +443,7 @@ class HFReader:
         for name in list(self.weight_map):
             if name.endswith(".mlp.experts.gate_up_proj"):
                 prefix = name.removesuffix(".mlp.experts.gate_up_proj")
-                experts, rows, _ = self.shape(name)
+                experts, rows = self._stacked_shape(name)
                 for e in range(experts):
                     for index, (qwen, mixtral) in enumerate((("gate_proj", "w1"), ("up_proj", "w3"))):
                         where = (name, e, index * rows // 2, rows // 2)
@@ -454,11 +454,20 @@ class HFReader:
                     aliases[f"{prefix}.block_sparse_moe.gate.weight"] = (f"{prefix}.mlp.gate.weight", None, 0, rows)
             elif name.endswith(".mlp.experts.down_proj"):
                 prefix = name.removesuffix(".mlp.experts.down_proj")
-                experts, rows, _ = self.shape(name)
+                experts, rows = self._stacked_shape(name)
                 for e in range(experts):
                     aliases[f"{prefix}.mlp.experts.{e}.down_proj.weight"] = (name, e, 0, rows)
                     aliases[f"{prefix}.block_sparse_moe.experts.{e}.w2.weight"] = (name, e, 0, rows)
         return {alias: where for alias, where in aliases.items() if alias not in self.weight_map}
+
+    def _stacked_shape(self, name: str) -> tuple[int, int]:
+        """(experts, rows) of a stacked experts tensor, which must be 3-D."""
+        shape = self.shape(name)
+        if len(shape) != 3:
+            raise CheckpointError(
+                f"{self.folder}: {name} is {list(shape)}; stacked experts are (experts, rows, columns)"
+            )
+        return shape[0], shape[1]
 
     def _file(self, file: str) -> tuple[object, dict[str, schema.TensorHeader]]:
         """(safetensors' handle, checked header) of a file of the folder, opened once."""
