@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers  # the oracle (in the test extra): a missing install fails, never skips
 
+from pytrain.checkpoint import CheckpointError
 from pytrain.checkpoint.hf import HFReader, from_hf_state, hf_config, save_hf_folder, to_hf_state
 from pytrain.model import Decoder
 from pytrain.model.families import build_internlm, build_internlm2, build_llama2, build_qwen2
@@ -151,5 +152,5 @@ def test_missing_hugging_face_tensors_are_named(tmp_path):
     del state["model.layers.1.self_attn.k_proj.weight"]
     with pytest.raises(ValueError, match=r"lack 1 tensor\(s\) .* model.layers.1.self_attn.k_proj.weight"):
         from_hf_state(model, state)
-    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):
         HFReader(tmp_path)
