@@ -411,6 +411,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # a helper process and a whole run: about 12 s on 2 cores
 def test_a_second_run_on_a_locked_save_folder_stops_before_step_1_and_a_dead_runs_lock_does_not_block(tmp_path):
     cfg, folder = write_run_config(tmp_path, steps=1, every=1)
     folder.mkdir()
