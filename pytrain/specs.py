@@ -61,5 +61,6 @@ for spec in (
     ModelSpec(families.INTERNLM_MOE, hf=hf.MIXTRAL),
     ModelSpec(families.MIXTRAL_MOE, hf=hf.MIXTRAL),
     ModelSpec(families.QWEN2_MOE, hf=hf.QWEN2_MOE),
+    ModelSpec(families.QWEN3, hf=hf.QWEN3),
 ):
     register(spec)

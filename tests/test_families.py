@@ -4,10 +4,11 @@ out, with transformers' own classes as the oracle (fp32 logits within 1e-5, the 
 import pytest
 import torch
 import transformers  # the oracle (in the test extra): a missing install fails, never skips
+from conftest import CONFIGS
 
 from pytrain.checkpoint.hf import HFReader, from_hf_state, hf_config, save_hf_folder, to_hf_state
 from pytrain.model import Decoder
-from pytrain.model.families import build_internlm, build_internlm2, build_llama2, build_qwen2
+from pytrain.model.families import build_internlm, build_internlm2, build_llama2, build_qwen2, build_qwen3
 from pytrain.registry import MODEL_INITIALIZER
 
 TINY = dict(
@@ -30,6 +31,8 @@ VARIANTS = {
     "llama2-hf-order-tied": (build_llama2, dict(no_bias=True, adapt_hf=True, tie_word_embeddings=True)),
     "llama2-fused": (build_llama2, dict(enable_qkv_fusion=True)),
     "qwen2": (build_qwen2, {}),
+    "qwen3": (build_qwen3, dict(head_dim=24)),  # q/k norms; head_dim independent of hidden / heads
+    "qwen3-interleaved-biased": (build_qwen3, dict(head_dim=24, qk_interleaved=True, qkv_bias=True, o_bias=True)),
 }
 
 
@@ -54,12 +57,26 @@ def loss_of(logits, ids):
         ("INTERNLM2", dict(vocab_size=92544, num_kv_attention_heads=8, mlp_ratio=3.5, no_bias=True), 7_737_708_544),
         ("LLAMA2", dict(vocab_size=32000, mlp_ratio=2.6875, no_bias=True), 6_738_415_616),  # Llama-2-7B
         ("QWEN2", dict(mlp_ratio=37 / 7), 7_615_616_512),  # Qwen2-7B
+        ("QWEN3", {}, 8_190_735_360),  # Qwen3-8B
     ],
 )
 def test_7b_sizes_equal_the_published_ones(model_type, fields, published):
     with torch.device("meta"):
         model = MODEL_INITIALIZER.get_module(model_type)(**fields)
     assert sum(p.numel() for p in model.parameters()) == published
+
+
+@pytest.mark.parametrize(
+    "config, published",
+    [
+        ("qwen3_8B.py", "QWEN3 with 8,190,735,360 parameters (8.19B)"),  # Qwen3-8B's card: 8.2B
+    ],
+)
+def test_published_configs_dry_run_to_the_published_sizes(config, published, capsys):
+    from pytrain.train.__main__ import main
+
+    assert main(["--config", str(CONFIGS / config), "--dry_run"]) == 0
+    assert published in capsys.readouterr().out
 
 
 def test_parameter_names_follow_internevo():

@@ -81,7 +81,11 @@ class EmbeddingSplit:
 
 @dataclass(frozen=True)
 class Replicated:
-    """Whole on every tensor rank (norms); under sequence parallelism it sees only this rank's tokens."""
+    """Whole on every tensor rank (norms); under sequence parallelism it sees only this rank's tokens.
+    over_heads: it acts on each of this rank's attention heads (Qwen3's q/k norms), so a rank's gradient
+    covers its heads only, and the ranks' gradients are summed in every tensor mode."""
+
+    over_heads: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,19 +169,37 @@ class InnerAttention(nn.Module):
 class Attention(nn.Module):
     """Causal self-attention with rotary embeddings (GQA/MQA when there are fewer kv heads). Subclasses
     project x (batch, seq, hidden) to q (batch, seq, heads, head_dim), k and v (batch, seq, kv_heads,
-    head_dim) in `project`, and say how their weights split over tensor ranks in `plan`."""
+    head_dim) in `project`, and say how their weights split over tensor ranks in `projection_plan`."""
 
-    def __init__(self, shape: AttentionShape, rope_base: float, qk_interleaved: bool, use_flash_attn: bool):
+    def __init__(
+        self,
+        shape: AttentionShape,
+        rope_base: float,
+        qk_interleaved: bool,
+        use_flash_attn: bool,
+        qk_norm_eps: float | None = None,
+    ):
         super().__init__()
         self.shape, self.head_dim = shape, shape.head_dim  # the whole model's (a tensor rank holds some heads)
         self.rotary = RotaryEmbedding(shape.head_dim, base=rope_base, interleaved=qk_interleaved)
         self.inner_attention = InnerAttention(use_flash_attn)
+        if qk_norm_eps is not None:  # Qwen3: RMSNorm over each head's q and k, before the rotary embedding
+            self.q_norm = RMSNorm(shape.head_dim, eps=qk_norm_eps)
+            self.k_norm = RMSNorm(shape.head_dim, eps=qk_norm_eps)
+        self.qk_norm = qk_norm_eps is not None
 
     def output(self, attended: torch.Tensor) -> torch.Tensor:
         return self.wo(attended)
 
+    def plan(self) -> dict:
+        """How the projections (a subclass's `projection_plan`) and the q/k norms split over tensor ranks."""
+        norms = {"q_norm": Replicated(over_heads=True), "k_norm": Replicated(over_heads=True)} if self.qk_norm else {}
+        return self.projection_plan() | norms
+
     def forward(self, x, positions=None, packed: PackedSequences | None = None):
         q, k, v = self.project(x)  # this rank's heads of the whole sequence, also under sequence parallelism
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, k, positions if packed is None else packed)
         attended = self.inner_attention(q, k, v, packed)
         return self.output(attended.flatten(2))
@@ -205,7 +227,7 @@ class FusedQKVAttention(Attention):
     def output(self, attended):
         return self.out_proj(attended)
 
-    def plan(self) -> dict:
+    def projection_plan(self) -> dict:
         return {"Wqkv": Colwise(self.segments), "out_proj": Rowwise()}
 
 
@@ -225,7 +247,7 @@ class GroupedQKVAttention(Attention):
         q = groups[:, :, :, : self.kv_share].flatten(2, 3)  # a copy: a group's heads are not evenly strided
         return q, groups[:, :, :, self.kv_share].contiguous(), groups[:, :, :, self.kv_share + 1].contiguous()
 
-    def plan(self) -> dict:
+    def projection_plan(self) -> dict:
         return {"wqkv": Colwise(), "wo": Rowwise()}
 
 
@@ -242,7 +264,7 @@ class SeparateQKVAttention(Attention):
     def project(self, x):
         return tuple(_heads(proj(x), self.head_dim) for proj in (self.wq, self.wk, self.wv))
 
-    def plan(self) -> dict:
+    def projection_plan(self) -> dict:
         return {"wq": Colwise(), "wk": Colwise(), "wv": Colwise(), "wo": Rowwise()}
 
 

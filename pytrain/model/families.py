@@ -16,6 +16,8 @@ model_type (what it is): how q, k and v are projected; the parameter names.
   tok_embeddings, layers.N.attention / feed_forward / attention_norm / ffn_norm, norm, output.
 - LLAMA2, LLAMA (LLaMA 2/3): wq, wk, wv (the grouped wqkv with enable_qkv_fusion); names as INTERNLM2.
 - QWEN2 (Qwen2 / Qwen2.5): wq, wk, wv with qkv_bias, wo with o_bias; embed_tokens, then as INTERNLM2.
+- QWEN3 (Qwen3 dense): QWEN2's names and projections without biases, and an RMSNorm over each head's q
+  and k before the rotary embedding (layers.N.attention.q_norm / k_norm, head_dim wide).
 
 Mixtures of experts (pytrain.model.moe; num_experts <= 1 builds the dense model, as InternEvo): each
 layer's MLP is an MoE (`<mlp>.moe_layer.gate.wg`, `<mlp>.moe_layer.experts.w1|w3|w2`) of experts as wide
@@ -77,7 +79,8 @@ class Family:
     """A model family on the shared decoder (the module docstring). `defaults`: InternEvo's defaults for
     this family where they differ from DecoderArgs'; `fields`: what it takes besides COMMON_FIELDS and its
     attention's fields (MOE_FIELDS come with `experts`); `experts`: a mixture of experts whose shared MLP is
-    InternLM's softmax-mixed "residual" one or Qwen2-MoE's sigmoid-gated "shared" expert."""
+    InternLM's softmax-mixed "residual" one or Qwen2-MoE's sigmoid-gated "shared" expert; `qk_norm`: the
+    attention normalizes each head's q and k (no field: InternEvo's Qwen3 always does)."""
 
     name: str
     names: Names
@@ -85,6 +88,7 @@ class Family:
     defaults: dict = field(default_factory=dict)
     fields: tuple[str, ...] = ()
     experts: str | None = None
+    qk_norm: bool = False  # RMSNorm over each head's q and k before the rotary embedding (Qwen3)
 
     def __post_init__(self):
         unknown = self._taken() - set(DEFAULTS)
@@ -127,6 +131,8 @@ class Family:
     def build(self, **fields) -> Decoder:
         args = self.args(**fields)
         attention, attention_args = self.attention.projections(args)
+        if self.qk_norm:
+            attention_args["qk_norm_eps"] = args.layer_norm_epsilon
         mlp = moe_mlp(args, self.experts) if self.experts else None
         return Decoder(self.name, self.names, decoder_layers(self.names, attention, attention_args, args, mlp), args)
 
@@ -186,6 +192,25 @@ QWEN2_MOE = Family(
     experts="shared",
 )
 
+# Qwen3 (Qwen3-8B: 36 layers, 32 heads of 128, 8 kv heads, MLP 12288 = mlp_ratio 3; no attention biases)
+QWEN3_8B = dict(num_layers=36, hidden_size=4096, num_attention_heads=32, num_kv_attention_heads=8, head_dim=128)
+QWEN3 = Family(
+    "QWEN3",
+    QWEN2_NAMES,
+    SEPARATE_QKV,
+    dict(
+        QWEN3_8B,
+        vocab_size=151936,
+        mlp_ratio=3.0,
+        layer_norm_epsilon=1e-6,
+        rope_base=1e6,
+        qkv_bias=False,
+        qk_interleaved=False,
+    ),
+    ("head_dim",),
+    qk_norm=True,
+)
+
 # The builders by InternEvo's function names
 build_internlm = INTERNLM.build
 build_internlm2 = INTERNLM2.build
@@ -194,3 +219,4 @@ build_qwen2 = QWEN2.build
 build_internlm_moe = INTERNLM_MOE.build
 build_mixtral_moe = MIXTRAL_MOE.build
 build_qwen2_moe = QWEN2_MOE.build
+build_qwen3 = QWEN3.build

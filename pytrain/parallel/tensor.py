@@ -236,7 +236,8 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool) -> d
 def _parallel_module(module, how, group, rank: int, world: int, sequence_parallel: bool):
     """(the module to use instead, {its parameter: (ShardSpec, partial gradient)})."""
     if isinstance(how, Replicated):  # a norm: whole; under sequence parallelism it sees this rank's tokens
-        return module, {n: (ShardSpec.whole(p.shape), sequence_parallel) for n, p in module.named_parameters()}
+        partial = sequence_parallel or how.over_heads  # (a q/k norm sees this rank's heads only)
+        return module, {n: (ShardSpec.whole(p.shape), partial) for n, p in module.named_parameters()}
     if isinstance(how, EmbeddingSplit):
         full = tuple(module.weight.shape)
         spec = ShardSpec.split(full, 1 if how.split_hidden else 0, rank, world)
