@@ -70,6 +70,8 @@ def test_7b_sizes_equal_the_published_ones(model_type, fields, published):
     "config, published",
     [
         ("qwen3_8B.py", "QWEN3 with 8,190,735,360 parameters (8.19B)"),  # Qwen3-8B's card: 8.2B
+        # Qwen3-30B-A3B's card: 30.5B, 3.3B activated
+        ("qwen3_30B_A3B.py", "QWEN3MOE with 30,532,122,624 parameters (30.53B), 3,353,032,704 active per token"),
     ],
 )
 def test_published_configs_dry_run_to_the_published_sizes(config, published, capsys):

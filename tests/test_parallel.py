@@ -5,6 +5,8 @@ The layouts run through the real construction path (launch, initialize_model / _
 in 2 or 4 gloo processes; one process runs each model variant as the reference.
 """
 
+import gc
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -298,6 +300,7 @@ def test_a_model_not_built_in_stages_is_refused_by_the_pipeline(tmp_path, fresh_
 # rank's heads, so their gradients are summed over the tensor group).
 NEWER_FAMILIES = {
     "QWEN3": dict(head_dim=24),
+    "QWEN3MOE": dict(head_dim=24, num_experts=4, top_k=2),  # the experts split over the tensor ranks
 }
 NEWER_LAYOUTS = {"tp2": dict(tensor=2), "pp2": dict(pipeline=2)}
 
@@ -326,6 +329,8 @@ def test_newer_families_match_one_process_under_tp2_and_pp2(tmp_path, init_metho
             references[family] = (history, params)
         finally:
             dist.destroy_process_group()
+    gpc.mesh = None  # the runs' DeviceMesh holds reference cycles: free them here, not in the Manager forked next
+    gc.collect()
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(newer_families_worker, args=(init_method, references, tmp_path, results), nprocs=2, join=True)

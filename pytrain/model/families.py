@@ -28,6 +28,8 @@ as the dense MLP would be (mlp_ratio, multiple_of), routed per moe_type / top_k 
   blocks.N.mixer / mlp / norm1 / norm2, norm, head); num_shared_experts as INTERNLM_MoE's residual MLP.
 - QWEN2MOE (Qwen1.5-MoE / Qwen2-MoE): QWEN2's layers and names; num_shared_experts = n adds the shared
   expert (n times as wide) gated by sigmoid(`coefficient` [1, H]).
+- QWEN3MOE (Qwen3-MoE): QWEN3's layers and names (q/k norms, no biases); Dropless top-k renormalised
+  (norm_topk_prob), no shared expert unless num_shared_experts is set (then as QWEN2MOE's).
 """
 
 import inspect
@@ -211,6 +213,33 @@ QWEN3 = Family(
     qk_norm=True,
 )
 
+# Qwen3-MoE (Qwen3-30B-A3B: 48 layers, 32 heads of 128, 4 kv heads, 128 experts 768 wide = mlp_ratio 0.375, top-8,
+# renormalised (norm_topk_prob), no shared expert; InternEvo's QWEN3MOE runs Dropless routing only)
+QWEN3_MOE = Family(
+    "QWEN3MOE",
+    QWEN2_NAMES,
+    SEPARATE_QKV,
+    dict(
+        num_layers=48,
+        hidden_size=2048,
+        num_attention_heads=32,
+        num_kv_attention_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+        mlp_ratio=0.375,
+        layer_norm_epsilon=1e-6,
+        rope_base=1e6,
+        qkv_bias=False,
+        qk_interleaved=False,
+        num_experts=128,
+        top_k=8,
+        moe_type="Dropless",
+    ),
+    ("head_dim",),
+    experts="shared",
+    qk_norm=True,
+)
+
 # The builders by InternEvo's function names
 build_internlm = INTERNLM.build
 build_internlm2 = INTERNLM2.build
@@ -220,3 +249,4 @@ build_internlm_moe = INTERNLM_MOE.build
 build_mixtral_moe = MIXTRAL_MOE.build
 build_qwen2_moe = QWEN2_MOE.build
 build_qwen3 = QWEN3.build
+build_qwen3_moe = QWEN3_MOE.build
