@@ -63,5 +63,6 @@ for spec in (
     ModelSpec(families.QWEN2_MOE, hf=hf.QWEN2_MOE),
     ModelSpec(families.QWEN3, hf=hf.QWEN3),
     ModelSpec(families.QWEN3_MOE, hf=hf.QWEN3_MOE),
+    ModelSpec(families.GEMMA, hf=hf.GEMMA),
 ):
     register(spec)

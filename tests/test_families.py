@@ -8,7 +8,14 @@ from conftest import CONFIGS
 
 from pytrain.checkpoint.hf import HFReader, from_hf_state, hf_config, save_hf_folder, to_hf_state
 from pytrain.model import Decoder
-from pytrain.model.families import build_internlm, build_internlm2, build_llama2, build_qwen2, build_qwen3
+from pytrain.model.families import (
+    build_gemma,
+    build_internlm,
+    build_internlm2,
+    build_llama2,
+    build_qwen2,
+    build_qwen3,
+)
 from pytrain.registry import MODEL_INITIALIZER
 
 TINY = dict(
@@ -33,13 +40,15 @@ VARIANTS = {
     "qwen2": (build_qwen2, {}),
     "qwen3": (build_qwen3, dict(head_dim=24)),  # q/k norms; head_dim independent of hidden / heads
     "qwen3-interleaved-biased": (build_qwen3, dict(head_dim=24, qk_interleaved=True, qkv_bias=True, o_bias=True)),
+    # GeGLU, (1 + weight) norms, scaled embeddings, tied head; multi-query (Gemma-2B's one kv head)
+    "gemma": (build_gemma, dict(head_dim=24, mlp_ratio=8.0, num_kv_attention_heads=1)),
 }
 
 
 def random_model(name: str, seed: int = 0) -> Decoder:
     builder, extra = VARIANTS[name]
     torch.manual_seed(seed)
-    model = builder(**TINY, **extra)
+    model = builder(**{**TINY, **extra})
     with torch.no_grad():  # norms and biases too, so that a mapping mistake anywhere shows
         for param in model.parameters():
             param.normal_(0.0, 0.2)
@@ -58,6 +67,7 @@ def loss_of(logits, ids):
         ("LLAMA2", dict(vocab_size=32000, mlp_ratio=2.6875, no_bias=True), 6_738_415_616),  # Llama-2-7B
         ("QWEN2", dict(mlp_ratio=37 / 7), 7_615_616_512),  # Qwen2-7B
         ("QWEN3", {}, 8_190_735_360),  # Qwen3-8B
+        ("GEMMA", {}, 8_537_680_896),  # Gemma-7B
     ],
 )
 def test_7b_sizes_equal_the_published_ones(model_type, fields, published):
@@ -71,6 +81,7 @@ def test_7b_sizes_equal_the_published_ones(model_type, fields, published):
     [
         ("qwen3_8B.py", "QWEN3 with 8,190,735,360 parameters (8.19B)"),  # Qwen3-8B's card: 8.2B
         # Qwen3-30B-A3B's card: 30.5B, 3.3B activated
+        ("gemma_7B.py", "GEMMA with 8,537,680,896 parameters (8.54B)"),  # Gemma-7B's card: 8.54B
         ("qwen3_30B_A3B.py", "QWEN3MOE with 30,532,122,624 parameters (30.53B), 3,353,032,704 active per token"),
     ],
 )

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from pytrain.model.decoder import Decoder, FusedQKVAttention, GroupedQKVAttention, LayerNorm
+from pytrain.model.decoder import Decoder, FusedQKVAttention, GeGLU, GroupedQKVAttention, LayerNorm
 from pytrain.model.moe import MoE
 from pytrain.registry import MODEL_INITIALIZER
 
@@ -62,6 +62,7 @@ class HFClass:
     biases: str = "uniform"
     shared_expert: bool = False  # Qwen2-MoE's sigmoid-gated shared expert, always there
     qk_norm: bool = False  # Qwen3's per-head q/k RMSNorm (q_norm, k_norm), always there
+    gemma: bool = False  # Gemma's RMSNorm by (1 + weight) and embeddings times sqrt(hidden), always there
 
 
 QWEN_EXPERTS = ("mlp", ("gate_proj", "up_proj", "down_proj"))
@@ -71,6 +72,7 @@ MIXTRAL = HFClass("MixtralForCausalLM", "mixtral", ("block_sparse_moe", ("w1", "
 QWEN2_MOE = HFClass("Qwen2MoeForCausalLM", "qwen2_moe", QWEN_EXPERTS, biases="qkv", shared_expert=True)
 QWEN3 = HFClass("Qwen3ForCausalLM", "qwen3", qk_norm=True)
 QWEN3_MOE = HFClass("Qwen3MoeForCausalLM", "qwen3_moe", QWEN_EXPERTS, qk_norm=True)
+GEMMA = HFClass("GemmaForCausalLM", "gemma", gemma=True)
 SHARD_BYTES = 4 << 30  # safetensors file size when exporting (transformers' own default is 5 GB)
 
 
@@ -151,6 +153,10 @@ def check_exportable(model: Decoder) -> None:
     mlp = layer.get_submodule(model.names.mlp)
     if attention.qk_norm != hf.qk_norm:
         raise ValueError(f"{model.family}: {cls} {'always has' if hf.qk_norm else 'has no'} q/k norms")
+    if model.final_norm.unit_offset != hf.gemma:
+        raise ValueError(f"{model.family}: {cls} needs add_unit_offset={hf.gemma} (its RMSNorm)")
+    if model.scale_embeddings != hf.gemma:
+        raise ValueError(f"{model.family}: {cls} {'always scales' if hf.gemma else 'does not scale'} the embeddings")
     biases = [attention.get_submodule(p).bias is not None for p in _projections(attention)]
     if hf.biases == "none" and any(biases):
         fields = "qkv_bias=False and o_bias=False" if len(biases) == 4 else "no_bias=True"
@@ -303,7 +309,7 @@ def hf_config(model: Decoder, dtype: str = "bfloat16") -> dict:
         "num_attention_heads": shape.num_heads,
         "num_key_value_heads": shape.num_kv_heads,
         "head_dim": shape.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": "gelu_pytorch_tanh" if isinstance(mlp, GeGLU) else "silu",
         "rms_norm_eps": model.final_norm.eps,
         "rope_theta": attention.rotary.base,
         "rope_parameters": {"rope_type": "default", "rope_theta": attention.rotary.base},

@@ -1,11 +1,12 @@
 """The decoder every dense family shares, written plain: nn.Linear, nn.Embedding, norms, no parallelism.
 
-token embedding -> layers (attention with rotary embeddings, SwiGLU MLP; a norm before each, or after
-the residual add with post_norm) -> final norm -> LM head. The families (families.py) differ in how q, k
-and v are projected (one fused [q | k | v] weight, InternLM2's grouped wqkv, or three weights), in
-biases, and in parameter names, which follow each family's InternEvo checkpoints (`Names`). Layers live
-in a ModuleDict keyed by their global index, so a pipeline stage is the same model with the other layers
-(and the embedding or the head) removed and every name unchanged.
+token embedding (Gemma: times sqrt(hidden)) -> layers (attention with rotary embeddings, SwiGLU MLP or
+Gemma's GeGLU; a norm before each, or after the residual add with post_norm) -> final norm -> LM head.
+The families (families.py) differ in how q, k and v are projected (one fused [q | k | v] weight,
+InternLM2's grouped wqkv, or three weights), in biases, and in parameter names, which follow each
+family's InternEvo checkpoints (`Names`). Layers live in a ModuleDict keyed by their global index, so a
+pipeline stage is the same model with the other layers (and the embedding or the head) removed and every
+name unchanged.
 
 Tensor parallelism is applied from outside (pytrain.parallel.tensor): `tensor_parallel_plan()` says
 which module is split how, and the swapped-in modules keep the plain modules' names and forward. The
@@ -114,9 +115,11 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.to(weight.dtype), self.normalized_shape, weight, self.bias, self.eps).to(x.dtype)
 
 
-def build_norm(norm_type: str, hidden_size: int, eps: float) -> nn.Module:
+def build_norm(norm_type: str, hidden_size: int, eps: float, unit_offset: bool = False) -> nn.Module:
     if norm_type == "rmsnorm":
-        return RMSNorm(hidden_size, eps=eps)
+        return RMSNorm(hidden_size, eps=eps, unit_offset=unit_offset)
+    if unit_offset:
+        raise ValueError("add_unit_offset=True scales an RMSNorm: it needs norm_type='rmsnorm'")
     if norm_type == "layernorm":
         return LayerNorm(hidden_size, eps=eps)
     raise ValueError(f"norm_type must be 'rmsnorm' or 'layernorm', got {norm_type!r}")
@@ -285,6 +288,13 @@ class SwiGLU(nn.Module):
         return {"w1": Colwise(), "w3": Colwise(), "w2": Rowwise()}
 
 
+class GeGLU(SwiGLU):
+    """w2(gelu(w1 x) * w3 x) with the tanh-approximate GELU (Gemma's MLP); SwiGLU's weights and plan."""
+
+    def forward(self, x):
+        return self.w2(F.gelu(self.w1(x), approximate="tanh") * self.w3(x))
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, names: Names, attention: Attention, mlp: SwiGLU, norms: tuple, post_norm: bool):
         super().__init__()
@@ -316,12 +326,15 @@ class Decoder(nn.Module):
     stage's residual stream as hidden_states, one without the head returns its residual stream.
     """
 
-    def __init__(self, family: str, names: Names, layers: list[DecoderLayer], args: DecoderArgs):
+    def __init__(
+        self, family: str, names: Names, layers: list[DecoderLayer], args: DecoderArgs, scale_embeddings: bool = False
+    ):
         super().__init__()
         self.family, self.names = family, names
         hidden_size, vocab_size = args.hidden_size, args.vocab_size
         self.num_layers, self.hidden_size, self.vocab_size = len(layers), hidden_size, vocab_size
         self.embed_grad_scale = float(args.embed_grad_scale)
+        self.scale_embeddings = scale_embeddings  # Gemma: the embeddings times sqrt(hidden_size)
         self.tie_word_embeddings = args.tie_word_embeddings
         # How the model is trained, kept for whoever parallelizes and materializes it (pytrain.parallel):
         self.dtype = DTYPES[args.dtype] if isinstance(args.dtype, str) else args.dtype
@@ -330,7 +343,9 @@ class Decoder(nn.Module):
         self.recompute_layers = int(len(layers) * self.checkpoint_fraction)  # the first ones (per stage)
         self.add_module(names.embedding, nn.Embedding(vocab_size, hidden_size))
         self.add_module(names.layers, nn.ModuleDict({str(i): layer for i, layer in enumerate(layers)}))
-        self.add_module(names.norm, build_norm(args.norm_type, hidden_size, args.layer_norm_epsilon))
+        self.add_module(
+            names.norm, build_norm(args.norm_type, hidden_size, args.layer_norm_epsilon, args.add_unit_offset)
+        )
         self.add_module(names.head, nn.Linear(hidden_size, vocab_size, bias=False))
         if args.tie_word_embeddings:
             self.lm_head.weight = self.token_embedding.weight
@@ -397,6 +412,8 @@ class Decoder(nn.Module):
             hidden = self.token_embedding(input_ids)
             if self.embed_grad_scale != 1.0:  # forward unchanged, gradient to the embedding scaled
                 hidden = self.embed_grad_scale * hidden + (1 - self.embed_grad_scale) * hidden.detach()
+            if self.scale_embeddings:  # the factor rounded to the activations' dtype first, as Hugging Face's Gemma
+                hidden = hidden * torch.tensor(self.hidden_size**0.5, dtype=hidden.dtype)
         else:
             hidden = hidden_states
         residual = None
@@ -431,7 +448,9 @@ def decoder_layers(
     width = mlp_width(hidden, args.mlp_ratio, args.multiple_of)
 
     def norm():
-        return build_norm(args.norm_type, hidden, args.layer_norm_epsilon)
+        return build_norm(args.norm_type, hidden, args.layer_norm_epsilon, args.add_unit_offset)
+
+    dense_mlp = SwiGLU if args.use_swiglu else GeGLU
 
     return [
         DecoderLayer(
@@ -443,7 +462,7 @@ def decoder_layers(
                 use_flash_attn=args.use_flash_attn,
                 **attention_args,
             ),
-            SwiGLU(hidden, width, bias=args.mlp_bias) if mlp is None else mlp(index, width),
+            dense_mlp(hidden, width, bias=args.mlp_bias) if mlp is None else mlp(index, width),
             (norm(), norm()),
             args.apply_post_layer_norm,
         )

@@ -16,6 +16,8 @@ model_type (what it is): how q, k and v are projected; the parameter names.
   tok_embeddings, layers.N.attention / feed_forward / attention_norm / ffn_norm, norm, output.
 - LLAMA2, LLAMA (LLaMA 2/3): wq, wk, wv (the grouped wqkv with enable_qkv_fusion); names as INTERNLM2.
 - QWEN2 (Qwen2 / Qwen2.5): wq, wk, wv with qkv_bias, wo with o_bias; embed_tokens, then as INTERNLM2.
+- GEMMA (Gemma): wq, wk, wv, wo (no_bias) under QWEN2's names; GeGLU MLP (use_swiglu=False), RMSNorm by
+  (1 + weight) (add_unit_offset), embeddings times sqrt(hidden_size), head tied to the embedding.
 - QWEN3 (Qwen3 dense): QWEN2's names and projections without biases, and an RMSNorm over each head's q
   and k before the rotary embedding (layers.N.attention.q_norm / k_norm, head_dim wide).
 
@@ -82,7 +84,8 @@ class Family:
     this family where they differ from DecoderArgs'; `fields`: what it takes besides COMMON_FIELDS and its
     attention's fields (MOE_FIELDS come with `experts`); `experts`: a mixture of experts whose shared MLP is
     InternLM's softmax-mixed "residual" one or Qwen2-MoE's sigmoid-gated "shared" expert; `qk_norm`: the
-    attention normalizes each head's q and k (no field: InternEvo's Qwen3 always does)."""
+    attention normalizes each head's q and k (no field: InternEvo's Qwen3 always does); `scale_embeddings`:
+    the embeddings are multiplied by sqrt(hidden_size) (no field: InternEvo's Gemma always does)."""
 
     name: str
     names: Names
@@ -91,6 +94,7 @@ class Family:
     fields: tuple[str, ...] = ()
     experts: str | None = None
     qk_norm: bool = False  # RMSNorm over each head's q and k before the rotary embedding (Qwen3)
+    scale_embeddings: bool = False  # the embeddings times sqrt(hidden_size) (Gemma)
 
     def __post_init__(self):
         unknown = self._taken() - set(DEFAULTS)
@@ -136,7 +140,8 @@ class Family:
         if self.qk_norm:
             attention_args["qk_norm_eps"] = args.layer_norm_epsilon
         mlp = moe_mlp(args, self.experts) if self.experts else None
-        return Decoder(self.name, self.names, decoder_layers(self.names, attention, attention_args, args, mlp), args)
+        layers = decoder_layers(self.names, attention, attention_args, args, mlp)
+        return Decoder(self.name, self.names, layers, args, scale_embeddings=self.scale_embeddings)
 
 
 INTERNLM_NAMES = Names("embedding", "blocks", "mixer", "mlp", "norm1", "norm2", "norm", "head")
@@ -240,6 +245,33 @@ QWEN3_MOE = Family(
     qk_norm=True,
 )
 
+# Gemma (Gemma-7B: 28 layers, 16 heads of 256 (head_dim is not hidden / heads), MLP 24576 = mlp_ratio 8, GeGLU,
+# RMSNorm by (1 + weight), tied head; Gemma-2B: num_kv_attention_heads=1). InternEvo's Gemma class unties the head
+# and defaults to add_unit_offset=False and attention biases; its 7B_gemma.py sets what Gemma is, as these do.
+GEMMA = Family(
+    "GEMMA",
+    QWEN2_NAMES,
+    INTERNLM2_QKV,
+    dict(
+        num_layers=28,
+        hidden_size=3072,
+        num_attention_heads=16,
+        num_kv_attention_heads=16,
+        head_dim=256,
+        vocab_size=256000,
+        mlp_ratio=8.0,
+        layer_norm_epsilon=1e-6,
+        no_bias=True,
+        enable_qkv_fusion=False,
+        qk_interleaved=False,
+        use_swiglu=False,
+        add_unit_offset=True,
+        tie_word_embeddings=True,
+    ),
+    ("head_dim", "use_swiglu", "add_unit_offset"),
+    scale_embeddings=True,
+)
+
 # The builders by InternEvo's function names
 build_internlm = INTERNLM.build
 build_internlm2 = INTERNLM2.build
@@ -250,3 +282,4 @@ build_mixtral_moe = MIXTRAL_MOE.build
 build_qwen2_moe = QWEN2_MOE.build
 build_qwen3 = QWEN3.build
 build_qwen3_moe = QWEN3_MOE.build
+build_gemma = GEMMA.build
