@@ -183,3 +183,16 @@ def test_missing_hugging_face_tensors_are_named(tmp_path):
         from_hf_state(model, state)
     with pytest.raises(FileNotFoundError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):
         HFReader(tmp_path)
+
+
+def test_a_field_of_another_family_names_both():
+    from pytrain.config import Config, ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"model.add_unit_offset = True: not a field of QWEN3 \(its fields: .*head_dim"
+    ):
+        Config.from_dict(dict(model_type="QWEN3", model=dict(add_unit_offset=True)))
+    with pytest.raises(ConfigError, match=r"taken by GEMMA"):
+        Config.from_dict(dict(model_type="LLAMA2", model=dict(use_swiglu=False)))
+    with pytest.raises(TypeError, match=r"QWEN3 takes no field no_bias; its fields: .*qkv_bias, o_bias"):
+        build_qwen3(no_bias=True)

@@ -131,7 +131,9 @@ class Family:
         """The decoder's arguments: the given fields over the family's defaults."""
         unknown = set(fields) - set(self.parameters)
         if unknown:
-            raise TypeError(f"{self.name} takes no field {', '.join(sorted(unknown))}")
+            raise TypeError(
+                f"{self.name} takes no field {', '.join(sorted(unknown))}; its fields: {', '.join(self.parameters)}"
+            )
         return DecoderArgs(**{**self.defaults, **fields})
 
     def build(self, **fields) -> Decoder:
