@@ -152,7 +152,7 @@ UNAVAILABLE = {
     "model.num_experts": (
         (1, 0),
         int,
-        "a mixture of experts in this model_type (the MoE ones: INTERNLM_MoE, MIXTRALMOE, QWEN2MOE)",
+        "a mixture of experts in this model_type (the MoE ones: INTERNLM_MoE, MIXTRALMOE, QWEN2MOE, QWEN3MOE)",
     ),
     "model.num_mtp_layers": ((0,), int, "multi-token prediction"),
     "model.extra_pred_tokens": ((0,), int, "multi-token prediction"),
