@@ -64,5 +64,6 @@ for spec in (
     ModelSpec(families.QWEN3, hf=hf.QWEN3),
     ModelSpec(families.QWEN3_MOE, hf=hf.QWEN3_MOE),
     ModelSpec(families.GEMMA, hf=hf.GEMMA),
+    ModelSpec(families.INTERNLM3, hf=hf.INTERNLM3),
 ):
     register(spec)

@@ -12,6 +12,7 @@ from pytrain.model.families import (
     build_gemma,
     build_internlm,
     build_internlm2,
+    build_internlm3,
     build_llama2,
     build_qwen2,
     build_qwen3,
@@ -41,6 +42,7 @@ VARIANTS = {
     "qwen3": (build_qwen3, dict(head_dim=24)),  # q/k norms; head_dim independent of hidden / heads
     "qwen3-interleaved-biased": (build_qwen3, dict(head_dim=24, qk_interleaved=True, qkv_bias=True, o_bias=True)),
     # GeGLU, (1 + weight) norms, scaled embeddings, tied head; multi-query (Gemma-2B's one kv head)
+    "internlm3": (build_internlm3, {}),  # InternLM2's grouped wqkv, no biases
     "gemma": (build_gemma, dict(head_dim=24, mlp_ratio=8.0, num_kv_attention_heads=1)),
 }
 
@@ -68,6 +70,7 @@ def loss_of(logits, ids):
         ("QWEN2", dict(mlp_ratio=37 / 7), 7_615_616_512),  # Qwen2-7B
         ("QWEN3", {}, 8_190_735_360),  # Qwen3-8B
         ("GEMMA", {}, 8_537_680_896),  # Gemma-7B
+        ("INTERNLM3", {}, 8_804_241_408),  # InternLM3-8B
     ],
 )
 def test_7b_sizes_equal_the_published_ones(model_type, fields, published):
@@ -81,6 +84,7 @@ def test_7b_sizes_equal_the_published_ones(model_type, fields, published):
     [
         ("qwen3_8B.py", "QWEN3 with 8,190,735,360 parameters (8.19B)"),  # Qwen3-8B's card: 8.2B
         # Qwen3-30B-A3B's card: 30.5B, 3.3B activated
+        ("internlm3_8B.py", "INTERNLM3 with 8,804,241,408 parameters (8.80B)"),  # InternLM3-8B: 8.8B
         ("gemma_7B.py", "GEMMA with 8,537,680,896 parameters (8.54B)"),  # Gemma-7B's card: 8.54B
         ("qwen3_30B_A3B.py", "QWEN3MOE with 30,532,122,624 parameters (30.53B), 3,353,032,704 active per token"),
     ],
@@ -133,7 +137,10 @@ def test_exported_folder_loads_in_transformers_with_the_same_logits(name, tmp_pa
     model = random_model(name)
     save_hf_folder(model, model.state_dict(), tmp_path, dtype=torch.float32)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    assert type(theirs).__name__ == hf_config(model)["architectures"][0]
+    # transformers reads model_type "internlm3" (the Hub's InternLM3ForCausalLM folders) into its Llama class
+    loaded_as = {"InternLM3ForCausalLM": "LlamaForCausalLM"}
+    architecture = hf_config(model)["architectures"][0]
+    assert type(theirs).__name__ == loaded_as.get(architecture, architecture)
     ids = torch.randint(0, TINY["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ours_logits, their_logits = model(ids), theirs(ids).logits

@@ -302,6 +302,7 @@ NEWER_FAMILIES = {
     "QWEN3": dict(head_dim=24),
     "QWEN3MOE": dict(head_dim=24, num_experts=4, top_k=2),  # the experts split over the tensor ranks
     "GEMMA": dict(head_dim=24, embed_split_hidden=False),  # the tied head split over the vocabulary
+    "INTERNLM3": {},
 }
 NEWER_LAYOUTS = {"tp2": dict(tensor=2), "pp2": dict(pipeline=2)}
 

@@ -73,6 +73,9 @@ QWEN2_MOE = HFClass("Qwen2MoeForCausalLM", "qwen2_moe", QWEN_EXPERTS, biases="qk
 QWEN3 = HFClass("Qwen3ForCausalLM", "qwen3", qk_norm=True)
 QWEN3_MOE = HFClass("Qwen3MoeForCausalLM", "qwen3_moe", QWEN_EXPERTS, qk_norm=True)
 GEMMA = HFClass("GemmaForCausalLM", "gemma", gemma=True)
+# transformers reads model_type "internlm3" into its Llama class; its config has one switch for attention and MLP
+# biases together, which InternEvo's InternLM3 (no MLP biases) cannot set: no biases
+INTERNLM3 = HFClass("InternLM3ForCausalLM", "internlm3", biases="none")
 SHARD_BYTES = 4 << 30  # safetensors file size when exporting (transformers' own default is 5 GB)
 
 

@@ -14,6 +14,7 @@ model_type (what it is): how q, k and v are projected; the parameter names.
   mlp / norm1 / norm2, norm, head.
 - INTERNLM2, INTERNLM2_PUBLIC (InternLM2): the grouped wqkv (per kv head: its q heads, then k, then v);
   tok_embeddings, layers.N.attention / feed_forward / attention_norm / ffn_norm, norm, output.
+- INTERNLM3 (InternLM3): INTERNLM2's layers and names, without biases by default.
 - LLAMA2, LLAMA (LLaMA 2/3): wq, wk, wv (the grouped wqkv with enable_qkv_fusion); names as INTERNLM2.
 - QWEN2 (Qwen2 / Qwen2.5): wq, wk, wv with qkv_bias, wo with o_bias; embed_tokens, then as INTERNLM2.
 - GEMMA (Gemma): wq, wk, wv, wo (no_bias) under QWEN2's names; GeGLU MLP (use_swiglu=False), RMSNorm by
@@ -274,6 +275,24 @@ GEMMA = Family(
     scale_embeddings=True,
 )
 
+# InternLM3 (InternLM3-8B: 48 layers, 32 heads, 2 kv heads, MLP 10240 = mlp_ratio 2.5, no biases, rope base 5e7;
+# InternEvo registers INTERNLM3 as its InternLM2 class: the grouped wqkv and InternLM2's names). Its published
+# dynamic-NTK rope scaling (factor 6, beyond 32k positions) is not available (model.use_dynamic_ntk_rope).
+INTERNLM3 = Family(
+    "INTERNLM3",
+    INTERNLM2_NAMES,
+    INTERNLM2_QKV,
+    dict(
+        num_layers=48,
+        num_kv_attention_heads=2,
+        vocab_size=128512,
+        mlp_ratio=2.5,
+        no_bias=True,
+        rope_base=5e7,
+    ),
+    ("adapt_hf",),
+)
+
 # The builders by InternEvo's function names
 build_internlm = INTERNLM.build
 build_internlm2 = INTERNLM2.build
@@ -285,3 +304,4 @@ build_qwen2_moe = QWEN2_MOE.build
 build_qwen3 = QWEN3.build
 build_qwen3_moe = QWEN3_MOE.build
 build_gemma = GEMMA.build
+build_internlm3 = INTERNLM3.build
