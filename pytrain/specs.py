@@ -65,5 +65,6 @@ for spec in (
     ModelSpec(families.QWEN3_MOE, hf=hf.QWEN3_MOE),
     ModelSpec(families.GEMMA, hf=hf.GEMMA),
     ModelSpec(families.INTERNLM3, hf=hf.INTERNLM3),
+    ModelSpec(families.BAICHUAN2, hf=hf.BAICHUAN2),
 ):
     register(spec)

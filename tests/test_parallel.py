@@ -297,12 +297,14 @@ def test_a_model_not_built_in_stages_is_refused_by_the_pipeline(tmp_path, fresh_
 
 # The newer families, one step each under tensor (mtp) and pipeline parallelism against one process, all in one
 # launch of two processes: what they add splits or replicates in its own way (QWEN3's q/k norms act on a tensor
-# rank's heads, so their gradients are summed over the tensor group).
+# rank's heads, so their gradients are summed over the tensor group; GEMMA's tied head and (1 + weight) norms;
+# BAICHUAN2's normalised head, each rank normalising its vocabulary rows).
 NEWER_FAMILIES = {
     "QWEN3": dict(head_dim=24),
     "QWEN3MOE": dict(head_dim=24, num_experts=4, top_k=2),  # the experts split over the tensor ranks
     "GEMMA": dict(head_dim=24, embed_split_hidden=False),  # the tied head split over the vocabulary
     "INTERNLM3": {},
+    "BAICHUAN2": dict(num_kv_attention_heads=None),  # the normalised head's rows whole on each tensor rank
 }
 NEWER_LAYOUTS = {"tp2": dict(tensor=2), "pp2": dict(pipeline=2)}
 
@@ -323,6 +325,7 @@ def newer_families_worker(rank, init_method, references, run_folder, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # about 45 s on the 2-core machine: five families, one launch
 def test_newer_families_match_one_process_under_tp2_and_pp2(tmp_path, init_method, fresh_context):
     references = {}
     for family, model in NEWER_FAMILIES.items():

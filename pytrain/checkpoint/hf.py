@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from pytrain.model.decoder import Decoder, FusedQKVAttention, GeGLU, GroupedQKVAttention, LayerNorm
+from pytrain.model.decoder import Decoder, FusedQKVAttention, GeGLU, GroupedQKVAttention, LayerNorm, NormHead
 from pytrain.model.moe import MoE
 from pytrain.registry import MODEL_INITIALIZER
 
@@ -63,6 +63,8 @@ class HFClass:
     shared_expert: bool = False  # Qwen2-MoE's sigmoid-gated shared expert, always there
     qk_norm: bool = False  # Qwen3's per-head q/k RMSNorm (q_norm, k_norm), always there
     gemma: bool = False  # Gemma's RMSNorm by (1 + weight) and embeddings times sqrt(hidden), always there
+    packed_qkv: bool = False  # one W_pack [q; k; v] tensor (Baichuan) rather than q_proj, k_proj, v_proj
+    norm_head: bool = False  # the LM head's rows normalised at use (Baichuan2's NormHead), always
 
 
 QWEN_EXPERTS = ("mlp", ("gate_proj", "up_proj", "down_proj"))
@@ -76,6 +78,8 @@ GEMMA = HFClass("GemmaForCausalLM", "gemma", gemma=True)
 # transformers reads model_type "internlm3" into its Llama class; its config has one switch for attention and MLP
 # biases together, which InternEvo's InternLM3 (no MLP biases) cannot set: no biases
 INTERNLM3 = HFClass("InternLM3ForCausalLM", "internlm3", biases="none")
+# Baichuan2-7B's remote-code class (no transformers class: trust_remote_code); lm_head stored as trained
+BAICHUAN2 = HFClass("BaichuanForCausalLM", "baichuan", biases="none", packed_qkv=True, norm_head=True)
 SHARD_BYTES = 4 << 30  # safetensors file size when exporting (transformers' own default is 5 GB)
 
 
@@ -158,6 +162,8 @@ def check_exportable(model: Decoder) -> None:
         raise ValueError(f"{model.family}: {cls} {'always has' if hf.qk_norm else 'has no'} q/k norms")
     if model.final_norm.unit_offset != hf.gemma:
         raise ValueError(f"{model.family}: {cls} needs add_unit_offset={hf.gemma} (its RMSNorm)")
+    if isinstance(model.lm_head, NormHead) != hf.norm_head:
+        raise ValueError(f"{model.family}: {cls} needs norm_head={hf.norm_head} (its LM head)")
     if model.scale_embeddings != hf.gemma:
         raise ValueError(f"{model.family}: {cls} {'always scales' if hf.gemma else 'does not scale'} the embeddings")
     biases = [attention.get_submodule(p).bias is not None for p in _projections(attention)]
@@ -215,7 +221,8 @@ def hf_rules(model: Decoder) -> list[Rule]:
             rules += _moe_rules(mlp, f"{ours}.{n.mlp}", theirs, hf_class(model))
         else:
             rules += _swiglu_rules(mlp, f"{ours}.{n.mlp}", f"{theirs}.mlp")
-        rules += _attention_rules(layer.get_submodule(n.attention), f"{ours}.{n.attention}", f"{theirs}.self_attn")
+        attention = layer.get_submodule(n.attention)
+        rules += _attention_rules(attention, f"{ours}.{n.attention}", f"{theirs}.self_attn", hf_class(model).packed_qkv)
     return rules
 
 
@@ -240,7 +247,7 @@ def _moe_rules(mlp: MoE, ours: str, theirs: str, hf: HFClass) -> list[Rule]:
     return rules
 
 
-def _attention_rules(attention, ours: str, theirs: str) -> list[Rule]:
+def _attention_rules(attention, ours: str, theirs: str, packed_qkv: bool) -> list[Rule]:
     shape, d = attention.shape, attention.head_dim
     interleaved = attention.rotary.interleaved
     q_hf, k_hf, v_hf, o_hf = (f"{theirs}.{p}_proj" for p in "qkvo")
@@ -253,7 +260,7 @@ def _attention_rules(attention, ours: str, theirs: str) -> list[Rule]:
 
     if isinstance(attention, (FusedQKVAttention, GroupedQKVAttention)):
         grouped = isinstance(attention, GroupedQKVAttention)
-        fused = "wqkv" if grouped else "Wqkv"
+        fused = "wqkv" if grouped else attention.qkv_name
         out = "wo" if grouped else "out_proj"
         g = shape.num_heads // shape.num_kv_heads
 
@@ -275,12 +282,22 @@ def _attention_rules(attention, ours: str, theirs: str) -> list[Rule]:
             k, v = (t.reshape(shape.num_kv_heads, 1, d, *rest) for t in (k, v))
             return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
-        kinds = ("weight", "bias") if attention.get_submodule(fused).bias is not None else ("weight",)
-        rules = [
-            Rule(f"{ours}.{fused}.{kind}", tuple(f"{p}.{kind}" for p in (q_hf, k_hf, v_hf)), split, join)
-            for kind in kinds
-        ]
-        rules += [_rename(f"{ours}.{out}.{kind}", f"{o_hf}.{kind}") for kind in kinds]
+        def pack(t):
+            return (torch.cat(split(t)),)
+
+        def unpack(packed):
+            return join(*packed.split([shape.q_width, shape.kv_width, shape.kv_width]))
+
+        fused_kinds = ("weight", "bias") if attention.get_submodule(fused).bias is not None else ("weight",)
+        out_kinds = ("weight", "bias") if attention.get_submodule(out).bias is not None else ("weight",)
+        if packed_qkv:
+            rules = [Rule(f"{ours}.{fused}.{k}", (f"{theirs}.W_pack.{k}",), pack, unpack) for k in fused_kinds]
+        else:
+            rules = [
+                Rule(f"{ours}.{fused}.{kind}", tuple(f"{p}.{kind}" for p in (q_hf, k_hf, v_hf)), split, join)
+                for kind in fused_kinds
+            ]
+        rules += [_rename(f"{ours}.{out}.{kind}", f"{o_hf}.{kind}") for kind in out_kinds]
         return rules
     rules = []
     norms = (("q_norm", f"{theirs}.q_norm"), ("k_norm", f"{theirs}.k_norm")) if attention.qk_norm else ()
@@ -347,7 +364,7 @@ def hf_config(model: Decoder, dtype: str = "bfloat16") -> dict:
 
 def _projections(attention) -> tuple[str, ...]:
     if isinstance(attention, FusedQKVAttention):
-        return ("Wqkv", "out_proj")
+        return (attention.qkv_name, "out_proj")
     if isinstance(attention, GroupedQKVAttention):
         return ("wqkv", "wo")
     return ("wq", "wk", "wv", "wo")

@@ -68,9 +68,11 @@ class Rowwise:
 
 @dataclass(frozen=True)
 class VocabHead:
-    """The LM head: split over the vocabulary; gather_output: all logits on every rank."""
+    """The LM head: split over the vocabulary; gather_output: all logits on every rank; normalized: each row
+    (a rank's rows whole) L2-normalised at use (Baichuan2's NormHead)."""
 
     gather_output: bool
+    normalized: bool = False
 
 
 @dataclass(frozen=True)
@@ -213,17 +215,21 @@ def _heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 class FusedQKVAttention(Attention):
-    """One Wqkv weight: all q heads, then all k heads, then all v heads (InternLM v1); out_proj."""
+    """One fused weight: all q heads, then all k heads, then all v heads (InternLM v1's Wqkv, Baichuan2's wqkv,
+    named `qkv_name`); out_proj, biased as the fused weight unless out_bias says otherwise."""
 
-    def __init__(self, shape: AttentionShape, bias: bool, **kwargs):
+    def __init__(
+        self, shape: AttentionShape, bias: bool, qkv_name: str = "Wqkv", out_bias: bool | None = None, **kwargs
+    ):
         super().__init__(shape, **kwargs)
         self.kv_share = shape.num_heads // shape.num_kv_heads  # q heads per kv head, the same on every rank
-        self.Wqkv = nn.Linear(shape.hidden_size, shape.q_width + 2 * shape.kv_width, bias=bias)
-        self.out_proj = nn.Linear(shape.q_width, shape.hidden_size, bias=bias)
+        self.qkv_name = qkv_name
+        self.add_module(qkv_name, nn.Linear(shape.hidden_size, shape.q_width + 2 * shape.kv_width, bias=bias))
+        self.out_proj = nn.Linear(shape.q_width, shape.hidden_size, bias=bias if out_bias is None else out_bias)
         self.segments = (shape.q_width, shape.kv_width, shape.kv_width)
 
     def project(self, x):
-        qkv = _heads(self.Wqkv(x), self.head_dim)
+        qkv = _heads(self._modules[self.qkv_name](x), self.head_dim)
         kv_heads = qkv.shape[2] // (self.kv_share + 2)
         return qkv.split([kv_heads * self.kv_share, kv_heads, kv_heads], dim=2)
 
@@ -231,7 +237,7 @@ class FusedQKVAttention(Attention):
         return self.out_proj(attended)
 
     def projection_plan(self) -> dict:
-        return {"Wqkv": Colwise(self.segments), "out_proj": Rowwise()}
+        return {self.qkv_name: Colwise(self.segments), "out_proj": Rowwise()}
 
 
 class GroupedQKVAttention(Attention):
@@ -286,6 +292,17 @@ class SwiGLU(nn.Module):
 
     def plan(self) -> dict:
         return {"w1": Colwise(), "w3": Colwise(), "w2": Rowwise()}
+
+
+class NormHead(nn.Linear):
+    """The LM head with each vocabulary row L2-normalised at use (Baichuan2's NormHead, InternEvo's norm_head):
+    the weight is stored as trained, the logits are x . w_v / |w_v|."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, F.normalize(self.weight, dim=-1))
 
 
 class GeGLU(SwiGLU):
@@ -346,7 +363,8 @@ class Decoder(nn.Module):
         self.add_module(
             names.norm, build_norm(args.norm_type, hidden_size, args.layer_norm_epsilon, args.add_unit_offset)
         )
-        self.add_module(names.head, nn.Linear(hidden_size, vocab_size, bias=False))
+        head = NormHead(hidden_size, vocab_size) if args.norm_head else nn.Linear(hidden_size, vocab_size, bias=False)
+        self.add_module(names.head, head)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         self.to(self.dtype)  # on the meta device (initialize_model) this only records the dtype
@@ -365,7 +383,7 @@ class Decoder(nn.Module):
         plan = {
             n.embedding: EmbeddingSplit(self.embed_split_hidden),
             n.norm: Replicated(),
-            n.head: VocabHead(gather_output=not self.parallel_output),
+            n.head: VocabHead(gather_output=not self.parallel_output, normalized=isinstance(self.lm_head, NormHead)),
         }
         for layer in self.decoder_layers.values():  # every layer: a family may mix dense and MoE MLPs
             for part in (n.attention, n.mlp):

@@ -19,6 +19,8 @@ model_type (what it is): how q, k and v are projected; the parameter names.
 - QWEN2 (Qwen2 / Qwen2.5): wq, wk, wv with qkv_bias, wo with o_bias; embed_tokens, then as INTERNLM2.
 - GEMMA (Gemma): wq, wk, wv, wo (no_bias) under QWEN2's names; GeGLU MLP (use_swiglu=False), RMSNorm by
   (1 + weight) (add_unit_offset), embeddings times sqrt(hidden_size), head tied to the embedding.
+- BAICHUAN2 (Baichuan2-7B): one wqkv [q; k; v] and out_proj (never biased) under INTERNLM2's names; the
+  LM head's rows L2-normalised at use (norm_head).
 - QWEN3 (Qwen3 dense): QWEN2's names and projections without biases, and an RMSNorm over each head's q
   and k before the rotary embedding (layers.N.attention.q_norm / k_norm, head_dim wide).
 
@@ -70,6 +72,11 @@ def _internlm2_projections(args: DecoderArgs) -> tuple[type[Attention], dict]:
 
 # InternLM v1's one Wqkv [q; k; v] and out_proj, biased unless no_bias
 FUSED_QKV = AttentionKind(("no_bias", "qk_interleaved"), lambda args: (FusedQKVAttention, dict(bias=not args.no_bias)))
+# Baichuan2's wqkv [q; k; v] (InternEvo's MHA, HF's W_pack), biased unless no_bias, and out_proj, never biased
+BAICHUAN2_QKV = AttentionKind(
+    ("no_bias", "qk_interleaved"),
+    lambda args: (FusedQKVAttention, dict(bias=not args.no_bias, qkv_name="wqkv", out_bias=False)),
+)
 # InternLM2's grouped wqkv (or wq, wk, wv without enable_qkv_fusion) and wo, biased unless no_bias
 INTERNLM2_QKV = AttentionKind(("no_bias", "enable_qkv_fusion", "qk_interleaved"), _internlm2_projections)
 # wq, wk, wv (qkv_bias) and wo (o_bias)
@@ -293,6 +300,17 @@ INTERNLM3 = Family(
     ("adapt_hf",),
 )
 
+# Baichuan2 (Baichuan2-7B: 32 layers of 32 heads, MLP 11008, vocab 125696, rotary, no biases, the normalised
+# head). Baichuan2-13B's ALiBi attention is not available: InternEvo's BAICHUAN2 always uses rotary embeddings,
+# it has no field for ALiBi, so no InternEvo config trains it.
+BAICHUAN2 = Family(
+    "BAICHUAN2",
+    INTERNLM2_NAMES,
+    BAICHUAN2_QKV,
+    dict(vocab_size=125696, layer_norm_epsilon=1e-6, no_bias=True, qk_interleaved=False, norm_head=True),
+    ("norm_head",),
+)
+
 # The builders by InternEvo's function names
 build_internlm = INTERNLM.build
 build_internlm2 = INTERNLM2.build
@@ -305,3 +323,4 @@ build_qwen3 = QWEN3.build
 build_qwen3_moe = QWEN3_MOE.build
 build_gemma = GEMMA.build
 build_internlm3 = INTERNLM3.build
+build_baichuan2 = BAICHUAN2.build
