@@ -268,3 +268,16 @@ def test_baichuan2_equals_its_reference_both_ways_and_round_trips_bitwise(tmp_pa
         assert (model(ids) - baichuan2_reference(random_hf, ids, TINY["num_attention_heads"])).abs().max() <= 1e-5
     back = to_hf_state(model, model.state_dict())
     assert all(torch.equal(back[k], v) for k, v in random_hf.items())
+
+
+def test_a_folder_of_another_class_says_which_model_type_reads_it(tmp_path):
+    from pytrain.checkpoint.convert import load_hf_into
+    from pytrain.parallel.model_part import ModelPart
+
+    gemma = random_model("gemma")
+    save_hf_folder(gemma, gemma.state_dict(), tmp_path, dtype=torch.float32)
+    qwen3 = random_model("qwen3")
+    with pytest.raises(ValueError, match=r"holds a GemmaForCausalLM \(model_type 'gemma'\), not the Qwen3ForCausalLM"):
+        load_hf_into(ModelPart([qwen3]), qwen3, tmp_path)
+    with pytest.raises(ValueError, match=r"model_type GEMMA reads it"):
+        load_hf_into(ModelPart([qwen3]), qwen3, tmp_path)

@@ -147,6 +147,26 @@ def hf_class(model: Decoder) -> HFClass:
     return hf
 
 
+def check_folder_class(model: Decoder, folder_config: dict) -> None:
+    """A Hugging Face folder (its config.json) of another class than the model's family maps to says which it
+    holds and which model_type reads it."""
+    hf = hf_class(model)
+    theirs = folder_config.get("model_type")
+    if theirs is None or theirs == hf.model_type:
+        return
+    readers = [
+        name
+        for name in MODEL_INITIALIZER.names()
+        if getattr(getattr(MODEL_INITIALIZER.get_module(name), "hf", None), "model_type", None) == theirs
+    ]
+    holds = ", ".join(folder_config.get("architectures") or []) or "?"
+    raise ValueError(
+        f"the Hugging Face folder holds a {holds} (model_type {theirs!r}), not the {hf.architecture} that "
+        f"{model.family} reads: "
+        + (f"model_type {' or '.join(readers)} reads it" if readers else "no pytrain model_type reads it")
+    )
+
+
 def check_exportable(model: Decoder) -> None:
     """What the model's HF class cannot express is refused, with the field that differs named."""
     layer = next(iter(model.decoder_layers.values()))
