@@ -132,6 +132,24 @@ SCHEMA: dict[str, Any] = {
     "use_fp32_norm": _field(False, bool, "keep norm weights in fp32 when model.dtype is 16-bit"),
     "cudnn_deterministic": _field(False, bool, "torch.backends.cudnn.deterministic"),
     "cudnn_benchmark": _field(False, bool, "torch.backends.cudnn.benchmark"),
+    "selective_checkpoint": _field(
+        False,
+        bool,
+        "selective activation checkpointing of the layers model.checkpoint leaves whole (InternEvo's: the "
+        "attention core is recomputed in the backward, the linears' outputs kept); see selective_checkpoint_policy",
+    ),
+    "selective_checkpoint_policy": _field(
+        "attention",
+        str,
+        "what selective_checkpoint keeps: 'attention' (all but the attention core, InternEvo's) or 'matmuls' "
+        "(only the matmul outputs; norms, rotary, activations and attention recomputed)",
+        one_of("attention", "matmuls"),
+    ),
+    "selective_checkpoint_offload": _field(
+        False,
+        bool,
+        "move what selective_checkpoint keeps to pinned host memory until the backward (a no-op on the CPU)",
+    ),
     # each field's default is DecoderArgs' (the one place; a family's own are in its spec, pytrain.model.families)
     "model": _model_section(
         {
@@ -873,6 +891,14 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: {field}: {message}")
 
     model, data, parallel = cfg["model"], cfg["data"], cfg["parallel"]
+    if cfg["selective_checkpoint_offload"] and not cfg["selective_checkpoint"]:
+        fail("selective_checkpoint_offload", "offloads what selective_checkpoint keeps: set selective_checkpoint=True")
+    if cfg["selective_checkpoint_offload"] and cfg["selective_checkpoint_policy"] != "attention":
+        fail(
+            "selective_checkpoint_offload",
+            "works with selective_checkpoint_policy='attention' (the matmul outputs 'matmuls' keeps stay on the "
+            "device)",
+        )
     heads = model.get("num_attention_heads")
     hidden = model.get("hidden_size")
     if heads and hidden:

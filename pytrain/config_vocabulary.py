@@ -43,11 +43,6 @@ IGNORED = {
         (dict, NONE),
         "InternLM's per-layer gradient-norm and zero-gradient counts on TensorBoard",
     ),
-    "selective_checkpoint_offload": (
-        False,
-        bool,
-        "isp's CPU offload of the activations selective_checkpoint keeps (neither is available)",
-    ),
     "data.empty_cache_and_diag_interval": (50, int, "InternEvo's periodic CUDA cache flush and slow-rank diagnosis"),
     "data.diag_outlier_ratio": (1.1, NUMBER, "threshold of InternEvo's slow-rank diagnosis"),
     "data.packed_length": (None, (int, NONE), "InternEvo overrides it with seq_len * micro_bsz too"),
@@ -123,7 +118,6 @@ IGNORED = {
 
 # "section.field": (allowed values (the first is the default), types, the feature pytrain does not have)
 UNAVAILABLE = {
-    "selective_checkpoint": ((False,), bool, "selective activation checkpointing"),
     "data.type": (("tokenized",), str, "dataset types other than InternLM's tokenized format"),
     "data.use_packed_dataset": ((True,), bool, "unpacked batches"),
     "data.unit_schedule_size": ((None,), (int, NONE), "ZeroPP scheduling units"),

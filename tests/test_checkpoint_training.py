@@ -371,7 +371,8 @@ def test_bad_input_is_a_clear_error_before_step_1(saved, small_corpus, tmp_path,
     fails(load_config(internlm, small_corpus, tmp_path), CheckpointError, r"only its model weights can be loaded")
     wrong = dict(load_ckpt_info=dict(path=str(saved), content=("weights",)))
     fails(config("one", "torch.float32", small_corpus, tmp_path, wrong), ConfigError, r"content \('weights',\)")
-    assert sorted(p.name for p in saved.parent.iterdir()) == ["2"]  # nothing written over the good one
+    # nothing written over the good one (the lock file of the run that saved it stays: pytrain.checkpoint.lock)
+    assert sorted(p.name for p in saved.parent.iterdir()) == [".pytrain.lock", "2"]
 
 
 def test_weights_load_from_the_most_precise_copy_across_dtypes(saved, small_corpus, tmp_path, fresh_context):

@@ -232,7 +232,7 @@ def test_bool_checkpoint_and_fraction(tmp_path):
             r"model.drop_rate = 0.1: dropout is not available in pytrain; leave it at 0.0",
         ),
         ("data = dict(type='hf')\n", r"data.type = 'hf': dataset types other than InternLM's tokenized format is not"),
-        ("selective_checkpoint = True\n", r"selective_checkpoint = True: selective activation checkpointing is not"),
+        ("selective_checkpoint_offload = True\n", r"selective_checkpoint_offload: offloads what selective_checkpoint"),
         (
             "parallel = dict(sequence_parallel=True, tensor=dict(size=1, mode='mtp'))\n",
             r"parallel.sequence_parallel: True is InternEvo's older spelling .* set parallel.tensor.mode='msp'",
@@ -689,7 +689,7 @@ MODEL_ONLY = dict(path="local:llm_ckpts/xxxx", content=("model",), ckpt_type="in
             {},
             ["grad_profiling"],
         ),
-        ("selective_checkpoint_offload = False", {}, ["selective_checkpoint_offload"]),
+        ("selective_checkpoint_offload = False", {}, []),  # acts now (at its default here)
         (
             "parallel = dict(weight=dict(size=1, early_reduce_scatter_release=False))",
             {},

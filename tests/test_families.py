@@ -6,6 +6,7 @@ import torch
 import transformers  # the oracle (in the test extra): a missing install fails, never skips
 from conftest import CONFIGS
 
+from pytrain.checkpoint import CheckpointError
 from pytrain.checkpoint.hf import HFReader, from_hf_state, hf_config, save_hf_folder, to_hf_state
 from pytrain.model import Decoder
 from pytrain.model.families import (
@@ -191,7 +192,7 @@ def test_missing_hugging_face_tensors_are_named(tmp_path):
     del state["model.layers.1.self_attn.k_proj.weight"]
     with pytest.raises(ValueError, match=r"lack 1 tensor\(s\) .* model.layers.1.self_attn.k_proj.weight"):
         from_hf_state(model, state)
-    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):
         HFReader(tmp_path)
 
 
@@ -277,7 +278,7 @@ def test_a_folder_of_another_class_says_which_model_type_reads_it(tmp_path):
     gemma = random_model("gemma")
     save_hf_folder(gemma, gemma.state_dict(), tmp_path, dtype=torch.float32)
     qwen3 = random_model("qwen3")
-    with pytest.raises(ValueError, match=r"holds a GemmaForCausalLM \(model_type 'gemma'\), not the Qwen3ForCausalLM"):
+    with pytest.raises(CheckpointError, match=r"holds a GemmaForCausalLM \(model_type 'gemma'\), not the Qwen3ForCausalLM"):
         load_hf_into(ModelPart([qwen3]), qwen3, tmp_path)
-    with pytest.raises(ValueError, match=r"model_type GEMMA reads it"):
+    with pytest.raises(CheckpointError, match=r"model_type GEMMA reads it"):
         load_hf_into(ModelPart([qwen3]), qwen3, tmp_path)

@@ -208,7 +208,8 @@ def family_references(request, tmp_path_factory):
 TOLERANCE = dict(rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+# the 4-process layouts (pp4, dp2 x tp2, tp2 x pp2, ...) are the slow set's: the 2-process ones cover each mode
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_layout_matches_one_process(world, family_references, tmp_path, init_method, fresh_context):
     family, references = family_references
     names = [name for name, (size, *_) in LAYOUTS.items() if size == world]

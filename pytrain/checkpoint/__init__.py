@@ -4,10 +4,12 @@ A checkpoint is a folder `<save_ckpt_folder>/<step>/` (or a rolling slot `snapsh
 safetensors files (tensors, keyed by full-model names and cut by ShardSpec, so any parallel layout reads
 any other), JSON files (per-rank and global state, RNG states in base64), `manifest.json` (format
 version, every file's size and sha256, where each tensor's shards are) and the completion marker
-`<step>.step`, written last. Nothing is ever unpickled. See writer.py for the order of a save.
+`<step>.step`, written last. Nothing is ever unpickled, and nothing is read from outside the folder; every
+file is checked (pytrain.checkpoint.schema) before it is used. See writer.py for the order of a save.
 
 The trainer's calls:
     check_writable(save_ckpt_folder)                     # before step 1
+    lock = SaveFolderLock(root)                          # rank 0, for the run's life: one run per save folder
     ckpt = Checkpointer(save_ckpt_folder, keep=N, async_save=async_upload)
     ckpt.save(step, {key: (tensor, spec)}, rank_state={"rng": rng_state(), ...}, global_state={...},
               snapshot=False)
@@ -21,6 +23,7 @@ The trainer's calls:
 """
 
 from .catalog import CheckpointInfo, delete_checkpoint, find_latest, list_checkpoints
+from .lock import SaveFolderLock
 from .reader import CheckpointReader
 from .rng import restore_rng, rng_state
 from .stop import StopFile, StopSignal
@@ -44,6 +47,7 @@ __all__ = [
     "CheckpointReader",
     "CheckpointVersionError",
     "Checkpointer",
+    "SaveFolderLock",
     "StopFile",
     "StopSignal",
     "check_writable",

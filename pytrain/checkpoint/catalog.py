@@ -8,6 +8,7 @@ marker counts as a checkpoint.
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +58,13 @@ def list_checkpoints(folder: str | Path) -> list[CheckpointInfo]:
     return sorted(infos, key=lambda info: (info.step, info.snapshot, str(info.path)))
 
 
-def find_latest(folder: str | Path) -> CheckpointReader | None:
+def find_latest(folder: str | Path, check: Callable[[CheckpointReader], None] | None = None) -> CheckpointReader | None:
     """The newest complete checkpoint whose files all match their checksums (auto_resume), or None.
 
-    Newer folders that are incomplete or corrupt are skipped, each with a warning naming it. A checkpoint
-    of a newer format version is an error, not skipped: resuming an older one instead would lose steps."""
+    Newer folders that are incomplete or corrupt (a damaged file, a manifest of the wrong schema, or a
+    CheckpointError from `check`: the caller's own check of what it will read, e.g. state.json's schema)
+    are skipped, each with a warning naming it. A checkpoint of a newer format version is an error, not
+    skipped: resuming an older one instead would lose steps."""
     for info in reversed(list_checkpoints(folder)):
         if not info.complete:
             warnings.warn(f"skipping incomplete checkpoint {info.path} (a save that did not finish)", stacklevel=2)
@@ -69,6 +72,8 @@ def find_latest(folder: str | Path) -> CheckpointReader | None:
         try:
             reader = CheckpointReader(info.path)
             reader.verify()
+            if check is not None:
+                check(reader)
         except CheckpointVersionError:
             raise
         except CheckpointError as err:

@@ -39,8 +39,8 @@ def whole_model(cfg: Config):
         return MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model)
 
 
-def _shape_error(folder, problems: list[str]) -> ValueError:
-    return ValueError(
+def _shape_error(folder, problems: list[str]) -> CheckpointError:
+    return CheckpointError(
         f"the Hugging Face weights in {folder} do not fit this model ({len(problems)} tensor(s)):\n  "
         + "\n  ".join(problems[:20])
         + "\ncheck the config's model section (hidden_size, num_layers, heads, vocab_size, ...) against config.json"
@@ -59,9 +59,12 @@ def load_hf_into(part, model, folder) -> None:
     rename is read as its shard's rows or columns only; stacked experts as this rank's experts' tensors
     only; a converted one (fused qkv, reordered rotary rows) needs its whole HF tensors, read and cut here.
     model: the whole model (meta is enough)."""
+    try:
+        rules = {rule.name: rule for rule in hf_rules(model)}
+    except ValueError as err:  # the config's model has no Hugging Face form
+        raise ConfigError(f"ckpt.load_ckpt_info ckpt_type='hf': {err}") from None
     reader = HFReader(resolve_folder(str(folder)))
     _check_class(reader, model)
-    rules = {rule.name: rule for rule in hf_rules(model)}
     wanted = {h for p, info in part.infos() for h in rules[info.name].hf_names}
     missing = sorted(wanted - set(reader.weight_map))
     if missing:
@@ -71,7 +74,6 @@ def load_hf_into(part, model, folder) -> None:
         rule, spec = rules[info.name], info.spec
         if rule.is_rename:
             (hf_name,) = rule.hf_names
-            # HFReader has no shape lookup: its safetensors handle's slice gives it without reading
             shape = reader.shape(hf_name)
             if shape != spec.full_shape:
                 problems.append(

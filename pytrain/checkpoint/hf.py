@@ -48,6 +48,9 @@ from pytrain.model.decoder import Decoder, FusedQKVAttention, GeGLU, GroupedQKVA
 from pytrain.model.moe import MoE
 from pytrain.registry import MODEL_INITIALIZER
 
+from . import schema
+from .storage import CheckpointError, inside
+
 
 @dataclass(frozen=True)
 class HFClass:
@@ -160,7 +163,7 @@ def check_folder_class(model: Decoder, folder_config: dict) -> None:
         if getattr(getattr(MODEL_INITIALIZER.get_module(name), "hf", None), "model_type", None) == theirs
     ]
     holds = ", ".join(folder_config.get("architectures") or []) or "?"
-    raise ValueError(
+    raise CheckpointError(
         f"the Hugging Face folder holds a {holds} (model_type {theirs!r}), not the {hf.architecture} that "
         f"{model.family} reads: "
         + (f"model_type {' or '.join(readers)} reads it" if readers else "no pytrain model_type reads it")
@@ -452,6 +455,12 @@ def save_hf_folder(
 class HFReader:
     """Reads tensors (or slices of them) from a HF folder's safetensors files, opening each file once.
 
+    What the folder holds is checked before it is used, each problem a CheckpointError naming the file:
+    the index against its schema, every file it names inside the folder (no absolute path, no `..`, no
+    symlink leading out), each file's safetensors header against the file (pytrain.checkpoint.schema), each
+    tensor in the file the index puts it in, and stored as floating point (weights: integers are refused,
+    not converted).
+
     Experts saved in transformers 5's stacked layout (`<p>.mlp.experts.gate_up_proj` (E, 2I, H) = each
     expert's [gate; up], `<p>.mlp.experts.down_proj` (E, H, I)) are also readable under the per-expert names
     (`<p>.mlp.experts.{e}.gate_proj|up_proj|down_proj.weight`, and for Mixtral `<p>.block_sparse_moe.
@@ -459,25 +468,21 @@ class HFReader:
     (stored name, expert, first row, rows), read as that slice."""
 
     def __init__(self, folder: str | os.PathLike):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
+        self._files = {}
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            data = inside(self.folder, index.name, str(self.folder)).read_bytes()
+            weight_map = schema.load_json(data, str(index), schema.HF_INDEX)["weight_map"]
         elif (self.folder / "model.safetensors").is_file():
-            weight_map = None
+            _, headers = self._file("model.safetensors")
+            weight_map = dict.fromkeys(headers, "model.safetensors")
         else:
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"{self.folder}: no model.safetensors or model.safetensors.index.json: not a "
                 f"Hugging Face safetensors folder (pytorch_model.bin files are not read: "
                 f"they are pickles)"
             )
-        self._open = lambda file: safe_open(str(self.folder / file), framework="pt")
-        self._files = {}
-        if weight_map is None:
-            handle = self._handle("model.safetensors")
-            weight_map = dict.fromkeys(handle.keys(), "model.safetensors")
         self.weight_map = weight_map
         self.aliases = {}
         self.aliases = self._stacked_expert_aliases()
@@ -489,7 +494,7 @@ class HFReader:
         for name in list(self.weight_map):
             if name.endswith(".mlp.experts.gate_up_proj"):
                 prefix = name.removesuffix(".mlp.experts.gate_up_proj")
-                experts, rows, _ = self.shape(name)
+                experts, rows = self._stacked_shape(name)
                 for e in range(experts):
                     for index, (qwen, mixtral) in enumerate((("gate_proj", "w1"), ("up_proj", "w3"))):
                         where = (name, e, index * rows // 2, rows // 2)
@@ -500,48 +505,71 @@ class HFReader:
                     aliases[f"{prefix}.block_sparse_moe.gate.weight"] = (f"{prefix}.mlp.gate.weight", None, 0, rows)
             elif name.endswith(".mlp.experts.down_proj"):
                 prefix = name.removesuffix(".mlp.experts.down_proj")
-                experts, rows, _ = self.shape(name)
+                experts, rows = self._stacked_shape(name)
                 for e in range(experts):
                     aliases[f"{prefix}.mlp.experts.{e}.down_proj.weight"] = (name, e, 0, rows)
                     aliases[f"{prefix}.block_sparse_moe.experts.{e}.w2.weight"] = (name, e, 0, rows)
         return {alias: where for alias, where in aliases.items() if alias not in self.weight_map}
 
-    def _handle(self, file: str):
+    def _stacked_shape(self, name: str) -> tuple[int, int]:
+        """(experts, rows) of a stacked experts tensor, which must be 3-D."""
+        shape = self.shape(name)
+        if len(shape) != 3:
+            raise CheckpointError(
+                f"{self.folder}: {name} is {list(shape)}; stacked experts are (experts, rows, columns)"
+            )
+        return shape[0], shape[1]
+
+    def _file(self, file: str) -> tuple[object, dict[str, schema.TensorHeader]]:
+        """(safetensors' handle, checked header) of a file of the folder, opened once."""
         if file not in self._files:
-            self._files[file] = self._open(file)
+            path = inside(self.folder, file, f"{self.folder}/model.safetensors.index.json (weight_map)")
+            self._files[file] = schema.open_safetensors(path)
         return self._files[file]
+
+    def _stored(self, name: str):
+        """The open file holding the stored tensor `name`, checked to be there and floating point."""
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.folder}: no tensor {name!r} in the Hugging Face weights")
+        file = self.weight_map[name]
+        handle, headers = self._file(file)
+        header = headers.get(name)
+        if header is None:
+            raise CheckpointError(f"{self.folder}: the index puts {name} in {file}, which does not hold it")
+        if not header.dtype.is_floating_point:
+            raise CheckpointError(
+                f"{self.folder / file}: {name} is stored as {str(header.dtype).removeprefix('torch.')}; model "
+                f"weights are floating point, so these are not a model's weights (refused, not converted)"
+            )
+        return handle
 
     def config(self) -> dict:
         path = self.folder / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; a Hugging Face folder holds config.json beside its weights")
-        return json.loads(path.read_text())
+            raise CheckpointError(f"{path}: missing; a Hugging Face folder holds config.json beside its weights")
+        return schema.load_json(inside(self.folder, path.name, str(self.folder)).read_bytes(), str(path))
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise KeyError(f"{self.folder}: no tensor {name!r} in the Hugging Face weights")
         if name in self.aliases:
             stored, expert, first, rows = self.aliases[name]
-            view = self._handle(self.weight_map[stored]).get_slice(stored)
+            view = self._stored(stored).get_slice(stored)
             return view[first : first + rows] if expert is None else view[expert, first : first + rows]
-        return self._handle(self.weight_map[name]).get_tensor(name)
+        return self._stored(name).get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, read from its file's header (no data)."""
-        if name not in self.weight_map:
-            raise KeyError(f"{self.folder}: no tensor {name!r} in the Hugging Face weights")
         if name in self.aliases:
             stored, expert, _, rows = self.aliases[name]
             shape = self.shape(stored)
             return (rows, *shape[1:]) if expert is None else (rows, *shape[2:])
-        return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
+        return tuple(self._stored(name).get_slice(name).get_shape())
 
     def get_rows_or_columns(self, name: str, dim: int, pieces) -> torch.Tensor:
         """The concatenation along dim (0 or 1) of the [start, start + length) slices: a shard's part."""
         if name in self.aliases:  # a slice of a stacked tensor: small, read whole
             whole = self.get(name)
             return torch.cat([whole.narrow(dim, start, length) for start, length in pieces], dim=dim)
-        view = self._handle(self.weight_map[name]).get_slice(name)
+        view = self._stored(name).get_slice(name)
         parts = [
             view[start : start + length] if dim == 0 else view[:, start : start + length] for start, length in pieces
         ]

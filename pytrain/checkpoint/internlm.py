@@ -33,7 +33,8 @@ the mixing coefficient sit whole in the model files, the residual/shared MLP spl
 With a pipeline size that does not divide num_layers InternEvo's L of two layers coincide; such a folder
 is refused.
 
-Not supported, refused by name: ISP (weight-parallel) files, FSDP (`_dp{d}`) files.
+Not supported, refused by name: ISP (weight-parallel) files, FSDP (`_dp{d}`) files. A file that is a symlink
+leading out of the folder is refused.
 """
 
 import pickle
@@ -47,7 +48,7 @@ from pytrain.parallel.shard_spec import ShardSpec
 from pytrain.parallel.tensor import plan_pattern
 from pytrain.registry import MODEL_INITIALIZER
 
-from .storage import CheckpointError, resolve_folder
+from .storage import CheckpointError, inside, resolve_folder
 
 MODEL_FILE = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
 EXPERT_FILE = re.compile(r"^model_moe_layer(\d+)_expert(\d+)_tp(\d+)\.pt$")
@@ -253,7 +254,9 @@ def _read_expert(
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    """One rank's tensors, the AMP wrapper's `model.` prefix removed."""
+    """One rank's tensors, the AMP wrapper's `model.` prefix removed. The file must lie inside its folder (a
+    symlink leading out of it is refused)."""
+    inside(path.parent, path.name, f"InternLM checkpoint {path.parent}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:

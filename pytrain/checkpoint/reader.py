@@ -1,24 +1,27 @@
 """Reading a checkpoint: the manifest, checksums, JSON states, and tensors cut for any layout.
 
-Each file is checked against the manifest (size, then sha256) before it is used, once per reader; the
-manifest itself is checked against the sha256 its completion marker holds. Tensors are read with
-safetensors' safe_open, slice by slice: a rank reads only the parts of the saved shards that overlap the
-shards it asks for. Nothing is unpickled.
+The manifest is checked against the sha256 its completion marker holds, then against its schema
+(pytrain.checkpoint.schema) and for consistency (every shard's file listed, its pieces inside the tensor)
+before anything in it is used. Each file it names must lie inside the checkpoint folder (no absolute path,
+no `..`, no symlink leading out) and is checked against the manifest (size, then sha256) before it is
+used, once per reader; a safetensors file's header is checked against the file and against the manifest
+(each shard's dtype and shape) before safetensors opens it. Tensors are read with safetensors' safe_open,
+slice by slice: a rank reads only the parts of the saved shards that overlap the shards it asks for.
+Nothing is unpickled, and nothing is converted behind the manifest's back.
 """
 
 import contextlib
 import hashlib
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from pytrain.parallel.shard_spec import ShardSpec
 
-from .layout import overlaps, spec_from_json
+from . import schema
+from .layout import check_spec, overlaps, spec_from_json
 from .storage import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -27,6 +30,7 @@ from .storage import (
     CheckpointError,
     CheckpointVersionError,
     file_sha256,
+    inside,
     rank_state_file,
     resolve_folder,
 )
@@ -38,10 +42,10 @@ def read_marker(folder: Path) -> dict | None:
     if len(markers) != 1:
         return None
     try:
-        marker = json.loads(markers[0].read_text())
-    except (OSError, ValueError):
+        marker = schema.load_json(markers[0].read_bytes(), str(markers[0]))
+    except (OSError, CheckpointError):
         return None
-    if not isinstance(marker, dict) or markers[0].name != f"{marker.get('step')}.step":
+    if schema.MARKER.problem(marker, "") is not None or markers[0].name != f"{marker['step']}.step":
         return None
     return marker
 
@@ -55,30 +59,43 @@ class CheckpointReader:
             raise CheckpointError(f"checkpoint folder {str(self.path)!r} does not exist")
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
-            inside = sorted(p.name for p in self.path.iterdir() if p.is_dir() and p.name.isdigit())
-            hint = f" (it holds checkpoints {', '.join(inside)}: name one of them)" if inside else ""
+            steps = sorted(p.name for p in self.path.iterdir() if p.is_dir() and p.name.isdigit())
+            hint = f" (it holds checkpoints {', '.join(steps)}: name one of them)" if steps else ""
             raise CheckpointError(f"{str(self.path)!r} is not a pytrain checkpoint: no {MANIFEST}{hint}")
-        data = manifest_path.read_bytes()
+        data = inside(self.path, MANIFEST, f"checkpoint {self.path}").read_bytes()
         marker = read_marker(self.path)
         self.complete = marker is not None
-        if marker is not None and marker.get("manifest_sha256") != hashlib.sha256(data).hexdigest():
+        if marker is not None and marker["manifest_sha256"] != hashlib.sha256(data).hexdigest():
             raise CheckpointError(f"{manifest_path} is corrupt: its sha256 differs from the one its marker recorded")
-        try:
-            manifest = json.loads(data)
-        except ValueError as err:
-            raise CheckpointError(f"{manifest_path} is corrupt: not JSON ({err})") from err
+        manifest = schema.load_json(data, str(manifest_path))
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             raise CheckpointError(f"{manifest_path} is not a {FORMAT_NAME} manifest")
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        schema.check(manifest, schema.Record({"format_version": schema.Int()}), str(manifest_path))
+        version = manifest["format_version"]
+        if version > FORMAT_VERSION:  # before the schema: a newer format may have another one
             raise CheckpointVersionError(
                 f"checkpoint {self.path} was written in checkpoint format version {version}; this pytrain reads "
                 f"versions up to {FORMAT_VERSION}: load it with a newer pytrain"
             )
+        schema.check(manifest, schema.MANIFEST, str(manifest_path))
         self.manifest = manifest
         self.step: int = manifest["step"]
         self.world_size: int = manifest["world_size"]
+        self._check_shards()
         self._verified: set[str] = set()
+        self._headers: dict[str, dict[str, schema.TensorHeader]] = {}
+
+    def _check_shards(self) -> None:
+        """Every shard's file is one the manifest lists, and its pieces lie inside its tensor."""
+        where = self.path / MANIFEST
+        for key, entry in self.manifest["tensors"].items():
+            for shard in entry["shards"]:
+                if shard["file"] not in self.manifest["files"]:
+                    raise CheckpointError(f"{where} is not valid: a shard of {key} is in {shard['file']!r}, not listed")
+                try:
+                    check_spec(key, spec_from_json(entry["shape"], shard))
+                except CheckpointError as err:
+                    raise CheckpointError(f"{where} is not valid: {err}") from None
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Every saved key's full shape and dtype name."""
@@ -90,7 +107,7 @@ class CheckpointReader:
         files = self.manifest["files"]
         todo = [name for name in (files if names is None else names) if name not in self._verified]
         for name in todo:
-            path, expected = self.path / name, files[name]
+            path, expected = inside(self.path, name, f"{self.path / MANIFEST} (files)"), files[name]
             if not path.is_file():
                 raise CheckpointError(f"checkpoint file {path} is missing")
             size = path.stat().st_size
@@ -107,19 +124,42 @@ class CheckpointReader:
                     )
                 self._verified.add(name)
 
-    def _json(self, name: str) -> dict:
+    def _json(self, name: str, expected) -> dict:
+        if name not in self.manifest["files"]:
+            raise CheckpointError(f"checkpoint {self.path} is incomplete: its manifest lists no {name}")
         self.verify([name])
-        return json.loads((self.path / name).read_text())
+        return schema.load_json((self.path / name).read_bytes(), str(self.path / name), expected)
 
-    def global_state(self) -> dict:
-        """The JSON state rank 0 saved for the whole run (step counters, schedulers, config text...)."""
-        return self._json(GLOBAL_STATE)
+    def global_state(self, expected=schema.JSON_OBJECT) -> dict:
+        """The JSON state rank 0 saved for the whole run (step counters, schedulers, config text...),
+        checked against `expected` (a schema: what the caller is about to use)."""
+        return self._json(GLOBAL_STATE, expected)
 
-    def rank_state(self, rank: int) -> dict:
-        """The JSON state rank `rank` saved (its RNG, its data position...)."""
+    def rank_state(self, rank: int, expected=schema.JSON_OBJECT) -> dict:
+        """The JSON state rank `rank` saved (its RNG, its data position...), checked against `expected`."""
         if not 0 <= rank < self.world_size:
             raise CheckpointError(f"checkpoint {self.path} was saved by {self.world_size} ranks: it has no rank {rank}")
-        return self._json(rank_state_file(rank))
+        return self._json(rank_state_file(rank), expected)
+
+    def _header(self, name: str) -> dict[str, schema.TensorHeader]:
+        if name not in self._headers:
+            self._headers[name] = schema.read_safetensors_header(self.path / name)
+        return self._headers[name]
+
+    def _check_saved_as_listed(self, key: str) -> None:
+        """Each shard of `key` is in its file with the manifest's dtype and the shape its spec gives."""
+        entry = self.manifest["tensors"][key]
+        for shard in entry["shards"]:
+            found = self._header(shard["file"]).get(key)
+            listed = (getattr(torch, entry["dtype"]), spec_from_json(entry["shape"], shard).local_shape)
+            if found is None or (found.dtype, found.shape) != listed:
+                what = (
+                    "not there" if found is None else f"{str(found.dtype).removeprefix('torch.')} {list(found.shape)}"
+                )
+                raise CheckpointError(
+                    f"checkpoint file {self.path / shard['file']} does not hold {key} as its manifest says: "
+                    f"{entry['dtype']} {list(listed[1])} listed, {what} in the file (it was edited after the save)"
+                )
 
     def check(self, wanted: dict[str, ShardSpec], strict_prefixes: tuple[str, ...] = ()) -> None:
         """Raises, listing names and shapes, when a wanted key is missing or has another full shape, or
@@ -172,9 +212,11 @@ class CheckpointReader:
         tensors = self.manifest["tensors"]
         files = sorted({shard["file"] for key in targets for shard in tensors[key]["shards"]})
         self.verify(files)
+        for key in targets:
+            self._check_saved_as_listed(key)
         out = {}
         with contextlib.ExitStack() as stack:
-            handles = {name: stack.enter_context(safe_open(self.path / name, framework="pt")) for name in files}
+            handles = {name: stack.enter_context(schema.open_safetensors(self.path / name)[0]) for name in files}
             for key, (local, spec) in targets.items():
                 entry = tensors[key]
                 shards = [(spec_from_json(entry["shape"], shard), handles[shard["file"]]) for shard in entry["shards"]]

@@ -47,18 +47,18 @@ def restore_rng(state: dict) -> None:
         numpy_state = state["numpy"]
         keys = np.frombuffer(_unb64(numpy_state["keys"]), dtype=np.uint32).copy()
         version, internal, gauss_next = state["python"]
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"the saved RNG state is not one rng_state() wrote ({err!r})") from err
-    torch.set_rng_state(cpu)
-    np.random.set_state(
-        (
-            numpy_state["kind"],
-            keys,
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
+        torch.set_rng_state(cpu)
+        np.random.set_state(
+            (
+                numpy_state["kind"],
+                keys,
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
         )
-    )
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(_unb64(state["cuda"])), dtype=torch.uint8))
+        random.setstate((version, tuple(internal), gauss_next))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.frombuffer(bytearray(_unb64(state["cuda"])), dtype=torch.uint8))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"the saved RNG state is not one rng_state() wrote ({err!r})") from err

@@ -94,6 +94,24 @@ def resolve_folder(folder: str) -> Path:
     )
 
 
+def inside(folder: Path, name: str, entry: str) -> Path:
+    """`folder / name` when it stays inside `folder`: a relative name without `..` whose path, symlinks
+    followed, is still under the folder's. Anything else is a CheckpointError naming `entry` (where the
+    name was read), so a tampered folder cannot make pytrain read a file elsewhere."""
+    relative = Path(name)
+    if not name or relative.is_absolute() or ".." in relative.parts:
+        raise CheckpointError(
+            f"{entry} names {name!r}: only files inside {folder} are read (no absolute path, no '..')"
+        )
+    path = folder / relative
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise CheckpointError(
+            f"{entry} names {name!r}, a link to {path.resolve()} outside {folder}: only files inside the folder "
+            "are read"
+        )
+    return path
+
+
 def check_writable(folder: str | os.PathLike) -> Path:
     """Creates `folder` if needed and proves a file can be written, fsynced and removed there.
 

@@ -4,8 +4,9 @@ A `.bin.meta` is a numpy array (np.save) with one row per line: int32 `(byte_off
 InternLM's tools/tokenizer.py writes it, or int64 `(byte_offset, num_tokens, row_index)` as newer InternEvo
 tools do; column 1 is the length in both. The `.bin` files are memory-mapped and a sample is parsed only
 when a batch needs it. What is cheap is checked when the folder is opened (every meta against its bin:
-offsets, line ends, file size); what is not (the JSON of a line, its token count, ids against the
-vocabulary) is checked when the line is read, and the error names the file and the line.
+offsets, line ends, file size, token counts that can fit in their lines, so no buffer is sized from a
+made-up count); what is not (the JSON of a line, its exact token count, ids against the vocabulary) is
+checked when the line is read, and the error names the file and the line.
 
 Dataset types: the sorted top-level subfolders of the folder (e.g. `code/`, `en/`) that hold `.bin` files
 (InternEvo's numbering); `.bin` files directly in the folder form one type named after the folder.
@@ -65,7 +66,7 @@ def read_meta(bin_path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{bin_path} has no {meta_path.name} beside it: re-tokenize the file ({TOKENIZE_HINT})")
     try:
         meta = np.load(meta_path, allow_pickle=False)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, EOFError) as error:  # EOFError: an empty or cut file
         raise DataError(f"{meta_path} is not a numpy .npy array ({error}): re-tokenize {bin_path.name}") from None
     if meta.size == 0 and meta.dtype.kind in "iu":  # InternLM's writer saves an empty file's meta as shape (0,)
         meta = meta.reshape(0, 2)
@@ -97,6 +98,15 @@ def read_meta(bin_path: Path) -> tuple[np.ndarray, np.ndarray]:
     (bad,) = np.nonzero(lengths < 0)
     if len(bad):
         raise disagree(int(bad[0]), f"negative token count {lengths[bad[0]]}")
+    # a token takes a digit and all but the last a comma: a count beyond that would size buffers from nothing
+    line_bytes = np.append(offsets[1:], size) - offsets
+    (bad,) = np.nonzero(lengths > (line_bytes + 1) // 2)
+    if len(bad):
+        row = int(bad[0])
+        room = (line_bytes[row] + 1) // 2
+        raise disagree(
+            row, f"it claims {lengths[row]} tokens, but the line's {line_bytes[row]} bytes hold at most {room}"
+        )
     with open(bin_path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         data = np.frombuffer(mapped, dtype=np.uint8)
         line_ends = np.append(offsets[1:], size) - 1  # every line, the last included, ends in "\n"

@@ -169,13 +169,23 @@ def set_seed(seed: int) -> None:
 
 
 def _make_run_folder(cfg: Config) -> Path:
-    """<monitor.run_folder>/<JOB_NAME>/<start time>[-N], named by rank 0, holding the effective config."""
+    """<monitor.run_folder>/<JOB_NAME>/<start time>[-N], named by rank 0, holding the effective config.
+    Each name is tried by creating it (mkdir fails on an existing folder), so two runs started in the same
+    second never share one."""
     base = Path(cfg.monitor.run_folder).expanduser() / str(cfg.get("JOB_NAME", "pytrain"))
     name = [None]
     if dist.get_rank() == 0:
+        base.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        name[0] = next(n for n in (stamp if i == 0 else f"{stamp}-{i}" for i in range(1000)) if not (base / n).exists())
-        (base / name[0]).mkdir(parents=True)
+        for candidate in (stamp if i == 0 else f"{stamp}-{i}" for i in range(1000)):
+            try:
+                (base / candidate).mkdir()
+            except FileExistsError:
+                continue
+            name[0] = candidate
+            break
+        else:
+            raise RuntimeError(f"{base} already holds run folders {stamp} to {stamp}-999: clean it up")
         (base / name[0] / "config.py").write_text(cfg.dump())
     dist.broadcast_object_list(name, src=0)
     return base / name[0]

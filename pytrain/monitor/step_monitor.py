@@ -4,6 +4,10 @@ Only the first rank prints and writes (alerts of a failure: every rank); every r
 all-reduce. A mixture-of-experts run also reports `moe_loss` (the load-balancing loss: sum over layers, mean
 over micro-batches, unweighted by loss.moe_loss_coeff), summed over the pipeline stages, which hold
 different layers, then averaged over data-parallel ranks as the loss is.
+
+MFU never exceeds 100%: a step faster than the peak shows the peak was too low (a matmul measured at
+start-up while the machine was busy, or a wrong monitor.peak_tflops); the peak is raised to what the step
+achieved, and the first rank says so once.
 """
 
 import contextlib
@@ -44,10 +48,11 @@ class StepMonitor:
         alerts: AlertLog | None = None,
         tensorboard_queue: int = 10,
         pipeline_group=None,
+        peak_source: str = "given",
     ):
         self.run_folder, self.total_steps = Path(run_folder), total_steps
         self.tokens = tokens_per_step_per_rank
-        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self.flops_per_token, self.peak_tflops, self.peak_source = flops_per_token, peak_tflops, peak_source
         self.device, self.log_every, self.group, self.stream = device, log_every, group, stream
         self.pipeline_group = pipeline_group
         self.is_main_rank, self.alerts = is_main_rank, alerts
@@ -97,6 +102,8 @@ class StepMonitor:
                 moe_loss /= dist.get_world_size(self.group)
         tgs = self.tokens / seconds
         tflops = tgs * self.flops_per_token / 1e12
+        if tflops > self.peak_tflops:
+            self._raise_peak(step, tflops)
         metrics = {
             "step": step,
             "loss": loss.item(),
@@ -120,6 +127,17 @@ class StepMonitor:
                 self.alerts.step(step, metrics["loss"], grad_norm, not success)
         self._last = time.perf_counter()  # the next step's time includes its data loading
         return metrics
+
+    def _raise_peak(self, step: int, tflops: float) -> None:
+        if self.is_main_rank and self.peak_source != "raised":
+            print(
+                f"pytrain: step {step} ran at {tflops:.3f} TFLOPS per rank, above the peak of {self.peak_tflops:.3f} "
+                f"({self.peak_source}; a measurement taken while the machine was busy?): MFU is now relative to the "
+                "best step seen, so it stays at most 100%; set monitor.peak_tflops to the device's peak to fix it",
+                file=self.stream or sys.stdout,
+                flush=True,
+            )
+        self.peak_tflops, self.peak_source = tflops, "raised"
 
     def _record(self, m: dict) -> None:
         self.steps.append(m["step"])

@@ -23,6 +23,7 @@ from pytrain.kernels import RMSNorm
 
 from .expert import apply_expert_parallel
 from .mesh import ParallelMesh
+from .recompute import SelectiveCheckpoint, apply_selective_checkpoint
 from .shard_spec import ShardSpec
 from .tensor import apply_tensor_parallel, plan_pattern
 
@@ -135,10 +136,12 @@ def parallelize(
     num_chunks: int = 1,
     fp32_norms: bool = False,
     seed: int = 1024,
+    selective: SelectiveCheckpoint | None = None,
 ) -> ModelPart:
     """This rank's ModelPart of a whole plain model built on the meta device (see the module docstring), under
     the run's layout `mesh` (its pipeline stage, tensor group and expert group; None: one process). Chunk c of
-    pipeline rank r is stage c * pipeline_size + r of pipeline_size * num_chunks."""
+    pipeline rank r is stage c * pipeline_size + r of pipeline_size * num_chunks. selective: each stage's
+    selective activation checkpointing (pytrain.parallel.recompute); None: none."""
     pipeline_rank, pipeline_size = (mesh.pipeline_rank, mesh.dims.pipeline) if mesh else (0, 1)
     tensor_group = mesh.tensor_group if mesh and mesh.dims.tensor > 1 else None
     expert_group = mesh.expert_group if mesh else None
@@ -151,6 +154,8 @@ def parallelize(
         facts.update({f"stages.{chunk}.{name}": fact for name, fact in (tp_facts | ep_facts).items()})
         experts.update(f"stages.{chunk}.{name}" for name in expert_names)
         _materialize(stage, device, model.dtype, fp32_norms)
+        if selective is not None:
+            apply_selective_checkpoint(stage, selective, device)
         stages.append(stage)
     part = ModelPart(stages, _describe(stages, facts, experts, model))
     _initialize(part, model, seed)

@@ -11,6 +11,7 @@ from pytrain.config import Config, ConfigError
 from pytrain.data import BUILTIN_CORPUS, build_train_loader, build_valid_loaders
 from pytrain.parallel import gpc
 from pytrain.parallel.model_part import ModelPart, parallelize
+from pytrain.parallel.recompute import SelectiveCheckpoint, SelectivePolicy
 from pytrain.registry import MODEL_INITIALIZER
 from pytrain.solver import Beta2Scheduler, DynamicGradScaler, HybridZeroOptimizer, WarmupCosineLR
 
@@ -42,6 +43,7 @@ def initialize_model(config: Config | None = None) -> nn.Module:
             num_chunks=cfg.model.get("num_chunks", 1),
             fp32_norms=cfg.use_fp32_norm,
             seed=gpc.seed,
+            selective=selective_checkpoint(cfg),
         )
     if gpc.tensor_parallel_size > 1 or gpc.pipeline_parallel_size > 1:
         raise ConfigError(
@@ -53,6 +55,14 @@ def initialize_model(config: Config | None = None) -> nn.Module:
     with torch.device(gpc.device):
         model = builder(**cfg.model)
     return ModelPart([model])
+
+
+def selective_checkpoint(cfg: Config) -> SelectiveCheckpoint | None:
+    """The config's selective activation checkpointing (selective_checkpoint*), None when off."""
+    if not cfg.selective_checkpoint:
+        return None
+    policy = SelectivePolicy(cfg.selective_checkpoint_policy)
+    return SelectiveCheckpoint(policy, offload=cfg.selective_checkpoint_offload)
 
 
 def initialize_optimizer(model: nn.Module, config: Config | None = None):

@@ -61,15 +61,18 @@ def train(args) -> list[dict]:
         lr_scheduler=lr_scheduler,
         beta2_scheduler=beta2_scheduler,
     )
-    # before step 1: the save folder is checked, and what auto_resume / load_ckpt_info name is loaded
+    # before step 1: the save folder is checked and locked, and what auto_resume / load_ckpt_info name is loaded
     checkpoints = TrainingCheckpoints(cfg, model=model, optimizer=optimizer, trainer=trainer, loader=train_dl)
-    start_step = checkpoints.resume()
-    peak, peak_source = peak_tflops(gpc.device, DTYPES[cfg.model.dtype], cfg.monitor.peak_tflops)
-    block_params, head_params, params = whole_model_sizes(model, gpc.mesh)
-    monitor = step_monitor(cfg, gpc.mesh, block_params, head_params, peak)
-    report_start(cfg, gpc.mesh, model, optimizer, params, peak, peak_source)
-
-    history = run_steps(cfg, trainer, train_dl, valid_loaders, checkpoints, monitor, start_step, args.profiling)
+    try:
+        start_step = checkpoints.resume()
+        peak, peak_source = peak_tflops(gpc.device, DTYPES[cfg.model.dtype], cfg.monitor.peak_tflops)
+        block_params, head_params, params = whole_model_sizes(model, gpc.mesh)
+        monitor = step_monitor(cfg, gpc.mesh, block_params, head_params, peak, peak_source)
+        report_start(cfg, gpc.mesh, model, optimizer, params, peak, peak_source)
+        history = run_steps(cfg, trainer, train_dl, valid_loaders, checkpoints, monitor, start_step, args.profiling)
+    except BaseException:
+        checkpoints.close(wait=False)  # unlocks the save folder for the next run of this process (tests)
+        raise
     checkpoints.close()
     optimizer.sync_params()  # the last step's parameter broadcasts, if overlapped, land before the end
     monitor.close()
@@ -87,7 +90,9 @@ def whole_model_sizes(model, mesh: ParallelMesh) -> tuple[int, int, int]:
     return tuple(counts.tolist())
 
 
-def step_monitor(cfg: Config, mesh: ParallelMesh, block_params: int, head_params: int, peak: float) -> StepMonitor:
+def step_monitor(
+    cfg: Config, mesh: ParallelMesh, block_params: int, head_params: int, peak: float, peak_source: str
+) -> StepMonitor:
     """The per-step log: loss, tokens/s and, from the whole model's matmul parameters, TFLOPS and MFU."""
     data = cfg.data
     model_ranks = mesh.dims.tensor * mesh.dims.pipeline  # they share each micro-batch's work
@@ -104,6 +109,7 @@ def step_monitor(cfg: Config, mesh: ParallelMesh, block_params: int, head_params
             float(cfg.model.checkpoint),
         ),
         peak_tflops=peak,
+        peak_source=peak_source,
         device=gpc.device,
         log_every=cfg.monitor.log_every,
         tensorboard=cfg.monitor.tensorboard.enable,
@@ -124,6 +130,7 @@ def report_start(cfg: Config, mesh: ParallelMesh, model, optimizer, params: int,
     if not gpc.is_main_rank:
         return
     data = cfg.data
+    offload_on_cpu = cfg.selective_checkpoint_offload and gpc.device.type == "cpu"
     layout = (
         f"data {mesh.dims.data} x tensor {mesh.dims.tensor} ({cfg.parallel.tensor.mode}) x "
         f"pipeline {mesh.dims.pipeline}"
@@ -135,7 +142,8 @@ def report_start(cfg: Config, mesh: ParallelMesh, model, optimizer, params: int,
         f"{data.seq_len} tokens per data-parallel rank; optimizer state "
         f"{min(state_bytes):.1f}-{max(state_bytes):.1f} bytes per parameter per rank; peak {peak:.2f} "
         f"TFLOPS per rank ({peak_source}); run folder {gpc.run_folder}"
-        + (f"; ignored here: {', '.join(cfg.ignored_here)}" if cfg.ignored_here else ""),
+        + (f"; ignored here: {', '.join(cfg.ignored_here)}" if cfg.ignored_here else "")
+        + ("; selective_checkpoint_offload: a no-op on the CPU" if offload_on_cpu else ""),
         flush=True,
     )
 
@@ -148,6 +156,7 @@ def run_steps(
     optimizer = trainer.optimizer
     history = []
     trainer.train()
+    checkpoints.watch_signals()  # start-up is over: a signal now finishes the step and saves
     monitor.start_step()
     with profiler(profiling, gpc.run_folder) as prof, monitor.watch():
         for step, batch in enumerate(train_dl, start=start_step + 1):

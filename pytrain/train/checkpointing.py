@@ -8,17 +8,26 @@ and as JSON: the step, Adam's step count, the lr and beta2 schedulers, the loss 
 position, the trainer's counters and the effective config text (global), every RNG (per rank).
 
 The step loop (pytrain.train.__main__):
-    checkpoints = TrainingCheckpoints(cfg, model=..., optimizer=..., trainer=..., loader=...)
+    checkpoints = TrainingCheckpoints(cfg, model=..., optimizer=..., trainer=..., loader=...)  # locks the save folder
     start = checkpoints.resume()            # before step 1: loads what the config asks, checks everything
+    checkpoints.watch_signals()             # from here SIGTERM/SIGINT finish the step and save
     for step, batch in enumerate(loader, start=start + 1):
         ...train one step...
         if checkpoints.after_step(step):    # saves when due; True: a stop file or SIGTERM/SIGINT asked
             break
-    checkpoints.close()                     # waits for a background save
+    checkpoints.close()                     # waits for a background save, unlocks the save folder
 
 Which checkpoint a run starts from: with auto_resume, the newest complete, uncorrupted one in
 save_ckpt_folder (everything in it); else load_ckpt_info (its `content`; ckpt_type "internlm" is pytrain's
 own format, "hf" a Hugging Face folder, model only); else load_ckpt_folder (older configs: everything).
+state.json is checked against what the content to load reads from it (state_schema) before it is used; under
+auto_resume a checkpoint whose state.json does not fit is skipped like a corrupt one.
+
+One run per save folder: rank 0 holds the folder's lock (pytrain.checkpoint.lock) from construction to
+close(); a second run saving there stops before step 1 with an error. Before the step loop SIGTERM and
+SIGINT keep their default action (a run that has taken no step has nothing to save, and the default stops
+it whatever start-up is doing: hashing a checkpoint, waiting for another rank); from watch_signals() on
+they make the run finish its step, save and stop.
 """
 
 import warnings
@@ -31,6 +40,7 @@ from pytrain.checkpoint import (
     Checkpointer,
     CheckpointError,
     CheckpointReader,
+    SaveFolderLock,
     StopFile,
     StopSignal,
     find_latest,
@@ -39,9 +49,18 @@ from pytrain.checkpoint import (
     restore_rng,
     rng_state,
 )
+from pytrain.checkpoint.schema import JSON_OBJECT, Int, Nullable, Record
 from pytrain.config import Config, ConfigError
 
 CONTENTS = ("model", "sampler", "optimizer", "scheduler")
+# what loading each content reads from state.json (required, optional fields)
+STATE_FIELDS = {
+    "model": ({}, {}),
+    "optimizer": ({"optimizer": JSON_OBJECT}, {"grad_scaler": Nullable(JSON_OBJECT)}),
+    "scheduler": ({}, {"lr_scheduler": Nullable(JSON_OBJECT), "beta2_scheduler": Nullable(JSON_OBJECT)}),
+    "sampler": ({"step": Int(), "trainer_steps": Int(), "data": JSON_OBJECT}, {}),
+}
+RANK_STATE = Record({"rng": JSON_OBJECT})
 CKPT_TYPES = ("internlm", "internevo", "hf")  # internlm / internevo: pytrain's own checkpoints
 MODEL, OPTIM = "model/", "optim/"
 
@@ -81,6 +100,15 @@ def load_request(ckpt) -> tuple[str, frozenset[str], str] | None:
     return str(info["path"]), content, ckpt_type
 
 
+def state_schema(content: frozenset[str]) -> Record:
+    """state.json's schema for loading `content`: the fields it reads, and world_size (to restore RNGs)."""
+    required, optional = {}, {"world_size": Int(1)}
+    for part in content:
+        required.update(STATE_FIELDS[part][0])
+        optional.update(STATE_FIELDS[part][1])
+    return Record(required, optional)
+
+
 def open_checkpoint(path: str) -> CheckpointReader | Path:
     """A pytrain checkpoint folder's reader, or the Path of a folder InternLM/InternEvo wrote
     (model_tp{t}_pp{p}.pt files: tensors only, read with weights_only=True, see pytrain/checkpoint/internlm.py)."""
@@ -109,17 +137,26 @@ class TrainingCheckpoints:
         self.request = load_request(self.ckpt)  # bad load_ckpt_info: an error before anything runs
         self.total_steps = cfg.data.total_steps
         self.saver = None
+        self.lock = None
         self.signal = None
         if self.ckpt.enable_save_ckpt:
             if not self.ckpt.save_ckpt_folder:
                 raise ConfigError("ckpt.enable_save_ckpt=True needs ckpt.save_ckpt_folder (e.g. 'local:ckpts/run1')")
-            self.saver = Checkpointer(
-                self.ckpt.save_ckpt_folder, keep=self.ckpt.keep_last, async_save=self.ckpt.async_upload
-            )
-            self.signal = StopSignal().install()
+            self.saver = self._agree(self._open_save_folder, "open the save folder")
         self.stop_file = StopFile(self.ckpt.stop_file_path)
         self.last_saved = None
         self.loaded_from: Path | None = None
+
+    def _open_save_folder(self) -> Checkpointer:
+        saver = Checkpointer(self.ckpt.save_ckpt_folder, keep=self.ckpt.keep_last, async_save=self.ckpt.async_upload)
+        if self.rank == 0:
+            self.lock = SaveFolderLock(saver.root)
+        return saver
+
+    def watch_signals(self) -> None:
+        """From now on (the step loop), SIGTERM/SIGINT make the run finish its step, save and stop."""
+        if self.saver is not None and self.signal is None:
+            self.signal = StopSignal().install()
 
     # -- what a checkpoint holds --------------------------------------------------------------------------
     def _tensors(self, duplicates: bool) -> list[tuple[str, torch.Tensor, object]]:
@@ -210,7 +247,10 @@ class TrainingCheckpoints:
         found = [None]
         if self.rank == 0:
             folder = resolve_folder(self.ckpt.save_ckpt_folder)
-            reader = find_latest(folder) if folder.is_dir() else None
+            everything = state_schema(frozenset(CONTENTS))
+            reader = (
+                find_latest(folder, check=lambda found: found.global_state(everything)) if folder.is_dir() else None
+            )
             found = [str(reader.path) if reader else None]
             self._move_aside_newer(folder, reader.step if reader else -1)
         if self.distributed:
@@ -237,7 +277,7 @@ class TrainingCheckpoints:
         saved = reader.shapes()
         model = [(k, t, s) for k, t, s in self._tensors(duplicates=True) if k.startswith(MODEL)]
         reader.check({k: s for k, _, s in model}, strict_prefixes=(MODEL,))
-        state = reader.global_state()
+        state = reader.global_state(state_schema(content))
         tensors = self._tensors(duplicates=True)
         if "model" in content:
             # each from the most precise copy saved: a 16-bit run's fp32 masters when this run keeps none
@@ -269,7 +309,7 @@ class TrainingCheckpoints:
             start = state["step"]
         if content == frozenset(CONTENTS):
             if state.get("world_size") == self.world:
-                restore_rng(reader.rank_state(self.rank)["rng"])
+                restore_rng(reader.rank_state(self.rank, RANK_STATE)["rng"])
             elif self.rank == 0:
                 warnings.warn(
                     f"checkpoint {reader.path} was saved by {state.get('world_size')} ranks, this run has "
@@ -307,20 +347,18 @@ class TrainingCheckpoints:
                 self.whole_model = MODEL_INITIALIZER.get_module(self.cfg.model_type)(**self.cfg.model)
         return self.whole_model
 
-    def _agree(self, load):
-        """Runs load on every rank; when any rank fails, every rank raises (none goes on to step 1 alone)."""
+    def _agree(self, work, what: str = "load the checkpoint"):
+        """Runs work on every rank; when any rank fails, every rank raises (none goes on to step 1 alone)."""
         error = None
         try:
-            result = load()
+            result = work()
         except (CheckpointError, ConfigError, ValueError, KeyError, FileNotFoundError, OSError) as err:
             error = err
         if self.distributed:
             failed = torch.tensor([0 if error is None else self.rank + 1], dtype=torch.int64, device=self.device)
             dist.all_reduce(failed, op=dist.ReduceOp.MAX)
             if error is None and failed.item():
-                raise CheckpointError(
-                    f"rank {failed.item() - 1} could not load the checkpoint (its error is in its log)"
-                )
+                raise CheckpointError(f"rank {failed.item() - 1} could not {what} (its error is in its log)")
         if error is not None:
             raise error
         return result
@@ -350,7 +388,8 @@ class TrainingCheckpoints:
         return stop
 
     def close(self, wait: bool = True) -> None:
-        """Waits for a background save (raising its failure) and restores the signal handlers."""
+        """Waits for a background save (raising its failure), restores the signal handlers and unlocks the
+        save folder."""
         try:
             if self.saver is not None and wait:
                 self.saver.close()
@@ -358,6 +397,9 @@ class TrainingCheckpoints:
             if self.signal is not None:
                 self.signal.uninstall()
                 self.signal = None
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
 
-__all__ = ["TrainingCheckpoints", "load_request", "open_checkpoint"]
+__all__ = ["TrainingCheckpoints", "load_request", "open_checkpoint", "state_schema"]
