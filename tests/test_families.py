@@ -278,7 +278,9 @@ def test_a_folder_of_another_class_says_which_model_type_reads_it(tmp_path):
     gemma = random_model("gemma")
     save_hf_folder(gemma, gemma.state_dict(), tmp_path, dtype=torch.float32)
     qwen3 = random_model("qwen3")
-    with pytest.raises(CheckpointError, match=r"holds a GemmaForCausalLM \(model_type 'gemma'\), not the Qwen3ForCausalLM"):
+    with pytest.raises(
+        CheckpointError, match=r"holds a GemmaForCausalLM \(model_type 'gemma'\), not the Qwen3ForCausalLM"
+    ):
         load_hf_into(ModelPart([qwen3]), qwen3, tmp_path)
     with pytest.raises(CheckpointError, match=r"model_type GEMMA reads it"):
         load_hf_into(ModelPart([qwen3]), qwen3, tmp_path)
