@@ -850,6 +850,8 @@ def _validate_model(raw, model_type: str, source: str, ignored: list[str]) -> di
             continue
         if spec.kind == UNAVAILABLE and takes is not None and key in takes:
             spec = _field(spec.default, spec.types, spec.doc)  # this builder implements it
+        elif spec.kind == UNAVAILABLE and takes is not None and value not in spec.allowed:
+            _refuse_other_familys_field(key, value, model_type, takes, source)
         given[key] = _validate_field(value, spec, f"model.{key}", source)
     if takes is None:  # **kwargs: every given field, over the generic defaults of the fields every run reads
         generic = {key: spec.default for key, spec in schema.items() if spec.kind == ACTS and key not in FAMILY_FIELDS}
@@ -866,6 +868,22 @@ def _validate_model(raw, model_type: str, source: str, ignored: list[str]) -> di
             plain = schema[key].kind == IGNORED
             ignored.append(f"model.{key}" if plain else f"model.{key} (not a field of {model_type})")
     return model
+
+
+def _refuse_other_familys_field(key: str, value, model_type: str, takes: dict, source: str) -> None:
+    """A field another registered family implements, set for one that does not take it: name both."""
+    from pytrain.registry import MODEL_INITIALIZER
+
+    families = [
+        name
+        for name in MODEL_INITIALIZER.names()
+        if key in (builder_parameters(MODEL_INITIALIZER.get_module(name)) or ())
+    ]
+    if families:
+        raise ConfigError(
+            f"{source}: model.{key} = {value!r}: not a field of {model_type} (its fields: {', '.join(takes)}); "
+            f"taken by {', '.join(families)}"
+        )
 
 
 def _check_cross_fields(cfg: dict, source: str) -> None:

@@ -134,6 +134,7 @@ UNAVAILABLE = {
     "model.drop_rate": ((0.0, 0), NUMBER, "dropout"),
     "model.residual_in_fp32": ((False,), bool, "an fp32 residual stream"),
     "model.use_swiglu": ((True,), bool, "MLPs other than SwiGLU"),
+    "model.add_unit_offset": ((False,), bool, "RMSNorm with (1 + weight)"),
     "model.use_dynamic_ntk_rope": ((False,), bool, "dynamic NTK rotary scaling"),
     "model.rope_type": (("normal",), str, "rotary scaling types"),
     "model.rope_scaling_factor": ((1.0, 1), NUMBER, "rotary scaling"),
@@ -145,7 +146,7 @@ UNAVAILABLE = {
     "model.num_experts": (
         (1, 0),
         int,
-        "a mixture of experts in this model_type (the MoE ones: INTERNLM_MoE, MIXTRALMOE, QWEN2MOE)",
+        "a mixture of experts in this model_type (the MoE ones: INTERNLM_MoE, MIXTRALMOE, QWEN2MOE, QWEN3MOE)",
     ),
     "model.num_mtp_layers": ((0,), int, "multi-token prediction"),
     "model.extra_pred_tokens": ((0,), int, "multi-token prediction"),

@@ -40,6 +40,9 @@ class DecoderArgs:
     adapt_hf: bool = True
     use_flash_attn: bool = True
     tie_word_embeddings: bool = False
+    use_swiglu: bool = True  # False: GeGLU, w2(gelu_tanh(w1 x) * w3 x) (GEMMA)
+    add_unit_offset: bool = False  # RMSNorm scales by (1 + weight) (GEMMA)
+    norm_head: bool = False  # the LM head's rows L2-normalised at use (BAICHUAN2)
     embed_grad_scale: float = 1.0
     checkpoint: bool | float = False
     dtype: str = "torch.bfloat16"

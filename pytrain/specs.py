@@ -61,5 +61,10 @@ for spec in (
     ModelSpec(families.INTERNLM_MOE, hf=hf.MIXTRAL),
     ModelSpec(families.MIXTRAL_MOE, hf=hf.MIXTRAL),
     ModelSpec(families.QWEN2_MOE, hf=hf.QWEN2_MOE),
+    ModelSpec(families.QWEN3, hf=hf.QWEN3),
+    ModelSpec(families.QWEN3_MOE, hf=hf.QWEN3_MOE),
+    ModelSpec(families.GEMMA, hf=hf.GEMMA),
+    ModelSpec(families.INTERNLM3, hf=hf.INTERNLM3),
+    ModelSpec(families.BAICHUAN2, hf=hf.BAICHUAN2),
 ):
     register(spec)

@@ -197,8 +197,8 @@ def test_bool_checkpoint_and_fraction(tmp_path):
         ("monitor = dict(alert=dict(loss_spike_limit=1))\n", r"monitor.alert.loss_spike_limit = 1: must be > 1"),
         (
             "model = dict(num_experts=4)\n",
-            r"model.num_experts = 4: a mixture of experts in this model_type \(the MoE ones: INTERNLM_MoE, MIXTRALMOE, "
-            r"QWEN2MOE\) is not available in pytrain",
+            r"model.num_experts = 4: not a field of INTERNLM \(its fields: num_layers, .*\); taken by INTERNLM_MoE, "
+            r"MIXTRALMOE, QWEN2MOE, QWEN3MOE",
         ),
         (
             "moe = dict(top_k=2, capacity_factr=1.0)\n",
@@ -422,7 +422,7 @@ def test_explicit_builder_required_parameter_and_unavailable_value(tmp_path, bui
         Config.from_file(path)
     text = 'model_type = "TEST_PLAIN"\nmodel = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, num_experts=8)\n'
     with pytest.raises(
-        ConfigError, match=r"model.num_experts = 8: a mixture of experts in this model_type .* not available"
+        ConfigError, match=r"model.num_experts = 8: not a field of TEST_PLAIN \(its fields: .*\); taken by INTERNLM_MoE"
     ):
         Config.from_file(write(tmp_path, text))
 

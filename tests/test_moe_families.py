@@ -25,7 +25,7 @@ from pytrain.checkpoint.hf import (
     save_hf_folder,
     to_hf_state,
 )
-from pytrain.model.families import build_internlm_moe, build_mixtral_moe, build_qwen2_moe
+from pytrain.model.families import build_internlm_moe, build_mixtral_moe, build_qwen2_moe, build_qwen3_moe
 from pytrain.model.moe import MoE, active_parameters
 from pytrain.parallel import gpc
 from pytrain.parallel.model_part import parallelize
@@ -58,6 +58,7 @@ VARIANTS = {
         "Qwen2MoeForCausalLM",
     ),
     "qwen2-moe-normalized": (build_qwen2_moe, dict(num_shared_experts=1, **DROPLESS), "Qwen2MoeForCausalLM"),
+    "qwen3-moe": (build_qwen3_moe, dict(head_dim=24), "Qwen3MoeForCausalLM"),  # Dropless, norm_topk_prob
 }
 
 
@@ -137,12 +138,14 @@ def test_exported_folder_loads_in_transformers_with_the_same_logits(name, tmp_pa
             "model.layers.1.block_sparse_moe.experts.3.w1.weight",
             "model.layers.1.block_sparse_moe.gate.weight",
         } <= keys
-    else:
+    elif VARIANTS[name][2] == "Qwen2MoeForCausalLM":
         assert {
             "model.layers.1.mlp.experts.3.gate_proj.weight",
             "model.layers.0.mlp.shared_expert.down_proj.weight",
             "model.layers.0.mlp.shared_expert_gate.weight",
         } <= keys
+    else:
+        assert {"model.layers.1.mlp.experts.3.up_proj.weight", "model.layers.0.self_attn.k_norm.weight"} <= keys
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     assert type(theirs).__name__ == VARIANTS[name][2] == hf_config(model)["architectures"][0]
     assert theirs.num_parameters() == sum(p.numel() for p in model.parameters())
@@ -165,7 +168,7 @@ def their_model(model, seed=5):
 
 
 @pytest.mark.parametrize("layout", ["save_pretrained", "stacked"])
-@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe", "qwen3-moe"])
 def test_transformers_weights_import_with_the_same_logits_and_round_trip_bitwise(name, layout, tmp_path):
     """From save_pretrained's per-expert files, and from transformers 5's in-memory stacked layout saved as is."""
     model = random_model(name)

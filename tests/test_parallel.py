@@ -5,6 +5,8 @@ The layouts run through the real construction path (launch, initialize_model / _
 in 2 or 4 gloo processes; one process runs each model variant as the reference.
 """
 
+import gc
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -292,3 +294,60 @@ def test_a_model_not_built_in_stages_is_refused_by_the_pipeline(tmp_path, fresh_
     cfg = config(dict(pipeline=2), {}, {}, None, tmp_path)
     with pytest.raises(TypeError, match=r"needs this rank's pipeline stages as initialize_model\(\) returns them"):
         initialize_trainer(torch.nn.Linear(2, 2), optimizer=None, config=cfg)
+
+
+# The newer families, one step each under tensor (mtp) and pipeline parallelism against one process, all in one
+# launch of two processes: what they add splits or replicates in its own way (QWEN3's q/k norms act on a tensor
+# rank's heads, so their gradients are summed over the tensor group; GEMMA's tied head and (1 + weight) norms;
+# BAICHUAN2's normalised head, each rank normalising its vocabulary rows).
+NEWER_FAMILIES = {
+    "QWEN3": dict(head_dim=24),
+    "QWEN3MOE": dict(head_dim=24, num_experts=4, top_k=2),  # the experts split over the tensor ranks
+    "GEMMA": dict(head_dim=24, embed_split_hidden=False),  # the tied head split over the vocabulary
+    "INTERNLM3": {},
+    "BAICHUAN2": dict(num_kv_attention_heads=None),  # the normalised head's rows whole on each tensor rank
+}
+NEWER_LAYOUTS = {"tp2": dict(tensor=2), "pp2": dict(pipeline=2)}
+
+
+def newer_families_worker(rank, init_method, references, run_folder, results):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        for family, model in NEWER_FAMILIES.items():
+            for name, parallel in NEWER_LAYOUTS.items():
+                cfg = config(parallel, model, {}, 2, run_folder, family=family)
+                history, _, _, part = train(cfg, rank, 2, steps=1)
+                want = part.local_state(references[family][1])
+                shards = [(n, p.detach().clone(), want[n]) for n, p in part.full_state_names().items()]
+                results[(family, name, rank)] = (history, shards)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # about 45 s on the 2-core machine: five families, one launch
+def test_newer_families_match_one_process_under_tp2_and_pp2(tmp_path, init_method, fresh_context):
+    references = {}
+    for family, model in NEWER_FAMILIES.items():
+        try:
+            history, params, _, _ = train(config({}, model, {}, 1, tmp_path, family=family), 0, 1, steps=1)
+            references[family] = (history, params)
+        finally:
+            dist.destroy_process_group()
+    gpc.mesh = None  # the runs' DeviceMesh holds reference cycles: free them here, not in the Manager forked next
+    gc.collect()
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(newer_families_worker, args=(init_method, references, tmp_path, results), nprocs=2, join=True)
+        results = dict(results)
+    for (family, name, rank), (history, shards) in results.items():
+        want_history = references[family][0]
+        torch.testing.assert_close(
+            [h[:2] for h in history],
+            [h[:2] for h in want_history],
+            **TOLERANCE,
+            msg=lambda m: f"{family} {name} rank {rank}: {m}",
+        )
+        for full_name, got, want in shards:
+            torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m: f"{family} {name} {full_name}: {m}")

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from pytrain.model.decoder import Decoder, FusedQKVAttention, GroupedQKVAttention, LayerNorm
+from pytrain.model.decoder import Decoder, FusedQKVAttention, GeGLU, GroupedQKVAttention, LayerNorm, NormHead
 from pytrain.model.moe import MoE
 from pytrain.registry import MODEL_INITIALIZER
 
@@ -54,18 +54,35 @@ from .storage import CheckpointError, inside
 
 @dataclass(frozen=True)
 class HFClass:
-    """The transformers class a family's weights map to (a family's spec names it: pytrain.specs)."""
+    """The transformers class a family's weights map to (a family's spec names it: pytrain.specs), and what
+    its architecture has, which a model must match to be exported."""
 
     architecture: str  # config.json's "architectures"
     model_type: str  # config.json's "model_type"
     # mixtures of experts: where HF keeps the router and the experts in a layer, and its names of w1, w3, w2
     experts: tuple[str, tuple[str, str, str]] | None = None
+    # attention biases: "uniform" (one attention_bias for q, k, v and o), "qkv" (on q, k and v only), "none"
+    biases: str = "uniform"
+    shared_expert: bool = False  # Qwen2-MoE's sigmoid-gated shared expert, always there
+    qk_norm: bool = False  # Qwen3's per-head q/k RMSNorm (q_norm, k_norm), always there
+    gemma: bool = False  # Gemma's RMSNorm by (1 + weight) and embeddings times sqrt(hidden), always there
+    packed_qkv: bool = False  # one W_pack [q; k; v] tensor (Baichuan) rather than q_proj, k_proj, v_proj
+    norm_head: bool = False  # the LM head's rows normalised at use (Baichuan2's NormHead), always
 
 
+QWEN_EXPERTS = ("mlp", ("gate_proj", "up_proj", "down_proj"))
 LLAMA = HFClass("LlamaForCausalLM", "llama")
-QWEN2 = HFClass("Qwen2ForCausalLM", "qwen2")
-MIXTRAL = HFClass("MixtralForCausalLM", "mixtral", ("block_sparse_moe", ("w1", "w3", "w2")))
-QWEN2_MOE = HFClass("Qwen2MoeForCausalLM", "qwen2_moe", ("mlp", ("gate_proj", "up_proj", "down_proj")))
+QWEN2 = HFClass("Qwen2ForCausalLM", "qwen2", biases="qkv")
+MIXTRAL = HFClass("MixtralForCausalLM", "mixtral", ("block_sparse_moe", ("w1", "w3", "w2")), biases="none")
+QWEN2_MOE = HFClass("Qwen2MoeForCausalLM", "qwen2_moe", QWEN_EXPERTS, biases="qkv", shared_expert=True)
+QWEN3 = HFClass("Qwen3ForCausalLM", "qwen3", qk_norm=True)
+QWEN3_MOE = HFClass("Qwen3MoeForCausalLM", "qwen3_moe", QWEN_EXPERTS, qk_norm=True)
+GEMMA = HFClass("GemmaForCausalLM", "gemma", gemma=True)
+# transformers reads model_type "internlm3" into its Llama class; its config has one switch for attention and MLP
+# biases together, which InternEvo's InternLM3 (no MLP biases) cannot set: no biases
+INTERNLM3 = HFClass("InternLM3ForCausalLM", "internlm3", biases="none")
+# Baichuan2-7B's remote-code class (no transformers class: trust_remote_code); lm_head stored as trained
+BAICHUAN2 = HFClass("BaichuanForCausalLM", "baichuan", biases="none", packed_qkv=True, norm_head=True)
 SHARD_BYTES = 4 << 30  # safetensors file size when exporting (transformers' own default is 5 GB)
 
 
@@ -133,8 +150,28 @@ def hf_class(model: Decoder) -> HFClass:
     return hf
 
 
+def check_folder_class(model: Decoder, folder_config: dict) -> None:
+    """A Hugging Face folder (its config.json) of another class than the model's family maps to says which it
+    holds and which model_type reads it."""
+    hf = hf_class(model)
+    theirs = folder_config.get("model_type")
+    if theirs is None or theirs == hf.model_type:
+        return
+    readers = [
+        name
+        for name in MODEL_INITIALIZER.names()
+        if getattr(getattr(MODEL_INITIALIZER.get_module(name), "hf", None), "model_type", None) == theirs
+    ]
+    holds = ", ".join(folder_config.get("architectures") or []) or "?"
+    raise CheckpointError(
+        f"the Hugging Face folder holds a {holds} (model_type {theirs!r}), not the {hf.architecture} that "
+        f"{model.family} reads: "
+        + (f"model_type {' or '.join(readers)} reads it" if readers else "no pytrain model_type reads it")
+    )
+
+
 def check_exportable(model: Decoder) -> None:
-    """HF's decoders are pre-RMSNorm with SwiGLU: say which field cannot be expressed there."""
+    """What the model's HF class cannot express is refused, with the field that differs named."""
     layer = next(iter(model.decoder_layers.values()))
     if layer.post_norm:
         raise ValueError("model.apply_post_layer_norm=True has no Hugging Face Llama/Qwen2 equivalent")
@@ -142,35 +179,48 @@ def check_exportable(model: Decoder) -> None:
         raise ValueError("model.norm_type='layernorm' has no Hugging Face Llama/Qwen2 equivalent: use 'rmsnorm'")
     hf = hf_class(model)
     cls = hf.architecture
+    attention = layer.get_submodule(model.names.attention)
     mlp = layer.get_submodule(model.names.mlp)
+    if attention.qk_norm != hf.qk_norm:
+        raise ValueError(f"{model.family}: {cls} {'always has' if hf.qk_norm else 'has no'} q/k norms")
+    if model.final_norm.unit_offset != hf.gemma:
+        raise ValueError(f"{model.family}: {cls} needs add_unit_offset={hf.gemma} (its RMSNorm)")
+    if isinstance(model.lm_head, NormHead) != hf.norm_head:
+        raise ValueError(f"{model.family}: {cls} needs norm_head={hf.norm_head} (its LM head)")
+    if model.scale_embeddings != hf.gemma:
+        raise ValueError(f"{model.family}: {cls} {'always scales' if hf.gemma else 'does not scale'} the embeddings")
+    biases = [attention.get_submodule(p).bias is not None for p in _projections(attention)]
+    if hf.biases == "none" and any(biases):
+        fields = "qkv_bias=False and o_bias=False" if len(biases) == 4 else "no_bias=True"
+        raise ValueError(
+            f"{model.family} with attention biases has no Hugging Face class ({cls}'s attention has none): "
+            f"only {fields} exports, as {cls}"
+        )
+    if hf.biases == "qkv" and (biases != [True] * (len(biases) - 1) + [False] or mlp_has_bias(mlp)):
+        raise ValueError(f"{cls} has biases on q, k and v only: use qkv_bias=True, o_bias=False, mlp_bias=False")
+    if hf.biases == "uniform" and len(set(biases)) > 1:
+        raise ValueError(
+            f"{model.family}: {cls} has one attention_bias for q, k, v and o; this model has biases on some only"
+        )
+    if mlp_has_bias(mlp) and hf != LLAMA:
+        raise ValueError(f"{model.family}: {cls} has no MLP biases: use mlp_bias=False")
     if hf.experts is not None and not isinstance(mlp, MoE):
         raise ValueError(f"{model.family} with num_experts <= 1 is dense: {cls} needs experts")
     if not isinstance(mlp, MoE):
         return
-    routing = mlp.moe_layer.routing
-    attention = layer.get_submodule(model.names.attention)
-    biases = [attention.get_submodule(p).bias is not None for p in _projections(attention)]
-    if cls == "MixtralForCausalLM":
-        if any(biases):
-            fields = "no_bias=True" if model.family == "INTERNLM_MoE" else "qkv_bias=False and o_bias=False"
-            raise ValueError(
-                f"{model.family} with attention biases has no Hugging Face class (Mixtral's attention has none): "
-                f"only {fields} exports, as MixtralForCausalLM"
-            )
-        if mlp.shared_kind is not None:
-            raise ValueError(
-                f"{model.family} with a residual MLP (num_shared_experts / moe_use_residual) has no Hugging Face "
-                f"class: Mixtral has no shared MLP"
-            )
-        if not routing.normalize:
-            raise ValueError(
-                "Mixtral renormalises the top-k weights: DeepSpeed's top-1 (use_fused_gating=False) is not"
-            )
-    else:
-        if mlp.shared_kind != "shared":
-            raise ValueError("Qwen2MoeForCausalLM always has its shared expert: use num_shared_experts >= 1")
-        if biases != [True, True, True, False]:
-            raise ValueError("Qwen2MoeForCausalLM has biases on q, k and v only: use qkv_bias=True, o_bias=False")
+    if hf.shared_expert and mlp.shared_kind != "shared":
+        raise ValueError(f"{cls} always has its shared expert: use num_shared_experts >= 1")
+    if not hf.shared_expert and mlp.shared_kind is not None:
+        raise ValueError(
+            f"{model.family} with a residual MLP (num_shared_experts / moe_use_residual) has no Hugging Face "
+            f"class: {cls} has no shared MLP"
+        )
+    if cls == "MixtralForCausalLM" and not mlp.moe_layer.routing.normalize:
+        raise ValueError("Mixtral renormalises the top-k weights: DeepSpeed's top-1 (use_fused_gating=False) is not")
+
+
+def mlp_has_bias(mlp) -> bool:
+    return not isinstance(mlp, MoE) and mlp.w1.bias is not None
 
 
 def hf_rules(model: Decoder) -> list[Rule]:
@@ -194,7 +244,8 @@ def hf_rules(model: Decoder) -> list[Rule]:
             rules += _moe_rules(mlp, f"{ours}.{n.mlp}", theirs, hf_class(model))
         else:
             rules += _swiglu_rules(mlp, f"{ours}.{n.mlp}", f"{theirs}.mlp")
-        rules += _attention_rules(layer.get_submodule(n.attention), f"{ours}.{n.attention}", f"{theirs}.self_attn")
+        attention = layer.get_submodule(n.attention)
+        rules += _attention_rules(attention, f"{ours}.{n.attention}", f"{theirs}.self_attn", hf_class(model).packed_qkv)
     return rules
 
 
@@ -219,7 +270,7 @@ def _moe_rules(mlp: MoE, ours: str, theirs: str, hf: HFClass) -> list[Rule]:
     return rules
 
 
-def _attention_rules(attention, ours: str, theirs: str) -> list[Rule]:
+def _attention_rules(attention, ours: str, theirs: str, packed_qkv: bool) -> list[Rule]:
     shape, d = attention.shape, attention.head_dim
     interleaved = attention.rotary.interleaved
     q_hf, k_hf, v_hf, o_hf = (f"{theirs}.{p}_proj" for p in "qkvo")
@@ -232,7 +283,7 @@ def _attention_rules(attention, ours: str, theirs: str) -> list[Rule]:
 
     if isinstance(attention, (FusedQKVAttention, GroupedQKVAttention)):
         grouped = isinstance(attention, GroupedQKVAttention)
-        fused = "wqkv" if grouped else "Wqkv"
+        fused = "wqkv" if grouped else attention.qkv_name
         out = "wo" if grouped else "out_proj"
         g = shape.num_heads // shape.num_kv_heads
 
@@ -254,18 +305,29 @@ def _attention_rules(attention, ours: str, theirs: str) -> list[Rule]:
             k, v = (t.reshape(shape.num_kv_heads, 1, d, *rest) for t in (k, v))
             return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
-        kinds = ("weight", "bias") if attention.get_submodule(fused).bias is not None else ("weight",)
-        rules = [
-            Rule(f"{ours}.{fused}.{kind}", tuple(f"{p}.{kind}" for p in (q_hf, k_hf, v_hf)), split, join)
-            for kind in kinds
-        ]
-        rules += [_rename(f"{ours}.{out}.{kind}", f"{o_hf}.{kind}") for kind in kinds]
+        def pack(t):
+            return (torch.cat(split(t)),)
+
+        def unpack(packed):
+            return join(*packed.split([shape.q_width, shape.kv_width, shape.kv_width]))
+
+        fused_kinds = ("weight", "bias") if attention.get_submodule(fused).bias is not None else ("weight",)
+        out_kinds = ("weight", "bias") if attention.get_submodule(out).bias is not None else ("weight",)
+        if packed_qkv:
+            rules = [Rule(f"{ours}.{fused}.{k}", (f"{theirs}.W_pack.{k}",), pack, unpack) for k in fused_kinds]
+        else:
+            rules = [
+                Rule(f"{ours}.{fused}.{kind}", tuple(f"{p}.{kind}" for p in (q_hf, k_hf, v_hf)), split, join)
+                for kind in fused_kinds
+            ]
+        rules += [_rename(f"{ours}.{out}.{kind}", f"{o_hf}.{kind}") for kind in out_kinds]
         return rules
     rules = []
-    for proj, hf in (("wq", q_hf), ("wk", k_hf), ("wv", v_hf), ("wo", o_hf)):
+    norms = (("q_norm", f"{theirs}.q_norm"), ("k_norm", f"{theirs}.k_norm")) if attention.qk_norm else ()
+    for proj, hf in (("wq", q_hf), ("wk", k_hf), ("wv", v_hf), ("wo", o_hf), *norms):
         module = attention.get_submodule(proj)
-        for kind in ("weight", "bias") if module.bias is not None else ("weight",):
-            if proj in ("wq", "wk") and interleaved:
+        for kind in ("weight", "bias") if getattr(module, "bias", None) is not None else ("weight",):
+            if proj in ("wq", "wk", "q_norm", "k_norm") and interleaved:  # a q/k norm's weight is per q/k row
                 rules.append(Rule(f"{ours}.{proj}.{kind}", (f"{hf}.{kind}",), lambda t: (rope_out(t),), rope_in))
             else:
                 rules.append(_rename(f"{ours}.{proj}.{kind}", f"{hf}.{kind}"))
@@ -276,7 +338,7 @@ def hf_config(model: Decoder, dtype: str = "bfloat16") -> dict:
     """config.json for the HF class of the model's family."""
     check_exportable(model)
     layer = next(iter(model.decoder_layers.values()))
-    attention, mlp, n = layer.get_submodule(model.names.attention), layer.get_submodule(model.names.mlp), model.names
+    attention, mlp = layer.get_submodule(model.names.attention), layer.get_submodule(model.names.mlp)
     shape = attention.shape
     hf = hf_class(model)
     cls = hf.architecture
@@ -290,7 +352,7 @@ def hf_config(model: Decoder, dtype: str = "bfloat16") -> dict:
         "num_attention_heads": shape.num_heads,
         "num_key_value_heads": shape.num_kv_heads,
         "head_dim": shape.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": "gelu_pytorch_tanh" if isinstance(mlp, GeGLU) else "silu",
         "rms_norm_eps": model.final_norm.eps,
         "rope_theta": attention.rotary.base,
         "rope_parameters": {"rope_type": "default", "rope_theta": attention.rotary.base},
@@ -298,45 +360,34 @@ def hf_config(model: Decoder, dtype: str = "bfloat16") -> dict:
         "tie_word_embeddings": model.tie_word_embeddings,
         "torch_dtype": dtype,
     }
-    has_bias = [layer.get_submodule(f"{n.attention}.{p}").bias is not None for p in _projections(attention)]
-    if isinstance(mlp, MoE):  # check_exportable has checked the biases and the shared MLP
-        routing = mlp.moe_layer.routing
-        config.update(
-            intermediate_size=mlp.moe_layer.experts.w1.shape[1],
-            num_experts_per_tok=routing.top_k,
-            output_router_logits=False,
-        )
+    has_bias = [attention.get_submodule(p).bias is not None for p in _projections(attention)]
+    if hf.biases == "uniform":  # check_exportable has checked the biases, the MLP and the shared MLP
+        config.update(attention_bias=has_bias[0])
+    if hf == LLAMA:
+        config.update(mlp_bias=mlp.w1.bias is not None)
+    if hf.model_type.startswith("qwen"):
+        config.update(use_sliding_window=False)
+    if isinstance(mlp, MoE):
+        routing, width = mlp.moe_layer.routing, mlp.moe_layer.experts.w1.shape[1]
+        config.update(intermediate_size=width, num_experts_per_tok=routing.top_k, output_router_logits=False)
         if cls == "MixtralForCausalLM":
             config.update(num_local_experts=routing.num_experts, router_jitter_noise=0.0, sliding_window=None)
         else:
             config.update(
                 num_experts=routing.num_experts,
-                moe_intermediate_size=mlp.moe_layer.experts.w1.shape[1],
-                shared_expert_intermediate_size=mlp.residual_mlp.w1.weight.shape[0],
+                moe_intermediate_size=width,
                 norm_topk_prob=routing.normalize,
                 decoder_sparse_step=1,
                 mlp_only_layers=[],
-                qkv_bias=True,
-                use_sliding_window=False,
             )
-    elif cls == "LlamaForCausalLM":
-        if len(set(has_bias)) > 1:
-            raise ValueError(
-                f"{model.family}: Llama has one attention_bias for q, k, v and o; this model has biases on some only"
-            )
-        config.update(attention_bias=has_bias[0], mlp_bias=mlp.w1.bias is not None)
-    else:  # Qwen2: biases on q, k, v; none on o or the MLP
-        if has_bias[-1] or mlp.w1.bias is not None or not all(has_bias[:-1]):
-            raise ValueError(
-                "Qwen2ForCausalLM has biases on q, k and v only: use qkv_bias=True, o_bias=False, mlp_bias=False"
-            )
-        config.update(use_sliding_window=False)
+        if hf.shared_expert:
+            config.update(shared_expert_intermediate_size=mlp.residual_mlp.w1.weight.shape[0], qkv_bias=True)
     return config
 
 
 def _projections(attention) -> tuple[str, ...]:
     if isinstance(attention, FusedQKVAttention):
-        return ("Wqkv", "out_proj")
+        return (attention.qkv_name, "out_proj")
     if isinstance(attention, GroupedQKVAttention):
         return ("wqkv", "wo")
     return ("wq", "wk", "wv", "wo")

@@ -12,17 +12,20 @@ from .rotary import CheckedPositions, apply_rotary
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-5, device=None, dtype=None):
+    """unit_offset: y scaled by (1 + weight) in fp32, the weight starting at 0 (Gemma's RMSNorm)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, device=None, dtype=None, unit_offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.full((hidden_size,), 0.0 if unit_offset else 1.0, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """y, or with `residual` (y, x + residual): the pre-norm decoder's add fused into the norm."""
-        return rms_norm(x, self.weight, self.eps, residual=residual)
+        weight = self.weight.float() + 1.0 if self.unit_offset else self.weight
+        return rms_norm(x, weight, self.eps, residual=residual)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (", unit_offset=True" if self.unit_offset else "")
 
 
 class RotaryEmbedding(nn.Module):

@@ -1,11 +1,12 @@
 """The decoder every dense family shares, written plain: nn.Linear, nn.Embedding, norms, no parallelism.
 
-token embedding -> layers (attention with rotary embeddings, SwiGLU MLP; a norm before each, or after
-the residual add with post_norm) -> final norm -> LM head. The families (families.py) differ in how q, k
-and v are projected (one fused [q | k | v] weight, InternLM2's grouped wqkv, or three weights), in
-biases, and in parameter names, which follow each family's InternEvo checkpoints (`Names`). Layers live
-in a ModuleDict keyed by their global index, so a pipeline stage is the same model with the other layers
-(and the embedding or the head) removed and every name unchanged.
+token embedding (Gemma: times sqrt(hidden)) -> layers (attention with rotary embeddings, SwiGLU MLP or
+Gemma's GeGLU; a norm before each, or after the residual add with post_norm) -> final norm -> LM head.
+The families (families.py) differ in how q, k and v are projected (one fused [q | k | v] weight,
+InternLM2's grouped wqkv, or three weights), in biases, and in parameter names, which follow each
+family's InternEvo checkpoints (`Names`). Layers live in a ModuleDict keyed by their global index, so a
+pipeline stage is the same model with the other layers (and the embedding or the head) removed and every
+name unchanged.
 
 Tensor parallelism is applied from outside (pytrain.parallel.tensor): `tensor_parallel_plan()` says
 which module is split how, and the swapped-in modules keep the plain modules' names and forward. The
@@ -67,9 +68,11 @@ class Rowwise:
 
 @dataclass(frozen=True)
 class VocabHead:
-    """The LM head: split over the vocabulary; gather_output: all logits on every rank."""
+    """The LM head: split over the vocabulary; gather_output: all logits on every rank; normalized: each row
+    (a rank's rows whole) L2-normalised at use (Baichuan2's NormHead)."""
 
     gather_output: bool
+    normalized: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,11 @@ class EmbeddingSplit:
 
 @dataclass(frozen=True)
 class Replicated:
-    """Whole on every tensor rank (norms); under sequence parallelism it sees only this rank's tokens."""
+    """Whole on every tensor rank (norms); under sequence parallelism it sees only this rank's tokens.
+    over_heads: it acts on each of this rank's attention heads (Qwen3's q/k norms), so a rank's gradient
+    covers its heads only, and the ranks' gradients are summed in every tensor mode."""
+
+    over_heads: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,9 +117,11 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.to(weight.dtype), self.normalized_shape, weight, self.bias, self.eps).to(x.dtype)
 
 
-def build_norm(norm_type: str, hidden_size: int, eps: float) -> nn.Module:
+def build_norm(norm_type: str, hidden_size: int, eps: float, unit_offset: bool = False) -> nn.Module:
     if norm_type == "rmsnorm":
-        return RMSNorm(hidden_size, eps=eps)
+        return RMSNorm(hidden_size, eps=eps, unit_offset=unit_offset)
+    if unit_offset:
+        raise ValueError("add_unit_offset=True scales an RMSNorm: it needs norm_type='rmsnorm'")
     if norm_type == "layernorm":
         return LayerNorm(hidden_size, eps=eps)
     raise ValueError(f"norm_type must be 'rmsnorm' or 'layernorm', got {norm_type!r}")
@@ -165,19 +174,37 @@ class InnerAttention(nn.Module):
 class Attention(nn.Module):
     """Causal self-attention with rotary embeddings (GQA/MQA when there are fewer kv heads). Subclasses
     project x (batch, seq, hidden) to q (batch, seq, heads, head_dim), k and v (batch, seq, kv_heads,
-    head_dim) in `project`, and say how their weights split over tensor ranks in `plan`."""
+    head_dim) in `project`, and say how their weights split over tensor ranks in `projection_plan`."""
 
-    def __init__(self, shape: AttentionShape, rope_base: float, qk_interleaved: bool, use_flash_attn: bool):
+    def __init__(
+        self,
+        shape: AttentionShape,
+        rope_base: float,
+        qk_interleaved: bool,
+        use_flash_attn: bool,
+        qk_norm_eps: float | None = None,
+    ):
         super().__init__()
         self.shape, self.head_dim = shape, shape.head_dim  # the whole model's (a tensor rank holds some heads)
         self.rotary = RotaryEmbedding(shape.head_dim, base=rope_base, interleaved=qk_interleaved)
         self.inner_attention = InnerAttention(use_flash_attn)
+        if qk_norm_eps is not None:  # Qwen3: RMSNorm over each head's q and k, before the rotary embedding
+            self.q_norm = RMSNorm(shape.head_dim, eps=qk_norm_eps)
+            self.k_norm = RMSNorm(shape.head_dim, eps=qk_norm_eps)
+        self.qk_norm = qk_norm_eps is not None
 
     def output(self, attended: torch.Tensor) -> torch.Tensor:
         return self.wo(attended)
 
+    def plan(self) -> dict:
+        """How the projections (a subclass's `projection_plan`) and the q/k norms split over tensor ranks."""
+        norms = {"q_norm": Replicated(over_heads=True), "k_norm": Replicated(over_heads=True)} if self.qk_norm else {}
+        return self.projection_plan() | norms
+
     def forward(self, x, positions=None, packed: PackedSequences | None = None):
         q, k, v = self.project(x)  # this rank's heads of the whole sequence, also under sequence parallelism
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, k, positions if packed is None else packed)
         attended = self.inner_attention(q, k, v, packed)
         return self.output(attended.flatten(2))
@@ -188,25 +215,29 @@ def _heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 class FusedQKVAttention(Attention):
-    """One Wqkv weight: all q heads, then all k heads, then all v heads (InternLM v1); out_proj."""
+    """One fused weight: all q heads, then all k heads, then all v heads (InternLM v1's Wqkv, Baichuan2's wqkv,
+    named `qkv_name`); out_proj, biased as the fused weight unless out_bias says otherwise."""
 
-    def __init__(self, shape: AttentionShape, bias: bool, **kwargs):
+    def __init__(
+        self, shape: AttentionShape, bias: bool, qkv_name: str = "Wqkv", out_bias: bool | None = None, **kwargs
+    ):
         super().__init__(shape, **kwargs)
         self.kv_share = shape.num_heads // shape.num_kv_heads  # q heads per kv head, the same on every rank
-        self.Wqkv = nn.Linear(shape.hidden_size, shape.q_width + 2 * shape.kv_width, bias=bias)
-        self.out_proj = nn.Linear(shape.q_width, shape.hidden_size, bias=bias)
+        self.qkv_name = qkv_name
+        self.add_module(qkv_name, nn.Linear(shape.hidden_size, shape.q_width + 2 * shape.kv_width, bias=bias))
+        self.out_proj = nn.Linear(shape.q_width, shape.hidden_size, bias=bias if out_bias is None else out_bias)
         self.segments = (shape.q_width, shape.kv_width, shape.kv_width)
 
     def project(self, x):
-        qkv = _heads(self.Wqkv(x), self.head_dim)
+        qkv = _heads(self._modules[self.qkv_name](x), self.head_dim)
         kv_heads = qkv.shape[2] // (self.kv_share + 2)
         return qkv.split([kv_heads * self.kv_share, kv_heads, kv_heads], dim=2)
 
     def output(self, attended):
         return self.out_proj(attended)
 
-    def plan(self) -> dict:
-        return {"Wqkv": Colwise(self.segments), "out_proj": Rowwise()}
+    def projection_plan(self) -> dict:
+        return {self.qkv_name: Colwise(self.segments), "out_proj": Rowwise()}
 
 
 class GroupedQKVAttention(Attention):
@@ -225,7 +256,7 @@ class GroupedQKVAttention(Attention):
         q = groups[:, :, :, : self.kv_share].flatten(2, 3)  # a copy: a group's heads are not evenly strided
         return q, groups[:, :, :, self.kv_share].contiguous(), groups[:, :, :, self.kv_share + 1].contiguous()
 
-    def plan(self) -> dict:
+    def projection_plan(self) -> dict:
         return {"wqkv": Colwise(), "wo": Rowwise()}
 
 
@@ -242,7 +273,7 @@ class SeparateQKVAttention(Attention):
     def project(self, x):
         return tuple(_heads(proj(x), self.head_dim) for proj in (self.wq, self.wk, self.wv))
 
-    def plan(self) -> dict:
+    def projection_plan(self) -> dict:
         return {"wq": Colwise(), "wk": Colwise(), "wv": Colwise(), "wo": Rowwise()}
 
 
@@ -261,6 +292,24 @@ class SwiGLU(nn.Module):
 
     def plan(self) -> dict:
         return {"w1": Colwise(), "w3": Colwise(), "w2": Rowwise()}
+
+
+class NormHead(nn.Linear):
+    """The LM head with each vocabulary row L2-normalised at use (Baichuan2's NormHead, InternEvo's norm_head):
+    the weight is stored as trained, the logits are x . w_v / |w_v|."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, F.normalize(self.weight, dim=-1))
+
+
+class GeGLU(SwiGLU):
+    """w2(gelu(w1 x) * w3 x) with the tanh-approximate GELU (Gemma's MLP); SwiGLU's weights and plan."""
+
+    def forward(self, x):
+        return self.w2(F.gelu(self.w1(x), approximate="tanh") * self.w3(x))
 
 
 class DecoderLayer(nn.Module):
@@ -294,12 +343,15 @@ class Decoder(nn.Module):
     stage's residual stream as hidden_states, one without the head returns its residual stream.
     """
 
-    def __init__(self, family: str, names: Names, layers: list[DecoderLayer], args: DecoderArgs):
+    def __init__(
+        self, family: str, names: Names, layers: list[DecoderLayer], args: DecoderArgs, scale_embeddings: bool = False
+    ):
         super().__init__()
         self.family, self.names = family, names
         hidden_size, vocab_size = args.hidden_size, args.vocab_size
         self.num_layers, self.hidden_size, self.vocab_size = len(layers), hidden_size, vocab_size
         self.embed_grad_scale = float(args.embed_grad_scale)
+        self.scale_embeddings = scale_embeddings  # Gemma: the embeddings times sqrt(hidden_size)
         self.tie_word_embeddings = args.tie_word_embeddings
         # How the model is trained, kept for whoever parallelizes and materializes it (pytrain.parallel):
         self.dtype = DTYPES[args.dtype] if isinstance(args.dtype, str) else args.dtype
@@ -308,8 +360,11 @@ class Decoder(nn.Module):
         self.recompute_layers = int(len(layers) * self.checkpoint_fraction)  # the first ones (per stage)
         self.add_module(names.embedding, nn.Embedding(vocab_size, hidden_size))
         self.add_module(names.layers, nn.ModuleDict({str(i): layer for i, layer in enumerate(layers)}))
-        self.add_module(names.norm, build_norm(args.norm_type, hidden_size, args.layer_norm_epsilon))
-        self.add_module(names.head, nn.Linear(hidden_size, vocab_size, bias=False))
+        self.add_module(
+            names.norm, build_norm(args.norm_type, hidden_size, args.layer_norm_epsilon, args.add_unit_offset)
+        )
+        head = NormHead(hidden_size, vocab_size) if args.norm_head else nn.Linear(hidden_size, vocab_size, bias=False)
+        self.add_module(names.head, head)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         self.to(self.dtype)  # on the meta device (initialize_model) this only records the dtype
@@ -328,7 +383,7 @@ class Decoder(nn.Module):
         plan = {
             n.embedding: EmbeddingSplit(self.embed_split_hidden),
             n.norm: Replicated(),
-            n.head: VocabHead(gather_output=not self.parallel_output),
+            n.head: VocabHead(gather_output=not self.parallel_output, normalized=isinstance(self.lm_head, NormHead)),
         }
         for layer in self.decoder_layers.values():  # every layer: a family may mix dense and MoE MLPs
             for part in (n.attention, n.mlp):
@@ -375,6 +430,8 @@ class Decoder(nn.Module):
             hidden = self.token_embedding(input_ids)
             if self.embed_grad_scale != 1.0:  # forward unchanged, gradient to the embedding scaled
                 hidden = self.embed_grad_scale * hidden + (1 - self.embed_grad_scale) * hidden.detach()
+            if self.scale_embeddings:  # the factor rounded to the activations' dtype first, as Hugging Face's Gemma
+                hidden = hidden * torch.tensor(self.hidden_size**0.5, dtype=hidden.dtype)
         else:
             hidden = hidden_states
         residual = None
@@ -409,7 +466,9 @@ def decoder_layers(
     width = mlp_width(hidden, args.mlp_ratio, args.multiple_of)
 
     def norm():
-        return build_norm(args.norm_type, hidden, args.layer_norm_epsilon)
+        return build_norm(args.norm_type, hidden, args.layer_norm_epsilon, args.add_unit_offset)
+
+    dense_mlp = SwiGLU if args.use_swiglu else GeGLU
 
     return [
         DecoderLayer(
@@ -421,7 +480,7 @@ def decoder_layers(
                 use_flash_attn=args.use_flash_attn,
                 **attention_args,
             ),
-            SwiGLU(hidden, width, bias=args.mlp_bias) if mlp is None else mlp(index, width),
+            dense_mlp(hidden, width, bias=args.mlp_bias) if mlp is None else mlp(index, width),
             (norm(), norm()),
             args.apply_post_layer_norm,
         )

@@ -203,15 +203,20 @@ ROWS_PER_DRAW = 1 << 22  # elements drawn per generator seed: bounds the memory 
 @torch.no_grad()
 def _initialize(part: ModelPart, model: nn.Module, seed: int, std: float = 0.02) -> None:
     """Weights (2-D) Normal(0, std), those writing into the residual stream scaled by 1/sqrt(2 * layers)
-    (GPT-2); norm weights 1; biases 0. Each weight is drawn from generators seeded by `seed` and its full
-    name, in blocks of rows, and only the rows of this rank's shard are drawn: every layout and stage
-    starts from the same model without ever holding a full weight it does not keep."""
+    (GPT-2); norm weights 1 (0 where the norm scales by 1 + weight); biases 0. Each weight is drawn from
+    generators seeded by `seed` and its full name, in blocks of rows, and only the rows of this rank's shard
+    are drawn: every layout and stage starts from the same model without ever holding a full weight it does
+    not keep."""
     residual = [plan_pattern(key) for key in model.residual_outputs()]
     norms = (RMSNorm, nn.LayerNorm)
-    norm_weights = {_strip_layer(f"{name}.weight") for name, m in model.named_modules() if isinstance(m, norms)}
+    norm_weights = {
+        _strip_layer(f"{name}.weight"): 0.0 if getattr(m, "unit_offset", False) else 1.0
+        for name, m in model.named_modules()
+        if isinstance(m, norms)
+    }
     for param, info in part.infos():
         if param.dim() < 2:
-            param.fill_(1.0 if _strip_layer(info.name) in norm_weights else 0.0)
+            param.fill_(norm_weights.get(_strip_layer(info.name), 0.0))
             continue
         scale = (2 * model.num_layers) ** -0.5 if any(p.match(info.name) for p in residual) else 1.0
         _draw_shard(param, info, std * scale, seed)

@@ -153,16 +153,27 @@ def scatter_sequence(x, group):
 
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's output features split over the group; the output stays split
-    (gather_output: all features on every rank, the LM head without parallel_output)."""
+    (gather_output: all features on every rank, the LM head without parallel_output; normalized_rows: each
+    row of W L2-normalised at use, a normalised LM head, whose rows a rank holds whole)."""
 
-    def __init__(self, weight_shape, bias: bool, group, sequence_parallel: bool, gather_output: bool = False):
+    def __init__(
+        self,
+        weight_shape,
+        bias: bool,
+        group,
+        sequence_parallel: bool,
+        gather_output: bool = False,
+        normalized_rows: bool = False,
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(weight_shape))
         self.bias = nn.Parameter(torch.empty(weight_shape[0])) if bias else None
         self.group, self.sequence_parallel, self.gather_output = group, sequence_parallel, gather_output
+        self.normalized_rows = normalized_rows
 
     def forward(self, x):
-        y = F.linear(enter_parallel_region(x, self.group, self.sequence_parallel), self.weight, self.bias)
+        weight = F.normalize(self.weight, dim=-1) if self.normalized_rows else self.weight
+        y = F.linear(enter_parallel_region(x, self.group, self.sequence_parallel), weight, self.bias)
         return gather_last_dim(y, self.group) if self.gather_output else y
 
 
@@ -236,7 +247,8 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool) -> d
 def _parallel_module(module, how, group, rank: int, world: int, sequence_parallel: bool):
     """(the module to use instead, {its parameter: (ShardSpec, partial gradient)})."""
     if isinstance(how, Replicated):  # a norm: whole; under sequence parallelism it sees this rank's tokens
-        return module, {n: (ShardSpec.whole(p.shape), sequence_parallel) for n, p in module.named_parameters()}
+        partial = sequence_parallel or how.over_heads  # (a q/k norm sees this rank's heads only)
+        return module, {n: (ShardSpec.whole(p.shape), partial) for n, p in module.named_parameters()}
     if isinstance(how, EmbeddingSplit):
         full = tuple(module.weight.shape)
         spec = ShardSpec.split(full, 1 if how.split_hidden else 0, rank, world)
@@ -254,8 +266,10 @@ def _parallel_module(module, how, group, rank: int, world: int, sequence_paralle
         return swapped, specs
     segments = how.segments if isinstance(how, Colwise) else None
     spec = ShardSpec.split(full, 0, rank, world, segments)
-    gather = how.gather_output if isinstance(how, VocabHead) else False
-    swapped = ColumnParallelLinear(spec.local_shape, bias, group, sequence_parallel, gather)
+    head = isinstance(how, VocabHead)
+    swapped = ColumnParallelLinear(
+        spec.local_shape, bias, group, sequence_parallel, head and how.gather_output, head and how.normalized
+    )
     specs = {"weight": (spec, False)}
     if bias:
         specs["bias"] = (ShardSpec.split((full[0],), 0, rank, world, segments), False)
