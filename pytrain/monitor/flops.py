@@ -1,11 +1,13 @@
 """Training FLOPs per token and the device's peak, for the TFLOPS and MFU columns of the step line.
 
 FLOPs per token (Megatron's accounting, recompute included, as InternLM reports):
-    (6 + 2f) * P_blocks + 6 * P_head + (12 + 4f) * L * h * s
-P_blocks: weights of the matmuls inside the decoder layers; P_head: the LM head's; L layers of width h
-at sequence length s; f the fraction of layers whose forward is recomputed (model.checkpoint). A matmul
-with P weights costs 2P FLOPs per token forward and 4P backward; attention scores and the weighted sum
-cost 4*h*s per token per layer forward (causal masking not discounted) and twice that backward.
+    (6 + 2f) * P_blocks + 6 * P_head + (12 + 4f) * L * a * s
+P_blocks: weights of the matmuls inside the decoder layers; P_head: the LM head's; L layers whose
+attention is a = heads x head_dim wide (the hidden size, but for families whose head_dim is not
+hidden / heads: Gemma-7B 16 x 256 = 4096 on a hidden size of 3072), at sequence length s; f the fraction
+of layers whose forward is recomputed (model.checkpoint). A matmul with P weights costs 2P FLOPs per token
+forward and 4P backward; attention scores (q.k over a) and the weighted sum (of v, a wide) cost 4*a*s per
+token per layer forward (causal masking not discounted) and twice that backward.
 Embedding lookups and element-wise ops are not counted.
 """
 
@@ -50,16 +52,23 @@ def matmul_params(model: nn.Module) -> tuple[int, int]:
     return block_params, head_params
 
 
+def attention_width(model_fields: dict) -> int:
+    """heads x head_dim of a config's model section (head_dim unset: hidden_size // heads)."""
+    heads = model_fields["num_attention_heads"]
+    return heads * (model_fields.get("head_dim") or model_fields["hidden_size"] // heads)
+
+
 def flops_per_token(
     block_params: int,
     head_params: int,
     num_layers: int,
-    hidden_size: int,
+    attention_width: int,
     seq_len: int,
     recompute_fraction: float = 0.0,
 ) -> float:
+    """The module docstring's count; attention_width is a = heads x head_dim (attention_width(cfg.model))."""
     f = float(recompute_fraction)
-    return (6 + 2 * f) * block_params + 6 * head_params + (12 + 4 * f) * num_layers * hidden_size * seq_len
+    return (6 + 2 * f) * block_params + 6 * head_params + (12 + 4 * f) * num_layers * attention_width * seq_len
 
 
 def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float | None = None) -> tuple[float, str]:

@@ -16,7 +16,7 @@ from pytrain.data import DataError
 from pytrain.initialize import get_default_parser, initialize_distributed_env, initialize_trainer
 from pytrain.model import DTYPES
 from pytrain.model.moe import active_parameters
-from pytrain.monitor import AlertLog, StepMonitor, flops_per_token, matmul_params, peak_tflops
+from pytrain.monitor import AlertLog, StepMonitor, attention_width, flops_per_token, matmul_params, peak_tflops
 from pytrain.parallel import ParallelMesh, gpc
 from pytrain.registry import MODEL_INITIALIZER
 from pytrain.train import get_train_data_loader, get_validation_data_loader, initialize_model, initialize_optimizer
@@ -104,7 +104,7 @@ def step_monitor(
             block_params,
             head_params,
             cfg.model.num_layers,
-            cfg.model.hidden_size,
+            attention_width(cfg.model),
             data.seq_len,
             float(cfg.model.checkpoint),
         ),
@@ -196,7 +196,7 @@ def dry_run(args) -> None:
     per_token = flops_per_token(
         *matmul_params(model),
         cfg.model.num_layers,
-        cfg.model.hidden_size,
+        attention_width(cfg.model),
         cfg.data.seq_len,
         float(cfg.model.checkpoint),
     )
