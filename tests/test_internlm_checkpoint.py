@@ -11,13 +11,18 @@ import torch
 from pytrain.checkpoint.internlm import load_internlm_folder, partition_uniform
 from pytrain.checkpoint.storage import CheckpointError
 from pytrain.model.families import (
+    build_baichuan2,
+    build_gemma,
     build_internlm,
     build_internlm2,
+    build_internlm3,
     build_internlm_moe,
     build_llama2,
     build_mixtral_moe,
     build_qwen2,
     build_qwen2_moe,
+    build_qwen3,
+    build_qwen3_moe,
 )
 
 TINY = dict(
@@ -30,18 +35,25 @@ TINY = dict(
     dtype="torch.float32",
     use_flash_attn=False,
 )
-# Every family with all its biases on and GQA; InternLM2 also with LayerNorm (norm biases).
+# Every family with all its biases on and GQA; InternLM2 also with LayerNorm (norm biases). Qwen3 and Gemma
+# with heads x head_dim (4 x 32) wider than hidden; Gemma untied, as InternEvo's Gemma class always saves its
+# own output.weight (internlm/model/modeling_gemma.py); Baichuan2 multi-head, as InternEvo's is.
 FAMILIES = {
     "internlm": (build_internlm, {}),
     "internlm2": (build_internlm2, dict(norm_type="layernorm")),
     "llama2": (build_llama2, {}),
     "qwen2": (build_qwen2, dict(o_bias=True, mlp_bias=True)),
+    "internlm3": (build_internlm3, {}),
+    "qwen3": (build_qwen3, dict(head_dim=32)),
+    "gemma": (build_gemma, dict(head_dim=32, tie_word_embeddings=False)),
+    "baichuan2": (build_baichuan2, dict(num_kv_attention_heads=4)),
 }
 MOE = dict(num_experts=4, top_k=2, num_layers=4)  # 4 layers: InternEvo's expert file numbering needs pp | layers
 MOE_FAMILIES = {
     "internlm-moe-residual": (build_internlm_moe, dict(MOE, moe_use_residual=True)),
     "mixtral": (build_mixtral_moe, MOE),
     "qwen2-moe-shared": (build_qwen2_moe, dict(MOE, num_shared_experts=2)),
+    "qwen3-moe": (build_qwen3_moe, dict(MOE, head_dim=32)),
 }
 FAMILIES.update(MOE_FAMILIES)
 # InternEvo's split of each parameter by its last two name components: column-parallel (dim 0),
@@ -49,6 +61,10 @@ FAMILIES.update(MOE_FAMILIES)
 COLUMN = {"wq", "wk", "wv", "wqkv", "w1", "w3", "head", "output"}
 ROW = {"wo", "out_proj", "w2"}
 EMBEDDINGS = {"embedding", "tok_embeddings", "embed_tokens"}
+# The fused q/k/v weights whose tensor-rank shard is [its q heads; its k heads; its v heads] (InternEvo's MHA
+# reads its shard as (three heads head_dim)): InternLM v1's Wqkv, Baichuan2's wqkv; InternLM2's grouped wqkv
+# shard is whole kv groups instead, a plain chunk.
+PER_PART_QKV = {"baichuan2": "wqkv"}
 
 
 def build(family: str, **overrides):
@@ -70,11 +86,11 @@ def meta_model(family: str, **overrides):
         return build(family, **overrides)
 
 
-def internevo_shard(name: str, tensor: torch.Tensor, rank: int, tp: int, vocab_split: bool):
+def internevo_shard(name: str, tensor: torch.Tensor, rank: int, tp: int, vocab_split: bool, per_part_qkv: str):
     """Tensor rank `rank`'s piece of a full tensor as InternEvo saves it (None: that rank has none)."""
     parts = name.split(".")
     module, leaf = parts[-2], parts[-1]
-    if module == "Wqkv":  # v1: each rank's shard is [its q heads; its k heads; its v heads]
+    if module == per_part_qkv:  # each rank's shard is [its q heads; its k heads; its v heads]
         kv_width = (tensor.shape[0] - TINY["hidden_size"]) // 2
         q, k, v = tensor.split([TINY["hidden_size"], kv_width, kv_width])
         return torch.cat([q.chunk(tp)[rank], k.chunk(tp)[rank], v.chunk(tp)[rank]])
@@ -89,7 +105,9 @@ def internevo_shard(name: str, tensor: torch.Tensor, rank: int, tp: int, vocab_s
     return tensor
 
 
-def write_internevo_folder(folder, state, layers: str, tp: int, pp: int, vocab_split=False, stage_layers=None):
+def write_internevo_folder(
+    folder, state, layers: str, tp: int, pp: int, vocab_split=False, stage_layers=None, per_part_qkv="Wqkv"
+):
     """model_tp{t}_pp{p}.pt files: stage-local layer indices, `model.` prefix, per-rank shards; MoE experts
     in model_moe_layer{L}_expert{e}_tp{t}.pt files, one expert each, split like the dense MLP."""
     num_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith(f"{layers}."))
@@ -115,7 +133,7 @@ def write_internevo_folder(folder, state, layers: str, tp: int, pp: int, vocab_s
                         continue
                 elif p != pp - 1:  # final norm and head on the last stage
                     continue
-                shard = internevo_shard(name, tensor, t, tp, vocab_split)
+                shard = internevo_shard(name, tensor, t, tp, vocab_split, per_part_qkv)
                 if parts[0] in EMBEDDINGS and vocab_split:  # InternLM without embed_split_hidden: flash-attn's
                     name = f"{parts[0]}.word_embeddings.weight"  # vocab-parallel module
                 if shard is not None:
@@ -147,11 +165,23 @@ def write_internevo_experts(folder, name: str, stacked: torch.Tensor, tp: int, s
 def test_every_layout_merges_back_bitwise(tmp_path, family, tp, pp):
     state = random_state(family)
     model = meta_model(family)
-    write_internevo_folder(tmp_path, state, model.names.layers, tp, pp)
+    write_internevo_folder(tmp_path, state, model.names.layers, tp, pp, per_part_qkv=PER_PART_QKV.get(family, "Wqkv"))
     loaded = load_internlm_folder(tmp_path, model)
     assert list(loaded) == list(state)
     for name, tensor in state.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+
+
+def test_gemma_untied_head_into_a_tied_model_is_refused(tmp_path):
+    """InternEvo's Gemma saves an output.weight of its own; GEMMA's default ties the head to the embedding,
+    which would keep one of the two matrices and drop the other."""
+    model = _tp2_pp2(tmp_path, "gemma", embed_split_hidden=False)
+    tied = meta_model("gemma", embed_split_hidden=False, tie_word_embeddings=True)
+    assert set(load_internlm_folder(tmp_path, model)) == set(tied.state_dict())  # both names, as a tied model's
+    with pytest.raises(
+        CheckpointError, match=r"output\.weight differs from embed_tokens\.weight.*tie_word_embeddings=False"
+    ):
+        load_internlm_folder(tmp_path, tied)
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -11,12 +11,15 @@ family's `InternEvoAdapter` (its spec's `internevo`, pytrain.specs) renames, so 
   are read from each file's keys and checked against that rule);
 - merging the tensor-parallel shards as the model's own tensor_parallel_plan() splits them, which is
   InternEvo's layout: column-parallel weights (wqkv/Wqkv, wq, wk, wv, w1, w3, head/output) and their
-  biases along dim 0, where v1's fused Wqkv shard is [its q heads; its k heads; its v heads] (so each
-  part is merged on its own) and InternLM2's grouped wqkv shard is whole kv groups (a plain
-  concatenation); row-parallel weights (wo/out_proj, w2) along dim 1, their bias taken from tensor
+  biases along dim 0, where v1's fused Wqkv and Baichuan2's wqkv shard is [its q heads; its k heads; its v
+  heads] (InternEvo's MHA reads it so; each part is merged on its own) and InternLM2's grouped wqkv shard
+  is whole kv groups (a plain concatenation); row-parallel weights (wo/out_proj, w2) along dim 1, their bias taken from tensor
   rank 0, the only one that holds it; the embedding along hidden or along the vocabulary (as the shards'
   shape says: InternLM saved `embedding.word_embeddings.weight` [V/t, H] without embed_split_hidden);
-  norms whole on every rank (rank 0's).
+  norms whole on every rank (rank 0's), Qwen3's per-head q_norm/k_norm (`<attention>.q_norm.weight`) too.
+
+A tied model (tie_word_embeddings) refuses a folder whose head differs from its embedding: InternEvo's Gemma
+class always saves an untied `output.weight`.
 
 InternLM v1's w2/w3: the code of 2023-07 to 2024-01 computed w3(silu(w1 x) * w2 x); InternEvo since
 2024-02 (and pytrain) computes w2(silu(w1 x) * w3 x): w1 gate, w3 up, w2 down. The weights are loaded
@@ -118,9 +121,11 @@ def load_internlm_folder(folder: str | Path, model: Decoder) -> dict[str, torch.
     root = files[(0, 0)].parent
     _check_layer_split(layer_counts, model.num_layers, root)
     merged.update(_merge_experts(root, model, full_shapes, layer_counts, tp_size, merger.problems))
+    problems = merger.problems
+    if model.tie_word_embeddings:
+        _check_tied_head(merged, model.names, problems)
     missing = [name for name in full_shapes if name not in merged]
     unexpected = sorted(name for name in merged if name not in full_shapes)
-    problems = merger.problems
     if missing:
         problems.append(f"missing from the checkpoint: {_listing(missing)}")
     if unexpected:
@@ -131,6 +136,18 @@ def load_internlm_folder(folder: str | Path, model: Decoder) -> dict[str, torch.
             f"(model_type and model fields of the config):\n  " + "\n  ".join(problems)
         )
     return {name: merged[name] for name in full_shapes}
+
+
+def _check_tied_head(merged: dict[str, torch.Tensor], names: Names, problems: list[str]) -> None:
+    """A tied model holds one matrix under both names, so a checkpoint whose head differs from its embedding
+    (trained untied, as InternEvo's GEMMA always is: its Gemma class saves its own `output.weight`) would lose
+    one of them when loaded."""
+    embedding, head = merged.get(f"{names.embedding}.weight"), merged.get(f"{names.head}.weight")
+    if embedding is not None and head is not None and not torch.equal(embedding, head):
+        problems.append(
+            f"{names.head}.weight differs from {names.embedding}.weight: the checkpoint's LM head is untied "
+            f"(InternEvo's GEMMA saves one), this model ties it; set model.tie_word_embeddings=False"
+        )
 
 
 def _model_files(folder: Path) -> dict[tuple[int, int], Path]:
