@@ -14,8 +14,9 @@ family's `InternEvoAdapter` (its spec's `internevo`, pytrain.specs) renames, so 
   biases along dim 0, where v1's fused Wqkv and Baichuan2's wqkv shard is [its q heads; its k heads; its v
   heads] (InternEvo's MHA reads it so; each part is merged on its own) and InternLM2's grouped wqkv shard
   is whole kv groups (a plain concatenation); row-parallel weights (wo/out_proj, w2) along dim 1, their
-  bias taken from tensor rank 0, the only one that holds it; the embedding along hidden or along the vocabulary (as the shards'
-  shape says: InternLM saved `embedding.word_embeddings.weight` [V/t, H] without embed_split_hidden);
+  bias taken from tensor rank 0, the only one that holds it; the embedding along hidden or along the
+  vocabulary (as the shards' shape says: InternLM saved `embedding.word_embeddings.weight` [V/t, H]
+  without embed_split_hidden);
   norms whole on every rank (rank 0's), Qwen3's per-head q_norm/k_norm (`<attention>.q_norm.weight`) too.
 
 A tied model (tie_word_embeddings) refuses a folder whose head differs from its embedding: InternEvo's Gemma
