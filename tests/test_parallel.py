@@ -296,18 +296,28 @@ def test_a_model_not_built_in_stages_is_refused_by_the_pipeline(tmp_path, fresh_
         initialize_trainer(torch.nn.Linear(2, 2), optimizer=None, config=cfg)
 
 
-# The newer families, one step each under tensor (mtp) and pipeline parallelism against one process, all in one
-# launch of two processes: what they add splits or replicates in its own way (QWEN3's q/k norms act on a tensor
-# rank's heads, so their gradients are summed over the tensor group; GEMMA's tied head and (1 + weight) norms;
-# BAICHUAN2's normalised head, each rank normalising its vocabulary rows).
+# The newer families, one step each under every mode of layout against one process, all in one launch of two
+# processes: what they add splits or replicates in its own way (QWEN3's q/k norms act on a tensor rank's heads,
+# so their gradients are summed over the tensor group, under msp over its sequence shards too; GEMMA's tied head
+# and (1 + weight) norms, the tie crossing stages under pp2; BAICHUAN2's normalised head, each rank normalising
+# its vocabulary rows; QWEN3MOE's experts split over tensor ranks or, under ep2, over expert ranks).
 NEWER_FAMILIES = {
     "QWEN3": dict(head_dim=24),
-    "QWEN3MOE": dict(head_dim=24, num_experts=4, top_k=2),  # the experts split over the tensor ranks
+    "QWEN3MOE": dict(head_dim=24, num_experts=4, top_k=2),  # Dropless: no capacity, so no drop differs by layout
     "GEMMA": dict(head_dim=24, embed_split_hidden=False),  # the tied head split over the vocabulary
     "INTERNLM3": {},
     "BAICHUAN2": dict(num_kv_attention_heads=None),  # the normalised head's rows whole on each tensor rank
 }
-NEWER_LAYOUTS = {"tp2": dict(tensor=2), "pp2": dict(pipeline=2)}
+# name: (parallel section, model overrides, whether it needs experts)
+NEWER_LAYOUTS = {
+    "tp2": (dict(tensor=2), {}, False),
+    "tp2-msp": (dict(tensor=dict(size=2, mode="msp")), {}, False),
+    "pp2": (dict(pipeline=2), {}, False),
+    "pp2-interleaved": (dict(pipeline=dict(size=2, interleaved_overlap=True)), dict(num_chunks=2), False),
+    # expert size 1: plain data parallelism for QWEN3MOE too (its experts would otherwise split over the data ranks)
+    "dp2-zero1": (dict(zero1=-1, expert=dict(size=1)), {}, False),
+    "ep2": (dict(expert=dict(size=2)), {}, True),
+}
 
 
 def newer_families_worker(rank, init_method, references, run_folder, results):
@@ -315,8 +325,10 @@ def newer_families_worker(rank, init_method, references, run_folder, results):
     torch.set_num_threads(1)
     try:
         for family, model in NEWER_FAMILIES.items():
-            for name, parallel in NEWER_LAYOUTS.items():
-                cfg = config(parallel, model, {}, 2, run_folder, family=family)
+            for name, (parallel, model_overrides, needs_experts) in NEWER_LAYOUTS.items():
+                if needs_experts and "num_experts" not in model:
+                    continue
+                cfg = config(parallel, dict(model, **model_overrides), {}, 2, run_folder, family=family)
                 history, _, _, part = train(cfg, rank, 2, steps=1)
                 want = part.local_state(references[family][1])
                 shards = [(n, p.detach().clone(), want[n]) for n, p in part.full_state_names().items()]
@@ -326,8 +338,8 @@ def newer_families_worker(rank, init_method, references, run_folder, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.slow  # about 45 s on the 2-core machine: five families, one launch
-def test_newer_families_match_one_process_under_tp2_and_pp2(tmp_path, init_method, fresh_context):
+@pytest.mark.slow  # about 60 s on the 2-core machine: five families, 26 one-step runs, one launch
+def test_newer_families_match_one_process_in_every_layout(tmp_path, init_method, fresh_context):
     references = {}
     for family, model in NEWER_FAMILIES.items():
         try:
@@ -341,6 +353,7 @@ def test_newer_families_match_one_process_under_tp2_and_pp2(tmp_path, init_metho
         results = manager.dict()
         mp.spawn(newer_families_worker, args=(init_method, references, tmp_path, results), nprocs=2, join=True)
         results = dict(results)
+    assert len(results) == 2 * (len(NEWER_FAMILIES) * (len(NEWER_LAYOUTS) - 1) + 1)  # ep2: QWEN3MOE only
     for (family, name, rank), (history, shards) in results.items():
         want_history = references[family][0]
         torch.testing.assert_close(
