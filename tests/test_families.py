@@ -284,3 +284,14 @@ def test_a_folder_of_another_class_says_which_model_type_reads_it(tmp_path):
         load_hf_into(ModelPart([qwen3]), qwen3, tmp_path)
     with pytest.raises(CheckpointError, match=r"model_type GEMMA reads it"):
         load_hf_into(ModelPart([qwen3]), qwen3, tmp_path)
+
+
+def test_a_baichuan2_13b_folder_is_refused_for_its_alibi_attention(tmp_path):
+    from pytrain.checkpoint.hf import check_folder_class
+
+    with torch.device("meta"):
+        baichuan = build_baichuan2(**TINY)
+    config = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan"}
+    check_folder_class(baichuan, {**config, "hidden_size": 4096, "num_hidden_layers": 32})  # 7B: rotary
+    with pytest.raises(CheckpointError, match=r"Baichuan2-13B, whose attention adds ALiBi .* ALiBi is not available"):
+        check_folder_class(baichuan, {**config, "hidden_size": 5120, "num_hidden_layers": 40})

@@ -150,11 +150,20 @@ def hf_class(model: Decoder) -> HFClass:
     return hf
 
 
+# Baichuan2-13B has 7B's class and model_type but ALiBi attention: only its shape tells the two apart
+BAICHUAN2_13B_SHAPE = {"hidden_size": 5120, "num_hidden_layers": 40}
+
+
 def check_folder_class(model: Decoder, folder_config: dict) -> None:
     """A Hugging Face folder (its config.json) of another class than the model's family maps to says which it
     holds and which model_type reads it."""
     hf = hf_class(model)
     theirs = folder_config.get("model_type")
+    if hf is BAICHUAN2 and all(folder_config.get(key) == size for key, size in BAICHUAN2_13B_SHAPE.items()):
+        raise CheckpointError(
+            "the Hugging Face folder holds Baichuan2-13B, whose attention adds ALiBi biases instead of rotary "
+            "embeddings; BAICHUAN2 here (as InternEvo's) trains rotary attention only: ALiBi is not available"
+        )
     if theirs is None or theirs == hf.model_type:
         return
     readers = [
