@@ -1,0 +1,137 @@
+"""One training step taken apart: where the time of pytrain's step goes (GEMMs, attention, norms / rotary /
+activations, the loss, copies / casts / allocation, the optimizer, the rest), beside the matmul peak measured
+in the same run, and the same model's step under Hugging Face transformers (LlamaForCausalLM and torch's
+AdamW) in the same sitting.
+
+The model is a Llama of 8 layers, hidden 512, 8 heads, vocabulary 32000, one process, micro-batch 4 of 512
+tokens, AdamW. Times are the profiler's self CPU time per op, summed per category (an op is counted once, in
+the first category whose pattern its name contains), and the optimizer step's wall time. `--benchmark-disable`
+runs a 2-layer, 64-wide model once per dtype, as a smoke test of the accounting.
+"""
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from pytrain.model.families import LLAMA2
+from pytrain.monitor import flops_per_token, matmul_params, measure_matmul_tflops
+from pytrain.parallel.model_part import parallelize
+from pytrain.solver import HybridZeroOptimizer
+
+FULL = dict(num_layers=8, hidden_size=512, num_attention_heads=8, vocab_size=32000, micro_bsz=4, seq_len=512)
+SMOKE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, micro_bsz=1, seq_len=64)
+MLP_MULTIPLE = 256  # 512 x 8/3 -> 1536, as Llama's rule gives
+CATEGORIES = {  # first match wins: GEMMs before "aten::add" would catch addmm
+    "gemm": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "grouped_mm"),
+    "attention": ("scaled_dot_product", "flash_attn", "attention"),
+    "loss": ("cross_entropy", "log_softmax", "nll_loss"),
+    "norms, rotary, activations": ("rms_norm", "rotary", "silu", "gelu", "aten::mul", "aten::add", "aten::neg"),
+    "copies, casts, allocation": ("copy_", "_to_copy", "empty", "fill_", "zero_", "clone", "aten::cat"),
+}
+
+
+def category_of(op_name: str) -> str:
+    return next((name for name, patterns in CATEGORIES.items() if any(p in op_name for p in patterns)), "other")
+
+
+def forward_backward(model, ids: torch.Tensor, backward) -> None:
+    logits = model(input_ids=ids)
+    logits = logits.logits if hasattr(logits, "logits") else logits
+    backward(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()))
+
+
+def step_profile(model, zero_grad, backward, optimizer_step, ids: torch.Tensor) -> dict[str, float]:
+    """Seconds per category of one step: the forward and backward under the profiler, the optimizer timed."""
+    zero_grad()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        forward_backward(model, ids, backward)
+    seconds = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+    for event in profile.key_averages():
+        seconds[category_of(event.key)] += event.self_cpu_time_total / 1e6
+    start = time.perf_counter()
+    optimizer_step()
+    seconds["optimizer"] = time.perf_counter() - start
+    return seconds
+
+
+def timed_steps(zero_grad, step, rounds: int) -> float:
+    """The median wall time of `rounds` whole steps, after one warm-up step."""
+    times = []
+    for index in range(rounds + 1):
+        zero_grad()
+        start = time.perf_counter()
+        step()
+        if index:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def pytrain_step(shape: dict, dtype: str):
+    with torch.device("meta"):
+        whole = LLAMA2.build(
+            **{k: shape[k] for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")},
+            multiple_of=MLP_MULTIPLE,
+            no_bias=True,
+            dtype=dtype,
+        )
+    model = parallelize(whole, device=torch.device("cpu"))
+    optimizer = HybridZeroOptimizer(model, lr=1e-4, weight_decay=0.1)
+    return model, optimizer
+
+
+def hf_step(shape: dict, dtype: torch.dtype):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=shape["hidden_size"],
+        intermediate_size=1536 if shape is FULL else 192,
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_attention_heads"],
+        vocab_size=shape["vocab_size"],
+        max_position_embeddings=shape["seq_len"],
+    )
+    model = transformers.LlamaForCausalLM(config).to(dtype)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
+def test_step_profile(benchmark, dtype):
+    shape = FULL if benchmark.enabled else SMOKE
+    torch_dtype = getattr(torch, dtype.removeprefix("torch."))
+    ids = torch.randint(0, shape["vocab_size"], (shape["micro_bsz"], shape["seq_len"]))
+    model, optimizer = pytrain_step(shape, dtype)
+    profile = step_profile(model, optimizer.zero_grad, optimizer.backward, optimizer.step, ids)
+    assert profile["gemm"] > 0 and profile["optimizer"] > 0 and profile["loss"] > 0
+
+    def step():
+        forward_backward(model, ids, optimizer.backward)
+        optimizer.step()
+
+    rounds = 3 if benchmark.enabled else 1
+    seconds = benchmark.pedantic(timed_steps, args=(optimizer.zero_grad, step, rounds), rounds=1, iterations=1)
+    block_params, head_params = matmul_params(model)
+    tokens = shape["micro_bsz"] * shape["seq_len"]
+    per_token = flops_per_token(block_params, head_params, shape["num_layers"], shape["hidden_size"], shape["seq_len"])
+    flops = tokens * per_token
+    peak = measure_matmul_tflops(torch.device("cpu"), torch_dtype) * 1e12
+    row = {
+        "dtype": dtype,
+        "tokens/s": tokens / seconds,
+        "fraction of the matmul peak": flops / seconds / peak,
+        "matmul peak GFLOP/s": peak / 1e9,
+        "profiled step s": sum(profile.values()),
+        **{f"{name} share": value / sum(profile.values()) for name, value in profile.items()},
+    }
+    if benchmark.enabled:  # the peer in the same sitting
+        hf_model, hf_optimizer = hf_step(shape, torch_dtype)
+
+        def hf_full_step():
+            forward_backward(hf_model, ids, lambda loss: loss.backward())
+            hf_optimizer.step()
+
+        hf_seconds = timed_steps(lambda: hf_optimizer.zero_grad(set_to_none=True), hf_full_step, rounds)
+        row["transformers tokens/s"] = tokens / hf_seconds
+        row["pytrain / transformers"] = hf_seconds / seconds
+    benchmark.extra_info.update(row)
+    print("\n" + "\n".join(f"{key:>32}: {value}" for key, value in row.items()))
