@@ -146,6 +146,11 @@ class CheckpointReader:
             self._headers[name] = schema.read_safetensors_header(self.path / name)
         return self._headers[name]
 
+    def _open(self, name: str):
+        """safetensors' handle of a shard file, its header checked once per reader (_header)."""
+        self._header(name)
+        return schema.open_checked_safetensors(self.path / name)
+
     def _check_saved_as_listed(self, key: str) -> None:
         """Each shard of `key` is in its file with the manifest's dtype and the shape its spec gives."""
         entry = self.manifest["tensors"][key]
@@ -216,7 +221,7 @@ class CheckpointReader:
             self._check_saved_as_listed(key)
         out = {}
         with contextlib.ExitStack() as stack:
-            handles = {name: stack.enter_context(schema.open_safetensors(self.path / name)[0]) for name in files}
+            handles = {name: stack.enter_context(self._open(name)) for name in files}
             for key, (local, spec) in targets.items():
                 entry = tensors[key]
                 shards = [(spec_from_json(entry["shape"], shard), handles[shard["file"]]) for shard in entry["shards"]]

@@ -213,7 +213,12 @@ def open_safetensors(path: Path, what: str | None = None):
     """(safetensors' handle of the file, its checked header): read_safetensors_header first, so safetensors
     only ever opens a file whose header is known to be sound."""
     headers = read_safetensors_header(path, what)
+    return open_checked_safetensors(path, what), headers
+
+
+def open_checked_safetensors(path: Path, what: str | None = None):
+    """safetensors' handle of a file whose header read_safetensors_header has already checked."""
     try:
-        return safe_open(str(path), framework="pt"), headers
+        return safe_open(str(path), framework="pt")
     except SafetensorError as err:
         raise CheckpointError(f"{what or path} is not a valid safetensors file: {err}") from None

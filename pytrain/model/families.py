@@ -209,23 +209,12 @@ QWEN2_MOE = Family(
     experts="shared",
 )
 
-# Qwen3 (Qwen3-8B: 36 layers, 32 heads of 128, 8 kv heads, MLP 12288 = mlp_ratio 3; no attention biases)
+# What Qwen3 dense and MoE share: the vocabulary, norms' epsilon, rotary base and convention, no attention biases
+QWEN3_COMMON = dict(vocab_size=151936, layer_norm_epsilon=1e-6, rope_base=1e6, qkv_bias=False, qk_interleaved=False)
+# Qwen3 (Qwen3-8B: 36 layers, 32 heads of 128, 8 kv heads, MLP 12288 = mlp_ratio 3)
 QWEN3_8B = dict(num_layers=36, hidden_size=4096, num_attention_heads=32, num_kv_attention_heads=8, head_dim=128)
 QWEN3 = Family(
-    "QWEN3",
-    QWEN2_NAMES,
-    SEPARATE_QKV,
-    dict(
-        QWEN3_8B,
-        vocab_size=151936,
-        mlp_ratio=3.0,
-        layer_norm_epsilon=1e-6,
-        rope_base=1e6,
-        qkv_bias=False,
-        qk_interleaved=False,
-    ),
-    ("head_dim",),
-    qk_norm=True,
+    "QWEN3", QWEN2_NAMES, SEPARATE_QKV, dict(QWEN3_COMMON, **QWEN3_8B, mlp_ratio=3.0), ("head_dim",), qk_norm=True
 )
 
 # Qwen3-MoE (Qwen3-30B-A3B: 48 layers, 32 heads of 128, 4 kv heads, 128 experts 768 wide = mlp_ratio 0.375, top-8,
@@ -235,17 +224,13 @@ QWEN3_MOE = Family(
     QWEN2_NAMES,
     SEPARATE_QKV,
     dict(
+        QWEN3_COMMON,
         num_layers=48,
         hidden_size=2048,
         num_attention_heads=32,
         num_kv_attention_heads=4,
         head_dim=128,
-        vocab_size=151936,
         mlp_ratio=0.375,
-        layer_norm_epsilon=1e-6,
-        rope_base=1e6,
-        qkv_bias=False,
-        qk_interleaved=False,
         num_experts=128,
         top_k=8,
         moe_type="Dropless",

@@ -34,6 +34,8 @@ class ParallelContext:
     pipeline_parallel_rank = _from_mesh("pipeline_rank", 0)
     data_parallel_rank = _from_mesh("data_rank", 0)
     tensor_parallel_rank = _from_mesh("tensor_rank", 0)
+    is_first_stage = _from_mesh("is_first_stage", True)
+    is_last_stage = _from_mesh("is_last_stage", True)
     data_parallel_group = _from_mesh("data_group", None)
     zero1_group = _from_mesh("zero1_group", None)  # the ranks sharing one copy of the optimizer state
     tensor_parallel_group = _from_mesh("tensor_group", None)
@@ -51,14 +53,6 @@ class ParallelContext:
     @property
     def is_main_rank(self) -> bool:
         return self.rank == 0
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pipeline_parallel_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pipeline_parallel_rank == self.pipeline_parallel_size - 1
 
     def stage_rank(self, stage: int) -> int:
         """The global rank of pipeline stage `stage` (modulo the pipeline size) beside this rank."""
