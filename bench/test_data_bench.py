@@ -145,6 +145,7 @@ def model_tokens_per_s(config, seq_len, micro_bsz, micro_num, steps, warmup, fol
     return seq_len * micro_bsz * micro_num / step_time
 
 
+@pytest.mark.slow  # a model step per config: ~6 s even as a smoke test; benchmark runs lift the marker
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 def test_loader_against_model_step(benchmark, small_corpus, config_name, tmp_path):
     config, seq_len, micro_bsz, micro_num, vocab = CONFIGS[config_name]

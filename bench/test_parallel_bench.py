@@ -101,14 +101,12 @@ def run_layout(
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
-SMOKE_LAYOUTS = ("1 process",)  # the others are `slow` as smoke tests (tests/ checks every layout)
-
-
+# `slow` as a smoke test, every row (tests/ checks every layout; bench/test_moe_train_bench.py's fast row runs
+# this file's runner)
+@pytest.mark.slow
 @pytest.mark.parametrize("code", CODES)
 @pytest.mark.parametrize("config_name", list(CONFIGS))
-@pytest.mark.parametrize(
-    "layout", [pytest.param(name, marks=() if name in SMOKE_LAYOUTS else pytest.mark.slow) for name in LAYOUTS]
-)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_throughput(benchmark, record_throughput, config_name, layout, code, tmp_path):
     config, micro_batches, steps, warmup = CONFIGS[config_name]
     if not benchmark.enabled:

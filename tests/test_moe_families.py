@@ -242,6 +242,7 @@ def test_active_parameters_count_top_k_experts():
     assert active_parameters(model) == sum(p.numel() for p in model.parameters()) - experts // 2  # 2 of 4
 
 
+@pytest.mark.slow  # ~10 s; the fast set runs configs/tiny_moe.py through the same command in bench/test_moe_train_bench.py
 def test_tiny_moe_config_trains_on_the_bundled_corpus(tmp_path):
     """configs/tiny_moe.py through the real command line: the loss falls and moe_loss is in the step line."""
     command = [
