@@ -1,8 +1,10 @@
 // pytrain._C: the CPU kernels (use them through pytrain.kernels, which validates and allocates) and the
 // tokenize command's line formatter (used by pytrain/data/tokenize.py).
+#include "bind_adamw.h"
 #include "bind_rotary.h"
 #include "bind_cross_entropy.h"
 #include "bind_moe_permute.h"
+#include "bind_swiglu.h"
 #include "bindings.h"
 #include "token_lines.h"
 
@@ -11,6 +13,8 @@ PYBIND11_MODULE(_C, m) {
   pytrain::def_rms_norm(m, pytrain::cpu::rms_norm_forward, pytrain::cpu::rms_norm_backward);
   pytrain::def_cross_entropy(m, pytrain::cpu::cross_entropy_forward, pytrain::cpu::cross_entropy_gradient);
   pytrain::def_rotary(m, pytrain::cpu::rotary);
+  pytrain::def_swiglu(m, pytrain::cpu::swiglu_forward, pytrain::cpu::swiglu_backward);
+  pytrain::def_adamw(m, pytrain::cpu::adamw_step);
   pytrain::def_moe_permute(m, pytrain::cpu::moe_route, pytrain::cpu::moe_scatter, pytrain::cpu::moe_gather);
   m.def(
       "format_token_lines",

@@ -145,6 +145,33 @@ def test_bf16_model_keeps_fp32_master_weights():
         torch.testing.assert_close(param, master.to(torch.bfloat16), rtol=0, atol=0)
 
 
+def test_bf16_step_matches_torch_adamw_on_fp32_masters_with_clipping():
+    """The fused update of a bf16 model: its fp32 masters as torch.optim.AdamW moves fp32 copies given the same
+    (clipped) gradients, and the model's weights are the masters rounded to bf16."""
+    inputs = torch.randn(16, 4, dtype=torch.bfloat16)
+    model = small_model(torch.bfloat16)
+    ours = HybridZeroOptimizer(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, clip_grad_norm=0.05)
+    copies = [nn.Parameter(p.detach().float()) for p in model.parameters()]
+    decay = [c for c in copies if c.dim() >= 2]
+    no_decay = [c for c in copies if c.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    theirs = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    for _ in range(3):
+        ours.zero_grad()
+        ours.backward(model(inputs).float().pow(2).mean())
+        for copy, param in zip(copies, model.parameters()):
+            copy.grad = param.grad.float()
+        success, norm = ours.step()
+        assert success and norm > 0.05  # clipped
+        for copy in copies:
+            copy.grad.mul_(0.05 / (norm + 1e-6))
+        theirs.step()
+    masters = {id(p): m for p, m, _ in ours.owned}
+    for param, copy in zip(model.parameters(), copies):
+        torch.testing.assert_close(masters[id(param)], copy.detach())
+        assert torch.equal(param, masters[id(param)].to(torch.bfloat16))
+
+
 def test_nan_gradient_skips_the_step_and_backs_off_the_scale():
     model = small_model(torch.float16)
     scaler = DynamicGradScaler(initial_scale=1024, hysteresis=1)

@@ -8,31 +8,12 @@
 #include <limits>
 
 #include "cpu/cpu_types.h"
+#include "cpu/fast_exp.h"
 
 namespace pytrain::cpu {
 namespace {
 
 constexpr int64_t kMinElementsPerThread = 1 << 15;
-
-// exp(x) for x <= ~0 (Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-5 polynomial, ~1 ulp): unlike
-// std::exp it vectorizes under `omp simd` without -ffast-math or libmvec. Below -87 (denormal results)
-// it returns 0; NaN stays NaN. The exponential is this kernel's bottleneck on the CPU, not memory.
-__attribute__((always_inline)) static inline float fast_exp(float x) {
-  const bool underflow = x < -87.f;
-  x = underflow ? -87.f : x;
-  x = x > 88.f ? 88.f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round by 1.5 * 2^23 (floorf is a call)
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;            // Cody-Waite: ln2 in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return underflow ? 0.f : e * __builtin_bit_cast(float, bits);
-}
 
 struct RowStats {
   float max, sum_exp, target, sum;  // sum_exp is relative to max; target is 0 outside the shard

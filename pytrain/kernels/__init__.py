@@ -4,8 +4,8 @@ Ops dispatch by device: CPU tensors to pytrain._C, CUDA tensors to pytrain._C_cu
 kernel is missing (not built) the plain-PyTorch reference in `reference` runs. Attention runs Triton on
 CUDA and PyTorch's SDPA (per document for packed input) on the CPU.
 
-Fused: rms_norm, apply_rotary, cross_entropy (and vocab_parallel_cross_entropy), linear_cross_entropy,
-flash_attn_func / flash_attn_varlen_func.
+Fused: rms_norm, apply_rotary, swiglu, cross_entropy (and vocab_parallel_cross_entropy),
+linear_cross_entropy, flash_attn_func / flash_attn_varlen_func; adamw_step_ (a multi-tensor AdamW update).
 Mixture of experts: moe_permute / moe_unpermute (tokens to expert-grouped rows and back, weighted by the
 routing weights) and grouped_mm (one GEMM per expert over those rows).
 PackedSequences: a packed micro-batch's sequence boundaries, checked once and passed to every layer's
@@ -14,6 +14,7 @@ positions (rotary).
 """
 
 from . import reference
+from .adamw import adamw_step_
 from .cross_entropy import cross_entropy, vocab_parallel_cross_entropy
 from .flash_attn import flash_attn_func, flash_attn_varlen_func
 from .grouped_mm import grouped_mm
@@ -23,6 +24,7 @@ from .moe_permute import moe_permute, moe_unpermute
 from .packed import PackedSequences
 from .rms_norm import rms_norm
 from .rotary import CheckedPositions, apply_rotary
+from .swiglu import swiglu
 
 __all__ = [
     "CheckedPositions",
@@ -32,6 +34,7 @@ __all__ = [
     "PackedSequences",
     "RMSNorm",
     "RotaryEmbedding",
+    "adamw_step_",
     "apply_rotary",
     "cross_entropy",
     "flash_attn_func",
@@ -42,5 +45,6 @@ __all__ = [
     "moe_unpermute",
     "reference",
     "rms_norm",
+    "swiglu",
     "vocab_parallel_cross_entropy",
 ]

@@ -22,6 +22,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
     return (xf * rstd * weight.to(xf.dtype)).to(x.dtype)
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    dtype = _compute_dtype(gate.dtype)
+    return (F.silu(gate.to(dtype)) * up.to(dtype)).to(gate.dtype)
+
+
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
     """cos and sin of positions * base ** (-2i / head_dim), i < head_dim // 2: (*positions.shape, head_dim // 2).
 
@@ -205,3 +210,21 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.T
     groups = x.to(dtype).split(tokens_per_expert.tolist())
     out = [rows @ weight[e].to(dtype).t() for e, rows in enumerate(groups)]
     return torch.cat(out).to(x.dtype) if out else x.new_empty(0, weight.shape[1])
+
+
+def adamw_step_(
+    params, grads, exp_avgs, exp_avg_sqs, model_params, step, lr, beta1, beta2, eps, weight_decay, grad_scale
+):
+    """torch.optim.AdamW's single-tensor update, op for op (decoupled weight decay, bias correction), over
+    lists of fp32 tensors in place; then each model copy (model_params: one per param, or none) set from its param."""
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    step_size = lr / (1 - beta1**step)
+    for index, param in enumerate(params):
+        grad = grads[index] if grad_scale == 1 else grads[index] * grad_scale
+        param.mul_(1 - lr * weight_decay)
+        exp_avgs[index].lerp_(grad, 1 - beta1)
+        exp_avg_sqs[index].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sqs[index].sqrt() / bias_correction2_sqrt).add_(eps)
+        param.addcdiv_(exp_avgs[index], denom, value=-step_size)
+        if model_params:
+            model_params[index].copy_(param)

@@ -11,6 +11,12 @@ the owner keeps their fp32 master copy and Adam state. The owners then broadcast
 to the rest of their zero1 group. zero1 size 1 means every rank owns everything (plain data parallel).
 For an fp32 model the master weights are the model's parameters themselves (no copy).
 
+The update is pytrain.kernels.adamw_step_ (torch.optim.AdamW's arithmetic): one pass over the owned
+elements that applies the clipping factor to the gradient as it reads it, updates the master and both
+moments, and writes a 16-bit model's parameter from its updated master (no clip pass, no cast pass).
+The masters (where separate from the model's parameters) and each moment are one flat fp32 buffer,
+a view per owned parameter.
+
 Under tensor and pipeline parallelism each rank holds part of the model: the gradient norm sums the squares
 of every shard once (weights replicated over the tensor group, e.g. norms, count on its first rank only;
 the second copy of a tied embedding not at all) over the model-parallel group. Gradients a rank holds only
@@ -35,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from pytrain.kernels import adamw_step_
 from pytrain.parallel import ParallelMesh
 from pytrain.parallel.model_part import ModelPart, Replicas, SumOver
 from pytrain.parallel.shard_spec import ShardSpec
@@ -159,10 +166,7 @@ class HybridZeroOptimizer:
         and each domain's slice of it with its reduce group."""
         numel = sum(p.numel() for p in self.model_params)
         self.flat_grad = torch.zeros(numel, dtype=torch.float32, device=self.model_params[0].device)
-        self.grad_views, offset = [], 0
-        for param in self.model_params:
-            self.grad_views.append(self.flat_grad[offset : offset + param.numel()].view_as(param))
-            offset += param.numel()
+        self.grad_views = _views(self.flat_grad, self.model_params)
         self.grad_slices, self.grad_reducers = [], []
         start = first = 0
         for domain in domains:
@@ -213,23 +217,51 @@ class HybridZeroOptimizer:
 
     def _make_fp32_masters(self, groups: list[dict], owned: set[int], lr, betas, eps, weight_decay) -> None:
         """owned = [(model parameter, its fp32 master, the reduced gradient view)] for the parameters this
-        rank updates (the master is the parameter itself in an fp32 model), and AdamW over the masters."""
+        rank updates (the master is the parameter itself where that is fp32, else a view of one flat buffer),
+        AdamW's moments (exp_avgs, exp_avg_sqs: views of one flat buffer each, keyed by id(master)), and
+        param_groups: the lr, betas, eps and weight decay of each group of owned masters, which the
+        schedulers write into."""
         self.needs_master = any(p.dtype != torch.float32 for p in self.model_params)
-        self.owned = [
-            (p, p.detach().float().requires_grad_() if self.needs_master else p, view)
-            for p, view in zip(self.model_params, self.grad_views)
-            if id(p) in owned
-        ]
+        mine = [(p, view) for p, view in zip(self.model_params, self.grad_views) if id(p) in owned]
+        device = self.flat_grad.device
+        separate = [p for p, _ in mine if p.dtype != torch.float32]
+        master_views = iter(_views(torch.empty(sum(p.numel() for p in separate), device=device), separate))
+        self.owned = [(p, next(master_views) if p.dtype != torch.float32 else p, view) for p, view in mine]
+        self.masters_from_model()
+        masters = [master for _, master, _ in self.owned]
+        numel = sum(m.numel() for m in masters)
+        self.exp_avgs = dict(zip(map(id, masters), _views(torch.zeros(numel, device=device), masters)))
+        self.exp_avg_sqs = dict(zip(map(id, masters), _views(torch.zeros(numel, device=device), masters)))
         master_of = {id(p): master for p, master, _ in self.owned}
-        owned_groups = [{**g, "params": [master_of[id(p)] for p in g["params"] if id(p) in master_of]} for g in groups]
-        owned_groups = [g for g in owned_groups if g["params"]]
-        # A rank that owns nothing still keeps the param groups the schedulers write lr and betas into.
-        self.optimizer = (
-            torch.optim.AdamW(owned_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-            if owned_groups
-            else None
-        )
-        self._param_groups = self.optimizer.param_groups if self.optimizer else [{"lr": lr, "betas": betas}]
+        hyper = {"lr": lr, "betas": betas, "eps": eps}
+        owned_groups = [
+            {
+                **hyper,
+                "weight_decay": g["weight_decay"],
+                "params": [master_of[id(p)] for p in g["params"] if id(p) in master_of],
+            }
+            for g in groups
+        ]
+        # A rank that owns nothing still keeps a param group the schedulers write lr and betas into.
+        self._param_groups = [g for g in owned_groups if g["params"]] or [
+            {**hyper, "weight_decay": weight_decay, "params": []}
+        ]
+        self._plan_updates()
+
+    def _plan_updates(self) -> None:
+        """The kernel's calls of a step: per param group (its lr, betas, eps, weight decay), the lists of the
+        masters that have a 16-bit model copy to write, and of those that have none (fp32 parameters)."""
+        model_of = {id(master): p for p, master, _ in self.owned if master is not p}
+        grad_of = {id(master): view for _, master, view in self.owned}
+        self._update_lists = []
+        for group in self._param_groups:
+            for with_copy in (True, False):
+                chosen = [m for m in group["params"] if (id(m) in model_of) == with_copy]
+                if chosen:
+                    lists = [chosen, [grad_of[id(m)] for m in chosen]]
+                    lists += [[self.exp_avgs[id(m)] for m in chosen], [self.exp_avg_sqs[id(m)] for m in chosen]]
+                    lists.append([model_of[id(m)] for m in chosen] if with_copy else None)
+                    self._update_lists.append((group, lists))
 
     def _hook_param_waits(self, model: nn.Module) -> None:
         """With overlap_sync_param, each module waits for its own parameters' broadcast before its forward."""
@@ -249,27 +281,21 @@ class HybridZeroOptimizer:
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of fp32 master weights (when separate from the model's) and Adam state on this rank."""
-        masters = sum(m.numel() * 4 for _, m, _ in self.owned) if self.needs_master else 0
+        masters = sum(m.numel() * 4 for p, m, _ in self.owned if m is not p)
         return masters + sum(m.numel() * 8 for _, m, _ in self.owned)  # exp_avg + exp_avg_sq in fp32
 
     def state_targets(self) -> list[tuple[str, torch.Tensor, ShardSpec, bool]]:
         """This rank's optimizer tensors as (key, tensor, its parameter's ShardSpec, duplicate) for the
         parameters it owns, keyed by full-model name: "master/<name>" (fp32 masters, when separate from the
         model's parameters), "exp_avg/<name>", "exp_avg_sq/<name>". duplicate: the last stage's copy of a
-        tied embedding (the same key and values as the first stage's; loaded, not saved). Adam's state is
-        created first where it does not exist yet, as its first step would (zeros, step 0)."""
+        tied embedding (the same key and values as the first stage's; loaded, not saved)."""
         out = []
         for param, master, _ in self.owned:
             info = self.infos[id(param)]
-            state = self.optimizer.state[master]
-            if not state:
-                state["step"] = torch.tensor(float(self.successful_steps), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
             if self.needs_master:
                 out.append((f"master/{info.name}", master.detach(), info.spec, info.duplicate))
-            for what in ("exp_avg", "exp_avg_sq"):
-                out.append((f"{what}/{info.name}", state[what], info.spec, info.duplicate))
+            out.append((f"exp_avg/{info.name}", self.exp_avgs[id(master)], info.spec, info.duplicate))
+            out.append((f"exp_avg_sq/{info.name}", self.exp_avg_sqs[id(master)], info.spec, info.duplicate))
         return out
 
     def state_dict(self) -> dict:
@@ -280,17 +306,13 @@ class HybridZeroOptimizer:
     def load_state_dict(self, state: dict) -> None:
         """Sets Adam's step count; call after the tensors of state_targets() are loaded."""
         self.successful_steps = int(state["successful_steps"])
-        for _, master, _ in self.owned:
-            if self.optimizer.state[master]:
-                self.optimizer.state[master]["step"].fill_(float(self.successful_steps))
 
     @torch.no_grad()
     def masters_from_model(self) -> None:
         """The fp32 masters copied from the model's parameters (after loading weights into the model)."""
-        if self.needs_master:
-            for param, master, _ in self.owned:
-                if master.data_ptr() != param.data_ptr():
-                    master.copy_(param)
+        for param, master, _ in self.owned:
+            if master is not param:
+                master.copy_(param)
 
     def zero_grad(self) -> None:
         for param in self.model_params:
@@ -325,16 +347,22 @@ class HybridZeroOptimizer:
             return False, norm
         if self.grad_scaler:
             self.grad_scaler.update(overflow=False)
-        if self.clip_grad_norm > 0 and norm > self.clip_grad_norm:
-            self.flat_grad.mul_(self.clip_grad_norm / (norm + 1e-6))
-        if self.optimizer is not None:
-            for _, master, view in self.owned:
-                master.grad = view
-            self.optimizer.step()
+        clip = self.clip_grad_norm / (norm + 1e-6) if 0 < self.clip_grad_norm < norm else 1.0
         self.successful_steps += 1
-        if self.needs_master:
-            for param, master, _ in self.owned:
-                param.copy_(master)
+        for group, (masters, grads, exp_avgs, exp_avg_sqs, models) in self._update_lists:
+            adamw_step_(
+                masters,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                step=self.successful_steps,
+                lr=group["lr"],
+                betas=group["betas"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                grad_scale=clip,
+                model_params=models,
+            )
         self._broadcast_updated_params()
         return True, norm
 
@@ -407,6 +435,15 @@ class HybridZeroOptimizer:
 
 def _squares(views: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(views)).square().sum() if views else like.new_zeros(())
+
+
+def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views of `flat` shaped like each tensor of `like`."""
+    views, offset = [], 0
+    for tensor in like:
+        views.append(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+    return views
 
 
 def _unpack(flat: torch.Tensor, params: list[torch.Tensor]) -> None:
