@@ -4,11 +4,15 @@ in the same run, and the same model's step under Hugging Face transformers (Llam
 AdamW) in the same sitting.
 
 The model is a Llama of 8 layers, hidden 512, 8 heads, vocabulary 32000, one process, micro-batch 4 of 512
-tokens, AdamW. Times are the profiler's self CPU time per op, summed per category (an op is counted once, in
-the first category whose pattern its name contains), and the optimizer step's wall time. `--benchmark-disable`
-runs a 2-layer, 64-wide model once per dtype, as a smoke test of the accounting.
+tokens, AdamW with gradient clipping at 1.0. Times are the profiler's self CPU time per op, summed per category
+(an op is counted once, in the first category whose pattern its name contains), and the optimizer step's wall
+time. The same step without the fused AdamW and SwiGLU (bench/unfused.py: eager silu * up, torch's AdamW ops
+with a clip pass and a cast pass) is profiled and timed in the same run, alternating step by step with the
+fused one: "fused / before". `--benchmark-disable` runs a 2-layer, 64-wide model once per dtype, as a smoke
+test of the accounting.
 """
 
+import contextlib
 import statistics
 import time
 
@@ -20,6 +24,8 @@ from pytrain.monitor import flops_per_token, matmul_params, measure_matmul_tflop
 from pytrain.parallel.model_part import parallelize
 from pytrain.solver import HybridZeroOptimizer
 
+from .unfused import unfused
+
 FULL = dict(num_layers=8, hidden_size=512, num_attention_heads=8, vocab_size=32000, micro_bsz=4, seq_len=512)
 SMOKE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, micro_bsz=1, seq_len=64)
 MLP_MULTIPLE = 256  # 512 x 8/3 -> 1536, as Llama's rule gives
@@ -27,7 +33,16 @@ CATEGORIES = {  # first match wins: GEMMs before "aten::add" would catch addmm
     "gemm": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "grouped_mm"),
     "attention": ("scaled_dot_product", "flash_attn", "attention"),
     "loss": ("cross_entropy", "log_softmax", "nll_loss"),
-    "norms, rotary, activations": ("rms_norm", "rotary", "silu", "gelu", "aten::mul", "aten::add", "aten::neg"),
+    "norms, rotary, activations": (
+        "rms_norm",
+        "rotary",
+        "swiglu",
+        "silu",
+        "gelu",
+        "aten::mul",
+        "aten::add",
+        "aten::neg",
+    ),
     "copies, casts, allocation": ("copy_", "_to_copy", "empty", "fill_", "zero_", "clone", "aten::cat"),
 }
 
@@ -56,6 +71,22 @@ def step_profile(model, zero_grad, backward, optimizer_step, ids: torch.Tensor) 
     return seconds
 
 
+def timed_fused_and_before(zero_grad, step, rounds: int, monkeypatch) -> tuple[float, float]:
+    """The median wall time of pytrain's step and of the same step without the fused AdamW and SwiGLU
+    (bench/unfused.py), alternating step by step so that a drifting machine load weighs on both alike;
+    one warm-up step each."""
+    times = {"fused": [], "before": []}
+    for index in range(rounds + 1):
+        for variant, spans in times.items():
+            with unfused(monkeypatch) if variant == "before" else contextlib.nullcontext():
+                zero_grad()
+                start = time.perf_counter()
+                step()
+                if index:
+                    spans.append(time.perf_counter() - start)
+    return statistics.median(times["fused"]), statistics.median(times["before"])
+
+
 def timed_steps(zero_grad, step, rounds: int) -> float:
     """The median wall time of `rounds` whole steps, after one warm-up step."""
     times = []
@@ -68,7 +99,8 @@ def timed_steps(zero_grad, step, rounds: int) -> float:
     return statistics.median(times)
 
 
-def pytrain_step(shape: dict, dtype: str):
+def pytrain_step(shape: dict, dtype: str, device: str = "cpu", clip_grad_norm: float = 1.0):
+    """pytrain's model and optimizer as a run builds them (clipping at 1.0: the config's default)."""
     with torch.device("meta"):
         whole = LLAMA2.build(
             **{k: shape[k] for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")},
@@ -76,8 +108,8 @@ def pytrain_step(shape: dict, dtype: str):
             no_bias=True,
             dtype=dtype,
         )
-    model = parallelize(whole, device=torch.device("cpu"))
-    optimizer = HybridZeroOptimizer(model, lr=1e-4, weight_decay=0.1)
+    model = parallelize(whole, device=torch.device(device))
+    optimizer = HybridZeroOptimizer(model, lr=1e-4, weight_decay=0.1, clip_grad_norm=clip_grad_norm)
     return model, optimizer
 
 
@@ -96,20 +128,27 @@ def hf_step(shape: dict, dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
-def test_step_profile(benchmark, dtype):
+def test_step_profile(benchmark, monkeypatch, dtype):
     shape = FULL if benchmark.enabled else SMOKE
     torch_dtype = getattr(torch, dtype.removeprefix("torch."))
     ids = torch.randint(0, shape["vocab_size"], (shape["micro_bsz"], shape["seq_len"]))
     model, optimizer = pytrain_step(shape, dtype)
+    optimizer.zero_grad()
+    forward_backward(model, ids, optimizer.backward)  # a warm-up step: the profiles below compare warm steps
+    optimizer.step()
     profile = step_profile(model, optimizer.zero_grad, optimizer.backward, optimizer.step, ids)
     assert profile["gemm"] > 0 and profile["optimizer"] > 0 and profile["loss"] > 0
+    with unfused(monkeypatch):
+        profile_before = step_profile(model, optimizer.zero_grad, optimizer.backward, optimizer.step, ids)
 
     def step():
         forward_backward(model, ids, optimizer.backward)
         optimizer.step()
 
     rounds = 3 if benchmark.enabled else 1
-    seconds = benchmark.pedantic(timed_steps, args=(optimizer.zero_grad, step, rounds), rounds=1, iterations=1)
+    seconds, seconds_before = benchmark.pedantic(
+        timed_fused_and_before, args=(optimizer.zero_grad, step, rounds, monkeypatch), rounds=1, iterations=1
+    )
     block_params, head_params = matmul_params(model)
     tokens = shape["micro_bsz"] * shape["seq_len"]
     per_token = flops_per_token(block_params, head_params, shape["num_layers"], shape["hidden_size"], shape["seq_len"])
@@ -122,6 +161,9 @@ def test_step_profile(benchmark, dtype):
         "matmul peak GFLOP/s": peak / 1e9,
         "profiled step s": sum(profile.values()),
         **{f"{name} share": value / sum(profile.values()) for name, value in profile.items()},
+        "before the fused AdamW and SwiGLU: tokens/s": tokens / seconds_before,
+        "fused / before": seconds_before / seconds,
+        **{f"{name} s, fused / before": f"{profile[name]:.3f} / {value:.3f}" for name, value in profile_before.items()},
     }
     if benchmark.enabled:  # the peer in the same sitting
         hf_model, hf_optimizer = hf_step(shape, torch_dtype)

@@ -1,6 +1,6 @@
 // Fused AdamW on NVIDIA GPUs: the list's elements, all tensors end to end, in chunks of kChunk; a grid-stride
-// loop over chunks, each block finding the chunk's first tensor once (a binary search in the table) and its
-// threads walking the chunk with coalesced loads, stepping to the next tensor at its end. One read and one
+// loop over chunks, each thread finding the chunk's first tensor (a binary search in the small, cached table)
+// and walking the chunk with coalesced loads, stepping to the next tensor at its end. One read and one
 // write of param and both moments (and the model copy) per element; fp32 math.
 #include "adamw.h"
 #include "cuda/cuda_types.cuh"
@@ -25,43 +25,58 @@ __device__ __forceinline__ int64_t tensor_holding(const int64_t* start, int64_t 
   return lo;
 }
 
-template <typename M>
-__device__ __forceinline__ void write_model(void* model, int64_t i, float value) {
-  static_cast<M*>(model)[i] = from_float<M>(value);
+// One tensor's columns of the table, loaded once per tensor a thread enters (not once per element).
+struct Tensor {
+  float* param;
+  const float* grad;
+  float* exp_avg;
+  float* exp_avg_sq;
+  void* model;
+  int model_dtype;
+  int64_t start, end;
+};
+
+__device__ __forceinline__ Tensor load_tensor(const int64_t* row, int64_t n, int64_t t) {
+  Tensor x;
+  x.param = reinterpret_cast<float*>(row[kAdamWParam * n + t]);
+  x.grad = reinterpret_cast<const float*>(row[kAdamWGrad * n + t]);
+  x.exp_avg = reinterpret_cast<float*>(row[kAdamWExpAvg * n + t]);
+  x.exp_avg_sq = reinterpret_cast<float*>(row[kAdamWExpAvgSq * n + t]);
+  x.model = reinterpret_cast<void*>(row[kAdamWModel * n + t]);
+  x.model_dtype = static_cast<int>(row[kAdamWModelDtype * n + t]);
+  x.start = row[kAdamWStart * n + t];
+  x.end = x.start + row[kAdamWNumel * n + t];
+  return x;
+}
+
+__device__ __forceinline__ void update(const AdamWArgs& a, const Tensor& x, int64_t i) {
+  const float grad = x.grad[i] * a.grad_scale;
+  const float decayed = x.param[i] * a.param_scale;
+  const float m = x.exp_avg[i], v = x.exp_avg_sq[i];
+  const float avg = m + a.one_minus_beta1 * (grad - m);
+  const float avg_sq = v * a.beta2 + a.one_minus_beta2 * grad * grad;
+  const float denom = sqrtf(avg_sq) / a.bias_correction2_sqrt + a.eps;
+  const float updated = decayed + a.neg_step_size * avg / denom;
+  x.exp_avg[i] = avg;
+  x.exp_avg_sq[i] = avg_sq;
+  x.param[i] = updated;
+  if (!x.model) return;
+  switch (x.model_dtype) {  // checked by the caller (Python)
+    case kFloat32: static_cast<float*>(x.model)[i] = updated; break;
+    case kBFloat16: static_cast<__nv_bfloat16*>(x.model)[i] = from_float<__nv_bfloat16>(updated); break;
+    case kFloat16: static_cast<__half*>(x.model)[i] = from_float<__half>(updated); break;
+  }
 }
 
 __global__ void adamw_kernel(AdamWArgs a) {
   const int64_t n = a.tensors;
-  const int64_t* row = a.table;
-  const int64_t* start = row + kAdamWStart * n;
-  const int64_t* numel = row + kAdamWNumel * n;
   for (int64_t chunk = blockIdx.x * kChunk; chunk < a.total; chunk += gridDim.x * kChunk) {
     const int64_t chunk_end = chunk + kChunk < a.total ? chunk + kChunk : a.total;
-    int64_t t = tensor_holding(start, n, chunk);
+    int64_t t = tensor_holding(a.table + kAdamWStart * n, n, chunk);
+    Tensor x = load_tensor(a.table, n, t);
     for (int64_t element = chunk + threadIdx.x; element < chunk_end; element += blockDim.x) {
-      while (element >= start[t] + numel[t]) ++t;
-      const int64_t i = element - start[t];
-      float* p = reinterpret_cast<float*>(row[kAdamWParam * n + t]);
-      const float* g = reinterpret_cast<const float*>(row[kAdamWGrad * n + t]);
-      float* m = reinterpret_cast<float*>(row[kAdamWExpAvg * n + t]);
-      float* v = reinterpret_cast<float*>(row[kAdamWExpAvgSq * n + t]);
-      const float grad = g[i] * a.grad_scale;
-      const float decayed = p[i] * a.param_scale;
-      const float avg = m[i] + a.one_minus_beta1 * (grad - m[i]);
-      const float avg_sq = v[i] * a.beta2 + a.one_minus_beta2 * grad * grad;
-      const float denom = sqrtf(avg_sq) / a.bias_correction2_sqrt + a.eps;
-      const float updated = decayed + a.neg_step_size * avg / denom;
-      m[i] = avg;
-      v[i] = avg_sq;
-      p[i] = updated;
-      void* model = reinterpret_cast<void*>(row[kAdamWModel * n + t]);
-      if (model) {
-        switch (static_cast<int>(row[kAdamWModelDtype * n + t])) {
-          case kFloat32: write_model<float>(model, i, updated); break;
-          case kBFloat16: write_model<__nv_bfloat16>(model, i, updated); break;
-          case kFloat16: write_model<__half>(model, i, updated); break;
-        }
-      }
+      while (element >= x.end) x = load_tensor(a.table, n, ++t);
+      update(a, x, element - x.start);
     }
   }
 }
