@@ -250,7 +250,18 @@ SCHEMA: dict[str, Any] = {
     "parallel": {
         "zero1": {
             "size": _field(-1, int, "ZeRO-1 group size (<= 0: the whole data-parallel group; 1: off)"),
-            "fsdp": _field(False, bool, "FSDP (instead of ZeRO-1)", kind=UNAVAILABLE, allowed=(False,)),
+            "fsdp": _field(
+                False,
+                bool,
+                "FSDP instead of ZeRO-1: parameters, gradients and optimizer state sharded over the zero1 group with "
+                "torch's fully_shard, one unit per decoder layer, the embedding and the final norm + head",
+            ),
+            "reshard_after_forward": _field(
+                True,
+                bool,
+                "with fsdp: free each unit's gathered parameters after its forward and gather them again for the "
+                "backward (less memory); False keeps them from forward to backward (one gather less per step)",
+            ),
         },
         "tensor": {
             "size": _field(1, int, "tensor-parallel size", positive),
@@ -1030,6 +1041,11 @@ def check_world_size(cfg: Config, world_size: int, source: str = "config") -> in
         raise ConfigError(
             f"{source}: parallel.zero1.size={zero1} does not divide the data-parallel size "
             f"{data_parallel} (world {world_size} / tensor {tensor} / pipeline {pipeline})"
+        )
+    if cfg.parallel.zero1.fsdp and zero1 == 1 and data_parallel > 1:
+        raise ConfigError(
+            f"{source}: parallel.zero1.fsdp=True shards over the zero1 group, which zero1.size=1 turns off; use "
+            f"zero1.size=-1 (all {data_parallel} data-parallel ranks) or another divisor of {data_parallel}"
         )
     return data_parallel
 

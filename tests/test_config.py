@@ -220,7 +220,7 @@ def test_bool_checkpoint_and_fraction(tmp_path):
             "model_type = 'MIXTRALMOE'\nmodel = dict(num_experts=4, top_k=1)\nmoe = dict(top_k=2)\n",
             r"moe.top_k = 2 and model.top_k = 1: the moe section is InternEvo's older place of model.top_k",
         ),
-        ("parallel = dict(zero1=dict(fsdp=True))\n", r"parallel.zero1.fsdp = True: FSDP \(instead of ZeRO-1\) is not"),
+        ("parallel = dict(zero1=dict(fsdp=1))\n", r"parallel.zero1.fsdp"),
         ("parallel = dict(pipeline=dict(mode='ZBH1'))\n", r"parallel.pipeline.mode = 'ZBH1': zero-bubble"),
         ("parallel = dict(sequence_2D=dict(enable=True))\n", r"parallel.sequence_2D.enable = True: 2D sequence"),
         (

@@ -135,6 +135,7 @@ def report_start(cfg: Config, mesh: ParallelMesh, model, optimizer, params: int,
         f"data {mesh.dims.data} x tensor {mesh.dims.tensor} ({cfg.parallel.tensor.mode}) x "
         f"pipeline {mesh.dims.pipeline}"
         + (f" ({cfg.model.num_chunks} chunks per rank)" if cfg.model.num_chunks > 1 else "")
+        + (f", FSDP over {mesh.dims.zero1} ranks" if mesh.dims.fsdp else "")
     )
     print(
         f"pytrain: {cfg.model_type} with {params / 1e6:.2f}M parameters, {mesh.dims.world_size} rank(s) on "
@@ -143,7 +144,12 @@ def report_start(cfg: Config, mesh: ParallelMesh, model, optimizer, params: int,
         f"{min(state_bytes):.1f}-{max(state_bytes):.1f} bytes per parameter per rank; peak {peak:.2f} "
         f"TFLOPS per rank ({peak_source}); run folder {gpc.run_folder}"
         + (f"; ignored here: {', '.join(cfg.ignored_here)}" if cfg.ignored_here else "")
-        + ("; selective_checkpoint_offload: a no-op on the CPU" if offload_on_cpu else ""),
+        + ("; selective_checkpoint_offload: a no-op on the CPU" if offload_on_cpu else "")
+        + (
+            "; hybrid_zero_optimizer's overlap_sync_*: FSDP overlaps its own gathers and reductions"
+            if mesh.dims.fsdp
+            else ""
+        ),
         flush=True,
     )
 

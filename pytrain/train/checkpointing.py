@@ -51,6 +51,7 @@ from pytrain.checkpoint import (
 )
 from pytrain.checkpoint.schema import JSON_OBJECT, Int, Nullable, Record
 from pytrain.config import Config, ConfigError
+from pytrain.parallel.fsdp import local_tensor
 
 CONTENTS = ("model", "sampler", "optimizer", "scheduler")
 # what loading each content reads from state.json (required, optional fields)
@@ -161,7 +162,11 @@ class TrainingCheckpoints:
     # -- what a checkpoint holds --------------------------------------------------------------------------
     def _tensors(self, duplicates: bool) -> list[tuple[str, torch.Tensor, object]]:
         """(key, tensor, spec) of this rank's state; duplicates: also the tied copies (to load them)."""
-        out = [(MODEL + info.name, p, info.spec) for p, info in self.model.infos() if duplicates or not info.duplicate]
+        out = [
+            (MODEL + info.name, local_tensor(p), info.spec)
+            for p, info in self.model.infos()
+            if duplicates or not info.duplicate
+        ]
         out += [(OPTIM + k, t, s) for k, t, s, dup in self.optimizer.state_targets() if duplicates or not dup]
         return out
 

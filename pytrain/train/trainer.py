@@ -16,6 +16,7 @@ import torch
 from pytrain.data import DataError
 from pytrain.kernels.cross_entropy import check_labels_in_range
 from pytrain.model.moe import moe_layers
+from pytrain.parallel.fsdp import reshard_fsdp
 from pytrain.parallel.schedule import HOST_KEYS, IGNORE_INDEX
 
 
@@ -80,7 +81,7 @@ class Trainer:
             for layer in self.moe_layers:
                 layer.aux_loss_weight = weight
                 layer.reset_aux_losses()
-        return self.schedule.forward_backward_step(
+        result = self.schedule.forward_backward_step(
             self.model,
             batch,
             self.criterion,
@@ -89,6 +90,9 @@ class Trainer:
             return_loss=return_loss,
             return_output_label=return_output_label,
         )
+        if forward_only:  # FSDP units that keep their gathered parameters after forward wait for a backward
+            reshard_fsdp(self.model)
+        return result
 
     def moe_loss(self) -> torch.Tensor | None:
         """The last schedule's MoE aux loss on this rank (sum over its layers, mean over the micro-batches;
