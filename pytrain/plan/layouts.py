@@ -156,6 +156,8 @@ def valid_layouts(cfg: Config, world_size: int, source: str = "config") -> list[
 
 def _admits_a_layout(cfg: Config, world_size: int, source: str) -> bool:
     for layout in candidates(cfg, world_size):
+        if layout.recompute != RECOMPUTE_CHOICES[0]:
+            continue  # no recompute is valid wherever another choice is
         try:
             validate(cfg, layout, world_size, source)
             return True

@@ -12,18 +12,18 @@ What each kind is, as the run holds it (pytrain.solver.optimizer, pytrain.parall
   plus an fp32 master when the model is 16-bit);
 - activations: what the forward keeps per micro-batch (pytrain.plan.shape), times the micro-batches the
   schedule holds at once on this rank (one without a pipeline; 1F1B: pipeline - rank; interleaved 1F1B: its
-  warm-up forwards + 1, each one chunk's), plus the last stage's logits and the cross-entropy's saved gradient,
-  a pipeline stage's output held for its backward, and, during the backward, one recomputed layer rematerialized
-  and the widest gradient a layer makes;
+  warm-up forwards + 1, each one chunk's), plus the last stage's logits and the cross-entropy's saved gradient
+  and a pipeline stage's output held for its backward;
 - communication buffers torch allocates: the pipeline's receive buffers, ZeRO-1's flat copy of the parameters an
   owner broadcasts after the update (one owner's at a time; all at once with overlap_sync_param).
 
-The peak is whichever of two moments is larger: the backward's start with the most micro-batches in flight
-(parameters, the flat gradient buffer, optimizer state, the gradients already accumulated when an earlier
-micro-batch's backward ran, the activations), or the optimizer step (parameters, both gradient copies,
-optimizer state, and Adam's temporaries: per parameter two fp32 copies of the largest one on the CPU, where
-torch's AdamW runs tensor by tensor, one fp32 copy of the owned state on a GPU, where it runs foreach; then the
-broadcast's flat copy).
+The peak is the largest of these moments: the backward's start with the most micro-batches in flight (parameters,
+the flat gradient buffer, optimizer state, the gradients already accumulated when an earlier backward ran, the
+activations, the widest gradient a layer makes); the backward of a recomputed layer (the layers after it done,
+their activations freed and their gradients made, its own activations rematerialized); the optimizer step
+(parameters, both gradient copies, optimizer state, and Adam's temporaries: two fp32 copies of the largest
+parameter on the CPU, where torch's AdamW runs tensor by tensor, one fp32 copy of the owned state on a GPU, where
+it runs foreach; then the broadcast's flat copy).
 Not counted: the CUDA context, NCCL's own buffers, the caching allocator's slack (leave headroom for them on a GPU:
 what is predicted is torch.cuda.max_memory_allocated, not max_memory_reserved), the data loader's pinned batches.
 """
@@ -173,12 +173,14 @@ def rank_memory(
 
     tokens = s.micro_bsz * s.seq_len
     per_chunk = [_chunk_activations(shape, s, layers, tokens) for layers in chunks]
-    in_flight_chunks, backwards_run = _held_passes(s, pipeline_rank, per_chunk)
+    grads_of_a_backward = gradients - grads_during_backward
+    in_flight_chunks, backwards_run = _held_passes(s, pipeline_rank, per_chunk, grads_of_a_backward)
     activations = sum(per_chunk[c] for c in in_flight_chunks)
     hidden_bytes = tokens * shape.hidden * e // (s.tensor if s.sequence_parallel else 1)
     if not last:
         activations += len(in_flight_chunks) * hidden_bytes  # the stage's output, held for its backward
-    transient = _backward_transient(shape, s, chunks, tokens)
+    widest, recomputing = _backward_transients(shape, s, chunks, tokens)
+    transient = widest
     if last:
         logits = tokens * shape.vocab // s.tensor * e
         if s.pipeline == 1:  # the schedule holds the last micro-batch's logits through its backward
@@ -187,14 +189,12 @@ def rank_memory(
             transient = max(transient, logits)
     receive_buffers = 2 * hidden_bytes if s.pipeline > 1 else 0
     backward_done = backwards_run > 0
-    at_backward = (
-        parameters
-        + optimizer_state
-        + (gradients if backward_done else grads_during_backward)
-        + activations
-        + transient
-        + receive_buffers
-    )
+    held = parameters + optimizer_state + receive_buffers
+    at_backward = held + (gradients if backward_done else grads_during_backward) + activations + transient
+    largest = max(per_chunk[c] for c in in_flight_chunks)
+    for kept, layers_done in recomputing:  # a recomputed layer's backward (see _backward_transients)
+        grads = gradients if backward_done else grads_during_backward + int(grads_of_a_backward * layers_done)
+        at_backward = max(at_backward, held + grads + activations - largest + kept)
 
     if device_type == "cpu":
         adam_temporaries = 2 * FP32 * max(dense + experts, default=0)
@@ -232,12 +232,13 @@ def _stage_layers(shape: ModelShape, s: Schedule, pipeline_rank: int) -> list[li
     return [[shape.layers[i] for i in parts[c * s.pipeline + pipeline_rank]] for c in range(s.chunks)]
 
 
-def _held_passes(s: Schedule, rank: int, per_chunk: list[int]) -> tuple[list[int], int]:
+def _held_passes(s: Schedule, rank: int, per_chunk: list[int], grads: int) -> tuple[list[int], int]:
     """The chunks of the micro-batch passes whose activations this rank holds at its fullest moment, and how many
-    backwards had run by then. pytrain.parallel.pipeline's order: `warmup` forwards, then one forward and one
-    backward at a time (1F1B: warmup = pipeline - rank - 1; interleaved: its own warm-up, in which the forwards
-    take groups of `pipeline` micro-batches through chunk 0, 1, ... and the backwards through the chunks in
-    reverse); without a pipeline, each micro-batch's forward then its backward."""
+    backwards had run by then (once one has, the parameters' gradients, `grads` bytes, are there too).
+    pytrain.parallel.pipeline's order: `warmup` forwards, then one forward and one backward at a time (1F1B:
+    warmup = pipeline - rank - 1; interleaved: its own warm-up, the forwards taking groups of `pipeline`
+    micro-batches through chunk 0, 1, ... and the backwards through the chunks in reverse); without a pipeline,
+    each micro-batch's forward then its backward."""
     total = s.micro_num * s.chunks
     if s.pipeline == 1:
         warmup = 0
@@ -258,8 +259,8 @@ def _held_passes(s: Schedule, rank: int, per_chunk: list[int]) -> tuple[list[int
         held = [chunk_of(k, True) for k in range(last_forward + 1)]
         for k in range(backwards):
             held.remove(chunk_of(k, False))
-        held_bytes = sum(per_chunk[c] for c in held)
-        if held_bytes > best_bytes:
+        held_bytes = sum(per_chunk[c] for c in held) + (grads if backwards else 0)
+        if held_bytes >= best_bytes:  # a later moment holds as much and more gradients
             best, best_bytes = (held, backwards), held_bytes
     return best
 
@@ -295,21 +296,24 @@ def _chunk_activations(shape: ModelShape, s: Schedule, layers: list[LayerShape],
     return kept
 
 
-def _backward_transient(shape: ModelShape, s: Schedule, chunks: list[list[LayerShape]], tokens: int) -> int:
-    """What the backward adds on top of the kept activations: a recomputed layer's activations rematerialized,
-    the widest gradient a layer's backward makes."""
+def _backward_transients(shape: ModelShape, s: Schedule, chunks: list[list[LayerShape]], tokens: int):
+    """(the widest gradient a layer's backward makes, [(what a chunk holds while the backward of one of its
+    recomputed layers runs: what the layers up to it keep, its activations rematerialized and that gradient, the
+    fraction of the chunk's layers whose backward is done by then)]). A chunk's layers run backward last first."""
     e = shape.dtype_bytes
-    extra = 0
+    widest, recomputing = 0, []
     for layers in chunks:
-        for layer, mode in zip(layers, _modes(s, layers)):
-            rematerialized = 0
+        kept = 0
+        for index, (layer, mode) in enumerate(zip(layers, _modes(s, layers))):
+            gradient = tokens * layer.largest_transient_sharded * e // s.tensor
+            widest = max(widest, gradient)
+            kept += _layer_activations(layer, s, tokens, e, mode)
             if mode != "none":
                 rematerialized = _layer_activations(layer, s, tokens, e, "none") - _layer_activations(
                     layer, s, tokens, e, mode
                 )
-            widest = tokens * layer.largest_transient_sharded * e // s.tensor
-            extra = max(extra, rematerialized + widest)
-    return extra
+                recomputing.append((kept + rematerialized + gradient, (len(layers) - index - 1) / len(layers)))
+    return widest, recomputing
 
 
 def _owned(sizes: list[int], group: int, rank: int | None) -> int:
