@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import CONFIGS
 
-from pytrain.config import SCHEMA, Config, Field
+from pytrain.config import Config
 from pytrain.initialize.launch import launch
 from pytrain.parallel import gpc
 from pytrain.parallel.mesh import ParallelDims
@@ -100,6 +100,10 @@ HONESTY_LAYOUTS = [
     ("tiny_moe.py", 2, ["parallel.expert.size=2"]),
     ("tiny_moe.py", 2, ["parallel.tensor.size=2", "model.checkpoint=0.5"]),
     ("tiny_moe.py", 4, ["parallel.expert.size=2", "parallel.pipeline.size=2", "data.micro_num=4"]),
+    ("tiny.py", 2, ["parallel.zero1.fsdp=True"]),
+    ("tiny.py", 2, ["parallel.zero1.fsdp=True", "parallel.zero1.reshard_after_forward=False"]),
+    ("tiny.py", 4, ["parallel.zero1.fsdp=True", "parallel.tensor.size=2"]),
+    ("tiny_moe.py", 2, ["parallel.zero1.fsdp=True", "parallel.expert.size=2"]),
 ]
 
 
@@ -139,14 +143,15 @@ def test_every_listed_layout_is_accepted_by_the_run(config, world):
     for planned in result.layouts:
         laid_out = Config.from_file(CONFIGS / config, overrides=planned.layout.overrides())
         dims = ParallelDims.from_config(laid_out, world)
-        assert (dims.tensor, dims.pipeline, dims.zero1) == (
+        assert (dims.tensor, dims.pipeline, dims.zero1, dims.fsdp) == (
             planned.layout.tensor,
             planned.layout.pipeline,
             planned.layout.zero1,
+            planned.layout.fsdp,
         )
     tensor_sizes = {p.layout.tensor for p in result.layouts}
     assert tensor_sizes == ({1, 2, 4} if world == 4 else {1, 2, 4, 8}), tensor_sizes
-    assert not any(p.layout.fsdp for p in result.layouts)  # refused by the config until FSDP lands
+    assert any(p.layout.fsdp for p in result.layouts) and not all(p.layout.fsdp for p in result.layouts)
     ranked = [(not p.fits, -p.step.tokens_per_s) for p in result.layouts]
     assert ranked == sorted(ranked)
 
@@ -158,16 +163,15 @@ def test_a_tensor_size_the_model_cannot_split_is_not_listed():
     assert {p.layout.pipeline for p in result.layouts} == {1, 2, 3, 6}
 
 
-def test_fsdp_layouts_are_listed_once_the_config_accepts_fsdp(monkeypatch):
-    zero1 = SCHEMA["parallel"]["zero1"]
-    monkeypatch.setitem(zero1, "fsdp", Field(False, (bool,), "FSDP (instead of ZeRO-1)"))
-    cfg = Config.from_file(CONFIGS / "7B.py")
+def test_fsdp_layouts_are_listed_and_hold_a_shard_of_every_kind():
+    cfg = Config.from_file(CONFIGS / "7B.py")  # bf16: ZeRO-1 keeps fp32 masters beside the Adam moments
     result = plan(cfg, 8, Target(80 * 2**30, 989.0, 50.0))
     by_name = {p.description: p for p in result.layouts}
     fsdp, zero = by_name["dp8 fsdp 8 recompute full"], by_name["dp8 zero1 8 recompute full"]
     assert fsdp.memory.parameters < zero.memory.parameters / 2
     assert fsdp.memory.gradients < zero.memory.gradients / 4
-    assert fsdp.memory.optimizer_state == pytest.approx(zero.memory.optimizer_state, rel=0.05)
+    # FSDP's fp32 shards are the masters: its optimizer state is the moments only, 8 of ZeRO-1's 12 bytes
+    assert fsdp.memory.optimizer_state == pytest.approx(zero.memory.optimizer_state * 8 / 12, rel=0.05)
     assert fsdp.memory.peak < zero.memory.peak
 
 

@@ -161,7 +161,8 @@ def rank_memory(
         )
         gathered = local if not s.reshard_after_forward else 2 * largest_layer
         owned = -(-sum(dense) // s.zero1) + -(-sum(experts) // s.expert_zero1)
-        parameters = owned * e + gathered * e
+        # pytrain.parallel.fsdp: the fp32 shards are the masters (no separate copy), gathered in the model's dtype
+        parameters = owned * FP32 + gathered * e
         gradients = owned * FP32 + largest_layer * e
         grads_during_backward = gradients
     else:
@@ -169,7 +170,7 @@ def rank_memory(
         parameters = local * e
         gradients = local * FP32 + local * e
         grads_during_backward = local * FP32  # the flat buffer; .grad joins once a backward has run
-    optimizer_state = owned * (2 * FP32 + (FP32 if shape.needs_master else 0))
+    optimizer_state = owned * (2 * FP32 + (FP32 if shape.needs_master and not s.fsdp else 0))
 
     tokens = s.micro_bsz * s.seq_len
     per_chunk = [_chunk_activations(shape, s, layers, tokens) for layers in chunks]
