@@ -15,10 +15,9 @@ import torch.multiprocessing as mp
 from conftest import CONFIGS
 
 from pytrain.config import Config
-from pytrain.initialize.launch import launch
-from pytrain.parallel import gpc
 from pytrain.parallel.mesh import ParallelDims
-from pytrain.plan import AllocatorPeak, ModelShape, PlanError, Schedule, Target, plan, rank_memory
+from pytrain.plan import ModelShape, PlanError, Schedule, Target, plan, rank_memory
+from pytrain.plan.measure import measure_layout
 from pytrain.plan.memory import _loads
 from pytrain.solver.optimizer import assign_owners
 from pytrain.train.__main__ import main
@@ -42,26 +41,7 @@ def layout_config(config: str, overrides: list[str], run_folder) -> Config:
 
 def measured_peak(cfg: Config, rank: int, world: int) -> int:
     """The allocator's peak on this rank over building the model, optimizer and trainer and STEPS steps."""
-    from pytrain.initialize import initialize_trainer
-    from pytrain.train import initialize_model, initialize_optimizer
-
-    launch(cfg, rank=rank, world_size=world, local_rank=0, init_method=None, backend="gloo", seed=3)
-    data = cfg.data
-    generator = torch.Generator().manual_seed(gpc.data_parallel_rank)
-    shape = (data.micro_num, data.micro_bsz, data.seq_len)
-    batches = [
-        {name: torch.randint(0, cfg.model.vocab_size, shape, generator=generator) for name in ("input_ids", "labels")}
-        for _ in range(STEPS)
-    ]
-    with AllocatorPeak() as peak:
-        model = initialize_model()
-        optimizer, beta2_scheduler, lr_scheduler = initialize_optimizer(model)
-        trainer, *_ = initialize_trainer(model, optimizer, lr_scheduler=lr_scheduler, beta2_scheduler=beta2_scheduler)
-        for batch in batches:
-            trainer.zero_grad()
-            trainer.execute_schedule(batch)
-            trainer.step()
-    return peak.bytes
+    return measure_layout(cfg, rank, world, steps=STEPS)[0]
 
 
 def predicted_peak(cfg: Config, world: int, rank: int) -> int:

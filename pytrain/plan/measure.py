@@ -78,3 +78,45 @@ def _walk(events):
         event = stack.pop()
         yield event
         stack.extend(event.children)
+
+
+def measure_layout(cfg, rank: int, world: int, steps: int = 3, timed_steps: int = 0, seed: int = 3):
+    """Builds the run's model, optimizer and trainer for `cfg` on this rank (the run's construction path; the
+    process group of `world` ranks already joined) and trains on random tokens: `steps` steps inside an
+    AllocatorPeak (from before the model is built: the first step creates Adam's state), then `timed_steps`
+    more outside it. Returns (peak bytes, median seconds of the timed steps or None)."""
+    import statistics
+    import time
+
+    from pytrain.initialize import initialize_trainer
+    from pytrain.initialize.launch import launch
+    from pytrain.parallel import gpc
+    from pytrain.train import initialize_model, initialize_optimizer
+
+    launch(cfg, rank=rank, world_size=world, local_rank=0, init_method=None, backend="gloo", seed=seed)
+    data = cfg.data
+    generator = torch.Generator().manual_seed(gpc.data_parallel_rank)
+    shape = (data.micro_num, data.micro_bsz, data.seq_len)
+
+    vocab = cfg.model.vocab_size
+    batches = [
+        {name: torch.randint(0, vocab, shape, generator=generator) for name in ("input_ids", "labels")}
+        for _ in range(steps + timed_steps)
+    ]  # made before the measurement: the data is not the model's memory
+    with AllocatorPeak() as peak:
+        model = initialize_model()
+        optimizer, beta2_scheduler, lr_scheduler = initialize_optimizer(model)
+        trainer, *_ = initialize_trainer(model, optimizer, lr_scheduler=lr_scheduler, beta2_scheduler=beta2_scheduler)
+        for batch in batches[:steps]:
+            trainer.zero_grad()
+            trainer.execute_schedule(batch)
+            trainer.step()
+    times = []
+    for batch in batches[steps:]:
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        trainer.zero_grad()
+        trainer.execute_schedule(batch)
+        trainer.step()
+        times.append(time.perf_counter() - start)
+    return peak.bytes, statistics.median(times) if times else None
