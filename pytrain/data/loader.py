@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .megatron import MegatronReader, open_megatron
 from .packing import IGNORE, PackSource, TokenizedPacks, dummy_packs, window_packs
 from .stdlib_corpus import load_stdlib_corpus
 from .tokenized import DataError, SampleReader, open_folder
@@ -314,6 +315,25 @@ def _get(cfg: Mapping, key: str, default):
     return default if value is None and default is not None else value
 
 
+DATA_TYPES = {"tokenized": "tokenized", "megatron": "megatron"}  # data.type -> the format it names
+
+
+def data_kind(data_cfg: Mapping) -> str:
+    given = _get(data_cfg, "type", "tokenized")
+    if given not in DATA_TYPES:
+        raise DataError(f"data.type={given!r} is not a data format; give one of {', '.join(map(repr, DATA_TYPES))}")
+    return DATA_TYPES[given]
+
+
+def open_documents(kind: str, folder, vocab_size: int | None, what: str = "data.train_folder"):
+    """(files, dataset type names, reader) of a folder of already tokenized documents."""
+    if kind == "megatron":
+        files, names = open_megatron(folder, what)
+        return files, names, MegatronReader(files, vocab_size)
+    files, names = open_folder(folder, what)
+    return files, names, SampleReader(files, vocab_size)
+
+
 def build_train_loader(
     data_cfg: Mapping,
     *,
@@ -342,15 +362,17 @@ def build_train_loader(
         source = window_packs(tokens, micro_bsz=micro_bsz, seq_len=seq_len, vocab_size=vocab_size, seed=seed)
         dataset_types = ["stdlib"]
     else:
-        files, dataset_types = open_folder(folder)
+        kind = data_kind(data_cfg)
+        files, dataset_types, reader = open_documents(kind, folder, vocab_size)
         source = TokenizedPacks(
             files,
+            reader,
             seq_len=seq_len,
             micro_bsz=micro_bsz,
             pack_sample_into_one=bool(_get(data_cfg, "pack_sample_into_one", False)),
             min_length=int(_get(data_cfg, "min_length", 0)),
             seed=seed,
-            vocab_size=vocab_size,
+            kind=kind,
         )
     loader = TrainLoader(
         source,
@@ -469,9 +491,8 @@ def build_valid_loaders(
     folder = data_cfg.get("valid_folder")
     if folder is None:
         return {}
-    files, dataset_types = open_folder(folder, "data.valid_folder")
+    files, dataset_types, reader = open_documents(data_kind(data_cfg), folder, vocab_size, "data.valid_folder")
     min_length = max(int(_get(data_cfg, "min_length", 0)), 1)
-    reader = SampleReader(files, vocab_size)
     by_set: dict[Path, list] = {}
     for index, f in enumerate(files):
         keep = np.nonzero(f.lengths >= min_length)[0]
