@@ -95,11 +95,12 @@ class TokenizedPacks:
         )
 
     def build_packs(self, pack_ids) -> dict:
-        packs = [self._pack(int(k)) for k in pack_ids]
+        packs = [self.pack(int(k)) for k in pack_ids]
         self.reader.release_pages()
         return stack_packs(packs, self.into_one)
 
-    def _pack(self, k: int) -> dict:
+    def pack(self, k: int) -> dict:
+        """Pack k as assemble_pack's arrays."""
         P = self.pack_tokens
         lo, hi = k * P, (k + 1) * P
         pieces = []
