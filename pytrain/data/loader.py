@@ -437,15 +437,14 @@ def folder_source(data_cfg: Mapping, folder: str, *, vocab_size: int, seed: int)
             for t, _, _ in mixture_parts(weights, names)
         ]
     else:
-        files, names, reader = open_documents(kind, folder, vocab_size)
+        files, names = open_documents(kind, folder)
         if weights is None:
-            return TokenizedPacks(files, reader, kind=kind, **packing), names
-        parts = [
-            IndexedComponent(
-                TokenizedPacks([f for f in files if f.type_id == t], reader, kind=kind, **packing), t, seed, name
-            )
-            for t, name, _ in mixture_parts(weights, names)
-        ]
+            return TokenizedPacks(files, document_reader(kind, files, vocab_size), kind=kind, **packing), names
+        parts = []
+        for t, name, _ in mixture_parts(weights, names):
+            mine = [f for f in files if f.type_id == t]
+            packs = TokenizedPacks(mine, document_reader(kind, mine, vocab_size), kind=kind, **packing)
+            parts.append(IndexedComponent(packs, t, seed, name))
     chosen = mixture_parts(weights, names)
     return PlannedPacks(parts, [w for *_, w in chosen], [name for _, name, _ in chosen]), names
 
@@ -471,13 +470,14 @@ def data_kind(data_cfg: Mapping) -> str:
     return DATA_TYPES[given]
 
 
-def open_documents(kind: str, folder, vocab_size: int | None, what: str = "data.train_folder"):
-    """(files, dataset type names, reader) of a folder of already tokenized documents."""
-    if kind == "megatron":
-        files, names = open_megatron(folder, what)
-        return files, names, MegatronReader(files, vocab_size)
-    files, names = open_folder(folder, what)
-    return files, names, SampleReader(files, vocab_size)
+def open_documents(kind: str, folder, what: str = "data.train_folder"):
+    """(files, dataset type names) of a folder of already tokenized documents."""
+    return open_megatron(folder, what) if kind == "megatron" else open_folder(folder, what)
+
+
+def document_reader(kind: str, files: list, vocab_size: int | None):
+    """Reads document (index in files, index in the file) of open_documents' files."""
+    return MegatronReader(files, vocab_size) if kind == "megatron" else SampleReader(files, vocab_size)
 
 
 def build_train_loader(
@@ -630,7 +630,8 @@ def build_valid_loaders(
     if kind == "streaming":
         files, dataset_types, reader = open_text_validation(data_cfg, folder, vocab_size)
     else:
-        files, dataset_types, reader = open_documents(kind, folder, vocab_size, "data.valid_folder")
+        files, dataset_types = open_documents(kind, folder, "data.valid_folder")
+        reader = document_reader(kind, files, vocab_size)
     min_length = max(int(_get(data_cfg, "min_length", 0)), 1)
     by_set: dict[Path, list] = {}
     for index, f in enumerate(files):

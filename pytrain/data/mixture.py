@@ -81,7 +81,7 @@ class PlannedPacks:
         self.description = parts if len(components) > 1 else components[0].description
 
     def check_layout(self, data_parallel_size: int) -> None:
-        if self.block % data_parallel_size:
+        if any(c.stateful for c in self.components) and self.block % data_parallel_size:
             raise DataError(
                 f"data.stream_shards={self.block} is not a multiple of the data-parallel size {data_parallel_size}: "
                 f"set it to a multiple of every data-parallel size this run will use (e.g. {data_parallel_size * 8})"
