@@ -12,7 +12,10 @@ Order. The packs of a source (see packing.py) are permuted per epoch by a genera
 (seed, epoch), so the order of any epoch is a pure function of the two and never depends on what was read
 before. Batch b takes the next G = micro_num_b * data_parallel_size packs of the epoch (a new epoch starts
 when fewer than G are left; the tail is not read); rank r takes packs [r*micro_num_b, (r+1)*micro_num_b) of
-those G, so the union over ranks is the same global batch whatever the data-parallel size.
+those G, so the union over ranks is the same global batch whatever the data-parallel size. Planned sources
+(streamed text, weighted mixtures: mixture.py) are endless, unpermuted, and give rank r the batch's packs
+r, r + dp, ... instead, built one by one; their position also holds the plan's place and the streamed
+shards' states.
 
 Position. (epoch, packs read in the epoch, batch count) fixes where the stream is; state_dict() holds it
 with the consumed counters and the seed. It is advanced in the main process when a batch is handed to the

@@ -4,18 +4,19 @@ Every source (PackSource) numbers its packs 0..num_packs-1 and builds any list o
 shape (packs, micro_bsz * seq_len): input_ids, labels (-100 = no loss), positions, type_ids, and for rows
 that hold several documents the per-pack segment boundaries (cu_seqlens).
 
-TokenizedPacks follows InternLM's PackedDataset: the samples (after min_length) are shuffled once with the
-seed and concatenated into one token stream; pack k is the window [kP, (k+1)P) of it (P = micro_bsz *
-seq_len; the tail shorter than P is dropped), so a sample crossing a window continues in the next pack and
-nothing is cut away. Labels are the next token of the same sample, -100 at every sample's end; a negative
-id t is the input |t| whose prediction carries no loss (its label is -100).
+TokenizedPacks (InternLM's tokenized folders, Megatron's indexed datasets) follows InternLM's PackedDataset:
+the samples (after min_length) are shuffled once with the seed and concatenated into one token stream; pack
+k is the window [kP, (k+1)P) of it (P = micro_bsz * seq_len; the tail shorter than P is dropped), so a
+sample crossing a window continues in the next pack and nothing is cut away. Labels are the next token of
+the same sample, -100 at every sample's end; a negative id t is the input |t| whose prediction carries no
+loss (its label is -100).
 - pack_sample_into_one=False: each fragment of a sample in a pack is cut into runs of at most seq_len
   tokens, each run one segment (a cu_seqlens boundary; positions restart at 0); no -100 at those cuts.
 - pack_sample_into_one=True: segments are the micro_bsz rows of seq_len whatever the samples (positions
   0..seq_len-1 in each row), and, as InternLM, the pack's last label is -100 too.
 Unlike InternLM, the samples of all files are shuffled into one stream (InternLM packs each file alone and
 drops each file's tail), and token id 0 keeps its label (InternLM also masks labels equal to 0, which is a
-real token in most vocabularies).
+real token in most vocabularies). Streamed text (streaming.py) is packed by the same assemble_pack.
 """
 
 from collections.abc import Sequence
