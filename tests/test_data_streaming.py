@@ -149,20 +149,41 @@ def test_streamed_packs_equal_the_pretokenized_path(tmp_path, monkeypatch, into_
 
 
 def test_formats_read_the_same_records(tmp_path, monkeypatch):
-    """jsonl, parquet, arrow and a save_to_disk folder of the same records give the same batches."""
+    """jsonl, parquet and arrow files of the same records give the same batches."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.ipc
+    import pyarrow.parquet
+
+    records = [{"text": t, "n": i} for i, t in enumerate(texts(np.random.default_rng(2), 50))]
+    write_jsonl(tmp_path / "jsonl" / "x.jsonl", records)
+    table = pa.Table.from_pylist(records)
+    (tmp_path / "parquet").mkdir()
+    pyarrow.parquet.write_table(table, tmp_path / "parquet" / "x.parquet")
+    (tmp_path / "arrow").mkdir()
+    with pyarrow.ipc.new_stream(str(tmp_path / "arrow" / "x.arrow"), table.schema) as out:  # as `datasets` writes
+        out.write_table(table, max_chunksize=7)
+    monkeypatch.setattr(streaming, "CHUNKS_PER_SHARD", 1)
+    settings = dict(stream_shards=1, shuffle_buffer=1, total_steps=6)
+    want = list(loader(tmp_path / "jsonl", **settings))
+    for folder in ("parquet", "arrow"):
+        assert_same(list(loader(tmp_path / folder, **settings)), want)
+
+
+@pytest.mark.slow  # importing `datasets` takes seconds; its .arrow files are read by the test above
+def test_save_to_disk_folders_read_as_their_records(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     records = [{"text": t, "n": i} for i, t in enumerate(texts(np.random.default_rng(2), 50))]
     write_jsonl(tmp_path / "jsonl" / "x.jsonl", records)
     dataset = datasets.Dataset.from_list(records)
-    (tmp_path / "parquet").mkdir()
-    dataset.to_parquet(str(tmp_path / "parquet" / "x.parquet"))
     dataset.save_to_disk(str(tmp_path / "saved"))
-    datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "dict"))
+    datasets.DatasetDict({"train": dataset, "test": dataset.select(range(3))}).save_to_disk(str(tmp_path / "dict"))
     monkeypatch.setattr(streaming, "CHUNKS_PER_SHARD", 1)
     settings = dict(stream_shards=1, shuffle_buffer=1, total_steps=6)
     want = list(loader(tmp_path / "jsonl", **settings))
-    for folder in ("parquet", "saved", "dict"):
+    for folder in ("saved", "dict"):
         assert_same(list(loader(tmp_path / folder, **settings)), want)
+    with pytest.raises(DataError, match=r"saved DatasetDict without split 'validation': set data.split"):
+        loader(tmp_path / "dict", split="validation")
 
 
 def run_until(stream, steps):
