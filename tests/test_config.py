@@ -231,7 +231,11 @@ def test_bool_checkpoint_and_fraction(tmp_path):
             "model = dict(drop_rate=0.1)\n",
             r"model.drop_rate = 0.1: dropout is not available in pytrain; leave it at 0.0",
         ),
-        ("data = dict(type='hf')\n", r"data.type = 'hf': dataset types other than InternLM's tokenized format is not"),
+        (
+            "data = dict(type='parquet')\n",
+            r"data.type = 'parquet': must be one of 'tokenized', 'megatron', 'streaming'",
+        ),
+        ("data = dict(type='hf')\n", r"data.tokenizer_path: data.type='hf' tokenizes text on the fly: set it to"),
         ("selective_checkpoint_offload = True\n", r"selective_checkpoint_offload: offloads what selective_checkpoint"),
         (
             "parallel = dict(sequence_parallel=True, tensor=dict(size=1, mode='mtp'))\n",

@@ -52,7 +52,7 @@ def train(args) -> list[dict]:
     cfg = gpc.config
     model = initialize_model()
     optimizer, beta2_scheduler, lr_scheduler = initialize_optimizer(model=model)
-    train_dl, _dataset_types = get_train_data_loader(num_worker=0)
+    train_dl, dataset_types = get_train_data_loader(num_worker=0)
     valid_loaders = get_validation_data_loader(num_worker=0)
     trainer, train_dl, _, _ = initialize_trainer(
         model=model,
@@ -67,7 +67,7 @@ def train(args) -> list[dict]:
         start_step = checkpoints.resume()
         peak, peak_source = peak_tflops(gpc.device, DTYPES[cfg.model.dtype], cfg.monitor.peak_tflops)
         block_params, head_params, params = whole_model_sizes(model, gpc.mesh)
-        monitor = step_monitor(cfg, gpc.mesh, block_params, head_params, peak, peak_source)
+        monitor = step_monitor(cfg, gpc.mesh, block_params, head_params, peak, peak_source, dataset_types)
         report_start(cfg, gpc.mesh, model, optimizer, params, peak, peak_source)
         history = run_steps(cfg, trainer, train_dl, valid_loaders, checkpoints, monitor, start_step, args.profiling)
     except BaseException:
@@ -91,7 +91,13 @@ def whole_model_sizes(model, mesh: ParallelMesh) -> tuple[int, int, int]:
 
 
 def step_monitor(
-    cfg: Config, mesh: ParallelMesh, block_params: int, head_params: int, peak: float, peak_source: str
+    cfg: Config,
+    mesh: ParallelMesh,
+    block_params: int,
+    head_params: int,
+    peak: float,
+    peak_source: str,
+    dataset_types: list[str] | None = None,
 ) -> StepMonitor:
     """The per-step log: loss, tokens/s and, from the whole model's matmul parameters, TFLOPS and MFU."""
     data = cfg.data
@@ -118,6 +124,7 @@ def step_monitor(
         alerts=AlertLog.from_config(cfg, gpc.rank),
         tensorboard_queue=cfg.monitor.tensorboard.queue_max_length,
         pipeline_group=mesh.pipeline_group,
+        dataset_types=dataset_types,
     )
 
 
@@ -179,6 +186,7 @@ def run_steps(
                     success,
                     optimizer.loss_scale if optimizer.grad_scaler else None,
                     moe_loss=trainer.moe_loss(),
+                    type_stats=trainer.type_stats(),
                 )
             )
             if valid_loaders and cfg.data.valid_every > 0 and step % cfg.data.valid_every == 0:
