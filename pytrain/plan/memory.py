@@ -151,19 +151,25 @@ def rank_memory(
     local = sum(dense) + sum(experts)
 
     if s.fsdp:
-        largest_layer = max(
-            (
-                sum(layer.params.dense_local(s.tensor)) + sum(layer.params.expert_local(s.tensor, s.expert))
-                for layers in chunks
-                for layer in layers
-            ),
-            default=0,
-        )
-        gathered = local if not s.reshard_after_forward else 2 * largest_layer
+        # pytrain.parallel.fsdp's units: each layer, the embedding, the head (one unit with a tied embedding)
+        units = [
+            sum(layer.params.dense_local(s.tensor)) + sum(layer.params.expert_local(s.tensor, s.expert))
+            for layers in chunks
+            for layer in layers
+        ]
+        if first:
+            units.append(sum(shape.embedding.dense_local(s.tensor)))
+        if last and not (shape.tied and s.pipeline == 1):
+            units.append(sum(shape.head.dense_local(s.tensor)))
+        units.sort(reverse=True)
+        largest_unit = units[0] if units else 0
+        # the unit running and the next one prefetched; without reshard_after_forward the whole stage
+        gathered = local if not s.reshard_after_forward else sum(units[:2])
         owned = -(-sum(dense) // s.zero1) + -(-sum(experts) // s.expert_zero1)
-        # pytrain.parallel.fsdp: the fp32 shards are the masters (no separate copy), gathered in the model's dtype
+        # the fp32 shards are the masters (no separate copy), gathered in the model's dtype
         parameters = owned * FP32 + gathered * e
-        gradients = owned * FP32 + largest_layer * e
+        # a unit's whole gradient (model dtype) and its fp32 copy that is reduce-scattered, beside the shards
+        gradients = owned * FP32 + largest_unit * (e + FP32)
         grads_during_backward = gradients
     else:
         owned = _owned(dense, s.zero1, zero1_rank) + _owned(experts, s.expert_zero1, expert_zero1_rank)

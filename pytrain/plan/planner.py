@@ -100,15 +100,17 @@ class Plan:
 
     def table(self, rows: int = 20) -> str:
         """The ranked layouts as a text table (the first `rows`)."""
+        shown = self.layouts[:rows]
+        width = max([len("layout"), *(len(p.description) for p in shown)])
         header = (
-            f"{'#':>4}  {'fits':4}  {'layout':<46} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} "
+            f"{'#':>4}  {'fits':4}  {'layout':<{width}} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} "
             f"{'x':>3} {'comm':>6} {'peak':>7}  {'step s':>8} {'tokens/s':>10} {'sent GB':>8}"
         )
         lines = [header, "-" * len(header)]
-        for index, p in enumerate(self.layouts[:rows], start=1):
+        for index, p in enumerate(shown, start=1):
             m, s = p.memory, p.step
             lines.append(
-                f"{index:>4}  {'yes' if p.fits else 'no':4}  {p.description:<46} {m.parameters / GiB:>7.2f} "
+                f"{index:>4}  {'yes' if p.fits else 'no':4}  {p.description:<{width}} {m.parameters / GiB:>7.2f} "
                 f"{m.gradients / GiB:>7.2f} {m.optimizer_state / GiB:>7.2f} {m.activations / GiB:>7.2f} "
                 f"{m.in_flight:>3} {m.communication_buffers / GiB:>6.2f} {m.peak / GiB:>7.2f}  {s.step_s:>8.3f} "
                 f"{s.tokens_per_s:>10,.0f} {sum(s.communication_bytes.values()) / 1e9:>8.2f}"
