@@ -218,6 +218,8 @@ def _fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
+        if SLIDING:  # rows past the sequence's end may see no key at all: 0, not 0 / 0 (they are not stored)
+            l_i = tl.where(row_ok, l_i, 1.0)
         acc = acc / l_i[:, None]
         tl.store(
             Out + _tile_offsets(start + rows, head, stride_ot, stride_oh, dims),
