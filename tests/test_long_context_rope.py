@@ -414,7 +414,8 @@ def test_triton_windowed_attention(triton_device, lengths, window):
     "kwargs, message",
     [
         (dict(causal=False, window_size=(3, 0)), r"window_size=\(3, 0\) needs causal=True"),
-        (dict(causal=True, window_size=(3, 2)), r"window_size's right must be 0 or -1 under causal attention"),
+        (dict(causal=True, window_size=(3, 2)), r"window_size's right must be -1, or 0 with causal=True"),
+        (dict(causal=False, window_size=(-1, 4)), r"window_size's right must be -1, or 0 with causal=True"),
         (dict(causal=True, window_size=(-2, 0)), r"window_size's left must be an int >= -1"),
         (dict(causal=True, window_size=3), r"window_size must be a pair \(left, right\)"),
     ],

@@ -410,7 +410,7 @@ def hf_config(model: Decoder, dtype: str = "bfloat16") -> dict:
         config.update(use_sliding_window=False)
     windows = layer_windows_of(model)
     if any(windows) and hf.sliding_window == "layers":
-        full = windows.index(next(w for w in windows if w))  # the leading layers without a window
+        full = next(index for index, window in enumerate(windows) if window)  # the leading layers without one
         config.update(use_sliding_window=True, sliding_window=windows[full], max_window_layers=full)
     if isinstance(mlp, MoE):
         routing, width = mlp.moe_layer.routing, mlp.moe_layer.experts.w1.shape[1]

@@ -128,8 +128,10 @@ def _window(window_size, causal: bool) -> int:
             raise ValueError(f"window_size's {name} must be an int >= -1 (-1: unbounded), got {side!r}")
     if left >= 0 and not causal:
         raise ValueError(f"window_size={tuple(window_size)} needs causal=True: only causal sliding windows run here")
-    if left >= 0 and right > 0:
-        raise ValueError(f"window_size's right must be 0 or -1 under causal attention, got {right}")
+    if right > 0 or (right == 0 and not causal):
+        raise ValueError(
+            f"window_size's right must be -1, or 0 with causal=True (only causal windows run), got {right}"
+        )
     return left
 
 
