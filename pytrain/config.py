@@ -121,6 +121,19 @@ def one_of(*choices):
     return lambda v: None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
 
 
+def _check_weights(weights):
+    if weights is None:
+        return None
+    if not weights:
+        return "must name at least one dataset type"
+    for name, weight in weights.items():
+        if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+            return f"must map dataset type names to weights >= 0; {name!r}: {weight!r} is not"
+    if not sum(weights.values()) > 0:
+        return "needs a weight > 0"
+    return None
+
+
 def only(value, why):
     """A field InternLM has whose other values pytrain does not run yet: say so rather than ignore it."""
     return lambda v: None if v == value else f"{why}; leave it at {value!r}"
@@ -298,14 +311,65 @@ SCHEMA: dict[str, Any] = {
             None,
         ),
         "valid_folder": _field(
-            None, (str, NONE), "a tokenized folder: each sub-folder of .bin files is a validation set"
+            None, (str, NONE), "a folder of data.type's format: each sub-folder holding data files is a validation set"
+        ),
+        "type": _field(
+            "tokenized",
+            str,
+            "the format of train_folder / valid_folder: 'tokenized' (InternLM's .bin/.bin.meta), 'megatron' "
+            "(Megatron-LM's .bin/.idx), 'streaming' or 'hf' (text in a Hugging Face datasets layout, tokenized on "
+            "the fly with tokenizer_path)",
+            one_of("tokenized", "megatron", "streaming", "hf"),
+        ),
+        "tokenizer_path": _field(
+            None,
+            (str, NONE),
+            "streaming: 'byte', a tokenizers .json, a transformers tokenizer folder or a sentencepiece .model",
+        ),
+        "text_key": _field("text", str, "streaming: the field holding each record's text"),
+        "subset_name": _field(None, (str, NONE), "streaming: a subfolder of train_folder to read (InternEvo's)"),
+        "split": _field("train", str, "streaming: the split of a saved DatasetDict or a hub dataset"),
+        "add_bos_eos": _field(
+            "tokenizer",
+            str,
+            "streaming: ids around each sample: 'tokenizer' (what its own settings add), 'none', 'bos', 'eos', 'both'",
+            one_of("tokenizer", "none", "bos", "eos", "both"),
+        ),
+        "bos_id": _field(None, (int, NONE), "streaming: the BOS id (None: the tokenizer's)"),
+        "eos_id": _field(None, (int, NONE), "streaming: the EOS id (None: the tokenizer's)"),
+        "stream_shards": _field(
+            8,
+            int,
+            "streaming: reader shards of the text; a multiple of every data-parallel size the run is resumed with",
+            positive,
+        ),
+        "shuffle_buffer": _field(
+            8192, int, "streaming: samples shuffled together, over all shards (1: read order)", positive
+        ),
+        "dataset_weights": _field(
+            None,
+            (dict, NONE),
+            "a weighted mixture: {dataset type: weight} over train_folder's top-level subfolders (e.g. "
+            "{'en': 0.6, 'code': 0.4}); None: every sample once per pass",
+            _check_weights,
         ),
         "cache_folder": _field("~/.cache/pytrain", str, "where the bundled corpus is tokenized and cached"),
     },
     "parallel": {
         "zero1": {
             "size": _field(-1, int, "ZeRO-1 group size (<= 0: the whole data-parallel group; 1: off)"),
-            "fsdp": _field(False, bool, "FSDP (instead of ZeRO-1)", kind=UNAVAILABLE, allowed=(False,)),
+            "fsdp": _field(
+                False,
+                bool,
+                "FSDP instead of ZeRO-1: parameters, gradients and optimizer state sharded over the zero1 group with "
+                "torch's fully_shard, one unit per decoder layer, the embedding and the final norm + head",
+            ),
+            "reshard_after_forward": _field(
+                True,
+                bool,
+                "with fsdp: free each unit's gathered parameters after its forward and gather them again for the "
+                "backward (less memory); False keeps them from forward to backward (one gather less per step)",
+            ),
         },
         "tensor": {
             "size": _field(1, int, "tensor-parallel size", positive),
@@ -988,6 +1052,12 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
         )
     if data["rampup_batch_size"] is None:  # InternLM v0.2's spelling of no ramp-up
         data["rampup_batch_size"] = ""
+    if data["type"] in ("streaming", "hf") and data["tokenizer_path"] is None:
+        fail(
+            "data.tokenizer_path",
+            f"data.type={data['type']!r} tokenizes text on the fly: set it to 'byte', a tokenizers .json, a "
+            "transformers tokenizer folder or a sentencepiece .model",
+        )
     _check_snapshot_folder(cfg["ckpt"], fail)
     _check_model_split(model, data, parallel, fail)
     folder = data["train_folder"]
@@ -1099,6 +1169,11 @@ def check_world_size(cfg: Config, world_size: int, source: str = "config") -> in
         raise ConfigError(
             f"{source}: parallel.zero1.size={zero1} does not divide the data-parallel size "
             f"{data_parallel} (world {world_size} / tensor {tensor} / pipeline {pipeline})"
+        )
+    if cfg.parallel.zero1.fsdp and zero1 == 1 and data_parallel > 1:
+        raise ConfigError(
+            f"{source}: parallel.zero1.fsdp=True shards over the zero1 group, which zero1.size=1 turns off; use "
+            f"zero1.size=-1 (all {data_parallel} data-parallel ranks) or another divisor of {data_parallel}"
         )
     return data_parallel
 

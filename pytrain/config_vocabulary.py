@@ -54,7 +54,6 @@ IGNORED = {
         (int, NONE),
         "pytrain accumulates data.micro_num micro-batches (it must equal that)",
     ),
-    "data.tokenizer_path": (None, (str, NONE), "tokenizer of InternEvo's Hugging Face datasets (data.type='hf')"),
     "ckpt.snapshot_ckpt_folder": (
         None,
         (str, NONE),
@@ -115,7 +114,6 @@ IGNORED = {
 
 # "section.field": (allowed values (the first is the default), types, the feature pytrain does not have)
 UNAVAILABLE = {
-    "data.type": (("tokenized",), str, "dataset types other than InternLM's tokenized format"),
     "data.use_packed_dataset": ((True,), bool, "unpacked batches"),
     "data.unit_schedule_size": ((None,), (int, NONE), "ZeroPP scheduling units"),
     "hybrid_zero_optimizer.use_split_tensor_optim": ((False,), bool, "the split-tensor optimizer"),
@@ -150,4 +148,5 @@ RENAMED = {
     "enable_tb": "monitor.tensorboard.enable",
     "hybrid_zero_optimizer.zero_overlap_communication": "hybrid_zero_optimizer.overlap_sync_grad",
     "model.moe_gate_k": "model.top_k",
+    "data.content_name": "data.text_key",
 }

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pytrain.config import Config, ConfigError
+from pytrain.parallel.fsdp import local_tensor
 from pytrain.parallel.shard_spec import ShardSpec
 
 from .catalog import find_latest
@@ -92,6 +93,8 @@ def load_hf_into(part, model, folder) -> None:
                 )
                 continue
             value = reader.get(hf_name) if spec.is_whole else reader.get_rows_or_columns(hf_name, spec.dim, spec.pieces)
+            if spec.rows is not None:  # FSDP's block of the row-parallel columns
+                value = value.narrow(0, *spec.rows)
         elif rule.stacked and spec.dim in (None, 0):
             shapes = {reader.shape(h) for h in rule.hf_names}
             if len(rule.hf_names) != spec.full_shape[0] or shapes != {tuple(spec.full_shape[1:])}:
@@ -110,7 +113,7 @@ def load_hf_into(part, model, folder) -> None:
                 )
                 continue
             value = spec.cut(full)
-        param.copy_(value)
+        local_tensor(param).copy_(value)
     if problems:
         raise _shape_error(folder, problems)
 
