@@ -42,7 +42,17 @@ from typing import Any
 
 from pytrain import config_vocabulary
 from pytrain.model_args import DEFAULTS as MODEL_DEFAULTS
-from pytrain.model_args import FAMILY_FIELDS, MOE_LAYER_KWARGS, NONE, mlp_width, routing_from_fields
+from pytrain.model_args import (
+    FAMILY_FIELDS,
+    MOE_LAYER_KWARGS,
+    NONE,
+    ROPE_FIELDS,
+    ROPE_TYPES,
+    layer_windows,
+    mlp_width,
+    rope_scaling_from_fields,
+    routing_from_fields,
+)
 
 DTYPES = ("torch.float16", "torch.half", "torch.bfloat16", "torch.float32", "torch.tf32")
 BUILTIN_CORPUS = "builtin:stdlib"
@@ -200,6 +210,51 @@ SCHEMA: dict[str, Any] = {
             ),
             "num_chunks": (int, "model chunks per pipeline rank (> 1: interleaved schedule)", positive),
             "rope_base": ((float, int), "rotary embedding base", positive),
+            "rope_type": (
+                str,
+                "rotary scaling for long context (transformers' rope_parameters): 'normal', 'linear' (positions / "
+                "rope_scaling_factor), 'dynamic' (NTK: the base grows past max_position_embeddings) or 'llama3' "
+                "(Llama 3.1's)",
+                one_of(*ROPE_TYPES),
+            ),
+            "rope_scaling_factor": ((float, int), "the factor of rope_type 'linear', 'dynamic' and 'llama3'", positive),
+            "use_dynamic_ntk_rope": (bool, "InternEvo's switch for rope_type='dynamic'"),
+            "max_position_embeddings": (
+                int,
+                "rope_type 'dynamic': the longest sequence with unscaled rotary frequencies ('llama3': the default of "
+                "original_max_position_embeddings)",
+                positive,
+            ),
+            "low_freq_factor": (
+                (float, int),
+                "rope_type 'llama3': wavelengths beyond original_max_position_embeddings / low_freq_factor are scaled",
+                positive,
+            ),
+            "high_freq_factor": (
+                (float, int),
+                "rope_type 'llama3': wavelengths below original_max_position_embeddings / high_freq_factor are kept",
+                positive,
+            ),
+            "original_max_position_embeddings": (
+                (int, NONE),
+                "rope_type 'llama3': the pre-training context (None: max_position_embeddings)",
+                positive,
+            ),
+            "use_sliding_window": (
+                bool,
+                "sliding-window attention (Qwen2's): layers max_window_layers and above see only the last "
+                "sliding_window tokens",
+            ),
+            "sliding_window": (
+                (int, NONE),
+                "use_sliding_window: the tokens each query sees, itself included",
+                positive,
+            ),
+            "max_window_layers": (
+                int,
+                "use_sliding_window: the first layers, which see their whole context",
+                non_negative,
+            ),
             "tie_word_embeddings": (bool, "the LM head shares the embedding's weight"),
             "no_bias": (bool, "no biases in attention (INTERNLM, INTERNLM2, LLAMA2)"),
             "qkv_bias": (bool, "biases on the q/k/v projections (QWEN2)"),
@@ -975,6 +1030,7 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
         if head_dim % 2:
             what = "model.head_dim" if model.get("head_dim") else "model.hidden_size"
             fail(what, f"head dim {head_dim} must be even for rotary embeddings")
+    _check_long_context(model, fail)
     if model.get("num_chunks", 1) > 1 and parallel["pipeline"]["size"] == 1:
         fail(
             "model.num_chunks",
@@ -1013,6 +1069,19 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
         cfg["beta2_scheduler"]["init_beta2"] = cfg["adam"]["adam_beta2"]
     if cfg["beta2_scheduler"]["c"] is None:
         cfg["beta2_scheduler"]["c"] = cfg["adam"]["adam_beta2_c"]
+
+
+def _check_long_context(model: dict, fail) -> None:
+    """The rotary scaling and the sliding window as the model's builder will read them (pytrain.model_args)."""
+
+    def field(name):
+        return model.get(name, MODEL_DEFAULTS[name])
+
+    try:
+        rope_scaling_from_fields(**{name: field(name) for name in ROPE_FIELDS})
+        layer_windows(field("use_sliding_window"), field("sliding_window"), field("max_window_layers"), 0)
+    except ValueError as err:
+        fail("model", str(err))
 
 
 def _check_snapshot_folder(ckpt: dict, fail) -> None:

@@ -454,7 +454,7 @@ def test_kwargs_builder_gets_every_given_field_over_the_generic_defaults(tmp_pat
     cfg = Config.from_file(write(tmp_path, 'model_type = "TEST_ANY"\nmodel = dict(hidden_size=64, init_type="x")\n'))
     assert cfg.model.hidden_size == 64 and cfg.model.init_type == "x" and cfg.model.num_layers == 32
     assert "model.init_type" not in cfg.ignored_here  # the builder receives it and decides
-    assert "max_position_embeddings" not in cfg.model  # not an acting field, not given
+    assert "dropout_selective_checkpoint" not in cfg.model  # not an acting field, not given
     assert "no_bias" not in cfg.model  # a field of some families only, not given
 
 

@@ -8,6 +8,7 @@ Fused: rms_norm, apply_rotary, cross_entropy (and vocab_parallel_cross_entropy),
 flash_attn_func / flash_attn_varlen_func.
 Mixture of experts: moe_permute / moe_unpermute (tokens to expert-grouped rows and back, weighted by the
 routing weights) and grouped_mm (one GEMM per expert over those rows).
+RopeScaling: a long-context rotary scaling (linear, dynamic NTK, Llama 3.1's) for apply_rotary / RotaryEmbedding.
 PackedSequences: a packed micro-batch's sequence boundaries, checked once and passed to every layer's
 attention and rotary call (no host synchronization per call); CheckedPositions: the same for unpacked rows'
 positions (rotary).
@@ -22,6 +23,7 @@ from .modules import CrossEntropyLoss, FlashAttention, LinearCrossEntropyLoss, R
 from .moe_permute import moe_permute, moe_unpermute
 from .packed import PackedSequences
 from .rms_norm import rms_norm
+from .rope_scaling import RopeScaling
 from .rotary import CheckedPositions, apply_rotary
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "PackedSequences",
     "RMSNorm",
+    "RopeScaling",
     "RotaryEmbedding",
     "apply_rotary",
     "cross_entropy",
