@@ -9,6 +9,11 @@
 - peak memory of a loader reading every pack of a 1 GB tokenized corpus (memory-mapped): goal < 200 MB
   above the process's footprint after imports (torch alone is a few hundred MB).
 
+Issue 23 adds, in the same rows: the streamed loader (data.type="streaming": jsonl text tokenized on the fly
+with the byte tokenizer and with a sentencepiece model, 0 and 2 workers) against the tiny model's step (goal
+>= 20x, as the tokenized path); its peak memory over two corpus sizes (goal: flat in corpus size); and the
+cost of mixture sampling (a weighted tokenized folder against the same folder unweighted, one process).
+
 `--benchmark-disable` runs each once on a few-MB corpus (the model rows: tiny only, 2 steps); the 1 GB
 corpus is generated (after checking free disk) only when benchmarks are enabled.
 """
@@ -100,9 +105,48 @@ def loader_cfg(folder, seq_len, micro_bsz, micro_num, total_steps):
     )
 
 
-def loader_tokens_per_s(folder, seq_len, micro_bsz, micro_num, vocab, workers, steps) -> float:
+def write_text_corpus(folder: Path, total_bytes: int, files: int = 4, seed: int = 0) -> Path:
+    """jsonl records of random words (1..400 words each) in two dataset types, for the streamed loader."""
+    rng = np.random.default_rng(seed)
+    words = ["".join(chr(97 + c) for c in rng.integers(0, 26, rng.integers(2, 9))) for _ in range(3000)]
+    for f in range(files):
+        path = folder / ("en" if f % 2 else "code") / f"part{f}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as out:
+            written = 0
+            while written < total_bytes // files:
+                line = json.dumps({"text": " ".join(rng.choice(words, int(rng.integers(1, 400))))}) + "\n"
+                out.write(line)
+                written += len(line)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory):
+    """4 MB of jsonl text and a sentencepiece model of 256 pieces (the tiny config's vocabulary) trained on it."""
+    folder = write_text_corpus(tmp_path_factory.mktemp("text"), 4 * 2**20)
+    sentencepiece = pytest.importorskip("sentencepiece")
+    sample = folder / "sample.txt"
+    lines = next(folder.rglob("*.jsonl")).read_text().splitlines()
+    sample.write_text("\n".join(json.loads(line)["text"] for line in lines))
+    prefix = folder.parent / "sp"
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(sample), model_prefix=str(prefix), vocab_size=256, minloglevel=2, input_sentence_size=2000
+    )
+    sample.unlink()
+    return folder, {"byte": "byte", "sentencepiece": f"{prefix}.model"}
+
+
+def streamed_cfg(folder, tokenizer, seq_len, micro_bsz, micro_num, total_steps) -> dict:
+    return dict(
+        loader_cfg(folder, seq_len, micro_bsz, micro_num, total_steps), type="streaming", tokenizer_path=tokenizer
+    )
+
+
+def loader_tokens_per_s(folder, seq_len, micro_bsz, micro_num, vocab, workers, steps, **data) -> float:
+    """Steady-state tokens/s of a loader (the first batch, which starts the workers, is not timed)."""
     loader, _ = build_train_loader(
-        loader_cfg(folder, seq_len, micro_bsz, micro_num, steps), vocab_size=vocab, num_workers=workers
+        {**loader_cfg(folder, seq_len, micro_bsz, micro_num, steps), **data}, vocab_size=vocab, num_workers=workers
     )
     batches = iter(loader)
     next(batches)  # workers started, first batch built: the steady state is what a run sees
@@ -147,7 +191,7 @@ def model_tokens_per_s(config, seq_len, micro_bsz, micro_num, steps, warmup, fol
 
 @pytest.mark.slow  # a model step per config: ~6 s even as a smoke test; benchmark runs lift the marker
 @pytest.mark.parametrize("config_name", list(CONFIGS))
-def test_loader_against_model_step(benchmark, small_corpus, config_name, tmp_path):
+def test_loader_against_model_step(benchmark, small_corpus, text_corpus, config_name, tmp_path):
     config, seq_len, micro_bsz, micro_num, vocab = CONFIGS[config_name]
     if not benchmark.enabled and config_name != "tiny":
         pytest.skip("the 100M model step runs only with benchmarks enabled")
@@ -163,6 +207,26 @@ def test_loader_against_model_step(benchmark, small_corpus, config_name, tmp_pat
                 )
                 for w in (0, 2)
             },
+            # the streamed loader: the tiny config's byte-level vocabulary fits both tokenizers
+            **(
+                {
+                    f"stream {name} {w} workers": loader_tokens_per_s(
+                        text_corpus[0],
+                        seq_len,
+                        micro_bsz,
+                        micro_num,
+                        vocab,
+                        w,
+                        loader_steps,
+                        type="streaming",
+                        tokenizer_path=spec,
+                    )
+                    for name, spec in text_corpus[1].items()
+                    for w in (0, 2)
+                }
+                if config_name == "tiny"
+                else {}
+            ),
         }
 
     rows = benchmark.pedantic(measure, rounds=1, iterations=1)
@@ -171,9 +235,30 @@ def test_loader_against_model_step(benchmark, small_corpus, config_name, tmp_pat
         model = rows.pop("model")
         for name, rate in rows.items():
             _REPORT.append(
-                f"{config_name:<5} {name:<17} {rate / 1e6:8.2f} M tok/s = {rate / model:7.1f}x the model step "
+                f"{config_name:<5} {name:<30} {rate / 1e6:8.2f} M tok/s = {rate / model:7.1f}x the model step "
                 f"({model / 1e3:.1f} k tok/s)   goal >= {GOALS['loader']:.0f}x"
             )
+
+
+def test_mixture_sampling_overhead(benchmark, small_corpus):
+    """One process, 0 workers, packs of 4 x 2048 tokens: a weighted mixture of the folder's two types against
+    the same folder unweighted (the plan's per-pack bookkeeping and the per-pack items are the overhead)."""
+    folder = small_corpus[16384]
+    steps = 100 if benchmark.enabled else 2
+
+    def measure():
+        return {
+            name: loader_tokens_per_s(folder, 2048, 4, 1, 16384, 0, steps, dataset_weights=weights)
+            for name, weights in (("unweighted", None), ("weighted", {"code": 0.7, "en": 0.3}))
+        }
+
+    rows = benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(rows)
+    if benchmark.enabled:
+        _REPORT.append(
+            f"mixture sampling, one process: weighted {rows['weighted'] / 1e6:.2f} M tok/s vs unweighted "
+            f"{rows['unweighted'] / 1e6:.2f} M tok/s ({rows['weighted'] / rows['unweighted']:.2f}x)"
+        )
 
 
 def test_packing_tokens_per_s(benchmark, small_corpus):
@@ -281,4 +366,55 @@ def test_loader_peak_memory(benchmark, gigabyte_corpus):
             f"loader over a {size / 2**30:.2f} GB corpus ({tokens / 1e6:.0f} M tokens, one epoch, {seconds:.0f} s): "
             f"peak RSS {peak / 2**20:.0f} MB, {(peak - baseline) / 2**20:.0f} MB above the "
             f"{baseline / 2**20:.0f} MB after imports   goal < {GOALS['rss'] / 2**20:.0f} MB"
+        )
+
+
+STREAM_RSS_PROBE = """
+import sys
+from pytrain.data import build_train_loader
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+baseline = rss("VmRSS:")
+folder, steps = sys.argv[1], int(sys.argv[2])
+cfg = dict(seq_len=2048, micro_bsz=4, micro_num=4, total_steps=steps, train_folder=folder, min_length=0,
+           type="streaming", tokenizer_path="byte")
+loader, _ = build_train_loader(cfg, vocab_size=256)
+tokens = sum(b["input_ids"].numel() for b in loader)
+print(baseline, rss("VmHWM:"), tokens)
+"""
+
+
+def test_streamed_loader_memory_is_flat_in_corpus_size(benchmark, tmp_path):
+    """Peak RSS of a streamed loader (byte tokenizer) reading about one pass of a corpus, at two corpus sizes."""
+    sizes = (64 * 2**20, 256 * 2**20) if benchmark.enabled else (2**20, 4 * 2**20)
+    if benchmark.enabled and shutil.disk_usage(tmp_path).free < 2 * sum(sizes):
+        pytest.skip("the streamed corpora need free disk")
+
+    def probe():
+        rows = {}
+        for size in sizes:
+            folder = write_text_corpus(tmp_path / f"text{size}", size)
+            steps = max(1, int(size * 0.9) // (4 * 4 * 2048))  # byte tokens: about one pass
+            done = subprocess.run(
+                [sys.executable, "-c", STREAM_RSS_PROBE, str(folder), str(steps)],
+                capture_output=True,
+                text=True,
+                timeout=3600,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            rows[size] = [int(x) for x in done.stdout.split()]
+        return rows
+
+    rows = benchmark.pedantic(probe, rounds=1, iterations=1)
+    benchmark.extra_info.update({str(k): v for k, v in rows.items()})
+    if benchmark.enabled:
+        above = {size: (peak - baseline) / 2**20 for size, (baseline, peak, _) in rows.items()}
+        _REPORT.append(
+            "streamed loader peak RSS above imports: "
+            + ", ".join(f"{size / 2**20:.0f} MB corpus: {mb:.0f} MB" for size, mb in above.items())
+            + "   goal: flat in corpus size"
         )

@@ -34,6 +34,11 @@ CODES = ["current", "baseline"] if BASELINE else ["current"]
 LAYOUTS = {
     "1 process": (1, []),
     "dp2 zero1": (2, []),
+    "dp2 fsdp": (2, ["parallel.zero1.fsdp=True"]),
+    "dp2 fsdp, gathered forward to backward": (
+        2,
+        ["parallel.zero1.fsdp=True", "parallel.zero1.reshard_after_forward=False"],
+    ),
     "tp2": (2, ["parallel.tensor.size=2"]),
     "tp2 msp": (2, ["parallel.tensor.size=2", "parallel.tensor.mode='msp'"]),
     "pp2 1F1B": (2, ["parallel.pipeline.size=2"]),
@@ -41,6 +46,7 @@ LAYOUTS = {
     "dp4 zero1": (4, []),
     "dp2 x tp2": (4, ["parallel.tensor.size=2"]),
     "tp2 x pp2": (4, ["parallel.tensor.size=2", "parallel.pipeline.size=2"]),
+    "fsdp2 x tp2": (4, ["parallel.zero1.fsdp=True", "parallel.tensor.size=2"]),
 }
 # config: (file, global micro-batches per step, steps when measuring, warm-up steps dropped)
 CONFIGS = {

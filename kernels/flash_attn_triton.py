@@ -8,6 +8,10 @@ h // (q_heads // kv_heads). Any head_dim up to 256 works: loads are masked up to
 Tokens and heads may be strided (q, k, v as views of one fused projection; stride(-1) must be 1): every tile
 address is computed in int64. Programs: grid axis 0 = sequences x heads, axis 1 = blocks within a sequence.
 
+A sliding window (SLIDING, `window` >= 0: flash-attn's window_size=(window, 0), causal only) lets query row r see
+keys r - window .. r of its sequence; the loops start (forward, dq) or stop (dK/dV) at the window's edge, so the
+work is linear in the sequence length for a fixed window.
+
 Softmax runs in base 2 (exp2) on scores pre-multiplied by scale * log2(e); the saved logsumexp is in
 natural-log units, shape (q_heads, total_tokens), fp32. The backward recomputes the probabilities from
 it (FlashAttention-2): one kernel accumulates dk and dv per key block over the q heads of its group,
@@ -128,6 +132,25 @@ def _load_rows(ptr, tokens, head, stride_t, stride_h, token_ok, dims, head_dim):
 
 
 @triton.jit
+def _visible(keep, rows, keys, window, CAUSAL: tl.constexpr, SLIDING: tl.constexpr):
+    """keep [rows, keys], narrowed to the keys each row sees: with CAUSAL the row's and earlier ones, with SLIDING
+    only the last window + 1 of those."""
+    if CAUSAL:
+        keep = keep & (keys[None, :] <= rows[:, None])
+    if SLIDING:
+        keep = keep & (keys[None, :] >= rows[:, None] - window)
+    return keep
+
+
+@triton.jit
+def _window_start(start_m, window, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
+    """The first key block a query block starting at start_m sees: 0, or with SLIDING its window's first block."""
+    if SLIDING:
+        return (tl.maximum(start_m - window, 0) // BLOCK_N) * BLOCK_N
+    return 0
+
+
+@triton.jit
 def _program_sequence(CuSeqlens, heads):
     """(head, first token, length) of this program's sequence. Grid axis 0 enumerates sequence * heads + head
     (CUDA allows 2**31 - 1 programs there, but only 65,535 on axes 1 and 2); axis 1 is the block in the sequence."""
@@ -146,6 +169,7 @@ def _fwd_kernel(
     Lse,
     CuSeqlens,
     scale_log2,
+    window,
     total_tokens,
     q_heads,
     group_size,
@@ -160,6 +184,7 @@ def _fwd_kernel(
     stride_ot,
     stride_oh,
     CAUSAL: tl.constexpr,
+    SLIDING: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -177,22 +202,24 @@ def _fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         end_n = tl.minimum(length, start_m + BLOCK_M) if CAUSAL else length
-        for start_n in range(0, end_n, BLOCK_N):
+        for start_n in range(_window_start(start_m, window, BLOCK_N, SLIDING), end_n, BLOCK_N):
             keys = start_n + tl.arange(0, BLOCK_N)
             key_ok = keys < length
             k = _load_rows(K, start + keys, kv_head, stride_kt, stride_kh, key_ok, dims, head_dim)
             v = _load_rows(V, start + keys, kv_head, stride_vt, stride_vh, key_ok, dims, head_dim)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            keep = key_ok[None, :]
-            if CAUSAL:
-                keep = keep & (keys[None, :] <= rows[:, None])
-            s = tl.where(keep, s, float("-inf"))
+            s = tl.where(_visible(key_ok[None, :], rows, keys, window, CAUSAL, SLIDING), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            m_ref = m_new
+            if SLIDING:  # a row may see none of the block's keys yet (its window starts later): nothing to rescale
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(s - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
+        if SLIDING:  # rows past the sequence's end may see no key at all: 0, not 0 / 0 (they are not stored)
+            l_i = tl.where(row_ok, l_i, 1.0)
         acc = acc / l_i[:, None]
         tl.store(
             Out + _tile_offsets(start + rows, head, stride_ot, stride_oh, dims),
@@ -232,13 +259,22 @@ def _bwd_preprocess(
 
 @triton.jit
 def _recomputed_probabilities(
-    q, k, lse, rows, keys, row_ok, key_ok, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr
+    q,
+    k,
+    lse,
+    rows,
+    keys,
+    row_ok,
+    key_ok,
+    scale,
+    window,
+    CAUSAL: tl.constexpr,
+    SLIDING: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """softmax probabilities of a [rows, keys] tile recomputed from the saved logsumexp (0 where masked)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
-    keep = row_ok[:, None] & key_ok[None, :]
-    if CAUSAL:
-        keep = keep & (keys[None, :] <= rows[:, None])
+    keep = _visible(row_ok[:, None] & key_ok[None, :], rows, keys, window, CAUSAL, SLIDING)
     return tl.where(keep, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
 
 
@@ -255,6 +291,7 @@ def _bwd_dkdv_kernel(
     Delta,
     CuSeqlens,
     scale,
+    window,
     total_tokens,
     kv_heads,
     group_size,
@@ -273,6 +310,7 @@ def _bwd_dkdv_kernel(
     stride_dvt,
     stride_dvh,
     CAUSAL: tl.constexpr,
+    SLIDING: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -290,15 +328,20 @@ def _bwd_dkdv_kernel(
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         first_m = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0  # causal: earlier queries never see these keys
+        end_m = length
+        if SLIDING:  # queries past the window of the block's last key never see it
+            end_m = tl.minimum(length, start_n + BLOCK_N + window)
         for head in range(kv_head * group_size, (kv_head + 1) * group_size):
-            for start_m in range(first_m, length, BLOCK_M):
+            for start_m in range(first_m, end_m, BLOCK_M):
                 rows = start_m + tl.arange(0, BLOCK_M)
                 row_ok = rows < length
                 q = _load_rows(Q, start + rows, head, stride_qt, stride_qh, row_ok, dims, head_dim)
                 do = _load_rows(DOut, start + rows, head, stride_dot, stride_doh, row_ok, dims, head_dim)
                 lse = tl.load(Lse + _lse_offsets(head, total_tokens, start + rows), mask=row_ok, other=0.0)
                 delta = tl.load(Delta + _lse_offsets(head, total_tokens, start + rows), mask=row_ok, other=0.0)
-                p = _recomputed_probabilities(q, k, lse, rows, keys, row_ok, key_ok, scale, CAUSAL, PRECISION)
+                p = _recomputed_probabilities(
+                    q, k, lse, rows, keys, row_ok, key_ok, scale, window, CAUSAL, SLIDING, PRECISION
+                )
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
                 ds = p * (dp - delta[:, None])
@@ -328,6 +371,7 @@ def _bwd_dq_kernel(
     Delta,
     CuSeqlens,
     scale,
+    window,
     total_tokens,
     q_heads,
     group_size,
@@ -344,6 +388,7 @@ def _bwd_dq_kernel(
     stride_dqt,
     stride_dqh,
     CAUSAL: tl.constexpr,
+    SLIDING: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -363,12 +408,14 @@ def _bwd_dq_kernel(
         delta = tl.load(Delta + _lse_offsets(head, total_tokens, start + rows), mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         end_n = tl.minimum(length, start_m + BLOCK_M) if CAUSAL else length
-        for start_n in range(0, end_n, BLOCK_N):
+        for start_n in range(_window_start(start_m, window, BLOCK_N, SLIDING), end_n, BLOCK_N):
             keys = start_n + tl.arange(0, BLOCK_N)
             key_ok = keys < length
             k = _load_rows(K, start + keys, kv_head, stride_kt, stride_kh, key_ok, dims, head_dim)
             v = _load_rows(V, start + keys, kv_head, stride_vt, stride_vh, key_ok, dims, head_dim)
-            p = _recomputed_probabilities(q, k, lse, rows, keys, row_ok, key_ok, scale, CAUSAL, PRECISION)
+            p = _recomputed_probabilities(
+                q, k, lse, rows, keys, row_ok, key_ok, scale, window, CAUSAL, SLIDING, PRECISION
+            )
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -394,9 +441,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs stay exact; 16-bit use tensor cores anyway
 
 
-def flash_attn_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
+def flash_attn_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float, window: int = -1):
     """q (T, Hq, D), k/v (T, Hk, D) -> (out (T, Hq, D), lse (Hq, T) fp32). Inputs are validated by the caller;
-    tokens may be strided (stride(-1) must be 1)."""
+    tokens may be strided (stride(-1) must be 1). window >= 0 (causal only): each query sees the window keys
+    before it and itself; -1: no window."""
     total, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     out = torch.empty((total, q_heads, head_dim), device=q.device, dtype=q.dtype)
@@ -410,6 +458,7 @@ def flash_attn_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale
         lse,
         cu_seqlens,
         scale * LOG2E,
+        max(window, 0),
         total,
         q_heads,
         q_heads // kv_heads,
@@ -424,13 +473,16 @@ def flash_attn_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale
         out.stride(0),
         out.stride(1),
         CAUSAL=causal,
+        SLIDING=window >= 0,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PRECISION=_precision(q.dtype),
     )
     return out, lse
 
 
-def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
+def flash_attn_backward(
+    dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool, scale: float, window: int = -1
+):
     """Gradients (dq, dk, dv) of flash_attn_forward, in the inputs' dtypes, contiguous."""
     total, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -473,6 +525,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, ca
         delta,
         cu_seqlens,
         scale,
+        max(window, 0),
         total,
         kv_heads,
         q_heads // kv_heads,
@@ -484,6 +537,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, ca
         dv.stride(0),
         dv.stride(1),
         CAUSAL=causal,
+        SLIDING=window >= 0,
         BLOCK_D=block_d,
         PRECISION=precision,
     )
@@ -497,6 +551,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, ca
         delta,
         cu_seqlens,
         scale,
+        max(window, 0),
         total,
         q_heads,
         q_heads // kv_heads,
@@ -506,6 +561,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, ca
         dq.stride(0),
         dq.stride(1),
         CAUSAL=causal,
+        SLIDING=window >= 0,
         BLOCK_D=block_d,
         PRECISION=precision,
     )

@@ -42,7 +42,17 @@ from typing import Any
 
 from pytrain import config_vocabulary
 from pytrain.model_args import DEFAULTS as MODEL_DEFAULTS
-from pytrain.model_args import FAMILY_FIELDS, MOE_LAYER_KWARGS, NONE, mlp_width, routing_from_fields
+from pytrain.model_args import (
+    FAMILY_FIELDS,
+    MOE_LAYER_KWARGS,
+    NONE,
+    ROPE_FIELDS,
+    ROPE_TYPES,
+    layer_windows,
+    mlp_width,
+    rope_scaling_from_fields,
+    routing_from_fields,
+)
 
 DTYPES = ("torch.float16", "torch.half", "torch.bfloat16", "torch.float32", "torch.tf32")
 BUILTIN_CORPUS = "builtin:stdlib"
@@ -109,6 +119,19 @@ def open_unit_interval(v):
 
 def one_of(*choices):
     return lambda v: None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+
+def _check_weights(weights):
+    if weights is None:
+        return None
+    if not weights:
+        return "must name at least one dataset type"
+    for name, weight in weights.items():
+        if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+            return f"must map dataset type names to weights >= 0; {name!r}: {weight!r} is not"
+    if not sum(weights.values()) > 0:
+        return "needs a weight > 0"
+    return None
 
 
 def only(value, why):
@@ -187,6 +210,51 @@ SCHEMA: dict[str, Any] = {
             ),
             "num_chunks": (int, "model chunks per pipeline rank (> 1: interleaved schedule)", positive),
             "rope_base": ((float, int), "rotary embedding base", positive),
+            "rope_type": (
+                str,
+                "rotary scaling for long context (transformers' rope_parameters): 'normal', 'linear' (positions / "
+                "rope_scaling_factor), 'dynamic' (NTK: the base grows past max_position_embeddings) or 'llama3' "
+                "(Llama 3.1's)",
+                one_of(*ROPE_TYPES),
+            ),
+            "rope_scaling_factor": ((float, int), "the factor of rope_type 'linear', 'dynamic' and 'llama3'", positive),
+            "use_dynamic_ntk_rope": (bool, "InternEvo's switch for rope_type='dynamic'"),
+            "max_position_embeddings": (
+                int,
+                "rope_type 'dynamic': the longest sequence with unscaled rotary frequencies ('llama3': the default of "
+                "original_max_position_embeddings)",
+                positive,
+            ),
+            "low_freq_factor": (
+                (float, int),
+                "rope_type 'llama3': wavelengths beyond original_max_position_embeddings / low_freq_factor are scaled",
+                positive,
+            ),
+            "high_freq_factor": (
+                (float, int),
+                "rope_type 'llama3': wavelengths below original_max_position_embeddings / high_freq_factor are kept",
+                positive,
+            ),
+            "original_max_position_embeddings": (
+                (int, NONE),
+                "rope_type 'llama3': the pre-training context (None: max_position_embeddings)",
+                positive,
+            ),
+            "use_sliding_window": (
+                bool,
+                "sliding-window attention (Qwen2's): layers max_window_layers and above see only the last "
+                "sliding_window tokens",
+            ),
+            "sliding_window": (
+                (int, NONE),
+                "use_sliding_window: the tokens each query sees, itself included",
+                positive,
+            ),
+            "max_window_layers": (
+                int,
+                "use_sliding_window: the first layers, which see their whole context",
+                non_negative,
+            ),
             "tie_word_embeddings": (bool, "the LM head shares the embedding's weight"),
             "no_bias": (bool, "no biases in attention (INTERNLM, INTERNLM2, LLAMA2)"),
             "qkv_bias": (bool, "biases on the q/k/v projections (QWEN2)"),
@@ -243,14 +311,65 @@ SCHEMA: dict[str, Any] = {
             None,
         ),
         "valid_folder": _field(
-            None, (str, NONE), "a tokenized folder: each sub-folder of .bin files is a validation set"
+            None, (str, NONE), "a folder of data.type's format: each sub-folder holding data files is a validation set"
+        ),
+        "type": _field(
+            "tokenized",
+            str,
+            "the format of train_folder / valid_folder: 'tokenized' (InternLM's .bin/.bin.meta), 'megatron' "
+            "(Megatron-LM's .bin/.idx), 'streaming' or 'hf' (text in a Hugging Face datasets layout, tokenized on "
+            "the fly with tokenizer_path)",
+            one_of("tokenized", "megatron", "streaming", "hf"),
+        ),
+        "tokenizer_path": _field(
+            None,
+            (str, NONE),
+            "streaming: 'byte', a tokenizers .json, a transformers tokenizer folder or a sentencepiece .model",
+        ),
+        "text_key": _field("text", str, "streaming: the field holding each record's text"),
+        "subset_name": _field(None, (str, NONE), "streaming: a subfolder of train_folder to read (InternEvo's)"),
+        "split": _field("train", str, "streaming: the split of a saved DatasetDict or a hub dataset"),
+        "add_bos_eos": _field(
+            "tokenizer",
+            str,
+            "streaming: ids around each sample: 'tokenizer' (what its own settings add), 'none', 'bos', 'eos', 'both'",
+            one_of("tokenizer", "none", "bos", "eos", "both"),
+        ),
+        "bos_id": _field(None, (int, NONE), "streaming: the BOS id (None: the tokenizer's)"),
+        "eos_id": _field(None, (int, NONE), "streaming: the EOS id (None: the tokenizer's)"),
+        "stream_shards": _field(
+            8,
+            int,
+            "streaming: reader shards of the text; a multiple of every data-parallel size the run is resumed with",
+            positive,
+        ),
+        "shuffle_buffer": _field(
+            8192, int, "streaming: samples shuffled together, over all shards (1: read order)", positive
+        ),
+        "dataset_weights": _field(
+            None,
+            (dict, NONE),
+            "a weighted mixture: {dataset type: weight} over train_folder's top-level subfolders (e.g. "
+            "{'en': 0.6, 'code': 0.4}); None: every sample once per pass",
+            _check_weights,
         ),
         "cache_folder": _field("~/.cache/pytrain", str, "where the bundled corpus is tokenized and cached"),
     },
     "parallel": {
         "zero1": {
             "size": _field(-1, int, "ZeRO-1 group size (<= 0: the whole data-parallel group; 1: off)"),
-            "fsdp": _field(False, bool, "FSDP (instead of ZeRO-1)", kind=UNAVAILABLE, allowed=(False,)),
+            "fsdp": _field(
+                False,
+                bool,
+                "FSDP instead of ZeRO-1: parameters, gradients and optimizer state sharded over the zero1 group with "
+                "torch's fully_shard, one unit per decoder layer, the embedding and the final norm + head",
+            ),
+            "reshard_after_forward": _field(
+                True,
+                bool,
+                "with fsdp: free each unit's gathered parameters after its forward and gather them again for the "
+                "backward (less memory); False keeps them from forward to backward (one gather less per step)",
+            ),
         },
         "tensor": {
             "size": _field(1, int, "tensor-parallel size", positive),
@@ -911,6 +1030,7 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
         if head_dim % 2:
             what = "model.head_dim" if model.get("head_dim") else "model.hidden_size"
             fail(what, f"head dim {head_dim} must be even for rotary embeddings")
+    _check_long_context(model, fail)
     if model.get("num_chunks", 1) > 1 and parallel["pipeline"]["size"] == 1:
         fail(
             "model.num_chunks",
@@ -932,6 +1052,12 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
         )
     if data["rampup_batch_size"] is None:  # InternLM v0.2's spelling of no ramp-up
         data["rampup_batch_size"] = ""
+    if data["type"] in ("streaming", "hf") and data["tokenizer_path"] is None:
+        fail(
+            "data.tokenizer_path",
+            f"data.type={data['type']!r} tokenizes text on the fly: set it to 'byte', a tokenizers .json, a "
+            "transformers tokenizer folder or a sentencepiece .model",
+        )
     _check_snapshot_folder(cfg["ckpt"], fail)
     _check_model_split(model, data, parallel, fail)
     folder = data["train_folder"]
@@ -943,6 +1069,19 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
         cfg["beta2_scheduler"]["init_beta2"] = cfg["adam"]["adam_beta2"]
     if cfg["beta2_scheduler"]["c"] is None:
         cfg["beta2_scheduler"]["c"] = cfg["adam"]["adam_beta2_c"]
+
+
+def _check_long_context(model: dict, fail) -> None:
+    """The rotary scaling and the sliding window as the model's builder will read them (pytrain.model_args)."""
+
+    def field(name):
+        return model.get(name, MODEL_DEFAULTS[name])
+
+    try:
+        rope_scaling_from_fields(**{name: field(name) for name in ROPE_FIELDS})
+        layer_windows(field("use_sliding_window"), field("sliding_window"), field("max_window_layers"), 0)
+    except ValueError as err:
+        fail("model", str(err))
 
 
 def _check_snapshot_folder(ckpt: dict, fail) -> None:
@@ -1030,6 +1169,11 @@ def check_world_size(cfg: Config, world_size: int, source: str = "config") -> in
         raise ConfigError(
             f"{source}: parallel.zero1.size={zero1} does not divide the data-parallel size "
             f"{data_parallel} (world {world_size} / tensor {tensor} / pipeline {pipeline})"
+        )
+    if cfg.parallel.zero1.fsdp and zero1 == 1 and data_parallel > 1:
+        raise ConfigError(
+            f"{source}: parallel.zero1.fsdp=True shards over the zero1 group, which zero1.size=1 turns off; use "
+            f"zero1.size=-1 (all {data_parallel} data-parallel ranks) or another divisor of {data_parallel}"
         )
     return data_parallel
 

@@ -54,7 +54,6 @@ IGNORED = {
         (int, NONE),
         "pytrain accumulates data.micro_num micro-batches (it must equal that)",
     ),
-    "data.tokenizer_path": (None, (str, NONE), "tokenizer of InternEvo's Hugging Face datasets (data.type='hf')"),
     "ckpt.snapshot_ckpt_folder": (
         None,
         (str, NONE),
@@ -96,7 +95,6 @@ IGNORED = {
     "parallel.sequence_2D.context_size": (1, int, "2D sequence parallelism only"),
     "parallel.sequence_2D.window_size": (1, int, "2D sequence parallelism only"),
     "parallel.sequence_2D.device_placement_strategy": (None, (dict, NONE), "2D sequence parallelism only"),
-    "model.max_position_embeddings": (2048, int, "rotary embeddings here have no length table to size"),
     "model.dropout_selective_checkpoint": (True, bool, "no dropout here"),
     "model.use_scaled_init": (True, bool, "InternEvo's initialisation; pytrain draws its own"),
     "model.init_type": ("normal", str, "InternEvo's initialisation; pytrain draws its own"),
@@ -107,8 +105,6 @@ IGNORED = {
     "model.ffn_other_init_std": (0.02, NUMBER, "InternEvo's initialisation; pytrain draws its own"),
     "model.out_head_init_std": (0.02, NUMBER, "InternEvo's initialisation; pytrain draws its own"),
     "model.mlp_layer_fusion": (False, bool, "a kernel choice of InternEvo (same math)"),
-    "model.sliding_window": (None, (int, NONE), "only with use_sliding_window"),
-    "model.max_window_layers": (0, int, "only with use_sliding_window"),
     "model.moe_kwargs": (
         None,
         (dict, NONE),
@@ -118,7 +114,6 @@ IGNORED = {
 
 # "section.field": (allowed values (the first is the default), types, the feature pytrain does not have)
 UNAVAILABLE = {
-    "data.type": (("tokenized",), str, "dataset types other than InternLM's tokenized format"),
     "data.use_packed_dataset": ((True,), bool, "unpacked batches"),
     "data.unit_schedule_size": ((None,), (int, NONE), "ZeroPP scheduling units"),
     "hybrid_zero_optimizer.use_split_tensor_optim": ((False,), bool, "the split-tensor optimizer"),
@@ -135,10 +130,6 @@ UNAVAILABLE = {
     "model.residual_in_fp32": ((False,), bool, "an fp32 residual stream"),
     "model.use_swiglu": ((True,), bool, "MLPs other than SwiGLU"),
     "model.add_unit_offset": ((False,), bool, "RMSNorm with (1 + weight)"),
-    "model.use_dynamic_ntk_rope": ((False,), bool, "dynamic NTK rotary scaling"),
-    "model.rope_type": (("normal",), str, "rotary scaling types"),
-    "model.rope_scaling_factor": ((1.0, 1), NUMBER, "rotary scaling"),
-    "model.use_sliding_window": ((False,), bool, "sliding-window attention"),
     "model.norm_head": ((False,), bool, "a normalised LM head"),
     "model.is_reward": ((False,), bool, "reward-model heads"),
     "model.scale_attn_weights": ((False,), bool, "Qwen1's attention scaling"),
@@ -157,4 +148,5 @@ RENAMED = {
     "enable_tb": "monitor.tensorboard.enable",
     "hybrid_zero_optimizer.zero_overlap_communication": "hybrid_zero_optimizer.overlap_sync_grad",
     "model.moe_gate_k": "model.top_k",
+    "data.content_name": "data.text_key",
 }

@@ -5,6 +5,8 @@ against them) and pytrain.model (which builds from them), so that neither import
   seed's model block). A family takes COMMON_FIELDS and some of the others, and overrides some defaults
   with InternEvo's for that family (its spec, pytrain.model.families).
 - `mlp_width`: InternLM's SwiGLU width rule, which the config checks against the tensor-parallel size.
+- Long context: `rope_scaling_from_fields` turns the rotary-scaling fields into pytrain.kernels.RopeScaling's
+  arguments and `layer_windows` the sliding-window fields into each layer's window, or say which field is wrong.
 - The mixture-of-experts routing settings (`moe_type`, `moe_layer_kwargs`): `routing_from_fields` turns
   them into a `Routing`, or says which one pytrain cannot run; the config runs it to validate a file.
 """
@@ -36,6 +38,18 @@ class DecoderArgs:
     layer_norm_epsilon: float = 1e-5
     apply_post_layer_norm: bool = False
     rope_base: float = 10000.0
+    # rotary scaling for long context (pytrain.kernels.rope_scaling; transformers' rope_parameters)
+    rope_type: str = "normal"  # "normal", "linear", "dynamic" (NTK), "llama3"
+    rope_scaling_factor: float = 1.0
+    use_dynamic_ntk_rope: bool = False  # InternEvo's switch for rope_type "dynamic"
+    max_position_embeddings: int = 2048  # "dynamic": the length past which the base grows
+    low_freq_factor: float = 1.0  # "llama3"
+    high_freq_factor: float = 4.0  # "llama3"
+    original_max_position_embeddings: int | None = None  # "llama3" (None: max_position_embeddings)
+    # sliding-window attention (Qwen2's): layers max_window_layers and above see the last sliding_window tokens
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int = 0
     qk_interleaved: bool | None = None  # None: not adapt_hf (InternEvo's rule)
     adapt_hf: bool = True
     use_flash_attn: bool = True
@@ -73,6 +87,16 @@ COMMON_FIELDS = (
     "layer_norm_epsilon",
     "apply_post_layer_norm",
     "rope_base",
+    "rope_type",
+    "rope_scaling_factor",
+    "use_dynamic_ntk_rope",
+    "max_position_embeddings",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+    "use_sliding_window",
+    "sliding_window",
+    "max_window_layers",
     "use_flash_attn",
     "tie_word_embeddings",
     "embed_grad_scale",
@@ -91,6 +115,77 @@ def mlp_width(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int
     """InternLM's SwiGLU width: int(hidden * ratio) rounded up to a multiple (4096 * 8/3 -> 11008)."""
     width = int(hidden_size * mlp_ratio)
     return multiple_of * ((width + multiple_of - 1) // multiple_of)
+
+
+# The rotary scaling types (pytrain.kernels.rope_scaling.ROPE_TYPES; "normal" is transformers' "default")
+ROPE_TYPES = ("normal", "linear", "dynamic", "llama3")
+# The fields rope_scaling_from_fields reads
+ROPE_FIELDS = (
+    "rope_type",
+    "rope_scaling_factor",
+    "use_dynamic_ntk_rope",
+    "max_position_embeddings",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
+
+
+def rope_scaling_from_fields(
+    *,
+    rope_type: str,
+    rope_scaling_factor: float,
+    use_dynamic_ntk_rope: bool,
+    max_position_embeddings: int,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int | None,
+) -> dict:
+    """pytrain.kernels.RopeScaling's arguments for the model's rotary-scaling fields, only those its type reads (so
+    fields that compute the same frequencies give equal scalings); a ValueError names the field to change."""
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(
+            f"rope_type={rope_type!r}: must be one of {', '.join(map(repr, ROPE_TYPES))} ('normal' is transformers' "
+            "'default')"
+        )
+    if use_dynamic_ntk_rope:  # InternEvo's switch: dynamic NTK with rope_scaling_factor and max_position_embeddings
+        if rope_type not in ("normal", "dynamic"):
+            raise ValueError(
+                f"use_dynamic_ntk_rope=True means rope_type='dynamic' (InternEvo's switch), but "
+                f"rope_type={rope_type!r}: set only one of them"
+            )
+        rope_type = "dynamic"
+    if rope_type == "normal":
+        return {}
+    scaling = dict(rope_type=rope_type, factor=rope_scaling_factor)
+    if rope_type == "dynamic":
+        scaling.update(max_position_embeddings=max_position_embeddings)
+    if rope_type == "llama3":
+        if high_freq_factor <= low_freq_factor:
+            raise ValueError(
+                f"high_freq_factor={high_freq_factor} must be greater than low_freq_factor={low_freq_factor} "
+                "(Llama 3.1: 4.0 and 1.0)"
+            )
+        scaling.update(
+            low_freq_factor=low_freq_factor,
+            high_freq_factor=high_freq_factor,
+            original_max_position_embeddings=original_max_position_embeddings or max_position_embeddings,
+        )
+    return scaling
+
+
+def layer_windows(
+    use_sliding_window: bool, sliding_window: int | None, max_window_layers: int, num_layers: int
+) -> list[int | None]:
+    """Each layer's attention window (the tokens a query sees, itself included; None: its whole causal context), as
+    transformers' Qwen2 lays out its layers: with use_sliding_window, layers max_window_layers and above have one."""
+    if not use_sliding_window:
+        return [None] * num_layers
+    if sliding_window is None or sliding_window <= 0:
+        raise ValueError(
+            f"sliding_window={sliding_window!r}: use_sliding_window=True needs a window, a positive int (e.g. 4096)"
+        )
+    return [sliding_window if index >= max_window_layers else None for index in range(num_layers)]
 
 
 MOE_TYPES = ("GShard", "Dropless")

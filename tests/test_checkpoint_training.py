@@ -45,11 +45,17 @@ LAYOUTS = {  # name: (world size, parallel section, model overrides)
     "tp2-pp2": (4, dict(tensor=2, pipeline=2), {}),
     "one-tied": (1, {}, dict(tie_word_embeddings=True)),
     "pp2-tied": (2, dict(pipeline=2), dict(tie_word_embeddings=True)),  # the embedding on both stages
+    "fsdp2": (2, dict(zero1=dict(size=-1, fsdp=True)), {}),
+    "dp2-tp2-zero1": (4, dict(tensor=2, zero1=-1), {}),
 }
-RESHARD_FROM = ("dp2-zero1", "tp2", "pp2-interleaved", "tp2-pp2")
+RESHARD_FROM = ("dp2-zero1", "tp2", "pp2-interleaved", "tp2-pp2", "fsdp2")
+# (saved under, loaded into) beside RESHARD_FROM's into one process and dp2-zero1: ZeRO-1 into FSDP, FSDP into
+# ZeRO-1 with tensor parallelism
+RESHARD_MORE = [("dp2-zero1", "fsdp2"), ("fsdp2", "dp2-tp2-zero1")]
 TIED = ("pp2-tied", "one-tied")  # saved under, loaded into (against the straight run of the latter)
 EXACT = [("one", "torch.float32"), ("one", "torch.bfloat16"), ("one", "torch.float16")]
 EXACT += [("dp2-zero1", "torch.float32"), ("dp2-zero1", "torch.bfloat16")]
+EXACT += [("fsdp2", "torch.float32"), ("fsdp2", "torch.bfloat16")]
 # saving in the background; a rolling snapshot every 3 steps and only the newest checkpoint kept
 EXACT_EXTRA = {
     ("dp2-zero1", "torch.bfloat16"): dict(async_upload=True),
@@ -158,7 +164,7 @@ def cases(phase: str, world: int, corpus: Path, root: Path, hf_folder: Path):
                 ((TIED[1], "torch.float32", "straight"), config(TIED[1], "torch.float32", corpus, root, {}), None)
             )
         for layout in (*RESHARD_FROM, TIED[0]):
-            if LAYOUTS[layout][0] == world and layout != "dp2-zero1":  # dp2-zero1 fp32 is saved above
+            if LAYOUTS[layout][0] == world and (layout, "torch.float32") not in EXACT:  # else saved above
                 save = dict(
                     enable_save_ckpt=True, save_ckpt_folder=str(case_folder(root, layout)), checkpoint_every=HALF
                 )
@@ -171,9 +177,11 @@ def cases(phase: str, world: int, corpus: Path, root: Path, hf_folder: Path):
                 cfg = config(layout, "torch.float32", corpus, root, load, total_steps=2)
                 out.append(((layout, "hf"), cfg, None))
     else:
-        into = "one" if world == 1 else "dp2-zero1"
-        for layout in RESHARD_FROM:
-            source = case_folder(root, layout if layout != "dp2-zero1" else "dp2-zero1-torch.float32")
+        pairs = [(layout, "one" if world == 1 else "dp2-zero1") for layout in RESHARD_FROM] + RESHARD_MORE
+        for layout, into in pairs:
+            if world_of(into) != world:
+                continue
+            source = case_folder(root, layout + ("-torch.float32" if (layout, "torch.float32") in EXACT else ""))
             load = dict(load_ckpt_info=dict(path=str(source / str(HALF)), content=("all",), ckpt_type="internlm"))
             out.append(((into, "from", layout), config(into, "torch.float32", corpus, root, load), None))
         if world_of(TIED[1]) == world:
@@ -225,7 +233,8 @@ def runs(tmp_path_factory):
     hf_folder = root / "hf"
     hf_state = write_hf_folder(hf_folder)
     results = {}
-    for index, (world, phase) in enumerate([(1, "first"), (2, "first"), (4, "first"), (1, "second"), (2, "second")]):
+    phases = [(1, "first"), (2, "first"), (4, "first"), (1, "second"), (2, "second"), (4, "second")]
+    for index, (world, phase) in enumerate(phases):
         results.update(spawn(world, phase, corpus, root, hf_folder, index))
     return results, hf_state, root
 
@@ -264,14 +273,14 @@ def test_fp16_scaler_state_is_resumed(runs):
     assert results[("one", "torch.float16", "second", 0)]["scale"] == 2**14 * 16
 
 
-RESHARD_CASES = [(s, i) for s in RESHARD_FROM for i in ("one", "dp2-zero1")] + [TIED]
+RESHARD_CASES = [(s, i) for s in RESHARD_FROM for i in ("one", "dp2-zero1")] + RESHARD_MORE + [TIED]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source, into", RESHARD_CASES, ids=[f"{s}-into-{i}" for s, i in RESHARD_CASES])
 def test_checkpoint_loads_into_another_layout_and_losses_continue(runs, source, into):
     results, _, _ = runs
-    straight = results[(into.replace("dp2-zero1", "one"), "torch.float32", "straight", 0)]["history"]
+    straight = results[(into if into == TIED[1] else "one", "torch.float32", "straight", 0)]["history"]
     for rank in range(world_of(into)):
         resumed = results[(into, "from", source, rank)]
         assert resumed["start"] == HALF

@@ -220,7 +220,7 @@ def test_bool_checkpoint_and_fraction(tmp_path):
             "model_type = 'MIXTRALMOE'\nmodel = dict(num_experts=4, top_k=1)\nmoe = dict(top_k=2)\n",
             r"moe.top_k = 2 and model.top_k = 1: the moe section is InternEvo's older place of model.top_k",
         ),
-        ("parallel = dict(zero1=dict(fsdp=True))\n", r"parallel.zero1.fsdp = True: FSDP \(instead of ZeRO-1\) is not"),
+        ("parallel = dict(zero1=dict(fsdp=1))\n", r"parallel.zero1.fsdp"),
         ("parallel = dict(pipeline=dict(mode='ZBH1'))\n", r"parallel.pipeline.mode = 'ZBH1': zero-bubble"),
         ("parallel = dict(sequence_2D=dict(enable=True))\n", r"parallel.sequence_2D.enable = True: 2D sequence"),
         (
@@ -231,7 +231,11 @@ def test_bool_checkpoint_and_fraction(tmp_path):
             "model = dict(drop_rate=0.1)\n",
             r"model.drop_rate = 0.1: dropout is not available in pytrain; leave it at 0.0",
         ),
-        ("data = dict(type='hf')\n", r"data.type = 'hf': dataset types other than InternLM's tokenized format is not"),
+        (
+            "data = dict(type='parquet')\n",
+            r"data.type = 'parquet': must be one of 'tokenized', 'megatron', 'streaming'",
+        ),
+        ("data = dict(type='hf')\n", r"data.tokenizer_path: data.type='hf' tokenizes text on the fly: set it to"),
         ("selective_checkpoint_offload = True\n", r"selective_checkpoint_offload: offloads what selective_checkpoint"),
         (
             "parallel = dict(sequence_parallel=True, tensor=dict(size=1, mode='mtp'))\n",
@@ -450,7 +454,7 @@ def test_kwargs_builder_gets_every_given_field_over_the_generic_defaults(tmp_pat
     cfg = Config.from_file(write(tmp_path, 'model_type = "TEST_ANY"\nmodel = dict(hidden_size=64, init_type="x")\n'))
     assert cfg.model.hidden_size == 64 and cfg.model.init_type == "x" and cfg.model.num_layers == 32
     assert "model.init_type" not in cfg.ignored_here  # the builder receives it and decides
-    assert "max_position_embeddings" not in cfg.model  # not an acting field, not given
+    assert "dropout_selective_checkpoint" not in cfg.model  # not an acting field, not given
     assert "no_bias" not in cfg.model  # a field of some families only, not given
 
 

@@ -147,6 +147,15 @@ def test_bpe_round_trip_with_tokenizers_file_and_folder(tmp_path):
 
 
 def test_sentencepiece_model(tmp_path):
+    model, processor = sentencepiece_model(tmp_path)
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(TEXTS[:2]), encoding="utf-8")
+    out = tmp_path / "out" / "x.bin"
+    assert main(["--text_input_path", str(source), "--bin_output_path", str(out), "--tokenizer", str(model)]) == 0
+    assert next(iter(read_back(out.parent).values())) == [processor.encode(t.strip()) for t in TEXTS[:2]]
+
+
+def sentencepiece_model(tmp_path):
     sentencepiece = pytest.importorskip("sentencepiece")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(TEXTS * 30), encoding="utf-8")
@@ -158,17 +167,57 @@ def test_sentencepiece_model(tmp_path):
         character_coverage=1.0,
         minloglevel=2,
     )
+    return tmp_path / "sp.model", sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+
+
+def test_add_bos_eos_gives_internlm_ids(tmp_path, capsys):
+    """`--add_bos_eos both` with a sentencepiece model: BOS + ids + EOS per sample, what InternLM's tools/tokenizer.py
+    writes, as sentencepiece itself adds them; bos / eos one side; the default adds nothing (and --help says so)."""
+    model, processor = sentencepiece_model(tmp_path)
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS), encoding="utf-8")
+    for add, bos, eos in (("both", True, True), ("bos", True, False), ("eos", False, True), ("none", False, False)):
+        out = tmp_path / add / "x.bin"
+        argv = ["--text_input_path", str(source), "--bin_output_path", str(out), "--tokenizer", str(model)]
+        assert main([*argv, "--add_bos_eos", add]) == 0
+        (samples,) = read_back(out.parent).values()
+        assert samples == [processor.encode(t, add_bos=bos, add_eos=eos) for t in TEXTS]
+    assert samples == [processor.encode(t) for t in TEXTS]  # "none" is the default's output
+    assert processor.bos_id() == 1 and processor.eos_id() == 2
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert re.search(r"--add_bos_eos .*\(default\s+none", " ".join(capsys.readouterr().out.split()))
+
+
+def test_bos_eos_of_a_transformers_folder(tmp_path, capsys):
+    """A transformers tokenizer folder: BOS/EOS ids from its tokenizer_config.json; `tokenizer` applies the
+    tokenizers JSON's own post-processor; explicit ids win; the byte tokenizer has none to add."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import processors
+
+    _, tokenizer = bpe_tokenizer_file(tmp_path)
+    tokenizer.add_special_tokens(["<s>", "</s>"])
+    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
     source = tmp_path / "in.txt"
     source.write_text("\n".join(TEXTS[:2]), encoding="utf-8")
-    out = tmp_path / "out" / "x.bin"
-    assert (
-        main(
-            ["--text_input_path", str(source), "--bin_output_path", str(out), "--tokenizer", str(tmp_path / "sp.model")]
-        )
-        == 0
-    )
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
-    assert next(iter(read_back(out.parent).values())) == [processor.encode(t.strip()) for t in TEXTS[:2]]
+    plain = [tokenizer.encode(t.strip(), add_special_tokens=False).ids for t in TEXTS[:2]]
+    for add, extra, want in (
+        ("both", [], [[bos, *ids, eos] for ids in plain]),
+        ("tokenizer", [], [[bos, *ids] for ids in plain]),
+        ("eos", ["--eos_id", "7"], [[*ids, 7] for ids in plain]),
+    ):
+        out = tmp_path / add / "x.bin"
+        argv = ["--text_input_path", str(source), "--bin_output_path", str(out), "--tokenizer", str(folder)]
+        assert main([*argv, "--add_bos_eos", add, *extra]) == 0
+        assert next(iter(read_back(out.parent).values())) == want
+    argv = ["--text_input_path", str(source), "--bin_output_path", str(tmp_path / "b.bin"), "--add_bos_eos", "bos"]
+    assert main(argv) == 2
+    assert "'bos' needs a BOS id, and the tokenizer defines none" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,12 @@ LAYOUTS = {
     "ep2-tp2": (4, dict(expert=dict(size=2), tensor=2), {}, {}),
     "ep2-tp2-msp": (4, dict(expert=dict(size=2), tensor=dict(size=2, mode="msp")), dict(checkpoint=True), {}),
     "ep2-pp2": (4, dict(expert=dict(size=2), pipeline=2), {}, {}),
+    # FSDP: the dense weights sharded over the data ranks, the experts over the ranks holding the same experts
+    "fsdp2-ep2": (2, dict(expert=dict(size=2), zero1=dict(size=-1, fsdp=True)), {}, {}),
+    "fsdp-ep2-dp2": (4, dict(expert=dict(size=2), zero1=dict(size=-1, fsdp=True)), {}, {}),
 }
+# FSDP's cut of the expert weights' rows (dim 0: the experts) over the ranks holding the same experts
+EXPERT_FSDP_SHARDS = {"fsdp-ep2-dp2": 2}
 
 # ZeRO-1 group sizes [dense weights, expert weights]: the expert weights' state is sharded within the ranks
 # holding the same experts, unless parallel.expert_zero1.size = 1
@@ -104,6 +109,7 @@ def test_expert_layouts_match_one_process(world, single_process, tmp_path, init_
             experts = [(n, got.shape[0]) for n, got, _ in shards if n.endswith("experts.w1")]
             parallel = LAYOUTS[name][1]
             split = parallel.get("expert", {}).get("size", 1) * _size(parallel.get("tensor", 1))
+            split *= EXPERT_FSDP_SHARDS.get(name, 1)
             assert experts and all(local == MOE["num_experts"] // split for _, local in experts), (name, experts)
 
 

@@ -183,12 +183,12 @@ def test_triton_op_compiles_fullgraph_and_passes_opcheck(triton_device):
     cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=triton_device)
     torch.library.opcheck(
         torch.ops.pytrain.flash_attn_varlen_forward,
-        (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_seqlens, 11, True, 0.25),
+        (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_seqlens, 11, True, 0.25, 3),  # a window of 3
     )
     torch._dynamo.reset()
     flat = (q.detach(), k.detach(), v.detach())
     compiled = torch.compile(
-        lambda a, b, c: torch.ops.pytrain.flash_attn_varlen_forward(a, b, c, cu_seqlens, 11, True, 0.25)[0],
+        lambda a, b, c: torch.ops.pytrain.flash_attn_varlen_forward(a, b, c, cu_seqlens, 11, True, 0.25, -1)[0],
         fullgraph=True,
         backend="aot_eager",
     )

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from markers import DEVICES
 
 import pytrain.kernels
-from pytrain.kernels import RotaryEmbedding, _backend, apply_rotary, reference
+from pytrain.kernels import RopeScaling, RotaryEmbedding, _backend, apply_rotary, reference
 from pytrain.kernels import rotary as rotary_module
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -169,7 +169,8 @@ def test_large_positions_grow_the_table_and_keep_precision(device):
     fp32 tolerance (fp32 angles would be off by ~0.06 rad there)."""
     positions = torch.tensor([0, 7, 5000, 70000, 1_000_003, (1 << 21) - 1], device=device)
     check_against_reference((6, 2, 8), (6, 1, 8), torch.float32, device, positions=positions)
-    table = rotary_module._tables.pop((positions.device, 8, 10000.0))  # 64 MB: not kept for later tests
+    key = (positions.device, 8, 10000.0, RopeScaling(), None)  # no scaling, no length dependence
+    table = rotary_module._tables.pop(key)  # 64 MB: not kept for later tests
     assert table.shape == (1 << 21, 8) and table.dtype == torch.float32
 
 
@@ -300,7 +301,7 @@ def test_backward_is_rotation_by_minus_angle():
     """Rotating forward and then by the backward (the inverse op) gives the input back."""
     q, k, _, _ = make_inputs((2, 33, 4, 64), (2, 33, 2, 64), torch.float32, "cpu")
     q_out, k_out = apply_rotary(q, k)
-    back_q, back_k = torch.ops.pytrain.rotary(q_out, k_out, None, 10000.0, False, True, 0)
+    back_q, back_k = torch.ops.pytrain.rotary(q_out, k_out, None, 10000.0, False, True, 0, *RopeScaling().op_args())
     torch.testing.assert_close(back_q, q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(back_k, k, rtol=1e-5, atol=1e-5)
 
@@ -540,14 +541,17 @@ def test_opcheck(with_positions, device):
     """torch.library's own checks: schema, fake (meta) impl, autograd registration, AOT dispatch."""
     q, k, _, _ = make_inputs((2, 5, 4, 16), (2, 5, 2, 16), torch.float32, device)
     positions = torch.randint(0, 50, (2, 5), device=device) if with_positions else None
+    plain, dynamic = RopeScaling().op_args(), RopeScaling("dynamic", 2.0, max_position_embeddings=8).op_args()
     torch.library.opcheck(
-        torch.ops.pytrain.rotary.default, (q.requires_grad_(), k.requires_grad_(), positions, 500.0, True, False, 0)
+        torch.ops.pytrain.rotary.default,
+        (q.requires_grad_(), k.requires_grad_(), positions, 500.0, True, False, 0, *plain),
     )
     torch.library.opcheck(  # rows known on the host (a PackedSequences' max_seqlen): no range check in the op
-        torch.ops.pytrain.rotary.default, (q, k, positions, 500.0, True, False, 50)
+        torch.ops.pytrain.rotary.default, (q, k, positions, 500.0, True, False, 50, *dynamic)
     )
     torch.library.opcheck(
-        torch.ops.pytrain.rotary_.default, (q.detach().clone(), k.detach().clone(), positions, 500.0, False, False, 0)
+        torch.ops.pytrain.rotary_.default,
+        (q.detach().clone(), k.detach().clone(), positions, 500.0, False, False, 0, *plain),
     )
 
 

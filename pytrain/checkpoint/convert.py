@@ -20,10 +20,19 @@ from pathlib import Path
 import torch
 
 from pytrain.config import Config, ConfigError
+from pytrain.parallel.fsdp import local_tensor
 from pytrain.parallel.shard_spec import ShardSpec
 
 from .catalog import find_latest
-from .hf import HFReader, check_folder_class, from_hf_state, hf_rules, read_stacked_rows, save_hf_folder
+from .hf import (
+    HFReader,
+    check_folder_class,
+    check_folder_positions,
+    from_hf_state,
+    hf_rules,
+    read_stacked_rows,
+    save_hf_folder,
+)
 from .reader import CheckpointReader
 from .storage import CheckpointError, resolve_folder
 from .writer import Checkpointer
@@ -47,10 +56,13 @@ def _shape_error(folder, problems: list[str]) -> CheckpointError:
     )
 
 
-def _check_class(reader: HFReader, model) -> None:
-    """A folder with a config.json of another class is refused, naming the model_type that reads it."""
+def _check_folder(reader: HFReader, model) -> None:
+    """A folder with a config.json of another class is refused, naming the model_type that reads it; one whose
+    rotary embedding or sliding window differs from the model's, naming the fields that give the folder's."""
     if (reader.folder / "config.json").is_file():
-        check_folder_class(model, reader.config())
+        config = reader.config()
+        check_folder_class(model, config)
+        check_folder_positions(model, config)
 
 
 @torch.no_grad()
@@ -64,7 +76,7 @@ def load_hf_into(part, model, folder) -> None:
     except ValueError as err:  # the config's model has no Hugging Face form
         raise ConfigError(f"ckpt.load_ckpt_info ckpt_type='hf': {err}") from None
     reader = HFReader(resolve_folder(str(folder)))
-    _check_class(reader, model)
+    _check_folder(reader, model)
     wanted = {h for p, info in part.infos() for h in rules[info.name].hf_names}
     missing = sorted(wanted - set(reader.weight_map))
     if missing:
@@ -81,6 +93,8 @@ def load_hf_into(part, model, folder) -> None:
                 )
                 continue
             value = reader.get(hf_name) if spec.is_whole else reader.get_rows_or_columns(hf_name, spec.dim, spec.pieces)
+            if spec.rows is not None:  # FSDP's block of the row-parallel columns
+                value = value.narrow(0, *spec.rows)
         elif rule.stacked and spec.dim in (None, 0):
             shapes = {reader.shape(h) for h in rule.hf_names}
             if len(rule.hf_names) != spec.full_shape[0] or shapes != {tuple(spec.full_shape[1:])}:
@@ -99,7 +113,7 @@ def load_hf_into(part, model, folder) -> None:
                 )
                 continue
             value = spec.cut(full)
-        param.copy_(value)
+        local_tensor(param).copy_(value)
     if problems:
         raise _shape_error(folder, problems)
 
@@ -131,7 +145,7 @@ def to_hf(cfg: Config, ckpt: str, out: str, dtype: str | None) -> Path:
 def from_hf(cfg: Config, hf: str, out: str, dtype: str | None) -> Path:
     model = whole_model(cfg)
     reader = HFReader(resolve_folder(hf))
-    _check_class(reader, model)
+    _check_folder(reader, model)
     names = {h for rule in hf_rules(model) for h in rule.hf_names}
     state = from_hf_state(model, {name: reader.get(name) for name in names if name in reader.weight_map})
     params = dict(model.named_parameters())

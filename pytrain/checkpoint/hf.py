@@ -30,6 +30,14 @@ post_attention_layernorm, w1/w3/w2 -> gate/up/down_proj, norm -> model.norm, hea
 when tied). qk_interleaved models (GPT-J rotary pairs) get their q and k rows reordered into HF's
 rotate-half order (transformers' convert_llama_weights_to_hf permutation) and back.
 
+Positions: the rotary base and scaling go out as transformers 5's `rope_parameters` (and transformers 4's
+`rope_theta` / `rope_scaling`), "normal" as "default", with `max_position_embeddings`; a sliding window as Qwen2's
+and Qwen3's use_sliding_window / sliding_window / max_window_layers, or Mixtral's sliding_window (every layer).
+`position_fields(config)` reads them back as the model fields (a Llama 3.1 folder's rope_scaling: rope_type
+'llama3', rope_scaling_factor, low/high_freq_factor, original_max_position_embeddings), and loading a folder
+(`check_folder_positions`) refuses a model whose rotary embedding or windows differ from the folder's, naming the
+fields to set.
+
 `hf_rules(model)` gives, per pytrain parameter, its HF tensors and the two conversions; everything else
 (whole-state export/import, reading a rank's shard from a sharded safetensors folder) is built on them.
 A rule with `stacked=True` maps dim 0 of the pytrain tensor to its HF tensors one each (experts): a rank
@@ -44,8 +52,10 @@ from pathlib import Path
 
 import torch
 
+from pytrain.kernels import RopeScaling
 from pytrain.model.decoder import Decoder, FusedQKVAttention, GeGLU, GroupedQKVAttention, LayerNorm, NormHead
 from pytrain.model.moe import MoE
+from pytrain.model_args import DEFAULTS, ROPE_FIELDS, layer_windows, rope_scaling_from_fields
 from pytrain.registry import MODEL_INITIALIZER
 
 from . import schema
@@ -68,21 +78,29 @@ class HFClass:
     gemma: bool = False  # Gemma's RMSNorm by (1 + weight) and embeddings times sqrt(hidden), always there
     packed_qkv: bool = False  # one W_pack [q; k; v] tensor (Baichuan) rather than q_proj, k_proj, v_proj
     norm_head: bool = False  # the LM head's rows normalised at use (Baichuan2's NormHead), always
+    rope_scaling: bool = True  # reads rope_parameters' scaling (Baichuan's remote code does not)
+    # its config's sliding window: "layers" (Qwen2's use_sliding_window, sliding_window, max_window_layers), "every"
+    # (Mixtral's sliding_window, on every layer); None: none
+    sliding_window: str | None = None
 
 
 QWEN_EXPERTS = ("mlp", ("gate_proj", "up_proj", "down_proj"))
 LLAMA = HFClass("LlamaForCausalLM", "llama")
-QWEN2 = HFClass("Qwen2ForCausalLM", "qwen2", biases="qkv")
-MIXTRAL = HFClass("MixtralForCausalLM", "mixtral", ("block_sparse_moe", ("w1", "w3", "w2")), biases="none")
+QWEN2 = HFClass("Qwen2ForCausalLM", "qwen2", biases="qkv", sliding_window="layers")
+MIXTRAL = HFClass(
+    "MixtralForCausalLM", "mixtral", ("block_sparse_moe", ("w1", "w3", "w2")), biases="none", sliding_window="every"
+)
 QWEN2_MOE = HFClass("Qwen2MoeForCausalLM", "qwen2_moe", QWEN_EXPERTS, biases="qkv", shared_expert=True)
-QWEN3 = HFClass("Qwen3ForCausalLM", "qwen3", qk_norm=True)
+QWEN3 = HFClass("Qwen3ForCausalLM", "qwen3", qk_norm=True, sliding_window="layers")
 QWEN3_MOE = HFClass("Qwen3MoeForCausalLM", "qwen3_moe", QWEN_EXPERTS, qk_norm=True)
 GEMMA = HFClass("GemmaForCausalLM", "gemma", gemma=True)
 # transformers reads model_type "internlm3" into its Llama class; its config has one switch for attention and MLP
 # biases together, which InternEvo's InternLM3 (no MLP biases) cannot set: no biases
 INTERNLM3 = HFClass("InternLM3ForCausalLM", "internlm3", biases="none")
 # Baichuan2-7B's remote-code class (no transformers class: trust_remote_code); lm_head stored as trained
-BAICHUAN2 = HFClass("BaichuanForCausalLM", "baichuan", biases="none", packed_qkv=True, norm_head=True)
+BAICHUAN2 = HFClass(
+    "BaichuanForCausalLM", "baichuan", biases="none", packed_qkv=True, norm_head=True, rope_scaling=False
+)
 SHARD_BYTES = 4 << 30  # safetensors file size when exporting (transformers' own default is 5 GB)
 
 
@@ -213,6 +231,13 @@ def check_exportable(model: Decoder) -> None:
         )
     if mlp_has_bias(mlp) and hf != LLAMA:
         raise ValueError(f"{model.family}: {cls} has no MLP biases: use mlp_bias=False")
+    if attention.rotary.scaling.rope_type != "normal" and not hf.rope_scaling:
+        raise ValueError(f"{model.family}: {cls} has no rotary scaling: use rope_type='normal'")
+    windows = layer_windows_of(model)
+    if any(windows) and hf.sliding_window is None:
+        raise ValueError(f"{model.family}: {cls} has no sliding window: use use_sliding_window=False")
+    if any(windows) and hf.sliding_window == "every" and not all(windows):
+        raise ValueError(f"{cls} windows every layer: use max_window_layers=0")
     if hf.experts is not None and not isinstance(mlp, MoE):
         raise ValueError(f"{model.family} with num_experts <= 1 is dense: {cls} needs experts")
     if not isinstance(mlp, MoE):
@@ -226,6 +251,14 @@ def check_exportable(model: Decoder) -> None:
         )
     if cls == "MixtralForCausalLM" and not mlp.moe_layer.routing.normalize:
         raise ValueError("Mixtral renormalises the top-k weights: DeepSpeed's top-1 (use_fused_gating=False) is not")
+
+
+def layer_windows_of(model: Decoder) -> list[int | None]:
+    """Each layer's sliding window (None: none)."""
+    return [
+        layer.get_submodule(model.names.attention).inner_attention.sliding_window
+        for layer in model.decoder_layers.values()
+    ]
 
 
 def mlp_has_bias(mlp) -> bool:
@@ -363,9 +396,8 @@ def hf_config(model: Decoder, dtype: str = "bfloat16") -> dict:
         "head_dim": shape.head_dim,
         "hidden_act": "gelu_pytorch_tanh" if isinstance(mlp, GeGLU) else "silu",
         "rms_norm_eps": model.final_norm.eps,
-        "rope_theta": attention.rotary.base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": attention.rotary.base},
-        "max_position_embeddings": 32768,
+        **_rope_config(attention.rotary.base, attention.rotary.scaling),
+        "max_position_embeddings": model.max_position_embeddings,
         "tie_word_embeddings": model.tie_word_embeddings,
         "torch_dtype": dtype,
     }
@@ -376,11 +408,15 @@ def hf_config(model: Decoder, dtype: str = "bfloat16") -> dict:
         config.update(mlp_bias=mlp.w1.bias is not None)
     if hf.model_type.startswith("qwen"):
         config.update(use_sliding_window=False)
+    windows = layer_windows_of(model)
+    if any(windows) and hf.sliding_window == "layers":
+        full = next(index for index, window in enumerate(windows) if window)  # the leading layers without one
+        config.update(use_sliding_window=True, sliding_window=windows[full], max_window_layers=full)
     if isinstance(mlp, MoE):
         routing, width = mlp.moe_layer.routing, mlp.moe_layer.experts.w1.shape[1]
         config.update(intermediate_size=width, num_experts_per_tok=routing.top_k, output_router_logits=False)
         if cls == "MixtralForCausalLM":
-            config.update(num_local_experts=routing.num_experts, router_jitter_noise=0.0, sliding_window=None)
+            config.update(num_local_experts=routing.num_experts, router_jitter_noise=0.0, sliding_window=windows[0])
         else:
             config.update(
                 num_experts=routing.num_experts,
@@ -392,6 +428,98 @@ def hf_config(model: Decoder, dtype: str = "bfloat16") -> dict:
         if hf.shared_expert:
             config.update(shared_expert_intermediate_size=mlp.residual_mlp.w1.weight.shape[0], qkv_bias=True)
     return config
+
+
+# transformers' rope_type of each of pytrain's ("normal" is its "default"), and the rope_parameters each reads
+HF_ROPE_TYPES = {"normal": "default", "linear": "linear", "dynamic": "dynamic", "llama3": "llama3"}
+HF_ROPE_PARAMETERS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),  # with the config's max_position_embeddings
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _rope_config(base: float, scaling: RopeScaling) -> dict:
+    """config.json's rotary entries: transformers 5's rope_parameters, transformers 4's rope_theta and rope_scaling."""
+    parameters = {name: getattr(scaling, name) for name in HF_ROPE_PARAMETERS.get(scaling.rope_type, ())}
+    rope_type = HF_ROPE_TYPES[scaling.rope_type]
+    return {
+        "rope_theta": base,
+        "rope_parameters": {"rope_type": rope_type, "rope_theta": base, **parameters},
+        "rope_scaling": {"rope_type": rope_type, **parameters} if parameters else None,
+    }
+
+
+def position_fields(config: dict) -> dict:
+    """The model fields (pytrain.model_args) a Hugging Face config.json sets for positions: rope_base, the rotary
+    scaling (transformers 5's rope_parameters, or 4's rope_theta and rope_scaling) with max_position_embeddings, and the
+    sliding window (layer_types, Qwen2's use_sliding_window / sliding_window / max_window_layers, or Mistral's and
+    Mixtral's sliding_window on every layer). What pytrain has no form of is a CheckpointError naming it."""
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    hf_type = rope.get("rope_type", rope.get("type", "default"))
+    ours = {theirs: mine for mine, theirs in HF_ROPE_TYPES.items()}
+    if hf_type not in ours:
+        raise CheckpointError(
+            f"config.json's rope_type {hf_type!r} is not available in pytrain; it runs "
+            f"{', '.join(map(repr, ours))} (pytrain's rope_type {', '.join(map(repr, HF_ROPE_TYPES))})"
+        )
+    if rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError("config.json's partial_rotary_factor: pytrain rotates the whole head (1.0) only")
+    max_positions = config.get("max_position_embeddings", DEFAULTS["max_position_embeddings"])
+    fields = {
+        "rope_base": float(rope.get("rope_theta", config.get("rope_theta", DEFAULTS["rope_base"]))),
+        "rope_type": ours[hf_type],
+        "max_position_embeddings": max_positions,
+    }
+    for name in HF_ROPE_PARAMETERS.get(ours[hf_type], ()):
+        if name not in rope and name != "original_max_position_embeddings":
+            raise CheckpointError(f"config.json's rope_parameters of rope_type {hf_type!r} lack {name!r}")
+        field = "rope_scaling_factor" if name == "factor" else name
+        fields[field] = rope.get(name, max_positions)  # transformers' default of original_max_position_embeddings
+    return fields | _window_fields(config)
+
+
+def _window_fields(config: dict) -> dict:
+    layer_types = config.get("layer_types")
+    if layer_types is not None and "sliding_attention" in layer_types:
+        full = layer_types.index("sliding_attention")
+        if layer_types != ["full_attention"] * full + ["sliding_attention"] * (len(layer_types) - full):
+            raise CheckpointError(
+                f"config.json's layer_types {layer_types}: pytrain windows the layers from max_window_layers on, "
+                "not another pattern"
+            )
+        return dict(use_sliding_window=True, sliding_window=config["sliding_window"], max_window_layers=full)
+    if layer_types is not None or not (config.get("use_sliding_window", True) and config.get("sliding_window")):
+        return dict(use_sliding_window=False)
+    if config.get("model_type") == "qwen2_moe":
+        raise CheckpointError("Qwen2-MoE's sliding window (every other layer) is not available in pytrain")
+    # Qwen2's use_sliding_window (its own default for max_window_layers), or Mistral's / Mixtral's on every layer
+    every = "use_sliding_window" not in config
+    max_window_layers = 0 if every else config.get("max_window_layers", 28)
+    return dict(use_sliding_window=True, sliding_window=config["sliding_window"], max_window_layers=max_window_layers)
+
+
+def check_folder_positions(model: Decoder, folder_config: dict) -> None:
+    """A folder whose config.json rotates q and k, or windows the attention, otherwise than the model is refused,
+    naming the model fields that give the folder's."""
+    folder = position_fields(folder_config)
+    fields = {name: DEFAULTS[name] for name in ROPE_FIELDS} | folder
+    scaling = RopeScaling(**rope_scaling_from_fields(**{name: fields[name] for name in ROPE_FIELDS}))
+    indices = [int(index) for index in model.decoder_layers]  # global: a pipeline stage holds some
+    windows = layer_windows(
+        fields["use_sliding_window"], fields.get("sliding_window"), fields.get("max_window_layers", 0), max(indices) + 1
+    )
+    rotary = next(iter(model.decoder_layers.values())).get_submodule(model.names.attention).rotary
+    differ = []
+    if (rotary.base, rotary.scaling) != (fields["rope_base"], scaling):
+        differ += ["rope_base", *ROPE_FIELDS]
+    if layer_windows_of(model) != [windows[index] for index in indices]:
+        differ += ["use_sliding_window", "sliding_window", "max_window_layers"]
+    if differ:
+        wanted = ", ".join(f"model.{name}={folder[name]!r}" for name in differ if name in folder)
+        raise CheckpointError(
+            f"the Hugging Face folder's config.json positions tokens otherwise than this model: set {wanted}"
+        )
 
 
 def _projections(attention) -> tuple[str, ...]:

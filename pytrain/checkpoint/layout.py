@@ -1,9 +1,10 @@
 """Shards as boxes of the full tensor: who writes which entry once, and how another cut is read back.
 
-A ShardSpec's pieces are boxes of the full tensor (whole on every dim but `dim`). Saving gathers every
-rank's (key, spec) and keeps one writer per distinct spec (the lowest rank holding it: replicas over data or
-tensor ranks are written once); the distinct specs of a key must tile the full tensor exactly. Loading
-intersects each wanted piece with each saved piece and copies the overlaps, so any layout reads any other.
+A ShardSpec's pieces are boxes of the full tensor (whole on every dim but `dim`, and dim 0 when it has
+`rows`). Saving gathers every rank's (key, spec) and keeps one writer per distinct spec (the lowest rank
+holding it: replicas over data or tensor ranks are written once); the distinct specs of a key must tile the
+full tensor exactly. Loading intersects each wanted piece with each saved piece and copies the overlaps, so
+any layout reads any other.
 """
 
 from collections.abc import Iterator
@@ -27,11 +28,15 @@ class Entry:
 
 
 def spec_to_json(spec: ShardSpec) -> dict:
-    return {"dim": spec.dim, "pieces": [list(piece) for piece in spec.pieces]}
+    value = {"dim": spec.dim, "pieces": [list(piece) for piece in spec.pieces]}
+    if spec.rows is not None:
+        value["rows"] = list(spec.rows)
+    return value
 
 
 def spec_from_json(full_shape, value: dict) -> ShardSpec:
-    return ShardSpec(tuple(full_shape), value["dim"], tuple(tuple(piece) for piece in value["pieces"]))
+    rows = tuple(value["rows"]) if "rows" in value else None
+    return ShardSpec(tuple(full_shape), value["dim"], tuple(tuple(piece) for piece in value["pieces"]), rows)
 
 
 def check_spec(key: str, spec: ShardSpec) -> None:
@@ -48,6 +53,12 @@ def check_spec(key: str, spec: ShardSpec) -> None:
     covered.sort()
     if any(prev[1] > nxt[0] for prev, nxt in pairwise(covered)):
         raise CheckpointError(f"{key}: the pieces {spec.pieces} of one shard overlap")
+    if spec.rows is not None:
+        start, length = spec.rows
+        if spec.dim == 0 or start < 0 or length < 0 or start + length > spec.full_shape[0]:
+            raise CheckpointError(
+                f"{key}: rows {spec.rows} do not fit dim 0 of {spec.full_shape} (shard dim {spec.dim})"
+            )
 
 
 def piece_boxes(spec: ShardSpec) -> list[tuple[Box, int]]:
@@ -55,6 +66,8 @@ def piece_boxes(spec: ShardSpec) -> list[tuple[Box, int]]:
     whole = tuple((0, n) for n in spec.full_shape)
     if spec.dim is None:
         return [(whole, 0)]
+    if spec.rows is not None:
+        whole = ((spec.rows[0], spec.rows[0] + spec.rows[1]), *whole[1:])
     out, offset = [], 0
     for start, length in spec.pieces:
         box = tuple((start, start + length) if d == spec.dim else extent for d, extent in enumerate(whole))
@@ -76,9 +89,13 @@ def intersect(a: Box, b: Box) -> Box | None:
 
 
 def local_slices(spec: ShardSpec, piece: Box, offset: int, region: Box) -> tuple[slice, ...]:
-    """The slices of the local tensor of `spec` that hold `region` (a part of one of its pieces)."""
+    """The slices of the local tensor of `spec` that hold `region` (a part of one of its pieces): along `dim`
+    from the piece's place in the local tensor, along the other dims from the box's start (0 where whole)."""
     return tuple(
-        slice(start - piece[d][0] + offset, stop - piece[d][0] + offset) if d == spec.dim else slice(start, stop)
+        slice(
+            start - piece[d][0] + (offset if d == spec.dim else 0),
+            stop - piece[d][0] + (offset if d == spec.dim else 0),
+        )
         for d, (start, stop) in enumerate(region)
     )
 

@@ -156,7 +156,10 @@ MANIFEST = Record(
                     "shape": SHAPE,
                     "dtype": OneOf(DTYPE_NAMES),
                     "shards": ListOf(
-                        Record({"file": Text(), "dim": Nullable(Int()), "pieces": ListOf(ListOf(Int(), 2))})
+                        Record(
+                            {"file": Text(), "dim": Nullable(Int()), "pieces": ListOf(ListOf(Int(), 2))},
+                            {"rows": ListOf(Int(), 2)},
+                        )
                     ),
                 }
             )

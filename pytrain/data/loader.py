@@ -12,7 +12,10 @@ Order. The packs of a source (see packing.py) are permuted per epoch by a genera
 (seed, epoch), so the order of any epoch is a pure function of the two and never depends on what was read
 before. Batch b takes the next G = micro_num_b * data_parallel_size packs of the epoch (a new epoch starts
 when fewer than G are left; the tail is not read); rank r takes packs [r*micro_num_b, (r+1)*micro_num_b) of
-those G, so the union over ranks is the same global batch whatever the data-parallel size.
+those G, so the union over ranks is the same global batch whatever the data-parallel size. Planned sources
+(streamed text, weighted mixtures: mixture.py) are endless, unpermuted, and give rank r the batch's packs
+r, r + dp, ... instead, built one by one; their position also holds the plan's place and the streamed
+shards' states.
 
 Position. (epoch, packs read in the epoch, batch count) fixes where the stream is; state_dict() holds it
 with the consumed counters and the seed. It is advanced in the main process when a batch is handed to the
@@ -28,16 +31,21 @@ total_steps bounds the batch count, skipped batches included, as in InternLM.
 """
 
 import bisect
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from .packing import IGNORE, PackSource, TokenizedPacks, dummy_packs, window_packs
+from .megatron import MegatronReader, open_megatron
+from .mixture import IndexedComponent, PlannedPacks
+from .packing import IGNORE, PackSource, TokenizedPacks, dummy_packs, stack_packs, window_packs
 from .stdlib_corpus import load_stdlib_corpus
+from .streaming import StreamedText, open_text, open_text_validation, text_encoder
 from .tokenized import DataError, SampleReader, open_folder
 
 BUILTIN_CORPUS = "builtin:stdlib"
@@ -120,6 +128,11 @@ class TrainLoader:
         self.position = Position()
         self.batch_index = -1
         self._order_cache: tuple[int, np.ndarray] | None = None
+        self.planned = getattr(source, "planned", False)  # built pack by pack along a plan (mixture.py)
+        if self.planned:
+            source.check_layout(data_parallel_size)
+            self.anchor = source.start()  # the plan at the position
+            self.shard_states: dict[str, dict] = {}  # the streamed shards this rank has read, after the position
         global_batch = micro_num * data_parallel_size
         if source.num_packs < global_batch:
             raise DataError(
@@ -181,6 +194,9 @@ class TrainLoader:
         return remaining - sum(1 for b in self.skipped_batches if b >= self.position.batch)
 
     def __iter__(self):
+        if self.planned:
+            yield from self._iter_planned()
+            return
         builder = StepBuilder(self.source)
         loader = DataLoader(
             builder,
@@ -199,8 +215,60 @@ class TrainLoader:
         for *_, after in self._steps(self.position):  # trailing skipped batches are consumed too
             self.position = after
 
+    def _iter_planned(self):
+        """A planned source's batches: its packs come one by one, rank r's q-th pack being position q * dp + r
+        (mixture.py), built by worker q mod W (W dividing this rank's shards, so each shard has one worker)."""
+        start = self.position
+        steps = list(self._steps(start))
+        count = sum(micro_num for _, micro_num, _, _ in steps)
+        workers = self.num_workers
+        if workers and self.source.block > 1:
+            workers = math.gcd(workers, self.source.block // self.dp)
+        packs = PlannedPackStream(
+            self.source, self.dp, self.rank, start.offset // self.dp, count, self.anchor, dict(self.shard_states)
+        )
+        loader = DataLoader(
+            packs,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=False,
+            prefetch_factor=PREFETCH_FACTOR * self.micro_num if workers else None,
+        )
+        items = iter(loader)
+        for before, micro_num, skipped, after in steps:
+            built = [next(items) for _ in range(micro_num)]
+            for item in built:
+                if isinstance(item, str):  # a DataError in a worker: re-raised here with its own message
+                    raise DataError(item)
+            updates = dict(update for _, update in built if update is not None)
+            if skipped:
+                self.shard_states.update(updates)
+                self.position, self.anchor = after, self.source.anchor_at(after.offset, self.anchor)
+                continue
+            flat, layout = flat_batch(
+                stack_packs([pack for pack, _ in built], self.source.into_one), self.source.seq_len
+            )
+            self.shard_states.update(updates)
+            self.position, self.anchor = after, self.source.anchor_at(after.offset, self.anchor)
+            self.batch_index = before.batch
+            yield unflat_batch(flat.pin_memory() if self.pin_memory else flat, layout)
+
     # -- resume ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The position. For a planned source with streamed shards, collective when torch.distributed is
+        initialized: every rank calls it, and each gets every rank's shard states."""
+        state = self._state()
+        if self.planned:
+            shards = dict(self.shard_states)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                every = [None] * dist.get_world_size()
+                dist.all_gather_object(every, shards)
+                for part in every:
+                    shards.update(part)
+            state["plan"] = {"block": self.anchor[0], "counts": list(self.anchor[1]), "shards": shards}
+        return state
+
+    def _state(self) -> dict:
         p = self.position
         return {
             "version": STATE_VERSION,
@@ -246,6 +314,34 @@ class TrainLoader:
             consumed_tokens=int(state["consumed_tokens"]),
         )
         self.batch_index = self.position.batch - 1
+        if self.planned:
+            plan = state["plan"]
+            self.anchor = (int(plan["block"]), [int(c) for c in plan["counts"]])
+            self.shard_states = dict(plan["shards"])
+
+
+class PlannedPackStream(IterableDataset):
+    """The packs of this rank's positions from a planned source, each with its shard's state after it; in
+    worker w of W, those of the positions q with (q - first) mod W == w (the DataLoader takes the workers'
+    items in turn, so the items stay in order)."""
+
+    def __init__(self, source, dp: int, rank: int, first: int, count: int, anchor, shard_states: dict):
+        self.source, self.dp, self.rank, self.first, self.count = source, dp, rank, first, count
+        self.anchor, self.shard_states = anchor, shard_states
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        builder = self.source.builder(self.shard_states)
+        positions = ((self.first + i) * self.dp + self.rank for i in range(self.count))
+        for i, (component, j) in enumerate(self.source.lanes(positions, self.anchor)):
+            if i % workers != worker:
+                continue
+            try:
+                yield builder.build(component, j)
+            except DataError as error:
+                yield str(error)
+                return
 
 
 def astuple_ints(position: Position) -> tuple:
@@ -314,6 +410,79 @@ def _get(cfg: Mapping, key: str, default):
     return default if value is None and default is not None else value
 
 
+DATA_TYPES = {"tokenized": "tokenized", "megatron": "megatron", "streaming": "streaming", "hf": "streaming"}
+
+
+def folder_source(data_cfg: Mapping, folder: str, *, vocab_size: int, seed: int) -> tuple[PackSource, list[str]]:
+    """The packs of data.train_folder in data.type's format, weighted by data.dataset_weights when given."""
+    kind = data_kind(data_cfg)
+    packing = dict(
+        seq_len=data_cfg["seq_len"],
+        micro_bsz=data_cfg["micro_bsz"],
+        pack_sample_into_one=bool(_get(data_cfg, "pack_sample_into_one", False)),
+        min_length=int(_get(data_cfg, "min_length", 0)),
+        seed=seed,
+    )
+    weights = data_cfg.get("dataset_weights")
+    if kind == "streaming":
+        files, names, fs = open_text(data_cfg, folder)
+        streaming = dict(
+            encoder=text_encoder(data_cfg, vocab_size),
+            text_key=_get(data_cfg, "text_key", "text"),
+            num_shards=int(_get(data_cfg, "stream_shards", 8)),
+            shuffle_buffer=int(_get(data_cfg, "shuffle_buffer", 8192)),
+            vocab_size=vocab_size,
+        )
+        if weights is None:
+            return PlannedPacks([StreamedText(files, fs, **streaming, **packing)], [1.0], names), names
+        parts = [
+            StreamedText([f for f in files if f.type_id == t], fs, **streaming, **packing, stream_id=t)
+            for t, _, _ in mixture_parts(weights, names)
+        ]
+    else:
+        files, names = open_documents(kind, folder)
+        if weights is None:
+            return TokenizedPacks(files, document_reader(kind, files, vocab_size), kind=kind, **packing), names
+        parts = []
+        for t, name, _ in mixture_parts(weights, names):
+            mine = [f for f in files if f.type_id == t]
+            packs = TokenizedPacks(mine, document_reader(kind, mine, vocab_size), kind=kind, **packing)
+            parts.append(IndexedComponent(packs, t, seed, name))
+    chosen = mixture_parts(weights, names)
+    return PlannedPacks(parts, [w for *_, w in chosen], [name for _, name, _ in chosen]), names
+
+
+def mixture_parts(weights: Mapping, names: list[str]) -> list[tuple[int, str, float]]:
+    """(type id, name, weight) of the types data.dataset_weights mixes (weight > 0); it must weigh every type."""
+    unknown = sorted(set(weights) - set(names))
+    missing = sorted(set(names) - set(weights))
+    if unknown or missing:
+        raise DataError(
+            f"data.dataset_weights={dict(weights)!r} "
+            + (f"names {', '.join(map(repr, unknown))}, not a dataset type of the data; " if unknown else "")
+            + (f"has no weight for {', '.join(map(repr, missing))}; " if missing else "")
+            + f"the types (top-level subfolders) are {', '.join(map(repr, names))}: give each a weight (0: left out)"
+        )
+    return [(names.index(name), name, float(weight)) for name, weight in weights.items() if weight > 0]
+
+
+def data_kind(data_cfg: Mapping) -> str:
+    given = _get(data_cfg, "type", "tokenized")
+    if given not in DATA_TYPES:
+        raise DataError(f"data.type={given!r} is not a data format; give one of {', '.join(map(repr, DATA_TYPES))}")
+    return DATA_TYPES[given]
+
+
+def open_documents(kind: str, folder, what: str = "data.train_folder"):
+    """(files, dataset type names) of a folder of already tokenized documents."""
+    return open_megatron(folder, what) if kind == "megatron" else open_folder(folder, what)
+
+
+def document_reader(kind: str, files: list, vocab_size: int | None):
+    """Reads document (index in files, index in the file) of open_documents' files."""
+    return MegatronReader(files, vocab_size) if kind == "megatron" else SampleReader(files, vocab_size)
+
+
 def build_train_loader(
     data_cfg: Mapping,
     *,
@@ -342,16 +511,7 @@ def build_train_loader(
         source = window_packs(tokens, micro_bsz=micro_bsz, seq_len=seq_len, vocab_size=vocab_size, seed=seed)
         dataset_types = ["stdlib"]
     else:
-        files, dataset_types = open_folder(folder)
-        source = TokenizedPacks(
-            files,
-            seq_len=seq_len,
-            micro_bsz=micro_bsz,
-            pack_sample_into_one=bool(_get(data_cfg, "pack_sample_into_one", False)),
-            min_length=int(_get(data_cfg, "min_length", 0)),
-            seed=seed,
-            vocab_size=vocab_size,
-        )
+        source, dataset_types = folder_source(data_cfg, folder, vocab_size=vocab_size, seed=seed)
     loader = TrainLoader(
         source,
         micro_num=micro_num,
@@ -469,9 +629,13 @@ def build_valid_loaders(
     folder = data_cfg.get("valid_folder")
     if folder is None:
         return {}
-    files, dataset_types = open_folder(folder, "data.valid_folder")
+    kind = data_kind(data_cfg)
+    if kind == "streaming":
+        files, dataset_types, reader = open_text_validation(data_cfg, folder, vocab_size)
+    else:
+        files, dataset_types = open_documents(kind, folder, "data.valid_folder")
+        reader = document_reader(kind, files, vocab_size)
     min_length = max(int(_get(data_cfg, "min_length", 0)), 1)
-    reader = SampleReader(files, vocab_size)
     by_set: dict[Path, list] = {}
     for index, f in enumerate(files):
         keep = np.nonzero(f.lengths >= min_length)[0]

@@ -9,7 +9,9 @@ OUT/<same relative path>.bin, tokenized in parallel processes (--workers) with a
 
 --tokenizer: `byte` (UTF-8 bytes, ids 0..255, no dependency), a Hugging Face `tokenizers` JSON file, a
 local transformers tokenizer folder (its tokenizer.json), or a sentencepiece `.model` file (the last
-three need `pip install 'pytrain[data]'`).
+three need `pip install 'pytrain[data]'`). --add_bos_eos: what goes around each sample's ids; by default
+nothing. `both` writes the tokenizer's BOS and EOS around every sample, as InternLM's tools/tokenizer.py
+does with its sentencepiece model (pytrain.data.text_tokenizer has the other choices).
 
 Each output is written to a temporary name and renamed, the .meta after the .bin, so an interrupted run
 never leaves a .bin/.meta pair that looks complete. The meta is InternLM's: int32 (byte_offset, num_tokens).
@@ -26,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .text_tokenizer import ADD_BOS_EOS, SampleEncoder, TokenizerError, load_tokenizer
+
 try:
     from pytrain import _C
 except ImportError:  # not built: json_lines formats in Python, slower (bench/test_data_bench.py)
@@ -33,86 +37,10 @@ except ImportError:  # not built: json_lines formats in Python, slower (bench/te
 
 INPUT_SUFFIXES = (".txt", ".json", ".jsonl")
 ENCODE_CHUNK = 4096  # texts per encode_batch call
-EXTRA_HINT = "pip install 'pytrain[data]' (tokenizers, sentencepiece)"
 
 
 class TokenizeError(ValueError):
     """Bad tokenize input; the message names the file (and line) and the fix."""
-
-
-# -- tokenizers -----------------------------------------------------------------------------------------------
-class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255: lossless for any text, no vocabulary to ship."""
-
-    vocab_size = 256
-
-    def encode_batch(self, texts: list[str]) -> list[bytes]:
-        return [t.encode("utf-8") for t in texts]  # bytes are a sequence of the ids 0..255
-
-    def decode(self, ids) -> str:
-        return bytes(np.asarray(ids, dtype=np.uint8)).decode("utf-8")
-
-
-class HFTokenizer:
-    def __init__(self, path: Path):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise TokenizeError(f"--tokenizer {path} needs the `tokenizers` library: {EXTRA_HINT}") from None
-        try:
-            self.tokenizer = Tokenizer.from_file(str(path))
-        except Exception as error:  # the library raises its own exception type
-            raise TokenizeError(f"--tokenizer {path} is not a Hugging Face tokenizers JSON file ({error})") from None
-        self.vocab_size = self.tokenizer.get_vocab_size()
-
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
-
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
-
-
-class SentencePieceTokenizer:
-    def __init__(self, path: Path):
-        try:
-            import sentencepiece
-        except ImportError:
-            raise TokenizeError(f"--tokenizer {path} needs the `sentencepiece` library: {EXTRA_HINT}") from None
-        try:
-            self.processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
-        except (OSError, RuntimeError) as error:
-            raise TokenizeError(f"--tokenizer {path} is not a sentencepiece model ({error})") from None
-        self.vocab_size = self.processor.get_piece_size()
-
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(ids, dtype=np.int64) for ids in self.processor.encode(texts)]
-
-    def decode(self, ids) -> str:
-        return self.processor.decode([int(i) for i in ids])
-
-
-def load_tokenizer(spec: str):
-    if spec == "byte":
-        return ByteTokenizer()
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "tokenizer.json").exists():
-            raise TokenizeError(
-                f"--tokenizer {spec}: the folder has no tokenizer.json (a transformers tokenizer folder saved "
-                f"with a fast tokenizer has one); give a tokenizers .json, a sentencepiece .model, or 'byte'"
-            )
-        return HFTokenizer(path / "tokenizer.json")
-    if not path.exists():
-        raise TokenizeError(f"--tokenizer {spec!r} does not exist: give 'byte' or the path of a tokenizer")
-    if path.suffix == ".json":
-        return HFTokenizer(path)
-    if path.suffix == ".model":
-        return SentencePieceTokenizer(path)
-    raise TokenizeError(
-        f"--tokenizer {spec}: unknown kind; give 'byte', a tokenizers .json file, a transformers tokenizer "
-        f"folder, or a sentencepiece .model file"
-    )
 
 
 # -- the InternLM line ----------------------------------------------------------------------------------------
@@ -190,17 +118,18 @@ def record_text(record, text_key: str, path: Path, number: int, what: str = "lin
 
 
 # -- one file -----------------------------------------------------------------------------------------------
-_TOKENIZER = None
+_ENCODER = None
 
 
-def _init_worker(spec: str) -> None:
-    global _TOKENIZER
-    _TOKENIZER = load_tokenizer(spec)
+def _init_worker(encoder: SampleEncoder) -> None:
+    global _ENCODER
+    _ENCODER = encoder
 
 
 def tokenize_file(source: Path, target: Path, text_key: str, tokenizer=None) -> tuple[int, int, int]:
-    """Writes target (.bin) and target.meta atomically; returns (samples, tokens, input bytes)."""
-    tokenizer = tokenizer or _TOKENIZER
+    """Writes target (.bin) and target.meta atomically; returns (samples, tokens, input bytes). tokenizer:
+    a SampleEncoder, or a bare tokenizer (nothing added)."""
+    tokenizer = tokenizer or _ENCODER
     target.parent.mkdir(parents=True, exist_ok=True)
     meta_target = target.with_name(target.name + ".meta")
     temp_bin = target.with_name(f".{target.name}.{os.getpid()}.partial")
@@ -260,6 +189,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bin_output_path", required=True, help="OUT.bin for a file, an output folder for a folder")
     parser.add_argument("--tokenizer", default="byte", help="byte | tokenizers .json | transformers folder | .model")
     parser.add_argument("--text_key", default="text", help="the text field of .json/.jsonl records")
+    parser.add_argument(
+        "--add_bos_eos",
+        choices=ADD_BOS_EOS,
+        default="none",
+        help="ids around each sample (default none: the text's ids only); both: the tokenizer's BOS and EOS around "
+        "every sample, as InternLM's tools/tokenizer.py; bos / eos: one of them; tokenizer: what the tokenizer's "
+        "own settings add (a tokenizers JSON's post-processor)",
+    )
+    parser.add_argument("--bos_id", type=int, default=None, help="the BOS id (default: the tokenizer's)")
+    parser.add_argument("--eos_id", type=int, default=None, help="the EOS id (default: the tokenizer's)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (folder input)")
     return parser.parse_args(argv)
 
@@ -267,7 +206,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = SampleEncoder(load_tokenizer(args.tokenizer), args.add_bos_eos, args.bos_id, args.eos_id)
         jobs = plan_jobs(Path(args.text_input_path).expanduser(), Path(args.bin_output_path).expanduser())
         jobs = [(src, dst, args.text_key) for src, dst in jobs]
         total_bytes = sum(src.stat().st_size for src, _, _ in jobs)
@@ -280,7 +219,7 @@ def main(argv=None) -> int:
                 pool = None
             else:
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallel over files instead
-                pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(args.tokenizer,))
+                pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer,))
                 results = pool.map(_tokenize_job, jobs)
             try:
                 for n_samples, n_tokens, n_bytes in results:
@@ -290,7 +229,7 @@ def main(argv=None) -> int:
                 if pool is not None:
                     pool.shutdown(cancel_futures=True)
         seconds = time.perf_counter() - start
-    except TokenizeError as error:
+    except (TokenizeError, TokenizerError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(

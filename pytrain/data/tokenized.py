@@ -38,17 +38,28 @@ class BinFile:
     lengths: np.ndarray  # int64, tokens of each line
 
 
-def find_bin_files(folder: str | os.PathLike, what: str = "data.train_folder") -> tuple[list[Path], Path]:
-    """Every .bin under folder, in os.walk order with sorted dirs and files (as InternLM); checks the folder."""
-    root = Path(folder).expanduser()
-    if not root.exists():
-        raise DataError(f"{what}={str(folder)!r} does not exist: point it at a folder of tokenized .bin files")
-    if not root.is_dir():
-        raise DataError(f"{what}={str(folder)!r} is not a folder: point it at the folder that holds the .bin files")
+def walk_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Every file under root ending in one of suffixes, in os.walk order with sorted dirs and files (as InternLM)."""
     files = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
-        files.extend(Path(dirpath) / name for name in sorted(filenames) if name.endswith(".bin"))
+        files.extend(Path(dirpath) / name for name in sorted(filenames) if name.endswith(suffixes))
+    return files
+
+
+def check_folder(folder: str | os.PathLike, what: str, holds: str) -> Path:
+    root = Path(folder).expanduser()
+    if not root.exists():
+        raise DataError(f"{what}={str(folder)!r} does not exist: point it at a folder of {holds}")
+    if not root.is_dir():
+        raise DataError(f"{what}={str(folder)!r} is not a folder: point it at the folder that holds the {holds}")
+    return root
+
+
+def find_bin_files(folder: str | os.PathLike, what: str = "data.train_folder") -> tuple[list[Path], Path]:
+    """Every .bin under folder (walk_files' order); checks the folder."""
+    root = check_folder(folder, what, "tokenized .bin files")
+    files = walk_files(root, (".bin",))
     if not files:
         raise DataError(f"{what}={str(folder)!r} has no .bin files (InternLM's tokenized format); {TOKENIZE_HINT}")
     return files, root

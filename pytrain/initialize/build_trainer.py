@@ -60,6 +60,7 @@ def initialize_trainer(
         lr_scheduler=lr_scheduler,
         beta2_scheduler=beta2_scheduler,
         label_vocab_size=cfg.model.vocab_size,
+        dataset_types=getattr(train_dataloader, "dataset_types", None),
     )
     return trainer, train_dataloader, test_dataloader, lr_scheduler
 

@@ -8,6 +8,7 @@ Fused: rms_norm, apply_rotary, swiglu, cross_entropy (and vocab_parallel_cross_e
 linear_cross_entropy, flash_attn_func / flash_attn_varlen_func; adamw_step_ (a multi-tensor AdamW update).
 Mixture of experts: moe_permute / moe_unpermute (tokens to expert-grouped rows and back, weighted by the
 routing weights) and grouped_mm (one GEMM per expert over those rows).
+RopeScaling: a long-context rotary scaling (linear, dynamic NTK, Llama 3.1's) for apply_rotary / RotaryEmbedding.
 PackedSequences: a packed micro-batch's sequence boundaries, checked once and passed to every layer's
 attention and rotary call (no host synchronization per call); CheckedPositions: the same for unpacked rows'
 positions (rotary).
@@ -23,6 +24,7 @@ from .modules import CrossEntropyLoss, FlashAttention, LinearCrossEntropyLoss, R
 from .moe_permute import moe_permute, moe_unpermute
 from .packed import PackedSequences
 from .rms_norm import rms_norm
+from .rope_scaling import RopeScaling
 from .rotary import CheckedPositions, apply_rotary
 from .swiglu import swiglu
 
@@ -33,6 +35,7 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "PackedSequences",
     "RMSNorm",
+    "RopeScaling",
     "RotaryEmbedding",
     "adamw_step_",
     "apply_rotary",

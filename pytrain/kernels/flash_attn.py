@@ -4,6 +4,11 @@ CUDA tensors run pytrain's Triton kernels (kernels/flash_attn_triton.py) as torc
 and torch.compile see one op each way). CPU tensors run PyTorch's SDPA (its CPU flash kernel), one
 document at a time for packed input, so no mask quadratic in the packed length is ever built.
 
+Sliding-window attention takes flash-attn's window_size=(left, right), causal only: query i sees keys i - left .. i
+(transformers' sliding_window=W is window_size=(W - 1, 0)). On the CPU, SDPA then runs over blocks of queries, each
+with the keys its window reaches and a (block, block + left) mask, so the work and memory stay linear in the
+sequence length.
+
 PYTRAIN_TRITON_CPU=1 runs the Triton kernels on CPU tensors through Triton's interpreter instead (tests
 only: it is slow); that needs TRITON_INTERPRET=1 set before triton is first imported.
 """
@@ -31,14 +36,15 @@ def _forward(
     max_seqlen: int,
     causal: bool,
     scale: float,
+    window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from pytrain.triton.flash_attn_triton import flash_attn_forward
 
-    return flash_attn_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    return flash_attn_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, window)
 
 
 @_forward.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+def _(q, k, v, cu_seqlens, max_seqlen, causal, scale, window):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -54,29 +60,30 @@ def _backward(
     max_seqlen: int,
     causal: bool,
     scale: float,
+    window: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from pytrain.triton.flash_attn_triton import flash_attn_backward
 
-    return flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale)
+    return flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale, window)
 
 
 @_backward.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale, window):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, causal, scale = inputs
+    q, k, v, cu_seqlens, max_seqlen, causal, scale, window = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+    ctx.max_seqlen, ctx.causal, ctx.scale, ctx.window = max_seqlen, causal, scale, window
 
 
 def _autograd_backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()  # the kernels take strided tokens and heads
-    dq, dk, dv = _backward(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _backward(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.scale, ctx.window)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -111,8 +118,29 @@ def _scale(softmax_scale, head_dim: int) -> float:
     return float(softmax_scale)
 
 
-def _sdpa(q, k, v, causal: bool, scale: float):
-    """SDPA on (..., seq, heads, dim) tensors."""
+def _window(window_size, causal: bool) -> int:
+    """flash-attn's window_size (left, right) as the left window (-1: none); only causal windows run here."""
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
+    left, right = window_size
+    for name, side in (("left", left), ("right", right)):
+        if isinstance(side, bool) or not isinstance(side, int) or side < -1:
+            raise ValueError(f"window_size's {name} must be an int >= -1 (-1: unbounded), got {side!r}")
+    if left >= 0 and not causal:
+        raise ValueError(f"window_size={tuple(window_size)} needs causal=True: only causal sliding windows run here")
+    if right > 0 or (right == 0 and not causal):
+        raise ValueError(
+            f"window_size's right must be -1, or 0 with causal=True (only causal windows run), got {right}"
+        )
+    return left
+
+
+def _sdpa(q, k, v, causal: bool, scale: float, window: int = -1):
+    """SDPA on (..., seq, heads, dim) tensors; window >= 0: each query sees itself and the window keys before it,
+    computed over blocks of queries (the module docstring)."""
+    seq = q.shape[-3]
+    if 0 <= window < seq - 1:
+        return _sdpa_windowed(q, k, v, scale, window)
     out = F.scaled_dot_product_attention(
         q.transpose(-3, -2),
         k.transpose(-3, -2),
@@ -124,19 +152,50 @@ def _sdpa(q, k, v, causal: bool, scale: float):
     return out.transpose(-3, -2)
 
 
+_WINDOW_BLOCK = 256  # queries per SDPA call in a sliding window (at least the window itself)
+
+
+def _sdpa_windowed(q, k, v, scale: float, window: int):
+    seq, block = q.shape[-3], max(window + 1, _WINDOW_BLOCK)
+    outs = []
+    for first in range(0, seq, block):
+        last = min(first + block, seq)
+        reach = max(0, first - window)  # the first key the block's first query sees
+        rows = torch.arange(first, last, device=q.device)[:, None]
+        keys = torch.arange(reach, last, device=q.device)[None, :]
+        mask = (keys <= rows) & (keys >= rows - window)
+        out = F.scaled_dot_product_attention(
+            q[..., first:last, :, :].transpose(-3, -2),
+            k[..., reach:last, :, :].transpose(-3, -2),
+            v[..., reach:last, :, :].transpose(-3, -2),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=k.shape[-2] != q.shape[-2],
+        )
+        outs.append(out.transpose(-3, -2))
+    return torch.cat(outs, dim=-3)
+
+
 def flash_attn_func(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, softmax_scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v over (batch, seq, heads, head_dim) inputs; k/v may have fewer heads (GQA)."""
+    """softmax(q k^T * scale) v over (batch, seq, heads, head_dim) inputs; k/v may have fewer heads (GQA).
+    window_size=(left, 0) with causal: each query sees only itself and the `left` keys before it."""
     _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
     scale = _scale(softmax_scale, q.shape[-1])
+    window = _window(window_size, causal)
     batch, seq = q.shape[:2]
     if not runs_triton(q.device):
-        return _sdpa(q, k, v, causal, scale)
+        return _sdpa(q, k, v, causal, scale, window)
     cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=q.device)
     # A view whenever (batch, seq) merge (q, k, v as slices of one fused qkv do): the kernels take strided tokens.
     flat = [t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v)]
-    return _forward(*flat, cu_seqlens, seq, causal, scale)[0].view(q.shape)
+    return _forward(*flat, cu_seqlens, seq, causal, scale, window)[0].view(q.shape)
 
 
 def flash_attn_varlen_func(
@@ -147,8 +206,10 @@ def flash_attn_varlen_func(
     max_seqlen: int | None = None,
     causal: bool = False,
     softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
-    """Attention within each packed sequence: tokens cu_seqlens[i]:cu_seqlens[i+1] see only each other.
+    """Attention within each packed sequence: tokens cu_seqlens[i]:cu_seqlens[i+1] see only each other (and with
+    window_size=(left, 0), causal, only the `left` tokens of their sequence before them).
 
     q (total_tokens, heads, head_dim), k/v (total_tokens, kv_heads, head_dim); tokens and heads may be strided
     (views of a fused qkv projection), the last dimension must be contiguous.
@@ -158,6 +219,7 @@ def flash_attn_varlen_func(
     """
     _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
     scale = _scale(softmax_scale, q.shape[-1])
+    window = _window(window_size, causal)
     packed = cu_seqlens if isinstance(cu_seqlens, PackedSequences) else None
     if packed is not None:
         packed.check_tokens("q", q, q.shape[0])
@@ -174,13 +236,13 @@ def flash_attn_varlen_func(
         # (3-D input falls back to its slower math path, which materializes the scores).
         return torch.cat(
             [
-                _sdpa(q[None, s:e], k[None, s:e], v[None, s:e], causal, scale)[0]
+                _sdpa(q[None, s:e], k[None, s:e], v[None, s:e], causal, scale, window)[0]
                 for s, e in itertools.pairwise(bounds)
                 if e > s
             ]
             or [q[:0]]
         )
-    return _forward(q, k, v, device_bounds, max_seqlen, causal, scale)[0]
+    return _forward(q, k, v, device_bounds, max_seqlen, causal, scale, window)[0]
 
 
 def _check_cu_seqlens(cu_seqlens, q) -> list[int]:

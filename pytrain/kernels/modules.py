@@ -8,6 +8,7 @@ from .flash_attn import flash_attn_func, flash_attn_varlen_func
 from .linear_cross_entropy import linear_cross_entropy
 from .packed import PackedSequences
 from .rms_norm import rms_norm
+from .rope_scaling import NO_SCALING, RopeScaling
 from .rotary import CheckedPositions, apply_rotary
 
 
@@ -29,16 +30,20 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """apply_rotary with a fixed head_dim, base and convention: forward(q, k, positions=None, inplace=False).
+    """apply_rotary with a fixed head_dim, base, convention and long-context scaling: forward(q, k, positions=None,
+    inplace=False).
 
-    Holds no tensors: the op caches its cos/sin table per (device, head_dim, base).
+    Holds no tensors: the op caches its cos/sin table per (device, head_dim, base, scaling).
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0, interleaved: bool = False):
+    def __init__(
+        self, head_dim: int, base: float = 10000.0, interleaved: bool = False, scaling: RopeScaling | None = None
+    ):
         super().__init__()
         if head_dim <= 0 or head_dim % 2:
             raise ValueError(f"rotary embeddings need a positive even head_dim, got {head_dim}")
         self.head_dim, self.base, self.interleaved = head_dim, base, interleaved
+        self.scaling = NO_SCALING if scaling is None else scaling
 
     def forward(
         self,
@@ -49,10 +54,11 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(q, torch.Tensor) and q.shape[-1] != self.head_dim:
             raise ValueError(f"q's head_dim {q.shape[-1]} does not match this RotaryEmbedding's {self.head_dim}")
-        return apply_rotary(q, k, positions, self.base, self.interleaved, inplace)
+        return apply_rotary(q, k, positions, self.base, self.interleaved, inplace, self.scaling)
 
     def extra_repr(self) -> str:
-        return f"{self.head_dim}, base={self.base}, interleaved={self.interleaved}"
+        scaling = "" if self.scaling == NO_SCALING else f", scaling={self.scaling}"
+        return f"{self.head_dim}, base={self.base}, interleaved={self.interleaved}{scaling}"
 
 
 class CrossEntropyLoss(nn.Module):

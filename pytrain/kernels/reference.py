@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .packed import PackedSequences
+from .rope_scaling import NO_SCALING, RopeScaling
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -27,12 +28,23 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.to(dtype)) * up.to(dtype)).to(gate.dtype)
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
-    """cos and sin of positions * base ** (-2i / head_dim), i < head_dim // 2: (*positions.shape, head_dim // 2).
+def rotary_cos_sin(
+    positions: torch.Tensor,
+    head_dim: int,
+    base: float = 10000.0,
+    scaling: RopeScaling = NO_SCALING,
+    seq_len: int | None = None,
+):
+    """cos and sin of positions * inv_freq_i, i < head_dim // 2: (*positions.shape, head_dim // 2); inv_freq_i is
+    base ** (-2i / head_dim) under `scaling` (pytrain.kernels.rope_scaling). seq_len: the length a "dynamic"
+    scaling reads (None: the largest position + 1).
 
     float64, so the angles of large positions keep their precision; callers round the result once.
     """
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+    if seq_len is None:  # only "dynamic" reads it; meta tensors (shapes only) have no positions to read
+        reads = scaling.rope_type == "dynamic" and positions.numel() and positions.device.type != "meta"
+        seq_len = int(positions.max()) + 1 if reads else 1
+    inv_freq = scaling.inv_freq(head_dim, base, seq_len, device=positions.device)
     angles = positions.to(torch.float64)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
@@ -60,12 +72,13 @@ def apply_rotary(
     positions: torch.Tensor | None = None,
     base: float = 10000.0,
     interleaved: bool = False,
+    scaling: RopeScaling = NO_SCALING,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """pytrain.kernels.apply_rotary (out of place): q, k (batch, seq, heads, head_dim) with positions None
     (0..seq-1), (seq,) or (batch, seq); or packed (tokens, heads, head_dim) with positions (tokens,)."""
     if positions is None:
         positions = torch.arange(q.shape[1], device=q.device)
-    cos, sin = rotary_cos_sin(positions, q.shape[-1], base)
+    cos, sin = rotary_cos_sin(positions, q.shape[-1], base, scaling)
     return rotate(q, cos, sin, interleaved), rotate(k, cos, sin, interleaved)
 
 
@@ -134,18 +147,19 @@ def linear_cross_entropy(
     return cross_entropy(hidden @ weight.t(), labels, ignore_index, label_smoothing, reduction, z_loss)
 
 
-def attention(q, k, v, causal: bool = False, scale: float | None = None, cu_seqlens=None):
+def attention(q, k, v, causal: bool = False, scale: float | None = None, cu_seqlens=None, window_size=(-1, -1)):
     """softmax(q k^T * scale) v, computed in fp32 (float64 stays float64), per packed sequence.
 
     q (..., seq, heads, head_dim) with k/v (..., seq, kv_heads, head_dim), or packed (tokens, heads,
     head_dim) with cu_seqlens (a tensor, read back to the host, or a PackedSequences): tokens of one sequence see
-    only each other. k/v heads are repeated for GQA.
+    only each other. k/v heads are repeated for GQA. window_size (left, right), flash-attn's: query i sees keys
+    i - left .. i + right of its sequence (-1: unbounded on that side).
     """
     if cu_seqlens is not None:
         bounds = cu_seqlens.bounds if isinstance(cu_seqlens, PackedSequences) else cu_seqlens.tolist()
         return torch.cat(
             [
-                attention(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale)[0]
+                attention(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale, window_size=window_size)[0]
                 for a, b in itertools.pairwise(bounds)
                 if b > a
             ]
@@ -156,9 +170,17 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, cu_seql
     qs, ks, vs = (t.to(dtype).transpose(-3, -2) for t in (q, k, v))  # (..., heads, seq, head_dim)
     ks, vs = ks.repeat_interleave(group, dim=-3), vs.repeat_interleave(group, dim=-3)
     scores = (qs @ ks.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    n = q.shape[-3]
+    offset = torch.arange(n, device=q.device)[None, :] - torch.arange(n, device=q.device)[:, None]  # key - query
+    hidden = torch.zeros(n, n, dtype=torch.bool, device=q.device)
+    left, right = window_size
     if causal:
-        n = q.shape[-3]
-        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        hidden |= offset > 0
+    if left >= 0:
+        hidden |= offset < -left
+    if right >= 0:
+        hidden |= offset > right
+    scores = scores.masked_fill(hidden, float("-inf"))
     return (scores.softmax(-1) @ vs).transpose(-3, -2).to(q.dtype)
 
 

@@ -1,15 +1,18 @@
 """Fused rotary position embeddings: q and k rotated in one call.
 
-    q_out, k_out = apply_rotary(q, k, positions=None, base=10000.0, interleaved=False, inplace=False)
+    q_out, k_out = apply_rotary(q, k, positions=None, base=10000.0, interleaved=False, inplace=False, scaling=None)
 
 The rotation runs in pytrain._C (CPU) or pytrain._C_cuda (CUDA) as the torch.library custom op
 pytrain::rotary (pytrain::rotary_ in place), so autograd and torch.compile (fullgraph) see one op.
 The backward is the same kernel rotating by -angle: it needs only the positions, never q or k.
 
-cos/sin come from an fp32 table per (device, head_dim, base), computed once with float64 angles (so
+cos/sin come from an fp32 table per (device, head_dim, base, scaling), computed once with float64 angles (so
 large positions keep their precision) and grown by powers of two as larger positions arrive; the kernel
 gathers one row per token and applies it to every q and k head. CPU sin/cos per element would cost more
-than the rotation itself.
+than the rotation itself. A long-context scaling (pytrain.kernels.rope_scaling: linear, dynamic NTK, Llama 3.1's)
+changes only the frequencies the table is built from, never the kernel. Dynamic NTK's frequencies depend on the
+call's longest sequence once it passes max_position_embeddings: such tables are kept per length, the
+_LENGTH_TABLES most recent ones (a pipeline's micro-batches in flight may differ in length).
 
 The table must cover the largest position, so a positions tensor is range-checked by each call (its min and max
 read back to the host: on a GPU a synchronization, forward and backward, in every layer). A model checks its
@@ -25,24 +28,40 @@ from . import reference
 from ._backend import DTYPE_CODES, extension, launch_args, parallelism
 from ._checks import check_same_device, check_tensor
 from .packed import PackedSequences
+from .rope_scaling import NO_SCALING, RopeScaling
 
 MAX_HEAD_DIM = 8192  # the CPU kernel's stack buffer for -sin holds head_dim / 2 floats
 MAX_POSITION = 1 << 21  # the table for positions below this is at most 2M x head_dim fp32
 _TABLE_MIN_ROWS = 4096
+_LENGTH_TABLES = 8  # dynamic NTK: the tables of this many recent lengths are kept (per device, head_dim, base)
 _tables: dict[tuple, torch.Tensor] = {}
 
 
-def cos_sin_table(device: torch.device, head_dim: int, base: float, rows: int) -> torch.Tensor:
-    """The cached fp32 (>= rows, head_dim) table: row p is [cos(p f_i) for i < head_dim / 2, sin(p f_i) ...]."""
-    key = (device, head_dim, base)
+def cos_sin_table(
+    device: torch.device, head_dim: int, base: float, rows: int, scaling: RopeScaling = NO_SCALING
+) -> torch.Tensor:
+    """The cached fp32 (>= rows, head_dim) table: row p is [cos(p f_i) for i < head_dim / 2, sin(p f_i) ...], f the
+    frequencies of `scaling` for a call whose positions lie below `rows`."""
+    length = scaling.length_key(rows)
+    key = (device, head_dim, base, scaling, length)
     table = _tables.get(key)
     if table is None or table.shape[0] < rows:
         size = max(_TABLE_MIN_ROWS, 1 << (rows - 1).bit_length())
         with torch.no_grad():
-            cos, sin = reference.rotary_cos_sin(torch.arange(size, device=device), head_dim, base)
+            positions = torch.arange(size, device=device)
+            cos, sin = reference.rotary_cos_sin(positions, head_dim, base, scaling, seq_len=rows)
             table = torch.cat((cos, sin), dim=-1).to(torch.float32).contiguous()
+        if length is not None:
+            _forget_old_lengths(key)
         _tables[key] = table
     return table
+
+
+def _forget_old_lengths(key: tuple) -> None:
+    """Drops the oldest length-dependent tables of key's (device, head_dim, base, scaling) beyond _LENGTH_TABLES - 1."""
+    same = [other for other in _tables if other[:4] == key[:4] and other[4] is not None]
+    for old in same[: max(0, len(same) - _LENGTH_TABLES + 1)]:
+        del _tables[old]
 
 
 def _token_strides(t: torch.Tensor) -> tuple[int, int]:
@@ -97,7 +116,7 @@ class CheckedPositions:
         return f"CheckedPositions(shape={tuple(self.positions.shape)}, rows={self.rows}, device={self.device})"
 
 
-def _launch(q, k, q_out, k_out, positions, base: float, interleaved: bool, inverse: bool, rows: int) -> None:
+def _launch(q, k, q_out, k_out, positions, base: float, interleaved: bool, inverse: bool, rows: int, scaling) -> None:
     """rows > 0: every position is known to lie below it (checked once per micro-batch: CheckedPositions,
     PackedSequences); 0: check them here."""
     batch, seq = (1, q.shape[0]) if q.dim() == 3 else q.shape[:2]
@@ -111,7 +130,7 @@ def _launch(q, k, q_out, k_out, positions, base: float, interleaved: bool, inver
         if rows == 0:
             # The only data-dependent check; it lives inside the op, so torch.compile traces no .item().
             rows = _table_rows(positions)
-    table = cos_sin_table(q.device, head_dim, base, max(rows, 1))
+    table = cos_sin_table(q.device, head_dim, base, max(rows, 1), scaling)
     extension(q.device).rotary(
         q.data_ptr(),
         q_out.data_ptr(),
@@ -146,15 +165,18 @@ def _rotary(
     interleaved: bool,
     inverse: bool,
     rows: int,
+    rope_type: str,
+    scaling_numbers: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    _launch(q, k, q_out, k_out, positions, base, interleaved, inverse, rows)
+    scaling = RopeScaling.from_op_args(rope_type, scaling_numbers)
+    _launch(q, k, q_out, k_out, positions, base, interleaved, inverse, rows, scaling)
     return q_out, k_out
 
 
 @_rotary.register_fake
-def _(q, k, positions, base, interleaved, inverse, rows):
+def _(q, k, positions, base, interleaved, inverse, rows, rope_type, scaling_numbers):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
@@ -167,17 +189,20 @@ def _rotary_inplace(
     interleaved: bool,
     inverse: bool,
     rows: int,
+    rope_type: str,
+    scaling_numbers: list[float],
 ) -> None:
-    _launch(q, k, q, k, positions, base, interleaved, inverse, rows)
+    scaling = RopeScaling.from_op_args(rope_type, scaling_numbers)
+    _launch(q, k, q, k, positions, base, interleaved, inverse, rows, scaling)
 
 
 @_rotary_inplace.register_fake
-def _(q, k, positions, base, interleaved, inverse, rows):
+def _(q, k, positions, base, interleaved, inverse, rows, rope_type, scaling_numbers):
     return None
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, positions, ctx.base, ctx.interleaved, ctx.inverse, ctx.rows = inputs
+    _, _, positions, ctx.base, ctx.interleaved, ctx.inverse, ctx.rows, ctx.rope_type, ctx.scaling_numbers = inputs
     ctx.save_for_backward(positions)
 
 
@@ -185,8 +210,9 @@ def _autograd_backward(ctx, dq_out, dk_out):
     (positions,) = ctx.saved_tensors
     dq_out = dq_out if _heads_are_dense(dq_out) else dq_out.contiguous()
     dk_out = dk_out if _heads_are_dense(dk_out) else dk_out.contiguous()
-    dq, dk = _rotary(dq_out, dk_out, positions, ctx.base, ctx.interleaved, not ctx.inverse, ctx.rows)
-    return dq, dk, None, None, None, None, None
+    scaling = (ctx.rope_type, ctx.scaling_numbers)
+    dq, dk = _rotary(dq_out, dk_out, positions, ctx.base, ctx.interleaved, not ctx.inverse, ctx.rows, *scaling)
+    return dq, dk, None, None, None, None, None, None, None
 
 
 _rotary.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -255,6 +281,7 @@ def apply_rotary(
     base: float = 10000.0,
     interleaved: bool = False,
     inplace: bool = False,
+    scaling: RopeScaling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates q and k by the rotary position embedding of each token, in one call.
 
@@ -271,6 +298,8 @@ def apply_rotary(
     interleaved: False rotates (x[i], x[i + head_dim/2]) (LLaMA/NeoX); True rotates (x[2i], x[2i+1]) (GPT-J).
     inplace: rotate q and k in their own memory and return them. Refused while autograd would record the
     op (grad mode on and q or k requires grad): use it for inference or on detached tensors.
+    scaling: a long-context RopeScaling (linear, dynamic NTK, llama3; pytrain.kernels.rope_scaling); None: none.
+    Dynamic NTK reads the call's longest sequence: its largest position + 1 (a PackedSequences' longest document).
     Returns (q_out, k_out); out of place they are new contiguous tensors.
     """
     _check_layout("q", q)
@@ -298,6 +327,10 @@ def apply_rotary(
     _check_dense_heads("k", k)
     if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < math.inf:
         raise ValueError(f"base must be a positive finite number, got {base!r}")
+    if scaling is None:
+        scaling = NO_SCALING
+    if not isinstance(scaling, RopeScaling):
+        raise TypeError(f"scaling must be a RopeScaling or None, got {type(scaling).__name__}")
     positions, rows = _check_positions(positions, q)
     if inplace:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
@@ -308,9 +341,9 @@ def apply_rotary(
         if q is k:
             raise ValueError("inplace=True needs q and k in separate memory, got the same tensor twice")
     if extension(q.device) is None:
-        q_out, k_out = reference.apply_rotary(q, k, positions, float(base), bool(interleaved))
+        q_out, k_out = reference.apply_rotary(q, k, positions, float(base), bool(interleaved), scaling)
         return (q.copy_(q_out), k.copy_(k_out)) if inplace else (q_out, k_out)
     if inplace:
-        _rotary_inplace(q, k, positions, float(base), bool(interleaved), False, rows)
+        _rotary_inplace(q, k, positions, float(base), bool(interleaved), False, rows, *scaling.op_args())
         return q, k
-    return _rotary(q, k, positions, float(base), bool(interleaved), False, rows)
+    return _rotary(q, k, positions, float(base), bool(interleaved), False, rows, *scaling.op_args())

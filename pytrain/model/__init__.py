@@ -5,7 +5,7 @@ from pytrain.model_args import mlp_width
 
 from . import families, moe
 from .decoder import DTYPES, Decoder, LayerNorm
-from .loss import LMLoss
+from .loss import LMLoss, TypeLosses
 from .moe import MoE, MoELayer
 
-__all__ = ["DTYPES", "Decoder", "LMLoss", "LayerNorm", "MoE", "MoELayer", "families", "mlp_width", "moe"]
+__all__ = ["DTYPES", "Decoder", "LMLoss", "LayerNorm", "MoE", "MoELayer", "TypeLosses", "families", "mlp_width", "moe"]

@@ -19,7 +19,9 @@ outside as tensor parallelism swaps the linears.
 Norms, rotary embeddings and attention go through pytrain.kernels. Pre-norm layers hand the residual
 stream to the next norm, which adds it in the same pass (rms_norm's fused residual). Packed rows
 (documents back to back) carry positions restarting per document and cu_seqlens over the flattened
-tokens, so no document attends to another.
+tokens, so no document attends to another. For long context, the rotary frequencies may be scaled
+(rope_type: linear, dynamic NTK, Llama 3.1's; pytrain.kernels.rope_scaling) and layers may attend through a
+sliding window (Qwen2's use_sliding_window / sliding_window / max_window_layers).
 
 A family may give its layers another MLP (decoder_layers' `mlp`): the mixtures of experts (moe.py) are
 these layers with an MoE in the MLP's place; its plan() is empty, so tensor parallelism leaves it whole.
@@ -37,13 +39,14 @@ from pytrain.kernels import (
     CheckedPositions,
     PackedSequences,
     RMSNorm,
+    RopeScaling,
     RotaryEmbedding,
     flash_attn_func,
     flash_attn_varlen_func,
     reference,
     swiglu,
 )
-from pytrain.model_args import DecoderArgs, mlp_width
+from pytrain.model_args import ROPE_FIELDS, DecoderArgs, layer_windows, mlp_width, rope_scaling_from_fields
 
 DTYPES = {
     "torch.float16": torch.float16,
@@ -152,30 +155,45 @@ class AttentionShape:
 class InnerAttention(nn.Module):
     """softmax(q k^T * softmax_scale) v per head, causal, each packed document attending only to itself: the
     attention call alone, holding no weights (the seam a sequence- or context-parallel layout replaces or
-    wraps). q (batch, seq, heads, head_dim), k and v (batch, seq, kv_heads, head_dim) -> like q."""
+    wraps). q (batch, seq, heads, head_dim), k and v (batch, seq, kv_heads, head_dim) -> like q.
+    sliding_window: each query sees only the last sliding_window tokens of its document, itself included
+    (transformers' meaning; flash-attn's window_size=(sliding_window - 1, 0)); None: all earlier ones."""
 
-    def __init__(self, use_flash_attn: bool, causal: bool = True, softmax_scale: float | None = None):
+    def __init__(
+        self,
+        use_flash_attn: bool,
+        causal: bool = True,
+        softmax_scale: float | None = None,
+        sliding_window: int | None = None,
+    ):
         super().__init__()
         self.use_flash_attn, self.causal, self.softmax_scale = use_flash_attn, causal, softmax_scale
+        self.sliding_window = sliding_window
+        self.window_size = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
 
     def forward(self, q, k, v, packed: PackedSequences | None = None):
+        options = dict(causal=self.causal, softmax_scale=self.softmax_scale, window_size=self.window_size)
         if packed is None:
             if self.use_flash_attn:
-                return flash_attn_func(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale)
-            return reference.attention(q, k, v, causal=self.causal, scale=self.softmax_scale)
+                return flash_attn_func(q, k, v, **options)
+            return reference.attention(q, k, v, self.causal, self.softmax_scale, window_size=self.window_size)
         batch, seq = q.shape[:2]  # the packed documents run over the flattened tokens
         q, k, v = (t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v))
         if self.use_flash_attn:
-            out = flash_attn_varlen_func(q, k, v, packed, causal=self.causal, softmax_scale=self.softmax_scale)
+            out = flash_attn_varlen_func(q, k, v, packed, **options)
         else:
-            out = reference.attention(q, k, v, causal=self.causal, scale=self.softmax_scale, cu_seqlens=packed)
+            out = reference.attention(q, k, v, self.causal, self.softmax_scale, packed, window_size=self.window_size)
         return out.reshape(batch, seq, *out.shape[1:])
+
+    def extra_repr(self) -> str:
+        return "" if self.sliding_window is None else f"sliding_window={self.sliding_window}"
 
 
 class Attention(nn.Module):
     """Causal self-attention with rotary embeddings (GQA/MQA when there are fewer kv heads). Subclasses
     project x (batch, seq, hidden) to q (batch, seq, heads, head_dim), k and v (batch, seq, kv_heads,
-    head_dim) in `project`, and say how their weights split over tensor ranks in `projection_plan`."""
+    head_dim) in `project`, and say how their weights split over tensor ranks in `projection_plan`.
+    rope_scaling: a long-context rotary scaling (None: none); sliding_window: InnerAttention's."""
 
     def __init__(
         self,
@@ -184,11 +202,13 @@ class Attention(nn.Module):
         qk_interleaved: bool,
         use_flash_attn: bool,
         qk_norm_eps: float | None = None,
+        rope_scaling: RopeScaling | None = None,
+        sliding_window: int | None = None,
     ):
         super().__init__()
         self.shape, self.head_dim = shape, shape.head_dim  # the whole model's (a tensor rank holds some heads)
-        self.rotary = RotaryEmbedding(shape.head_dim, base=rope_base, interleaved=qk_interleaved)
-        self.inner_attention = InnerAttention(use_flash_attn)
+        self.rotary = RotaryEmbedding(shape.head_dim, base=rope_base, interleaved=qk_interleaved, scaling=rope_scaling)
+        self.inner_attention = InnerAttention(use_flash_attn, sliding_window=sliding_window)
         if qk_norm_eps is not None:  # Qwen3: RMSNorm over each head's q and k, before the rotary embedding
             self.q_norm = RMSNorm(shape.head_dim, eps=qk_norm_eps)
             self.k_norm = RMSNorm(shape.head_dim, eps=qk_norm_eps)
@@ -360,6 +380,7 @@ class Decoder(nn.Module):
         self.checkpoint_fraction = float(args.checkpoint)
         self.embed_split_hidden, self.parallel_output = args.embed_split_hidden, args.parallel_output
         self.recompute_layers = int(len(layers) * self.checkpoint_fraction)  # the first ones (per stage)
+        self.max_position_embeddings = args.max_position_embeddings  # what the exported HF config says
         self.add_module(names.embedding, nn.Embedding(vocab_size, hidden_size))
         self.add_module(names.layers, nn.ModuleDict({str(i): layer for i, layer in enumerate(layers)}))
         self.add_module(
@@ -466,6 +487,8 @@ def decoder_layers(
     # InternEvo: an unset qk_interleaved is `not adapt_hf` (adapt_hf=True: HF's rotate-half pairs)
     interleaved = (not args.adapt_hf) if args.qk_interleaved is None else args.qk_interleaved
     width = mlp_width(hidden, args.mlp_ratio, args.multiple_of)
+    rope_scaling = RopeScaling(**rope_scaling_from_fields(**{name: getattr(args, name) for name in ROPE_FIELDS}))
+    windows = layer_windows(args.use_sliding_window, args.sliding_window, args.max_window_layers, args.num_layers)
 
     def norm():
         return build_norm(args.norm_type, hidden, args.layer_norm_epsilon, args.add_unit_offset)
@@ -480,6 +503,8 @@ def decoder_layers(
                 rope_base=args.rope_base,
                 qk_interleaved=interleaved,
                 use_flash_attn=args.use_flash_attn,
+                rope_scaling=rope_scaling,
+                sliding_window=windows[index],
                 **attention_args,
             ),
             dense_mlp(hidden, width, bias=args.mlp_bias) if mlp is None else mlp(index, width),

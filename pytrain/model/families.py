@@ -269,7 +269,7 @@ GEMMA = Family(
 
 # InternLM3 (InternLM3-8B: 48 layers, 32 heads, 2 kv heads, MLP 10240 = mlp_ratio 2.5, no biases, rope base 5e7;
 # InternEvo registers INTERNLM3 as its InternLM2 class: the grouped wqkv and InternLM2's names). Its published
-# dynamic-NTK rope scaling (factor 6, beyond 32k positions) is not available (model.use_dynamic_ntk_rope).
+# dynamic-NTK rope scaling (factor 6, beyond 32k positions) is a config's (configs/internlm3_8B.py), as in InternEvo.
 INTERNLM3 = Family(
     "INTERNLM3",
     INTERNLM2_NAMES,

@@ -33,19 +33,44 @@ class LMLoss(nn.Module):
             vocab_sizes,
         )
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        type_ids: torch.Tensor | None = None,
+        type_losses: "TypeLosses | None" = None,
+    ) -> torch.Tensor:
+        """The mean loss; with type_losses, also adds each token's loss to its dataset type's sum there
+        (type_ids: the tokens' types, shaped as labels)."""
         labels = labels.reshape(-1)
         options = dict(
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
-            reduction="sum",
+            reduction="sum" if type_losses is None else "none",
             labels_checked=self.labels_checked,
         )
         logits = logits.reshape(-1, logits.shape[-1])
         if self.vocab_parallel_group is not None:
-            total = vocab_parallel_cross_entropy(
+            loss = vocab_parallel_cross_entropy(
                 logits, labels, self.vocab_parallel_group, vocab_sizes=self.vocab_sizes, **options
             )
         else:
-            total = cross_entropy(logits, labels, **options)
-        return total / (labels != self.ignore_index).sum().clamp_min(1)
+            loss = cross_entropy(logits, labels, **options)
+        if type_losses is not None:
+            type_losses.add(loss.detach(), labels != self.ignore_index, type_ids.reshape(-1))
+            loss = loss.sum()
+        return loss / (labels != self.ignore_index).sum().clamp_min(1)
+
+
+class TypeLosses:
+    """Per dataset type (data.dataset_types), the sum of the token losses and the count of labelled tokens
+    of one step, on the device, added without a host synchronization."""
+
+    def __init__(self, num_types: int, device):
+        self.sums = torch.zeros(num_types, dtype=torch.float32, device=device)
+        self.counts = torch.zeros(num_types, dtype=torch.float32, device=device)
+
+    def add(self, token_losses: torch.Tensor, labelled: torch.Tensor, type_ids: torch.Tensor) -> None:
+        weight = labelled.to(torch.float32)
+        self.sums.index_add_(0, type_ids, token_losses.float() * weight)
+        self.counts.index_add_(0, type_ids, weight)

@@ -49,6 +49,7 @@ class StepMonitor:
         tensorboard_queue: int = 10,
         pipeline_group=None,
         peak_source: str = "given",
+        dataset_types: list[str] | None = None,
     ):
         self.run_folder, self.total_steps = Path(run_folder), total_steps
         self.tokens = tokens_per_step_per_rank
@@ -56,6 +57,7 @@ class StepMonitor:
         self.device, self.log_every, self.group, self.stream = device, log_every, group, stream
         self.pipeline_group = pipeline_group
         self.is_main_rank, self.alerts = is_main_rank, alerts
+        self.dataset_types = dataset_types or []
         self.last_step = 0
         self.steps: list[int] = []
         self.losses: list[float] = []
@@ -80,8 +82,11 @@ class StepMonitor:
         success: bool,
         loss_scale: float | None = None,
         moe_loss: torch.Tensor | None = None,
+        type_stats: torch.Tensor | None = None,
     ) -> dict:
-        """moe_loss: this rank's MoE aux loss (Trainer.moe_loss()); every rank passes one or none does."""
+        """moe_loss: this rank's MoE aux loss (Trainer.moe_loss()); type_stats: its per-type tokens, loss sums
+        and label counts (Trainer.type_stats()), reported as tokens/<type> and loss/<type> over the global
+        batch. Every rank passes one or none does."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - self._last
@@ -120,6 +125,8 @@ class StepMonitor:
             metrics["loss_scale"] = loss_scale
         if moe_loss is not None:
             metrics["moe_loss"] = moe_loss.item()
+        if type_stats is not None:
+            metrics.update(self._per_type(type_stats))
         self.last_step = step
         if self.is_main_rank:
             self._record(metrics)
@@ -127,6 +134,18 @@ class StepMonitor:
                 self.alerts.step(step, metrics["loss"], grad_norm, not success)
         self._last = time.perf_counter()  # the next step's time includes its data loading
         return metrics
+
+    def _per_type(self, stats: torch.Tensor) -> dict:
+        """tokens/<type> of the global batch, and loss/<type> (its labelled tokens' mean) where it had any."""
+        stats = stats.detach().float().clone()
+        if dist.is_initialized() and self.pipeline_group is not None and dist.get_world_size(self.pipeline_group) > 1:
+            dist.all_reduce(stats[1:], group=self.pipeline_group)  # the losses live on the last stage
+        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(stats, group=self.group)
+        tokens, sums, counts = stats.tolist()
+        out = {f"tokens/{name}": int(n) for name, n in zip(self.dataset_types, tokens)}
+        out.update({f"loss/{name}": s / c for name, s, c in zip(self.dataset_types, sums, counts) if c > 0})
+        return out
 
     def _raise_peak(self, step: int, tflops: float) -> None:
         if self.is_main_rank and self.peak_source != "raised":
@@ -148,6 +167,9 @@ class StepMonitor:
             for key in ("loss", "moe_loss", "lr", "grad_norm", "tgs", "tflops", "mfu", "memory_mib", "loss_scale"):
                 if key in m:
                     self._writer.add_scalar(f"train/{key}", m[key], m["step"])
+            for key, value in m.items():
+                if key.startswith(("tokens/", "loss/")):  # InternEvo's names of the per-type scalars
+                    self._writer.add_scalar(key, value, m["step"])
         if m["step"] % self.log_every == 0 or m["step"] == self.total_steps:
             line = (
                 f"step {m['step']}/{self.total_steps} | loss {m['loss']:.4f} | "

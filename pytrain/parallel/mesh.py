@@ -12,6 +12,8 @@ groups are views of that mesh, never rank arithmetic:
   the ranks at the same place of each run, holds the same experts and averages their gradients; its runs of
   `expert_zero1` ranks share the expert weights' optimizer state.
 - embedding: the first and last pipeline stage of each (data, tensor) place, for a tied embedding.
+- fsdp (with `fsdp`): the mesh torch's fully_shard shards over: the zero1 runs, replicated across the runs (HSDP)
+  when there are several; expert_fsdp likewise for the expert weights over the expert-zero1 runs.
 
 A new parallelism is one more axis here (a size in ParallelDims, a view in ParallelMesh) plus the code that
 uses its group.
@@ -37,6 +39,7 @@ class ParallelDims:
     expert: int = 1
     zero1: int = 1
     expert_zero1: int = 1
+    fsdp: bool = False  # zero1 shards the parameters and gradients as well (torch's fully_shard)
 
     def __post_init__(self):
         data = self.world_size // (self.tensor * self.pipeline)
@@ -75,6 +78,7 @@ class ParallelDims:
             expert=expert,
             zero1=data if zero1 <= 0 else zero1,
             expert_zero1=expert_zero1_size(cfg, data, expert, source),
+            fsdp=cfg.parallel.zero1.fsdp,
         )
 
 
@@ -101,7 +105,7 @@ class ParallelMesh:
         self.pipeline_group = self.world.get_group("pp")
         self.model_group = self.world["pp", "tp"]._flatten("model", backend_override=override).get_group()
         data = self.world["dp"]
-        self.zero1_group = _runs_of(data, dims.zero1, "zero1", override)
+        self.zero1_group, self.fsdp = _runs_of(data, dims.zero1, "zero1", override, dims.fsdp)
         if dims.expert > 1:
             expert = data._unflatten(
                 0,
@@ -114,9 +118,14 @@ class ParallelMesh:
             self.expert_data_group = edp.get_group()
             whole = dims.expert_zero1 == dims.expert_data
             self.expert_zero1_group = self.expert_data_group if whole else _group_or_none(expert, "edp_zero1")
+            self.expert_fsdp = edp if whole else expert["edp_replicate", "edp_zero1"]
         else:
             self.expert_group, self.expert_data_group = None, self.data_group
-            self.expert_zero1_group = _runs_of(data, dims.expert_zero1, "expert_zero1", override)
+            self.expert_zero1_group, self.expert_fsdp = _runs_of(
+                data, dims.expert_zero1, "expert_zero1", override, dims.fsdp
+            )
+        if not dims.fsdp:
+            self.fsdp = self.expert_fsdp = None
         self.embedding_group = self._ends_of_pipeline(timeout) if dims.pipeline > 1 else None
 
     @property
@@ -146,19 +155,28 @@ def _group_or_none(mesh: DeviceMesh, axis: str):
     return mesh.get_group(axis) if mesh.size(mesh.mesh_dim_names.index(axis)) > 1 else None
 
 
-def _runs_of(data: DeviceMesh, size: int, name: str, override):
-    """The group of `size` consecutive ranks of the data axis holding this rank; None for size 1."""
+def _runs_of(data: DeviceMesh, size: int, name: str, override, fsdp: bool):
+    """(The group of `size` consecutive ranks of the data axis holding this rank, None for size 1; with fsdp,
+    the mesh sharding over those runs: 1-D for one run, 2-D (replicate, shard) for several, else None)."""
     if size == 1:
-        return None
+        if not fsdp or data.size() == 1:
+            return None, data if fsdp else None
+        return None, data._unflatten(
+            0,
+            (data.size(), 1),
+            (f"{name}_replicate", name),
+            backend_override=_for_axes(override, f"{name}_replicate", name),
+        )
     if size == data.size():  # a group of its own: ZeRO-1's collectives stay apart from the gradient all-reduce
-        return data._flatten(name, backend_override=override).get_group()
+        whole = data._flatten(name, backend_override=override)
+        return whole.get_group(), whole
     runs = data._unflatten(
         0,
         (data.size() // size, size),
         (f"{name}_replicate", name),
         backend_override=_for_axes(override, f"{name}_replicate", name),
     )
-    return runs.get_group(name)
+    return runs.get_group(name), runs
 
 
 def _for_axes(options, *axes: str) -> dict | None:

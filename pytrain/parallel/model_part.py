@@ -12,6 +12,7 @@ group its gradient must be summed over when this rank holds only part of it.
 """
 
 import copy
+import dataclasses
 import enum
 import zlib
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from torch import nn
 from pytrain.kernels import RMSNorm
 
 from .expert import apply_expert_parallel
+from .fsdp import FSDPSettings, apply_fsdp, local_tensor
 from .mesh import ParallelMesh
 from .recompute import SelectiveCheckpoint, apply_selective_checkpoint
 from .shard_spec import ShardSpec
@@ -50,11 +52,13 @@ class ParamInfo:
     sum_over: SumOver | None = None  # None: this rank holds the whole gradient of its shard
     duplicate: bool = False  # a copy whose twin elsewhere is the one counted (the last stage's tied embedding)
     replicas: Replicas = Replicas.DATA
+    tensor_spec: ShardSpec | None = None  # under FSDP: the shard before FSDP's cut of it (spec is after)
 
     def counted_here(self, tensor_rank: int) -> bool:
         """Whether this rank counts the parameter in a model-wide sum over the tensor x pipeline ranks
-        (parameter count, gradient norm): shards everywhere, a whole parameter on tensor rank 0 only."""
-        return not self.duplicate and (tensor_rank == 0 or not self.spec.is_whole)
+        (parameter count, gradient norm): shards everywhere, a parameter whole on each tensor rank on tensor
+        rank 0 only."""
+        return not self.duplicate and (tensor_rank == 0 or not (self.tensor_spec or self.spec).is_whole)
 
 
 class ModelPart(nn.Module):
@@ -77,12 +81,13 @@ class ModelPart(nn.Module):
         return self.stages[0](*args, **kwargs)
 
     def infos(self) -> list[tuple[nn.Parameter, ParamInfo]]:
-        """(parameter, what it is) for every parameter this rank holds, tied ones once."""
+        """(parameter, what it is) for every parameter this rank holds, tied ones once. Under FSDP the
+        parameter is a DTensor; its values here are local_tensor(parameter), which info.spec describes."""
         return [(param, self._infos[name]) for name, param in self.named_parameters()]
 
-    def full_state_names(self) -> dict[str, nn.Parameter]:
-        """{full-model name: this rank's parameter}."""
-        return {info.name: param for param, info in self.infos()}
+    def full_state_names(self) -> dict[str, torch.Tensor]:
+        """{full-model name: this rank's tensor of the parameter (its FSDP shard under FSDP)}."""
+        return {info.name: local_tensor(param) for param, info in self.infos()}
 
     def local_state(self, full_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{full name: this rank's shard} cut out of the whole model's {full name: tensor}."""
@@ -92,7 +97,7 @@ class ModelPart(nn.Module):
     def load_full_state(self, full_state: dict[str, torch.Tensor]) -> None:
         """Loads this rank's shards of a whole model's {full name: tensor} (e.g. a single-process model's)."""
         for param, info in self.infos():
-            param.copy_(info.spec.cut(full_state[info.name]))
+            local_tensor(param).copy_(info.spec.cut(full_state[info.name]))
 
 
 def _full_name(name: str) -> str:
@@ -137,11 +142,13 @@ def parallelize(
     fp32_norms: bool = False,
     seed: int = 1024,
     selective: SelectiveCheckpoint | None = None,
+    fsdp: FSDPSettings | None = None,
 ) -> ModelPart:
     """This rank's ModelPart of a whole plain model built on the meta device (see the module docstring), under
     the run's layout `mesh` (its pipeline stage, tensor group and expert group; None: one process). Chunk c of
     pipeline rank r is stage c * pipeline_size + r of pipeline_size * num_chunks. selective: each stage's
-    selective activation checkpointing (pytrain.parallel.recompute); None: none."""
+    selective activation checkpointing (pytrain.parallel.recompute); None: none. fsdp: shard the parameters over
+    the mesh's zero1 group with torch's fully_shard (pytrain.parallel.fsdp); None: ZeRO-1 or plain replicas."""
     pipeline_rank, pipeline_size = (mesh.pipeline_rank, mesh.dims.pipeline) if mesh else (0, 1)
     tensor_group = mesh.tensor_group if mesh and mesh.dims.tensor > 1 else None
     expert_group = mesh.expert_group if mesh else None
@@ -159,7 +166,21 @@ def parallelize(
         stages.append(stage)
     part = ModelPart(stages, _describe(stages, facts, experts, model))
     _initialize(part, model, seed)
+    if fsdp is not None:
+        apply_fsdp(stages, mesh, model.dtype, fp32_norms, fsdp)
+        part = ModelPart(stages, _narrow_to_fsdp_shards(part._infos, mesh))
     return part
+
+
+def _narrow_to_fsdp_shards(infos: dict[str, ParamInfo], mesh: ParallelMesh) -> dict[str, ParamInfo]:
+    """Each spec narrowed to the rows of this rank's FSDP shard (torch.chunk along dim 0 over the shard axis:
+    the expert weights' own, the zero1 runs for the rest)."""
+    out = {}
+    for key, info in infos.items():
+        axis = mesh.expert_fsdp if info.replicas is Replicas.EXPERT_DATA else mesh.fsdp
+        spec = info.spec.chunk_rows(axis.get_local_rank(axis.ndim - 1), axis.size(axis.ndim - 1))
+        out[key] = dataclasses.replace(info, spec=spec, tensor_spec=info.spec)
+    return out
 
 
 def _describe(stages, facts: dict, experts: set, model) -> dict[str, ParamInfo]:

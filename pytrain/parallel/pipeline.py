@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .mesh import ParallelMesh
-from .schedule import IGNORE_INDEX, micro_batch_inputs, micro_batch_weights
+from .schedule import IGNORE_INDEX, micro_batch_inputs, micro_batch_loss, micro_batch_weights
 
 FORWARD_TAG, BACKWARD_TAG = 1, 2
 
@@ -83,8 +83,11 @@ class P2P:
 class _PipelineStep:
     """One optimizer step's forward and backward passes of one rank's stage(s), shared by both schedules."""
 
-    def __init__(self, models, batch, criterion, optimizer, forward_only, return_output_label, data_parallel_group):
+    def __init__(
+        self, models, batch, criterion, optimizer, forward_only, return_output_label, data_parallel_group, type_losses
+    ):
         self.models, self.batch, self.criterion, self.optimizer = models, batch, criterion, optimizer
+        self.type_losses = type_losses
         self.weights = micro_batch_weights(batch["labels"], data_parallel_group)
         self.inputs = {}  # micro-batch -> its packed-document arguments (PackedSequences or positions)
         self.forward_only, self.return_output_label = forward_only, return_output_label
@@ -107,7 +110,7 @@ class _PipelineStep:
             if not model.last:
                 return output
             label = self.batch["labels"][micro]
-            loss = self.criterion(output, label) * self.weights[micro]
+            loss = micro_batch_loss(self.criterion, output, self.batch, micro, self.type_losses) * self.weights[micro]
         self.loss += loss.detach().float()
         if self.return_output_label:
             self.outputs.append(output.detach())
@@ -164,13 +167,14 @@ class PipelineScheduler(_PipelineScheduler):
         forward_only: bool = False,
         return_loss: bool = True,
         return_output_label: bool = False,
+        type_losses=None,
     ):
         micro_num = batch["input_ids"].shape[0]
         mesh = self.mesh
         p2p = self._p2p(batch)
         first, last = mesh.is_first_stage, mesh.is_last_stage
         step = _PipelineStep(
-            model.stages, batch, criterion, optimizer, forward_only, return_output_label, mesh.data_group
+            model.stages, batch, criterion, optimizer, forward_only, return_output_label, mesh.data_group, type_losses
         )
         warmup = micro_num if forward_only else min(mesh.dims.pipeline - mesh.pipeline_rank - 1, micro_num)
         in_flight = []  # (input activation, output) of micro-batches awaiting their backward
@@ -354,6 +358,7 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
         forward_only: bool = False,
         return_loss: bool = True,
         return_output_label: bool = False,
+        type_losses=None,
     ):
         mesh = self.mesh
         stages = mesh.dims.pipeline
@@ -367,7 +372,7 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
             batch, micro_num = pad_micro_batches(batch, stages), micro_num + (-micro_num) % stages
         p2p = self._p2p(batch, defer_sends=self.overlap)
         step = _PipelineStep(
-            model.stages, batch, criterion, optimizer, forward_only, return_output_label, mesh.data_group
+            model.stages, batch, criterion, optimizer, forward_only, return_output_label, mesh.data_group, type_losses
         )
         order = _InterleavedOrder(step, p2p, mesh, self.num_chunks, micro_num, forward_only)
         order.warm_up(then_backward=not forward_only and order.steady > 0)

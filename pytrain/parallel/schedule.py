@@ -32,6 +32,15 @@ def micro_batch_weights(labels: torch.Tensor, data_parallel_group) -> torch.Tens
     return tokens * world / total.clamp_min(1)
 
 
+def micro_batch_loss(criterion, output, batch: dict, micro: int, type_losses):
+    """The criterion on micro-batch `micro`; with type_losses (pytrain.model.TypeLosses), it also adds its token
+    losses there by dataset type."""
+    label = batch["labels"][micro]
+    if type_losses is None:
+        return criterion(output, label)
+    return criterion(output, label, type_ids=batch["type_ids"][micro], type_losses=type_losses)
+
+
 def micro_batch_inputs(batch: dict, micro: int) -> dict:
     """The model's position arguments for micro-batch `micro`, checked once on the host and moved to the device
     without a synchronization: packed rows' boundaries (PackedSequences, which also gives the positions), or
@@ -57,7 +66,9 @@ class NonPipelineScheduler:
         forward_only: bool = False,
         return_loss: bool = True,
         return_output_label: bool = False,
+        type_losses=None,
     ):
+        """type_losses: pytrain.model.TypeLosses to add the token losses to, by dataset type (or None)."""
         micro_num = batch["input_ids"].shape[0]
         weights = micro_batch_weights(batch["labels"], self.data_parallel_group)
         total_loss = torch.zeros((), dtype=torch.float32, device=batch["input_ids"].device)
@@ -66,7 +77,7 @@ class NonPipelineScheduler:
             input_ids, label = batch["input_ids"][index], batch["labels"][index]
             with torch.set_grad_enabled(not forward_only):
                 output = model(input_ids, **micro_batch_inputs(batch, index))
-                loss = criterion(output, label) * weights[index]
+                loss = micro_batch_loss(criterion, output, batch, index, type_losses) * weights[index]
             if not forward_only:
                 optimizer.backward(loss, last=index == micro_num - 1)
             total_loss += loss.detach().float()

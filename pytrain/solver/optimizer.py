@@ -30,6 +30,12 @@ saw the tokens of its whole expert group; the data group without expert parallel
 are chosen within the expert zero group (parallel.expert_zero1), and under expert parallelism their share
 of the gradient norm is summed over the expert group, whose ranks hold different experts. The divisor
 stays the data-parallel size: every rank's loss is weighted for the whole data group.
+
+Under FSDP (pytrain.parallel.fsdp) torch's fully_shard has already done the ZeRO part: each parameter is an
+fp32 DTensor whose local shard is this rank's master, its gradient arrives reduce-scattered (summed) over the
+zero1 group, and nothing is broadcast after the update. What stays here is the same as ZeRO-1's: the
+division by the data-parallel size and the loss scale, the partial sums, the global norm (each shard's
+squares, summed over the shard groups as well), clipping, inf/NaN skipping and AdamW over the local shards.
 """
 
 import math
@@ -40,9 +46,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 
 from pytrain.kernels import adamw_step_
 from pytrain.parallel import ParallelMesh
+from pytrain.parallel.fsdp import local_tensor
 from pytrain.parallel.model_part import ModelPart, Replicas, SumOver
 from pytrain.parallel.shard_spec import ShardSpec
 
@@ -154,9 +162,16 @@ class HybridZeroOptimizer:
         domains = [d for d in domains if d.params]
         self.model_params = [p for d in domains for p in d.params]
         self.expert_group = layout.expert_group if experts and _world(layout.expert_group) > 1 else None
+        self.fsdp = isinstance(self.model_params[0], DTensor)
+        # the groups over which each domain's gradient is split into shards (FSDP): its squares are summed there
+        self.shard_groups = (layout.zero1_group, layout.expert_zero1_group) if self.fsdp else (None, None)
 
-        self._make_flat_grad(domains, overlap_sync_grad)
-        owned = self._assign_owners(domains)
+        if self.fsdp:  # fully_shard reduces and shards; every rank updates its own shards
+            self.flat_grad, self.grad_slices, self.grad_reducers, self.broadcasts = None, [], [], []
+            owned = {id(p) for p in self.model_params}
+        else:
+            self._make_flat_grad(domains, overlap_sync_grad)
+            owned = self._assign_owners(domains)
         self._plan_norm_and_partial_sums(layout.tensor_group, layout.embedding_group)
         self._make_fp32_masters(groups, owned, lr, betas, eps, weight_decay)
         self._hook_param_waits(model)
@@ -200,33 +215,35 @@ class HybridZeroOptimizer:
         return owned
 
     def _plan_norm_and_partial_sums(self, tensor_group, embedding_group) -> None:
-        """Which gradient views the global norm counts on this rank, and which gradients this rank holds
-        only part of, summed over the ranks holding the rest: partial_sums = [(group, views)]."""
+        """Which gradients (indices into model_params) the global norm counts on this rank, and which
+        gradients this rank holds only part of, summed over the ranks holding the rest: partial_sums =
+        [(group, indices)]."""
         tensor_rank = dist.get_rank(tensor_group) if tensor_group is not None else 0
-        pairs = [(self.infos[id(p)], v) for p, v in zip(self.model_params, self.grad_views)]
+        infos = [self.infos[id(p)] for p in self.model_params]
         # each weight once, model-wide; the expert weights' apart when their ranks differ over the expert group
-        counted = [(info, v) for info, v in pairs if info.counted_here(tensor_rank)]
-        split = self.expert_group is not None
-        self.norm_views = [v for info, v in counted if not split or info.replicas is Replicas.DATA]
-        self.expert_norm_views = [v for info, v in counted if split and info.replicas is Replicas.EXPERT_DATA]
+        # or (FSDP) their shards over the expert weights' own group
+        counted = [(i, info) for i, info in enumerate(infos) if info.counted_here(tensor_rank)]
+        split = self.expert_group is not None or self.fsdp
+        self.norm_index = [i for i, info in counted if not split or info.replicas is Replicas.DATA]
+        self.expert_norm_index = [i for i, info in counted if split and info.replicas is Replicas.EXPERT_DATA]
         self.partial_sums = []
         for kind, group in ((SumOver.EMBEDDING, embedding_group), (SumOver.TENSOR, tensor_group)):
-            views = [v for info, v in pairs if info.sum_over is kind]
-            if views and group is not None and _world(group) > 1:
-                self.partial_sums.append((group, views))
+            index = [i for i, info in enumerate(infos) if info.sum_over is kind]
+            if index and group is not None and _world(group) > 1:
+                self.partial_sums.append((group, index))
 
     def _make_fp32_masters(self, groups: list[dict], owned: set[int], lr, betas, eps, weight_decay) -> None:
-        """owned = [(model parameter, its fp32 master, the reduced gradient view)] for the parameters this
-        rank updates (the master is the parameter itself where that is fp32, else a view of one flat buffer),
-        AdamW's moments (exp_avgs, exp_avg_sqs: views of one flat buffer each, keyed by id(master)), and
-        param_groups: the lr, betas, eps and weight decay of each group of owned masters, which the
-        schedulers write into."""
+        """owned = [(model parameter, its fp32 master, its index in model_params)] for the parameters this
+        rank updates (the master is the parameter itself where that is fp32 — under FSDP its fp32 local
+        shard — else a view of one flat buffer), AdamW's moments (exp_avgs, exp_avg_sqs: views of one flat
+        buffer each, keyed by id(master)), and param_groups: the lr, betas, eps and weight decay of each group
+        of owned masters, which the schedulers write into."""
         self.needs_master = any(p.dtype != torch.float32 for p in self.model_params)
-        mine = [(p, view) for p, view in zip(self.model_params, self.grad_views) if id(p) in owned]
-        device = self.flat_grad.device
-        separate = [p for p, _ in mine if p.dtype != torch.float32]
+        mine = [(i, p) for i, p in enumerate(self.model_params) if id(p) in owned]
+        device = self.model_params[0].device
+        separate = [p for _, p in mine if p.dtype != torch.float32]
         master_views = iter(_views(torch.empty(sum(p.numel() for p in separate), device=device), separate))
-        self.owned = [(p, next(master_views) if p.dtype != torch.float32 else p, view) for p, view in mine]
+        self.owned = [(p, next(master_views) if p.dtype != torch.float32 else local_tensor(p), i) for i, p in mine]
         self.masters_from_model()
         masters = [master for _, master, _ in self.owned]
         numel = sum(m.numel() for m in masters)
@@ -251,14 +268,14 @@ class HybridZeroOptimizer:
     def _plan_updates(self) -> None:
         """The kernel's calls of a step: per param group (its lr, betas, eps, weight decay), the lists of the
         masters that have a 16-bit model copy to write, and of those that have none (fp32 parameters)."""
-        model_of = {id(master): p for p, master, _ in self.owned if master is not p}
-        grad_of = {id(master): view for _, master, view in self.owned}
+        model_of = {id(master): p for p, master, _ in self.owned if p.dtype != torch.float32}
+        index_of = {id(master): index for _, master, index in self.owned}
         self._update_lists = []
         for group in self._param_groups:
             for with_copy in (True, False):
                 chosen = [m for m in group["params"] if (id(m) in model_of) == with_copy]
                 if chosen:
-                    lists = [chosen, [grad_of[id(m)] for m in chosen]]
+                    lists = [chosen, [index_of[id(m)] for m in chosen]]
                     lists += [[self.exp_avgs[id(m)] for m in chosen], [self.exp_avg_sqs[id(m)] for m in chosen]]
                     lists.append([model_of[id(m)] for m in chosen] if with_copy else None)
                     self._update_lists.append((group, lists))
@@ -281,7 +298,7 @@ class HybridZeroOptimizer:
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of fp32 master weights (when separate from the model's) and Adam state on this rank."""
-        masters = sum(m.numel() * 4 for p, m, _ in self.owned if m is not p)
+        masters = sum(m.numel() * 4 for p, m, _ in self.owned if p.dtype != torch.float32)
         return masters + sum(m.numel() * 8 for _, m, _ in self.owned)  # exp_avg + exp_avg_sq in fp32
 
     def state_targets(self) -> list[tuple[str, torch.Tensor, ShardSpec, bool]]:
@@ -311,7 +328,7 @@ class HybridZeroOptimizer:
     def masters_from_model(self) -> None:
         """The fp32 masters copied from the model's parameters (after loading weights into the model)."""
         for param, master, _ in self.owned:
-            if master is not param:
+            if param.dtype != torch.float32:  # else the master is the parameter (or its FSDP shard)
                 master.copy_(param)
 
     def zero_grad(self) -> None:
@@ -339,8 +356,8 @@ class HybridZeroOptimizer:
     def step(self) -> tuple[bool, float]:
         """Reduce, unscale, check, clip, update, share. Returns (success, global gradient norm before clipping)."""
         self.sync_params()
-        self._gather_and_reduce_grads()
-        norm = self._global_norm()
+        grads = self._fsdp_grads() if self.fsdp else self._gather_and_reduce_grads()
+        norm = self._global_norm(grads)
         if not math.isfinite(norm):
             if self.grad_scaler:
                 self.grad_scaler.update(overflow=True)
@@ -349,10 +366,10 @@ class HybridZeroOptimizer:
             self.grad_scaler.update(overflow=False)
         clip = self.clip_grad_norm / (norm + 1e-6) if 0 < self.clip_grad_norm < norm else 1.0
         self.successful_steps += 1
-        for group, (masters, grads, exp_avgs, exp_avg_sqs, models) in self._update_lists:
+        for group, (masters, index, exp_avgs, exp_avg_sqs, models) in self._update_lists:
             adamw_step_(
                 masters,
-                grads,
+                [grads[i] for i in index],
                 exp_avgs,
                 exp_avg_sqs,
                 step=self.successful_steps,
@@ -366,7 +383,8 @@ class HybridZeroOptimizer:
         self._broadcast_updated_params()
         return True, norm
 
-    def _gather_and_reduce_grads(self) -> None:
+    def _gather_and_reduce_grads(self) -> list[torch.Tensor]:
+        """ZeRO-1: every gradient copied into the flat buffer and averaged there; returns the views."""
         for grads in self.grad_slices:
             if grads.reducer is not None:
                 grads.reducer.finish()
@@ -379,24 +397,46 @@ class HybridZeroOptimizer:
             if _world(grads.group) > 1:
                 for start in range(0, grads.flat.numel(), self.reduce_bucket_size):
                     dist.all_reduce(grads.flat[start : start + self.reduce_bucket_size], group=grads.group)
-        for group, views in self.partial_sums:
+        self._sum_partial_grads(self.grad_views)
+        scale = _world(self.group) * self.loss_scale
+        if scale != 1:
+            self.flat_grad.div_(scale)
+        return self.grad_views
+
+    def _fsdp_grads(self) -> list[torch.Tensor]:
+        """FSDP: each parameter's local gradient shard (already summed over the zero1 group), averaged."""
+        grads = [
+            local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p))  # unused in this step
+            for p in self.model_params
+        ]
+        self._sum_partial_grads(grads)
+        scale = _world(self.group) * self.loss_scale
+        if scale != 1:
+            torch._foreach_div_(grads, scale)
+        return grads
+
+    def _sum_partial_grads(self, grads: list[torch.Tensor]) -> None:
+        for group, index in self.partial_sums:
+            views = [grads[i] for i in index]
             flat = _flatten_dense_tensors(views)
             dist.all_reduce(flat, group=group)
             for view, value in zip(views, _unflatten_dense_tensors(flat, views)):
                 view.copy_(value)
-        scale = _world(self.group) * self.loss_scale
-        if scale != 1:
-            self.flat_grad.div_(scale)
 
-    def _global_norm(self) -> float:
+    def _global_norm(self, grads: list[torch.Tensor]) -> float:
         """The L2 norm of the whole model's gradient, every shard counted once; the same on every rank."""
-        if len(self.norm_views) == len(self.model_params):
+        dense_shards, expert_shards = self.shard_groups
+        if len(self.norm_index) == len(self.model_params) and not self.fsdp:
             squares = torch.linalg.vector_norm(self.flat_grad).square()
         else:
-            squares = _squares(self.norm_views, self.flat_grad)
-        if self.expert_norm_views:
-            experts = _squares(self.expert_norm_views, self.flat_grad)
-            dist.all_reduce(experts, group=self.expert_group)
+            squares = _squares([grads[i] for i in self.norm_index], grads[0])
+        if dense_shards is not None:
+            dist.all_reduce(squares, group=dense_shards)
+        if self.expert_norm_index:
+            experts = _squares([grads[i] for i in self.expert_norm_index], grads[0])
+            for group in (expert_shards, self.expert_group):
+                if group is not None:
+                    dist.all_reduce(experts, group=group)
             squares = squares + experts
         if self.model_parallel_group is not None and _world(self.model_parallel_group) > 1:
             dist.all_reduce(squares, group=self.model_parallel_group)

@@ -10,6 +10,7 @@ from torch import nn
 from pytrain.config import Config, ConfigError
 from pytrain.data import BUILTIN_CORPUS, build_train_loader, build_valid_loaders
 from pytrain.parallel import gpc
+from pytrain.parallel.fsdp import FSDPSettings
 from pytrain.parallel.model_part import ModelPart, parallelize
 from pytrain.parallel.recompute import SelectiveCheckpoint, SelectivePolicy
 from pytrain.registry import MODEL_INITIALIZER
@@ -44,6 +45,13 @@ def initialize_model(config: Config | None = None) -> nn.Module:
             fp32_norms=cfg.use_fp32_norm,
             seed=gpc.seed,
             selective=selective_checkpoint(cfg),
+            fsdp=FSDPSettings(cfg.parallel.zero1.reshard_after_forward) if cfg.parallel.zero1.fsdp else None,
+        )
+    if cfg.parallel.zero1.fsdp:
+        raise ConfigError(
+            f"parallel.zero1.fsdp=True: model_type {cfg.model_type!r}'s builder returned a {type(whole).__name__} "
+            f"without tensor_parallel_plan(), whose layers FSDP cannot find; build it from pytrain.model.decoder."
+            f"Decoder, or use fsdp=False (ZeRO-1)"
         )
     if gpc.tensor_parallel_size > 1 or gpc.pipeline_parallel_size > 1:
         raise ConfigError(

@@ -52,7 +52,7 @@ def train(args) -> list[dict]:
     cfg = gpc.config
     model = initialize_model()
     optimizer, beta2_scheduler, lr_scheduler = initialize_optimizer(model=model)
-    train_dl, _dataset_types = get_train_data_loader(num_worker=0)
+    train_dl, dataset_types = get_train_data_loader(num_worker=0)
     valid_loaders = get_validation_data_loader(num_worker=0)
     trainer, train_dl, _, _ = initialize_trainer(
         model=model,
@@ -67,7 +67,7 @@ def train(args) -> list[dict]:
         start_step = checkpoints.resume()
         peak, peak_source = peak_tflops(gpc.device, DTYPES[cfg.model.dtype], cfg.monitor.peak_tflops)
         block_params, head_params, params = whole_model_sizes(model, gpc.mesh)
-        monitor = step_monitor(cfg, gpc.mesh, block_params, head_params, peak, peak_source)
+        monitor = step_monitor(cfg, gpc.mesh, block_params, head_params, peak, peak_source, dataset_types)
         report_start(cfg, gpc.mesh, model, optimizer, params, peak, peak_source)
         history = run_steps(cfg, trainer, train_dl, valid_loaders, checkpoints, monitor, start_step, args.profiling)
     except BaseException:
@@ -91,7 +91,13 @@ def whole_model_sizes(model, mesh: ParallelMesh) -> tuple[int, int, int]:
 
 
 def step_monitor(
-    cfg: Config, mesh: ParallelMesh, block_params: int, head_params: int, peak: float, peak_source: str
+    cfg: Config,
+    mesh: ParallelMesh,
+    block_params: int,
+    head_params: int,
+    peak: float,
+    peak_source: str,
+    dataset_types: list[str] | None = None,
 ) -> StepMonitor:
     """The per-step log: loss, tokens/s and, from the whole model's matmul parameters, TFLOPS and MFU."""
     data = cfg.data
@@ -118,6 +124,7 @@ def step_monitor(
         alerts=AlertLog.from_config(cfg, gpc.rank),
         tensorboard_queue=cfg.monitor.tensorboard.queue_max_length,
         pipeline_group=mesh.pipeline_group,
+        dataset_types=dataset_types,
     )
 
 
@@ -135,6 +142,7 @@ def report_start(cfg: Config, mesh: ParallelMesh, model, optimizer, params: int,
         f"data {mesh.dims.data} x tensor {mesh.dims.tensor} ({cfg.parallel.tensor.mode}) x "
         f"pipeline {mesh.dims.pipeline}"
         + (f" ({cfg.model.num_chunks} chunks per rank)" if cfg.model.num_chunks > 1 else "")
+        + (f", FSDP over {mesh.dims.zero1} ranks" if mesh.dims.fsdp else "")
     )
     print(
         f"pytrain: {cfg.model_type} with {params / 1e6:.2f}M parameters, {mesh.dims.world_size} rank(s) on "
@@ -143,7 +151,12 @@ def report_start(cfg: Config, mesh: ParallelMesh, model, optimizer, params: int,
         f"{min(state_bytes):.1f}-{max(state_bytes):.1f} bytes per parameter per rank; peak {peak:.2f} "
         f"TFLOPS per rank ({peak_source}); run folder {gpc.run_folder}"
         + (f"; ignored here: {', '.join(cfg.ignored_here)}" if cfg.ignored_here else "")
-        + ("; selective_checkpoint_offload: a no-op on the CPU" if offload_on_cpu else ""),
+        + ("; selective_checkpoint_offload: a no-op on the CPU" if offload_on_cpu else "")
+        + (
+            "; hybrid_zero_optimizer's overlap_sync_*: FSDP overlaps its own gathers and reductions"
+            if mesh.dims.fsdp
+            else ""
+        ),
         flush=True,
     )
 
@@ -173,6 +186,7 @@ def run_steps(
                     success,
                     optimizer.loss_scale if optimizer.grad_scaler else None,
                     moe_loss=trainer.moe_loss(),
+                    type_stats=trainer.type_stats(),
                 )
             )
             if valid_loaders and cfg.data.valid_every > 0 and step % cfg.data.valid_every == 0:
@@ -211,6 +225,49 @@ def dry_run(args) -> None:
     )
 
 
+def run_plan(args) -> int:
+    """--plan: every layout of --world_size ranks the run accepts, with its predicted memory per rank and step
+    time, ranked (pytrain.plan); 0 when one fits --device_memory, 1 when none does."""
+    from pytrain.plan import Target, parse_bytes, plan, write_json
+
+    cfg = Config.from_file(args.config, overrides=args.overrides)
+    if args.device_memory is None:
+        raise ConfigError("--plan needs --device_memory, the memory of one device, e.g. --device_memory 80GiB")
+    try:
+        device_memory = parse_bytes(args.device_memory)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for flag in ("peak_tflops", "link_gbps"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag} {getattr(args, flag)}: must be > 0")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak, peak_source = peak_tflops(device, DTYPES[cfg.model.dtype], args.peak_tflops or cfg.monitor.peak_tflops)
+    if args.peak_tflops is not None:
+        peak_source = "--peak_tflops"
+    target = Target(device_memory, peak, args.link_gbps, "cpu" if args.plan_for_cpu else "cuda")
+    world_size = int(args.world_size or 1)
+    result = plan(cfg, world_size, target, source=args.config)
+    print(
+        f"{args.config}: {len(result.layouts)} layouts of {world_size} ranks pass the run's validation, "
+        f"{len(result.fitting)} fit {device_memory / 2**30:.1f} GiB per device; step times at {peak:.1f} TFLOPS per "
+        f"rank ({peak_source}) and {args.link_gbps:g} GB/s links. Memory in GiB per rank (the worst rank): "
+        f"parameters, gradients, optimizer state, activations (x micro-batches in flight), communication "
+        f"buffers, peak; 'sent GB': bytes each rank sends per step"
+    )
+    print(result.table(args.plan_rows))
+    if args.plan_json:
+        write_json(result, args.plan_json)
+        print(f"all {len(result.layouts)} layouts in {args.plan_json}")
+    if not result.fitting:
+        smallest = min(result.layouts, key=lambda p: p.memory.peak)
+        print(
+            f"pytrain: no layout fits {device_memory / 2**30:.1f} GiB per device; the smallest peak is "
+            f"{smallest.memory.peak / 2**30:.1f} GiB ({smallest.description}): plan for more devices or more memory"
+        )
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     parser = get_default_parser()
     parser.add_argument(
@@ -218,9 +275,38 @@ def main(argv=None) -> int:
         action="store_true",
         help="validate the config, build the model on the meta device, print its size, exit",
     )
+    plan = parser.add_argument_group("layout planner (--plan)")
+    plan.add_argument(
+        "--plan",
+        action="store_true",
+        help="list every layout of --world_size ranks the run accepts with its predicted memory per rank and "
+        "step time, ranked (fits first, then fastest), exit",
+    )
+    plan.add_argument("--device_memory", default=None, help="memory of one device, e.g. 80GiB")
+    plan.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="dense peak TFLOPS of one device at the model's dtype (default: monitor.peak_tflops, else this "
+        "machine's GPU datasheet or a matmul measured here)",
+    )
+    plan.add_argument("--link_gbps", type=float, default=50.0, help="each rank's link in GB/s (bytes; default 50)")
+    plan.add_argument("--plan_json", default=None, help="write every layout's prediction to this JSON file")
+    plan.add_argument("--plan_rows", type=int, default=20, help="layouts the table shows (default 20)")
+    plan.add_argument(
+        "--plan_for_cpu",
+        action="store_true",
+        help="plan for CPU processes (gloo): Adam's temporaries as torch's per-tensor AdamW on the CPU makes them",
+    )
     args = parser.parse_args(argv)
     if not args.config:
         parser.error("--config is required, e.g. --config configs/tiny.py")
+    if args.plan:
+        try:
+            return run_plan(args)
+        except ConfigError as err:  # PlanError too (a world size admitting no layout)
+            print(f"pytrain: config error: {err}", flush=True)
+            return 2
     if args.dry_run:
         try:
             dry_run(args)

@@ -51,6 +51,7 @@ from pytrain.checkpoint import (
 )
 from pytrain.checkpoint.schema import JSON_OBJECT, Int, Nullable, Record
 from pytrain.config import Config, ConfigError
+from pytrain.parallel.fsdp import local_tensor
 
 CONTENTS = ("model", "sampler", "optimizer", "scheduler")
 # what loading each content reads from state.json (required, optional fields)
@@ -161,11 +162,15 @@ class TrainingCheckpoints:
     # -- what a checkpoint holds --------------------------------------------------------------------------
     def _tensors(self, duplicates: bool) -> list[tuple[str, torch.Tensor, object]]:
         """(key, tensor, spec) of this rank's state; duplicates: also the tied copies (to load them)."""
-        out = [(MODEL + info.name, p, info.spec) for p, info in self.model.infos() if duplicates or not info.duplicate]
+        out = [
+            (MODEL + info.name, local_tensor(p), info.spec)
+            for p, info in self.model.infos()
+            if duplicates or not info.duplicate
+        ]
         out += [(OPTIM + k, t, s) for k, t, s, dup in self.optimizer.state_targets() if duplicates or not dup]
         return out
 
-    def _global_state(self, step: int) -> dict:
+    def _global_state(self, step: int, data_state: dict) -> dict:
         opt, trainer = self.optimizer, self.trainer
         return {
             "step": step,
@@ -174,7 +179,7 @@ class TrainingCheckpoints:
             "grad_scaler": opt.grad_scaler.state_dict() if opt.grad_scaler else None,
             "lr_scheduler": trainer.lr_scheduler.state_dict() if trainer.lr_scheduler else None,
             "beta2_scheduler": trainer.beta2_scheduler.state_dict() if trainer.beta2_scheduler else None,
-            "data": self.loader.state_dict(),
+            "data": data_state,
             "world_size": self.world,
             "config": self.cfg.dump(),
         }
@@ -183,11 +188,12 @@ class TrainingCheckpoints:
         """Saves the state after step `step` (collective)."""
         self.optimizer.sync_params()  # overlapped parameter broadcasts land first
         tensors = {key: (t, spec) for key, t, spec in self._tensors(duplicates=False)}
+        data_state = self.loader.state_dict()  # on every rank: a streamed source gathers every rank's shards
         path = self.saver.save(
             step,
             tensors,
             rank_state={"rng": rng_state()},
-            global_state=self._global_state(step) if self.rank == 0 else None,
+            global_state=self._global_state(step, data_state) if self.rank == 0 else None,
             snapshot=snapshot,
         )
         self.last_saved = step

@@ -15,7 +15,9 @@ import torch
 
 from pytrain.data import DataError
 from pytrain.kernels.cross_entropy import check_labels_in_range
+from pytrain.model import LMLoss, TypeLosses
 from pytrain.model.moe import moe_layers
+from pytrain.parallel.fsdp import reshard_fsdp
 from pytrain.parallel.schedule import HOST_KEYS, IGNORE_INDEX
 
 
@@ -31,11 +33,14 @@ class Trainer:
         beta2_scheduler=None,
         label_vocab_size: int | None = None,
         moe_loss_coeff: float | None = None,
+        dataset_types: list[str] | None = None,
     ):
         """label_vocab_size: check each step's labels against it on the host, before they move to the
         device, so the loss need not read them back per micro-batch (see LMLoss's labels_checked).
         moe_loss_coeff: the MoE aux loss's weight (None: the launched run's loss.moe_loss_coeff, else
-        InternEvo's default 1.0)."""
+        InternEvo's default 1.0). dataset_types: the data's type names (batch["type_ids"] index them); with
+        several and an LMLoss criterion, each training step also counts tokens and sums losses per type
+        (type_stats())."""
         self.model, self.optimizer, self.schedule, self.criterion = model, optimizer, schedule, criterion
         self.moe_layers = moe_layers(model)
         if moe_loss_coeff is None:
@@ -46,6 +51,9 @@ class Trainer:
         self.device, self.label_vocab_size = device, label_vocab_size
         self.lr_scheduler, self.beta2_scheduler = lr_scheduler, beta2_scheduler
         self.steps_taken = 0
+        per_type = dataset_types is not None and len(dataset_types) > 1 and isinstance(criterion, LMLoss)
+        self.num_types = len(dataset_types) if per_type else 0
+        self._type_stats: tuple[torch.Tensor, TypeLosses] | None = None
 
     def train(self) -> None:
         self.model.train()
@@ -68,6 +76,12 @@ class Trainer:
                     f"a batch's {err}: the data holds token ids beyond model.vocab_size={self.label_vocab_size}; "
                     f"set model.vocab_size to the tokenizer's vocabulary size"
                 ) from None
+        options = {}
+        self._type_stats = None
+        if self.num_types and not forward_only:
+            tokens = torch.bincount(batch["type_ids"].flatten(), minlength=self.num_types).to(torch.float32)
+            options["type_losses"] = TypeLosses(self.num_types, self.device)
+            self._type_stats = (tokens, options["type_losses"])
         batch = {
             key: value if key in HOST_KEYS else value.to(self.device, non_blocking=True) for key, value in batch.items()
         }
@@ -80,7 +94,7 @@ class Trainer:
             for layer in self.moe_layers:
                 layer.aux_loss_weight = weight
                 layer.reset_aux_losses()
-        return self.schedule.forward_backward_step(
+        result = self.schedule.forward_backward_step(
             self.model,
             batch,
             self.criterion,
@@ -88,7 +102,20 @@ class Trainer:
             forward_only=forward_only,
             return_loss=return_loss,
             return_output_label=return_output_label,
+            **options,
         )
+        if forward_only:  # FSDP units that keep their gathered parameters after forward wait for a backward
+            reshard_fsdp(self.model)
+        return result
+
+    def type_stats(self) -> torch.Tensor | None:
+        """The last training step's (3, dataset types) float32 on the device: this rank's tokens of each type,
+        their loss sum and labelled-token count (the loss on the last pipeline stage only); None when the step
+        did not count them (one type, or another criterion)."""
+        if self._type_stats is None:
+            return None
+        tokens, losses = self._type_stats
+        return torch.stack([tokens.to(self.device), losses.sums, losses.counts])
 
     def moe_loss(self) -> torch.Tensor | None:
         """The last schedule's MoE aux loss on this rank (sum over its layers, mean over the micro-batches;
