@@ -42,15 +42,15 @@ def model_and_optimizer(benchmark, dtype: str, device: str):
 
 
 def bytes_moved(optimizer) -> int:
-    copy_bytes = sum(p.numel() * p.element_size() for p, master, _ in optimizer.owned if master is not p)
+    copy_bytes = sum(p.numel() * p.element_size() for p, _, _ in optimizer.owned if p.dtype != torch.float32)
     return sum(m.numel() for _, m, _ in optimizer.owned) * 28 + copy_bytes
 
 
 def update_fn(impl, optimizer):
     """The update over the optimizer's own masters, gradients and (pytrain) moments."""
     owned = optimizer.owned
-    masters, grads = [m for _, m, _ in owned], [view for _, _, view in owned]
-    copies = [(p, m) for p, m, _ in owned if m is not p]
+    masters, grads = [m for _, m, _ in owned], [optimizer.grad_views[index] for _, _, index in owned]
+    copies = [(p, m) for p, m, _ in owned if p.dtype != torch.float32]
     if impl == "pytrain":
         exp_avgs = [optimizer.exp_avgs[id(m)] for m in masters]
         exp_avg_sqs = [optimizer.exp_avg_sqs[id(m)] for m in masters]

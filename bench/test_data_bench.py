@@ -388,6 +388,7 @@ print(baseline, rss("VmHWM:"), tokens)
 """
 
 
+@pytest.mark.slow  # about 9 s: two corpora streamed; a smoke test of the bench
 def test_streamed_loader_memory_is_flat_in_corpus_size(benchmark, tmp_path):
     """Peak RSS of a streamed loader (byte tokenizer) reading about one pass of a corpus, at two corpus sizes."""
     sizes = (64 * 2**20, 256 * 2**20) if benchmark.enabled else (2**20, 4 * 2**20)

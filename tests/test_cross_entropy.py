@@ -507,6 +507,7 @@ def _vocab_parallel_worker(rank, world, init_method, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # about 8 s: test_parallel.py's tp2 layouts train through the vocab-parallel loss in the fast suite
 def test_vocab_parallel_two_gloo_processes_equal_unsharded(init_method):
     with mp.Manager() as manager:
         results = manager.dict()

@@ -118,7 +118,8 @@ def worker(rank, world, init_method, names, run_folder, results):
                 dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.slow  # about 10 s in 2 processes, 4 in 4: every layout's construction path
+@pytest.mark.parametrize("world", [2, 4])
 def test_collectives_only_see_tensors_on_the_run_device(world, tmp_path, init_method):
     """Every layout of `world` ranks, one after the other in one launch of its processes."""
     names = [name for name, (size, _) in LAYOUTS.items() if size == world]

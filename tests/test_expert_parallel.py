@@ -149,6 +149,7 @@ def dispatch_worker(rank, world, init_method, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # about 11 s: 2 processes; the fast suite checks the dispatch's results in the layout test
 def test_expert_parallel_dispatch_reads_back_once_per_layer(tmp_path, init_method):
     """On a GPU each host read is a synchronization: an expert-parallel layer makes exactly one, forward and backward
     together (the all-to-all's split sizes), and no op sized by its input's values (torch.bincount, nonzero, ...)."""

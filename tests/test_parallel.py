@@ -268,6 +268,7 @@ def nan_worker(rank, init_method, run_folder, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # about 9 s; test_zero checks a NaN on one rank skips the step everywhere in the fast suite
 def test_nan_gradient_on_one_stage_skips_the_step_everywhere_and_fp16_scale_backs_off(
     tmp_path, init_method, fresh_context
 ):

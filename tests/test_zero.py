@@ -97,7 +97,9 @@ def worker(rank, init_method, dtype, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
+# slow (about 14 s each): test_parallel.py's dp2 and ZeRO-1 layouts check the same against one process in the fast suite
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_zero1_matches_one_process_and_shards_the_state(dtype, init_method):
     model = make_model(dtype)
     optimizer = optimizer_for(model)
