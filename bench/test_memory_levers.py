@@ -83,7 +83,7 @@ def predicted_peak(cfg: Config, world: int) -> int:
     dims = ParallelDims.from_config(cfg, world)
     schedule, shape = Schedule.from_config(cfg, dims), ModelShape.from_config(cfg)
     return max(
-        rank_memory(shape, schedule, stage, device_type="cpu", zero1_rank=data % dims.zero1).peak
+        rank_memory(shape, schedule, stage, zero1_rank=data % dims.zero1).peak
         for stage in range(dims.pipeline)
         for data in range(dims.data)
     )

@@ -54,7 +54,6 @@ def predicted_peak(cfg: Config, world: int, rank: int) -> int:
         ModelShape.from_config(cfg),
         schedule,
         pipeline_rank,
-        device_type="cpu",
         zero1_rank=data_rank % dims.zero1,
         expert_zero1_rank=data_rank // dims.expert % dims.expert_zero1,
     ).peak
@@ -138,7 +137,7 @@ def test_every_listed_layout_is_accepted_by_the_run(config, world):
 
 def test_a_tensor_size_the_model_cannot_split_is_not_listed():
     cfg = Config.from_file(CONFIGS / "tiny.py")  # 8 heads: a tensor size of 3 cannot split them
-    result = plan(cfg, 6, Target(2**30, 1.0, 1.0, "cpu"))
+    result = plan(cfg, 6, Target(2**30, 1.0, 1.0))
     assert {p.layout.tensor for p in result.layouts} == {1, 2}
     assert {p.layout.pipeline for p in result.layouts} == {1, 2, 3, 6}
 

@@ -125,7 +125,6 @@ def rank_memory(
     shape: ModelShape,
     schedule: Schedule,
     pipeline_rank: int,
-    device_type: str = "cuda",
     zero1_rank: int | None = None,
     expert_zero1_rank: int | None = None,
 ) -> MemoryEstimate:
@@ -203,14 +202,11 @@ def rank_memory(
         grads = gradients if backward_done else grads_during_backward + int(grads_of_a_backward * layers_done)
         at_backward = max(at_backward, held + grads + activations - largest + kept)
 
-    if device_type == "cpu":
-        adam_temporaries = 2 * FP32 * max(dense + experts, default=0)
-    else:
-        adam_temporaries = FP32 * owned
+    # the update (pytrain.kernels.adamw_step_) runs in place, on every device: no temporaries of its own
     broadcast = 0
     if not s.fsdp and s.zero1 > 1:
         broadcast = (local - owned) * e if s.overlap_sync_param else _owned(dense, s.zero1, None) * e
-    at_step = parameters + optimizer_state + gradients + max(adam_temporaries, broadcast)
+    at_step = parameters + optimizer_state + gradients + broadcast
     peak = max(at_backward, at_step)
     return MemoryEstimate(
         pipeline_rank=pipeline_rank,
@@ -226,11 +222,11 @@ def rank_memory(
     )
 
 
-def layout_memory(shape: ModelShape, schedule: Schedule, device_type: str = "cuda") -> MemoryEstimate:
+def layout_memory(shape: ModelShape, schedule: Schedule) -> MemoryEstimate:
     """The worst rank's bytes: the first and the last pipeline stage bound the others (the most micro-batches in
     flight, the embedding; the head, the logits), each at its largest ZeRO-1 share."""
     ranks = {0, schedule.pipeline - 1}
-    return max((rank_memory(shape, schedule, r, device_type) for r in ranks), key=lambda m: m.peak)
+    return max((rank_memory(shape, schedule, r) for r in ranks), key=lambda m: m.peak)
 
 
 def _stage_layers(shape: ModelShape, s: Schedule, pipeline_rank: int) -> list[list[LayerShape]]:

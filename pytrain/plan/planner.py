@@ -39,12 +39,11 @@ def parse_bytes(text: str) -> int:
 @dataclass(frozen=True)
 class Target:
     """The devices planned for: memory per device (bytes), dense peak TFLOPS at the model's dtype, each rank's
-    link in GB/s, and the device type ('cuda', or 'cpu': Adam's temporaries are per tensor there)."""
+    link in GB/s."""
 
     device_memory: int
     peak_tflops: float
     link_gbps: float
-    device_type: str = "cuda"
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,7 @@ def plan(cfg: Config, world_size: int, target: Target, source: str = "config") -
 
 def _predict(shape: ModelShape, valid: ValidLayout, target: Target) -> PlannedLayout:
     schedule = Schedule.from_config(valid.config, valid.dims)
-    memory = layout_memory(shape, schedule, target.device_type)
+    memory = layout_memory(shape, schedule)
     return PlannedLayout(
         layout=valid.layout,
         description=valid.layout.describe(valid.dims),

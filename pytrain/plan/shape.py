@@ -12,7 +12,7 @@ allocator in tests/test_plan.py):
 - attention keeps what SDPA/flash-attention needs: the q and k after the rotary embedding, v, the output
   (the out projection's input) and an fp32 log-sum-exp per head; a fused [q; k; v] projection keeps its whole
   output alive because v is a view of it; Qwen3's q/k norms keep their inputs;
-- a dense MLP keeps w1's and w3's outputs, the activation of the gate and the product (4 x width);
+- a dense MLP keeps w1's and w3's outputs (the fused SwiGLU's inputs) and their product (w2's input): 3 x width;
 - a mixture of experts keeps per routed row (top_k rows per token, spread over the tensor ranks) the permuted
   input and the combined output's rows (2 x hidden) and the experts' 4 x width; routing keeps about
   num_experts + 7 x top_k fp32-sized elements per token (probabilities, choices, weights, permutation).
@@ -169,7 +169,7 @@ def _layer_shape(layer: nn.Module, prefix: str, plan) -> LayerShape:
         width = layer_moe.experts.w1.shape[1]
         experts, top_k = layer_moe.routing.num_experts, layer_moe.routing.top_k
         shared = mlp.residual_mlp.w1.out_features if mlp.shared_kind else 0
-        mlp_sharded, routed, router = 4 * shared, 2 * hidden + 4 * width, experts + 7 * top_k
+        mlp_sharded, routed, router = 3 * shared, 2 * hidden + 4 * width, experts + 7 * top_k
         matmul_sharded = projections + 2 * shared
         matmul_gathered = hidden  # the out projection's output (partial sums, whole)
         matmul_residual = 2 * hidden  # the layer's inputs: neither is a matmul output
@@ -177,7 +177,7 @@ def _layer_shape(layer: nn.Module, prefix: str, plan) -> LayerShape:
         widest = max(4 * width * top_k, q + 2 * kv)
     else:
         width = mlp.w1.out_features
-        mlp_sharded, routed, router, top_k = 4 * width, 0, 0, 0
+        mlp_sharded, routed, router, top_k = 3 * width, 0, 0, 0
         matmul_sharded = projections + 2 * width
         matmul_gathered = 2 * hidden  # the out projection's and w2's outputs
         matmul_residual = hidden  # the residual input (the hidden input is the previous w2's output)

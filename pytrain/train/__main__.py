@@ -244,7 +244,7 @@ def run_plan(args) -> int:
     peak, peak_source = peak_tflops(device, DTYPES[cfg.model.dtype], args.peak_tflops or cfg.monitor.peak_tflops)
     if args.peak_tflops is not None:
         peak_source = "--peak_tflops"
-    target = Target(device_memory, peak, args.link_gbps, "cpu" if args.plan_for_cpu else "cuda")
+    target = Target(device_memory, peak, args.link_gbps)
     world_size = int(args.world_size or 1)
     result = plan(cfg, world_size, target, source=args.config)
     print(
@@ -293,11 +293,6 @@ def main(argv=None) -> int:
     plan.add_argument("--link_gbps", type=float, default=50.0, help="each rank's link in GB/s (bytes; default 50)")
     plan.add_argument("--plan_json", default=None, help="write every layout's prediction to this JSON file")
     plan.add_argument("--plan_rows", type=int, default=20, help="layouts the table shows (default 20)")
-    plan.add_argument(
-        "--plan_for_cpu",
-        action="store_true",
-        help="plan for CPU processes (gloo): Adam's temporaries as torch's per-tensor AdamW on the CPU makes them",
-    )
     args = parser.parse_args(argv)
     if not args.config:
         parser.error("--config is required, e.g. --config configs/tiny.py")
