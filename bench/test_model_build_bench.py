@@ -64,9 +64,8 @@ def build_part(rank, world, init_method, parallel, small, results):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(  # as a smoke test, one process (tests/ checks the layouts)
-    "layout", [pytest.param(name, marks=() if name == "one process" else pytest.mark.slow) for name in LAYOUTS]
-)
+@pytest.mark.slow  # every row, as a smoke test (about 6 s each; tests/ checks the layouts)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_1b_materialized_per_rank(benchmark, layout, tmp_path):
     world, parallel = LAYOUTS[layout]
     small = not benchmark.enabled

@@ -25,9 +25,8 @@ ROWS = {
 }
 
 
-@pytest.mark.parametrize(  # as a smoke test, one row: the others are `slow`
-    "row", [pytest.param(name, marks=() if name == "1 process" else pytest.mark.slow) for name in ROWS]
-)
+@pytest.mark.slow  # every row, as a smoke test (about 7 s each; tests/ checks the MoE layouts)
+@pytest.mark.parametrize("row", ROWS)
 def test_moe_training_throughput(benchmark, record_throughput, row, tmp_path):
     steps, warmup = (STEPS, WARMUP) if benchmark.enabled else (2, 0)
     processes, overrides = ROWS[row]

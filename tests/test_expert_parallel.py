@@ -82,7 +82,9 @@ def single_process(tmp_path_factory):
     return reference(FAMILY, MOE, tmp_path_factory.mktemp("reference"))
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+# slow (about 20 s at 2 processes): test_moe_families.py runs the MoE layouts against one process in the fast suite
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
 def test_expert_layouts_match_one_process(world, single_process, tmp_path, init_method, fresh_context):
     names = [name for name, (size, *_) in LAYOUTS.items() if size == world]
     with mp.Manager() as manager:

@@ -129,7 +129,10 @@ def test_triton_batched_layout(triton_device, causal):
 # runs there, in CI, on short documents; bf16 runs on the GPU only (bench/gpu/run.sh), with the long documents.
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("head_dim,ratio", [(64, 1), (128, 4), pytest.param(96, 8, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "head_dim,ratio",
+    [(64, 1), pytest.param(128, 4, marks=pytest.mark.slow), pytest.param(96, 8, marks=pytest.mark.slow)],
+)
 def test_triton_16bit(triton_device, dtype, causal, head_dim, ratio):
     lengths = [1, 300, 77, 1024, 129] if triton_device == "cuda" else [1, 17, 20]
     q, k, v, dout, bounds = packed_inputs(lengths, 8, 8 // ratio, head_dim, dtype, triton_device)

@@ -147,6 +147,7 @@ def layout_steps(tmp_path_factory):
         return dict(results)
 
 
+@pytest.mark.slow  # about 15 s: 2 processes; the packed path's equality per document is also tested in test_flash_attn
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_packed_documents_train_as_each_document_alone(name, layout_steps):
     world, _ = LAYOUTS[name]

@@ -224,8 +224,10 @@ def family_references(request, tmp_path_factory):
 TOLERANCE = dict(rtol=2e-4, atol=2e-5)
 
 
-# the 4-process layouts (pp4, dp2 x tp2, tp2 x pp2, ...) are the slow set's: the 2-process ones cover each mode
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+# slow (about 30 s at 2 processes, minutes at 4): CI runs every layout after the README's test command; the fast
+# suite trains dp2 / ZeRO-1 / tensor / pipeline layouts of the MoE families against one process (test_moe_families)
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
 def test_layout_matches_one_process(world, family_references, tmp_path, init_method, fresh_context):
     family, references = family_references
     names = [name for name, (size, *_) in LAYOUTS.items() if size == world]

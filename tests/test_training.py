@@ -89,7 +89,8 @@ def one_process_metrics(tmp_path_factory):
 @pytest.mark.parametrize(
     "layout, micro_num",
     [
-        (["parallel.zero1.size=-1"], 2),
+        # slow: test_parallel.py's dp2 / ZeRO-1 layouts check the same against one process in the fast suite
+        pytest.param(["parallel.zero1.size=-1"], 2, marks=pytest.mark.slow),
         pytest.param(["parallel.pipeline.size=2", "model.num_chunks=2"], 4, marks=pytest.mark.slow),
     ],
     ids=["dp2-zero1-sharded", "pp2-interleaved"],
