@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tokenized import DataError, check_folder, dataset_type_of, walk_files
+from .tokenized import DataError, MappedFiles, check_folder, dataset_type_of, walk_files
 
 MAGIC = b"MMIDIDX\x00\x00"
 HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
@@ -126,33 +126,15 @@ def open_megatron(folder, what: str = "data.train_folder") -> tuple[list[Indexed
     return files, names
 
 
-class MegatronReader:
-    """Reads document (file, index) as int64 token ids from memory-mapped .bin files; picklable (each process
-    maps the files itself on first use), as tokenized.SampleReader."""
+class MegatronReader(MappedFiles):
+    """Reads document (file, index) as int64 token ids from memory-mapped .bin files."""
 
     def __init__(self, files: list[IndexedFile], vocab_size: int | None):
-        self.paths = [f.path for f in files]
+        super().__init__([f.path for f in files])
         self.dtypes = [f.dtype for f in files]
         self.starts = [f.starts for f in files]
         self.lengths = [f.lengths for f in files]
         self.vocab_size = vocab_size
-        self._maps: dict[int, mmap.mmap] = {}
-        self._pid = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_maps": {}, "_pid": None}
-
-    def _map(self, file: int) -> mmap.mmap:
-        if self._pid != os.getpid():
-            self._maps, self._pid = {}, os.getpid()
-        if file not in self._maps:
-            with open(self.paths[file], "rb") as handle:
-                self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._maps[file]
-
-    def release_pages(self) -> None:
-        for mapped in self._maps.values():
-            mapped.madvise(mmap.MADV_DONTNEED)
 
     def read(self, file: int, document: int) -> np.ndarray:
         count = int(self.lengths[file][document])

@@ -143,17 +143,11 @@ def open_folder(folder, what: str = "data.train_folder") -> tuple[list[BinFile],
     return files, names
 
 
-class SampleReader:
-    """Reads sample (file, line) as raw token ids (int64, negatives kept) from memory-mapped .bin files.
+class MappedFiles:
+    """Files memory-mapped on first use, per process: picklable (each DataLoader worker maps them itself)."""
 
-    Picklable: each process (a DataLoader worker) maps the files itself on first use.
-    """
-
-    def __init__(self, files: list[BinFile], vocab_size: int | None):
-        self.paths = [f.path for f in files]
-        self.offsets = [f.offsets for f in files]
-        self.lengths = [f.lengths for f in files]
-        self.vocab_size = vocab_size
+    def __init__(self, paths: list):
+        self.paths = paths
         self._maps: dict[int, mmap.mmap] = {}
         self._pid = None
 
@@ -175,6 +169,16 @@ class SampleReader:
         however much of the corpus it has read."""
         for mapped in self._maps.values():
             mapped.madvise(mmap.MADV_DONTNEED)
+
+
+class SampleReader(MappedFiles):
+    """Reads sample (file, line) as raw token ids (int64, negatives kept) from memory-mapped .bin files."""
+
+    def __init__(self, files: list[BinFile], vocab_size: int | None):
+        super().__init__([f.path for f in files])
+        self.offsets = [f.offsets for f in files]
+        self.lengths = [f.lengths for f in files]
+        self.vocab_size = vocab_size
 
     def read(self, file: int, line: int) -> np.ndarray:
         start = int(self.offsets[file][line])
