@@ -246,6 +246,45 @@ def test_schedule_visits_every_block_once_mostly_inside_windows(size, window_siz
         assert schedules[schedule.recv_from[-1]].owners[-1] == rank
 
 
+def test_hops_overlap_the_compute(monkeypatch):
+    """Forward: each block's hop starts before the block is computed and is waited for after. Backward: the
+    dK/dV hop of a block starts after its compute and is waited for after the next block's compute; the last
+    one takes them home."""
+    events = {}
+
+    class RecordingTransport(ThreadTransport):
+        def all_gather(self, tensor):
+            events.setdefault(threading.get_ident(), []).append("gather")
+            return super().all_gather(tensor)
+
+        def start_hop(self, send_to, recv_from, messages):
+            kind = "grad" if messages[0][0] == ring_module._GRAD_TAG else "kv"
+            log = events.setdefault(threading.get_ident(), [])
+            log.append(f"hop {kind}")
+            wait = super().start_hop(send_to, recv_from, messages)
+            return lambda: (log.append(f"wait {kind}"), wait())
+
+    def recorded(function):
+        def compute(*args):
+            events[threading.get_ident()].append("compute")
+            return function(*args)
+
+        return compute
+
+    monkeypatch.setattr(ring_module, "_pair_forward", recorded(ring_module._pair_forward))
+    monkeypatch.setattr(ring_module, "_pair_backward", recorded(ring_module._pair_backward))
+    case = Case(ring=2, batch=1, seq_len=16, causal=False)
+
+    def work(rank, transport):
+        recording = RecordingTransport(rank, transport.size, transport._mailboxes)
+        run_rank(case, rank, lambda *tensors, **options: _ring_attention(*tensors, recording, **options))
+        return [name for name, _ in itertools.groupby(events[threading.get_ident()])]  # one "compute" per block
+
+    forward = ["gather", "hop kv", "compute", "wait kv", "compute"]
+    backward = ["hop kv", "compute", "hop grad", "wait kv", "compute", "wait grad", "hop grad", "wait grad"]
+    assert run_threads(2, work) == [forward + backward] * 2
+
+
 def computed_area(case: Case) -> list[int]:
     """Per rank: query x key tokens of the pairs the ring computes (empty ones skipped)."""
 

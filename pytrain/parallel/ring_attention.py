@@ -22,17 +22,17 @@ inputs (float64 stays float64), query rows in chunks so that no more than SCORE_
 tensors exist at once.
 
 Skipping. Before the ring starts, each rank cuts its tokens into parts (runs of consecutive global indices
-within one document, at most half the tokens long, merged down to at most MAX_PARTS) and one small all-gather shares every part's index and
-document ranges, plus the shapes (a rank with a different token count is an error on every rank). From those
-ranges the host knows, for every pair of parts, whether the mask is empty (skipped: no compute), full (no
-mask built) or partial. That costs one read-back of the local token_index/document and one all-gather per
-forward; backward reuses them.
+within one document, at most half the tokens long, merged down to at most MAX_PARTS), and one small
+all-gather shares every part's index and document ranges, plus the shapes (a rank with a different token
+count is an error on every rank). From those ranges the host knows, for every pair of parts, whether the mask
+is empty (skipped: no compute), full (no mask built) or partial. That costs one read-back of the local
+token_index/document and one all-gather per forward; backward reuses them.
 
 Why zigzag. Under a causal mask a plain contiguous split gives rank r's queries r + 1 non-empty blocks out of
 R: the last rank does R times the first one's work and the ring waits for it. zigzag_token_index cuts each
-row into 2R chunks and gives rank r chunks r and 2R - 1 - r: every rank then has the same work, 2R + 1
-chunk-sized products (the part-level skipping drops the empty half of every visiting block), against
-R * (2R) half-empty ones without skipping.
+row into 2R chunks and gives rank r chunks r and 2R - 1 - r: every rank then does the same work, 2R + 1
+chunk-by-chunk products, because the part-level skipping drops the empty half of every visiting block (no
+zigzag block is wholly empty: skipping whole blocks only would compute all 4R).
 
 Double ring (window_size w, InternEvo's sequence_2D). The C context ranks form C / w windows of w consecutive
 ranks. A block first goes round its window (inner ring, w - 1 hops, e.g. within a node), then every rank
@@ -368,10 +368,12 @@ class _ProcessGroupTransport:
             for tag, _, buffer in messages
         ]
         works = dist.batch_isend_irecv(ops)
-        return functools.partial(_wait_all, works)
+        return functools.partial(_wait_all, works, messages)
 
 
-def _wait_all(works) -> None:
+def _wait_all(works, messages) -> None:
+    """Waits for the hop's works; `messages` rides along so the tensors in flight stay alive until then (the
+    caller drops its own reference to a sent dK/dV block at once)."""
     for work in works:
         work.wait()
 
