@@ -41,10 +41,11 @@ hops as before, only C / w - 1 of them between windows. The result is the plain 
 rounding of a different merge order.
 
 Per rank, with L local tokens, H query heads, K kv heads, head dim d, element size e: forward keeps the fp32
-out and lse (L H (d + 1) 4 bytes), the K/V block being computed and the one arriving (2 x 2 L K d e) and the
-scores (<= SCORE_BYTES); it sends R - 1 blocks of 2 L K d e + 16 L bytes. Backward sends the same K/V hops
-plus R hops of the fp32 dK/dV (2 L K d 4 bytes each) and holds up to three dK/dV blocks (sent, accumulating,
-arriving) and the fp32 dQ.
+out and lse (L H (d + 1) 4 bytes), the K/V block being computed and the one arriving (2 x 2 L K d e; 16-bit
+inputs add the computed block's fp32 copy) and the scores (<= SCORE_BYTES); it sends R - 1 blocks of
+2 L K d e + 16 L bytes. Backward sends the same K/V hops plus R hops of the fp32 dK/dV (2 L K d 4 bytes each)
+and holds up to three dK/dV blocks (sent, accumulating, arriving) and the fp32 dQ. Measured (bench, CPU, fp32,
+H 4, K 2, d 64, 2 ranks): 55 MiB per rank for 4096 tokens, 178 MiB for 16384, every tensor included.
 """
 
 from __future__ import annotations
