@@ -353,6 +353,13 @@ SCHEMA: dict[str, Any] = {
             "{'en': 0.6, 'code': 0.4}); None: every sample once per pass",
             _check_weights,
         ),
+        "sources": _field(
+            None,
+            (dict, NONE),
+            "named sources instead of train_folder, each a dataset in its own format and place: {name: dict(type=..., "
+            "train_folder=..., tokenizer_path=..., ...)} (a source's fields: data's of those names, which they "
+            "override); each source is one dataset type, mixed by dataset_weights over the names",
+        ),
         "cache_folder": _field("~/.cache/pytrain", str, "where the bundled corpus is tokenized and cached"),
     },
     "parallel": {
@@ -1058,6 +1065,8 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
             f"data.type={data['type']!r} tokenizes text on the fly: set it to 'byte', a tokenizers .json, a "
             "transformers tokenizer folder or a sentencepiece .model",
         )
+    if data["sources"] is not None:
+        _check_sources(data, source, fail)
     _check_snapshot_folder(cfg["ckpt"], fail)
     _check_model_split(model, data, parallel, fail)
     folder = data["train_folder"]
@@ -1069,6 +1078,72 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
         cfg["beta2_scheduler"]["init_beta2"] = cfg["adam"]["adam_beta2"]
     if cfg["beta2_scheduler"]["c"] is None:
         cfg["beta2_scheduler"]["c"] = cfg["adam"]["adam_beta2_c"]
+
+
+# A named source's fields (data.sources): the data section's fields that say what a dataset is and how to read it
+SOURCE_FIELDS = (
+    "type",
+    "train_folder",
+    "tokenizer_path",
+    "text_key",
+    "subset_name",
+    "split",
+    "add_bos_eos",
+    "bos_id",
+    "eos_id",
+)
+
+
+def _check_sources(data: dict, source: str, fail) -> None:
+    """data.sources: every source's fields as the data section's, a folder each, a tokenizer for streamed ones,
+    and data.dataset_weights over exactly the names (checked here so a bad mixture stops before any process)."""
+    sources = data["sources"]
+    example = "dict(en=dict(type='tokenized', train_folder='/data/en'), code=dict(type='megatron', ...))"
+    if not sources:
+        fail("data.sources", f"names no source: give at least one, e.g. {example}")
+    if data["train_folder"] is not None:
+        fail(
+            "data.train_folder",
+            f"{data['train_folder']!r} and data.sources both name the training data: give it as one more source "
+            f"(e.g. main=dict(type={data['type']!r}, train_folder={data['train_folder']!r})) and set "
+            "train_folder=None",
+        )
+    for name, spec in sources.items():
+        where = f"data.sources[{name!r}]"
+        if not isinstance(name, str) or not name:
+            fail(where, "a source's name is a non-empty string (its dataset type in the metrics)")
+        if not isinstance(spec, dict):
+            fail(where, f"expected dict(type=..., train_folder=...), got {spec!r}")
+        for key, value in spec.items():
+            if key not in SOURCE_FIELDS:
+                fail(f"{where}.{key}", "not a source's field" + _closest(key, SOURCE_FIELDS))
+            _validate_field(value, SCHEMA["data"][key], f"{where}.{key}", source)
+        if spec.get("train_folder") is None:
+            fail(
+                f"{where}.train_folder",
+                "missing: set it to the source's folder (a Megatron path prefix, or a hub name for streaming)",
+            )
+        kind = spec.get("type", data["type"])
+        if kind in ("streaming", "hf") and spec.get("tokenizer_path", data["tokenizer_path"]) is None:
+            fail(
+                f"{where}.tokenizer_path",
+                f"the source is type {kind!r}, tokenized on the fly: set it (or data.tokenizer_path) to 'byte', a "
+                "tokenizers .json, a transformers tokenizer folder or a sentencepiece .model",
+            )
+    weights, names = data["dataset_weights"], ", ".join(map(repr, sources))
+    if weights is None:
+        fail(
+            "data.dataset_weights",
+            f"data.sources mixes by weight: give every source one, e.g. {dict.fromkeys(sources, 1.0)}",
+        )
+    unknown, missing = [n for n in weights if n not in sources], [n for n in sources if n not in weights]
+    if unknown or missing:
+        fail(
+            "data.dataset_weights",
+            (f"names {', '.join(map(repr, unknown))}, not a source; " if unknown else "")
+            + (f"has no weight for {', '.join(map(repr, missing))}; " if missing else "")
+            + f"the sources are {names}: give each a weight (0: left out)",
+        )
 
 
 def _check_long_context(model: dict, fail) -> None:

@@ -42,15 +42,23 @@ def test_every_window_holds_each_type_at_its_weight_within_two_blocks(weights, b
     plan.block = block
     n = 1500
     lanes = list(plan.lanes(range(n), plan.start()))
-    types = np.array([t for t, _ in lanes])
-    for t, w in enumerate(plan.weights):
-        excess = np.concatenate([[0], np.cumsum(types == t)]) - w * np.arange(n + 1)
-        assert excess.max() - excess.min() < 2 * block  # bounds every window's excess or shortfall
+    assert_shares_within_two_blocks(np.array([t for t, _ in lanes]), weights, block)
+    for t in range(len(weights)):
         mine = [j for u, j in lanes if u == t]
         assert sorted(mine) == list(range(len(mine)))  # a type's packs are used in order, none twice
     g = start - start % block
     anchor = plan.anchor_at(g, plan.start())
     assert list(plan.lanes(range(g, n), anchor)) == lanes[g:]
+
+
+def assert_shares_within_two_blocks(types: np.ndarray, weights, block: int) -> None:
+    """types: the type of each pack in order. Over any window of n consecutive packs, type t has
+    w_t n packs (w normalized) within 2 blocks."""
+    shares = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    steps = np.arange(len(types) + 1)
+    for t, w in enumerate(shares):
+        excess = np.concatenate([[0], np.cumsum(types == t)]) - w * steps
+        assert excess.max() - excess.min() < 2 * block  # bounds every window's excess or shortfall
 
 
 @pytest.fixture(scope="module")
