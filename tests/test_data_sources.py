@@ -16,7 +16,7 @@ import torch
 from conftest import CONFIGS
 from internlm_corpus import random_samples, write_bin
 from test_data_megatron import random_documents, write_megatron
-from test_data_mixture import assert_shares_within_two_blocks
+from test_data_mixture import assert_shares_within_two_blocks, check_layouts_train_alike_and_dp2_resumes_in_one_process
 from test_data_streaming import assert_same, interleave, run_until, texts, write_jsonl
 
 from pytrain.config import Config, ConfigError
@@ -26,20 +26,24 @@ SEQ_LEN, MICRO_BSZ, SHARDS = 8, 2, 2
 WEIGHTS = {"en": 0.5, "code": 0.3, "math": 0.2}
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    """Three sources, each small enough to run out (and start its next pass) within 40 steps."""
-    root = tmp_path_factory.mktemp("sources")
+def write_sources(root, scale=1):
+    """A tokenized folder, Megatron pairs and a jsonl folder; at scale 1 each runs out (and starts its next pass)
+    within 40 steps of the mixture."""
     rng = np.random.default_rng(0)
-    write_bin(root / "en" / "a.bin", random_samples(rng, 12, 2 * SEQ_LEN, 200))
-    write_bin(root / "en" / "web" / "b.bin", random_samples(rng, 8, SEQ_LEN, 200))  # a subfolder: still source 'en'
-    write_megatron(root / "code" / "part", random_documents(rng, 10, 12, 200))
-    write_jsonl(root / "math" / "a.jsonl", [{"text": t} for t in texts(rng, 16, longest=6)])
+    write_bin(root / "en" / "a.bin", random_samples(rng, 12 * scale, 2 * SEQ_LEN, 200))
+    write_bin(root / "en" / "web" / "b.bin", random_samples(rng, 8 * scale, SEQ_LEN, 200))  # a subfolder: still 'en'
+    write_megatron(root / "code" / "part", random_documents(rng, 10 * scale, 12, 200))
+    write_jsonl(root / "math" / "a.jsonl", [{"text": t} for t in texts(rng, 16 * scale, longest=6)])
     return dict(
         en=dict(type="tokenized", train_folder=str(root / "en")),
         code=dict(type="megatron", train_folder=str(root / "code")),
         math=dict(type="streaming", train_folder=str(root / "math"), tokenizer_path="byte", add_bos_eos="none"),
     )
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return write_sources(tmp_path_factory.mktemp("sources"))
 
 
 def cfg(sources, **overrides):
@@ -118,6 +122,28 @@ def test_resume_is_exact_mid_pass_and_under_two_data_parallel_ranks(sources, wor
         ranks.append(list(rank))
     keys = ("input_ids", "labels", "positions", "type_ids")
     assert_same(interleave(ranks), [{k: b[k] for k in keys} for b in whole[11:]])
+
+
+def test_resume_refuses_a_renamed_or_reordered_source(sources):
+    first, _ = loader(sources)
+    _, state = run_until(first, 3)
+    renamed = {"maths" if name == "math" else name: spec for name, spec in sources.items()}
+    weights = {"maths" if name == "math" else name: w for name, w in WEIGHTS.items()}
+    for changed in (
+        dict(sources=renamed, dataset_weights=weights),
+        dict(dataset_weights=dict(reversed(WEIGHTS.items()))),
+    ):
+        again, _ = loader(**{"sources": sources, **changed})
+        with pytest.raises(DataError, match=r"the training data differs from the checkpoint's \((components|weights)"):
+            again.load_state_dict(state)
+
+
+@pytest.mark.slow  # three training runs, one under torchrun (~60 s on 2 cores)
+def test_named_sources_train_the_same_under_dp2_and_dp2_resumes_in_one_process(tmp_path):
+    """`python -m pytrain.train` with the three sources: dp2's per-source tokens and losses equal one process's,
+    and its checkpoint (the shards of the streamed source from both ranks) continues in one process exactly."""
+    data = f"sources={write_sources(tmp_path, scale=4)!r}, dataset_weights={WEIGHTS!r}"
+    check_layouts_train_alike_and_dp2_resumes_in_one_process(tmp_path, data, [("dp2", 2, 1)])
 
 
 def test_a_source_folder_that_does_not_exist_names_the_source(sources, tmp_path):
@@ -226,11 +252,11 @@ def test_a_hub_name_offline_fails_at_once_saying_to_download_it(monkeypatch):
 def test_a_hub_name_without_an_answering_network_fails_within_the_timeout(monkeypatch):
     """Offline settings unset: the hub is tried, every connection with a finite timeout, and the failure is an
     error naming the dataset and what to do (huggingface_hub's own requests have no timeout: they would hang)."""
-    import huggingface_hub.constants
+    constants = pytest.importorskip("huggingface_hub.constants")  # from pytrain[data]
 
     for variable in streaming.OFFLINE_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as read when it was imported
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as read when it was imported
     attempts = refuse_connections(monkeypatch)
     start = time.perf_counter()
     with pytest.raises(DataError) as error:
