@@ -62,7 +62,6 @@ OLD_SP = {"none": "mtp", "megatron": "msp", "flash-attn": "fsp", "intern": "isp"
 # The tensor-parallel modes pytrain does not run, by their feature
 UNAVAILABLE_MODES = {
     "fsp": "flash-attn's sequence parallel; msp computes the same, keeping the gathered activations for the backward",
-    "isp": "InternEvo's intern sequence parallel, with weight parallelism",
 }
 
 
@@ -353,6 +352,13 @@ SCHEMA: dict[str, Any] = {
             "{'en': 0.6, 'code': 0.4}); None: every sample once per pass",
             _check_weights,
         ),
+        "sources": _field(
+            None,
+            (dict, NONE),
+            "named sources instead of train_folder, each a dataset in its own format and place: {name: dict(type=..., "
+            "train_folder=..., tokenizer_path=..., ...)} (a source's fields: data's of those names, which they "
+            "override); each source is one dataset type, mixed by dataset_weights over the names",
+        ),
         "cache_folder": _field("~/.cache/pytrain", str, "where the bundled corpus is tokenized and cached"),
     },
     "parallel": {
@@ -376,8 +382,10 @@ SCHEMA: dict[str, Any] = {
             "mode": _field(
                 "mtp",
                 str,
-                "mtp (Megatron tensor parallel), msp (+ sequence parallel); fsp, isp are not available; InternLM's "
-                "older 'origin_tp' is mtp (fsp with parallel.sequence_parallel=True), its 'fstp' is isp",
+                "mtp (Megatron tensor parallel), msp (+ sequence parallel), isp (InternEvo's intern sequence "
+                "parallel: the whole layer on a slice of the sequence, all-to-all around attention; with "
+                "parallel.weight); fsp is not available; InternLM's older 'origin_tp' is mtp (fsp with "
+                "parallel.sequence_parallel=True), its 'fstp' is isp",
                 one_of("mtp", "msp", "fsp", "isp"),
             ),
             # moved into mode by _move_old_tensor_spellings
@@ -388,6 +396,25 @@ SCHEMA: dict[str, Any] = {
                 one_of(*OLD_SP),
                 kind=RENAMED,
                 note="parallel.tensor.mode",
+            ),
+        },
+        "weight": {
+            "size": _field(
+                1,
+                int,
+                "weight-parallel size (with tensor.mode='isp'): every weight sharded over runs of this many "
+                "consecutive (data, tensor) ranks, gathered just before use in forward and backward, its gradient "
+                "reduce-scattered; the optimizer state is sharded with it (it must divide data x tensor size)",
+                positive,
+            ),
+            "overlap": _field(
+                False, bool, "start the next layer's weight gather while this one computes (forward and backward)"
+            ),
+            "forward_overlap_per": _field(
+                "layer",
+                str,
+                "what is gathered at a time: 'layer' (a decoder layer's weights) or 'module' (one linear's)",
+                one_of("layer", "module"),
             ),
         },
         "pipeline": {
@@ -1058,6 +1085,8 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
             f"data.type={data['type']!r} tokenizes text on the fly: set it to 'byte', a tokenizers .json, a "
             "transformers tokenizer folder or a sentencepiece .model",
         )
+    if data["sources"] is not None:
+        _check_sources(data, source, fail)
     _check_snapshot_folder(cfg["ckpt"], fail)
     _check_model_split(model, data, parallel, fail)
     folder = data["train_folder"]
@@ -1069,6 +1098,72 @@ def _check_cross_fields(cfg: dict, source: str) -> None:
         cfg["beta2_scheduler"]["init_beta2"] = cfg["adam"]["adam_beta2"]
     if cfg["beta2_scheduler"]["c"] is None:
         cfg["beta2_scheduler"]["c"] = cfg["adam"]["adam_beta2_c"]
+
+
+# A named source's fields (data.sources): the data section's fields that say what a dataset is and how to read it
+SOURCE_FIELDS = (
+    "type",
+    "train_folder",
+    "tokenizer_path",
+    "text_key",
+    "subset_name",
+    "split",
+    "add_bos_eos",
+    "bos_id",
+    "eos_id",
+)
+
+
+def _check_sources(data: dict, source: str, fail) -> None:
+    """data.sources: every source's fields as the data section's, a folder each, a tokenizer for streamed ones,
+    and data.dataset_weights over exactly the names (checked here so a bad mixture stops before any process)."""
+    sources = data["sources"]
+    example = "dict(en=dict(type='tokenized', train_folder='/data/en'), code=dict(type='megatron', ...))"
+    if not sources:
+        fail("data.sources", f"names no source: give at least one, e.g. {example}")
+    if data["train_folder"] is not None:
+        fail(
+            "data.train_folder",
+            f"{data['train_folder']!r} and data.sources both name the training data: give it as one more source "
+            f"(e.g. main=dict(type={data['type']!r}, train_folder={data['train_folder']!r})) and set "
+            "train_folder=None",
+        )
+    for name, spec in sources.items():
+        where = f"data.sources[{name!r}]"
+        if not isinstance(name, str) or not name:
+            fail(where, "a source's name is a non-empty string (its dataset type in the metrics)")
+        if not isinstance(spec, dict):
+            fail(where, f"expected dict(type=..., train_folder=...), got {spec!r}")
+        for key, value in spec.items():
+            if key not in SOURCE_FIELDS:
+                fail(f"{where}.{key}", "not a source's field" + _closest(key, SOURCE_FIELDS))
+            _validate_field(value, SCHEMA["data"][key], f"{where}.{key}", source)
+        if spec.get("train_folder") is None:
+            fail(
+                f"{where}.train_folder",
+                "missing: set it to the source's folder (a Megatron path prefix, or a hub name for streaming)",
+            )
+        kind = spec.get("type", data["type"])
+        if kind in ("streaming", "hf") and spec.get("tokenizer_path", data["tokenizer_path"]) is None:
+            fail(
+                f"{where}.tokenizer_path",
+                f"the source is type {kind!r}, tokenized on the fly: set it (or data.tokenizer_path) to 'byte', a "
+                "tokenizers .json, a transformers tokenizer folder or a sentencepiece .model",
+            )
+    weights, names = data["dataset_weights"], ", ".join(map(repr, sources))
+    if weights is None:
+        fail(
+            "data.dataset_weights",
+            f"data.sources mixes by weight: give every source one, e.g. {dict.fromkeys(sources, 1.0)}",
+        )
+    unknown, missing = [n for n in weights if n not in sources], [n for n in sources if n not in weights]
+    if unknown or missing:
+        fail(
+            "data.dataset_weights",
+            (f"names {', '.join(map(repr, unknown))}, not a source; " if unknown else "")
+            + (f"has no weight for {', '.join(map(repr, missing))}; " if missing else "")
+            + f"the sources are {names}: give each a weight (0: left out)",
+        )
 
 
 def _check_long_context(model: dict, fail) -> None:
@@ -1105,7 +1200,86 @@ def _check_snapshot_folder(ckpt: dict, fail) -> None:
 def _check_model_split(model: dict, data: dict, parallel: dict, fail) -> None:
     """Can the model be cut into tensor shards and pipeline x num_chunks stages? (Fields the model_type's
     builder does not take are not checked.)"""
+    pipeline = parallel["pipeline"]["size"]
+    if parallel["tensor"]["mode"] == "isp":
+        _check_sequence_split(model, data, parallel, fail)
+    else:
+        if parallel["weight"]["size"] > 1:
+            fail(
+                "parallel.weight.size",
+                f"{parallel['weight']['size']}: weight parallelism shards the weights of isp's sequence-split "
+                "layers: set parallel.tensor.mode='isp', or weight.size=1",
+            )
+        _check_tensor_split(model, data, parallel, fail)
+    chunks = model.get("num_chunks", 1)
+    stages = pipeline * chunks
+    if model.get("num_layers") is not None and model["num_layers"] < stages:
+        fail(
+            "model.num_layers",
+            f"{model['num_layers']} layers cannot fill parallel.pipeline.size={pipeline} x "
+            f"model.num_chunks={chunks} = {stages} pipeline stages",
+        )
+    if chunks > 1 and data["micro_num"] % pipeline:
+        fail(
+            "data.micro_num",
+            f"the interleaved schedule needs micro_num ({data['micro_num']}) to be a multiple of "
+            f"parallel.pipeline.size={pipeline}",
+        )
+    ramp = data.get("rampup_batch_size", "").split()  # "start increment every"; its form is the loader's check
+    if chunks > 1 and len(ramp) == 3 and all(x.isdigit() for x in ramp) and any(int(x) % pipeline for x in ramp[:2]):
+        fail(
+            "data.rampup_batch_size",
+            f"{' '.join(ramp)!r}: the interleaved schedule needs every step's micro-batch count to be a multiple "
+            f"of parallel.pipeline.size={pipeline}: use a start and an increment divisible by {pipeline}",
+        )
+
+
+def _check_sequence_split(model: dict, data: dict, parallel: dict, fail) -> None:
+    """isp: the sequence over the tensor ranks, the heads over them around attention (pytrain.parallel.sequence);
+    weight parallelism over (data, tensor) ranks."""
     tensor, pipeline = parallel["tensor"]["size"], parallel["pipeline"]["size"]
+    heads = model.get("num_attention_heads")
+    kv_heads = model.get("num_kv_attention_heads") or heads
+    if data["seq_len"] % tensor:
+        fail(
+            "data.seq_len",
+            f"{data['seq_len']} cannot be split over parallel.tensor.size={tensor} (isp): use a multiple of {tensor}",
+        )
+    if heads is not None and heads % tensor:
+        fail(
+            "model.num_attention_heads",
+            f"{heads} heads cannot be split over parallel.tensor.size={tensor} around attention (isp): use a tensor "
+            "size that divides it",
+        )
+    if kv_heads is not None and kv_heads % tensor and tensor % kv_heads:
+        fail(
+            "model.num_kv_attention_heads",
+            f"{kv_heads} kv heads over parallel.tensor.size={tensor} (isp): the tensor size must divide it or be a "
+            "multiple of it (each kv head is then repeated)",
+        )
+    if model.get("tie_word_embeddings") and pipeline > 1:
+        fail(
+            "model.tie_word_embeddings",
+            "isp with a tied embedding on two pipeline stages is not supported: untie it or use pipeline.size=1",
+        )
+    weight = parallel["weight"]["size"]
+    if weight > 1 and model.get("num_experts", 1) > 1:
+        fail(
+            "parallel.weight.size",
+            f"{weight}: weight parallelism of a mixture of experts (and parallel.expert_weight) is not available; "
+            "use weight.size=1 (isp alone works with experts)",
+        )
+    if weight > 1 and parallel["zero1"]["fsdp"]:
+        fail(
+            "parallel.zero1.fsdp",
+            "weight parallelism (parallel.weight.size > 1) already shards the weights, gradients and optimizer state "
+            "with torch's fully_shard: set fsdp=False",
+        )
+
+
+def _check_tensor_split(model: dict, data: dict, parallel: dict, fail) -> None:
+    """mtp / msp: heads, kv heads, vocabulary, hidden and MLP width over the tensor ranks."""
+    tensor = parallel["tensor"]["size"]
     heads = model.get("num_attention_heads")
     shard = "split over parallel.tensor.size"
     sizes = {
@@ -1131,27 +1305,6 @@ def _check_model_split(model: dict, data: dict, parallel: dict, fail) -> None:
             "model.tie_word_embeddings",
             "a tied head is split over the vocabulary, so the embedding must be too: set embed_split_hidden=False",
         )
-    chunks = model.get("num_chunks", 1)
-    stages = pipeline * chunks
-    if model.get("num_layers") is not None and model["num_layers"] < stages:
-        fail(
-            "model.num_layers",
-            f"{model['num_layers']} layers cannot fill parallel.pipeline.size={pipeline} x "
-            f"model.num_chunks={chunks} = {stages} pipeline stages",
-        )
-    if chunks > 1 and data["micro_num"] % pipeline:
-        fail(
-            "data.micro_num",
-            f"the interleaved schedule needs micro_num ({data['micro_num']}) to be a multiple of "
-            f"parallel.pipeline.size={pipeline}",
-        )
-    ramp = data.get("rampup_batch_size", "").split()  # "start increment every"; its form is the loader's check
-    if chunks > 1 and len(ramp) == 3 and all(x.isdigit() for x in ramp) and any(int(x) % pipeline for x in ramp[:2]):
-        fail(
-            "data.rampup_batch_size",
-            f"{' '.join(ramp)!r}: the interleaved schedule needs every step's micro-batch count to be a multiple "
-            f"of parallel.pipeline.size={pipeline}: use a start and an increment divisible by {pipeline}",
-        )
 
 
 def check_world_size(cfg: Config, world_size: int, source: str = "config") -> int:
@@ -1169,6 +1322,13 @@ def check_world_size(cfg: Config, world_size: int, source: str = "config") -> in
         raise ConfigError(
             f"{source}: parallel.zero1.size={zero1} does not divide the data-parallel size "
             f"{data_parallel} (world {world_size} / tensor {tensor} / pipeline {pipeline})"
+        )
+    weight = cfg.parallel.weight.size
+    if (data_parallel * tensor) % weight:
+        raise ConfigError(
+            f"{source}: parallel.weight.size={weight} must divide data-parallel size {data_parallel} x tensor size "
+            f"{tensor} = {data_parallel * tensor} (world {world_size} / pipeline {pipeline}): weights are sharded over "
+            f"runs of {weight} of those ranks"
         )
     if cfg.parallel.zero1.fsdp and zero1 == 1 and data_parallel > 1:
         raise ConfigError(
@@ -1193,7 +1353,7 @@ def expert_parallel_size(cfg: Config, data_parallel: int, source: str = "config"
             f"{source}: parallel.expert.size={size} must divide the data-parallel size {data_parallel} and "
             f"model.num_experts={experts}"
         )
-    tensor = cfg.parallel.tensor.size
+    tensor = 1 if cfg.parallel.tensor.mode == "isp" else cfg.parallel.tensor.size  # isp: experts whole per tensor rank
     if experts % (size * tensor):
         # the experts are split by index over the expert x tensor ranks (pytrain.parallel.expert)
         raise ConfigError(

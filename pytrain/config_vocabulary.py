@@ -79,11 +79,24 @@ IGNORED = {
         "intern sequence parallel (isp) only: InternEvo's later parallel.weight.memory_pool",
     ),
     "parallel.tensor.reduce_scatter_overlap": (False, bool, "intern sequence parallel (isp) only"),
-    "parallel.weight.overlap": (False, bool, "weight parallelism (isp) only"),
-    "parallel.weight.memory_pool": (False, bool, "weight parallelism (isp) only"),
-    "parallel.weight.launch_allgather_before": ("wo", str, "weight parallelism (isp) only"),
-    "parallel.weight.forward_overlap_per": ("layer", str, "weight parallelism (isp) only"),
-    "parallel.weight.early_reduce_scatter_release": (True, bool, "weight parallelism (isp) only"),
+    "parallel.weight.memory_pool": (
+        False,
+        bool,
+        "InternEvo's pool of gathered-weight buffers; torch's fully_shard takes each unit's gathered weights from "
+        "the caching allocator and frees them after use, so the buffers are reused without a pool",
+    ),
+    "parallel.weight.launch_allgather_before": (
+        "wo",
+        str,
+        "the module before which InternEvo starts the next layer's gather; with overlap=True pytrain starts it "
+        "when the previous unit starts (torch's fully_shard prefetches whole units)",
+    ),
+    "parallel.weight.early_reduce_scatter_release": (
+        True,
+        bool,
+        "InternEvo frees its reduce-scatter buffers early; torch's fully_shard frees each unit's gathered "
+        "gradient as soon as it is reduce-scattered",
+    ),
     "parallel.pipeline.decouple_grad": (False, bool, "ZeroPP only"),
     "parallel.expert.no_tp": (False, bool, "expert parallelism (MoE) only"),
     "parallel.expert_weight.overlap": (False, bool, "expert weight parallelism (MoE) only"),
@@ -117,7 +130,6 @@ UNAVAILABLE = {
     "data.use_packed_dataset": ((True,), bool, "unpacked batches"),
     "data.unit_schedule_size": ((None,), (int, NONE), "ZeroPP scheduling units"),
     "hybrid_zero_optimizer.use_split_tensor_optim": ((False,), bool, "the split-tensor optimizer"),
-    "parallel.weight.size": ((1,), int, "weight parallelism (isp)"),
     "parallel.pipeline.mode": (("1F1B", "1f1b"), str, "zero-bubble pipeline schedules"),
     "parallel.pipeline.use_zeropp": ((False,), bool, "ZeroPP"),
     "parallel.expert_weight.size": ((1,), int, "expert weight parallelism (MoE)"),

@@ -157,9 +157,8 @@ def test_bool_checkpoint_and_fraction(tmp_path):
             r"multiple of parallel.pipeline.size=2: use a start and an increment divisible by 2",
         ),
         (
-            "parallel = dict(tensor=dict(mode='isp'))\n",
-            r"parallel.tensor.mode: 'isp' \(InternEvo's intern sequence parallel, with weight parallelism\) is not "
-            r"available; use 'mtp' or 'msp'",
+            "parallel = dict(tensor=dict(size=4, mode='isp'))\nmodel = dict(num_attention_heads=32)\ndata = dict(seq_len=2050)\n",
+            r"data.seq_len: 2050 cannot be split over parallel.tensor.size=4 \(isp\): use a multiple of 4",
         ),
         (
             "parallel = dict(tensor=dict(size=2, mode='fsp'))\n",
@@ -172,7 +171,8 @@ def test_bool_checkpoint_and_fraction(tmp_path):
         ),
         (
             "parallel = dict(weight=2)\n",
-            r"parallel.weight.size = 2: weight parallelism \(isp\) is not available in pytrain; leave it at 1",
+            r"parallel.weight.size: 2: weight parallelism shards the weights of isp's sequence-split layers: set "
+            r"parallel.tensor.mode='isp', or weight.size=1",
         ),
         ("parallel = dict(pipeline=dict(size=0))\n", r"parallel.pipeline.size = 0: must be > 0"),
         ("parallel = dict(tensor=dict(mode='xyz'))\n", r"parallel.tensor.mode = 'xyz': must be one of"),
@@ -263,18 +263,9 @@ def test_bool_checkpoint_and_fraction(tmp_path):
         ("parallel = dict(process_group_timeout_s=True)\n", r"parallel.process_group_timeout_s: expected int | float"),
         # InternLM's older spellings of a mode pytrain does not run: refused in the spelling the file used
         (
-            "parallel = dict(tensor=dict(size=2, sp='intern', intern_overlap=True, memory_pool=True))\n",
-            r"parallel.tensor.sp = 'intern': InternLM's older spelling of mode='isp' \(InternEvo's intern sequence "
-            r"parallel, with weight parallelism\), which is not available in pytrain; use mode='mtp' or 'msp'",
-        ),
-        (
             "parallel = dict(tensor=dict(size=2, sp='flash-attn'))\n",
             r"parallel.tensor.sp = 'flash-attn': InternLM's older spelling of mode='fsp' \(flash-attn's sequence "
             r"parallel; msp computes the same.*\), which is not available in pytrain",
-        ),
-        (
-            "parallel = dict(tensor=dict(size=8, mode='fstp', overlap=True), sequence_parallel=True)\n",
-            r"parallel.tensor.mode = 'fstp': InternLM's older spelling of mode='isp' \(InternEvo's intern sequence",
         ),
         (
             "parallel = dict(tensor=dict(size=2, mode='origin_tp'), sequence_parallel=True)\n",
@@ -483,7 +474,6 @@ def test_ignored_fields_are_listed_once_and_kept(tmp_path):
         "data.empty_cache_and_diag_interval",
         "data.diag_outlier_ratio",
         "data.use_shm",
-        "parallel.weight.overlap",
         "parallel.weight.memory_pool",
         "generation",
     )
@@ -694,6 +684,17 @@ MODEL_ONLY = dict(path="local:llm_ckpts/xxxx", content=("model",), ckpt_type="in
             ["grad_profiling"],
         ),
         ("selective_checkpoint_offload = False", {}, []),  # acts now (at its default here)
+        # InternLM's isp spellings before InternEvo named the mode: they act now
+        (
+            "parallel = dict(tensor=dict(size=2, sp='intern', intern_overlap=True, memory_pool=True))",
+            {"parallel.tensor.mode": "isp"},
+            ["parallel.tensor.intern_overlap", "parallel.tensor.memory_pool"],
+        ),
+        (
+            "parallel = dict(tensor=dict(size=8, mode='fstp', overlap=True), sequence_parallel=True)",
+            {"parallel.tensor.mode": "isp"},
+            ["parallel.tensor.overlap", "parallel.sequence_parallel"],
+        ),
         (
             "parallel = dict(weight=dict(size=1, early_reduce_scatter_release=False))",
             {},

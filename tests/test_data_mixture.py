@@ -42,15 +42,23 @@ def test_every_window_holds_each_type_at_its_weight_within_two_blocks(weights, b
     plan.block = block
     n = 1500
     lanes = list(plan.lanes(range(n), plan.start()))
-    types = np.array([t for t, _ in lanes])
-    for t, w in enumerate(plan.weights):
-        excess = np.concatenate([[0], np.cumsum(types == t)]) - w * np.arange(n + 1)
-        assert excess.max() - excess.min() < 2 * block  # bounds every window's excess or shortfall
+    assert_shares_within_two_blocks(np.array([t for t, _ in lanes]), weights, block)
+    for t in range(len(weights)):
         mine = [j for u, j in lanes if u == t]
         assert sorted(mine) == list(range(len(mine)))  # a type's packs are used in order, none twice
     g = start - start % block
     anchor = plan.anchor_at(g, plan.start())
     assert list(plan.lanes(range(g, n), anchor)) == lanes[g:]
+
+
+def assert_shares_within_two_blocks(types: np.ndarray, weights, block: int) -> None:
+    """types: the type of each pack in order. Over any window of n consecutive packs, type t has
+    w_t n packs (w normalized) within 2 blocks."""
+    shares = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    steps = np.arange(len(types) + 1)
+    for t, w in enumerate(shares):
+        excess = np.concatenate([[0], np.cumsum(types == t)]) - w * steps
+        assert excess.max() - excess.min() < 2 * block  # bounds every window's excess or shortfall
 
 
 @pytest.fixture(scope="module")
@@ -212,9 +220,8 @@ def test_the_step_metrics_hold_tokens_and_loss_per_type(tokenized, tmp_path, fre
 RUN_CONFIG = """
 model_type = "INTERNLM"
 model = dict(num_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=256, multiple_of=32, dtype="torch.float32")
-data = dict(type="streaming", tokenizer_path="byte", add_bos_eos="none", train_folder={text!r}, seq_len=16,
-            micro_num={micro_num}, micro_bsz=2, total_steps=6, min_length=0, stream_shards=4, shuffle_buffer=16,
-            dataset_weights=dict(books=0.5, web=0.5))
+data = dict({data}, seq_len=16, micro_num={micro_num}, micro_bsz=2, total_steps=6, min_length=0, stream_shards=4,
+            shuffle_buffer=16)
 adam = dict(lr=1e-3)
 parallel = dict(pipeline=dict(size={pipeline}), zero1=dict(size=-1))
 monitor = dict(run_folder={runs!r}, tensorboard=dict(enable=False))
@@ -222,8 +229,9 @@ ckpt = dict(enable_save_ckpt=True, save_ckpt_folder={folder!r}, checkpoint_every
 """
 
 
-def run_job(root, name, text, folder, world, pipeline=1):
-    """`python -m pytrain.train` (under torchrun when world > 1) on 4 micro-batches a step; its metrics rows."""
+def run_job(root, name, data, folder, world, pipeline=1):
+    """`python -m pytrain.train` (under torchrun when world > 1) on 4 micro-batches a step, with `data` (the data
+    section's fields that say what to read); its metrics rows."""
     import subprocess
     import sys
 
@@ -232,7 +240,7 @@ def run_job(root, name, text, folder, world, pipeline=1):
     path, runs = root / f"{name}.py", root / f"runs-{name}"
     data_parallel = world // pipeline
     config = RUN_CONFIG.format(
-        text=str(text), micro_num=4 // data_parallel, pipeline=pipeline, runs=str(runs), folder=str(folder)
+        data=data, micro_num=4 // data_parallel, pipeline=pipeline, runs=str(runs), folder=str(folder)
     )
     path.write_text(config)
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
@@ -248,27 +256,38 @@ def run_job(root, name, text, folder, world, pipeline=1):
     return {row["step"]: row for row in map(json.loads, metrics.read_text().splitlines())}
 
 
-@pytest.mark.slow  # four training runs, three under torchrun (~80 s on 2 cores)
-def test_streamed_mixture_trains_the_same_under_dp2_and_pp2_and_resumes_dp2_to_one_process(tmp_path):
-    """A streamed, weighted run: the per-type metrics and losses of dp2 and pp2 equal one process's, and the
-    dp2 checkpoint (both ranks' shard states) continues in one process with the straight run's losses."""
+def check_layouts_train_alike_and_dp2_resumes_in_one_process(root, data, layouts):
+    """Six steps in one process, then under each (name, world, pipeline) layout, of which "dp2" must be one: the
+    per-type metrics and losses equal one process's, and dp2's checkpoint at step 3 (both ranks' shard states)
+    continues in one process with the straight run's losses."""
     import shutil
 
-    rng = np.random.default_rng(4)
-    for name in ("books", "web"):
-        write_jsonl(tmp_path / "text" / name / "part.jsonl", [{"text": t} for t in texts(rng, 60, longest=12)])
-    one = run_job(tmp_path, "one", tmp_path / "text", tmp_path / "ckpt-one", world=1)
+    one = run_job(root, "one", data, root / "ckpt-one", world=1)
     assert sorted(one) == [1, 2, 3, 4, 5, 6]
-    for name, world, pipeline in (("dp2", 2, 1), ("pp2", 2, 2)):
-        rows = run_job(tmp_path, name, tmp_path / "text", tmp_path / f"ckpt-{name}", world=world, pipeline=pipeline)
+    for name, world, pipeline in layouts:
+        rows = run_job(root, name, data, root / f"ckpt-{name}", world=world, pipeline=pipeline)
         for step, row in one.items():
             keys = [k for k in row if k.startswith(("tokens/", "loss/")) or k == "loss"]
             assert keys and set(keys) <= set(rows[step]), (name, step)
             for key in keys:
                 assert rows[step][key] == pytest.approx(row[key], rel=1e-5), (name, step, key)
-    folder = tmp_path / "ckpt-resumed"
-    shutil.copytree(tmp_path / "ckpt-dp2" / "3", folder / "3")
-    resumed = run_job(tmp_path, "resumed", tmp_path / "text", folder, world=1)
+    folder = root / "ckpt-resumed"
+    shutil.copytree(root / "ckpt-dp2" / "3", folder / "3")
+    resumed = run_job(root, "resumed", data, folder, world=1)
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5)
+
+
+@pytest.mark.slow  # four training runs, three under torchrun (~80 s on 2 cores)
+def test_streamed_mixture_trains_the_same_under_dp2_and_pp2_and_resumes_dp2_to_one_process(tmp_path):
+    """A streamed, weighted run: the per-type metrics and losses of dp2 and pp2 equal one process's, and the
+    dp2 checkpoint (both ranks' shard states) continues in one process with the straight run's losses."""
+    rng = np.random.default_rng(4)
+    for name in ("books", "web"):
+        write_jsonl(tmp_path / "text" / name / "part.jsonl", [{"text": t} for t in texts(rng, 60, longest=12)])
+    data = (
+        f'type="streaming", tokenizer_path="byte", add_bos_eos="none", train_folder={str(tmp_path / "text")!r}, '
+        "dataset_weights=dict(books=0.5, web=0.5)"
+    )
+    check_layouts_train_alike_and_dp2_resumes_in_one_process(tmp_path, data, [("dp2", 2, 1), ("pp2", 2, 2)])

@@ -32,6 +32,7 @@ total_steps bounds the batch count, skipped batches included, as in InternLM.
 
 import bisect
 import math
+import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -416,23 +417,11 @@ DATA_TYPES = {"tokenized": "tokenized", "megatron": "megatron", "streaming": "st
 def folder_source(data_cfg: Mapping, folder: str, *, vocab_size: int, seed: int) -> tuple[PackSource, list[str]]:
     """The packs of data.train_folder in data.type's format, weighted by data.dataset_weights when given."""
     kind = data_kind(data_cfg)
-    packing = dict(
-        seq_len=data_cfg["seq_len"],
-        micro_bsz=data_cfg["micro_bsz"],
-        pack_sample_into_one=bool(_get(data_cfg, "pack_sample_into_one", False)),
-        min_length=int(_get(data_cfg, "min_length", 0)),
-        seed=seed,
-    )
+    packing = packing_fields(data_cfg, seed)
     weights = data_cfg.get("dataset_weights")
     if kind == "streaming":
         files, names, fs = open_text(data_cfg, folder)
-        streaming = dict(
-            encoder=text_encoder(data_cfg, vocab_size),
-            text_key=_get(data_cfg, "text_key", "text"),
-            num_shards=int(_get(data_cfg, "stream_shards", 8)),
-            shuffle_buffer=int(_get(data_cfg, "shuffle_buffer", 8192)),
-            vocab_size=vocab_size,
-        )
+        streaming = streaming_fields(data_cfg, vocab_size)
         if weights is None:
             return PlannedPacks([StreamedText(files, fs, **streaming, **packing)], [1.0], names), names
         parts = [
@@ -443,25 +432,90 @@ def folder_source(data_cfg: Mapping, folder: str, *, vocab_size: int, seed: int)
         files, names = open_documents(kind, folder)
         if weights is None:
             return TokenizedPacks(files, document_reader(kind, files, vocab_size), kind=kind, **packing), names
-        parts = []
-        for t, name, _ in mixture_parts(weights, names):
-            mine = [f for f in files if f.type_id == t]
-            packs = TokenizedPacks(mine, document_reader(kind, mine, vocab_size), kind=kind, **packing)
-            parts.append(IndexedComponent(packs, t, seed, name))
+        parts = [
+            indexed_component(kind, [f for f in files if f.type_id == t], vocab_size, packing, t, name)
+            for t, name, _ in mixture_parts(weights, names)
+        ]
     chosen = mixture_parts(weights, names)
     return PlannedPacks(parts, [w for *_, w in chosen], [name for _, name, _ in chosen]), names
 
 
-def mixture_parts(weights: Mapping, names: list[str]) -> list[tuple[int, str, float]]:
+def named_sources(data_cfg: Mapping, *, vocab_size: int, seed: int) -> tuple[PlannedPacks, list[str]]:
+    """data.sources mixed by data.dataset_weights: each source is one dataset type (the sorted names number
+    them), read from its own folder in its own format (its fields over the data section's) and packed as that
+    format packs alone. Its shuffles are seeded by its name (source_seed), so it gives the same packs, in the
+    same order, alone or mixed with any others."""
+    sources = data_cfg["sources"]
+    names = sorted(sources)
+    packing = packing_fields(data_cfg, seed)
+    chosen = mixture_parts(data_cfg.get("dataset_weights") or {}, names, "source", "the sources")
+    parts = []
+    for t, name, _ in chosen:
+        spec = {**data_cfg, **sources[name]}
+        kind, folder, where = data_kind(spec), spec.get("train_folder"), f"data.sources[{name!r}]"
+        if folder is None:
+            raise DataError(f"{where}.train_folder is missing: set it to the source's folder")
+        if kind == "streaming":
+            files, _, fs = open_text(spec, folder, f"{where}.train_folder")
+            mine = [replace(f, type_id=t) for f in files]
+            streaming = streaming_fields(spec, vocab_size, where)
+            parts.append(StreamedText(mine, fs, **streaming, **packing, stream_id=source_seed(name)))
+        else:
+            files, _ = open_documents(kind, folder, f"{where}.train_folder")
+            mine = [replace(f, type_id=t) for f in files]
+            parts.append(indexed_component(kind, mine, vocab_size, packing, source_seed(name), name))
+    return PlannedPacks(parts, [w for *_, w in chosen], [name for _, name, _ in chosen]), names
+
+
+def source_seed(name: str) -> int:
+    """A named source's number in the seeds of its shuffles: from its name (CRC-32, the same in every process
+    and run, unlike hash()), not from its place among the others."""
+    return zlib.crc32(name.encode())
+
+
+def packing_fields(data_cfg: Mapping, seed: int) -> dict:
+    """How every source packs (the data section's fields): a mixture's parts fill the same rows."""
+    return dict(
+        seq_len=data_cfg["seq_len"],
+        micro_bsz=data_cfg["micro_bsz"],
+        pack_sample_into_one=bool(_get(data_cfg, "pack_sample_into_one", False)),
+        min_length=int(_get(data_cfg, "min_length", 0)),
+        seed=seed,
+    )
+
+
+def streaming_fields(data_cfg: Mapping, vocab_size: int, where: str = "data") -> dict:
+    """How streamed text is read and tokenized (StreamedText's settings); errors name the fields of `where`."""
+    return dict(
+        encoder=text_encoder(data_cfg, vocab_size, where),
+        text_key=_get(data_cfg, "text_key", "text"),
+        num_shards=int(_get(data_cfg, "stream_shards", 8)),
+        shuffle_buffer=int(_get(data_cfg, "shuffle_buffer", 8192)),
+        vocab_size=vocab_size,
+    )
+
+
+def indexed_component(kind: str, files: list, vocab_size: int, packing: dict, index: int, name: str):
+    """A mixture's part of already tokenized documents (InternLM's or Megatron's files)."""
+    packs = TokenizedPacks(files, document_reader(kind, files, vocab_size), kind=kind, **packing)
+    return IndexedComponent(packs, index, packing["seed"], name)
+
+
+def mixture_parts(
+    weights: Mapping,
+    names: list[str],
+    of: str = "dataset type of the data",
+    listing: str = "the types (top-level subfolders)",
+) -> list[tuple[int, str, float]]:
     """(type id, name, weight) of the types data.dataset_weights mixes (weight > 0); it must weigh every type."""
     unknown = sorted(set(weights) - set(names))
     missing = sorted(set(names) - set(weights))
     if unknown or missing:
         raise DataError(
             f"data.dataset_weights={dict(weights)!r} "
-            + (f"names {', '.join(map(repr, unknown))}, not a dataset type of the data; " if unknown else "")
+            + (f"names {', '.join(map(repr, unknown))}, not a {of}; " if unknown else "")
             + (f"has no weight for {', '.join(map(repr, missing))}; " if missing else "")
-            + f"the types (top-level subfolders) are {', '.join(map(repr, names))}: give each a weight (0: left out)"
+            + f"{listing} are {', '.join(map(repr, names))}: give each a weight (0: left out)"
         )
     return [(names.index(name), name, float(weight)) for name, weight in weights.items() if weight > 0]
 
@@ -496,12 +550,15 @@ def build_train_loader(
     """This rank's training loader and the dataset type names (type_ids index them).
 
     data_cfg: InternLM's `data` section (seq_len, micro_num, micro_bsz, total_steps, train_folder,
-    pack_sample_into_one, min_length, skip_batches, rampup_batch_size, cache_folder). train_folder None:
-    random tokens; "builtin:stdlib": the bundled byte-level corpus; else a tokenized folder.
+    pack_sample_into_one, min_length, skip_batches, rampup_batch_size, cache_folder; the formats' fields).
+    train_folder None: random tokens; "builtin:stdlib": the bundled byte-level corpus; else a folder in
+    data.type's format. data.sources instead: named sources (named_sources).
     """
     seq_len, micro_bsz, micro_num = data_cfg["seq_len"], data_cfg["micro_bsz"], data_cfg["micro_num"]
     folder = data_cfg.get("train_folder")
-    if folder is None:
+    if data_cfg.get("sources") is not None:
+        source, dataset_types = named_sources(data_cfg, vocab_size=vocab_size, seed=seed)
+    elif folder is None:
         source = dummy_packs(micro_bsz=micro_bsz, seq_len=seq_len, vocab_size=vocab_size, seed=seed)
         dataset_types = ["dummy"]
     elif folder == BUILTIN_CORPUS:

@@ -1,4 +1,5 @@
-"""Sources built pack by pack along a fixed plan: streamed text and weighted mixtures of dataset types.
+"""Sources built pack by pack along a fixed plan: streamed text, and weighted mixtures of dataset types or of
+named sources (data.sources: each source one component, in its own format).
 
 Positions. The loader numbers the run's packs g = 0, 1, 2, ... (batch b takes the next micro_num_b x dp);
 for these sources rank r takes the batch's positions g = r (mod dp) (strided; the indexed sources give each
@@ -12,9 +13,11 @@ tokens of any window of packs is its weight within 2 B packs (tests/test_data_mi
 random weights), and the plan does not depend on the data-parallel size.
 
 Components. An indexed one (InternLM or Megatron packs of one type) is endless: pack j is pack
-perm_e[j mod N] of its pass e = j // N, with perm_e seeded by (seed, component, e), so a type that runs out
+perm_e[j mod N] of its pass e = j // N, with perm_e seeded by (seed, index, e), so a type that runs out
 starts its next pass, reshuffled, while the others go on. A streamed one (streaming.StreamedText): pack j is
-pack j // S of its shard j mod S. With B = S and S a multiple of dp, that shard is i = g mod S = r (mod dp):
+pack j // S of its shard j mod S, its shuffles seeded by (seed, stream_id, ...). The index / stream_id is a
+type's id, or a named source's number from its name (loader.source_seed), so that such a source's packs are
+the same alone as in any mixture. With B = S and S a multiple of dp, that shard is i = g mod S = r (mod dp):
 each rank reads its own shards only, and a rank's loader worker w (of W dividing S / dp) its own among them.
 A shard's state is held by one rank, saved with the checkpoint, and after a change of dp (to another divisor
 of S) handed to its new rank: the batches continue exactly as the uninterrupted run's.

@@ -2,7 +2,8 @@
 
 data.train_folder is a folder of `.jsonl` / `.json` (JSON Lines) / `.txt` / `.parquet` / `.arrow` files, a
 `save_to_disk` folder (its state.json lists the .arrow files; a DatasetDict's split is data.split), or a
-Hugging Face Hub dataset name (its .jsonl/.parquet files, read remotely where the hub is reachable).
+Hugging Face Hub dataset name (its .jsonl/.parquet files, read remotely where the hub is reachable; offline, or
+with no answer within HUB_TIMEOUT_S, an error saying to download it).
 Each record's data.text_key field (a JSON string record, or a .txt line, is the text itself) is tokenized
 with data.tokenizer_path in the loader's workers, with BOS/EOS per data.add_bos_eos (text_tokenizer.py).
 Dataset types are the top-level subfolders, as for the tokenized folders.
@@ -40,6 +41,8 @@ SUFFIXES = (*LINE_SUFFIXES, ".parquet", ".arrow")
 MAX_CHUNK_BYTES = 1 << 20  # line files: chunks of at most 1 MiB ...
 MAX_CHUNK_ROWS = 4096  # ... .arrow files: of at most 4096 rows
 CHUNKS_PER_SHARD = 16  # ... but small enough that each shard gets about this many chunks of a small corpus
+HUB_TIMEOUT_S = 10  # a hub name's first request: an unanswered one means no hub, not a slow one
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")  # any set: do not try the hub
 ARROW_HINT = "streaming needs `pyarrow` for .parquet and .arrow files: pip install 'pytrain[data]'"
 
 
@@ -119,18 +122,32 @@ def find_text_files(folder: str, what: str, subset: str | None, split: str) -> t
 
 
 def find_hub_files(name: str, what: str, subset: str | None, split: str) -> tuple[list[str], str, FileSystem]:
-    """A hub dataset's .jsonl/.parquet files (under subset_name; those of the split when file names say)."""
-    try:
-        from huggingface_hub import HfFileSystem
+    """A hub dataset's .jsonl/.parquet files (under subset_name; those of the split when file names say).
 
+    Offline settings are honoured before anything is tried, and the first request has a timeout: the file
+    system's own requests have none, so an unreachable hub would hang the run instead of failing it."""
+    download = (
+        f"download it where the hub is reachable (hf download {name} --repo-type dataset --local-dir DIR) and set "
+        f"{what} to DIR"
+    )
+    offline = [v for v in OFFLINE_VARIABLES if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")]
+    if offline:
+        raise DataError(
+            f"{what}={name!r} is not a local folder, and as a Hugging Face Hub dataset it cannot be read here "
+            f"({offline[0]}={os.environ[offline[0]]}: offline): {download}"
+        )
+    try:
+        from huggingface_hub import HfApi, HfFileSystem
+
+        HfApi().dataset_info(name, timeout=HUB_TIMEOUT_S)
         hub = HfFileSystem()
         root = f"datasets/{name}" + (f"/{subset}" if subset else "")
         files = sorted(p for p in hub.glob(f"{root}/**") if p.endswith((".jsonl", ".parquet")))
     except Exception as error:  # no network, no such dataset, no huggingface_hub: all end the same way
         raise DataError(
             f"{what}={name!r} is not a local folder, and as a Hugging Face Hub dataset it cannot be read here "
-            f"({type(error).__name__}: {str(error)[:200]}): download it where the hub is reachable (huggingface-cli "
-            f"download --repo-type dataset {name} --local-dir DIR) and set {what} to DIR"
+            f"({type(error).__name__}: {str(error)[:200]}): {download}; where there is no network, "
+            f"HF_DATASETS_OFFLINE=1 makes this error immediate"
         ) from None
     of_split = [p for p in files if split in Path(p).relative_to(root).parts[:-1] or Path(p).name.startswith(split)]
     files = of_split or files
@@ -456,25 +473,26 @@ class StreamedText:
         return ShardStream(self, shard, state)
 
 
-def text_encoder(data_cfg, vocab_size: int | None = None) -> SampleEncoder:
-    """data.tokenizer_path with data.add_bos_eos / bos_id / eos_id; errors name the fields."""
+def text_encoder(data_cfg, vocab_size: int | None = None, where: str = "data") -> SampleEncoder:
+    """tokenizer_path with add_bos_eos / bos_id / eos_id; errors name the fields (of `where`: the data section,
+    or a named source)."""
     spec = data_cfg.get("tokenizer_path")
     if spec is None:
-        raise DataError("data.type='streaming' tokenizes text on the fly: set data.tokenizer_path")
+        raise DataError(f"data.type='streaming' tokenizes text on the fly: set {where}.tokenizer_path")
     try:
         encoder = SampleEncoder(
-            load_tokenizer(spec, "data.tokenizer_path"),
+            load_tokenizer(spec, f"{where}.tokenizer_path"),
             data_cfg.get("add_bos_eos") or "tokenizer",
             data_cfg.get("bos_id"),
             data_cfg.get("eos_id"),
-            what="data.add_bos_eos",
+            what=f"{where}.add_bos_eos",
         )
     except TokenizerError as error:
         raise DataError(str(error)) from None
     if vocab_size is not None and encoder.vocab_size > vocab_size:
         raise DataError(
-            f"data.tokenizer_path={spec!r} has {encoder.vocab_size} tokens, more than model.vocab_size={vocab_size}: "
-            f"set model.vocab_size to at least {encoder.vocab_size}"
+            f"{where}.tokenizer_path={spec!r} has {encoder.vocab_size} tokens, more than model.vocab_size="
+            f"{vocab_size}: set model.vocab_size to at least {encoder.vocab_size}"
         )
     return encoder
 

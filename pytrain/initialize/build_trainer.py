@@ -6,6 +6,7 @@ from pytrain.parallel import gpc
 from pytrain.parallel.model_part import ModelPart
 from pytrain.parallel.pipeline import InterleavedPipelineScheduler, PipelineScheduler
 from pytrain.parallel.schedule import NonPipelineScheduler
+from pytrain.parallel.sequence import SequenceShardedLoss
 from pytrain.train.trainer import Trainer
 
 
@@ -26,8 +27,9 @@ def initialize_trainer(
     vocab-parallel loss when the logits stay split over the tensor group (parallel_output).
     """
     cfg = gpc.require_config(config)
+    isp = gpc.tensor_parallel_size > 1 and cfg.parallel.tensor.mode == "isp"
     if criterion is None:
-        sharded_logits = gpc.tensor_parallel_size > 1 and cfg.model.parallel_output
+        sharded_logits = gpc.tensor_parallel_size > 1 and cfg.model.parallel_output and not isp
         tensor = gpc.tensor_parallel_size
         criterion = LMLoss(
             label_smoothing=cfg.loss.label_smoothing,
@@ -35,6 +37,14 @@ def initialize_trainer(
             labels_checked=True,  # the Trainer checks each step's labels on the host
             vocab_sizes=[cfg.model.vocab_size // tensor] * tensor if sharded_logits else None,
         )
+    if isp:  # the logits are this rank's slice of the sequence
+        if not isinstance(criterion, LMLoss):
+            raise TypeError(
+                "parallel.tensor.mode='isp' gives each rank the logits of its slice of the sequence: the criterion "
+                f"must be a pytrain.model.LMLoss (which isp wraps to take the whole labels), got "
+                f"{type(criterion).__name__}"
+            )
+        criterion = SequenceShardedLoss(criterion, gpc.tensor_parallel_group)
     if cfg.parallel.pipeline.size == 1:
         schedule = NonPipelineScheduler(data_parallel_group=gpc.data_parallel_group)
     else:
@@ -43,7 +53,7 @@ def initialize_trainer(
             mesh=gpc.mesh,
             hidden_size=cfg.model.hidden_size,
             dtype=DTYPES[cfg.model.dtype],
-            sequence_split=gpc.tensor_parallel_size if cfg.parallel.tensor.mode == "msp" else 1,
+            sequence_split=gpc.tensor_parallel_size if cfg.parallel.tensor.mode in ("msp", "isp") else 1,
         )
         if cfg.model.num_chunks > 1:
             schedule = InterleavedPipelineScheduler(

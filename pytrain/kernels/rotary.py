@@ -94,17 +94,18 @@ class CheckedPositions:
     positions: int32/int64 (seq,) or (batch, seq) in [0, 2**21). A CPU tensor is checked on the host and moved to
     `device` with one pinned copy: no synchronization at all. A tensor already on the GPU is read back here, once
     (its min and max). Attributes: positions (int64, contiguous, on `device`), rows (the cos/sin table rows they
-    need: their max + 1), device.
+    need: their max + 1), device. rows: at least this many (a slice of a longer call's positions, e.g. one rank's
+    part of a sequence-parallel sequence, whose dynamic NTK scaling must read the whole call's longest sequence).
     """
 
-    def __init__(self, positions: torch.Tensor, device=None):
+    def __init__(self, positions: torch.Tensor, device=None, rows: int = 0):
         if not isinstance(positions, torch.Tensor):
             raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
         if positions.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"positions has dtype {positions.dtype}; supported: torch.int32, torch.int64")
         if positions.dim() not in (1, 2):
             raise ValueError(f"positions must be (seq,) or (batch, seq), got shape {tuple(positions.shape)}")
-        self.rows = _table_rows(positions)
+        self.rows = max(_table_rows(positions), rows)
         device = positions.device if device is None else torch.device(device)
         positions = positions.to(torch.int64)
         if device.type == "cuda" and positions.device.type == "cpu":

@@ -226,7 +226,9 @@ class Attention(nn.Module):
         q, k, v = self.project(x)  # this rank's heads of the whole sequence, also under sequence parallelism
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, k, positions if packed is None else packed)
+        # positions, when given, are each token's (a sequence-parallel rank's part of packed documents); else the
+        # packed documents' restart at 0 per document
+        q, k = self.rotary(q, k, packed if positions is None else positions)
         attended = self.inner_attention(q, k, v, packed)
         return self.output(attended.flatten(2))
 
@@ -438,7 +440,8 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """Packed documents: cu_seqlens (documents + 1,) over the batch * seq flattened tokens, best as a
         PackedSequences built once per micro-batch from the host's boundaries (a tensor is checked here,
-        once, which reads it back to the host); positions then restart at 0 per document. Without
+        once, which reads it back to the host); positions then restart at 0 per document, unless given (each
+        token's own: a sequence-parallel rank's part of the documents). Without
         cu_seqlens each row is one sequence, at `positions` (batch, seq) or 0..seq-1: best a CheckedPositions
         built from the host's tensor (a tensor is range-checked here, once, which reads it back to the host, rather
         than by every layer's rotary embedding, forward and backward). max_seqlen: accepted for flash-attn's
@@ -447,7 +450,7 @@ class Decoder(nn.Module):
         packed = cu_seqlens
         if cu_seqlens is not None and not isinstance(cu_seqlens, PackedSequences):
             packed = PackedSequences(cu_seqlens)
-        if packed is None and isinstance(positions, torch.Tensor):
+        if isinstance(positions, torch.Tensor):
             positions = CheckedPositions(positions)
         if self.first:
             hidden = self.token_embedding(input_ids)

@@ -39,9 +39,11 @@ class LMLoss(nn.Module):
         labels: torch.Tensor,
         type_ids: torch.Tensor | None = None,
         type_losses: "TypeLosses | None" = None,
+        tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The mean loss; with type_losses, also adds each token's loss to its dataset type's sum there
-        (type_ids: the tokens' types, shaped as labels)."""
+        (type_ids: the tokens' types, shaped as labels). tokens: the count the loss sum is divided by, when these
+        logits are only part of what the mean is over (a sequence-parallel rank's slice); None: labels' own."""
         labels = labels.reshape(-1)
         options = dict(
             ignore_index=self.ignore_index,
@@ -59,7 +61,9 @@ class LMLoss(nn.Module):
         if type_losses is not None:
             type_losses.add(loss.detach(), labels != self.ignore_index, type_ids.reshape(-1))
             loss = loss.sum()
-        return loss / (labels != self.ignore_index).sum().clamp_min(1)
+        if tokens is None:
+            tokens = (labels != self.ignore_index).sum()
+        return loss / tokens.clamp_min(1)
 
 
 class TypeLosses:

@@ -80,10 +80,12 @@ def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor
     return counts.scatter_add_(0, bins, torch.ones_like(bins))[1:]
 
 
-def route(logits: torch.Tensor, routing: Routing, training: bool, mark_dropped: bool = True):
+def route(logits: torch.Tensor, routing: Routing, training: bool, mark_dropped: bool = True, average=None):
     """logits (T, E) -> (expert_ids (T, k) int64 with -1 for a dropped assignment, weights (T, k) fp32,
     aux loss (scalar fp32), tokens per expert before any drop (E,) int64). mark_dropped=False: a dropped
-    assignment keeps its expert id in expert_ids (its weight is 0 all the same)."""
+    assignment keeps its expert id in expert_ids (its weight is 0 all the same). average: where these T tokens
+    are only part of the micro-batch (a sequence-parallel rank's), averages a statistic over the parts
+    (differentiably), so the aux loss is the whole micro-batch's; None: they are all of it."""
     tokens, experts = logits.shape
     probs = torch.softmax(logits.float(), dim=-1)
     top_p, top_i = probs.topk(routing.top_k, dim=-1)
@@ -92,7 +94,10 @@ def route(logits: torch.Tensor, routing: Routing, training: bool, mark_dropped: 
         fraction = count_per_expert(top_i[:, 0], experts).float() / tokens
     else:  # fraction of all k * T assignments going to e
         fraction = counts.float() / (tokens * routing.top_k)
-    aux = experts * torch.sum(fraction * probs.mean(dim=0))
+    mean_probs = probs.mean(dim=0)
+    if average is not None:
+        fraction, mean_probs = average(fraction), average(mean_probs)
+    aux = experts * torch.sum(fraction * mean_probs)
     keep = torch.ones_like(top_i, dtype=torch.bool)
     capacity = routing.capacity(tokens, training)
     if capacity is not None:
@@ -181,6 +186,9 @@ class MoELayer(nn.Module):
         # this copy's share of the aux loss: 1/tensor size where every tensor rank routes the same tokens
         # and the router's gradient is summed over them (pytrain.parallel.expert)
         self.aux_loss_share = 1.0
+        # set from outside where the micro-batch's tokens are spread over ranks (pytrain.parallel.sequence): route's
+        # `average`, so that every rank's aux loss is the whole micro-batch's
+        self.average_over_tokens = None
         self.aux_loss = None  # the last forward's aux loss (detached)
         self.tokens_per_expert = None  # the last forward's assignments per expert, before drops
         self.reset_aux_losses()
@@ -202,7 +210,7 @@ class MoELayer(nn.Module):
         logits = F.linear(x.float(), self.gate.wg.weight.float())  # fp32 router, whatever the model's dtype
         runs_dropped = self.dispatcher.runs_dropped(x.device)
         expert_ids, weights, aux, self.tokens_per_expert = route(
-            logits, self.routing, self.training, mark_dropped=not runs_dropped
+            logits, self.routing, self.training, mark_dropped=not runs_dropped, average=self.average_over_tokens
         )
         # every id names an expert (none dropped, or the dropped ones unmarked): the row count T * k is known here
         every_id_kept = runs_dropped or self.routing.capacity(x.shape[0], self.training) is None

@@ -2,7 +2,10 @@
 
 `parallel.zero1 = dict(size=N, fsdp=True)`: what ZeRO-1 shards (optimizer state) plus the parameters and the
 gradients, over the same zero1 group (the mesh's `fsdp`; replicated over the zero1 runs when there are
-several, torch's HSDP). Units, each gathered whole just before it runs and freed after: every decoder layer;
+several, torch's HSDP). isp's weight parallelism (`parallel.weight.size`) is the same over the mesh's weight runs
+(pytrain.parallel.mesh), with its own settings: units per layer or per linear, and prefetching.
+
+Units, each gathered whole just before it runs and freed after: every decoder layer;
 the experts of an MoE layer, over the expert weights' own group (the mesh's `expert_fsdp`); the embedding
 and the head (kept with the stage's root when tied to each other); with fp32 norms each norm (its
 parameters stay fp32 while the rest computes in 16 bits); the rest of the stage (final norm) in the root.
@@ -19,6 +22,7 @@ load into ZeRO-1 layouts and back through the same full-name + shard-spec map.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +38,11 @@ from pytrain.model.moe import GroupedExperts
 @dataclass(frozen=True)
 class FSDPSettings:
     reshard_after_forward: bool = True  # free each unit's gathered parameters after its forward
+    # isp's weight parallelism (parallel.weight): forward_overlap_per="module" makes each linear of a layer a unit
+    # of its own (gathered one at a time: less memory, more collectives); overlap=True starts the next unit's
+    # gather before this one runs (forward) and the previous one's (backward)
+    unit_per_linear: bool = False
+    prefetch: bool = False
 
 
 def local_tensor(param: torch.Tensor) -> torch.Tensor:
@@ -60,8 +69,16 @@ def apply_fsdp(stages: list[nn.Module], mesh, dtype: torch.dtype, fp32_norms: bo
                 shard_experts(module, policy)
             elif fp32_norms and compute is not None and isinstance(module, (RMSNorm, nn.LayerNorm)):
                 shard(module, own_dtype)
-        for layer in stage.decoder_layers.values():
+        layers = list(stage.decoder_layers.values())
+        for layer in layers:
+            if settings.unit_per_linear:
+                for linear in [m for m in layer.modules() if isinstance(m, nn.Linear)]:
+                    shard(linear, policy)
             shard(layer, policy)
+        if settings.prefetch:
+            for earlier, later in itertools.pairwise(layers):
+                earlier.set_modules_to_forward_prefetch([later])
+                later.set_modules_to_backward_prefetch([earlier])
         tied = stage.first and stage.last and stage.lm_head.weight is stage.token_embedding.weight
         for end in () if tied else (stage.token_embedding, stage.lm_head):
             if end is not None:

@@ -14,6 +14,11 @@ groups are views of that mesh, never rank arithmetic:
 - embedding: the first and last pipeline stage of each (data, tensor) place, for a tied embedding.
 - fsdp (with `fsdp`): the mesh torch's fully_shard shards over: the zero1 runs, replicated across the runs (HSDP)
   when there are several; expert_fsdp likewise for the expert weights over the expert-zero1 runs.
+- weight (InternEvo's weight parallelism, with isp): the (data, tensor) face of a stage flattened, tensor fastest,
+  and cut into runs of `weight` consecutive ranks; fully_shard shards every weight over a run (the fsdp mesh
+  then), replicated across the runs. Under isp the tensor ranks hold the same weights (each sees its slice of
+  the sequence), so a run may span tensor and data ranks: its gradient reduction sums over both, and the
+  optimizer's norm then counts each run's shards once per pipeline stage (norm_group, gradient_tensor_group).
 
 A new parallelism is one more axis here (a size in ParallelDims, a view in ParallelMesh) plus the code that
 uses its group.
@@ -40,6 +45,8 @@ class ParallelDims:
     zero1: int = 1
     expert_zero1: int = 1
     fsdp: bool = False  # zero1 shards the parameters and gradients as well (torch's fully_shard)
+    isp: bool = False  # the tensor group splits the sequence (pytrain.parallel.sequence), not the weights
+    weight: int = 1  # isp's weight parallelism: weights sharded over runs of this many (data, tensor) ranks
 
     def __post_init__(self):
         data = self.world_size // (self.tensor * self.pipeline)
@@ -52,6 +59,13 @@ class ParallelDims:
         ):
             if size < 1 or whole % size:
                 raise ValueError(f"{name} size {size} does not divide {whole} ({self})")
+        if self.weight > 1 and (not self.isp or (data * self.tensor) % self.weight):
+            raise ValueError(f"weight size {self.weight} needs isp and must divide data x tensor ({self})")
+
+    @property
+    def shards_parameters(self) -> bool:
+        """torch's fully_shard shards the parameters: FSDP over zero1, or isp's weight parallelism."""
+        return self.fsdp or self.weight > 1
 
     @property
     def data(self) -> int:
@@ -79,6 +93,8 @@ class ParallelDims:
             zero1=data if zero1 <= 0 else zero1,
             expert_zero1=expert_zero1_size(cfg, data, expert, source),
             fsdp=cfg.parallel.zero1.fsdp,
+            isp=cfg.parallel.tensor.mode == "isp",
+            weight=cfg.parallel.weight.size,
         )
 
 
@@ -126,7 +142,29 @@ class ParallelMesh:
             )
         if not dims.fsdp:
             self.fsdp = self.expert_fsdp = None
+        # the group a whole parameter is held on redundantly, or partial, after its gradient's data reduction;
+        # the group the norm's counted squares are summed over
+        self.gradient_tensor_group, self.norm_group = self.tensor_group, self.model_group
+        if dims.weight > 1:
+            self._weight_runs(override)
         self.embedding_group = self._ends_of_pipeline(timeout) if dims.pipeline > 1 else None
+
+    def _weight_runs(self, override) -> None:
+        """Weight parallelism (module docstring): fsdp is the runs of `weight` ranks of the (data, tensor) face,
+        zero1 the run (the ranks sharing one copy of the optimizer state, a shard each)."""
+        dims = self.dims
+        face = self.world["dp", "tp"]._flatten("dp_tp", backend_override=override)
+        if dims.weight == face.size():
+            self.fsdp = face
+        else:
+            self.fsdp = face._unflatten(
+                0,
+                (face.size() // dims.weight, dims.weight),
+                ("weight_replicate", "weight"),
+                backend_override=_for_axes(override, "weight_replicate", "weight"),
+            )
+        self.zero1_group = self.fsdp.get_group(self.fsdp.ndim - 1)
+        self.gradient_tensor_group, self.norm_group = None, self.pipeline_group
 
     @property
     def is_first_stage(self) -> bool:

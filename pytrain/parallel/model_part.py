@@ -26,6 +26,7 @@ from .expert import apply_expert_parallel
 from .fsdp import FSDPSettings, apply_fsdp, local_tensor
 from .mesh import ParallelMesh
 from .recompute import SelectiveCheckpoint, apply_selective_checkpoint
+from .sequence import apply_sequence_parallel
 from .shard_spec import ShardSpec
 from .tensor import apply_tensor_parallel, plan_pattern
 
@@ -53,12 +54,14 @@ class ParamInfo:
     duplicate: bool = False  # a copy whose twin elsewhere is the one counted (the last stage's tied embedding)
     replicas: Replicas = Replicas.DATA
     tensor_spec: ShardSpec | None = None  # under FSDP: the shard before FSDP's cut of it (spec is after)
+    split_over_tensor: bool = True  # False under isp: every tensor rank holds the same shard (of the sequence's)
 
     def counted_here(self, tensor_rank: int) -> bool:
         """Whether this rank counts the parameter in a model-wide sum over the tensor x pipeline ranks
-        (parameter count, gradient norm): shards everywhere, a parameter whole on each tensor rank on tensor
-        rank 0 only."""
-        return not self.duplicate and (tensor_rank == 0 or not (self.tensor_spec or self.spec).is_whole)
+        (parameter count, gradient norm): shards everywhere, a parameter whole on each tensor rank (or, under
+        isp, any) on tensor rank 0 only."""
+        split = self.split_over_tensor and not (self.tensor_spec or self.spec).is_whole
+        return not self.duplicate and (tensor_rank == 0 or split)
 
 
 class ModelPart(nn.Module):
@@ -148,7 +151,9 @@ def parallelize(
     the run's layout `mesh` (its pipeline stage, tensor group and expert group; None: one process). Chunk c of
     pipeline rank r is stage c * pipeline_size + r of pipeline_size * num_chunks. selective: each stage's
     selective activation checkpointing (pytrain.parallel.recompute); None: none. fsdp: shard the parameters over
-    the mesh's zero1 group with torch's fully_shard (pytrain.parallel.fsdp); None: ZeRO-1 or plain replicas."""
+    the mesh's fsdp mesh (its zero1 runs, or isp's weight runs) with torch's fully_shard (pytrain.parallel.fsdp);
+    None: ZeRO-1 or plain replicas. Under isp (the mesh's dims.isp) the tensor group splits the sequence
+    (pytrain.parallel.sequence) instead of the weights."""
     pipeline_rank, pipeline_size = (mesh.pipeline_rank, mesh.dims.pipeline) if mesh else (0, 1)
     tensor_group = mesh.tensor_group if mesh and mesh.dims.tensor > 1 else None
     expert_group = mesh.expert_group if mesh else None
@@ -156,15 +161,19 @@ def parallelize(
     stages, facts, experts = [], {}, set()
     for chunk in range(num_chunks):
         stage = cut_stage(model, parts[chunk * pipeline_size + pipeline_rank])
-        tp_facts = apply_tensor_parallel(stage, tensor_group, sequence_parallel) if tensor_group is not None else {}
-        ep_facts, expert_names = apply_expert_parallel(stage, tensor_group, expert_group, sequence_parallel)
-        facts.update({f"stages.{chunk}.{name}": fact for name, fact in (tp_facts | ep_facts).items()})
+        if mesh is not None and mesh.dims.isp:
+            stage_facts, expert_names = _split_sequence(stage, tensor_group, expert_group)
+        else:
+            tp_facts = apply_tensor_parallel(stage, tensor_group, sequence_parallel) if tensor_group else {}
+            ep_facts, expert_names = apply_expert_parallel(stage, tensor_group, expert_group, sequence_parallel)
+            stage_facts = tp_facts | ep_facts
+        facts.update({f"stages.{chunk}.{name}": fact for name, fact in stage_facts.items()})
         experts.update(f"stages.{chunk}.{name}" for name in expert_names)
         _materialize(stage, device, model.dtype, fp32_norms)
         if selective is not None:
             apply_selective_checkpoint(stage, selective, device)
         stages.append(stage)
-    part = ModelPart(stages, _describe(stages, facts, experts, model))
+    part = ModelPart(stages, _describe(stages, facts, experts, model, split_over_tensor=not (mesh and mesh.dims.isp)))
     _initialize(part, model, seed)
     if fsdp is not None:
         apply_fsdp(stages, mesh, model.dtype, fp32_norms, fsdp)
@@ -172,18 +181,30 @@ def parallelize(
     return part
 
 
+def _split_sequence(stage: nn.Module, tensor_group, expert_group) -> tuple[dict, set]:
+    """isp: the experts split over the expert group only, then the sequence over the tensor group; every
+    gradient is partial over the tensor group (each rank saw its slice of the sequence)."""
+    ep_facts, expert_names = apply_expert_parallel(stage, None, expert_group, False)
+    if tensor_group is None:
+        return ep_facts, expert_names
+    sp_facts = apply_sequence_parallel(stage, tensor_group)
+    return {name: (ep_facts.get(name, fact)[0], True) for name, fact in sp_facts.items()}, expert_names
+
+
 def _narrow_to_fsdp_shards(infos: dict[str, ParamInfo], mesh: ParallelMesh) -> dict[str, ParamInfo]:
     """Each spec narrowed to the rows of this rank's FSDP shard (torch.chunk along dim 0 over the shard axis:
-    the expert weights' own, the zero1 runs for the rest)."""
+    the expert weights' own, the zero1 runs (or isp's weight runs) for the rest). Weight parallelism's reduction
+    covers the tensor ranks: no gradient stays partial there."""
     out = {}
     for key, info in infos.items():
         axis = mesh.expert_fsdp if info.replicas is Replicas.EXPERT_DATA else mesh.fsdp
         spec = info.spec.chunk_rows(axis.get_local_rank(axis.ndim - 1), axis.size(axis.ndim - 1))
-        out[key] = dataclasses.replace(info, spec=spec, tensor_spec=info.spec)
+        sum_over = None if mesh.dims.weight > 1 and info.sum_over is SumOver.TENSOR else info.sum_over
+        out[key] = dataclasses.replace(info, spec=spec, tensor_spec=info.spec, sum_over=sum_over)
     return out
 
 
-def _describe(stages, facts: dict, experts: set, model) -> dict[str, ParamInfo]:
+def _describe(stages, facts: dict, experts: set, model, split_over_tensor: bool) -> dict[str, ParamInfo]:
     part = nn.ModuleList(stages)
     embedding_name = f"{model.names.embedding}.weight"
     head_name = f"{model.names.head}.weight"
@@ -198,7 +219,7 @@ def _describe(stages, facts: dict, experts: set, model) -> dict[str, ParamInfo]:
         else:
             sum_over = SumOver.TENSOR if partial else None
             replicas = Replicas.EXPERT_DATA if key in experts else Replicas.DATA
-            infos[key] = ParamInfo(full, spec, sum_over, replicas=replicas)
+            infos[key] = ParamInfo(full, spec, sum_over, replicas=replicas, split_over_tensor=split_over_tensor)
     return infos
 
 

@@ -36,6 +36,9 @@ fp32 DTensor whose local shard is this rank's master, its gradient arrives reduc
 zero1 group, and nothing is broadcast after the update. What stays here is the same as ZeRO-1's: the
 division by the data-parallel size and the loss scale, the partial sums, the global norm (each shard's
 squares, summed over the shard groups as well), clipping, inf/NaN skipping and AdamW over the local shards.
+isp's weight parallelism is the same with the shards over runs of (data, tensor) ranks (pytrain.parallel.mesh):
+its reduction sums over the tensor ranks too, so no gradient is partial there, and every run's shards are
+counted in the norm once per pipeline stage (the mesh's gradient_tensor_group and norm_group).
 """
 
 import math
@@ -87,8 +90,8 @@ def _world(group) -> int:
 _UNSPLIT = SimpleNamespace(
     data_group=None,
     zero1_group=None,
-    model_group=None,
-    tensor_group=None,
+    gradient_tensor_group=None,
+    norm_group=None,
     embedding_group=None,
     expert_group=None,
     expert_data_group=None,
@@ -143,7 +146,7 @@ class HybridZeroOptimizer:
         self.clip_grad_norm = clip_grad_norm
         self.grad_scaler = grad_scaler
         self.group, self.zero_group = layout.data_group, layout.zero1_group
-        self.model_parallel_group = layout.model_group
+        self.model_parallel_group = layout.norm_group  # the model group, or the pipeline group (weight parallel)
         self.reduce_bucket_size = reduce_bucket_size
         self.overlap_sync_param = overlap_sync_param
         self.successful_steps = 0  # Adam's step count (a skipped step does not count)
@@ -172,7 +175,7 @@ class HybridZeroOptimizer:
         else:
             self._make_flat_grad(domains, overlap_sync_grad)
             owned = self._assign_owners(domains)
-        self._plan_norm_and_partial_sums(layout.tensor_group, layout.embedding_group)
+        self._plan_norm_and_partial_sums(layout.gradient_tensor_group, layout.embedding_group)
         self._make_fp32_masters(groups, owned, lr, betas, eps, weight_decay)
         self._hook_param_waits(model)
 

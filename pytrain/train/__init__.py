@@ -21,6 +21,17 @@ from .trainer import Trainer
 __all__ = ["Trainer", "get_train_data_loader", "initialize_model", "initialize_optimizer"]
 
 
+def fsdp_settings(cfg: Config) -> FSDPSettings | None:
+    """How torch's fully_shard shards the model: FSDP over zero1 (parallel.zero1.fsdp), isp's weight parallelism
+    (parallel.weight: always regathered for the backward, as InternEvo), or None (not sharded)."""
+    weight = cfg.parallel.weight
+    if weight.size > 1:
+        return FSDPSettings(
+            reshard_after_forward=True, unit_per_linear=weight.forward_overlap_per == "module", prefetch=weight.overlap
+        )
+    return FSDPSettings(cfg.parallel.zero1.reshard_after_forward) if cfg.parallel.zero1.fsdp else None
+
+
 def initialize_model(config: Config | None = None) -> nn.Module:
     """MODEL_INITIALIZER[config.model_type](**config.model), as this rank's part under the run's layout.
 
@@ -45,7 +56,7 @@ def initialize_model(config: Config | None = None) -> nn.Module:
             fp32_norms=cfg.use_fp32_norm,
             seed=gpc.seed,
             selective=selective_checkpoint(cfg),
-            fsdp=FSDPSettings(cfg.parallel.zero1.reshard_after_forward) if cfg.parallel.zero1.fsdp else None,
+            fsdp=fsdp_settings(cfg),
         )
     if cfg.parallel.zero1.fsdp:
         raise ConfigError(
