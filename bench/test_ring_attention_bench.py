@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from pytrain.parallel.ring_attention import ring_attention, zigzag_token_index
 from pytrain.plan.measure import AllocatorPeak
 
+from .conftest import NEEDS_CUDA
+
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 64
 TOKENS = [1024, pytest.param(4096, marks=pytest.mark.slow), pytest.param(16384, marks=pytest.mark.slow)]
 RING = 2
@@ -178,4 +180,40 @@ def test_ring_attention_peak_memory(benchmark, ring, peak_table, tokens):
     peak_table.lines.append(
         f"  {tokens:>6} tokens: {', '.join(f'{b / 2**20:.1f}' for b in per_rank)} MiB per rank"
         f"   (plain attention's scores alone: {plain_scores / 2**20:.0f} MiB)"
+    )
+
+
+CUDA_TOKENS = 32768  # the long-context row a lent GPU measures (bench/gpu/run.sh)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("impl", ["sdpa_flash", "pytrain_ring"])
+def test_ring_attention_cuda(benchmark, compute, impl):
+    """One GPU, bf16, 32k tokens: the ring's block computation (one rank: every block of the row, in torch) beside
+    SDPA's flash backend on the same tokens; a multi-GPU machine would add the hops."""
+    q, k, v, dout = (t.to("cuda", torch.bfloat16).requires_grad_(i < 3) for i, t in enumerate(inputs(CUDA_TOKENS)))
+    if impl == "sdpa_flash":
+        heads = [
+            t.transpose(0, 1)[None]
+            for t in (q, k.repeat_interleave(HEADS // KV_HEADS, 1), v.repeat_interleave(HEADS // KV_HEADS, 1))
+        ]
+
+        def run():
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(*heads, is_causal=True)[0].transpose(0, 1)
+    else:
+        index = torch.arange(CUDA_TOKENS, device="cuda")
+
+        def run():
+            return ring_attention(q, k, v, index, torch.zeros_like(index), None)
+
+    group = f"ring attention fwd+bwd cuda {CUDA_TOKENS} tokens, {HEADS} heads ({KV_HEADS} kv) x {HEAD_DIM}, causal bf16"
+    compute(
+        benchmark,
+        lambda: run().backward(dout),
+        device="cuda",
+        flops=attention_flops(CUDA_TOKENS),
+        dtype=torch.bfloat16,
+        group=group,
+        impl=impl,
     )

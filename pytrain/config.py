@@ -417,6 +417,32 @@ SCHEMA: dict[str, Any] = {
                 one_of("layer", "module"),
             ),
         },
+        "sequence_2D": {
+            "enable": _field(
+                False,
+                bool,
+                "2D sequence parallelism (with tensor.mode='isp'): the tensor ranks as head_size x context_size, the "
+                "all-to-all around attention over the head ranks, ring attention over the context ranks",
+            ),
+            "head_size": _field(
+                1, int, "ranks the heads are split over (head_size x context_size = tensor size)", positive
+            ),
+            "context_size": _field(1, int, "ranks of the attention ring (zigzag: causal work balanced)", positive),
+            "window_size": _field(
+                1,
+                int,
+                "context ranks of one inner ring (InternEvo's double ring: most hops inside a window); it must "
+                "divide context_size",
+                positive,
+            ),
+            "device_placement_strategy": _field(
+                None,
+                (dict, type(None)),
+                "dict(head_first=True: a head group's ranks are neighbours, False: a context group's; "
+                "interleaved: InternEvo's NIC interleaving of a window's ranks, accepted with head_first=False "
+                "and window_size > 1 and without effect: a window's ranks stay neighbours)",
+            ),
+        },
         "pipeline": {
             "size": _field(1, int, "pipeline-parallel size", positive),
             "interleaved_overlap": _field(True, bool, "overlap communication in the interleaved schedule"),
@@ -1203,7 +1229,13 @@ def _check_model_split(model: dict, data: dict, parallel: dict, fail) -> None:
     pipeline = parallel["pipeline"]["size"]
     if parallel["tensor"]["mode"] == "isp":
         _check_sequence_split(model, data, parallel, fail)
+        _check_sequence_2d(model, data, parallel, fail)
     else:
+        if parallel["sequence_2D"]["enable"]:
+            fail(
+                "parallel.sequence_2D.enable",
+                "2D sequence parallelism splits isp's sequence: set parallel.tensor.mode='isp'",
+            )
         if parallel["weight"]["size"] > 1:
             fail(
                 "parallel.weight.size",
@@ -1245,6 +1277,8 @@ def _check_sequence_split(model: dict, data: dict, parallel: dict, fail) -> None
             "data.seq_len",
             f"{data['seq_len']} cannot be split over parallel.tensor.size={tensor} (isp): use a multiple of {tensor}",
         )
+    if parallel["sequence_2D"]["enable"]:  # the heads over its head group: _check_sequence_2d
+        heads = kv_heads = None
     if heads is not None and heads % tensor:
         fail(
             "model.num_attention_heads",
@@ -1274,6 +1308,51 @@ def _check_sequence_split(model: dict, data: dict, parallel: dict, fail) -> None
             "parallel.zero1.fsdp",
             "weight parallelism (parallel.weight.size > 1) already shards the weights, gradients and optimizer state "
             "with torch's fully_shard: set fsdp=False",
+        )
+
+
+def _check_sequence_2d(model: dict, data: dict, parallel: dict, fail) -> None:
+    two, tensor = parallel["sequence_2D"], parallel["tensor"]["size"]
+    if not two["enable"]:
+        return
+    head, context, window = two["head_size"], two["context_size"], two["window_size"]
+    if parallel["tensor"]["mode"] != "isp":
+        fail(
+            "parallel.sequence_2D.enable",
+            "2D sequence parallelism splits isp's sequence: set parallel.tensor.mode='isp'",
+        )
+    if head * context != tensor:
+        fail(
+            "parallel.sequence_2D",
+            f"head_size {head} x context_size {context} = {head * context} must equal parallel.tensor.size={tensor}",
+        )
+    if context % window:
+        valid = [w for w in range(1, context + 1) if context % w == 0]
+        fail("parallel.sequence_2D.window_size", f"{window} does not divide context_size {context}: use one of {valid}")
+    if context > 1 and data["seq_len"] % (2 * tensor):
+        fail(
+            "data.seq_len",
+            f"{data['seq_len']} cannot be cut into 2 x context_size zigzag chunks, each split over head_size: use a "
+            f"multiple of {2 * tensor}",
+        )
+    heads = model.get("num_attention_heads")
+    kv_heads = model.get("num_kv_attention_heads") or heads
+    if heads is not None and (heads % head or (kv_heads % head and head % kv_heads)):
+        fail(
+            "parallel.sequence_2D.head_size",
+            f"{head}: num_attention_heads ({heads}) must be divisible by it and num_kv_attention_heads ({kv_heads}) "
+            "a multiple or a divisor of it",
+        )
+    placement = two["device_placement_strategy"] or {}
+    unknown = set(placement) - {"head_first", "interleaved"}
+    if unknown:
+        fail(
+            "parallel.sequence_2D.device_placement_strategy", f"unknown keys {sorted(unknown)}: head_first, interleaved"
+        )
+    if placement.get("interleaved") and (placement.get("head_first", True) or window <= 1):
+        fail(
+            "parallel.sequence_2D.device_placement_strategy",
+            "interleaved=True needs head_first=False and window_size > 1 (InternEvo's rule)",
         )
 
 

@@ -47,15 +47,16 @@ LAYOUTS = {  # name: (world size, parallel section, model overrides)
     "pp2-tied": (2, dict(pipeline=2), dict(tie_word_embeddings=True)),  # the embedding on both stages
     "fsdp2": (2, dict(zero1=dict(size=-1, fsdp=True)), {}),
     "dp2-tp2-zero1": (4, dict(tensor=2, zero1=-1), {}),
+    "isp2-weight2": (2, dict(tensor=dict(size=2, mode="isp"), weight=2), {}),  # weights sharded over the isp ranks
 }
-RESHARD_FROM = ("dp2-zero1", "tp2", "pp2-interleaved", "tp2-pp2", "fsdp2")
+RESHARD_FROM = ("dp2-zero1", "tp2", "pp2-interleaved", "tp2-pp2", "fsdp2", "isp2-weight2")
 # (saved under, loaded into) beside RESHARD_FROM's into one process and dp2-zero1: ZeRO-1 into FSDP, FSDP into
-# ZeRO-1 with tensor parallelism
-RESHARD_MORE = [("dp2-zero1", "fsdp2"), ("fsdp2", "dp2-tp2-zero1")]
+# ZeRO-1 with tensor parallelism, ZeRO-1 into isp's weight parallelism
+RESHARD_MORE = [("dp2-zero1", "fsdp2"), ("fsdp2", "dp2-tp2-zero1"), ("dp2-zero1", "isp2-weight2")]
 TIED = ("pp2-tied", "one-tied")  # saved under, loaded into (against the straight run of the latter)
 EXACT = [("one", "torch.float32"), ("one", "torch.bfloat16"), ("one", "torch.float16")]
 EXACT += [("dp2-zero1", "torch.float32"), ("dp2-zero1", "torch.bfloat16")]
-EXACT += [("fsdp2", "torch.float32"), ("fsdp2", "torch.bfloat16")]
+EXACT += [("fsdp2", "torch.float32"), ("fsdp2", "torch.bfloat16"), ("isp2-weight2", "torch.float32")]
 # saving in the background; a rolling snapshot every 3 steps and only the newest checkpoint kept
 EXACT_EXTRA = {
     ("dp2-zero1", "torch.bfloat16"): dict(async_upload=True),

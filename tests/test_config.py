@@ -222,7 +222,10 @@ def test_bool_checkpoint_and_fraction(tmp_path):
         ),
         ("parallel = dict(zero1=dict(fsdp=1))\n", r"parallel.zero1.fsdp"),
         ("parallel = dict(pipeline=dict(mode='ZBH1'))\n", r"parallel.pipeline.mode = 'ZBH1': zero-bubble"),
-        ("parallel = dict(sequence_2D=dict(enable=True))\n", r"parallel.sequence_2D.enable = True: 2D sequence"),
+        (
+            "parallel = dict(sequence_2D=dict(enable=True))\n",
+            r"parallel.sequence_2D.enable: 2D sequence parallelism splits isp's sequence: set parallel.tensor.mode='isp'",
+        ),
         (
             "hybrid_zero_optimizer = dict(use_split_tensor_optim=True)\n",
             r"hybrid_zero_optimizer.use_split_tensor_optim = True: the split-tensor",
@@ -484,7 +487,7 @@ def test_ignored_fields_are_listed_once_and_kept(tmp_path):
         and "zero_overlap_communication" not in cfg.hybrid_zero_optimizer
     )
     assert cfg.monitor.tensorboard.enable is True and "enable_tb" not in cfg
-    assert "moe" not in cfg and "sequence_2D" not in cfg.parallel  # absent non-acting sections stay absent
+    assert "moe" not in cfg and "expert_weight" not in cfg.parallel  # absent non-acting sections stay absent
     assert Config.from_file(write(tmp_path, cfg.dump(), "dumped.py")) == cfg
 
 

@@ -1,6 +1,6 @@
 """Packed rows through every schedule: documents packed back to back (cu_seqlens, positions restarting,
 -100 at each document's end) train exactly as the same documents each alone in its own padded row, in one
-process and under dp2, tp2 (mtp and msp) and pp2 (1F1B and interleaved); and the step loss is the mean
+process and under dp2, tp2 (mtp, msp and isp, with weight parallelism) and pp2 (1F1B and interleaved); and the step loss is the mean
 over the global batch's non-ignored labels, not a mean of micro-batch means."""
 
 import numpy as np
@@ -103,6 +103,9 @@ LAYOUTS = {
     "dp2": (2, dict(zero1=1)),
     "tp2": (2, dict(tensor=2)),
     "tp2-msp": (2, dict(tensor=dict(size=2, mode="msp"))),
+    # isp: each rank holds half of every row, so documents straddle the ranks (the all-to-all must keep them apart)
+    "isp2": (2, dict(tensor=dict(size=2, mode="isp"))),
+    "isp2-weight2": (2, dict(tensor=dict(size=2, mode="isp"), weight=2)),
     "pp2": (2, dict(pipeline=2)),
     "pp2-interleaved": (2, dict(pipeline=2, model=dict(num_chunks=2))),
 }

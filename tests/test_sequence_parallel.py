@@ -35,6 +35,28 @@ LAYOUTS = {
         dict(num_chunks=2),
     ),
     "isp2-moe-ep2": (4, "QWEN3MOE", dict(tensor=ISP2, expert=dict(size=2)), MOE),
+    # sequence_2D: heads over the head group, ring attention (zigzag) over the context group
+    "2d-head1-context2": (2, "INTERNLM", dict(tensor=ISP2, sequence_2D=dict(enable=True, context_size=2)), {}),
+    "2d-head2-context2": (
+        4,
+        "INTERNLM",
+        dict(tensor=dict(size=4, mode="isp"), sequence_2D=dict(enable=True, head_size=2, context_size=2)),
+        {},
+    ),
+    "2d-head1-context4-double-ring-context-first": (
+        4,
+        "INTERNLM",
+        dict(
+            tensor=dict(size=4, mode="isp"),
+            sequence_2D=dict(
+                enable=True,
+                context_size=4,
+                window_size=2,
+                device_placement_strategy=dict(head_first=False, interleaved=True),
+            ),
+        ),
+        dict(checkpoint=True),
+    ),
 }
 
 
@@ -82,7 +104,7 @@ def check_against_one_process(world, names, tmp_path, init_method):
 
 
 def test_isp_2_matches_one_process(tmp_path, init_method, fresh_context):
-    check_against_one_process(2, ["isp2", "isp2-weight2-overlap"], tmp_path, init_method)
+    check_against_one_process(2, ["isp2", "isp2-weight2-overlap", "2d-head1-context2"], tmp_path, init_method)
 
 
 @pytest.mark.slow  # 4 processes, about a minute
@@ -105,12 +127,51 @@ def test_isp_4_layouts_match_one_process(tmp_path, init_method, fresh_context):
         (6, dict(tensor=ISP2, weight=4), {}, r"weight.size=4 must divide data-parallel size 3 x tensor size 2"),
         (2, dict(tensor=ISP2, weight=2, zero1=dict(size=-1, fsdp=True)), {}, r"parallel.zero1.fsdp"),
         (4, dict(tensor=ISP2, pipeline=2), dict(tie_word_embeddings=True), r"tie_word_embeddings"),
+        (4, dict(sequence_2D=dict(enable=True, context_size=2)), {}, r"sequence_2D.enable.*mode='isp'"),
+        (
+            4,
+            dict(tensor=dict(size=4, mode="isp"), sequence_2D=dict(enable=True, head_size=2, context_size=4)),
+            {},
+            r"head_size 2 x context_size 4 = 8 must equal parallel.tensor.size=4",
+        ),
+        (
+            4,
+            dict(tensor=dict(size=4, mode="isp"), sequence_2D=dict(enable=True, context_size=4, window_size=3)),
+            {},
+            r"window_size: 3 does not divide context_size 4: use one of \[1, 2, 4\]",
+        ),
+        (
+            4,
+            dict(
+                tensor=dict(size=4, mode="isp"),
+                sequence_2D=dict(enable=True, context_size=4, device_placement_strategy=dict(interleaved=True)),
+            ),
+            {},
+            r"interleaved=True needs head_first=False and window_size > 1",
+        ),
+        (
+            4,
+            dict(tensor=dict(size=4, mode="isp"), sequence_2D=dict(enable=True, head_size=4, context_size=1)),
+            dict(num_attention_heads=2, hidden_size=64, num_kv_attention_heads=None),
+            r"sequence_2D.head_size: 4: num_attention_heads \(2\) must be divisible",
+        ),
     ],
 )
 def test_bad_isp_layouts_fail_before_any_process_group(world, parallel, model, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         check_world_size(config(parallel, model, {}, None, tmp_path), world)
     assert not dist.is_initialized()
+
+
+def test_zigzag_sequence_not_divisible_is_a_config_error():
+    from pytrain.config import Config
+
+    parallel = dict(tensor=dict(size=4, mode="isp"), sequence_2D=dict(enable=True, head_size=2, context_size=2))
+    model = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256)
+    with pytest.raises(
+        ConfigError, match=r"data.seq_len: 20 cannot be cut into 2 x context_size zigzag.*multiple of 8"
+    ):
+        Config.from_dict(dict(model_type="INTERNLM", model=model, parallel=parallel, data=dict(seq_len=20)))
 
 
 def test_isp_sequence_not_divisible_is_a_config_error(tmp_path):

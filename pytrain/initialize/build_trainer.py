@@ -6,7 +6,7 @@ from pytrain.parallel import gpc
 from pytrain.parallel.model_part import ModelPart
 from pytrain.parallel.pipeline import InterleavedPipelineScheduler, PipelineScheduler
 from pytrain.parallel.schedule import NonPipelineScheduler
-from pytrain.parallel.sequence import SequenceShardedLoss
+from pytrain.parallel.sequence import SequenceShardedLoss, SequenceSplit
 from pytrain.train.trainer import Trainer
 
 
@@ -44,7 +44,7 @@ def initialize_trainer(
                 f"must be a pytrain.model.LMLoss (which isp wraps to take the whole labels), got "
                 f"{type(criterion).__name__}"
             )
-        criterion = SequenceShardedLoss(criterion, gpc.tensor_parallel_group)
+        criterion = SequenceShardedLoss(criterion, SequenceSplit.of_mesh(gpc.mesh))
     if cfg.parallel.pipeline.size == 1:
         schedule = NonPipelineScheduler(data_parallel_group=gpc.data_parallel_group)
     else:

@@ -14,6 +14,9 @@ groups are views of that mesh, never rank arithmetic:
 - embedding: the first and last pipeline stage of each (data, tensor) place, for a tied embedding.
 - fsdp (with `fsdp`): the mesh torch's fully_shard shards over: the zero1 runs, replicated across the runs (HSDP)
   when there are several; expert_fsdp likewise for the expert weights over the expert-zero1 runs.
+- head, context (InternEvo's sequence_2D, with isp): the tensor axis unflattened into (context, head), head
+  fastest (head_first: a head group's ranks are neighbours) or (head, context): the all-to-all around attention
+  runs over the head group, ring attention over the context group.
 - weight (InternEvo's weight parallelism, with isp): the (data, tensor) face of a stage flattened, tensor fastest,
   and cut into runs of `weight` consecutive ranks; fully_shard shards every weight over a run (the fsdp mesh
   then), replicated across the runs. Under isp the tensor ranks hold the same weights (each sees its slice of
@@ -47,6 +50,9 @@ class ParallelDims:
     fsdp: bool = False  # zero1 shards the parameters and gradients as well (torch's fully_shard)
     isp: bool = False  # the tensor group splits the sequence (pytrain.parallel.sequence), not the weights
     weight: int = 1  # isp's weight parallelism: weights sharded over runs of this many (data, tensor) ranks
+    context: int = 1  # sequence_2D: the tensor group as head (tensor / context) x context (ring) ranks
+    head_first: bool = True  # sequence_2D: a head group's ranks are neighbours (else a context group's)
+    ring_window: int = 1  # sequence_2D's window_size: the context ranks of one inner ring
 
     def __post_init__(self):
         data = self.world_size // (self.tensor * self.pipeline)
@@ -59,6 +65,10 @@ class ParallelDims:
         ):
             if size < 1 or whole % size:
                 raise ValueError(f"{name} size {size} does not divide {whole} ({self})")
+        if self.context > 1 and (not self.isp or self.tensor % self.context or self.context % self.ring_window):
+            raise ValueError(
+                f"context size {self.context} needs isp, must divide tensor, window must divide it ({self})"
+            )
         if self.weight > 1 and (not self.isp or (data * self.tensor) % self.weight):
             raise ValueError(f"weight size {self.weight} needs isp and must divide data x tensor ({self})")
 
@@ -95,7 +105,23 @@ class ParallelDims:
             fsdp=cfg.parallel.zero1.fsdp,
             isp=cfg.parallel.tensor.mode == "isp",
             weight=cfg.parallel.weight.size,
+            **_sequence_2d_sizes(cfg),
         )
+
+
+def _sequence_2d_sizes(cfg) -> dict:
+    """ParallelDims' sequence_2D fields (none: no ring), the config checked (head x context = tensor)."""
+    two = cfg.parallel.sequence_2D
+    if not two.enable:
+        return {}
+    if two.head_size * two.context_size != cfg.parallel.tensor.size:  # (a config changed after its checks)
+        raise ValueError(f"sequence_2D: head_size x context_size must equal parallel.tensor.size ({two})")
+    placement = two.device_placement_strategy or {}
+    return dict(
+        context=two.context_size,
+        head_first=placement.get("head_first", True),
+        ring_window=two.window_size,
+    )
 
 
 class ParallelMesh:
@@ -117,6 +143,9 @@ class ParallelMesh:
         )
         self.pipeline_rank, self.data_rank, self.tensor_rank = self.world.get_coordinate()
         self.tensor_group = self.world.get_group("tp")
+        self.head_group, self.context_group = self.tensor_group, None
+        if dims.context > 1:
+            self._head_and_context_groups(override)
         self.data_group = self.world.get_group("dp")
         self.pipeline_group = self.world.get_group("pp")
         self.model_group = self.world["pp", "tp"]._flatten("model", backend_override=override).get_group()
@@ -148,6 +177,16 @@ class ParallelMesh:
         if dims.weight > 1:
             self._weight_runs(override)
         self.embedding_group = self._ends_of_pipeline(timeout) if dims.pipeline > 1 else None
+
+    def _head_and_context_groups(self, override) -> None:
+        """sequence_2D: the tensor axis as a (head, context) grid, the head axis fastest with head_first."""
+        dims = self.dims
+        heads = dims.tensor // dims.context
+        names = ("context", "head") if dims.head_first else ("head", "context")
+        sizes = (dims.context, heads) if dims.head_first else (heads, dims.context)
+        grid = self.world["tp"]._unflatten(0, sizes, names, backend_override=_for_axes(override, *names))
+        self.head_group = grid.get_group("head") if heads > 1 else None
+        self.context_group = grid.get_group("context")
 
     def _weight_runs(self, override) -> None:
         """Weight parallelism (module docstring): fsdp is the runs of `weight` ranks of the (data, tensor) face,

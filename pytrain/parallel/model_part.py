@@ -26,7 +26,7 @@ from .expert import apply_expert_parallel
 from .fsdp import FSDPSettings, apply_fsdp, local_tensor
 from .mesh import ParallelMesh
 from .recompute import SelectiveCheckpoint, apply_selective_checkpoint
-from .sequence import apply_sequence_parallel
+from .sequence import SequenceSplit, apply_sequence_parallel
 from .shard_spec import ShardSpec
 from .tensor import apply_tensor_parallel, plan_pattern
 
@@ -162,7 +162,7 @@ def parallelize(
     for chunk in range(num_chunks):
         stage = cut_stage(model, parts[chunk * pipeline_size + pipeline_rank])
         if mesh is not None and mesh.dims.isp:
-            stage_facts, expert_names = _split_sequence(stage, tensor_group, expert_group)
+            stage_facts, expert_names = _split_sequence(stage, mesh, tensor_group, expert_group)
         else:
             tp_facts = apply_tensor_parallel(stage, tensor_group, sequence_parallel) if tensor_group else {}
             ep_facts, expert_names = apply_expert_parallel(stage, tensor_group, expert_group, sequence_parallel)
@@ -181,13 +181,13 @@ def parallelize(
     return part
 
 
-def _split_sequence(stage: nn.Module, tensor_group, expert_group) -> tuple[dict, set]:
+def _split_sequence(stage: nn.Module, mesh: ParallelMesh, tensor_group, expert_group) -> tuple[dict, set]:
     """isp: the experts split over the expert group only, then the sequence over the tensor group; every
     gradient is partial over the tensor group (each rank saw its slice of the sequence)."""
     ep_facts, expert_names = apply_expert_parallel(stage, None, expert_group, False)
     if tensor_group is None:
         return ep_facts, expert_names
-    sp_facts = apply_sequence_parallel(stage, tensor_group)
+    sp_facts = apply_sequence_parallel(stage, SequenceSplit.of_mesh(mesh), mesh.dims.ring_window)
     return {name: (ep_facts.get(name, fact)[0], True) for name, fact in sp_facts.items()}, expert_names
 
 

@@ -13,6 +13,12 @@ Grouped-query attention with fewer kv heads than ranks: each kv head is repeated
 before the all-to-all, so a rank receives the one kv head its query heads use; the k/v all-to-all then moves T /
 kv_heads times the bytes it would with enough kv heads (the repeat's backward sums the copies' gradients).
 
+2D sequence parallelism (InternEvo's `parallel.sequence_2D`, head_size x context_size = T): the tensor group
+is a (head, context) grid; the all-to-all runs over the head group, and the attention core over the context
+group is ring attention (pytrain.parallel.ring_attention), K/V blocks passed around the ring, so a sequence
+longer than the heads can split still spreads over every rank. Each context rank's share of a row is its two
+zigzag chunks (causal work balanced over the ring), cut among its head group (SequenceSplit).
+
 Every weight sees only its rank's tokens, so every gradient is partial over the tensor group and summed there
 (as a sequence-parallel norm's under msp). The loss of a micro-batch is the sum over its ranks' slices:
 each rank divides its slice's token losses by the micro-batch's labelled tokens (all of them: each rank holds
@@ -30,6 +36,7 @@ from pytrain.model.decoder import Attention, InnerAttention
 from pytrain.model.loss import LMLoss, TypeLosses
 from pytrain.model.moe import MoELayer
 
+from .ring_attention import document_ids, ring_attention, zigzag_token_index
 from .shard_spec import ShardSpec
 from .tensor import group_rank, group_size
 
@@ -37,20 +44,46 @@ SEQUENCE_DIM = 1  # (batch, seq, ...) activations, labels and positions
 
 
 class SequenceSplit:
-    """This rank's contiguous T-th of every sequence over the tensor group `group`."""
+    """Which tokens of every row this rank of the tensor group `group` holds.
 
-    def __init__(self, group):
+    isp: a contiguous T-th, and the head all-to-all runs over the whole group. sequence_2D (context_group of C
+    > 1 ranks, head_group of H = T / C): each row cut into 2C chunks, context rank c's share being chunks c and
+    2C - 1 - c (zigzag: every rank of the ring has the same causal work), cut into H equal pieces over its head
+    group; after the head all-to-all a rank holds its context share whole."""
+
+    def __init__(self, group, head_group=None, context_group=None):
         self.group, self.size, self.rank = group, group_size(group), group_rank(group)
+        self.head_group = group if context_group is None else head_group
+        self.context_group = context_group
+        self.heads, self.contexts = group_size(self.head_group), group_size(context_group)
+
+    @classmethod
+    def of_mesh(cls, mesh) -> SequenceSplit:
+        """The split of an isp run's ParallelMesh (its tensor group; sequence_2D's head and context groups)."""
+        return cls(mesh.tensor_group, mesh.head_group, mesh.context_group)
+
+    def share_positions(self, seq_len: int, device=None) -> torch.Tensor:
+        """The positions (in a row) of the tokens this rank holds after the head all-to-all."""
+        if self.contexts == 1:
+            return torch.arange(seq_len, device=device)
+        return zigzag_token_index(seq_len, 1, group_rank(self.context_group), self.contexts, device=device)
+
+    def positions(self, seq_len: int, device=None) -> torch.Tensor:
+        """The positions (in a row) of this rank's tokens."""
+        return self.share_positions(seq_len, device).chunk(self.heads)[group_rank(self.head_group)]
 
     def local(self, x: torch.Tensor, dim: int = SEQUENCE_DIM) -> torch.Tensor:
-        """This rank's slice of a whole-sequence tensor along `dim`."""
+        """This rank's tokens of a whole-sequence tensor along `dim`."""
         length = x.shape[dim]
-        if length % self.size:
+        pieces = self.size * (2 if self.contexts > 1 else 1)
+        if length % pieces:
             raise ValueError(
-                f"isp splits the sequence over {self.size} ranks (parallel.tensor.size), but it holds {length} "
-                f"tokens: make data.seq_len a multiple of {self.size}"
+                f"the sequence is split over {self.size} ranks (parallel.tensor.size), but it holds {length} "
+                f"tokens: make data.seq_len a multiple of {pieces}"
             )
-        return x.narrow(dim, self.rank * (length // self.size), length // self.size)
+        if self.contexts == 1:
+            return x.narrow(dim, self.rank * (length // self.size), length // self.size)
+        return x.index_select(dim, self.positions(length, x.device))
 
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
@@ -124,8 +157,9 @@ def _mean_over(group):
 
 
 class UlyssesAttention(nn.Module):
-    """The attention core on whole sequences of this rank's heads, for q, k, v of this rank's tokens (module
-    docstring). kv_repeat: copies of each kv head made before the all-to-all (fewer kv heads than ranks)."""
+    """The attention core on whole sequences (sequence_2D: context shares) of this rank's heads, for q, k, v of
+    this rank's tokens (module docstring). kv_repeat: copies of each kv head made before the all-to-all (fewer
+    kv heads than ranks)."""
 
     def __init__(self, inner: InnerAttention, group, kv_repeat: int):
         super().__init__()
@@ -138,26 +172,59 @@ class UlyssesAttention(nn.Module):
         return _HeadsToSequence.apply(self.inner(q, k, v, packed), self.group)
 
 
+class RingInnerAttention(InnerAttention):
+    """sequence_2D's attention core over the context group: q, k, v of this rank's context share (batch,
+    share, heads, head_dim) attend to every share of the ring (pytrain.parallel.ring_attention), K/V passed
+    around it; window_size: InternEvo's double ring."""
+
+    def __init__(self, inner: InnerAttention, split: SequenceSplit, window_size: int):
+        super().__init__(inner.use_flash_attn, inner.causal, inner.softmax_scale, inner.sliding_window)
+        self.split, self.ring_window = split, window_size
+
+    def forward(self, q, k, v, packed: PackedSequences | None = None):
+        batch, share = q.shape[:2]
+        seq = share * self.split.contexts
+        positions = self.split.share_positions(seq, q.device)
+        token_index = (torch.arange(batch, device=q.device)[:, None] * seq + positions).flatten()
+        document = document_ids(packed, batch, seq, device=q.device)[token_index]
+        out = ring_attention(
+            *(t.flatten(0, 1) for t in (q, k, v)),
+            token_index,
+            document,
+            self.split.context_group,
+            causal=self.causal,
+            softmax_scale=self.softmax_scale,
+            sliding_window=self.sliding_window,
+            window_size=self.ring_window,
+        )
+        return out.view(batch, share, *out.shape[1:])
+
+
 def _kv_repeat(attention: Attention, world: int) -> int:
     heads, kv_heads = attention.shape.num_heads, attention.shape.num_kv_heads
     if heads % world or (kv_heads % world and world % kv_heads):
         raise ValueError(
-            f"isp over {world} ranks needs num_attention_heads ({heads}) divisible by {world} and "
+            f"the head all-to-all over {world} ranks needs num_attention_heads ({heads}) divisible by {world} and "
             f"num_kv_attention_heads ({kv_heads}) a multiple or a divisor of it"
         )
     return 1 if kv_heads % world == 0 else world // kv_heads
 
 
-def apply_sequence_parallel(stage: nn.Module, group) -> dict:
-    """Splits `stage` (a Decoder or a pipeline stage of one) over the sequence (module docstring), in place.
-    Returns {parameter name: (ShardSpec, partial gradient)} facts as tensor parallelism's: every parameter
-    whole, its gradient partial over `group`."""
-    split = SequenceSplit(group)
+def apply_sequence_parallel(stage: nn.Module, split: SequenceSplit, window_size: int = 1) -> dict:
+    """Splits `stage` (a Decoder or a pipeline stage of one) over the sequence (module docstring), in place:
+    the heads over split's head group around every attention core, which (sequence_2D) is a ring over its
+    context group. Returns {parameter name: (ShardSpec, partial gradient)} facts as tensor parallelism's: every
+    parameter whole, its gradient partial over the tensor group."""
     for module in list(stage.modules()):
         if isinstance(module, Attention):
-            module.inner_attention = UlyssesAttention(module.inner_attention, group, _kv_repeat(module, split.size))
+            core = module.inner_attention
+            if split.contexts > 1:
+                core = RingInnerAttention(core, split, window_size)
+            if split.heads > 1:
+                core = UlyssesAttention(core, split.head_group, _kv_repeat(module, split.heads))
+            module.inner_attention = core
         if isinstance(module, MoELayer):  # every rank's aux loss is the whole micro-batch's: 1/T of it each
-            module.average_over_tokens = _mean_over(group)
+            module.average_over_tokens = _mean_over(split.group)
             module.aux_loss_share = 1.0 / split.size
     stage.register_forward_pre_hook(_LocalInputs(split), with_kwargs=True)
     return {name: (ShardSpec.whole(p.shape), True) for name, p in stage.named_parameters()}
@@ -193,7 +260,7 @@ class _LocalInputs:
             checked = positions if isinstance(positions, CheckedPositions) else CheckedPositions(positions)
             whole, rows = checked.positions, checked.rows
         else:
-            return CheckedPositions(self.split.local(torch.arange(seq), dim=0), device=device, rows=seq)
+            whole, rows = torch.arange(seq, device=device), seq
         return CheckedPositions(self.split.local(whole, dim=whole.dim() - 1), device=whole.device, rows=rows)
 
 
@@ -202,9 +269,9 @@ class SequenceShardedLoss(nn.Module):
     tokens' share of the micro-batch's token mean (summed over the tensor group by the gradients' sum there);
     the value returned is the whole micro-batch's loss, the gradient this rank's share's."""
 
-    def __init__(self, criterion: LMLoss, group):
+    def __init__(self, criterion: LMLoss, split: SequenceSplit):
         super().__init__()
-        self.criterion, self.split = criterion, SequenceSplit(group)
+        self.criterion, self.split = criterion, split
 
     def forward(self, logits, labels, type_ids=None, type_losses: TypeLosses | None = None):
         labelled = (labels != self.criterion.ignore_index).sum()
