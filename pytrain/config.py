@@ -291,6 +291,14 @@ SCHEMA: dict[str, Any] = {
         "micro_num": _field(4, int, "micro-batches per optimizer step (gradient accumulation)", positive),
         "micro_bsz": _field(2, int, "samples per micro-batch", positive),
         "valid_micro_num": _field(4, int, "micro-batches per validation step", positive),
+        "unit_schedule_size": _field(
+            None,
+            (int, NONE),
+            "ZeroPP (parallel.pipeline.use_zeropp): micro-batches per scheduling unit, each unit run through the "
+            "chunks chunk by chunk (interleaved GPipe); at least parallel.pipeline.size and dividing micro_num "
+            "(None: interleaved 1F1B over the whole step)",
+            positive,
+        ),
         "valid_every": _field(50, int, "validate every N steps (0: off; needs valid_folder)", non_negative),
         "pack_sample_into_one": _field(False, bool, "pack with boundaries only every seq_len"),
         "total_steps": _field(50000, int, "optimizer steps to train", positive),
@@ -446,6 +454,13 @@ SCHEMA: dict[str, Any] = {
         "pipeline": {
             "size": _field(1, int, "pipeline-parallel size", positive),
             "interleaved_overlap": _field(True, bool, "overlap communication in the interleaved schedule"),
+            "use_zeropp": _field(
+                False,
+                bool,
+                "ZeroPP's schedule (arXiv 2402.03791; pytrain.parallel.zeropp): model.num_chunks stages per rank run "
+                "in units of data.unit_schedule_size micro-batches, each chunk's parameters gathered once per run "
+                "of work on it when FSDP or weight parallelism shards them",
+            ),
         },
         "expert": {
             "size": _field(
@@ -1251,18 +1266,57 @@ def _check_model_split(model: dict, data: dict, parallel: dict, fail) -> None:
             f"{model['num_layers']} layers cannot fill parallel.pipeline.size={pipeline} x "
             f"model.num_chunks={chunks} = {stages} pipeline stages",
         )
-    if chunks > 1 and data["micro_num"] % pipeline:
+    _check_zeropp(data, parallel, fail)
+    interleaved = chunks > 1 or parallel["pipeline"]["use_zeropp"]
+    if interleaved and data["micro_num"] % pipeline:
         fail(
             "data.micro_num",
             f"the interleaved schedule needs micro_num ({data['micro_num']}) to be a multiple of "
             f"parallel.pipeline.size={pipeline}",
         )
     ramp = data.get("rampup_batch_size", "").split()  # "start increment every"; its form is the loader's check
-    if chunks > 1 and len(ramp) == 3 and all(x.isdigit() for x in ramp) and any(int(x) % pipeline for x in ramp[:2]):
+    if interleaved and len(ramp) == 3 and all(x.isdigit() for x in ramp) and any(int(x) % pipeline for x in ramp[:2]):
         fail(
             "data.rampup_batch_size",
             f"{' '.join(ramp)!r}: the interleaved schedule needs every step's micro-batch count to be a multiple "
             f"of parallel.pipeline.size={pipeline}: use a start and an increment divisible by {pipeline}",
+        )
+
+
+def _check_zeropp(data: dict, parallel: dict, fail) -> None:
+    """ZeroPP (pytrain.parallel.zeropp): a pipeline schedule; units of at least one micro-batch per stage."""
+    pipeline, unit = parallel["pipeline"]["size"], data["unit_schedule_size"]
+    if parallel["pipeline"]["use_zeropp"] and pipeline == 1:
+        fail(
+            "parallel.pipeline.use_zeropp",
+            "ZeroPP schedules pipeline stages: set parallel.pipeline.size > 1, or use_zeropp=False (FSDP without a "
+            "pipeline is parallel.zero1.fsdp=True)",
+        )
+    if unit is None:
+        return
+    if not parallel["pipeline"]["use_zeropp"]:
+        fail(
+            "data.unit_schedule_size",
+            f"{unit}: scheduling units are ZeroPP's: set parallel.pipeline.use_zeropp=True, or leave the field out",
+        )
+    if unit < pipeline:
+        fail(
+            "data.unit_schedule_size",
+            f"{unit} is smaller than parallel.pipeline.size={pipeline}: a unit runs each micro-batch through a "
+            f"chunk on every stage before rank 0 starts the next chunk, so it needs at least {pipeline} "
+            "micro-batches",
+        )
+    if data["micro_num"] % unit:
+        fail(
+            "data.unit_schedule_size",
+            f"{unit} does not divide data.micro_num={data['micro_num']}: a step runs whole units; use a divisor",
+        )
+    ramp = data.get("rampup_batch_size", "").split()
+    if len(ramp) == 3 and all(x.isdigit() for x in ramp) and any(int(x) % unit for x in ramp[:2]):
+        fail(
+            "data.rampup_batch_size",
+            f"{' '.join(ramp)!r}: ZeroPP runs whole units of data.unit_schedule_size={unit} micro-batches: use a "
+            f"start and an increment divisible by {unit}",
         )
 
 

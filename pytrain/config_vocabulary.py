@@ -97,7 +97,14 @@ IGNORED = {
         "InternEvo frees its reduce-scatter buffers early; torch's fully_shard frees each unit's gathered "
         "gradient as soon as it is reduce-scattered",
     ),
-    "parallel.pipeline.decouple_grad": (False, bool, "ZeroPP only"),
+    "parallel.pipeline.decouple_grad": (
+        False,
+        bool,
+        "ZeroPP's deferred weight gradients (InternEvo computes the linears' input gradients in the backward and "
+        "their weight gradients later, in the schedule's bubbles); torch's fully_shard, which shards pytrain's "
+        "ZeroPP stages, reduce-scatters a unit's gradients in its autograd post-backward hook, so pytrain computes "
+        "both in the backward: the same gradients, without the bubble filling",
+    ),
     "parallel.expert.no_tp": (False, bool, "expert parallelism (MoE) only"),
     "parallel.expert_weight.overlap": (False, bool, "expert weight parallelism (MoE) only"),
     "parallel.expert_weight.memory_pool": (False, bool, "expert weight parallelism (MoE) only"),
@@ -124,10 +131,8 @@ IGNORED = {
 # "section.field": (allowed values (the first is the default), types, the feature pytrain does not have)
 UNAVAILABLE = {
     "data.use_packed_dataset": ((True,), bool, "unpacked batches"),
-    "data.unit_schedule_size": ((None,), (int, NONE), "ZeroPP scheduling units"),
     "hybrid_zero_optimizer.use_split_tensor_optim": ((False,), bool, "the split-tensor optimizer"),
     "parallel.pipeline.mode": (("1F1B", "1f1b"), str, "zero-bubble pipeline schedules"),
-    "parallel.pipeline.use_zeropp": ((False,), bool, "ZeroPP"),
     "parallel.expert_weight.size": ((1,), int, "expert weight parallelism (MoE)"),
     "monitor.alert.enable_feishu_alert": ((False,), bool, "Feishu alerts (no network here)"),
     "monitor.alert.feishu_alert_address": ((None,), (str, NONE), "Feishu alerts (no network here)"),

@@ -88,6 +88,19 @@ CASES = {
         ("data.empty_cache_and_diag_interval", "data.diag_outlier_ratio", "parallel.weight.memory_pool", *CKPT_IGNORED),
         world_size=4,
     ),
+    # ZeroPP: pipeline 4 x 4 chunks in units of 4 micro-batches, the stages sharded over weight runs of 8 (isp with
+    # tensor size 1): 32 ranks are data 8 x pipeline 4; decouple_grad is accepted and ignored
+    "internevo_7B_llama2_zeropp.py": Loads(
+        "LLAMA2",
+        (
+            "data.empty_cache_and_diag_interval",
+            "data.diag_outlier_ratio",
+            "parallel.weight.memory_pool",
+            "parallel.pipeline.decouple_grad",
+            *CKPT_IGNORED,
+        ),
+        world_size=32,
+    ),
     # the top-level moe section (top_k=2, capacity_factor, ...) moves into model.top_k / model.moe_layer_kwargs
     "internevo_7B_MoE4_sft.py": Loads("INTERNLM_MoE", INTERNEVO_IGNORED),
     "internevo_8x7B_mixtral.py": Loads("MIXTRALMOE", MOE_IGNORED),
@@ -195,6 +208,7 @@ PARAMETERS = {
     "internevo_7B_internlm2.py": 7_737_708_544,
     "internevo_7B_qwen2.py": 7_615_616_512,
     "internevo_7B_llama2.py": 7_241_732_096,
+    "internevo_7B_llama2_zeropp.py": 7_241_732_096,
     # Mixtral-8x7B 46.7B (12.9B active) and Qwen2-57B-A14B 57.4B (14.2B active) as published; InternLM's
     # 7B_MoE4_sft: 4 experts 5632 wide (mlp_ratio 4/3), top-2, with v1's biased attention, computed below.
     "internevo_8x7B_mixtral.py": 46_702_792_704,

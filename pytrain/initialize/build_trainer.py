@@ -7,6 +7,7 @@ from pytrain.parallel.model_part import ModelPart
 from pytrain.parallel.pipeline import InterleavedPipelineScheduler, PipelineScheduler
 from pytrain.parallel.schedule import NonPipelineScheduler
 from pytrain.parallel.sequence import SequenceShardedLoss, SequenceSplit
+from pytrain.parallel.zeropp import ZeroPPScheduler
 from pytrain.train.trainer import Trainer
 
 
@@ -23,7 +24,8 @@ def initialize_trainer(
     """Returns (trainer, train_dataloader, test_dataloader, lr_scheduler), as InternLM's.
 
     The schedule comes from the config: gradient accumulation over data.micro_num micro-batches without a
-    pipeline, 1F1B with one, interleaved 1F1B with model.num_chunks > 1. The default criterion is the
+    pipeline, 1F1B with one, interleaved 1F1B with model.num_chunks > 1, ZeroPP's units with
+    parallel.pipeline.use_zeropp. The default criterion is the
     vocab-parallel loss when the logits stay split over the tensor group (parallel_output).
     """
     cfg = gpc.require_config(config)
@@ -55,7 +57,14 @@ def initialize_trainer(
             dtype=DTYPES[cfg.model.dtype],
             sequence_split=gpc.tensor_parallel_size if cfg.parallel.tensor.mode in ("msp", "isp") else 1,
         )
-        if cfg.model.num_chunks > 1:
+        if cfg.parallel.pipeline.use_zeropp:
+            schedule = ZeroPPScheduler(
+                **pipeline,
+                num_chunks=cfg.model.num_chunks,
+                unit_size=cfg.data.unit_schedule_size,
+                overlap=cfg.parallel.pipeline.interleaved_overlap,
+            )
+        elif cfg.model.num_chunks > 1:
             schedule = InterleavedPipelineScheduler(
                 **pipeline, num_chunks=cfg.model.num_chunks, overlap=cfg.parallel.pipeline.interleaved_overlap
             )

@@ -222,34 +222,47 @@ def pad_micro_batches(batch: dict, multiple: int) -> dict:
 
 
 class _InterleavedOrder:
-    """One interleaved step's order of work on this rank, and its queues between work and messages.
+    """One interleaved run's order of work on this rank, and its queues between work and messages.
 
-    The k-th forward (backward) runs chunk chunk_of(k) on micro-batch micro_of(k): groups of P micro-batches
-    pass through chunk 0, 1, ... C-1 (backwards: C-1, ..., 0). Per chunk, received activations, outputs
-    awaiting their backward and received output gradients queue in micro-batch order."""
+    The k-th forward (backward) runs chunk chunk_of(k) on micro-batch micro_of(k): groups of G micro-batches
+    pass through chunk 0, 1, ... C-1 (backwards: C-1, ..., 0). G is the pipeline size P for interleaved
+    1F1B; ZeroPP's units (pytrain.parallel.zeropp) run one order each with G the unit size (at least P, so
+    that the activation rank P-1 sends on for a micro-batch's next chunk arrives before rank 0 runs it), on
+    micro-batches first_micro, first_micro + 1, ... Per chunk, received activations, outputs awaiting their
+    backward and received output gradients queue in micro-batch order."""
 
     def __init__(
-        self, step: _PipelineStep, p2p: P2P, mesh: ParallelMesh, chunks: int, micro_num: int, forward_only: bool
+        self,
+        step: _PipelineStep,
+        p2p: P2P,
+        mesh: ParallelMesh,
+        chunks: int,
+        micro_num: int,
+        forward_only: bool,
+        group: int | None = None,
+        first_micro: int = 0,
     ):
         self.step, self.p2p, self.chunks = step, p2p, chunks
         self.stages, rank = mesh.dims.pipeline, mesh.pipeline_rank
+        self.group = self.stages if group is None else group
+        self.first_micro = first_micro
         self.first_rank, self.last_rank = mesh.is_first_stage, mesh.is_last_stage
         self.total = micro_num * chunks
-        if forward_only or micro_num == self.stages:
+        if forward_only or (group is None and micro_num == self.stages):
             self.warmup = self.total
         else:
-            self.warmup = min(self.total, (self.stages - rank - 1) * 2 + (chunks - 1) * self.stages)
+            self.warmup = min(self.total, (self.stages - rank - 1) * 2 + (chunks - 1) * self.group)
         self.steady = self.total - self.warmup
         self.inputs = [[] for _ in range(chunks)]
         self.outputs = [[] for _ in range(chunks)]
         self.grads = [[] for _ in range(chunks)]
 
     def chunk_of(self, k: int, forward: bool) -> int:
-        chunk = k % (self.stages * self.chunks) // self.stages
+        chunk = k % (self.group * self.chunks) // self.group
         return chunk if forward else self.chunks - 1 - chunk
 
     def micro_of(self, k: int) -> int:
-        return k // (self.stages * self.chunks) * self.stages + k % self.stages
+        return self.first_micro + k // (self.group * self.chunks) * self.group + k % self.group
 
     def run_forward(self, k: int):
         """The k-th forward; returns the activation to send on (None: the loss of the model's last stage)."""
@@ -349,6 +362,14 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
         super().__init__(mesh, hidden_size, dtype, sequence_split)
         self.num_chunks, self.overlap = num_chunks, overlap
 
+    def _step(self, stages, *args) -> _PipelineStep:
+        """The step's bookkeeping (ZeroPP's also gathers each chunk once per run of work on it)."""
+        return _PipelineStep(stages, *args)
+
+    def _orders(self, step: _PipelineStep, p2p: P2P, micro_num: int, forward_only: bool) -> list[_InterleavedOrder]:
+        """The runs of work a step makes, one after the other: here one over all its micro-batches."""
+        return [_InterleavedOrder(step, p2p, self.mesh, self.num_chunks, micro_num, forward_only)]
+
     def forward_backward_step(
         self,
         model,
@@ -371,14 +392,14 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
                 )
             batch, micro_num = pad_micro_batches(batch, stages), micro_num + (-micro_num) % stages
         p2p = self._p2p(batch, defer_sends=self.overlap)
-        step = _PipelineStep(
+        step = self._step(
             model.stages, batch, criterion, optimizer, forward_only, return_output_label, mesh.data_group, type_losses
         )
-        order = _InterleavedOrder(step, p2p, mesh, self.num_chunks, micro_num, forward_only)
-        order.warm_up(then_backward=not forward_only and order.steady > 0)
-        order.steady_state()
-        if not forward_only:
-            order.cool_down()
+        for order in self._orders(step, p2p, micro_num, forward_only):
+            order.warm_up(then_backward=not forward_only and order.steady > 0)
+            order.steady_state()
+            if not forward_only:
+                order.cool_down()
         outputs, loss = self._finish(step, p2p, return_loss)
         if outputs is not None:  # without the padding's copies (the last micro-batches)
             outputs = (outputs[0][:given], outputs[1][:given])
