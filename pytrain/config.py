@@ -295,8 +295,8 @@ SCHEMA: dict[str, Any] = {
             None,
             (int, NONE),
             "ZeroPP (parallel.pipeline.use_zeropp): micro-batches per scheduling unit, each unit run through the "
-            "chunks chunk by chunk (interleaved GPipe); at least parallel.pipeline.size and dividing micro_num "
-            "(None: interleaved 1F1B over the whole step)",
+            "chunks chunk by chunk (interleaved GPipe); parallel.pipeline.size, dividing micro_num (None: "
+            "interleaved 1F1B over the whole step)",
             positive,
         ),
         "valid_every": _field(50, int, "validate every N steps (0: off; needs valid_folder)", non_negative),
@@ -1284,7 +1284,8 @@ def _check_model_split(model: dict, data: dict, parallel: dict, fail) -> None:
 
 
 def _check_zeropp(data: dict, parallel: dict, fail) -> None:
-    """ZeroPP (pytrain.parallel.zeropp): a pipeline schedule; units of at least one micro-batch per stage."""
+    """ZeroPP (pytrain.parallel.zeropp): a pipeline schedule, in units of one micro-batch per stage (the step's
+    micro-batch count is the interleaved schedule's check, _check_model_split)."""
     pipeline, unit = parallel["pipeline"]["size"], data["unit_schedule_size"]
     if parallel["pipeline"]["use_zeropp"] and pipeline == 1:
         fail(
@@ -1299,24 +1300,12 @@ def _check_zeropp(data: dict, parallel: dict, fail) -> None:
             "data.unit_schedule_size",
             f"{unit}: scheduling units are ZeroPP's: set parallel.pipeline.use_zeropp=True, or leave the field out",
         )
-    if unit < pipeline:
+    if unit != pipeline:
         fail(
             "data.unit_schedule_size",
-            f"{unit} is smaller than parallel.pipeline.size={pipeline}: a unit runs each micro-batch through a "
-            f"chunk on every stage before rank 0 starts the next chunk, so it needs at least {pipeline} "
-            "micro-batches",
-        )
-    if data["micro_num"] % unit:
-        fail(
-            "data.unit_schedule_size",
-            f"{unit} does not divide data.micro_num={data['micro_num']}: a step runs whole units; use a divisor",
-        )
-    ramp = data.get("rampup_batch_size", "").split()
-    if len(ramp) == 3 and all(x.isdigit() for x in ramp) and any(int(x) % unit for x in ramp[:2]):
-        fail(
-            "data.rampup_batch_size",
-            f"{' '.join(ramp)!r}: ZeroPP runs whole units of data.unit_schedule_size={unit} micro-batches: use a "
-            f"start and an increment divisible by {unit}",
+            f"{unit}: units of parallel.pipeline.size={pipeline} micro-batches are what pytrain's ZeroPP runs (the "
+            "message order of larger units, where the last stage's activations for rank 0's next chunk arrive "
+            f"later, is not derived yet): use {pipeline}, or leave the field out (interleaved 1F1B)",
         )
 
 

@@ -226,8 +226,7 @@ class _InterleavedOrder:
 
     The k-th forward (backward) runs chunk chunk_of(k) on micro-batch micro_of(k): groups of G micro-batches
     pass through chunk 0, 1, ... C-1 (backwards: C-1, ..., 0). G is the pipeline size P for interleaved
-    1F1B; ZeroPP's units (pytrain.parallel.zeropp) run one order each with G the unit size (at least P, so
-    that the activation rank P-1 sends on for a micro-batch's next chunk arrives before rank 0 runs it), on
+    1F1B; ZeroPP's units (pytrain.parallel.zeropp) run one order each with G the unit size (P for now), on
     micro-batches first_micro, first_micro + 1, ... Per chunk, received activations, outputs awaiting their
     backward and received output gradients queue in micro-batch order."""
 

@@ -13,8 +13,10 @@ through chunk 0, then through chunk 1, ...: interleaved GPipe), the backwards th
 down. Rank r runs min(U C, 2 (P - r - 1) + (C - 1) U) forwards first (rank 0, and any rank when U is
 small, all of them), then one forward and one backward at a time, then the remaining backwards: the same
 warm-up, steady state and cool-down as interleaved 1F1B (pytrain.parallel.pipeline._InterleavedOrder)
-with groups of U micro-batches instead of P. A unit needs U >= P: the activation rank P-1 sends for a
-micro-batch's next chunk must arrive before rank 0 runs that chunk. Without units (unit_schedule_size
+with groups of U micro-batches instead of P. Units are of U = P micro-batches here (the config's check): with larger
+units rank P-1's activations for rank 0's next chunk arrive at other points of the steady state than the
+message order derived for groups of P expects (InternEvo uses the same order; its 7B_llama2_zeropp.py has
+U = P = 4), and that order is not derived yet. Without units (unit_schedule_size
 None) the schedule is interleaved 1F1B over the whole step (InternEvo's choice too).
 
 Gathering: each chunk's work comes in runs (U forwards of one chunk in a row, U backwards), and ZeroPP
@@ -91,8 +93,8 @@ class ZeroPPScheduler(InterleavedPipelineScheduler):
     ):
         super().__init__(mesh, hidden_size, dtype, num_chunks, sequence_split, overlap)
         stages = mesh.dims.pipeline
-        if unit_size is not None and unit_size < stages:
-            raise ValueError(f"ZeroPP's unit of {unit_size} micro-batches is smaller than the pipeline size {stages}")
+        if unit_size not in (None, stages):
+            raise ValueError(f"ZeroPP's units are of the pipeline size {stages} micro-batches, not {unit_size}")
         self.unit_size = unit_size
 
     def forward_backward_step(self, model, *args, **kwargs):
