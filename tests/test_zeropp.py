@@ -127,7 +127,7 @@ def test_zeropp_units_on_two_stages_match_one_process(tmp_path, init_method, fre
     run_against_one_process(2, ["zeropp-pp2-units2"], tmp_path, init_method)
 
 
-@pytest.mark.slow  # about 60 s: three layouts in 4 processes
+@pytest.mark.slow  # about 155 s on the shared 2-core machine: three layouts in 4 processes
 def test_zeropp_sharded_over_data_ranks_matches_one_process(tmp_path, init_method, fresh_context):
     """pp2 x data 2 (4 micro-batches per rank and step): weight parallelism (InternEvo's) in units of 2 and without
     units (interleaved 1F1B), FSDP in units of 2."""
