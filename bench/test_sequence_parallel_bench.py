@@ -4,7 +4,8 @@ communication costs against Megatron's tensor modes.
 Memory rows: the tiny model's layer shape (hidden 256, 8 heads) cut to 2 layers, one sequence per step, fp32,
 trained by the run's construction path in gloo processes; the peak of the CPU allocator's live bytes per rank
 over building it and one step (pytrain.plan.AllocatorPeak), the largest over the ranks, beside the one-process
-peak divided by the ranks (the ideal). Layouts: one process, isp over 2 and 4 ranks.
+peak divided by the ranks (the ideal). Layouts: one process, isp over 2 and 4 ranks, sequence_2D 2 heads x 2 context
+(ring) ranks.
 
 Communication rows (2 ranks, 4k tokens): one step's bytes each rank sends into collectives, counted by wrapping
 torch.distributed's collectives (all-reduce, all-gather, reduce-scatter, all-to-all, broadcast, point-to-point)
@@ -27,7 +28,18 @@ from pytrain.plan.measure import measure_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = ["model.num_layers=2", "data.micro_num=1", "data.micro_bsz=1", "model.checkpoint=False"]
-MEMORY_LAYOUTS = {"one process": 1, "isp2": 2, "isp4": 4}
+ISP = "parallel.tensor.mode='isp'"
+# name: (processes, overrides)
+MEMORY_LAYOUTS = {
+    "one process": (1, []),
+    "isp2": (2, ["parallel.tensor.size=2", ISP]),
+    "isp4": (4, ["parallel.tensor.size=4", ISP]),
+    "sequence_2D 2x2": (
+        4,
+        ["parallel.tensor.size=4", ISP, "parallel.sequence_2D.enable=True", "parallel.sequence_2D.head_size=2"]
+        + ["parallel.sequence_2D.context_size=2"],
+    ),
+}
 MEMORY_LENGTHS = [4096, 16384, 32768]
 MODES = ("mtp", "msp", "isp")
 # the collectives a step of any layout calls, and the argument holding the bytes a rank sends
@@ -133,10 +145,8 @@ def spawn(worker, world, overrides, tmp_path) -> dict:
 
 def memory_rows(length: int, tmp_path) -> dict:
     row = {}
-    for name, world in MEMORY_LAYOUTS.items():
-        overrides = [f"data.seq_len={length}"]
-        if world > 1:
-            overrides += [f"parallel.tensor.size={world}", "parallel.tensor.mode='isp'"]
+    for name, (world, layout) in MEMORY_LAYOUTS.items():
+        overrides = [f"data.seq_len={length}", *layout]
         folder = tmp_path / name.replace(" ", "-")
         folder.mkdir()
         peaks = spawn(memory_worker, world, overrides, folder)
@@ -156,7 +166,7 @@ def test_peak_memory_per_rank_against_sequence_length(benchmark, length, tmp_pat
     one = row["one process"]
     cells = " | ".join(
         f"{name} {mib:.0f} MiB ({mib / one:.2f}; ideal {1 / w:.2f})"
-        for (name, w), mib in zip(MEMORY_LAYOUTS.items(), row.values())
+        for (name, (w, _)), mib in zip(MEMORY_LAYOUTS.items(), row.values())
     )
     print(f"\n{length} tokens | {cells}")
     assert all(mib > 0 for mib in row.values())

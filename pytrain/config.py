@@ -425,6 +425,15 @@ SCHEMA: dict[str, Any] = {
                 one_of("layer", "module"),
             ),
         },
+        "expert_weight": {
+            "size": _field(
+                1,
+                int,
+                "expert weight parallelism (with parallel.weight.size > 1): the experts' weights sharded over runs of "
+                "this many of the ranks holding the same experts (data / expert x tensor ranks; 1: replicated there)",
+                positive,
+            ),
+        },
         "sequence_2D": {
             "enable": _field(
                 False,
@@ -691,7 +700,13 @@ def _schema_field(schema: dict, path: str) -> Field:
 _add_vocabulary(SCHEMA)
 
 # Fields InternLM configs may give as a bare number instead of a dict: parallel.tensor=2 == dict(size=2).
-SIZE_SHORTHAND = {("parallel", "zero1"), ("parallel", "tensor"), ("parallel", "pipeline"), ("parallel", "weight")}
+SIZE_SHORTHAND = {
+    ("parallel", "zero1"),
+    ("parallel", "tensor"),
+    ("parallel", "pipeline"),
+    ("parallel", "weight"),
+    ("parallel", "expert_weight"),
+}
 NO_DEFAULT = inspect.Parameter.empty
 
 
@@ -1242,6 +1257,12 @@ def _check_model_split(model: dict, data: dict, parallel: dict, fail) -> None:
     """Can the model be cut into tensor shards and pipeline x num_chunks stages? (Fields the model_type's
     builder does not take are not checked.)"""
     pipeline = parallel["pipeline"]["size"]
+    if parallel["expert_weight"]["size"] > 1 and parallel["weight"]["size"] == 1:
+        fail(
+            "parallel.expert_weight.size",
+            f"{parallel['expert_weight']['size']}: expert weight parallelism comes with isp's weight parallelism: "
+            "set parallel.tensor.mode='isp' and parallel.weight.size > 1, or expert_weight.size=1",
+        )
     if parallel["tensor"]["mode"] == "isp":
         _check_sequence_split(model, data, parallel, fail)
         _check_sequence_2d(model, data, parallel, fail)
@@ -1340,12 +1361,6 @@ def _check_sequence_split(model: dict, data: dict, parallel: dict, fail) -> None
             "isp with a tied embedding on two pipeline stages is not supported: untie it or use pipeline.size=1",
         )
     weight = parallel["weight"]["size"]
-    if weight > 1 and model.get("num_experts", 1) > 1:
-        fail(
-            "parallel.weight.size",
-            f"{weight}: weight parallelism of a mixture of experts (and parallel.expert_weight) is not available; "
-            "use weight.size=1 (isp alone works with experts)",
-        )
     if weight > 1 and parallel["zero1"]["fsdp"]:
         fail(
             "parallel.zero1.fsdp",
@@ -1445,7 +1460,13 @@ def check_world_size(cfg: Config, world_size: int, source: str = "config") -> in
             f"{source}: parallel.zero1.size={zero1} does not divide the data-parallel size "
             f"{data_parallel} (world {world_size} / tensor {tensor} / pipeline {pipeline})"
         )
-    weight = cfg.parallel.weight.size
+    weight, expert_weight = cfg.parallel.weight.size, cfg.parallel.expert_weight.size
+    expert_data = data_parallel // expert_parallel_size(cfg, data_parallel, source)
+    if (expert_data * tensor) % expert_weight:
+        raise ConfigError(
+            f"{source}: parallel.expert_weight.size={expert_weight} must divide the {expert_data * tensor} ranks "
+            f"holding the same experts (data-parallel size {data_parallel} / expert size x tensor size {tensor})"
+        )
     if (data_parallel * tensor) % weight:
         raise ConfigError(
             f"{source}: parallel.weight.size={weight} must divide data-parallel size {data_parallel} x tensor size "

@@ -133,7 +133,6 @@ UNAVAILABLE = {
     "data.use_packed_dataset": ((True,), bool, "unpacked batches"),
     "hybrid_zero_optimizer.use_split_tensor_optim": ((False,), bool, "the split-tensor optimizer"),
     "parallel.pipeline.mode": (("1F1B", "1f1b"), str, "zero-bubble pipeline schedules"),
-    "parallel.expert_weight.size": ((1,), int, "expert weight parallelism (MoE)"),
     "monitor.alert.enable_feishu_alert": ((False,), bool, "Feishu alerts (no network here)"),
     "monitor.alert.feishu_alert_address": ((None,), (str, NONE), "Feishu alerts (no network here)"),
     "monitor.alert.light_monitor_address": ((None,), (str, NONE), "InternLM's light monitor (no network here)"),

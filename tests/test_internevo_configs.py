@@ -28,9 +28,9 @@ MOE_IGNORED = (
     "data.empty_cache_and_diag_interval",
     "data.diag_outlier_ratio",
     "parallel.weight.memory_pool",
-    "parallel.expert.no_tp",
     "parallel.expert_weight.overlap",
     "parallel.expert_weight.memory_pool",
+    "parallel.expert.no_tp",
     *CKPT_IGNORED,
 )
 

@@ -83,6 +83,7 @@ HONESTY_LAYOUTS = [
     ("tiny.py", 2, ["parallel.zero1.fsdp=True", "parallel.zero1.reshard_after_forward=False"]),
     ("tiny.py", 4, ["parallel.zero1.fsdp=True", "parallel.tensor.size=2"]),
     ("tiny_moe.py", 2, ["parallel.zero1.fsdp=True", "parallel.expert.size=2"]),
+    ("tiny.py", 2, ["parallel.tensor.size=2", "parallel.tensor.mode='isp'"]),
 ]
 
 

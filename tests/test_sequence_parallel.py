@@ -35,12 +35,31 @@ LAYOUTS = {
         dict(num_chunks=2),
     ),
     "isp2-moe-ep2": (4, "QWEN3MOE", dict(tensor=ISP2, expert=dict(size=2)), MOE),
+    # the experts sharded over the 2 tensor ranks holding them, the dense weights over all 4
+    "isp2-moe-ep2-weight4-expert-weight2": (
+        4,
+        "QWEN3MOE",
+        dict(tensor=ISP2, expert=dict(size=2), weight=4, expert_weight=2),
+        MOE,
+    ),
+    "isp2-moe-weight2": (2, "QWEN3MOE", dict(tensor=ISP2, weight=2), MOE),  # experts replicated, dense sharded
     # sequence_2D: heads over the head group, ring attention (zigzag) over the context group
     "2d-head1-context2": (2, "INTERNLM", dict(tensor=ISP2, sequence_2D=dict(enable=True, context_size=2)), {}),
     "2d-head2-context2": (
         4,
         "INTERNLM",
         dict(tensor=dict(size=4, mode="isp"), sequence_2D=dict(enable=True, head_size=2, context_size=2)),
+        {},
+    ),
+    "2d-context2-weight2-pp2": (
+        4,
+        "INTERNLM",
+        dict(
+            tensor=ISP2,
+            weight=2,
+            pipeline=2,
+            sequence_2D=dict(enable=True, head_size=1, context_size=2),
+        ),
         {},
     ),
     "2d-head1-context4-double-ring-context-first": (
@@ -103,14 +122,18 @@ def check_against_one_process(world, names, tmp_path, init_method):
                 torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m: f"{name} rank {rank} {full_name}: {m}")
 
 
+FAST = ["isp2-weight2-overlap", "2d-head1-context2"]  # isp with weight parallelism, the ring: in the fast suite
+
+
 def test_isp_2_matches_one_process(tmp_path, init_method, fresh_context):
-    check_against_one_process(2, ["isp2", "isp2-weight2-overlap", "2d-head1-context2"], tmp_path, init_method)
+    check_against_one_process(2, FAST, tmp_path, init_method)
 
 
-@pytest.mark.slow  # 4 processes, about a minute
-def test_isp_4_layouts_match_one_process(tmp_path, init_method, fresh_context):
-    names = [name for name, (world, *_) in LAYOUTS.items() if world == 4]
-    check_against_one_process(4, names, tmp_path, init_method)
+@pytest.mark.slow  # 2 processes: about 10 s; 4: about a minute
+@pytest.mark.parametrize("world", [2, 4])
+def test_isp_layouts_match_one_process(world, tmp_path, init_method, fresh_context):
+    names = [name for name, (size, *_) in LAYOUTS.items() if size == world and name not in FAST]
+    check_against_one_process(world, names, tmp_path, init_method)
 
 
 @pytest.mark.parametrize(
@@ -126,6 +149,7 @@ def test_isp_4_layouts_match_one_process(tmp_path, init_method, fresh_context):
         (2, dict(weight=2), {}, r"parallel.weight.size.*tensor.mode='isp'"),
         (6, dict(tensor=ISP2, weight=4), {}, r"weight.size=4 must divide data-parallel size 3 x tensor size 2"),
         (2, dict(tensor=ISP2, weight=2, zero1=dict(size=-1, fsdp=True)), {}, r"parallel.zero1.fsdp"),
+        (2, dict(tensor=ISP2, expert_weight=2), {}, r"expert_weight.size: 2: expert weight parallelism comes with"),
         (4, dict(tensor=ISP2, pipeline=2), dict(tie_word_embeddings=True), r"tie_word_embeddings"),
         (4, dict(sequence_2D=dict(enable=True, context_size=2)), {}, r"sequence_2D.enable.*mode='isp'"),
         (

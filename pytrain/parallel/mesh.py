@@ -19,7 +19,8 @@ groups are views of that mesh, never rank arithmetic:
   runs over the head group, ring attention over the context group.
 - weight (InternEvo's weight parallelism, with isp): the (data, tensor) face of a stage flattened, tensor fastest,
   and cut into runs of `weight` consecutive ranks; fully_shard shards every weight over a run (the fsdp mesh
-  then), replicated across the runs. Under isp the tensor ranks hold the same weights (each sees its slice of
+  then), replicated across the runs; the expert weights over runs of `expert_weight` of the ranks holding the
+  same experts (expert_fsdp). Under isp the tensor ranks hold the same weights (each sees its slice of
   the sequence), so a run may span tensor and data ranks: its gradient reduction sums over both, and the
   optimizer's norm then counts each run's shards once per pipeline stage (norm_group, gradient_tensor_group).
 
@@ -50,6 +51,7 @@ class ParallelDims:
     fsdp: bool = False  # zero1 shards the parameters and gradients as well (torch's fully_shard)
     isp: bool = False  # the tensor group splits the sequence (pytrain.parallel.sequence), not the weights
     weight: int = 1  # isp's weight parallelism: weights sharded over runs of this many (data, tensor) ranks
+    expert_weight: int = 1  # ... and the expert weights over runs of this many of the ranks holding the same experts
     context: int = 1  # sequence_2D: the tensor group as head (tensor / context) x context (ring) ranks
     head_first: bool = True  # sequence_2D: a head group's ranks are neighbours (else a context group's)
     ring_window: int = 1  # sequence_2D's window_size: the context ranks of one inner ring
@@ -71,6 +73,10 @@ class ParallelDims:
             )
         if self.weight > 1 and (not self.isp or (data * self.tensor) % self.weight):
             raise ValueError(f"weight size {self.weight} needs isp and must divide data x tensor ({self})")
+        if self.expert_weight > 1 and (self.weight == 1 or (data // self.expert * self.tensor) % self.expert_weight):
+            raise ValueError(
+                f"expert_weight size {self.expert_weight} needs weight parallelism and must divide ({self})"
+            )
 
     @property
     def shards_parameters(self) -> bool:
@@ -105,6 +111,7 @@ class ParallelDims:
             fsdp=cfg.parallel.zero1.fsdp,
             isp=cfg.parallel.tensor.mode == "isp",
             weight=cfg.parallel.weight.size,
+            expert_weight=cfg.parallel.expert_weight.size,
             **_sequence_2d_sizes(cfg),
         )
 
@@ -190,19 +197,22 @@ class ParallelMesh:
 
     def _weight_runs(self, override) -> None:
         """Weight parallelism (module docstring): fsdp is the runs of `weight` ranks of the (data, tensor) face,
-        zero1 the run (the ranks sharing one copy of the optimizer state, a shard each)."""
+        zero1 the run (the ranks sharing one copy of the optimizer state, a shard each); expert_fsdp and
+        expert_zero1 likewise for the expert weights, runs of `expert_weight` of the ranks holding the same
+        experts (the expert-data x tensor ranks)."""
         dims = self.dims
         face = self.world["dp", "tp"]._flatten("dp_tp", backend_override=override)
-        if dims.weight == face.size():
-            self.fsdp = face
-        else:
-            self.fsdp = face._unflatten(
-                0,
-                (face.size() // dims.weight, dims.weight),
-                ("weight_replicate", "weight"),
-                backend_override=_for_axes(override, "weight_replicate", "weight"),
-            )
+        self.fsdp = _runs(face, dims.weight, "weight", override)
         self.zero1_group = self.fsdp.get_group(self.fsdp.ndim - 1)
+        same_experts = face
+        if dims.expert > 1:  # a data rank is (expert-data rank) x expert + expert rank, tensor fastest
+            names = ("weight_edp", "weight_ep", "weight_tp")
+            grid = face._unflatten(
+                0, (dims.expert_data, dims.expert, dims.tensor), names, backend_override=_for_axes(override, *names)
+            )
+            same_experts = grid["weight_edp", "weight_tp"]._flatten("same_experts", backend_override=override)
+        self.expert_fsdp = _runs(same_experts, dims.expert_weight, "expert_weight", override)
+        self.expert_zero1_group = self.expert_fsdp.get_group(1) if dims.expert_weight > 1 else None
         self.gradient_tensor_group, self.norm_group = None, self.pipeline_group
 
     @property
@@ -226,6 +236,15 @@ class ParallelMesh:
             if dist.get_rank() in pair:
                 mine = group
         return mine
+
+
+def _runs(ranks: DeviceMesh, size: int, name: str, override) -> DeviceMesh:
+    """A 1-D mesh's ranks as runs of `size` consecutive ones, for fully_shard: the whole mesh when one run, else
+    2-D (replicate, shard) (size 1: every rank its own run, a replica of every other)."""
+    if size == ranks.size():
+        return ranks
+    names = (f"{name}_replicate", name)
+    return ranks._unflatten(0, (ranks.size() // size, size), names, backend_override=_for_axes(override, *names))
 
 
 def _group_or_none(mesh: DeviceMesh, axis: str):

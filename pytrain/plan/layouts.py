@@ -7,7 +7,8 @@ then goes through exactly what a launch does before any process waits on another
 and ParallelDims.from_config (the world size, zero1, expert and expert_zero1 sizes). A layout the planner lists
 is one `torchrun --nproc_per_node=<world> -m pytrain.train --config X --set <its overrides>` accepts.
 
-Varied: tensor size (every divisor of the world) and mode (mtp, msp), pipeline size and interleaved chunks
+Varied: tensor size (every divisor of the world) and mode (mtp, msp, isp with each weight-parallel size that
+divides data x tensor), pipeline size and interleaved chunks
 (1, 2, 4), ZeRO-1 size (every divisor of the data-parallel size), FSDP over the zero1 group (with and without
 reshard_after_forward where the config knows that field), expert size (a mixture of experts: every divisor of
 the data-parallel size), recompute (none, whole layers, selective 'attention' / 'matmuls', and the config's own
@@ -43,6 +44,7 @@ class Layout:
     reshard_after_forward: bool | None  # None: the config has no such field (FSDP's default)
     expert: int | None  # None: a dense model
     recompute: Recompute
+    weight: int = 1  # isp's weight parallelism
 
     def overrides(self) -> list[str]:
         """The `--set` overrides that make a config this layout."""
@@ -62,11 +64,14 @@ class Layout:
             out.append(f"selective_checkpoint_policy={self.recompute.selective!r}")
         if self.expert is not None:
             out.append(f"parallel.expert.size={self.expert}")
+        if self.weight > 1:
+            out.append(f"parallel.weight.size={self.weight}")
         return out
 
     def describe(self, dims: ParallelDims) -> str:
         """e.g. 'dp8 zero1 8 tp2 msp pp2x2 ep2 recompute full'."""
-        parts = [f"dp{dims.data}", f"fsdp {self.zero1}" if self.fsdp else f"zero1 {self.zero1}"]
+        sharding = f"fsdp {self.zero1}" if self.fsdp else f"zero1 {self.zero1}"
+        parts = [f"dp{dims.data}", f"weight {self.weight}" if self.weight > 1 else sharding]
         if self.fsdp and self.reshard_after_forward is False:
             parts.append("no-reshard")
         if self.tensor > 1:
@@ -109,7 +114,7 @@ def candidates(cfg: Config, world_size: int):
     for tensor in divisors(world_size):
         for pipeline in divisors(world_size // tensor):
             data = world_size // (tensor * pipeline)
-            modes = ("mtp", "msp") if tensor > 1 else ("mtp",)
+            modes = ("mtp", "msp", "isp") if tensor > 1 else ("mtp",)
             chunk_choices = CHUNKS if pipeline > 1 else (1,)
             expert_choices = divisors(data) if experts else [None]
             for mode, chunks, zero1, (fsdp, reshard), expert, recompute in itertools.product(
@@ -118,6 +123,9 @@ def candidates(cfg: Config, world_size: int):
                 if fsdp and zero1 == 1:
                     continue  # FSDP over one rank is no sharding: the ZeRO-1 layout of size 1
                 yield Layout(tensor, mode, pipeline, chunks, zero1, fsdp, reshard, expert, recompute)
+                if mode == "isp" and not fsdp and zero1 == 1:  # weight parallelism shards the optimizer state too
+                    for weight in divisors(data * tensor)[1:]:
+                        yield Layout(tensor, mode, pipeline, chunks, 1, False, reshard, expert, recompute, weight)
 
 
 def validate(cfg: Config, layout: Layout, world_size: int, source: str = "config") -> ValidLayout:

@@ -10,7 +10,8 @@ What each kind is, as the run holds it (pytrain.solver.optimizer, pytrain.parall
 - optimizer state: the parameters this rank owns (ZeRO-1: whole parameters dealt largest first to the least
   loaded rank of the zero1 group, the optimizer's own rule; FSDP: 1/zero1 of every one) x (Adam's two fp32 moments,
   plus an fp32 master when the model is 16-bit);
-- activations: what the forward keeps per micro-batch (pytrain.plan.shape), times the micro-batches the
+- activations: what the forward keeps per micro-batch (pytrain.plan.shape; isp: for its slice of the sequence,
+  the attention core's q, k, v after the all-to-all being as many bytes), times the micro-batches the
   schedule holds at once on this rank (one without a pipeline; 1F1B: pipeline - rank; interleaved 1F1B: its
   warm-up forwards + 1, each one chunk's), plus the last stage's logits and the cross-entropy's saved gradient
   and a pipeline stage's output held for its backward;
@@ -76,23 +77,27 @@ class Schedule:
     micro_bsz: int
     seq_len: int
     overlap_sync_param: bool = False
+    # isp: the ranks a micro-batch's sequence is split over (each holds seq_len / sequence of its tokens, every
+    # weight whole: tensor is then 1, and data counts every (data, tensor) rank, which all reduce the gradients)
+    sequence: int = 1
 
     @classmethod
     def from_config(cls, cfg, dims) -> Schedule:
         """The schedule of a validated config laid out as `dims` (a pytrain.parallel.ParallelDims)."""
         zero1 = cfg.parallel.zero1
+        sequence = dims.tensor if dims.isp else 1
         return cls(
             world_size=dims.world_size,
-            data=dims.data,
-            tensor=dims.tensor,
+            data=dims.data * sequence,
+            tensor=dims.tensor // sequence,
             sequence_parallel=dims.tensor > 1 and cfg.parallel.tensor.mode == "msp",
             pipeline=dims.pipeline,
             chunks=cfg.model.get("num_chunks", 1),
-            zero1=dims.zero1,
+            zero1=dims.weight if dims.weight > 1 else dims.zero1,  # weight parallelism: FSDP over its runs
             expert=dims.expert,
             expert_zero1=dims.expert_zero1,
-            fsdp=bool(zero1.get("fsdp", False)),
-            reshard_after_forward=bool(zero1.get("reshard_after_forward", True)),
+            fsdp=dims.shards_parameters,
+            reshard_after_forward=dims.weight > 1 or bool(zero1.get("reshard_after_forward", True)),
             recompute=Recompute(
                 float(cfg.model.get("checkpoint", False)),
                 cfg.selective_checkpoint_policy if cfg.selective_checkpoint else None,
@@ -101,6 +106,7 @@ class Schedule:
             micro_bsz=cfg.data.micro_bsz,
             seq_len=cfg.data.seq_len,
             overlap_sync_param=cfg.hybrid_zero_optimizer.overlap_sync_param,
+            sequence=sequence,
         )
 
 
@@ -177,7 +183,7 @@ def rank_memory(
         grads_during_backward = local * FP32  # the flat buffer; .grad joins once a backward has run
     optimizer_state = owned * (2 * FP32 + (FP32 if shape.needs_master and not s.fsdp else 0))
 
-    tokens = s.micro_bsz * s.seq_len
+    tokens = s.micro_bsz * s.seq_len // s.sequence
     per_chunk = [_chunk_activations(shape, s, layers, tokens) for layers in chunks]
     grads_of_a_backward = gradients - grads_during_backward
     in_flight_chunks, backwards_run = _held_passes(s, pipeline_rank, per_chunk, grads_of_a_backward)

@@ -67,6 +67,7 @@ class PlannedLayout:
             "data": self.data,
             "tensor": self.layout.tensor,
             "tensor_mode": self.layout.mode,
+            "weight": self.layout.weight,
             "pipeline": self.layout.pipeline,
             "chunks": self.layout.chunks,
             "zero1": self.layout.zero1,

@@ -85,6 +85,7 @@ class LayerShape:
     largest_transient_sharded: int  # the widest tensor a forward makes and drops, per token (split over tensor)
     matmul_params: int  # weights of the matmuls one token runs through (the top_k experts of a mixture)
     attention_width: int  # heads x head_dim
+    kv_width: int  # kv heads x head_dim
     moe: bool
 
 
@@ -201,5 +202,6 @@ def _layer_shape(layer: nn.Module, prefix: str, plan) -> LayerShape:
         matmul_params=sum(p.numel() for p in layer.parameters() if p.dim() == 2)
         + (mlp.moe_layer.active_expert_params() if isinstance(mlp, MoE) else 0),
         attention_width=q,
+        kv_width=kv,
         moe=isinstance(mlp, MoE),
     )

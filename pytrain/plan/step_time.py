@@ -8,6 +8,9 @@ all-reduce is two passes) at the stated link bandwidth:
 - tensor: per layer and micro-batch two all-reduces forward and two backward of the (tokens, hidden) activation
   (sequence parallelism: all-gathers and reduce-scatters, the same bytes), two more forward per recomputed layer;
   on the critical path;
+- sequence (isp): per layer and micro-batch the all-to-alls around attention (q, k, v and the output, forward and
+  backward, one more forward per recomputed layer) of this rank's tokens; on the critical path. isp's gradient
+  reduction counts every (data, tensor) rank as a data rank, weight parallelism as FSDP over its runs;
 - pipeline: each micro-batch's activation forward and its gradient back, per chunk; on the critical path;
 - expert: per mixture-of-experts layer and micro-batch four all-to-alls of the routed rows (two forward, two
   backward); on the critical path;
@@ -61,17 +64,25 @@ def step_estimate(shape: ModelShape, s: Schedule, peak_tflops: float, link_gbps:
     if s.recompute.selective:  # one more attention forward in every layer not recomputed whole
         per_token += 4 * (shape.num_layers - recomputed) * width * s.seq_len
     tokens = s.micro_num * s.micro_bsz * s.seq_len  # per data-parallel rank, shared by its model ranks
-    flops = per_token * tokens / (s.tensor * s.pipeline)
+    flops = per_token * tokens / (s.tensor * s.pipeline * s.sequence)
     compute = flops / (peak_tflops * 1e12)
     bubble = compute * (s.pipeline - 1) / (s.chunks * s.micro_num)
 
-    micro_tokens = s.micro_bsz * s.seq_len
+    micro_tokens = s.micro_bsz * s.seq_len // s.sequence  # this rank's
     activation = micro_tokens * shape.hidden * e
     local_layers = shape.num_layers / s.pipeline
     local_recomputed = recomputed / s.pipeline
     sent = {}
     sent["tensor"] = (
         s.micro_num * (8 * local_layers + 4 * local_recomputed) * _ring(s.tensor) * activation if s.tensor > 1 else 0
+    )
+    # isp: around each attention core q, k, v (kv heads repeated up to the ranks) one way, the output back
+    kv = max((min(layer.kv_width * s.sequence, layer.attention_width) for layer in layers), default=0)
+    sequence_bytes = micro_tokens * (2 * width + 2 * kv) * e
+    sent["sequence"] = (
+        s.micro_num * (2 * local_layers + local_recomputed) * _ring(s.sequence) * sequence_bytes
+        if s.sequence > 1
+        else 0
     )
     split = s.tensor if s.sequence_parallel else 1
     sent["pipeline"] = 2 * s.micro_num * s.chunks * activation / split if s.pipeline > 1 else 0
@@ -92,7 +103,7 @@ def step_estimate(shape: ModelShape, s: Schedule, peak_tflops: float, link_gbps:
         sent["zero1"] = _ring(s.zero1) * dense * e + _ring(s.expert_zero1) * experts * e
     seconds = {kind: volume / (link_gbps * 1e9) for kind, volume in sent.items()}
     micro_batch = compute / s.micro_num
-    exposed = seconds["tensor"] + seconds["pipeline"] + seconds["expert"]
+    exposed = seconds["tensor"] + seconds["sequence"] + seconds["pipeline"] + seconds["expert"]
     exposed += max(0.0, seconds["data"] - 2 / 3 * micro_batch)  # behind the last backward (overlap_sync_grad)
     exposed += max(0.0, seconds["zero1"] - (micro_batch / 3 if s.overlap_sync_param else 0.0))
     exposed += max(0.0, seconds["fsdp"] - compute)
@@ -103,7 +114,7 @@ def step_estimate(shape: ModelShape, s: Schedule, peak_tflops: float, link_gbps:
         bubble_s=bubble,
         exposed_communication_s=exposed,
         step_s=step,
-        tokens_per_s=tokens * s.data / step,
+        tokens_per_s=tokens * s.data / s.sequence / step,
         communication_bytes={kind: int(volume) for kind, volume in sent.items()},
     )
 
