@@ -212,7 +212,9 @@ class ParallelMesh:
             )
             same_experts = grid["weight_edp", "weight_tp"]._flatten("same_experts", backend_override=override)
         self.expert_fsdp = _runs(same_experts, dims.expert_weight, "expert_weight", override)
-        self.expert_zero1_group = self.expert_fsdp.get_group(1) if dims.expert_weight > 1 else None
+        self.expert_zero1_group = (
+            self.expert_fsdp.get_group(self.expert_fsdp.ndim - 1) if dims.expert_weight > 1 else None
+        )
         self.gradient_tensor_group, self.norm_group = None, self.pipeline_group
 
     @property
