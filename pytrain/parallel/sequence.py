@@ -3,7 +3,7 @@ model's stage from outside.
 
 The sequence of every micro-batch is cut into T contiguous slices, one per rank of the tensor group, and each rank
 runs the whole layer on its slice: embedding, norms, projections, MLP (or MoE) and the LM head see only its
-tokens, with every weight whole (or gathered just in time by weight parallelism, pytrain.parallel.weight). Only
+tokens, with every weight whole (or gathered just in time by weight parallelism: fsdp.py over mesh.py's runs). Only
 attention needs the other tokens: around each attention core one all-to-all turns the sequence split into a head
 split (each rank gets every token of T-th of the heads) and one turns it back (DeepSpeed-Ulysses), so the
 attention call itself runs unchanged on whole sequences, packed documents and sliding windows included. The
@@ -112,26 +112,17 @@ def _heads_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
     return received.permute(1, 2, 0, 3, 4).reshape(batch, seq // world, world * heads, dim)
 
 
-class _SequenceToHeads(torch.autograd.Function):
+class _Redistribute(torch.autograd.Function):
+    """to_heads: _sequence_to_heads forward, _heads_to_sequence backward; else the other way round."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _sequence_to_heads(x, group)
+    def forward(ctx, x, group, to_heads: bool):
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_sequence_to_heads if to_heads else _heads_to_sequence)(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_sequence(grad, ctx.group), None
-
-
-class _HeadsToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _sequence_to_heads(grad, ctx.group), None
+        return (_heads_to_sequence if ctx.to_heads else _sequence_to_heads)(grad, ctx.group), None, None
 
 
 class _MeanOverGroup(torch.autograd.Function):
@@ -168,8 +159,8 @@ class UlyssesAttention(nn.Module):
     def forward(self, q, k, v, packed: PackedSequences | None = None):
         if self.kv_repeat > 1:
             k, v = (t.repeat_interleave(self.kv_repeat, dim=2) for t in (k, v))
-        q, k, v = (_SequenceToHeads.apply(t, self.group) for t in (q, k, v))
-        return _HeadsToSequence.apply(self.inner(q, k, v, packed), self.group)
+        q, k, v = (_Redistribute.apply(t, self.group, True) for t in (q, k, v))
+        return _Redistribute.apply(self.inner(q, k, v, packed), self.group, False)
 
 
 class RingInnerAttention(InnerAttention):
