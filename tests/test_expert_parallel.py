@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import ROOT
 from host_syncs import count_host_reads, no_value_sized_ops
-from test_parallel import TOLERANCE, config, reference, train
+from test_parallel import assert_rank_matches, config, reference, train
 from torch import nn
 
 from pytrain.config import ConfigError, check_world_size
@@ -98,16 +98,7 @@ def test_expert_layouts_match_one_process(world, single_process, tmp_path, init_
             history, shards, dispatchers, zero_sizes = results[(name, rank)]
             assert dispatchers == {ExpertParallelDispatcher.__name__}, (name, dispatchers)
             assert name not in ZERO_SIZES or zero_sizes == ZERO_SIZES[name], (name, zero_sizes)
-            assert all(success for _, _, success, _ in history), (name, rank, history)
-            for column, what in ((0, "losses"), (1, "grad norms")):
-                torch.testing.assert_close(
-                    [h[column] for h in history],
-                    [h[column] for h in want_history],
-                    **TOLERANCE,
-                    msg=lambda m, what=what: f"{name} rank {rank} {what}: {m}",
-                )
-            for full_name, got, want in shards:
-                torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m: f"{name} rank {rank} {full_name}: {m}")
+            assert_rank_matches(f"{name} rank {rank}", history, shards, want_history)
             experts = [(n, got.shape[0]) for n, got, _ in shards if n.endswith("experts.w1")]
             parallel = LAYOUTS[name][1]
             split = parallel.get("expert", {}).get("size", 1) * _size(parallel.get("tensor", 1))

@@ -224,6 +224,23 @@ def family_references(request, tmp_path_factory):
 TOLERANCE = dict(rtol=2e-4, atol=2e-5)
 
 
+def assert_rank_matches(label: str, history, shards, want_history) -> None:
+    """One rank's run of a layout against one process: every step succeeded, the losses and gradient norms, and
+    its final parameter shards (full name, this rank's, the same shard of the reference's), within TOLERANCE."""
+    assert all(success for _, _, success, _ in history), (label, history)
+    for column, what in ((0, "losses"), (1, "grad norms")):
+        torch.testing.assert_close(
+            [h[column] for h in history],
+            [h[column] for h in want_history],
+            **TOLERANCE,
+            msg=lambda m, what=what: f"{label} {what}: {m}",
+        )
+    for full_name, got, want in shards:
+        torch.testing.assert_close(
+            got, want, **TOLERANCE, msg=lambda m, full_name=full_name: f"{label} {full_name}: {m}"
+        )
+
+
 # slow (about 30 s at 2 processes, minutes at 4): CI runs every layout after the README's test command; the fast
 # suite trains dp2 / ZeRO-1 / tensor / pipeline layouts of the MoE families against one process (test_moe_families)
 @pytest.mark.slow
@@ -236,23 +253,7 @@ def test_layout_matches_one_process(world, family_references, tmp_path, init_met
         want_history, _ = references[name]
         for rank in range(world):
             history, shards, _ = results[(name, rank)]
-            assert all(success for _, _, success, _ in history), (name, rank, history)
-            torch.testing.assert_close(
-                [h[0] for h in history],
-                [h[0] for h in want_history],
-                **TOLERANCE,
-                msg=lambda m: f"{family} {name} rank {rank} losses: {m}",
-            )
-            torch.testing.assert_close(
-                [h[1] for h in history],
-                [h[1] for h in want_history],
-                **TOLERANCE,
-                msg=lambda m: f"{family} {name} rank {rank} grad norms: {m}",
-            )
-            for full_name, got, want in shards:
-                torch.testing.assert_close(
-                    got, want, **TOLERANCE, msg=lambda m: f"{family} {name} rank {rank} {full_name}: {m}"
-                )
+            assert_rank_matches(f"{family} {name} rank {rank}", history, shards, want_history)
     if world == 2:  # ZeRO-1 and FSDP over both ranks hold about half the optimizer state of plain data parallel
         replicated, sharded = results[("dp2", 0)][2], results[("dp2-zero1-overlap", 0)][2]
         assert sharded < 0.7 * replicated, (sharded, replicated)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_parallel import TOLERANCE, config, reference, train
+from test_parallel import assert_rank_matches, config, reference, train
 
 from pytrain.config import Config, ConfigError
 from pytrain.parallel.pipeline import _InterleavedOrder
@@ -82,16 +82,7 @@ def run_against_one_process(world, names, tmp_path, init_method):
         want_history, _ = references[name]
         for rank in range(world):
             history, shards, _ = results[(name, rank)]
-            assert all(success for _, _, success, _ in history), (name, rank, history)
-            for index, what in ((0, "losses"), (1, "grad norms")):
-                torch.testing.assert_close(
-                    [h[index] for h in history],
-                    [h[index] for h in want_history],
-                    **TOLERANCE,
-                    msg=lambda m: f"{name} rank {rank} {what}: {m}",
-                )
-            for full_name, got, want in shards:
-                torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m: f"{name} rank {rank} {full_name}: {m}")
+            assert_rank_matches(f"{name} rank {rank}", history, shards, want_history)
     return results
 
 
