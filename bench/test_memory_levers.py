@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_results import RankResults
 
 from pytrain.config import Config
 from pytrain.parallel.mesh import ParallelDims
@@ -90,8 +91,7 @@ def predicted_peak(cfg: Config, world: int) -> int:
 
 
 def measure(config, overrides, processes, tmp_path, init_method, steps, timed) -> dict:
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         args = (processes, init_method, config, overrides, tmp_path, steps, timed, results)
         mp.spawn(worker, args=args, nprocs=processes, join=True)
         results = dict(results)

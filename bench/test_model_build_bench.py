@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_results import RankResults
 
 from pytrain.config import Config
 from pytrain.registry import MODEL_INITIALIZER
@@ -71,8 +72,7 @@ def test_1b_materialized_per_rank(benchmark, layout, tmp_path):
     small = not benchmark.enabled
 
     def run():
-        with mp.Manager() as manager:
-            results = manager.dict()
+        with RankResults() as results:
             init = f"file://{tmp_path / f'rdzv-{time.monotonic_ns()}'}"
             mp.spawn(build_part, args=(world, init, parallel, small, results), nprocs=world, join=True)
             return dict(results)

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_results import RankResults
 
 from pytrain.config import Config
 from pytrain.plan.measure import measure_layout
@@ -136,8 +137,7 @@ def comm_worker(rank, world, init_method, overrides, run_folder, results):
 
 
 def spawn(worker, world, overrides, tmp_path) -> dict:
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         args = (world, f"file://{tmp_path}/rendezvous", overrides, tmp_path, results)
         mp.spawn(worker, args=args, nprocs=world, join=True)
         return dict(results)

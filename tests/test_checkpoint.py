@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import ROOT, python
+from rank_results import RankResults
 
 from pytrain.checkpoint import (
     FORMAT_VERSION,
@@ -135,8 +136,7 @@ def save_worker(rank, world, init_method, root, results):
 @pytest.fixture(scope="module")
 def dp2_tp2(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp2_tp2")
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         mp.spawn(save_worker, args=(4, f"file://{root / 'rendezvous'}", root, results), nprocs=4, join=True)
         return root, dict(results)
 

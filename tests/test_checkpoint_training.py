@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import ROOT
 from internlm_corpus import write_corpus
+from rank_results import RankResults
 
 from pytrain.checkpoint import TEST_DIE_ENV, TEST_DIE_STATUS, CheckpointError, CheckpointVersionError
 from pytrain.config import Config, ConfigError, check_world_size
@@ -207,8 +208,7 @@ def worker(rank, world, init_method, phase, corpus, root, hf_folder, results):
 
 def spawn(world, phase, corpus, root, hf_folder, index):
     init_method = f"file://{root}/rendezvous-{phase}-{world}-{index}"
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         mp.spawn(worker, args=(world, init_method, phase, corpus, root, hf_folder, results), nprocs=world, join=True)
         return dict(results)
 

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from markers import DEVICES
+from rank_results import RankResults
 
 import pytrain.kernels as K
 from pytrain.kernels import CrossEntropyLoss, _backend, cross_entropy, reference, vocab_parallel_cross_entropy
@@ -509,8 +510,7 @@ def _vocab_parallel_worker(rank, world, init_method, results):
 
 @pytest.mark.slow  # about 8 s: test_parallel.py's tp2 layouts train through the vocab-parallel loss in the fast suite
 def test_vocab_parallel_two_gloo_processes_equal_unsharded(init_method):
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         mp.spawn(_vocab_parallel_worker, args=(2, init_method, results), nprocs=2, join=True)
         results = dict(results)
     for case, (dtype, split, options, _) in enumerate(VOCAB_PARALLEL_CASES):

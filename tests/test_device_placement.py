@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import CONFIGS
+from rank_results import RankResults
 
 COLLECTIVES = (
     "all_reduce",
@@ -123,8 +124,7 @@ def worker(rank, world, init_method, names, run_folder, results):
 def test_collectives_only_see_tensors_on_the_run_device(world, tmp_path, init_method):
     """Every layout of `world` ranks, one after the other in one launch of its processes."""
     names = [name for name, (size, _) in LAYOUTS.items() if size == world]
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         mp.spawn(worker, args=(world, init_method, names, tmp_path, results), nprocs=world, join=True)
         assert dict(results) == {(name, rank): 0 for name in names for rank in range(world)}
 

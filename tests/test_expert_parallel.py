@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import ROOT
 from host_syncs import count_host_reads, no_value_sized_ops
+from rank_results import RankResults
 from test_parallel import assert_rank_matches, config, reference, train
 from torch import nn
 
@@ -87,8 +88,7 @@ def single_process(tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_layouts_match_one_process(world, single_process, tmp_path, init_method, fresh_context):
     names = [name for name, (size, *_) in LAYOUTS.items() if size == world]
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         args = (world, init_method, names, single_process, tmp_path, results)
         mp.spawn(worker, args=args, nprocs=world, join=True)
         results = dict(results)
@@ -146,8 +146,7 @@ def dispatch_worker(rank, world, init_method, results):
 def test_expert_parallel_dispatch_reads_back_once_per_layer(tmp_path, init_method):
     """On a GPU each host read is a synchronization: an expert-parallel layer makes exactly one, forward and backward
     together (the all-to-all's split sizes), and no op sized by its input's values (torch.bincount, nonzero, ...)."""
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         mp.spawn(dispatch_worker, args=(2, init_method, results), nprocs=2, join=True)
         results = dict(results)
     for rank, (reads, errors, most_assigned) in results.items():

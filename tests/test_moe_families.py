@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers  # the oracle (in the test extra): a missing install fails, never skips
 from conftest import ROOT
+from rank_results import RankResults
 from safetensors.torch import save_file
 from test_parallel import TOLERANCE, batches, config, train
 
@@ -335,8 +336,7 @@ def moe_runs(tmp_path_factory):
     finally:
         dist.destroy_process_group()
         gpc.config = None
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         init_method = f"file://{folder / 'rendezvous'}"
         mp.spawn(moe_worker, args=(2, init_method, list(MOE_LAYOUTS), folder, results), nprocs=2, join=True)
         return want, dict(results)

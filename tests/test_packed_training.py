@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_results import RankResults
 
 from pytrain.config import Config
 from pytrain.data.loader import flat_batch, unflat_batch
@@ -136,8 +137,7 @@ def worker(rank, world, init_method, names, run_folder, results):
 def layout_steps(tmp_path_factory):
     """{(layout, rank, "packed" | "alone"): (loss, grad norm, parameters)}: one process here, two launched."""
     folder = tmp_path_factory.mktemp("packed_layouts")
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         threads = torch.get_num_threads()
         try:  # the one-process layout in this process
             worker(0, 1, None, [name for name, (size, _) in LAYOUTS.items() if size == 1], folder, results)

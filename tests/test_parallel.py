@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_results import RankResults
 
 from pytrain.config import Config, ConfigError, check_world_size
 from pytrain.initialize.launch import launch
@@ -190,8 +191,7 @@ def worker(rank, world, init_method, family, names, references, run_folder, resu
 
 
 def run_layouts(world, family, names, references, tmp_path, init_method):
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         args = (world, init_method, family, names, references, tmp_path, results)
         mp.spawn(worker, args=args, nprocs=world, join=True)
         return dict(results)
@@ -275,8 +275,7 @@ def nan_worker(rank, init_method, run_folder, results):
 def test_nan_gradient_on_one_stage_skips_the_step_everywhere_and_fp16_scale_backs_off(
     tmp_path, init_method, fresh_context
 ):
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         mp.spawn(nan_worker, args=(init_method, tmp_path, results), nprocs=2, join=True)
         results = dict(results)
     first, last = results[0][:-1], results[1][:-1]  # the steps, without the forward-only pass
@@ -371,8 +370,7 @@ def test_newer_families_match_one_process_in_every_layout(tmp_path, init_method,
             dist.destroy_process_group()
     gpc.mesh = None  # the runs' DeviceMesh holds reference cycles: free them here, not in the Manager forked next
     gc.collect()
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         mp.spawn(newer_families_worker, args=(init_method, references, tmp_path, results), nprocs=2, join=True)
         results = dict(results)
     assert len(results) == 2 * (len(NEWER_FAMILIES) * (len(NEWER_LAYOUTS) - 1) + 1)  # ep2: QWEN3MOE only
@@ -406,8 +404,7 @@ def test_fsdp_in_bf16_stays_close_to_zero1(tmp_path, init_method, fresh_context)
     """Both keep fp32 masters; FSDP gathers bf16 weights and reduces gradients in fp32 where ZeRO-1 accumulates
     the micro-batches' bf16 gradients: after 3 steps they differ by bf16 rounding, no more (losses within 1%;
     FSDP's fp32 weights within 1% + 2e-3 of ZeRO-1's bf16 ones, which are rounded to 2^-8 relative)."""
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         mp.spawn(mixed_precision_worker, args=(init_method, tmp_path, results), nprocs=2, join=True)
         results = dict(results)
     zero1_history, zero1_params, _ = results[("zero1", 0)]

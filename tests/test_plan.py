@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import CONFIGS
+from rank_results import RankResults
 
 from pytrain.config import Config
 from pytrain.parallel.mesh import ParallelDims
@@ -99,8 +100,7 @@ def honesty_worker(rank, world, init_method, config, overrides, run_folder, resu
 @pytest.mark.slow
 @pytest.mark.parametrize("config, world, overrides", HONESTY_LAYOUTS, ids=lambda v: str(v))
 def test_every_ranks_peak_is_predicted_within_tolerance(config, world, overrides, tmp_path, init_method):
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         args = (world, init_method, config, overrides, tmp_path, results)
         mp.spawn(honesty_worker, args=args, nprocs=world, join=True)
         measured = dict(results)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rank_results import RankResults
 
 from pytrain.parallel import ring_attention as ring_module
 from pytrain.parallel.ring_attention import (
@@ -415,8 +416,7 @@ def _process_worker(rank, world, init_method, results):
 
 
 def run_processes(world: int, init_method: str) -> dict:
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         mp.spawn(_process_worker, args=(world, init_method, results), nprocs=world, join=True)
         return dict(results)
 

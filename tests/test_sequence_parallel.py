@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_results import RankResults
 from test_parallel import assert_rank_matches, config, reference, train
 
 from pytrain.config import ConfigError, check_world_size
@@ -102,8 +103,7 @@ def check_against_one_process(world, names, tmp_path, init_method):
         _, family, _, model = LAYOUTS[name]
         variant = {k: v for k, v in model.items() if k not in ("checkpoint", "num_chunks")}
         references[name] = reference(family, variant, tmp_path)
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         mp.spawn(worker, args=(world, init_method, names, references, tmp_path, results), nprocs=world, join=True)
         results = dict(results)
     for name in names:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_results import RankResults
 from torch import nn
 
 from pytrain.parallel import ParallelDims, ParallelMesh
@@ -107,8 +108,7 @@ def test_zero1_matches_one_process_and_shards_the_state(dtype, init_method):
     reference_params = [p.detach().float() for p in model.parameters()]
     unsharded_bytes = optimizer.optimizer_state_bytes()
 
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         mp.spawn(worker, args=(init_method, dtype, results), nprocs=WORLD, join=True)
         results = dict(results)
 
@@ -161,8 +161,7 @@ def nan_worker(rank, init_method, results):
 
 
 def test_nan_on_one_rank_skips_the_step_on_every_rank(init_method):
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         mp.spawn(nan_worker, args=(init_method, results), nprocs=2, join=True)
         results = dict(results)
     for rank in (0, 1):

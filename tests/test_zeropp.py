@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_results import RankResults
 from test_parallel import assert_rank_matches, config, reference, train
 
 from pytrain.config import Config, ConfigError
@@ -73,8 +74,7 @@ def worker(rank, world, init_method, names, references, run_folder, results, ste
 def run_against_one_process(world, names, tmp_path, init_method):
     one_process = reference("INTERNLM", {}, tmp_path)  # chunks are a layout, not a model: every layout's reference
     references = dict.fromkeys(names, one_process)
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         args = (world, init_method, names, references, tmp_path, results)
         mp.spawn(worker, args=args, nprocs=world, join=True)
         results = dict(results)
@@ -101,8 +101,7 @@ def unit_order(first: int, forwards_first: int) -> list[tuple]:
 def test_zeropp_unit_order_on_two_stages(tmp_path, init_method, fresh_context):
     """pp2, 2 chunks per rank, a step of 8 micro-batches in units of 2: each rank's order of work."""
     name = "zeropp-pp2-units2"
-    with mp.Manager() as manager:
-        results = manager.dict()
+    with RankResults() as results:
         mp.spawn(worker, args=(2, init_method, [name], {}, tmp_path, results, 1), nprocs=2, join=True)
         results = dict(results)
     # the validation pass at the end: forward-only over 6 micro-batches in groups of the pipeline size
