@@ -12,6 +12,14 @@ A sliding window (SLIDING, `window` >= 0: flash-attn's window_size=(window, 0), 
 keys r - window .. r of its sequence; the loops start (forward, dq) or stop (dK/dV) at the window's edge, so the
 work is linear in the sequence length for a fixed window.
 
+Blocks (TOKENS; flash_attn_block_forward / flash_attn_block_backward, ring attention's blocks): q and k hold
+different tokens, every query against every key, the mask given per token (TokenMask): a global index and a
+document id for each query and each key, CAUSAL and SLIDING applied to the indices, and a query sees a key only of
+its own document. The indices need not be consecutive nor sorted (zigzag or random splits), so the loops cover
+every tile and skip a tile's dot products when its mask is empty (a causal block against itself computes its
+triangle). A query row no key reaches gets out 0 and lse -inf. The backward takes the caller's lse and
+delta = rowsum(dout * out) (ring attention's merged ones) and returns this block's dq, dk, dv.
+
 Softmax runs in base 2 (exp2) on scores pre-multiplied by scale * log2(e); the saved logsumexp is in
 natural-log units, shape (q_heads, total_tokens), fp32. The backward recomputes the probabilities from
 it (FlashAttention-2): one kernel accumulates dk and dv per key block over the q heads of its group,
@@ -26,6 +34,7 @@ if not __name__.startswith("pytrain.triton."):
     raise ImportError(f"{__name__}: kernels/ is the package pytrain.triton; import pytrain.triton{__name__[7:]}")
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -103,7 +112,8 @@ def _autotuned(kernel: str):
 
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in candidates],
-        key=["head_dim", "seqlen_bucket", "CAUSAL"],  # the autotuner adds every tensor argument's dtype to the key
+        # the autotuner adds every tensor argument's dtype to the key; TOKENS' blocks visit every tile (some skipped)
+        key=["head_dim", "seqlen_bucket", "CAUSAL", "TOKENS"],
         prune_configs_by={"early_config_prune": prune},
         cache_results=True,
     )
@@ -133,9 +143,34 @@ def _load_rows(ptr, tokens, head, stride_t, stride_h, token_ok, dims, head_dim):
 
 
 @triton.jit
-def _visible(keep, rows, keys, window, CAUSAL: tl.constexpr, SLIDING: tl.constexpr):
-    """keep [rows, keys], narrowed to the keys each row sees: with CAUSAL the row's and earlier ones, with SLIDING
-    only the last window + 1 of those."""
+def _token_places(Index, Document, places, token_ok, TOKENS: tl.constexpr):
+    """(positions, documents) the mask compares for the tokens at `places` in the program's sequence: the places
+    themselves (documents unused), or with TOKENS (the sequence is the whole tensor) their global indices and
+    document ids, loaded."""
+    positions = places
+    documents = places
+    if TOKENS:
+        positions = tl.load(Index + places, mask=token_ok, other=0)
+        documents = tl.load(Document + places, mask=token_ok, other=0)
+    return positions, documents
+
+
+@triton.jit
+def _visible(
+    keep,
+    rows,
+    keys,
+    row_documents,
+    key_documents,
+    window,
+    CAUSAL: tl.constexpr,
+    SLIDING: tl.constexpr,
+    TOKENS: tl.constexpr,
+):
+    """keep [rows, keys], narrowed to the keys each row sees: with TOKENS those of its document, with CAUSAL the
+    row's and earlier ones, with SLIDING only the last window + 1 of those (rows, keys: their positions)."""
+    if TOKENS:
+        keep = keep & (row_documents[:, None] == key_documents[None, :])
     if CAUSAL:
         keep = keep & (keys[None, :] <= rows[:, None])
     if SLIDING:
@@ -144,20 +179,67 @@ def _visible(keep, rows, keys, window, CAUSAL: tl.constexpr, SLIDING: tl.constex
 
 
 @triton.jit
-def _window_start(start_m, window, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
-    """The first key block a query block starting at start_m sees: 0, or with SLIDING its window's first block."""
-    if SLIDING:
-        return (tl.maximum(start_m - window, 0) // BLOCK_N) * BLOCK_N
-    return 0
+def _key_range(
+    start_m,
+    key_count,
+    window,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SLIDING: tl.constexpr,
+    TOKENS: tl.constexpr,
+):
+    """(first, end) of the keys a query block starting at start_m may see: causal stops at its last row, a window
+    starts at its first row's window's block. With TOKENS every key: the indices say nothing about the places."""
+    first = 0
+    end = key_count
+    if not TOKENS:
+        if CAUSAL:
+            end = tl.minimum(key_count, start_m + BLOCK_M)
+        if SLIDING:
+            first = (tl.maximum(start_m - window, 0) // BLOCK_N) * BLOCK_N
+    return first, end
 
 
 @triton.jit
-def _program_sequence(CuSeqlens, heads):
-    """(head, first token, length) of this program's sequence. Grid axis 0 enumerates sequence * heads + head
-    (CUDA allows 2**31 - 1 programs there, but only 65,535 on axes 1 and 2); axis 1 is the block in the sequence."""
-    seq = tl.program_id(0) // heads
-    start = tl.load(CuSeqlens + seq)
-    return tl.program_id(0) % heads, start, tl.load(CuSeqlens + seq + 1) - start
+def _query_range(
+    start_n,
+    query_count,
+    window,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SLIDING: tl.constexpr,
+    TOKENS: tl.constexpr,
+):
+    """(first, end) of the queries that may see a key block starting at start_n: causal starts at its block,
+    a window stops past its last key's window. With TOKENS every query."""
+    first = 0
+    end = query_count
+    if not TOKENS:
+        if CAUSAL:  # earlier queries never see these keys
+            first = (start_n // BLOCK_M) * BLOCK_M
+        if SLIDING:  # queries past the window of the block's last key never see it
+            end = tl.minimum(query_count, start_n + BLOCK_N + window)
+    return first, end
+
+
+@triton.jit
+def _program_sequence(CuSeqlens, heads, total_tokens, total_keys, ONE_BLOCK: tl.constexpr):
+    """(head, first token, query count, key count) of this program's sequence. Grid axis 0 enumerates
+    sequence * heads + head (CUDA allows 2**31 - 1 programs there, but only 65,535 on axes 1 and 2); axis 1 is the
+    block in the sequence. ONE_BLOCK: no cu_seqlens, every query (total_tokens) against every key (total_keys)."""
+    head = tl.program_id(0) % heads
+    if ONE_BLOCK:
+        start = 0
+        query_count = total_tokens
+        key_count = total_keys
+    else:
+        seq = tl.program_id(0) // heads
+        start = tl.load(CuSeqlens + seq)
+        query_count = tl.load(CuSeqlens + seq + 1) - start
+        key_count = query_count
+    return head, start, query_count, key_count
 
 
 @_autotuned("fwd")
@@ -169,9 +251,14 @@ def _fwd_kernel(
     Out,
     Lse,
     CuSeqlens,
+    QIndex,
+    QDocument,
+    KIndex,
+    KDocument,
     scale_log2,
     window,
     total_tokens,
+    total_keys,
     q_heads,
     group_size,
     head_dim,
@@ -186,41 +273,52 @@ def _fwd_kernel(
     stride_oh,
     CAUSAL: tl.constexpr,
     SLIDING: tl.constexpr,
+    TOKENS: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    head, start, length = _program_sequence(CuSeqlens, q_heads)
+    head, start, query_count, key_count = _program_sequence(CuSeqlens, q_heads, total_tokens, total_keys, ONE_BLOCK)
     kv_head = head // group_size
     start_m = tl.program_id(1) * BLOCK_M
-    if start_m < length:
+    if start_m < query_count:
         rows = start_m + tl.arange(0, BLOCK_M)
-        row_ok = rows < length
+        row_ok = rows < query_count
         dims = tl.arange(0, BLOCK_D)
         q = _load_rows(Q, start + rows, head, stride_qt, stride_qh, row_ok, dims, head_dim)
+        row_places, row_documents = _token_places(QIndex, QDocument, rows, row_ok, TOKENS)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        end_n = tl.minimum(length, start_m + BLOCK_M) if CAUSAL else length
-        for start_n in range(_window_start(start_m, window, BLOCK_N, SLIDING), end_n, BLOCK_N):
+        first_n, end_n = _key_range(start_m, key_count, window, BLOCK_M, BLOCK_N, CAUSAL, SLIDING, TOKENS)
+        for start_n in range(first_n, end_n, BLOCK_N):
             keys = start_n + tl.arange(0, BLOCK_N)
-            key_ok = keys < length
-            k = _load_rows(K, start + keys, kv_head, stride_kt, stride_kh, key_ok, dims, head_dim)
-            v = _load_rows(V, start + keys, kv_head, stride_vt, stride_vh, key_ok, dims, head_dim)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            s = tl.where(_visible(key_ok[None, :], rows, keys, window, CAUSAL, SLIDING), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_ref = m_new
-            if SLIDING:  # a row may see none of the block's keys yet (its window starts later): nothing to rescale
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(s - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        if SLIDING:  # rows past the sequence's end may see no key at all: 0, not 0 / 0 (they are not stored)
-            l_i = tl.where(row_ok, l_i, 1.0)
+            key_ok = keys < key_count
+            key_places, key_documents = _token_places(KIndex, KDocument, keys, key_ok, TOKENS)
+            keep = _visible(
+                key_ok[None, :], row_places, key_places, row_documents, key_documents, window, CAUSAL, SLIDING, TOKENS
+            )
+            needed = True
+            if TOKENS:  # no loop bound skips a tile whose mask is empty: skip its dot products here
+                needed = tl.max(keep.to(tl.int32)) > 0
+            if needed:
+                k = _load_rows(K, start + keys, kv_head, stride_kt, stride_kh, key_ok, dims, head_dim)
+                v = _load_rows(V, start + keys, kv_head, stride_vt, stride_vh, key_ok, dims, head_dim)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+                s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_ref = m_new
+                if SLIDING or TOKENS:  # a row may see none of the block's keys (yet): nothing to rescale
+                    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_ref)
+                p = tl.exp2(s - m_ref[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                m_i = m_new
+        if SLIDING or TOKENS:  # a row may see no key at all (past the sequence's end, or masked): out 0, lse -inf
+            l_i = tl.where(l_i == 0.0, 1.0, l_i)
         acc = acc / l_i[:, None]
         tl.store(
             Out + _tile_offsets(start + rows, head, stride_ot, stride_oh, dims),
@@ -259,23 +357,9 @@ def _bwd_preprocess(
 
 
 @triton.jit
-def _recomputed_probabilities(
-    q,
-    k,
-    lse,
-    rows,
-    keys,
-    row_ok,
-    key_ok,
-    scale,
-    window,
-    CAUSAL: tl.constexpr,
-    SLIDING: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """softmax probabilities of a [rows, keys] tile recomputed from the saved logsumexp (0 where masked)."""
+def _recomputed_probabilities(q, k, lse, keep, scale, PRECISION: tl.constexpr):
+    """softmax probabilities of a [rows, keys] tile recomputed from the saved logsumexp (0 where not kept)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
-    keep = _visible(row_ok[:, None] & key_ok[None, :], rows, keys, window, CAUSAL, SLIDING)
     return tl.where(keep, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
 
 
@@ -291,9 +375,14 @@ def _bwd_dkdv_kernel(
     Lse,
     Delta,
     CuSeqlens,
+    QIndex,
+    QDocument,
+    KIndex,
+    KDocument,
     scale,
     window,
     total_tokens,
+    total_keys,
     kv_heads,
     group_size,
     head_dim,
@@ -312,41 +401,55 @@ def _bwd_dkdv_kernel(
     stride_dvh,
     CAUSAL: tl.constexpr,
     SLIDING: tl.constexpr,
+    TOKENS: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """dk, dv for one key block of one kv head, summed over the q heads that read it (GQA)."""
-    kv_head, start, length = _program_sequence(CuSeqlens, kv_heads)
+    kv_head, start, query_count, key_count = _program_sequence(CuSeqlens, kv_heads, total_tokens, total_keys, ONE_BLOCK)
     start_n = tl.program_id(1) * BLOCK_N
-    if start_n < length:
+    if start_n < key_count:
         keys = start_n + tl.arange(0, BLOCK_N)
-        key_ok = keys < length
+        key_ok = keys < key_count
         dims = tl.arange(0, BLOCK_D)
         k = _load_rows(K, start + keys, kv_head, stride_kt, stride_kh, key_ok, dims, head_dim)
         v = _load_rows(V, start + keys, kv_head, stride_vt, stride_vh, key_ok, dims, head_dim)
+        key_places, key_documents = _token_places(KIndex, KDocument, keys, key_ok, TOKENS)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        first_m = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0  # causal: earlier queries never see these keys
-        end_m = length
-        if SLIDING:  # queries past the window of the block's last key never see it
-            end_m = tl.minimum(length, start_n + BLOCK_N + window)
+        first_m, end_m = _query_range(start_n, query_count, window, BLOCK_M, BLOCK_N, CAUSAL, SLIDING, TOKENS)
         for head in range(kv_head * group_size, (kv_head + 1) * group_size):
             for start_m in range(first_m, end_m, BLOCK_M):
                 rows = start_m + tl.arange(0, BLOCK_M)
-                row_ok = rows < length
-                q = _load_rows(Q, start + rows, head, stride_qt, stride_qh, row_ok, dims, head_dim)
-                do = _load_rows(DOut, start + rows, head, stride_dot, stride_doh, row_ok, dims, head_dim)
-                lse = tl.load(Lse + _lse_offsets(head, total_tokens, start + rows), mask=row_ok, other=0.0)
-                delta = tl.load(Delta + _lse_offsets(head, total_tokens, start + rows), mask=row_ok, other=0.0)
-                p = _recomputed_probabilities(
-                    q, k, lse, rows, keys, row_ok, key_ok, scale, window, CAUSAL, SLIDING, PRECISION
+                row_ok = rows < query_count
+                row_places, row_documents = _token_places(QIndex, QDocument, rows, row_ok, TOKENS)
+                keep = _visible(
+                    row_ok[:, None] & key_ok[None, :],
+                    row_places,
+                    key_places,
+                    row_documents,
+                    key_documents,
+                    window,
+                    CAUSAL,
+                    SLIDING,
+                    TOKENS,
                 )
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                needed = True
+                if TOKENS:  # as in the forward: skip a tile whose mask is empty
+                    needed = tl.max(keep.to(tl.int32)) > 0
+                if needed:
+                    q = _load_rows(Q, start + rows, head, stride_qt, stride_qh, row_ok, dims, head_dim)
+                    do = _load_rows(DOut, start + rows, head, stride_dot, stride_doh, row_ok, dims, head_dim)
+                    lse = tl.load(Lse + _lse_offsets(head, total_tokens, start + rows), mask=row_ok, other=0.0)
+                    delta = tl.load(Delta + _lse_offsets(head, total_tokens, start + rows), mask=row_ok, other=0.0)
+                    p = _recomputed_probabilities(q, k, lse, keep, scale, PRECISION)
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                    ds = p * (dp - delta[:, None])
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         mask = key_ok[:, None] & (dims < head_dim)[None, :]
         tl.store(
             DK + _tile_offsets(start + keys, kv_head, stride_dkt, stride_dkh, dims),
@@ -371,9 +474,14 @@ def _bwd_dq_kernel(
     Lse,
     Delta,
     CuSeqlens,
+    QIndex,
+    QDocument,
+    KIndex,
+    KDocument,
     scale,
     window,
     total_tokens,
+    total_keys,
     q_heads,
     group_size,
     head_dim,
@@ -390,36 +498,53 @@ def _bwd_dq_kernel(
     stride_dqh,
     CAUSAL: tl.constexpr,
     SLIDING: tl.constexpr,
+    TOKENS: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """dq for one query block of one q head."""
-    head, start, length = _program_sequence(CuSeqlens, q_heads)
+    head, start, query_count, key_count = _program_sequence(CuSeqlens, q_heads, total_tokens, total_keys, ONE_BLOCK)
     kv_head = head // group_size
     start_m = tl.program_id(1) * BLOCK_M
-    if start_m < length:
+    if start_m < query_count:
         rows = start_m + tl.arange(0, BLOCK_M)
-        row_ok = rows < length
+        row_ok = rows < query_count
         dims = tl.arange(0, BLOCK_D)
         q = _load_rows(Q, start + rows, head, stride_qt, stride_qh, row_ok, dims, head_dim)
         do = _load_rows(DOut, start + rows, head, stride_dot, stride_doh, row_ok, dims, head_dim)
         lse = tl.load(Lse + _lse_offsets(head, total_tokens, start + rows), mask=row_ok, other=0.0)
         delta = tl.load(Delta + _lse_offsets(head, total_tokens, start + rows), mask=row_ok, other=0.0)
+        row_places, row_documents = _token_places(QIndex, QDocument, rows, row_ok, TOKENS)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        end_n = tl.minimum(length, start_m + BLOCK_M) if CAUSAL else length
-        for start_n in range(_window_start(start_m, window, BLOCK_N, SLIDING), end_n, BLOCK_N):
+        first_n, end_n = _key_range(start_m, key_count, window, BLOCK_M, BLOCK_N, CAUSAL, SLIDING, TOKENS)
+        for start_n in range(first_n, end_n, BLOCK_N):
             keys = start_n + tl.arange(0, BLOCK_N)
-            key_ok = keys < length
-            k = _load_rows(K, start + keys, kv_head, stride_kt, stride_kh, key_ok, dims, head_dim)
-            v = _load_rows(V, start + keys, kv_head, stride_vt, stride_vh, key_ok, dims, head_dim)
-            p = _recomputed_probabilities(
-                q, k, lse, rows, keys, row_ok, key_ok, scale, window, CAUSAL, SLIDING, PRECISION
+            key_ok = keys < key_count
+            key_places, key_documents = _token_places(KIndex, KDocument, keys, key_ok, TOKENS)
+            keep = _visible(
+                row_ok[:, None] & key_ok[None, :],
+                row_places,
+                key_places,
+                row_documents,
+                key_documents,
+                window,
+                CAUSAL,
+                SLIDING,
+                TOKENS,
             )
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            needed = True
+            if TOKENS:  # as in the forward: skip a tile whose mask is empty
+                needed = tl.max(keep.to(tl.int32)) > 0
+            if needed:
+                k = _load_rows(K, start + keys, kv_head, stride_kt, stride_kh, key_ok, dims, head_dim)
+                v = _load_rows(V, start + keys, kv_head, stride_vt, stride_vh, key_ok, dims, head_dim)
+                p = _recomputed_probabilities(q, k, lse, keep, scale, PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         tl.store(
             DQ + _tile_offsets(start + rows, head, stride_dqt, stride_dqh, dims),
             (dq * scale).to(DQ.dtype.element_ty),
@@ -442,29 +567,69 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs stay exact; 16-bit use tensor cores anyway
 
 
-def flash_attn_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float, window: int = -1):
-    """q (T, Hq, D), k/v (T, Hk, D) -> (out (T, Hq, D), lse (Hq, T) fp32). Inputs are validated by the caller;
-    tokens may be strided (stride(-1) must be 1). window >= 0 (causal only): each query sees the window keys
-    before it and itself; -1: no window."""
+class TokenMask(NamedTuple):
+    """Which keys each query of a block sees (a ring attention block: q and k hold different tokens): query i sees
+    key j iff q_document[i] == k_document[j], with causal k_index[j] <= q_index[i], and with window >= 0
+    q_index[i] - k_index[j] <= window (-1: no window). Indices and documents: 1-D int32 or int64 tensors, contiguous,
+    one entry per token, on q's device."""
+
+    q_index: torch.Tensor
+    q_document: torch.Tensor
+    k_index: torch.Tensor
+    k_document: torch.Tensor
+    causal: bool
+    window: int = -1
+
+
+class _Launch(NamedTuple):
+    """What the three kernels share of one call: the sequences (cu_seqlens, or None: one block, every query of q
+    against every key of k, which are different tokens), the longest query and key runs, the mask options (tokens:
+    the per-token mask, one block only)."""
+
+    cu_seqlens: torch.Tensor | None
+    sequences: int
+    max_queries: int
+    max_keys: int
+    causal: bool
+    scale: float
+    window: int
+    tokens: TokenMask | None
+
+    def token_pointers(self) -> tuple:
+        return (None,) * 4 if self.tokens is None else tuple(self.tokens[:4])
+
+    def options(self, q: torch.Tensor) -> dict:
+        return dict(
+            CAUSAL=self.causal,
+            SLIDING=self.window >= 0,
+            TOKENS=self.tokens is not None,
+            ONE_BLOCK=self.cu_seqlens is None,
+            BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])),
+            PRECISION=_precision(q.dtype),
+        )
+
+    def seqlen_bucket(self) -> int:
+        return seqlen_bucket_of(max(self.max_queries, self.max_keys))
+
+
+def _forward(q, k, v, out, lse, launch: _Launch) -> None:
     total, q_heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    out = torch.empty((total, q_heads, head_dim), device=q.device, dtype=q.dtype)
-    lse = torch.empty(q_heads, total, device=q.device, dtype=torch.float32)
-    sequence_heads = (cu_seqlens.numel() - 1) * q_heads
-    _fwd_kernel[lambda meta: grid(sequence_heads, max_seqlen, meta["BLOCK_M"])](
+    _fwd_kernel[lambda meta: grid(launch.sequences * q_heads, launch.max_queries, meta["BLOCK_M"])](
         q,
         k,
         v,
         out,
         lse,
-        cu_seqlens,
-        scale * LOG2E,
-        max(window, 0),
+        launch.cu_seqlens,
+        *launch.token_pointers(),
+        launch.scale * LOG2E,
+        max(launch.window, 0),
         total,
+        k.shape[0],
         q_heads,
-        q_heads // kv_heads,
+        q_heads // k.shape[1],
         head_dim,
-        seqlen_bucket_of(max_seqlen),
+        launch.seqlen_bucket(),
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -473,38 +638,14 @@ def flash_attn_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale
         v.stride(1),
         out.stride(0),
         out.stride(1),
-        CAUSAL=causal,
-        SLIDING=window >= 0,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        PRECISION=_precision(q.dtype),
+        **launch.options(q),
     )
-    return out, lse
 
 
-def flash_attn_backward(
-    dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool, scale: float, window: int = -1
-):
-    """Gradients (dq, dk, dv) of flash_attn_forward, in the inputs' dtypes, contiguous."""
+def _backward(dout, q, k, v, dq, dk, dv, lse, delta, launch: _Launch) -> None:
+    """dq, dk, dv (written, not accumulated) from lse and delta = rowsum(dout * out), both (q_heads, q tokens)."""
     total, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    num_seqs = cu_seqlens.numel() - 1
-    dq = torch.empty((total, q_heads, head_dim), device=q.device, dtype=q.dtype)
-    dk, dv = (torch.empty((total, kv_heads, head_dim), device=q.device, dtype=q.dtype) for _ in range(2))
-    delta = torch.empty_like(lse)
-    block_d, precision = max(16, triton.next_power_of_2(head_dim)), _precision(q.dtype)
-    _bwd_preprocess[(triton.cdiv(total, 64), q_heads)](
-        out,
-        dout,
-        delta,
-        total,
-        head_dim,
-        out.stride(0),
-        out.stride(1),
-        dout.stride(0),
-        dout.stride(1),
-        BLOCK_M=64,
-        BLOCK_D=block_d,
-    )
     strides = (
         q.stride(0),
         q.stride(1),
@@ -515,7 +656,8 @@ def flash_attn_backward(
         dout.stride(0),
         dout.stride(1),
     )
-    _bwd_dkdv_kernel[lambda meta: grid(num_seqs * kv_heads, max_seqlen, meta["BLOCK_N"])](
+    shared = (launch.cu_seqlens, *launch.token_pointers(), launch.scale, max(launch.window, 0), total, k.shape[0])
+    _bwd_dkdv_kernel[lambda meta: grid(launch.sequences * kv_heads, launch.max_keys, meta["BLOCK_N"])](
         q,
         k,
         v,
@@ -524,25 +666,19 @@ def flash_attn_backward(
         dv,
         lse,
         delta,
-        cu_seqlens,
-        scale,
-        max(window, 0),
-        total,
+        *shared,
         kv_heads,
         q_heads // kv_heads,
         head_dim,
-        seqlen_bucket_of(max_seqlen),
+        launch.seqlen_bucket(),
         *strides,
         dk.stride(0),
         dk.stride(1),
         dv.stride(0),
         dv.stride(1),
-        CAUSAL=causal,
-        SLIDING=window >= 0,
-        BLOCK_D=block_d,
-        PRECISION=precision,
+        **launch.options(q),
     )
-    _bwd_dq_kernel[lambda meta: grid(num_seqs * q_heads, max_seqlen, meta["BLOCK_M"])](
+    _bwd_dq_kernel[lambda meta: grid(launch.sequences * q_heads, launch.max_queries, meta["BLOCK_M"])](
         q,
         k,
         v,
@@ -550,20 +686,82 @@ def flash_attn_backward(
         dq,
         lse,
         delta,
-        cu_seqlens,
-        scale,
-        max(window, 0),
-        total,
+        *shared,
         q_heads,
         q_heads // kv_heads,
         head_dim,
-        seqlen_bucket_of(max_seqlen),
+        launch.seqlen_bucket(),
         *strides,
         dq.stride(0),
         dq.stride(1),
-        CAUSAL=causal,
-        SLIDING=window >= 0,
-        BLOCK_D=block_d,
-        PRECISION=precision,
+        **launch.options(q),
     )
+
+
+def softmax_delta(out, dout) -> torch.Tensor:
+    """delta = rowsum(dout * out) of (tokens, heads, D) tensors: (heads, tokens) fp32, the backward's correction."""
+    total, heads, head_dim = out.shape
+    delta = torch.empty(heads, total, device=out.device, dtype=torch.float32)
+    _bwd_preprocess[(triton.cdiv(total, 64), heads)](
+        out,
+        dout,
+        delta,
+        total,
+        head_dim,
+        out.stride(0),
+        out.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+        BLOCK_M=64,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    )
+    return delta
+
+
+def flash_attn_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float, window: int = -1):
+    """q (T, Hq, D), k/v (T, Hk, D) -> (out (T, Hq, D), lse (Hq, T) fp32). Inputs are validated by the caller;
+    tokens may be strided (stride(-1) must be 1). window >= 0 (causal only): each query sees the window keys
+    before it and itself; -1: no window."""
+    total, q_heads, head_dim = q.shape
+    out = torch.empty((total, q_heads, head_dim), device=q.device, dtype=q.dtype)
+    lse = torch.empty(q_heads, total, device=q.device, dtype=torch.float32)
+    launch = _Launch(cu_seqlens, cu_seqlens.numel() - 1, max_seqlen, max_seqlen, causal, scale, window, None)
+    _forward(q, k, v, out, lse, launch)
+    return out, lse
+
+
+def flash_attn_backward(
+    dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool, scale: float, window: int = -1
+):
+    """Gradients (dq, dk, dv) of flash_attn_forward, in the inputs' dtypes, contiguous."""
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk, dv = (torch.empty(k.shape, device=q.device, dtype=q.dtype) for _ in range(2))
+    launch = _Launch(cu_seqlens, cu_seqlens.numel() - 1, max_seqlen, max_seqlen, causal, scale, window, None)
+    _backward(dout, q, k, v, dq, dk, dv, lse, softmax_delta(out, dout), launch)
+    return dq, dk, dv
+
+
+def _block_launch(q, k, scale: float, mask: TokenMask | None) -> _Launch:
+    causal, window = (False, -1) if mask is None else (mask.causal, mask.window)
+    return _Launch(None, 1, q.shape[0], k.shape[0], causal, scale, window, mask)
+
+
+def flash_attn_block_forward(q, k, v, scale: float, mask: TokenMask | None = None, out_dtype=torch.float32):
+    """One block: every query of q (M, Hq, D) against every key of k, v (N, Hk, D), different tokens; mask None:
+    every query sees every key. Returns out (M, Hq, D) in out_dtype and lse (Hq, M) fp32; a query no key reaches
+    gets out 0 and lse -inf. Validated by the caller; tokens may be strided (stride(-1) must be 1)."""
+    out = torch.empty(q.shape, device=q.device, dtype=out_dtype)
+    lse = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
+    _forward(q, k, v, out, lse, _block_launch(q, k, scale, mask))
+    return out, lse
+
+
+def flash_attn_block_backward(dout, q, k, v, lse, delta, scale: float, mask: TokenMask | None = None, grad_dtype=None):
+    """This block's (dq, dk, dv) in grad_dtype (None: q's) given the whole attention's lse and delta = rowsum(dout *
+    out) over all its blocks (softmax_delta; both (Hq, M) fp32, lse -inf where no key was reached): ring
+    attention's merged ones, so that the blocks' gradients add up to the whole attention's."""
+    grad_dtype = q.dtype if grad_dtype is None else grad_dtype
+    dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
+    dk, dv = (torch.empty(k.shape, device=q.device, dtype=grad_dtype) for _ in range(2))
+    _backward(dout, q, k, v, dq, dk, dv, lse, delta, _block_launch(q, k, scale, mask))
     return dq, dk, dv

@@ -59,6 +59,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from pytrain.kernels._backend import runs_triton
+from pytrain.kernels.flash_attn import ATTENTION_DTYPES, MAX_HEAD_DIM
 from pytrain.kernels.packed import PackedSequences
 
 SCORE_BYTES = 64 * 2**20  # the most bytes of score-shaped tensors a block computation holds at once
@@ -343,6 +345,120 @@ def _token_major(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.copy_(x.permute(2, 0, 1, 3)).flatten(1, 2)
 
 
+class _TorchBlocks:
+    """Pairs computed in torch (_pair_forward, _pair_backward): q scaled and head-major in the compute dtype."""
+
+    def __init__(self, ring: _Ring, q, q_tokens):
+        self.ring, self.q_tokens = ring, q_tokens
+        self.q = _head_major(q, ring.kv_heads, ring.compute_dtype).mul_(ring.scale)
+
+    def _mask(self, pair, k_tokens):
+        tokens = self.ring.pair_tokens(*pair, self.q_tokens, k_tokens)
+        if tokens is None:
+            return None
+        q_index, q_document, k_index, k_document = tokens
+        causal, window = self.ring.causal, self.ring.sliding_window
+        return lambda a, b: _allowed(q_index[a:b], q_document[a:b], k_index, k_document, causal, window)
+
+    def forward(self, pair, kv, k_tokens):
+        queries, keys, _ = pair
+        cols = slice(keys.start, keys.stop)
+        return _pair_forward(
+            self.q[:, :, queries.start : queries.stop], kv[0, :, cols], kv[1, :, cols], self._mask(pair, k_tokens)
+        )
+
+    def prepare_backward(self, dout, out, lse):
+        dtype, kv_heads = self.ring.compute_dtype, self.ring.kv_heads
+        self.dout = _head_major(dout, kv_heads, dtype)
+        self.delta = (dout.to(dtype) * out.to(dtype)).sum(-1).unflatten(1, (kv_heads, -1)).permute(1, 2, 0)
+        self.lse = lse.masked_fill(lse == float("-inf"), 0.0)  # rows no key reached: every probability is 0
+
+    def backward(self, pair, kv, k_tokens, dq, dkv):
+        queries, keys, _ = pair
+        rows, cols = slice(queries.start, queries.stop), slice(keys.start, keys.stop)
+        _pair_backward(
+            self.q[:, :, rows],
+            kv[0, :, cols],
+            kv[1, :, cols],
+            self.dout[:, :, rows],
+            self.delta[:, :, rows],
+            self.lse[:, :, rows],
+            self._mask(pair, k_tokens),
+            self.ring.scale,
+            dq[:, :, rows],
+            dkv[0, :, cols],
+            dkv[1, :, cols],
+        )
+
+
+class _TritonBlocks:
+    """Pairs computed by the Triton flash-attention block kernels (kernels/flash_attn_triton.py) on the inputs'
+    dtype, out, lse and gradients in fp32: a full pair without a mask, a partial one with its tokens' indices and
+    documents (TokenMask)."""
+
+    def __init__(self, ring: _Ring, q, q_tokens):
+        from pytrain.triton import flash_attn_triton  # imported on use: triton reads TRITON_INTERPRET at import
+
+        self.kernels, self.ring, self.q_tokens = flash_attn_triton, ring, q_tokens
+        self.q = q if q.stride(-1) == 1 else q.contiguous()
+
+    def _mask(self, pair, k_tokens):
+        tokens = self.ring.pair_tokens(*pair, self.q_tokens, k_tokens)
+        if tokens is None:
+            return None
+        window = self.ring.sliding_window
+        # the kernels' window counts the keys before the query: i - j < sliding_window is i - j <= sliding_window - 1
+        return self.kernels.TokenMask(*tokens, self.ring.causal, -1 if window is None else window - 1)
+
+    @staticmethod
+    def _keys(kv, keys):
+        """k and v of a key part as (n, kv_heads, d) views of the (2, kv_heads, n, d) block."""
+        cols = slice(keys.start, keys.stop)
+        return kv[0, :, cols].transpose(0, 1), kv[1, :, cols].transpose(0, 1)
+
+    def _head_major(self, x):
+        """(tokens, heads, d) or (heads, tokens) -> a (kv_heads, group, tokens[, d]) view."""
+        if x.dim() == 2:
+            return x.unflatten(0, (self.ring.kv_heads, -1))
+        return x.unflatten(1, (self.ring.kv_heads, -1)).permute(1, 2, 0, 3)
+
+    def forward(self, pair, kv, k_tokens):
+        queries, keys, _ = pair
+        out, lse = self.kernels.flash_attn_block_forward(
+            self.q[queries.start : queries.stop], *self._keys(kv, keys), self.ring.scale, self._mask(pair, k_tokens)
+        )
+        return self._head_major(out), self._head_major(lse)
+
+    def prepare_backward(self, dout, out, lse):
+        self.dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        self.delta = self.kernels.softmax_delta(out, self.dout)
+        # (heads, tokens); rows no key reached: 0 for -inf as in torch (every probability is 0 either way)
+        self.lse = lse.masked_fill(lse == float("-inf"), 0.0).flatten(0, 1)
+
+    def backward(self, pair, kv, k_tokens, dq, dkv):
+        queries, keys, _ = pair
+        rows, cols = slice(queries.start, queries.stop), slice(keys.start, keys.stop)
+        dq_part, dk_part, dv_part = self.kernels.flash_attn_block_backward(
+            self.dout[rows],
+            self.q[rows],
+            *self._keys(kv, keys),
+            self.lse[:, rows].contiguous(),
+            self.delta[:, rows].contiguous(),
+            self.ring.scale,
+            self._mask(pair, k_tokens),
+            grad_dtype=dq.dtype,
+        )
+        dq[:, :, rows] += self._head_major(dq_part)
+        dkv[0, :, cols] += dk_part.transpose(0, 1)
+        dkv[1, :, cols] += dv_part.transpose(0, 1)
+
+
+def _runs_triton_blocks(q: torch.Tensor) -> bool:
+    """Whether the Triton block kernels compute the pairs: on CUDA (or the CPU with PYTRAIN_TRITON_CPU=1), for the
+    dtypes and head dims they take; float64 and larger heads stay in torch."""
+    return q.dtype in ATTENTION_DTYPES and q.shape[-1] <= MAX_HEAD_DIM and runs_triton(q.device)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Transport: point-to-point hops and one all-gather over the context group
 
@@ -400,6 +516,8 @@ class _Ring:
         self.transport, self.causal, self.scale, self.sliding_window = transport, causal, scale, sliding_window
         self.kv_heads = k.shape[1]
         self.compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.block_kind = _TritonBlocks if _runs_triton_blocks(q) else _TorchBlocks
+        self.kv_dtype = q.dtype if self.block_kind is _TritonBlocks else self.compute_dtype  # the blocks' K/V
         self.schedule = ring_schedule(transport.rank, transport.size, window_size)
         shape = (q.shape[0], q.shape[1], k.shape[1], q.shape[2])
         local = _encode(shape, _local_parts(token_index, document)).to(q.device)
@@ -420,15 +538,13 @@ class _Ring:
                 if coverage is not _Coverage.EMPTY:
                     yield queries, keys, coverage
 
-    def mask(self, queries: _Part, keys: _Part, coverage: _Coverage, q_tokens, k_tokens):
-        """mask(a, b) for query rows a:b of the part, or None when every key is allowed."""
+    def pair_tokens(self, queries: _Part, keys: _Part, coverage: _Coverage, q_tokens, k_tokens):
+        """(q_index, q_document, k_index, k_document) of a partial pair's tokens, or None when every key is allowed."""
         if coverage is _Coverage.FULL:
             return None
         q_index, q_document = q_tokens[:, queries.start : queries.stop]
         k_index, k_document = k_tokens[:, keys.start : keys.stop]
-        return lambda a, b: _allowed(
-            q_index[a:b], q_document[a:b], k_index, k_document, self.causal, self.sliding_window
-        )
+        return q_index, q_document, k_index, k_document
 
     def _hop(self, step: int, tagged: list[tuple[int, torch.Tensor]]):
         """Starts step's hop (sending after step, receiving for step + 1); returns (wait, received buffers)."""
@@ -438,7 +554,7 @@ class _Ring:
         return wait, received
 
     def blocks(self, k, v, token_index, document):
-        """Yields (step, owner, kv (2, K, n, d) in the compute dtype, tokens (2, n)) around the ring, the next
+        """Yields (step, owner, kv (2, K, n, d) in kv_dtype, tokens (2, n)) around the ring, the next
         block's hop started before the caller computes this one and waited for after."""
         kv = torch.stack((k.transpose(0, 1), v.transpose(0, 1)))
         tokens = torch.stack((token_index, document))
@@ -446,55 +562,34 @@ class _Ring:
             last = step == len(self.schedule.owners) - 1
             if not last:
                 wait, (next_kv, next_tokens) = self._hop(step, [(_KV_TAG, kv), (_TOKENS_TAG, tokens)])
-            yield step, owner, kv.to(self.compute_dtype), tokens
+            yield step, owner, kv.to(self.kv_dtype), tokens
             if not last:
                 wait()
                 kv, tokens = next_kv, next_tokens
 
     def forward(self, q, k, v, token_index, document):
         """Returns out (tokens, heads, d) in q's dtype and lse (K, G, tokens) in the compute dtype."""
-        q_scaled = _head_major(q, self.kv_heads, self.compute_dtype).mul_(self.scale)
-        out = torch.zeros_like(q_scaled)
-        lse = torch.full(q_scaled.shape[:-1], float("-inf"), dtype=q_scaled.dtype, device=q.device)
         q_tokens = torch.stack((token_index, document))
+        blocks = self.block_kind(self, q, q_tokens)
+        shape = (self.kv_heads, q.shape[1] // self.kv_heads, q.shape[0], q.shape[2])
+        out = torch.zeros(shape, dtype=self.compute_dtype, device=q.device)
+        lse = torch.full(shape[:-1], float("-inf"), dtype=self.compute_dtype, device=q.device)
         for _, owner, kv, k_tokens in self.blocks(k, v, token_index, document):
-            for queries, keys, coverage in self.pairs(owner):
-                rows, cols = slice(queries.start, queries.stop), slice(keys.start, keys.stop)
-                part_out, part_lse = _pair_forward(
-                    q_scaled[:, :, rows],
-                    kv[0, :, cols],
-                    kv[1, :, cols],
-                    self.mask(queries, keys, coverage, q_tokens, k_tokens),
-                )
+            for pair in self.pairs(owner):
+                rows = slice(pair[0].start, pair[0].stop)
+                part_out, part_lse = blocks.forward(pair, kv, k_tokens)
                 _merge_(out[:, :, rows], lse[:, :, rows], part_out, part_lse)
         return _token_major(out, q), lse
 
     def backward(self, dout, q, k, v, token_index, document, out, lse):
-        dtype = self.compute_dtype
-        q_scaled = _head_major(q, self.kv_heads, dtype).mul_(self.scale)
-        dout_hm = _head_major(dout, self.kv_heads, dtype)
-        delta = (dout.to(dtype) * out.to(dtype)).sum(-1).unflatten(1, (self.kv_heads, -1)).permute(1, 2, 0)
-        lse = lse.masked_fill(lse == float("-inf"), 0.0)  # rows no key reached: every probability is exp(-inf) = 0
-        dq = torch.zeros_like(q_scaled)
-        q_tokens = torch.stack((token_index, document))
+        blocks = self.block_kind(self, q, torch.stack((token_index, document)))
+        blocks.prepare_backward(dout, out, lse)
+        dq = torch.zeros(lse.shape + q.shape[-1:], dtype=self.compute_dtype, device=q.device)
         grad_hop = None  # (wait, [buffer]): the dK/dV of the block arriving next, accumulated by its holders
         for step, owner, kv, k_tokens in self.blocks(k, v, token_index, document):
-            dkv = torch.zeros_like(kv)
-            for queries, keys, coverage in self.pairs(owner):
-                rows, cols = slice(queries.start, queries.stop), slice(keys.start, keys.stop)
-                _pair_backward(
-                    q_scaled[:, :, rows],
-                    kv[0, :, cols],
-                    kv[1, :, cols],
-                    dout_hm[:, :, rows],
-                    delta[:, :, rows],
-                    lse[:, :, rows],
-                    self.mask(queries, keys, coverage, q_tokens, k_tokens),
-                    self.scale,
-                    dq[:, :, rows],
-                    dkv[0, :, cols],
-                    dkv[1, :, cols],
-                )
+            dkv = torch.zeros(kv.shape, dtype=self.compute_dtype, device=kv.device)  # fp32 (float64) for any kv_dtype
+            for pair in self.pairs(owner):
+                blocks.backward(pair, kv, k_tokens, dq, dkv)
             if grad_hop is not None:
                 dkv += _arrived(grad_hop)
             if self.transport.size > 1:  # on along the ring, one hop behind the K/V; the last hop returns it home
