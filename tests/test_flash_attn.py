@@ -15,6 +15,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pytrain.triton.flash_attn_triton import _lse_offsets, _tile_offsets
 
 from pytrain.kernels import PackedSequences, flash_attn_func, flash_attn_varlen_func, reference
@@ -525,3 +527,131 @@ def test_packed_sequences_checks_and_positions():
     ]:
         with pytest.raises(error, match=match):
             PackedSequences(bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One block with per-token masks (ring attention's blocks): q and k hold different tokens, each with a global index
+# and a document id. Same tolerance rule as above (2x PyTorch's same-dtype error + FLOOR) against float64.
+
+
+def block_mask(q_index, q_document, k_index, k_document, causal, window):
+    """(queries, keys) bool: TokenMask's rule written out."""
+    allowed = q_document[:, None] == k_document[None, :]
+    if causal:
+        allowed &= k_index[None, :] <= q_index[:, None]
+    if window >= 0:
+        allowed &= q_index[:, None] - k_index[None, :] <= window
+    return allowed
+
+
+def masked_block_attention(q, k, v, allowed, scale):
+    """(out, lse (heads, queries)) of every query over the keys `allowed` lets it see, in q's dtype; a row seeing
+    no key: out 0, lse -inf."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = scores.logsumexp(-1)
+    probs = (scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None]).exp()
+    return torch.einsum("hqk,khd->qhd", probs, v), lse
+
+
+def block_inputs(queries, keys, q_heads, kv_heads, head_dim, dtype, device, seed, documents=3, index_dtype=torch.int64):
+    """q, k, v, dout and a TokenMask's tensors: queries and keys get distinct random global indices among twice
+    their count (an arbitrary split, as zigzag or random ones give), cut into `documents` packed documents."""
+    from pytrain.triton.flash_attn_triton import TokenMask
+
+    g = torch.Generator().manual_seed(seed)
+    span = 2 * (queries + keys)
+    chosen = torch.randperm(span, generator=g)[: queries + keys]
+    q_index, k_index = chosen[:queries], chosen[queries:]
+    bounds = torch.sort(torch.randperm(span - 1, generator=g)[: documents - 1] + 1).values
+    q_document, k_document = torch.bucketize(q_index, bounds, right=True), torch.bucketize(k_index, bounds, right=True)
+    q, k, v, dout = (
+        torch.randn(n, h, head_dim, generator=g).to(dtype).to(device)
+        for n, h in ((queries, q_heads), (keys, kv_heads), (keys, kv_heads), (queries, q_heads))
+    )
+    tokens = [t.to(device, index_dtype) for t in (q_index, q_document, k_index, k_document)]
+    return q, k, v, dout, lambda causal, window: TokenMask(*tokens, causal, window)
+
+
+def assert_block_matches_reference(q, k, v, dout, mask, scale):
+    """flash_attn_block_forward / _backward (with the block's own lse and delta: the block is the whole attention)
+    against float64, by the tolerance rule; out, lse and gradients finite, rows seeing no key out 0 and lse -inf."""
+    from pytrain.triton.flash_attn_triton import flash_attn_block_backward, flash_attn_block_forward, softmax_delta
+
+    if mask is None:
+        allowed = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool)
+    else:
+        allowed = block_mask(*(t.cpu() for t in mask[:4]), mask.causal, mask.window)
+    out, lse = flash_attn_block_forward(q, k, v, scale, mask, out_dtype=q.dtype)
+    dq, dk, dv = flash_attn_block_backward(dout, q, k, v, lse, softmax_delta(out, dout), scale, mask)
+    got = (out, dq, dk, dv)
+    assert all(torch.isfinite(t).all() for t in got) and not lse.isnan().any()
+
+    def reference(dtype):
+        inputs = [t.detach().cpu().to(dtype).requires_grad_() for t in (q, k, v)]
+        ref_out, ref_lse = masked_block_attention(*inputs, allowed, scale)
+        grads = torch.autograd.grad(ref_out, inputs, dout.cpu().to(dtype))
+        return (ref_out.detach(), *grads), ref_lse.detach()
+
+    want, want_lse = reference(torch.float64)
+    same_dtype, _ = reference(q.dtype)
+    empty = ~allowed.any(1)
+    assert (lse.cpu()[:, empty] == float("-inf")).all() and (out.cpu()[empty] == 0).all()
+    torch.testing.assert_close(lse.cpu()[:, ~empty].double(), want_lse[:, ~empty], rtol=0, atol=1e-4)
+    for name, g, w, p in zip(("out", "dq", "dk", "dv"), got, want, same_dtype):
+        assert g.dtype == q.dtype and g.shape == w.shape, name
+        error = (g.cpu().double() - w).abs().max().item()
+        torch_error = (p.double() - w).abs().max().item()
+        assert error <= 2 * torch_error + FLOOR[q.dtype], f"{name}: error {error:.3g} vs PyTorch's {torch_error:.3g}"
+    return empty
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2")  # the interpreter's numpy, at lse -inf
+@pytest.mark.parametrize(
+    "dtype, causal, window",
+    [
+        (torch.float32, True, 6),
+        (torch.float32, False, -1),
+        (torch.float16, True, -1),
+        pytest.param(torch.bfloat16, True, 6, marks=pytest.mark.cuda),  # the interpreter's bf16 dot: see above
+    ],
+)
+def test_triton_block_token_masks(triton_device, dtype, causal, window):
+    """Uneven query and key counts (not tile multiples), GQA 2:1, head_dim 24; random global indices and packed
+    documents (5): with causal some rows see no key of the block."""
+    q, k, v, dout, mask = block_inputs(21, 13, 2, 1, 24, dtype, triton_device, seed=16, documents=5)
+    empty = assert_block_matches_reference(q, k, v, dout, mask(causal, window), 0.3)
+    assert not empty.all() and (empty.any() or not causal)
+
+
+def test_triton_block_without_mask(triton_device):
+    """mask None: every query sees every key (ring attention's full pairs)."""
+    q, k, v, dout, _ = block_inputs(20, 9, 2, 1, 16, torch.float32, triton_device, seed=17)
+    assert not assert_block_matches_reference(q, k, v, dout, None, 0.25).any()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2")
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    queries=st.integers(1, 24),
+    keys=st.integers(1, 24),
+    kv_heads=st.integers(1, 2),
+    group=st.integers(1, 2),
+    head_dim=st.sampled_from([8, 16, 40]),
+    documents=st.integers(1, 4),
+    causal=st.booleans(),
+    window=st.integers(-1, 10),
+    index_dtype=st.sampled_from([torch.int32, torch.int64]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_triton_block_token_masks(
+    triton_device, queries, keys, kv_heads, group, head_dim, documents, causal, window, index_dtype, seed
+):
+    """Random shapes (1..24 queries and keys), heads, documents, masks and index dtypes; fp32. Few examples: the
+    interpreter takes about a second each."""
+    q, k, v, dout, mask = block_inputs(
+        queries, keys, kv_heads * group, kv_heads, head_dim, torch.float32, triton_device, seed, documents, index_dtype
+    )
+    assert_block_matches_reference(q, k, v, dout, mask(causal, window), head_dim**-0.5)
