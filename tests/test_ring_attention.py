@@ -7,11 +7,15 @@ processes, 2 and 4, several cases per spawn.
 
 Tolerances on the output and every gradient: float64 inputs (computed in float64: the algorithm itself),
 1e-10; fp32 inputs at the default scale, rtol 1e-5 / atol 1e-6 (fp32 accumulation against float64), atol 1e-5
-in the property test (head_dim up to 8 and up to 4 ranks' merges); bf16 inputs, rtol 2e-2 / atol 2e-2 (bf16
-rounding of inputs, output and gradients).
+in the property test (head_dim up to 8 and up to 4 ranks' merges); fp16 and bf16 inputs, rtol = atol 1e-2 and
+2e-2 (16-bit rounding of inputs, output and gradients; the Triton blocks' dot products in 16 bits too).
+
+The pairs run in torch on the CPU and in the Triton block kernels on CUDA (tests: the CPU through Triton's
+interpreter with PYTRAIN_TRITON_CPU=1, in gloo processes, against the torch pairs, rtol 1e-5 / atol 1e-6 in fp32).
 """
 
 import itertools
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +31,11 @@ from rank_results import RankResults
 
 from pytrain.parallel import ring_attention as ring_module
 from pytrain.parallel.ring_attention import (
+    _OneRank,
     _Ring,
     _ring_attention,
+    _TorchBlocks,
+    _TritonBlocks,
     contiguous_token_index,
     document_ids,
     ring_attention,
@@ -39,6 +46,7 @@ from pytrain.parallel.ring_attention import (
 TOLERANCES = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
     torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
     torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
 }
 PROPERTY_TOLERANCES = {torch.float64: TOLERANCES[torch.float64], torch.float32: dict(rtol=1e-5, atol=1e-5)}
@@ -428,6 +436,110 @@ def test_gloo_processes_equal_reference(world, init_method):
     results = run_processes(world, init_method)
     for number, case in enumerate(PROCESS_CASES[world]):
         check_ranks(case, [results[number, rank] for rank in range(world)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pairs on the Triton block kernels
+
+
+def test_pairs_run_on_the_triton_kernels_where_flash_attention_does(triton_device, monkeypatch):
+    """CUDA (or PYTRAIN_TRITON_CPU=1): the Triton block kernels for the dtypes and head dims they take; float64 and
+    head_dim > 256 stay in torch, and so does the CPU by default."""
+
+    def kind(dtype, head_dim=8, device=triton_device):
+        q = torch.zeros(4, 2, head_dim, dtype=dtype, device=device)
+        index = torch.arange(4, device=device)
+        return _Ring(_OneRank(), q, q, index, torch.zeros_like(index), True, 1.0, None, 1).block_kind
+
+    assert kind(torch.float32) is kind(torch.float16) is kind(torch.bfloat16) is _TritonBlocks
+    assert kind(torch.float64) is kind(torch.float32, head_dim=264) is _TorchBlocks
+    monkeypatch.delenv("PYTRAIN_TRITON_CPU", raising=False)
+    assert kind(torch.float32, device="cpu") is _TorchBlocks
+
+
+TRITON_CASES = {
+    # zigzag: full, partial (the diagonal, masked by index) and empty pairs; documents straddling the ranks; GQA
+    2: [
+        Case(
+            ring=2,
+            split="zigzag",
+            batch=1,
+            seq_len=16,
+            cu_seqlens=(0, 3, 11, 16),
+            heads=2,
+            kv_heads=1,
+            sliding_window=6,
+        )
+    ],
+    4: [
+        Case(
+            ring=4, split="zigzag", batch=1, seq_len=16, cu_seqlens=(0, 5, 16), heads=4, kv_heads=2, dtype=torch.float16
+        ),
+        Case(ring=4, split="random", batch=1, seq_len=16, causal=False, sliding_window=5, window_size=2),
+    ],
+}
+
+
+def _triton_worker(rank, world, init_method, results):
+    """Each case twice, the pairs on the Triton kernels (Triton's interpreter) and in torch."""
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        for number, case in enumerate(TRITON_CASES[world]):
+            for blocks in ("triton", "torch"):
+                os.environ["PYTRAIN_TRITON_CPU"] = "1" if blocks == "triton" else "0"
+                results[number, blocks, rank] = run_rank(
+                    case, rank, lambda *tensors, **options: ring_attention(*tensors, dist.group.WORLD, **options)
+                )
+    finally:
+        dist.destroy_process_group()
+
+
+# 2 processes, one case: 7 s; 4 processes: slow (the interpreter runs every pair's launch one program at a time)
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's interpreter on CPU tensors (no GPU)")
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_gloo_processes_triton_pairs_equal_torch_pairs(world, init_method):
+    """Gloo processes, the Triton block kernels forced on the CPU: the reference's result, and in fp32 the torch
+    pairs' up to rounding."""
+    with RankResults() as stored:
+        mp.spawn(_triton_worker, args=(world, init_method, stored), nprocs=world, join=True)
+        results = dict(stored)
+    for number, case in enumerate(TRITON_CASES[world]):
+        triton_results = [results[number, "triton", rank] for rank in range(world)]
+        check_ranks(case, triton_results)
+        if case.dtype == torch.float32:
+            torch_results = [results[number, "torch", rank] for rank in range(world)]
+            for rank, (got, want) in enumerate(zip(triton_results, torch_results)):
+                for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+                    torch.testing.assert_close(
+                        x, y, **TOLERANCES[torch.float32], msg=lambda m: f"{case} rank {rank} {name}: {m}"
+                    )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_thread_ring_triton_pairs_equal_reference(dtype):
+    """A ring of 2 threads on one GPU (the pairs on the Triton kernels), longer rows than the interpreter allows."""
+    case = Case(
+        ring=2,
+        split="zigzag",
+        batch=2,
+        seq_len=512,
+        cu_seqlens=(0, 100, 700, 1024),
+        heads=8,
+        kv_heads=2,
+        head_dim=64,
+        sliding_window=300,
+        dtype=dtype,
+    )
+
+    def on_cuda(transport):
+        def attend(*tensors, **options):
+            return _ring_attention(*(t.cuda() for t in tensors), transport, **options).cpu()
+
+        return attend
+
+    check_ranks(case, run_threads(case.ring, lambda rank, transport: run_rank(case, rank, on_cuda(transport))))
 
 
 # ---------------------------------------------------------------------------------------------------
