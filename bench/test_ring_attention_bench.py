@@ -189,8 +189,9 @@ CUDA_TOKENS = 32768  # the long-context row a lent GPU measures (bench/gpu/run.s
 @NEEDS_CUDA
 @pytest.mark.parametrize("impl", ["sdpa_flash", "pytrain_ring"])
 def test_ring_attention_cuda(benchmark, compute, impl):
-    """One GPU, bf16, 32k tokens: the ring's block computation (one rank: every block of the row, in torch) beside
-    SDPA's flash backend on the same tokens; a multi-GPU machine would add the hops."""
+    """One GPU, bf16, 32k tokens: the ring's block computation (one rank: every pair of the row, on the Triton
+    flash-attention block kernels, the two causal diagonal pairs with the per-token mask) beside SDPA's flash backend
+    on the same tokens; a multi-GPU machine would add the hops."""
     q, k, v, dout = (t.to("cuda", torch.bfloat16).requires_grad_(i < 3) for i, t in enumerate(inputs(CUDA_TOKENS)))
     if impl == "sdpa_flash":
         heads = [

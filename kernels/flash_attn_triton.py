@@ -146,12 +146,13 @@ def _load_rows(ptr, tokens, head, stride_t, stride_h, token_ok, dims, head_dim):
 def _token_places(Index, Document, places, token_ok, TOKENS: tl.constexpr):
     """(positions, documents) the mask compares for the tokens at `places` in the program's sequence: the places
     themselves (documents unused), or with TOKENS (the sequence is the whole tensor) their global indices and
-    document ids, loaded."""
+    document ids, loaded as int32 (below 2**31, TokenMask's rule: int64 [rows, keys] compares cost the dK/dV
+    kernel 60 registers at head_dim 128, and a spill)."""
     positions = places
     documents = places
     if TOKENS:
-        positions = tl.load(Index + places, mask=token_ok, other=0)
-        documents = tl.load(Document + places, mask=token_ok, other=0)
+        positions = tl.load(Index + places, mask=token_ok, other=0).to(tl.int32)
+        documents = tl.load(Document + places, mask=token_ok, other=0).to(tl.int32)
     return positions, documents
 
 
@@ -571,7 +572,7 @@ class TokenMask(NamedTuple):
     """Which keys each query of a block sees (a ring attention block: q and k hold different tokens): query i sees
     key j iff q_document[i] == k_document[j], with causal k_index[j] <= q_index[i], and with window >= 0
     q_index[i] - k_index[j] <= window (-1: no window). Indices and documents: 1-D int32 or int64 tensors, contiguous,
-    one entry per token, on q's device."""
+    one entry per token, on q's device, every value within int32's range (the kernels compare them in int32)."""
 
     q_index: torch.Tensor
     q_document: torch.Tensor

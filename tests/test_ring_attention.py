@@ -443,16 +443,18 @@ def test_gloo_processes_equal_reference(world, init_method):
 
 
 def test_pairs_run_on_the_triton_kernels_where_flash_attention_does(triton_device, monkeypatch):
-    """CUDA (or PYTRAIN_TRITON_CPU=1): the Triton block kernels for the dtypes and head dims they take; float64 and
-    head_dim > 256 stay in torch, and so does the CPU by default."""
+    """CUDA (or PYTRAIN_TRITON_CPU=1): the Triton block kernels for the dtypes, head dims and token indices they
+    take; float64, head_dim > 256 and indices past int32 stay in torch, and so does the CPU by default."""
 
-    def kind(dtype, head_dim=8, device=triton_device):
+    def kind(dtype, head_dim=8, device=triton_device, first_index=0):
         q = torch.zeros(4, 2, head_dim, dtype=dtype, device=device)
-        index = torch.arange(4, device=device)
+        index = torch.arange(first_index, first_index + 4, device=device)
         return _Ring(_OneRank(), q, q, index, torch.zeros_like(index), True, 1.0, None, 1).block_kind
 
     assert kind(torch.float32) is kind(torch.float16) is kind(torch.bfloat16) is _TritonBlocks
     assert kind(torch.float64) is kind(torch.float32, head_dim=264) is _TorchBlocks
+    assert kind(torch.float32, first_index=2**31 - 4) is _TritonBlocks  # the kernels compare indices in int32
+    assert kind(torch.float32, first_index=2**31 - 3) is _TorchBlocks
     monkeypatch.delenv("PYTRAIN_TRITON_CPU", raising=False)
     assert kind(torch.float32, device="cpu") is _TorchBlocks
 

@@ -17,9 +17,16 @@ lse = logaddexp(lse, lse_b), out = exp(lse_old - lse) out + exp(lse_b - lse) out
 torch.autograd.Function that recomputes each block's probabilities from the saved q, k, v, the final out and
 lse (flash-attention's backward: D = rowsum(dout * out), dS = P * (dP - D)); dQ accumulates locally, while
 each block's dK/dV accumulate on whichever rank holds it and travel the ring with it, one hop behind the K/V,
-and a last hop returns them to their owner. Blocks are computed in torch (CPU and GPU), in fp32 for 16-bit
-inputs (float64 stays float64), query rows in chunks so that no more than SCORE_BYTES (64 MiB) of score-shaped
-tensors exist at once.
+and a last hop returns them to their owner.
+
+What computes a block's pairs (a query part against a key part, below). On CUDA (or on the CPU with
+PYTRAIN_TRITON_CPU=1, through Triton's interpreter: tests), for fp16/bf16/fp32 and head_dim <= 256: pytrain's Triton
+flash-attention kernels in their block mode (kernels/flash_attn_triton.py: flash_attn_block_forward/_backward),
+on the inputs' dtype, returning the pair's out and lse in fp32 for the merge; a full pair runs without a mask, a
+partial one with its tokens' global indices and documents (TokenMask), tiles whose mask is empty skipped; the
+backward takes the ring's merged lse and delta. Otherwise (the CPU by default, float64, larger heads): torch, in
+fp32 for 16-bit inputs (float64 stays float64), query rows in chunks so that no more than SCORE_BYTES (64 MiB) of
+score-shaped tensors exist at once.
 
 Skipping. Before the ring starts, each rank cuts its tokens into parts (runs of consecutive global indices
 within one document, at most half the tokens long, merged down to at most MAX_PARTS), and one small
@@ -42,7 +49,8 @@ rounding of a different merge order.
 
 Per rank, with L local tokens, H query heads, K kv heads, head dim d, element size e: forward keeps the fp32
 out and lse (L H (d + 1) 4 bytes), the K/V block being computed and the one arriving (2 x 2 L K d e; 16-bit
-inputs add the computed block's fp32 copy) and the scores (<= SCORE_BYTES); it sends R - 1 blocks of
+inputs add the computed block's fp32 copy in torch) and the scores (torch: <= SCORE_BYTES; the Triton kernels
+build none, a pair's fp32 out and lse instead, and its fp32 dq, dk, dv in the backward); it sends R - 1 blocks of
 2 L K d e + 16 L bytes. Backward sends the same K/V hops plus R hops of the fp32 dK/dV (2 L K d 4 bytes each)
 and holds up to three dK/dV blocks (sent, accumulating, arriving) and the fp32 dQ. Measured (bench, CPU, fp32,
 H 4, K 2, d 64, 2 ranks): 55 MiB per rank for 4096 tokens, 178 MiB for 16384, every tensor included.
@@ -257,7 +265,8 @@ def _decode(row: list[int]) -> tuple[tuple[int, ...], list[_Part]]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Block computation: one pair of parts, query rows in chunks (layout: head-major (kv_heads, group, tokens, dim))
+# Block computation in torch: one pair of parts, query rows in chunks (layout: head-major (kv_heads, group, tokens,
+# dim)); _TorchBlocks and _TritonBlocks below hold what either way needs of one forward or backward
 
 
 def _rows_per_chunk(heads: int, keys: int, element_size: int, live: int) -> int:
@@ -453,10 +462,22 @@ class _TritonBlocks:
         dkv[1, :, cols] += dv_part.transpose(0, 1)
 
 
-def _runs_triton_blocks(q: torch.Tensor) -> bool:
+def _runs_triton_blocks(q: torch.Tensor, parts: list[list[_Part]]) -> bool:
     """Whether the Triton block kernels compute the pairs: on CUDA (or the CPU with PYTRAIN_TRITON_CPU=1), for the
-    dtypes and head dims they take; float64 and larger heads stay in torch."""
-    return q.dtype in ATTENTION_DTYPES and q.shape[-1] <= MAX_HEAD_DIM and runs_triton(q.device)
+    dtypes and head dims they take and token indices and documents within int32 (the kernels compare them in
+    int32); float64, larger heads and larger indices stay in torch."""
+    int32 = range(-(2**31), 2**31)
+    return (
+        q.dtype in ATTENTION_DTYPES
+        and q.shape[-1] <= MAX_HEAD_DIM
+        and all(
+            value in int32
+            for rank_parts in parts
+            for part in rank_parts
+            for value in (part.first_index, part.last_index, part.first_document, part.last_document)
+        )
+        and runs_triton(q.device)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -516,8 +537,6 @@ class _Ring:
         self.transport, self.causal, self.scale, self.sliding_window = transport, causal, scale, sliding_window
         self.kv_heads = k.shape[1]
         self.compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        self.block_kind = _TritonBlocks if _runs_triton_blocks(q) else _TorchBlocks
-        self.kv_dtype = q.dtype if self.block_kind is _TritonBlocks else self.compute_dtype  # the blocks' K/V
         self.schedule = ring_schedule(transport.rank, transport.size, window_size)
         shape = (q.shape[0], q.shape[1], k.shape[1], q.shape[2])
         local = _encode(shape, _local_parts(token_index, document)).to(q.device)
@@ -529,6 +548,8 @@ class _Ring:
                     f"has {_describe(shape)}, rank {rank} has {_describe(other_shape)}; split the tokens evenly"
                 )
         self.parts = [parts for _, parts in rows]
+        self.block_kind = _TritonBlocks if _runs_triton_blocks(q, self.parts) else _TorchBlocks
+        self.kv_dtype = q.dtype if self.block_kind is _TritonBlocks else self.compute_dtype  # the blocks' K/V
 
     def pairs(self, owner: int):
         """(query part, key part, coverage) of this rank's queries against owner's block, empty pairs left out."""
