@@ -47,6 +47,19 @@ def _gathered_chunks(models) -> set[int]:
     return {c for c, model in enumerate(models) if any(not isinstance(p, DTensor) for p in model.parameters())}
 
 
+def _chunks_holding_unsharded_grads(models) -> set[int]:
+    """The chunks whose FSDP parameters hold gradients not yet reduce-scattered (FSDP's internals: torch 2.13)."""
+    return {
+        c
+        for c, model in enumerate(models)
+        for m in model.modules()
+        if isinstance(m, FSDPModule) and (group := m._get_fsdp_state()._fsdp_param_group) is not None
+        for p in group.fsdp_params
+        if p.unsharded_accumulated_grad is not None
+        or (hasattr(p, "_unsharded_param") and p._unsharded_param.grad is not None)
+    }
+
+
 def _fsdp_groups(models) -> list[int]:
     """Per chunk: how many FSDP parameter groups (one all-gather, one reduce-scatter each) it has."""
     return [
@@ -56,8 +69,9 @@ def _fsdp_groups(models) -> list[int]:
 
 
 class _Recorder:
-    """One rank's record of a run: its work in order, the chunks gathered when each piece of work started, and per
-    schedule call (forward_only, all-gathers, reduce-scatters) of FSDP's collectives."""
+    """One rank's record of a run: its work in order; when each piece of work started, the chunks gathered and those
+    holding unsharded gradients; per schedule call (forward_only, all-gathers, reduce-scatters) of FSDP's
+    collectives and the chunks left holding unsharded gradients."""
 
     def __init__(self, patch):
         self.work, self.gathered, self.calls = [], [], []
@@ -72,7 +86,7 @@ class _Recorder:
         def record(step, chunk, *args):
             micro = args[0] if kind == FORWARD else None  # a backward's micro-batch: the queue's (not recorded)
             self.work.append((kind, chunk, micro))
-            self.gathered.append((chunk, _gathered_chunks(step.models)))
+            self.gathered.append((chunk, _gathered_chunks(step.models), _chunks_holding_unsharded_grads(step.models)))
             return run(step, chunk, *args)
 
         return record
@@ -88,13 +102,11 @@ class _Recorder:
         def call(schedule, model, *args, forward_only=False, **kwargs):
             before = dict(self.collectives)
             result = forward_backward_step(schedule, model, *args, forward_only=forward_only, **kwargs)
-            self.groups = _fsdp_groups(model.stages)
-            self.calls.append(
-                (
-                    forward_only,
-                    *(self.collectives[n] - before.get(n, 0) for n in ("all_gather_single", "reduce_scatter_single")),
-                )
+            self.groups, self.stage = _fsdp_groups(model.stages), schedule.mesh.pipeline_rank
+            collectives = (
+                self.collectives[n] - before.get(n, 0) for n in ("all_gather_single", "reduce_scatter_single")
             )
+            self.calls.append((forward_only, *collectives, _chunks_holding_unsharded_grads(model.stages)))
             return result
 
         return call
@@ -110,7 +122,13 @@ def worker(rank, world, init_method, names, references, run_folder, results):
                 history, _, _, model = train(zeropp_config(name, world, run_folder), rank, world)
             want = model.local_state(references[name][1])
             shards = [(n, p.detach().clone(), want[n]) for n, p in model.full_state_names().items()]
-            record = dict(work=recorder.work, gathered=recorder.gathered, calls=recorder.calls, groups=recorder.groups)
+            record = dict(
+                work=recorder.work,
+                gathered=recorder.gathered,
+                calls=recorder.calls,
+                groups=recorder.groups,
+                stage=recorder.stage,
+            )
             results[(name, rank)] = (history, shards, record)
         dist.barrier()
     finally:
@@ -135,7 +153,7 @@ def runs(work) -> list[int]:
 def run_against_one_process(world, names, tmp_path, init_method):
     """Each layout against one process, and its recorded work: each step's order is unit_work's; a chunk gathered
     only while it works; one all-gather per FSDP group and run of work, one reduce-scatter per group and micro-batch
-    (decouple_grad: per unit)."""
+    (decouple_grad: per unit), no gradient left unsharded after a step."""
     one_process = reference("INTERNLM", {}, tmp_path)  # chunks are a layout, not a model: every layout's reference
     with RankResults() as results:
         args = (world, init_method, names, dict.fromkeys(names, one_process), tmp_path, results)
@@ -148,17 +166,19 @@ def run_against_one_process(world, names, tmp_path, init_method):
             label = f"{name} rank {rank}"
             history, shards, record = results[(name, rank)]
             assert_rank_matches(label, history, shards, one_process[0])
-            stage = rank % 2
             if unit is not None:  # each rank's training steps (validation, last, is interleaved 1F1B's)
-                assert record["work"][: STEPS * micro_num * 4] == step_work(stage, unit, micro_num) * STEPS, label
-            assert all(gathered <= {chunk} for chunk, gathered in record["gathered"]), label
+                want = step_work(record["stage"], unit, micro_num) * STEPS
+                assert record["work"][: STEPS * micro_num * 4] == want, label
             groups = record["groups"]
             if not any(groups):  # nothing sharded
                 continue
+            assert all(gathered <= {chunk} for chunk, gathered, _ in record["gathered"]), label
+            # decouple_grad: one chunk's gradients unsharded through its run of backwards (interleaved with forwards)
+            assert all(len(holding) <= 1 for _, _, holding in record["gathered"]), label
             one_step = record["work"][: micro_num * 4]
             gathers = sum(groups[chunk] for chunk in runs(one_step))
             reductions_per_chunk = micro_num // (unit or 2) if parallel["pipeline"].get("decouple_grad") else micro_num
-            want = [(False, gathers, reductions_per_chunk * sum(groups))] * STEPS
+            want = [(False, gathers, reductions_per_chunk * sum(groups), set())] * STEPS
             assert [call for call in record["calls"] if not call[0]] == want, (label, groups)
     return results
 
