@@ -258,13 +258,13 @@ def test_zeropp_unit_plans_pair_every_message(stages, chunks):
         replay(stages, chunks, unit)
 
 
-@pytest.mark.slow  # about 140 s on the shared 2-core machine
+@pytest.mark.slow  # 22-33 s on the shared 2-core machine: two layouts in 2 processes
 def test_zeropp_units_on_two_stages_match_one_process(tmp_path, init_method, fresh_context):
     """pp2 (8 micro-batches a step) in units of the pipeline size and of twice it."""
     run_against_one_process(2, ["zeropp-pp2-units2", "zeropp-pp2-units4"], tmp_path, init_method)
 
 
-@pytest.mark.slow  # about 200 s on the shared 2-core machine: four layouts in 4 processes
+@pytest.mark.slow  # 31-81 s on the shared 2-core machine (load): four layouts in 4 processes
 def test_zeropp_sharded_over_data_ranks_matches_one_process(tmp_path, init_method, fresh_context):
     """pp2 x data 2 (4 micro-batches per rank and step): weight parallelism (InternEvo's) in units of 2, of 4 with
     decouple_grad, and without units (interleaved 1F1B); FSDP in units of 2 with decouple_grad. decouple_grad
