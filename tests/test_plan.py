@@ -207,7 +207,7 @@ def test_plan_command_prints_the_ranked_table_and_writes_json(tmp_path, capsys):
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "layouts of 8 ranks pass the run's validation" in printed and "989.0 TFLOPS" in printed
+    assert "layouts of 8 ranks pass the run's validation" in printed and "989 TFLOPS" in printed
     layouts = json.loads(out.read_text())["layouts"]
     assert layouts[0]["fits"] and layouts[0]["layout"] in printed
     assert layouts[0]["memory_bytes_per_rank"]["peak"] <= 80 * 2**30
