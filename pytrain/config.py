@@ -31,6 +31,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import math
 import os
 import pprint
 import runpy
@@ -295,8 +296,8 @@ SCHEMA: dict[str, Any] = {
             None,
             (int, NONE),
             "ZeroPP (parallel.pipeline.use_zeropp): micro-batches per scheduling unit, each unit run through the "
-            "chunks chunk by chunk (interleaved GPipe); parallel.pipeline.size, dividing micro_num (None: "
-            "interleaved 1F1B over the whole step)",
+            "chunks chunk by chunk (interleaved GPipe); any size dividing micro_num (below parallel.pipeline.size "
+            "the stages idle more within a unit; None: interleaved 1F1B over the whole step)",
             positive,
         ),
         "valid_every": _field(50, int, "validate every N steps (0: off; needs valid_folder)", non_negative),
@@ -469,6 +470,16 @@ SCHEMA: dict[str, Any] = {
                 "ZeroPP's schedule (arXiv 2402.03791; pytrain.parallel.zeropp): model.num_chunks stages per rank run "
                 "in units of data.unit_schedule_size micro-batches, each chunk's parameters gathered once per run "
                 "of work on it when FSDP or weight parallelism shards them",
+            ),
+            "decouple_grad": _field(
+                False,
+                bool,
+                "ZeroPP with its stages sharded (parallel.weight.size > 1 or parallel.zero1.fsdp): each chunk's "
+                "gradients stay unsharded over a run of data.unit_schedule_size backwards of it (pipeline.size "
+                "without units) and are reduce-scattered once, at the run's last backward, instead of after every "
+                "micro-batch: fewer reduce-scatters, one chunk's fp32 gradients held unsharded. Not InternEvo's "
+                "decouple_grad, which defers the linears' weight-gradient computation into the pipeline's bubbles "
+                "(zero-bubble style): pytrain computes both gradients in the backward",
             ),
         },
         "expert": {
@@ -1289,44 +1300,53 @@ def _check_model_split(model: dict, data: dict, parallel: dict, fail) -> None:
         )
     _check_zeropp(data, parallel, fail)
     interleaved = chunks > 1 or parallel["pipeline"]["use_zeropp"]
-    if interleaved and data["micro_num"] % pipeline:
+    # a step runs whole groups of the pipeline size, and whole ZeroPP units
+    unit = data["unit_schedule_size"] or 1
+    multiple = math.lcm(pipeline, unit)
+    of = f"parallel.pipeline.size={pipeline}" + (f" and data.unit_schedule_size={unit}" if unit > 1 else "")
+    if interleaved and data["micro_num"] % multiple:
         fail(
             "data.micro_num",
-            f"the interleaved schedule needs micro_num ({data['micro_num']}) to be a multiple of "
-            f"parallel.pipeline.size={pipeline}",
+            f"the interleaved schedule needs micro_num ({data['micro_num']}) to be a multiple of {of}: use a "
+            f"multiple of {multiple}",
         )
     ramp = data.get("rampup_batch_size", "").split()  # "start increment every"; its form is the loader's check
-    if interleaved and len(ramp) == 3 and all(x.isdigit() for x in ramp) and any(int(x) % pipeline for x in ramp[:2]):
+    if interleaved and len(ramp) == 3 and all(x.isdigit() for x in ramp) and any(int(x) % multiple for x in ramp[:2]):
         fail(
             "data.rampup_batch_size",
             f"{' '.join(ramp)!r}: the interleaved schedule needs every step's micro-batch count to be a multiple "
-            f"of parallel.pipeline.size={pipeline}: use a start and an increment divisible by {pipeline}",
+            f"of {of}: use a start and an increment divisible by {multiple}",
         )
 
 
 def _check_zeropp(data: dict, parallel: dict, fail) -> None:
-    """ZeroPP (pytrain.parallel.zeropp): a pipeline schedule, in units of one micro-batch per stage (the step's
-    micro-batch count is the interleaved schedule's check, _check_model_split)."""
-    pipeline, unit = parallel["pipeline"]["size"], data["unit_schedule_size"]
-    if parallel["pipeline"]["use_zeropp"] and pipeline == 1:
+    """ZeroPP (pytrain.parallel.zeropp): a pipeline schedule, in units of any number of micro-batches (that the
+    step's count is a multiple of is _check_model_split's), its gradients kept unsharded over a unit by
+    decouple_grad when FSDP shards the stages."""
+    pipeline, zeropp = parallel["pipeline"]["size"], parallel["pipeline"]["use_zeropp"]
+    if zeropp and pipeline == 1:
         fail(
             "parallel.pipeline.use_zeropp",
             "ZeroPP schedules pipeline stages: set parallel.pipeline.size > 1, or use_zeropp=False (FSDP without a "
             "pipeline is parallel.zero1.fsdp=True)",
         )
-    if unit is None:
-        return
-    if not parallel["pipeline"]["use_zeropp"]:
+    if parallel["pipeline"]["decouple_grad"] and not zeropp:
         fail(
-            "data.unit_schedule_size",
-            f"{unit}: scheduling units are ZeroPP's: set parallel.pipeline.use_zeropp=True, or leave the field out",
+            "parallel.pipeline.decouple_grad",
+            "True: ZeroPP's unit-wise gradient reduction: set parallel.pipeline.use_zeropp=True, or "
+            "decouple_grad=False",
         )
-    if unit != pipeline:
+    if parallel["pipeline"]["decouple_grad"] and parallel["weight"]["size"] == 1 and not parallel["zero1"]["fsdp"]:
+        fail(
+            "parallel.pipeline.decouple_grad",
+            "True: it delays the reduce-scatter of the stages' FSDP-sharded gradients, but nothing shards them: set "
+            "parallel.weight.size > 1 (isp) or parallel.zero1.fsdp=True, or decouple_grad=False",
+        )
+    if data["unit_schedule_size"] is not None and not zeropp:
         fail(
             "data.unit_schedule_size",
-            f"{unit}: units of parallel.pipeline.size={pipeline} micro-batches are what pytrain's ZeroPP runs (the "
-            "message order of larger units, where the last stage's activations for rank 0's next chunk arrive "
-            f"later, is not derived yet): use {pipeline}, or leave the field out (interleaved 1F1B)",
+            f"{data['unit_schedule_size']}: scheduling units are ZeroPP's: set parallel.pipeline.use_zeropp=True, "
+            "or leave the field out",
         )
 
 

@@ -97,14 +97,6 @@ IGNORED = {
         "InternEvo frees its reduce-scatter buffers early; torch's fully_shard frees each unit's gathered "
         "gradient as soon as it is reduce-scattered",
     ),
-    "parallel.pipeline.decouple_grad": (
-        False,
-        bool,
-        "ZeroPP's deferred weight gradients (InternEvo computes the linears' input gradients in the backward and "
-        "their weight gradients later, in the schedule's bubbles); torch's fully_shard, which shards pytrain's "
-        "ZeroPP stages, reduce-scatters a unit's gradients in its autograd post-backward hook, so pytrain computes "
-        "both in the backward: the same gradients, without the bubble filling",
-    ),
     "parallel.expert.no_tp": (False, bool, "expert parallelism (MoE) only"),
     "parallel.expert_weight.overlap": (False, bool, "expert weight parallelism (MoE) only"),
     "parallel.expert_weight.memory_pool": (False, bool, "expert weight parallelism (MoE) only"),

@@ -68,6 +68,15 @@ def test_one_process_peak_is_predicted_within_tolerance(tmp_path, fresh_context,
     assert abs(predicted / measured - 1) < TOLERANCE, (predicted, measured)
 
 
+def sequence_2d(head: int, context: int) -> list[str]:
+    """The overrides of isp's sequence_2D with `head` x `context` ranks."""
+    return [
+        "parallel.sequence_2D.enable=True",
+        f"parallel.sequence_2D.head_size={head}",
+        f"parallel.sequence_2D.context_size={context}",
+    ]
+
+
 # (config, world size, overrides): the README's "Fitting a model" table, measured per rank
 HONESTY_LAYOUTS = [
     ("tiny.py", 2, ["parallel.zero1.size=2"]),
@@ -85,6 +94,9 @@ HONESTY_LAYOUTS = [
     ("tiny.py", 4, ["parallel.zero1.fsdp=True", "parallel.tensor.size=2"]),
     ("tiny_moe.py", 2, ["parallel.zero1.fsdp=True", "parallel.expert.size=2"]),
     ("tiny.py", 2, ["parallel.tensor.size=2", "parallel.tensor.mode='isp'"]),
+    ("tiny.py", 4, ["parallel.tensor.size=2", "parallel.tensor.mode='isp'", "parallel.weight.size=2"]),
+    ("tiny.py", 2, ["parallel.tensor.size=2", "parallel.tensor.mode='isp'", *sequence_2d(head=1, context=2)]),
+    ("tiny.py", 4, ["parallel.tensor.size=4", "parallel.tensor.mode='isp'", *sequence_2d(head=2, context=2)]),
 ]
 
 
@@ -123,15 +135,19 @@ def test_every_listed_layout_is_accepted_by_the_run(config, world):
     for planned in result.layouts:
         laid_out = Config.from_file(CONFIGS / config, overrides=planned.layout.overrides())
         dims = ParallelDims.from_config(laid_out, world)
-        assert (dims.tensor, dims.pipeline, dims.zero1, dims.fsdp) == (
+        assert (dims.tensor, dims.pipeline, dims.zero1, dims.fsdp, dims.weight, dims.context) == (
             planned.layout.tensor,
             planned.layout.pipeline,
             planned.layout.zero1,
             planned.layout.fsdp,
+            planned.layout.weight,
+            planned.layout.context,
         )
     tensor_sizes = {p.layout.tensor for p in result.layouts}
     assert tensor_sizes == ({1, 2, 4} if world == 4 else {1, 2, 4, 8}), tensor_sizes
     assert any(p.layout.fsdp for p in result.layouts) and not all(p.layout.fsdp for p in result.layouts)
+    assert {p.layout.context for p in result.layouts} == tensor_sizes  # isp's sequence_2D rings of every size
+    assert any(p.layout.weight > 1 for p in result.layouts)
     ranked = [(not p.fits, -p.step.tokens_per_s) for p in result.layouts]
     assert ranked == sorted(ranked)
 
@@ -191,7 +207,7 @@ def test_plan_command_prints_the_ranked_table_and_writes_json(tmp_path, capsys):
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "layouts of 8 ranks pass the run's validation" in printed and "989.0 TFLOPS" in printed
+    assert "layouts of 8 ranks pass the run's validation" in printed and "989 TFLOPS" in printed
     layouts = json.loads(out.read_text())["layouts"]
     assert layouts[0]["fits"] and layouts[0]["layout"] in printed
     assert layouts[0]["memory_bytes_per_rank"]["peak"] <= 80 * 2**30

@@ -63,6 +63,7 @@ def initialize_trainer(
                 num_chunks=cfg.model.num_chunks,
                 unit_size=cfg.data.unit_schedule_size,
                 overlap=cfg.parallel.pipeline.interleaved_overlap,
+                decouple_grad=cfg.parallel.pipeline.decouple_grad,
             )
         elif cfg.model.num_chunks > 1:
             schedule = InterleavedPipelineScheduler(

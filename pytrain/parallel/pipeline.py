@@ -224,11 +224,9 @@ def pad_micro_batches(batch: dict, multiple: int) -> dict:
 class _InterleavedOrder:
     """One interleaved run's order of work on this rank, and its queues between work and messages.
 
-    The k-th forward (backward) runs chunk chunk_of(k) on micro-batch micro_of(k): groups of G micro-batches
-    pass through chunk 0, 1, ... C-1 (backwards: C-1, ..., 0). G is the pipeline size P for interleaved
-    1F1B; ZeroPP's units (pytrain.parallel.zeropp) run one order each with G the unit size (P for now), on
-    micro-batches first_micro, first_micro + 1, ... Per chunk, received activations, outputs awaiting their
-    backward and received output gradients queue in micro-batch order."""
+    The k-th forward (backward) runs chunk chunk_of(k) on micro-batch micro_of(k): groups of P (the pipeline
+    size) micro-batches pass through chunk 0, 1, ... C-1 (backwards: C-1, ..., 0). Per chunk, received
+    activations, outputs awaiting their backward and received output gradients queue in micro-batch order."""
 
     def __init__(
         self,
@@ -238,30 +236,26 @@ class _InterleavedOrder:
         chunks: int,
         micro_num: int,
         forward_only: bool,
-        group: int | None = None,
-        first_micro: int = 0,
     ):
-        self.step, self.p2p, self.chunks = step, p2p, chunks
+        self.step, self.p2p, self.chunks, self.forward_only = step, p2p, chunks, forward_only
         self.stages, rank = mesh.dims.pipeline, mesh.pipeline_rank
-        self.group = self.stages if group is None else group
-        self.first_micro = first_micro
         self.first_rank, self.last_rank = mesh.is_first_stage, mesh.is_last_stage
         self.total = micro_num * chunks
-        if forward_only or (group is None and micro_num == self.stages):
+        if forward_only or micro_num == self.stages:
             self.warmup = self.total
         else:
-            self.warmup = min(self.total, (self.stages - rank - 1) * 2 + (chunks - 1) * self.group)
+            self.warmup = min(self.total, (self.stages - rank - 1) * 2 + (chunks - 1) * self.stages)
         self.steady = self.total - self.warmup
         self.inputs = [[] for _ in range(chunks)]
         self.outputs = [[] for _ in range(chunks)]
         self.grads = [[] for _ in range(chunks)]
 
     def chunk_of(self, k: int, forward: bool) -> int:
-        chunk = k % (self.group * self.chunks) // self.group
+        chunk = k % (self.stages * self.chunks) // self.stages
         return chunk if forward else self.chunks - 1 - chunk
 
     def micro_of(self, k: int) -> int:
-        return self.first_micro + k // (self.group * self.chunks) * self.group + k % self.group
+        return k // (self.stages * self.chunks) * self.stages + k % self.stages
 
     def run_forward(self, k: int):
         """The k-th forward; returns the activation to send on (None: the loss of the model's last stage)."""
@@ -280,6 +274,12 @@ class _InterleavedOrder:
         grad = self.grads[chunk].pop(0) if self.grads[chunk] else None
         grad_in = self.step.backward(chunk, hidden, output, grad)
         return None if (self.first_rank and chunk == 0) else grad_in
+
+    def run(self) -> None:
+        self.warm_up(then_backward=not self.forward_only and self.steady > 0)
+        self.steady_state()
+        if not self.forward_only:
+            self.cool_down()
 
     def warm_up(self, then_backward: bool) -> None:
         """Forwards only; the last one also receives the first gradient when backwards follow."""
@@ -365,8 +365,9 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
         """The step's bookkeeping (ZeroPP's also gathers each chunk once per run of work on it)."""
         return _PipelineStep(stages, *args)
 
-    def _orders(self, step: _PipelineStep, p2p: P2P, micro_num: int, forward_only: bool) -> list[_InterleavedOrder]:
-        """The runs of work a step makes, one after the other: here one over all its micro-batches."""
+    def _orders(self, step: _PipelineStep, p2p: P2P, micro_num: int, forward_only: bool) -> list:
+        """The runs of work a step makes, one after the other (each has a run() method): here one over all its
+        micro-batches."""
         return [_InterleavedOrder(step, p2p, self.mesh, self.num_chunks, micro_num, forward_only)]
 
     def forward_backward_step(
@@ -395,10 +396,7 @@ class InterleavedPipelineScheduler(_PipelineScheduler):
             model.stages, batch, criterion, optimizer, forward_only, return_output_label, mesh.data_group, type_losses
         )
         for order in self._orders(step, p2p, micro_num, forward_only):
-            order.warm_up(then_backward=not forward_only and order.steady > 0)
-            order.steady_state()
-            if not forward_only:
-                order.cool_down()
+            order.run()
         outputs, loss = self._finish(step, p2p, return_loss)
         if outputs is not None:  # without the padding's copies (the last micro-batches)
             outputs = (outputs[0][:given], outputs[1][:given])

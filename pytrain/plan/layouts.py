@@ -8,7 +8,8 @@ and ParallelDims.from_config (the world size, zero1, expert and expert_zero1 siz
 is one `torchrun --nproc_per_node=<world> -m pytrain.train --config X --set <its overrides>` accepts.
 
 Varied: tensor size (every divisor of the world) and mode (mtp, msp, isp with each weight-parallel size that
-divides data x tensor), pipeline size and interleaved chunks
+divides data x tensor, and isp's sequence_2D with a single ring of each size dividing the tensor size: the heads
+over the rest), pipeline size and interleaved chunks
 (1, 2, 4), ZeRO-1 size (every divisor of the data-parallel size), FSDP over the zero1 group (with and without
 reshard_after_forward where the config knows that field), expert size (a mixture of experts: every divisor of
 the data-parallel size), recompute (none, whole layers, selective 'attention' / 'matmuls', and the config's own
@@ -45,6 +46,7 @@ class Layout:
     expert: int | None  # None: a dense model
     recompute: Recompute
     weight: int = 1  # isp's weight parallelism
+    context: int = 1  # isp's sequence_2D: the ranks of the attention ring (the tensor ranks / context: head ranks)
 
     def overrides(self) -> list[str]:
         """The `--set` overrides that make a config this layout."""
@@ -66,6 +68,13 @@ class Layout:
             out.append(f"parallel.expert.size={self.expert}")
         if self.weight > 1:
             out.append(f"parallel.weight.size={self.weight}")
+        out.append(f"parallel.sequence_2D.enable={self.context > 1}")
+        if self.context > 1:
+            out += [
+                f"parallel.sequence_2D.head_size={self.tensor // self.context}",
+                f"parallel.sequence_2D.context_size={self.context}",
+                "parallel.sequence_2D.window_size=1",
+            ]
         return out
 
     def describe(self, dims: ParallelDims) -> str:
@@ -74,7 +83,9 @@ class Layout:
         parts = [f"dp{dims.data}", f"weight {self.weight}" if self.weight > 1 else sharding]
         if self.fsdp and self.reshard_after_forward is False:
             parts.append("no-reshard")
-        if self.tensor > 1:
+        if self.context > 1:
+            parts.append(f"tp{self.tensor} isp 2D head {self.tensor // self.context} x ring {self.context}")
+        elif self.tensor > 1:
             parts.append(f"tp{self.tensor} {self.mode}")
         if self.pipeline > 1:
             parts.append(f"pp{self.pipeline}" + (f"x{self.chunks}" if self.chunks > 1 else ""))
@@ -122,10 +133,14 @@ def candidates(cfg: Config, world_size: int):
             ):
                 if fsdp and zero1 == 1:
                     continue  # FSDP over one rank is no sharding: the ZeRO-1 layout of size 1
-                yield Layout(tensor, mode, pipeline, chunks, zero1, fsdp, reshard, expert, recompute)
-                if mode == "isp" and not fsdp and zero1 == 1:  # weight parallelism shards the optimizer state too
-                    for weight in divisors(data * tensor)[1:]:
-                        yield Layout(tensor, mode, pipeline, chunks, 1, False, reshard, expert, recompute, weight)
+                contexts = divisors(tensor) if mode == "isp" else [1]  # sequence_2D: a ring of each size
+                for context in contexts:
+                    yield Layout(tensor, mode, pipeline, chunks, zero1, fsdp, reshard, expert, recompute, 1, context)
+                    if mode == "isp" and not fsdp and zero1 == 1:  # weight parallelism shards the optimizer state
+                        for weight in divisors(data * tensor)[1:]:
+                            yield Layout(
+                                tensor, mode, pipeline, chunks, 1, False, reshard, expert, recompute, weight, context
+                            )
 
 
 def validate(cfg: Config, layout: Layout, world_size: int, source: str = "config") -> ValidLayout:

@@ -35,6 +35,7 @@ import heapq
 from dataclasses import dataclass
 
 from pytrain.parallel.model_part import partition_layers
+from pytrain.parallel.ring_attention import SCORE_BYTES
 
 from .shape import LayerShape, ModelShape, Params
 
@@ -80,6 +81,8 @@ class Schedule:
     # isp: the ranks a micro-batch's sequence is split over (each holds seq_len / sequence of its tokens, every
     # weight whole: tensor is then 1, and data counts every (data, tensor) rank, which all reduce the gradients)
     sequence: int = 1
+    # sequence_2D: the sequence ranks as (sequence / context) head ranks x context ranks of an attention ring
+    context: int = 1
 
     @classmethod
     def from_config(cls, cfg, dims) -> Schedule:
@@ -107,6 +110,7 @@ class Schedule:
             seq_len=cfg.data.seq_len,
             overlap_sync_param=cfg.hybrid_zero_optimizer.overlap_sync_param,
             sequence=sequence,
+            context=dims.context if dims.isp else 1,
         )
 
 
@@ -173,9 +177,11 @@ def rank_memory(
         owned = -(-sum(dense) // s.zero1) + -(-sum(experts) // s.expert_zero1)
         # the fp32 shards are the masters (no separate copy), gathered in the model's dtype
         parameters = owned * FP32 + gathered * e
-        # a unit's whole gradient (model dtype) and its fp32 copy that is reduce-scattered, beside the shards
-        gradients = owned * FP32 + largest_unit * (e + FP32)
-        grads_during_backward = gradients
+        # a unit's whole gradient (model dtype), and for a 16-bit model its fp32 copy that is reduce-scattered;
+        # the fp32 gradient shards exist once a unit's first backward of the step has run (zero_grad frees them)
+        unit_gradient = largest_unit * (e + (FP32 if e != FP32 else 0))
+        gradients = owned * FP32 + unit_gradient
+        grads_during_backward = unit_gradient
     else:
         owned = _owned(dense, s.zero1, zero1_rank) + _owned(experts, s.expert_zero1, expert_zero1_rank)
         parameters = local * e
@@ -192,7 +198,7 @@ def rank_memory(
     if not last:
         activations += len(in_flight_chunks) * hidden_bytes  # the stage's output, held for its backward
     widest, recomputing = _backward_transients(shape, s, chunks, tokens)
-    transient = widest
+    transient = max(widest, _ring_backward(shape, s, tokens))
     if last:
         logits = tokens * shape.vocab // s.tensor * e
         if s.pipeline == 1:  # the schedule holds the last micro-batch's logits through its backward
@@ -212,7 +218,10 @@ def rank_memory(
     broadcast = 0
     if not s.fsdp and s.zero1 > 1:
         broadcast = (local - owned) * e if s.overlap_sync_param else _owned(dense, s.zero1, None) * e
-    at_step = parameters + optimizer_state + gradients + broadcast
+    if s.fsdp:  # every unit resharded, its gradient reduce-scattered: the shards only
+        at_step = owned * FP32 * 2 + optimizer_state
+    else:
+        at_step = parameters + optimizer_state + gradients + broadcast
     peak = max(at_backward, at_step)
     return MemoryEstimate(
         pipeline_rank=pipeline_rank,
@@ -323,6 +332,24 @@ def _backward_transients(shape: ModelShape, s: Schedule, chunks: list[list[Layer
                 )
                 recomputing.append((kept + rematerialized + gradient, (len(layers) - index - 1) / len(layers)))
     return widest, recomputing
+
+
+def _ring_backward(shape: ModelShape, s: Schedule, tokens: int) -> int:
+    """sequence_2D: the most bytes ring attention's backward (pytrain.parallel.ring_attention) holds beside the
+    layer's activations. After the head all-to-all a rank holds `tokens` x head ranks tokens of 1 / head ranks of
+    the heads (kv heads repeated up to the head ranks); in fp32, its queries' scaled copy, the output gradient's
+    head-major copy and the dQ being accumulated (3 q-sized), and of k/v-sized blocks: the block computed and the
+    one arriving (2 x 2), the dK/dV being accumulated, sent and arriving (3 x 2) and the returned dk, dv (2);
+    plus the two score-shaped tensors of one pair of parts (zigzag chunks of seq_len / 2 context tokens; at
+    most SCORE_BYTES, the ring's chunking)."""
+    if s.context == 1:
+        return 0
+    head_ranks = s.sequence // s.context
+    q = max(layer.attention_width for layer in shape.layers)
+    kv = max(min(layer.kv_width * head_ranks, layer.attention_width) for layer in shape.layers)
+    part = s.seq_len // (2 * s.context)
+    scores = min(SCORE_BYTES, 2 * part * part * shape.heads // head_ranks * FP32)
+    return tokens * (3 * q + 12 * kv) * FP32 + scores
 
 
 def _owned(sizes: list[int], group: int, rank: int | None) -> int:

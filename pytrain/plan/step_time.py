@@ -9,8 +9,11 @@ all-reduce is two passes) at the stated link bandwidth:
   (sequence parallelism: all-gathers and reduce-scatters, the same bytes), two more forward per recomputed layer;
   on the critical path;
 - sequence (isp): per layer and micro-batch the all-to-alls around attention (q, k, v and the output, forward and
-  backward, one more forward per recomputed layer) of this rank's tokens; on the critical path. isp's gradient
-  reduction counts every (data, tensor) rank as a data rank, weight parallelism as FSDP over its runs;
+  backward, one more forward per recomputed layer) of this rank's tokens over the head ranks; on the critical
+  path. isp's gradient reduction counts every (data, tensor) rank as a data rank, weight parallelism as FSDP over
+  its runs;
+- ring (isp's sequence_2D): per layer and micro-batch the K/V blocks passed round the context ranks forward and
+  backward, and the fp32 dK/dV one hop behind them; overlapped with the blocks' compute as far as it lasts;
 - pipeline: each micro-batch's activation forward and its gradient back, per chunk; on the critical path;
 - expert: per mixture-of-experts layer and micro-batch four all-to-alls of the routed rows (two forward, two
   backward); on the critical path;
@@ -76,12 +79,21 @@ def step_estimate(shape: ModelShape, s: Schedule, peak_tflops: float, link_gbps:
     sent["tensor"] = (
         s.micro_num * (8 * local_layers + 4 * local_recomputed) * _ring(s.tensor) * activation if s.tensor > 1 else 0
     )
-    # isp: around each attention core q, k, v (kv heads repeated up to the ranks) one way, the output back
-    kv = max((min(layer.kv_width * s.sequence, layer.attention_width) for layer in layers), default=0)
+    # isp: around each attention core q, k, v (kv heads repeated up to the ranks) one way, the output back, over
+    # the head ranks (sequence_2D: the sequence ranks / the ring's)
+    head_ranks = s.sequence // s.context
+    kv = max((min(layer.kv_width * head_ranks, layer.attention_width) for layer in layers), default=0)
     sequence_bytes = micro_tokens * (2 * width + 2 * kv) * e
-    sent["sequence"] = (
-        s.micro_num * (2 * local_layers + local_recomputed) * _ring(s.sequence) * sequence_bytes
-        if s.sequence > 1
+    passes = s.micro_num * (2 * local_layers + local_recomputed)
+    sent["sequence"] = passes * _ring(head_ranks) * sequence_bytes if head_ranks > 1 else 0
+    # sequence_2D's ring, per attention forward: context - 1 hops of this rank's K and V block (its tokens x head
+    # ranks, the kv heads of its head share); per backward the K/V hops again and context hops of their fp32 dK/dV
+    block = micro_tokens * kv  # elements of K (or V) a rank holds after the all-to-all
+    forwards = s.micro_num * (local_layers + local_recomputed)
+    sent["ring"] = (
+        forwards * (s.context - 1) * 2 * block * e
+        + s.micro_num * local_layers * ((s.context - 1) * 2 * block * e + s.context * 2 * block * FP32)
+        if s.context > 1
         else 0
     )
     split = s.tensor if s.sequence_parallel else 1
@@ -107,6 +119,7 @@ def step_estimate(shape: ModelShape, s: Schedule, peak_tflops: float, link_gbps:
     exposed += max(0.0, seconds["data"] - 2 / 3 * micro_batch)  # behind the last backward (overlap_sync_grad)
     exposed += max(0.0, seconds["zero1"] - (micro_batch / 3 if s.overlap_sync_param else 0.0))
     exposed += max(0.0, seconds["fsdp"] - compute)
+    exposed += max(0.0, seconds["ring"] - compute)  # each hop overlaps a block's compute
     step = compute + bubble + exposed
     return StepEstimate(
         flops_per_rank=flops,

@@ -249,7 +249,7 @@ def run_plan(args) -> int:
     result = plan(cfg, world_size, target, source=args.config)
     print(
         f"{args.config}: {len(result.layouts)} layouts of {world_size} ranks pass the run's validation, "
-        f"{len(result.fitting)} fit {device_memory / 2**30:.1f} GiB per device; step times at {peak:.1f} TFLOPS per "
+        f"{len(result.fitting)} fit {device_memory / 2**30:.1f} GiB per device; step times at {peak:.3g} TFLOPS per "
         f"rank ({peak_source}) and {args.link_gbps:g} GB/s links. Memory in GiB per rank (the worst rank): "
         f"parameters, gradients, optimizer state, activations (x micro-batches in flight), communication "
         f"buffers, peak; 'sent GB': bytes each rank sends per step"
