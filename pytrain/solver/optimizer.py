@@ -455,6 +455,7 @@ class HybridZeroOptimizer:
                 self.pending_params.update((id(p), pending) for p in params)
             else:
                 _unpack(flat, params)
+            del flat  # else the next owner's buffer is made while this one is alive: two shares at the peak
 
     @torch.no_grad()
     def _wait_for_params(self, module, _inputs) -> None:
