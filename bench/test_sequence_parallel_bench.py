@@ -11,6 +11,9 @@ Communication rows (2 ranks, 4k tokens): one step's bytes each rank sends into c
 torch.distributed's collectives (all-reduce, all-gather, reduce-scatter, all-to-all, broadcast, point-to-point)
 for the step, and the step time, for mtp, msp and isp at the same world size.
 
+GPU rows (bench/gpu/run.sh): one step of isp and of msp over every visible GPU (NCCL, bf16, 32k tokens), bytes
+sent and time; they need 2 GPUs or more.
+
 `--benchmark-disable` runs the isp2 memory row at 256 tokens as a smoke test.
 """
 
@@ -109,17 +112,20 @@ def memory_worker(rank, world, init_method, overrides, run_folder, results):
             dist.destroy_process_group()
 
 
-def comm_worker(rank, world, init_method, overrides, run_folder, results):
-    """One warm-up step, then one step with its collectives counted and timed."""
+def comm_worker(rank, world, init_method, overrides, run_folder, results, backend="gloo"):
+    """One warm-up step, then one step with its collectives counted and timed (nccl: one GPU per rank)."""
     from pytrain.initialize import initialize_trainer
     from pytrain.initialize.launch import launch
     from pytrain.train import initialize_model, initialize_optimizer
 
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    local_rank = rank if backend == "nccl" else 0
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         cfg = layout_config(overrides, run_folder)
-        launch(cfg, rank=rank, world_size=world, local_rank=0, init_method=None, backend="gloo", seed=3)
+        launch(cfg, rank=rank, world_size=world, local_rank=local_rank, init_method=None, backend=backend, seed=3)
         model = initialize_model()
         optimizer, beta2, lr = initialize_optimizer(model)
         trainer, *_ = initialize_trainer(model, optimizer, lr_scheduler=lr, beta2_scheduler=beta2)
@@ -131,14 +137,16 @@ def comm_worker(rank, world, init_method, overrides, run_folder, results):
                 trainer.zero_grad()
                 trainer.execute_schedule({"input_ids": tokens, "labels": tokens})
                 trainer.step()
+                if backend == "nccl":
+                    torch.cuda.synchronize()
             results[rank] = (comm.bytes, time.perf_counter() - start) if counted else None
     finally:
         dist.destroy_process_group()
 
 
-def spawn(worker, world, overrides, tmp_path) -> dict:
+def spawn(worker, world, overrides, tmp_path, *extra) -> dict:
     with RankResults() as results:
-        args = (world, f"file://{tmp_path}/rendezvous", overrides, tmp_path, results)
+        args = (world, f"file://{tmp_path}/rendezvous", overrides, tmp_path, results, *extra)
         mp.spawn(worker, args=args, nprocs=world, join=True)
         return dict(results)
 
@@ -182,4 +190,20 @@ def test_communication_per_step_by_tensor_mode(benchmark, mode, tmp_path):
     sent, seconds = max(b for b, _ in results.values()), max(t for _, t in results.values())
     benchmark.extra_info.update(mode=mode, sent_mib=sent / 2**20, step_s=seconds)
     print(f"\n{mode} | sent per rank {sent / 2**20:.1f} MiB | step {seconds:.2f} s")
+    assert sent > 0
+
+
+# The GPU rows (bench/gpu/run.sh): one isp / msp step of the 2-layer tiny shape over every visible GPU, bf16,
+# 32k tokens, NCCL. They need 2 GPUs or more: the lent GPU machine has one, where they are skipped.
+@pytest.mark.parametrize("mode", ("isp", "msp"))
+def test_tensor_mode_step_cuda(benchmark, mode, tmp_path):
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        pytest.skip(f"needs 2 CUDA GPUs or more (one rank per GPU); {gpus} visible")
+    overrides = ["data.seq_len=32768", f"parallel.tensor.size={gpus}", f"parallel.tensor.mode={mode!r}"]
+    overrides.append("model.dtype='torch.bfloat16'")
+    results = benchmark.pedantic(spawn, args=(comm_worker, gpus, overrides, tmp_path, "nccl"), rounds=1, iterations=1)
+    sent, seconds = max(b for b, _ in results.values()), max(t for _, t in results.values())
+    benchmark.extra_info.update(mode=mode, gpus=gpus, sent_mib=sent / 2**20, step_s=seconds)
+    print(f"\ncuda {gpus} GPUs {mode} 32k tokens | sent per rank {sent / 2**20:.1f} MiB | step {seconds:.3f} s")
     assert sent > 0

@@ -103,10 +103,12 @@ grep -E '^step [0-9]+/' "$RUN_DIR/train-1b.log" >"$OUT/train-1b.txt"
 # pytrain's fused update beside torch.optim.AdamW(fused=True) (torch_fused).
 # The MoE file comes last (its Triton GEMM autotunes on first use): its rows time grouped_mm's implementations
 # (pytrain_torch = torch._grouped_mm, pytrain_triton, pytrain_loop) and the layer against the per-expert moe_loop.
+# The isp / msp step rows (test_sequence_parallel_bench) need 2 GPUs or more and are skipped on one.
 timeout -s INT -k "$GRACE" "$T_BENCH" python3 -m pytest bench/test_rms_norm_bench.py bench/test_swiglu_bench.py \
   bench/test_adamw_bench.py bench/test_rotary_bench.py bench/test_flash_attn_bench.py \
   bench/test_cross_entropy_bench.py bench/test_ring_attention_bench.py bench/test_moe_kernels_bench.py \
-  -k "cuda and (pytrain or sdpa_flash or moe_loop or torch_fused)" -q \
+  bench/test_sequence_parallel_bench.py \
+  -k "cuda and (pytrain or sdpa_flash or moe_loop or torch_fused or tensor_mode_step)" -q \
   -p no:cacheprovider --benchmark-json="$OUT/bench.json" --benchmark-max-time=0.2 >"$OUT/bench.txt" 2>&1
 step bench $?
 
