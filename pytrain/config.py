@@ -474,12 +474,13 @@ SCHEMA: dict[str, Any] = {
             "decouple_grad": _field(
                 False,
                 bool,
-                "ZeroPP with its stages sharded (parallel.weight.size > 1 or parallel.zero1.fsdp): each chunk's "
-                "gradients stay unsharded over a run of data.unit_schedule_size backwards of it (pipeline.size "
-                "without units) and are reduce-scattered once, at the run's last backward, instead of after every "
-                "micro-batch: fewer reduce-scatters, one chunk's fp32 gradients held unsharded. Not InternEvo's "
-                "decouple_grad, which defers the linears' weight-gradient computation into the pipeline's bubbles "
-                "(zero-bubble style): pytrain computes both gradients in the backward",
+                "ZeroPP with its stages sharded (parallel.weight.size > 1 or parallel.zero1.fsdp), InternEvo's "
+                "zero-bubble split: each backward computes only its input gradient (sent at once), the weight "
+                "gradients are computed later from the same graph, in the rounds where the rank waits and before "
+                "work leaves the chunk (pytrain.parallel.zeropp); each chunk's gradients stay unsharded over a run "
+                "of data.unit_schedule_size backwards of it (pipeline.size without units) and are reduce-scattered "
+                "once (fewer reduce-scatters, one chunk's fp32 gradients held unsharded); the gradients are "
+                "unchanged",
             ),
         },
         "expert": {
@@ -1321,8 +1322,8 @@ def _check_model_split(model: dict, data: dict, parallel: dict, fail) -> None:
 
 def _check_zeropp(data: dict, parallel: dict, fail) -> None:
     """ZeroPP (pytrain.parallel.zeropp): a pipeline schedule, in units of any number of micro-batches (that the
-    step's count is a multiple of is _check_model_split's), its gradients kept unsharded over a unit by
-    decouple_grad when FSDP shards the stages."""
+    step's count is a multiple of is _check_model_split's), its weight gradients deferred by decouple_grad when
+    FSDP shards the stages."""
     pipeline, zeropp = parallel["pipeline"]["size"], parallel["pipeline"]["use_zeropp"]
     if zeropp and pipeline == 1:
         fail(
@@ -1333,14 +1334,14 @@ def _check_zeropp(data: dict, parallel: dict, fail) -> None:
     if parallel["pipeline"]["decouple_grad"] and not zeropp:
         fail(
             "parallel.pipeline.decouple_grad",
-            "True: ZeroPP's unit-wise gradient reduction: set parallel.pipeline.use_zeropp=True, or "
-            "decouple_grad=False",
+            "True: ZeroPP's deferred weight gradients: set parallel.pipeline.use_zeropp=True, or decouple_grad=False",
         )
     if parallel["pipeline"]["decouple_grad"] and parallel["weight"]["size"] == 1 and not parallel["zero1"]["fsdp"]:
         fail(
             "parallel.pipeline.decouple_grad",
-            "True: it delays the reduce-scatter of the stages' FSDP-sharded gradients, but nothing shards them: set "
-            "parallel.weight.size > 1 (isp) or parallel.zero1.fsdp=True, or decouple_grad=False",
+            "True: its deferred weight gradients are accumulated and reduce-scattered by the stages' FSDP, but "
+            "nothing shards them (ZeRO-1's gradient reduction does not wait for them): set parallel.weight.size > 1 "
+            "(isp) or parallel.zero1.fsdp=True, or decouple_grad=False",
         )
     if data["unit_schedule_size"] is not None and not zeropp:
         fail(

@@ -89,8 +89,8 @@ CASES = {
         world_size=4,
     ),
     # ZeroPP: pipeline 4 x 4 chunks in units of 4 micro-batches, the stages sharded over weight runs of 8 (isp with
-    # tensor size 1): 32 ranks are data 8 x pipeline 4; decouple_grad reduce-scatters each chunk's gradients once
-    # per unit
+    # tensor size 1): 32 ranks are data 8 x pipeline 4; decouple_grad defers the weight gradients and
+    # reduce-scatters each chunk's once per unit
     "internevo_7B_llama2_zeropp.py": Loads(
         "LLAMA2",
         ("data.empty_cache_and_diag_interval", "data.diag_outlier_ratio", "parallel.weight.memory_pool", *CKPT_IGNORED),

@@ -16,8 +16,9 @@ from torch.distributed.tensor import DTensor
 
 from pytrain.config import Config, ConfigError
 from pytrain.parallel.pipeline import _PipelineStep
-from pytrain.parallel.zeropp import BACKWARD, FORWARD, ZeroPPScheduler, unit_plan, unit_work
+from pytrain.parallel.zeropp import BACKWARD, FORWARD, ZeroPPScheduler, _ResidentStep, unit_plan, unit_work
 
+WEIGHT = "W"  # a deferred weight-gradient computation (decouple_grad), as the recorder sees it
 ZEROPP = dict(size=2, use_zeropp=True)
 DECOUPLED = dict(ZEROPP, decouple_grad=True)
 WEIGHT2 = dict(tensor=dict(size=1, mode="isp"), weight=dict(size=2))
@@ -32,6 +33,19 @@ LAYOUTS = {
     "zeropp-pp2-weight2-units4-decoupled": (4, dict(pipeline=DECOUPLED, **WEIGHT2), CHUNKS, 4),
     "zeropp-pp2-weight2-1f1b-decoupled": (4, dict(pipeline=DECOUPLED, **WEIGHT2), CHUNKS, None),
     "zeropp-pp2-fsdp2-units2-decoupled": (4, dict(pipeline=DECOUPLED, zero1=dict(size=-1, fsdp=True)), CHUNKS, 2),
+}
+
+
+# decouple_grad's recorded order of one unit (F chunk micro-batch, B chunk: an input gradient, W chunk: a deferred
+# weight gradient) on pp2 x 2 chunks in units of 2, per stage. Stage 0 computes a chunk-1 weight gradient in the
+# round it waits for the next output gradient, the other when work moves to chunk 0, whose backwards (the model's
+# first stage: nothing to send) all wait for the unit's end; stage 1 never waits once a backward ran, its chunk-1
+# weight gradients run when work moves to chunk 0.
+DECOUPLED_UNIT_ORDER = {
+    "zeropp-pp2-fsdp2-units2-decoupled": (
+        "F00 F01 F10 F11 B1 W1 B1 W1 B0 B0 W0 W0",
+        "F00 F01 F10 B1 F11 B1 W1 W1 B0 B0 W0 W0",
+    )
 }
 
 
@@ -76,8 +90,13 @@ class _Recorder:
     def __init__(self, patch):
         self.work, self.gathered, self.calls = [], [], []
         self.collectives = collections.Counter()
-        for kind, name in ((FORWARD, "forward"), (BACKWARD, "backward")):
-            patch.setattr(_PipelineStep, name, self._recording(kind, getattr(_PipelineStep, name)))
+        for kind, cls, name in (
+            (FORWARD, _PipelineStep, "forward"),
+            (BACKWARD, _PipelineStep, "backward"),
+            (BACKWARD, _ResidentStep, "backward_input"),  # decouple_grad's backward: the input gradient only
+            (WEIGHT, _ResidentStep, "backward_weight"),  # and the deferred weight gradients
+        ):
+            patch.setattr(cls, name, self._recording(kind, getattr(cls, name)))
         for name in ("all_gather_single", "reduce_scatter_single"):
             patch.setattr(dist, name, self._counting(name, getattr(dist, name)))
         patch.setattr(ZeroPPScheduler, "forward_backward_step", self._per_call(ZeroPPScheduler.forward_backward_step))
@@ -150,6 +169,21 @@ def runs(work) -> list[int]:
     return [chunk for i, (_, chunk, _) in enumerate(work) if i == 0 or work[i - 1][1] != chunk]
 
 
+def assert_weights_deferred(work, label) -> None:
+    """decouple_grad: each chunk's weight gradients computed after its input gradient, as many as backwards, and
+    some of them later than other work (deferred, not at once)."""
+    pending = collections.Counter()  # chunk -> input gradients whose weight gradients are still to come
+    deferred = 0
+    for kind, chunk, _ in work:
+        if kind == BACKWARD:
+            pending[chunk] += 1
+        elif kind == WEIGHT:
+            assert pending[chunk] > 0, label
+            pending[chunk] -= 1
+        deferred += kind != WEIGHT and sum(pending.values()) > 1
+    assert not +pending and deferred, (label, work)
+
+
 def run_against_one_process(world, names, tmp_path, init_method):
     """Each layout against one process, and its recorded work: each step's order is unit_work's; a chunk gathered
     only while it works; one all-gather per FSDP group and run of work, one reduce-scatter per group and micro-batch
@@ -166,16 +200,24 @@ def run_against_one_process(world, names, tmp_path, init_method):
             label = f"{name} rank {rank}"
             history, shards, record = results[(name, rank)]
             assert_rank_matches(label, history, shards, one_process[0])
+            work = [w for w in record["work"] if w[0] != WEIGHT]
+            if parallel["pipeline"].get("decouple_grad"):
+                assert_weights_deferred(record["work"], label)
+            if name in DECOUPLED_UNIT_ORDER:
+                unit_order = " ".join(
+                    f"{kind}{chunk}{'' if m is None else m}" for kind, chunk, m in record["work"][:12]
+                )
+                assert unit_order == DECOUPLED_UNIT_ORDER[name][record["stage"]], label
             if unit is not None:  # each rank's training steps (validation, last, is interleaved 1F1B's)
                 want = step_work(record["stage"], unit, micro_num) * STEPS
-                assert record["work"][: STEPS * micro_num * 4] == want, label
+                assert work[: STEPS * micro_num * 4] == want, label
             groups = record["groups"]
             if not any(groups):  # nothing sharded
                 continue
             assert all(gathered <= {chunk} for chunk, gathered, _ in record["gathered"]), label
             # decouple_grad: one chunk's gradients unsharded through its run of backwards (interleaved with forwards)
             assert all(len(holding) <= 1 for _, _, holding in record["gathered"]), label
-            one_step = record["work"][: micro_num * 4]
+            one_step = work[: micro_num * 4]
             gathers = sum(groups[chunk] for chunk in runs(one_step))
             reductions_per_chunk = micro_num // (unit or 2) if parallel["pipeline"].get("decouple_grad") else micro_num
             want = [(False, gathers, reductions_per_chunk * sum(groups), set())] * STEPS
@@ -294,8 +336,12 @@ def test_zeropp_sharded_over_data_ranks_matches_one_process(tmp_path, init_metho
             "data.micro_num: the interleaved schedule needs micro_num \\(8\\) to be a multiple of "
             "parallel.pipeline.size=2 and data.unit_schedule_size=3: use a multiple of 6",
         ),
-        (dict(pipeline=dict(size=2, decouple_grad=True)), {}, "decouple_grad: True: ZeroPP's unit-wise gradient"),
-        (dict(pipeline=DECOUPLED), {}, "decouple_grad: True: it delays .* but nothing shards them"),
+        (
+            dict(pipeline=dict(size=2, decouple_grad=True)),
+            {},
+            "decouple_grad: True: ZeroPP's deferred weight gradients",
+        ),
+        (dict(pipeline=DECOUPLED), {}, "decouple_grad: True: its deferred weight gradients .* but nothing shards them"),
         (dict(pipeline=ZEROPP), dict(unit_schedule_size=0), "data.unit_schedule_size = 0: must be > 0"),
         (
             dict(pipeline=ZEROPP),

@@ -35,22 +35,40 @@ work moves to another chunk (InternEvo caches each chunk's gathered weight-paral
 pipeline's virtual rank changes, internlm/utils/zeropp_manager.py). At most one chunk's parameters are
 gathered at a time, plus one unit's (layer's) of the chunk being left.
 
-Gradients (parallel.pipeline.decouple_grad): by default each backward reduce-scatters its chunk's gradients
-(torch's fully_shard, in the post-backward hook) and the sharded gradient accumulates. With decouple_grad a
-chunk's backwards come in runs of U micro-batches (P without units) in a rank's backward order, and the
-chunk's gradients stay unsharded (gathered) over the run: FSDP accumulates them (set_requires_gradient_sync
-False) and reduce-scatters the sum once, in the run's last backward; one reduce-scatter per chunk per unit
-instead of one per micro-batch (the ZeroPP paper's unit-wise gradient reduction), at the cost of one chunk's
-unsharded gradients (fp32) held through the run. The gradients are the same. InternEvo's decouple_grad is
-something else: it defers the linears' weight-gradient computation into the schedule's bubbles (zero-bubble
-style); pytrain computes input and weight gradients together in the backward.
+Gradients: by default each backward reduce-scatters its chunk's gradients (torch's fully_shard, in the
+post-backward hook) and the sharded gradient accumulates.
+
+parallel.pipeline.decouple_grad (InternEvo's meaning, zero-bubble style): each backward computes only the gradient
+of the chunk's input, the one the previous stage waits for, and sends it at once; the chunk's weight gradients are
+computed later from the same autograd graph, without recomputing it: torch.distributed.pipelining's
+stage_backward_input computes the input gradient and keeps the gradients reaching the nodes where the paths to the
+weights leave it, and weight_backward runs one autograd pass from those nodes to the weights. The model's first
+stage has no input gradient to send: its whole backward is deferred. The queued weight gradients need their chunk's
+gathered parameters, so they run while the chunk is resident: one in each round of a unit in which the rank works
+on nothing and waits for a message (unit_plan's rounds; the bubbles), the rest of the chunk's before work moves to
+another chunk, and the unit's last ones at its end, as the pipeline drains (without units: at chunk switches and
+the step's end, before the optimizer). The input gradients' backward leaves the gradients unsharded (FSDP without
+gradient sync) and does not let FSDP regather a unit lazily: the chunk's units are all gathered before it, as the
+split finds the weights among the chunk's parameters, which are the graph's (the gathered ones) only while
+gathered. Each weight-gradient computation then does what FSDP's post-backward does after a backward (accumulate,
+and in the last of a run of U of the chunk's backwards, P without units, reduce-scatter; FSDP's private
+post_backward and root final callback, as torch's own pipelining schedules call them): one reduce-scatter per chunk
+and unit instead of one per micro-batch (the ZeroPP paper's unit-wise reduction), one chunk's unsharded fp32
+gradients held through the run. The gradients are the same as one process's. Activation recompute
+(model.checkpoint) composes: the checkpointed layers are recomputed once more, in the weights' pass (torch's
+stage_backward_weight, one pass per group of weights, would recompute them once per group: 7 times for a decoder
+layer).
 """
 
+import collections
 import functools
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.pipelining._backward import stage_backward_input
 
 from .pipeline import InterleavedPipelineScheduler, _PipelineStep
 
@@ -119,6 +137,32 @@ def unit_plan(stages: int, chunks: int, unit: int) -> tuple[tuple[Round, ...], .
     return tuple(map(tuple, rounds))
 
 
+def weight_backward(params: list[nn.Parameter], param_groups: list[dict]) -> None:
+    """The weight gradients of a backward whose input gradient torch's stage_backward_input computed (retaining the
+    graph): param_groups holds the nodes at which the paths to the weights leave the input gradient's and the
+    gradients they received. One autograd pass from all of them (torch's stage_backward_weight makes one per
+    group, and each pass recomputes the checkpointed layers again), each node fed exactly what it received then:
+    a gradient reaching it from another of them is already part of that."""
+    edges, grads, handles = [], [], []
+    try:
+        for group in param_groups:
+            for node, received in zip(group["intermediates"], group.get("grads") or ()):
+                handles.append(node.register_prehook(lambda _, received=received: received))
+                edges += [GradientEdge(node, i) for i, grad in enumerate(received) if grad is not None]
+                grads += [grad for grad in received if grad is not None]
+        reached = {node for group in param_groups for node in group["params"]}
+        params = [p for p in params if get_gradient_edge(p).node in reached]
+        if not edges or not params:
+            return
+        weight_grads = torch.autograd.grad(edges, [get_gradient_edge(p) for p in params], grads, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for param, grad in zip(params, weight_grads):
+        if grad is not None:
+            param.grad = grad if param.grad is None else param.grad + grad
+
+
 class _UnitRun:
     """One unit's work on this rank, round by round (unit_plan)."""
 
@@ -130,7 +174,9 @@ class _UnitRun:
         in_flight = {}  # (chunk, micro) -> (input activation, output) awaiting the backward
         for round_ in self.rounds:
             send_next = send_prev = None
-            if round_.work is not None:
+            if round_.work is None:  # the rank waits for a message: a queued weight gradient fills the wait
+                self.step.run_deferred(1)
+            else:
                 kind, chunk, micro = round_.work
                 if kind == FORWARD:
                     hidden = inputs.pop((chunk, micro), None)
@@ -150,6 +196,7 @@ class _UnitRun:
                 inputs[round_.from_prev] = hidden
             if round_.from_next is not None:
                 grads[round_.from_next] = grad
+        self.step.run_deferred()  # the pipeline drains between units
 
 
 class _ChunkResidency:
@@ -177,30 +224,91 @@ class _ChunkResidency:
 
 
 class _ResidentStep(_PipelineStep):
-    """A _PipelineStep that gathers each chunk once per run of work on it (_ChunkResidency) and, given
-    grad_run (decouple_grad), reduce-scatters a chunk's gradients once per run of grad_run backwards of it."""
+    """A _PipelineStep that gathers each chunk once per run of work on it (_ChunkResidency) and, given grad_run
+    (decouple_grad), splits each backward: backward_input computes the input gradient only, the one sent on; the
+    chunk's weight gradients wait in a queue for backward_weight, which computes them from the same autograd graph
+    (weight_backward) and reduce-scatters the chunk's gradients once per run of grad_run of them. Queued weight
+    gradients run while their chunk is gathered: in rounds where the rank waits for a message (_UnitRun), and all
+    before work moves to another chunk."""
 
     def __init__(self, residency: _ChunkResidency, grad_run: int | None, *args):
         super().__init__(*args)
         self.residency, self.grad_run = residency, grad_run
+        self.deferred = collections.deque()  # (chunk, its weight-gradient computation), oldest first
+        self.weights_done = [0] * len(self.models)  # per chunk
+
+    def _enter(self, chunk: int) -> None:
+        if chunk != self.residency.current:
+            self.run_deferred()  # the queued weight gradients need their chunk's gathered parameters
+        self.residency.enter(chunk)
 
     def forward(self, chunk: int, micro: int, hidden):
-        self.residency.enter(chunk)
+        self._enter(chunk)
         return super().forward(chunk, micro, hidden)
 
     def backward(self, chunk: int, hidden_in, output, output_grad):
-        self.residency.enter(chunk)
-        if self.grad_run is not None:  # a chunk's backwards come in runs of grad_run micro-batches
-            ends_run = (self.backwards_done[chunk] + 1) % self.grad_run == 0
-            for unit in self.residency.units[chunk]:
-                unit.set_requires_gradient_sync(ends_run, recurse=False)
-        return super().backward(chunk, hidden_in, output, output_grad)
+        self._enter(chunk)
+        if self.grad_run is None:
+            return super().backward(chunk, hidden_in, output, output_grad)
+        return self.backward_input(chunk, hidden_in, output, output_grad)
+
+    def backward_input(self, chunk: int, hidden_in, output, output_grad):
+        """The input gradient of stage `chunk` (None for the model's first stage), its weight gradients queued.
+        FSDP's post-backward hooks, which run in it, only keep the gradients unsharded (no sync)."""
+        for unit in self.residency.units[chunk]:
+            unit.set_requires_gradient_sync(False, recurse=False)
+        if output_grad is None:  # the loss, scaled as the optimizer's backward scales it
+            output_grad = torch.full_like(output, self.optimizer.loss_scale)
+        if hidden_in is None:  # the model's first stage: nothing to send, the whole backward waits
+            self.deferred.append((chunk, functools.partial(torch.autograd.backward, output, output_grad)))
+            return None
+        for unit in self.residency.units[chunk]:  # FSDP gathers a unit when the backward reaches it; the weight
+            unit.unshard()  # gradients are split off by parameter before, so all must be the gathered ones now
+        params = list(self.models[chunk].parameters())
+        (grad_in,), param_groups = stage_backward_input([output], [output_grad], [hidden_in], params)
+        self.deferred.append((chunk, functools.partial(weight_backward, params, param_groups)))
+        return grad_in
+
+    def run_deferred(self, count: int | None = None) -> None:
+        """Runs the oldest `count` queued weight-gradient computations (None: all)."""
+        for _ in range(len(self.deferred) if count is None else min(count, len(self.deferred))):
+            self.backward_weight(*self.deferred.popleft())
+
+    def backward_weight(self, chunk: int, compute) -> None:
+        """One micro-batch's weight gradients of stage `chunk`, then what FSDP's post-backward hooks do after a
+        backward (they ran in backward_input, before these gradients existed): accumulate them unsharded, and
+        after the run's last one reduce-scatter the sum."""
+        compute()
+        self.weights_done[chunk] += 1
+        units = self.residency.units[chunk]
+        ends_run = self.weights_done[chunk] % self.grad_run == 0
+        for unit in units:
+            unit.set_requires_gradient_sync(ends_run, recurse=False)
+        for unit in reversed(units):  # the backward's order: the last layers' first
+            group = unit._get_fsdp_state()._fsdp_param_group
+            if group is not None:
+                group.post_backward()
+        if units:  # the chunk's root: waits for the reduce-scatters and resets FSDP's per-backward state
+            self.models[chunk]._get_fsdp_state()._root_post_backward_final_callback()
+
+
+def _check_fsdp_post_backward(units: list[list[FSDPModule]]) -> None:
+    """decouple_grad calls fully_shard's private post-backward, as torch.distributed.pipelining does (torch 2.13's;
+    a torch without it gets this error rather than a failure in the middle of a step)."""
+    for unit in (unit for chunk in units for unit in chunk):
+        state = unit._get_fsdp_state()
+        if not (hasattr(state, "_root_post_backward_final_callback") and hasattr(state, "_fsdp_param_group")):
+            raise RuntimeError(
+                f"parallel.pipeline.decouple_grad: torch {torch.__version__}'s fully_shard lacks the private "
+                "post-backward it calls (FSDPState._fsdp_param_group, _root_post_backward_final_callback): use "
+                "decouple_grad=False"
+            )
 
 
 class ZeroPPScheduler(InterleavedPipelineScheduler):
     """ZeroPP: units of unit_size micro-batches, interleaved GPipe within each (None: interleaved 1F1B); each
-    chunk's sharded parameters gathered once per run of work on it; decouple_grad: its gradients reduce-scattered
-    once per unit."""
+    chunk's sharded parameters gathered once per run of work on it; decouple_grad: each backward's weight
+    gradients deferred into the rank's waits (_ResidentStep), and reduce-scattered once per unit."""
 
     def __init__(
         self,
@@ -227,7 +335,13 @@ class ZeroPPScheduler(InterleavedPipelineScheduler):
 
     def _step(self, stages, *args) -> _PipelineStep:
         grad_run = (self.unit_size or self.mesh.dims.pipeline) if self.decouple_grad else None
+        if grad_run is not None:
+            _check_fsdp_post_backward(self.residency.units)
         return _ResidentStep(self.residency, grad_run, stages, *args)
+
+    def _finish(self, step: _ResidentStep, p2p, return_loss: bool):
+        step.run_deferred()  # the cool-down's last weight gradients, before the optimizer
+        return super()._finish(step, p2p, return_loss)
 
     def _orders(self, step, p2p, micro_num: int, forward_only: bool) -> list:
         if self.unit_size is None or forward_only:  # validation: one run over the whole batch, as interleaved
