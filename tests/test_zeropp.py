@@ -11,12 +11,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from rank_results import RankResults
 from test_parallel import MICRO_NUM, STEPS, assert_rank_matches, config, reference, train
+from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.pipelining._backward import stage_backward_input
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 from pytrain.config import Config, ConfigError
 from pytrain.parallel.pipeline import _PipelineStep
-from pytrain.parallel.zeropp import BACKWARD, FORWARD, ZeroPPScheduler, _ResidentStep, unit_plan, unit_work
+from pytrain.parallel.zeropp import (
+    BACKWARD,
+    FORWARD,
+    ZeroPPScheduler,
+    _ResidentStep,
+    unit_plan,
+    unit_work,
+    weight_backward,
+)
 
 WEIGHT = "W"  # a deferred weight-gradient computation (decouple_grad), as the recorder sees it
 ZEROPP = dict(size=2, use_zeropp=True)
@@ -298,6 +309,38 @@ def test_zeropp_unit_plans_pair_every_message(stages, chunks):
         for rank in range(stages):
             assert [r.work for r in plan[rank] if r.work] == unit_work(stages, chunks, unit, rank)
         replay(stages, chunks, unit)
+
+
+def test_zeropp_weight_gradients_split_off_match_one_backward():
+    """decouple_grad's split of a backward (stage_backward_input, later weight_backward): the same input and weight
+    gradients as one backward, no weight gradient before weight_backward, and a checkpointed block recomputed once
+    for the weights (torch's stage_backward_weight recomputes it once per group of weights)."""
+    torch.manual_seed(0)
+    block, head = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 8)), nn.Linear(8, 8)
+    params = [*block.parameters(), *head.parameters()]
+    recomputes = [0]
+
+    def run_block(hidden):
+        recomputes[0] += 1
+        return block(hidden)
+
+    def loss_of(hidden):
+        return head(checkpoint(run_block, hidden, use_reentrant=False)).square().mean()
+
+    hidden = torch.randn(4, 8, requires_grad=True)
+    loss_of(hidden).backward()
+    want_input, want_weights = hidden.grad, [p.grad for p in params]
+    hidden.grad = None
+    for param in params:
+        param.grad = None
+    loss = loss_of(hidden)
+    (grad_in,), param_groups = stage_backward_input([loss], [torch.ones_like(loss)], [hidden], params)
+    assert all(p.grad is None for p in params)
+    before = recomputes[0]
+    weight_backward(params, param_groups)
+    assert recomputes[0] == before + 1
+    torch.testing.assert_close(grad_in, want_input)
+    torch.testing.assert_close([p.grad for p in params], want_weights)
 
 
 @pytest.mark.slow  # 22-33 s on the shared 2-core machine: two layouts in 2 processes
