@@ -43,6 +43,17 @@ LAYOUTS = {
     "zeropp-pp2-weight2-units2": (4, dict(pipeline=ZEROPP, **WEIGHT2), CHUNKS, 2),
     "zeropp-pp2-weight2-units4-decoupled": (4, dict(pipeline=DECOUPLED, **WEIGHT2), CHUNKS, 4),
     "zeropp-pp2-weight2-1f1b-decoupled": (4, dict(pipeline=DECOUPLED, **WEIGHT2), CHUNKS, None),
+    # InternEvo's weight settings: a unit per linear, the next one's gather started early
+    "zeropp-pp2-weight2-per-linear-units2-decoupled": (
+        4,
+        dict(
+            pipeline=DECOUPLED,
+            tensor=WEIGHT2["tensor"],
+            weight=dict(size=2, overlap=True, forward_overlap_per="module"),
+        ),
+        CHUNKS,
+        2,
+    ),
     "zeropp-pp2-fsdp2-units2-decoupled": (4, dict(pipeline=DECOUPLED, zero1=dict(size=-1, fsdp=True)), CHUNKS, 2),
 }
 
@@ -349,12 +360,13 @@ def test_zeropp_units_on_two_stages_match_one_process(tmp_path, init_method, fre
     run_against_one_process(2, ["zeropp-pp2-units2", "zeropp-pp2-units4"], tmp_path, init_method)
 
 
-@pytest.mark.slow  # 31-81 s on the shared 2-core machine (load): four layouts in 4 processes
+@pytest.mark.slow  # 14-81 s on the shared 2-core machine (load): five layouts in 4 processes
 def test_zeropp_sharded_over_data_ranks_matches_one_process(tmp_path, init_method, fresh_context):
     """pp2 x data 2 (4 micro-batches per rank and step): weight parallelism (InternEvo's) in units of 2, of 4 with
     decouple_grad, and without units (interleaved 1F1B) with decouple_grad (runs of the pipeline size's 2
-    backwards); FSDP in units of 2 with decouple_grad. decouple_grad reduce-scatters 4 (units of 4) and 2 times
-    less often."""
+    backwards); FSDP in units of 2 with decouple_grad; weight parallelism with InternEvo's settings (a unit per
+    linear, gathers started early) in units of 2 with decouple_grad. decouple_grad reduce-scatters 4 (units of 4)
+    and 2 times less often, and computes the weight gradients after the input gradients."""
     run_against_one_process(
         4,
         [
@@ -362,6 +374,7 @@ def test_zeropp_sharded_over_data_ranks_matches_one_process(tmp_path, init_metho
             "zeropp-pp2-weight2-units4-decoupled",
             "zeropp-pp2-weight2-1f1b-decoupled",
             "zeropp-pp2-fsdp2-units2-decoupled",
+            "zeropp-pp2-weight2-per-linear-units2-decoupled",
         ],
         tmp_path,
         init_method,
