@@ -278,9 +278,11 @@ class _ResidentStep(_PipelineStep):
         """One micro-batch's weight gradients of stage `chunk`, then what FSDP's post-backward hooks do after a
         backward (they ran in backward_input, before these gradients existed): accumulate them unsharded, and
         after the run's last one reduce-scatter the sum."""
+        units = self.residency.units[chunk]
+        for unit in units:  # the first stage's deferred whole backward runs FSDP's hooks: no reduction in them
+            unit.set_requires_gradient_sync(False, recurse=False)
         compute()
         self.weights_done[chunk] += 1
-        units = self.residency.units[chunk]
         ends_run = self.weights_done[chunk] % self.grad_run == 0
         for unit in units:
             unit.set_requires_gradient_sync(ends_run, recurse=False)
