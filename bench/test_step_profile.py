@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from pytrain.model.families import LLAMA2
+from pytrain.model.families import INTERNLM, LLAMA2
 from pytrain.monitor import flops_per_token, matmul_params, measure_matmul_tflops
 from pytrain.parallel.model_part import parallelize
 from pytrain.solver import HybridZeroOptimizer
@@ -71,20 +71,32 @@ def step_profile(model, zero_grad, backward, optimizer_step, ids: torch.Tensor) 
     return seconds
 
 
-def timed_fused_and_before(zero_grad, step, rounds: int, monkeypatch) -> tuple[float, float]:
-    """The median wall time of pytrain's step and of the same step without the fused AdamW and SwiGLU
-    (bench/unfused.py), alternating step by step so that a drifting machine load weighs on both alike;
-    one warm-up step each."""
-    times = {"fused": [], "before": []}
+def alternating_medians(variants: dict, rounds: int) -> dict[str, float]:
+    """The median wall time of each variant's step, {name: (context factory, zero_grad, step)}, the variants
+    alternating step by step so that a drifting machine load weighs on all alike; one warm-up step each."""
+    times = {name: [] for name in variants}
     for index in range(rounds + 1):
-        for variant, spans in times.items():
-            with unfused(monkeypatch) if variant == "before" else contextlib.nullcontext():
+        for name, (context, zero_grad, step) in variants.items():
+            with context():
                 zero_grad()
                 start = time.perf_counter()
                 step()
                 if index:
-                    spans.append(time.perf_counter() - start)
-    return statistics.median(times["fused"]), statistics.median(times["before"])
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(spans) for name, spans in times.items()}
+
+
+def timed_fused_and_before(zero_grad, step, rounds: int, monkeypatch) -> tuple[float, float]:
+    """The median wall time of pytrain's step and of the same step without the fused AdamW and SwiGLU
+    (bench/unfused.py), alternating."""
+    medians = alternating_medians(
+        {
+            "fused": (contextlib.nullcontext, zero_grad, step),
+            "before": (lambda: unfused(monkeypatch), zero_grad, step),
+        },
+        rounds,
+    )
+    return medians["fused"], medians["before"]
 
 
 def timed_steps(zero_grad, step, rounds: int) -> float:
@@ -99,13 +111,15 @@ def timed_steps(zero_grad, step, rounds: int) -> float:
     return statistics.median(times)
 
 
-def pytrain_step(shape: dict, dtype: str, device: str = "cpu", clip_grad_norm: float = 1.0):
+def pytrain_step(
+    shape: dict, dtype: str, device: str = "cpu", clip_grad_norm: float = 1.0, family=LLAMA2, no_bias: bool = True
+):
     """pytrain's model and optimizer as a run builds them (clipping at 1.0: the config's default)."""
     with torch.device("meta"):
-        whole = LLAMA2.build(
+        whole = family.build(
             **{k: shape[k] for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")},
             multiple_of=MLP_MULTIPLE,
-            no_bias=True,
+            no_bias=no_bias,
             dtype=dtype,
         )
     model = parallelize(whole, device=torch.device(device))
@@ -177,3 +191,27 @@ def test_step_profile(benchmark, monkeypatch, dtype):
         row["pytrain / transformers"] = hf_seconds / seconds
     benchmark.extra_info.update(row)
     print("\n" + "\n".join(f"{key:>32}: {value}" for key, value in row.items()))
+
+
+def test_attention_biases_cost(benchmark):
+    """INTERNLM with InternLM v1's attention biases (no_bias=False, its default) against the same model without
+    them, fp32, whole steps alternating (issue 25's goal: within 3%)."""
+    shape = FULL if benchmark.enabled else SMOKE
+    ids = torch.randint(0, shape["vocab_size"], (shape["micro_bsz"], shape["seq_len"]))
+    variants = {}
+    for name, no_bias in (("biased", False), ("unbiased", True)):
+        model, optimizer = pytrain_step(shape, "torch.float32", family=INTERNLM, no_bias=no_bias)
+
+        def step(model=model, optimizer=optimizer):
+            forward_backward(model, ids, optimizer.backward)
+            optimizer.step()
+
+        variants[name] = (contextlib.nullcontext, optimizer.zero_grad, step)
+    rounds = 10 if benchmark.enabled else 1
+    medians = benchmark.pedantic(alternating_medians, args=(variants, rounds), rounds=1, iterations=1)
+    tokens = shape["micro_bsz"] * shape["seq_len"]
+    row = {f"{name} tokens/s": tokens / seconds for name, seconds in medians.items()}
+    row["biased / unbiased step time"] = medians["biased"] / medians["unbiased"]
+    benchmark.extra_info.update(row)
+    print("\n" + "\n".join(f"{key:>28}: {value:.3f}" for key, value in row.items()))
+    assert all(seconds > 0 for seconds in medians.values())
