@@ -1,4 +1,5 @@
-"""What spawned ranks hand back to the test that spawned them: one torch.save file per entry in a temporary folder.
+"""What spawned ranks hand back to the test that spawned them: torch.save files in a temporary folder, per entry
+its value and its key.
 
 Not a multiprocessing Manager's dict: its server process is forked from the test process (torch's thread pools
 already started) and receives tensors as shared-memory handles passed between processes; in CI it crashed now and
@@ -29,30 +30,32 @@ class RankResults(Mapping):
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _file(self, key) -> Path:
-        return self.folder / f"{hashlib.sha1(repr(key).encode()).hexdigest()}.pt"
+    def _stem(self, key) -> Path:
+        return self.folder / hashlib.sha1(repr(key).encode()).hexdigest()
 
     def __setitem__(self, key, value) -> None:
-        # written whole, then renamed: the reader never sees half a file; clone() keeps a view from saving the
-        # whole storage it is cut from
+        # the value, then the key beside it: a key file marks a whole entry, and iterating reads keys alone;
+        # clone() keeps a view from saving the whole storage it is cut from
         value = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), value)
-        path = self._file(key)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        torch.save((key, value), partial)
-        os.replace(partial, path)
+        stem = self._stem(key)
+        for suffix, content in ((".pt", value), (".key", key)):
+            partial = stem.with_suffix(f".{os.getpid()}.partial")
+            torch.save(content, partial)
+            os.replace(partial, stem.with_suffix(suffix))
 
-    def _load(self, path: Path):
+    @staticmethod
+    def _load(path: Path):
         # written by this test's own ranks, and results hold pytrain's own types (ShardSpec, ...)
         return torch.load(path, weights_only=False)
 
     def __getitem__(self, key):
-        path = self._file(key)
-        if not path.exists():
+        stem = self._stem(key)
+        if not stem.with_suffix(".key").exists():
             raise KeyError(key)
-        return self._load(path)[1]
+        return self._load(stem.with_suffix(".pt"))
 
     def __iter__(self) -> Iterator:
-        return (self._load(path)[0] for path in sorted(self.folder.glob("*.pt")))
+        return (self._load(path) for path in sorted(self.folder.glob("*.key")))
 
     def __len__(self) -> int:
-        return len(list(self.folder.glob("*.pt")))
+        return len(list(self.folder.glob("*.key")))
