@@ -6,6 +6,7 @@
 #include "bind_moe_permute.h"
 #include "bind_swiglu.h"
 #include "bindings.h"
+#include "cpu/stream_store.h"
 #include "token_lines.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -25,5 +26,9 @@ PYBIND11_MODULE(_C, m) {
       },
       pybind11::arg("ids"), pybind11::arg("id_bytes"), pybind11::arg("counts"), pybind11::arg("samples"),
       pybind11::arg("out"), pybind11::arg("line_bytes"));
+  m.def(
+      "advise_huge_pages", [](uintptr_t address, int64_t bytes) { pytrain::cpu::advise_huge_pages(pytrain::ptr(address), bytes); },
+      pybind11::arg("address"), pybind11::arg("bytes"));
+  m.attr("stream_min_bytes") = pytrain::cpu::kStreamMinBytes;
   m.attr("token_line_bytes") = pybind11::make_tuple(pytrain::cpu::kLineOverheadBytes, pytrain::cpu::kMaxIdBytes);
 }

@@ -474,6 +474,30 @@ def test_shard_kernels_match_their_references(dtype, vocab_start, monkeypatch):
     assert_close(grad, want, GRAD_TOLERANCES[dtype], "shard gradient")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cpu_large_gradient_streams_past_the_cache(dtype):
+    """A gradient of at least stream_min_bytes is written with streaming stores (the target's entry
+    fixed up after its row; rows of an odd vocab, 32001, start unaligned), by the forward and by the
+    vocab-parallel shard gradient. Only the stores differ: the gradient equals, bit for bit, that of row
+    blocks small enough for regular stores."""
+    vocab = 32001
+    rows = _backend.extension(torch.device("cpu")).stream_min_bytes // (vocab * dtype.itemsize) + 1
+    logits, labels = make_inputs(rows, vocab, dtype, "cpu")
+    blocks = list(zip(logits.split(rows // 4), labels.split(rows // 4)))
+
+    def forward_grad(x, y):
+        x = x.clone().requires_grad_()
+        cross_entropy(x, y, reduction="sum", label_smoothing=0.1).backward()
+        return x.grad
+
+    assert torch.equal(forward_grad(logits, labels), torch.cat([forward_grad(x, y) for x, y in blocks]))
+
+    def shard_grad(x, y):
+        return _shard_gradient(x, y, torch.logsumexp(x.float(), 1), 0.5, 0, vocab, -100, 0.1, 1e-2)
+
+    assert torch.equal(shard_grad(logits, labels), torch.cat([shard_grad(x, y) for x, y in blocks]))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Vocab-parallel cross-entropy in 2 gloo processes.
 

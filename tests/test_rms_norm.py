@@ -153,6 +153,21 @@ def test_large_hidden(dtype, weight_dtype, device):
     check_against_reference((3, 65536), dtype, weight_dtype, device)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cpu_large_output_streams_past_the_cache(dtype):
+    """An output of at least stream_min_bytes is written with streaming stores (rows of an odd hidden,
+    4097, start unaligned); at over 32 MiB the allocating path also asks for huge pages. Only the stores
+    differ: the result equals, bit for bit, that of row blocks small enough for regular stores."""
+    hidden = 4097
+    rows = 2 * _backend.extension(torch.device("cpu")).stream_min_bytes // (hidden * dtype.itemsize) + 1
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(rows, hidden, generator=g).to(dtype), torch.rand(hidden, generator=g).to(dtype)
+    with torch.no_grad():
+        want = torch.cat([rms_norm(block, weight) for block in x.split(rows // 8)])
+        assert torch.equal(rms_norm(x, weight), want)
+        assert torch.equal(rms_norm(x, weight, out=torch.full_like(x, float("nan"))), want)
+
+
 @pytest.mark.parametrize("dtype,weight_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_cpu_threads_split_rows(dtype, weight_dtype, threads, num_threads):

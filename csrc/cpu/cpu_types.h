@@ -37,9 +37,10 @@ template <>
 inline bf16 from_float<bf16>(float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof(u));
-  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return bf16{static_cast<uint16_t>((u >> 16) | 0x40)};  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return bf16{static_cast<uint16_t>(u >> 16)};
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  const uint32_t quiet_nan = (u >> 16) | 0x40;                       // NaN stays NaN
+  // A select, not an early return: a branch in the loop body keeps `omp simd` loops from vectorizing.
+  return bf16{static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
 }
 
 // Runs fn(begin, end, worker) over [0, n) split into contiguous chunks on up to num_threads threads.

@@ -9,6 +9,7 @@
 
 #include "cpu/cpu_types.h"
 #include "cpu/fast_exp.h"
+#include "cpu/stream_store.h"
 
 namespace pytrain::cpu {
 namespace {
@@ -59,6 +60,12 @@ __attribute__((always_inline)) inline RowStats row_stats(const CrossEntropyArgs&
   return {m, s, in_shard ? to_float(x[t]) : 0.f, sum, in_shard ? t : -1};
 }
 
+// The gradient is kept for the backward pass, long after this op: a large one streams past the cache.
+template <typename T>
+__attribute__((always_inline)) inline bool streams_grad(const CrossEntropyArgs& a) {
+  return a.rows * a.vocab * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes;
+}
+
 // grad = scale * (softmax * (1 + 2 z lse) - s / V - (1 - s) [j == t]) from softmax = exps * exp_to_softmax.
 template <typename T>
 __attribute__((always_inline)) inline void grad_from_exps(const CrossEntropyArgs& a, const float* exps, T* grad,
@@ -67,8 +74,7 @@ __attribute__((always_inline)) inline void grad_from_exps(const CrossEntropyArgs
   const float softmax_scale = scale * (1.f + 2.f * a.z_loss * lse);
   const float k = exp_to_softmax * softmax_scale;
   const float uniform = scale * a.label_smoothing / static_cast<float>(a.total_vocab);
-#pragma omp simd
-  for (int64_t i = 0; i < a.vocab; ++i) grad[i] = from_float<T>(exps[i] * k - uniform);
+  store_row(grad, a.vocab, streams_grad<T>(a), [&](int64_t i) { return from_float<T>(exps[i] * k - uniform); });
   if (target_index >= 0) {
     grad[target_index] = from_float<T>(exps[target_index] * k - uniform - scale * (1.f - a.label_smoothing));
   }
@@ -80,10 +86,9 @@ __attribute__((always_inline)) inline void grad_from_logits(const CrossEntropyAr
                                                             float scale, float target, int64_t target_index) {
   const float softmax_scale = scale * (1.f + 2.f * a.z_loss * lse);
   const float uniform = scale * a.label_smoothing / static_cast<float>(a.total_vocab);
-#pragma omp simd
-  for (int64_t i = 0; i < a.vocab; ++i) {
-    grad[i] = from_float<T>(fast_exp(to_float(x[i]) - lse) * softmax_scale - uniform);
-  }
+  store_row(grad, a.vocab, streams_grad<T>(a), [&](int64_t i) {
+    return from_float<T>(fast_exp(to_float(x[i]) - lse) * softmax_scale - uniform);
+  });
   if (target_index >= 0) {  // x[t] may be overwritten by now: use the saved target logit
     grad[target_index] =
         from_float<T>(fast_exp(target - lse) * softmax_scale - uniform - scale * (1.f - a.label_smoothing));

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "cpu/cpu_types.h"
+#include "cpu/stream_store.h"
 
 namespace pytrain::cpu {
 namespace {
@@ -17,6 +18,8 @@ template <typename T, typename W, bool kResidual>
 __attribute__((always_inline)) inline void forward_rows(const RMSNormArgs& a, int64_t begin, int64_t end) {
   const int64_t n = a.hidden;
   const W* w = static_cast<const W*>(a.weight);
+  // The residual sum is read back at once (in cache), so it keeps regular stores; y may stream.
+  const bool stream = a.rows * n * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes;
   for (int64_t row = begin; row < end; ++row) {
     const T* x = static_cast<const T*>(a.x) + row * n;
     T* y = static_cast<T*>(a.y) + row * n;
@@ -41,8 +44,7 @@ __attribute__((always_inline)) inline void forward_rows(const RMSNormArgs& a, in
     }
     const float rstd = 1.f / std::sqrt(sum_sq / static_cast<float>(n) + a.eps);
     if (a.rstd) a.rstd[row] = rstd;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) y[i] = from_float<T>(to_float(x[i]) * rstd * to_float(w[i]));
+    store_row(y, n, stream, [&](int64_t i) { return from_float<T>(to_float(x[i]) * rstd * to_float(w[i])); });
   }
 }
 

@@ -33,6 +33,20 @@ def extension(device: torch.device):
     return _loaded[name]
 
 
+# glibc serves allocations of at least 32 MiB (its largest dynamic mmap threshold) with their own mmap.
+_HUGE_PAGE_MIN_BYTES = 32 << 20
+
+
+def empty_output_like(tensor: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like for a kernel's output. A large CPU one is asked for transparent huge pages before
+    the kernel first writes it: its first-touch page faults (one per 4 KiB page, each zeroed by the OS)
+    cost more than the kernel itself. Its mapping is its own, so the advice touches no other allocation."""
+    out = torch.empty_like(tensor)
+    if out.device.type == "cpu" and out.nbytes >= _HUGE_PAGE_MIN_BYTES and extension(out.device) is not None:
+        extension(out.device).advise_huge_pages(out.data_ptr(), out.nbytes)
+    return out
+
+
 def launch_args(tensor: torch.Tensor) -> dict:
     """Stream and device for a CUDA launch; zeros on the CPU."""
     if tensor.device.type == "cuda":

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import reference
-from ._backend import DTYPE_CODES, extension, launch_args, parallelism
+from ._backend import DTYPE_CODES, empty_output_like, extension, launch_args, parallelism
 from ._checks import check_same_device, check_tensor
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -141,7 +141,7 @@ def _forward(
         grad_scale = grad_scale_for(reduction, count)
     loss_rows = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss_rows)
-    grad = torch.empty_like(logits) if with_grad else logits.new_empty(0)
+    grad = empty_output_like(logits) if with_grad else logits.new_empty(0)
     run_kernel(
         "cross_entropy_forward",
         logits,
@@ -284,7 +284,7 @@ def _shard_gradient(logits, labels, lse, grad_scale, vocab_start, total_vocab, i
         return reference.cross_entropy_shard_gradient(
             logits, labels, lse, grad_scale, vocab_start, total_vocab, ignore_index, label_smoothing, z_loss
         )
-    grad = torch.empty_like(logits)
+    grad = empty_output_like(logits)
     run_kernel(
         "cross_entropy_gradient",
         logits,

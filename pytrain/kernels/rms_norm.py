@@ -8,7 +8,7 @@ too, as the next residual stream. Forward and backward run in pytrain._C (CPU) o
 import torch
 
 from . import reference
-from ._backend import DTYPE_CODES, extension, launch_args, parallelism
+from ._backend import DTYPE_CODES, empty_output_like, extension, launch_args, parallelism
 from ._checks import check_same_device, check_tensor
 
 
@@ -38,7 +38,7 @@ def _rstd_like(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("pytrain::rms_norm_forward", mutates_args=())
 def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    y, rstd = torch.empty_like(x), _rstd_like(x)
+    y, rstd = empty_output_like(x), _rstd_like(x)
     _launch_forward(x, weight, eps, y, rstd)
     return y, rstd
 
@@ -52,7 +52,7 @@ def _(x, weight, eps):
 def _residual_forward(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, total, rstd = torch.empty_like(x), torch.empty_like(x), _rstd_like(x)
+    y, total, rstd = empty_output_like(x), empty_output_like(x), _rstd_like(x)
     _launch_forward(x, weight, eps, y, rstd, residual=residual, residual_out=total)
     return y, total, rstd
 
