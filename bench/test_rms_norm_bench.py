@@ -15,8 +15,9 @@ CPU shapes stay at 4096 tokens x 4096 hidden so the CPU run is bearable; GPUs ge
 
 On the CPU the allocating rows (pytrain, compile, clone) are dominated by first-touch page faults:
 glibc serves allocations over 32 MB with a fresh mmap, so every call faults in (and the kernel zeroes)
-each 4 KiB page of its output. pytrain_out vs pytrain shows the kernel vs that cost;
-THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU allocator then asks for transparent huge pages) shrinks it.
+each 4 KiB page of its output. pytrain_out vs pytrain shows the kernel vs that cost. pytrain asks for
+transparent huge pages on its own large outputs (pytrain.kernels._backend.empty_output_like), which
+shrinks it; THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU allocator then asks for them) does so for every row.
 """
 
 import pytest
