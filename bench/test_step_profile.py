@@ -1,29 +1,36 @@
 """One training step taken apart: where the time of pytrain's step goes (GEMMs, attention, norms / rotary /
 activations, the loss, copies / casts / allocation, the optimizer, the rest), beside the matmul peak measured
 in the same run, and the same model's step under Hugging Face transformers (LlamaForCausalLM and torch's
-AdamW) in the same sitting.
+AdamW, its own loss) in the same sitting (bench/test_peer_step.py puts the other peers beside it).
 
 The model is a Llama of 8 layers, hidden 512, 8 heads, vocabulary 32000, one process, micro-batch 4 of 512
-tokens, AdamW with gradient clipping at 1.0. Times are the profiler's self CPU time per op, summed per category
-(an op is counted once, in the first category whose pattern its name contains), and the optimizer step's wall
-time. The same step without the fused AdamW and SwiGLU (bench/unfused.py: eager silu * up, torch's AdamW ops
-with a clip pass and a cast pass) is profiled and timed in the same run, alternating step by step with the
-fused one: "fused / before". `--benchmark-disable` runs a 2-layer, 64-wide model once per dtype, as a smoke
-test of the accounting.
+tokens, AdamW with gradient clipping at 1.0, the loss the Trainer's (LMLoss: pytrain's fused cross-entropy).
+Times are the profiler's self CPU time per op, summed per category (an op is counted once, in the first category
+whose pattern its name contains), and the optimizer step's wall time. The matmul peak is that of the GEMM
+pytrain's linears run (pytrain.kernels.linear: 16-bit operands as fp32 copies on a CPU without 16-bit units),
+PyTorch's own kernel beside it. The same step without the fused AdamW and SwiGLU (bench/unfused.py: eager
+silu * up, torch's AdamW ops with a clip pass and a cast pass) is profiled and timed in the same run, alternating
+step by step with the fused one: "fused / before". `--benchmark-disable` runs a 2-layer, 64-wide model once per
+dtype, as a smoke test of the accounting. On a GPU, test_step_profile_1b_cuda takes configs/1B.py's step apart
+the same way (kernel time per category; bench/gpu/run.sh runs it).
 """
 
 import contextlib
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from pytrain.config import Config
 from pytrain.model.families import INTERNLM, LLAMA2
-from pytrain.monitor import flops_per_token, matmul_params, measure_matmul_tflops
+from pytrain.model.loss import LMLoss
+from pytrain.monitor import flops_per_token, matmul_params, measure_matmul_tflops, peak_tflops
 from pytrain.parallel.model_part import parallelize
 from pytrain.solver import HybridZeroOptimizer
 
+from .conftest import NEEDS_CUDA
 from .unfused import unfused
 
 FULL = dict(num_layers=8, hidden_size=512, num_attention_heads=8, vocab_size=32000, micro_bsz=4, seq_len=512)
@@ -51,22 +58,33 @@ def category_of(op_name: str) -> str:
     return next((name for name, patterns in CATEGORIES.items() if any(p in op_name for p in patterns)), "other")
 
 
+def next_token_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Each token's label is the next token; the last of a row has none (-100), as pytrain's loader gives them."""
+    return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+
+
 def forward_backward(model, ids: torch.Tensor, backward) -> None:
-    logits = model(input_ids=ids)
-    logits = logits.logits if hasattr(logits, "logits") else logits
-    backward(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()))
+    """pytrain's step as the Trainer runs it: the model's logits into LMLoss (pytrain's fused cross-entropy)."""
+    backward(LMLoss()(model(input_ids=ids), next_token_labels(ids)))
 
 
 def step_profile(model, zero_grad, backward, optimizer_step, ids: torch.Tensor) -> dict[str, float]:
-    """Seconds per category of one step: the forward and backward under the profiler, the optimizer timed."""
+    """Seconds per category of one step: the forward and backward under the profiler (on a GPU: the kernels' time,
+    each counted under the op that launched it), the optimizer timed."""
+    cuda = ids.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     zero_grad()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    with torch.profiler.profile(activities=activities) as profile:
         forward_backward(model, ids, backward)
+        if cuda:
+            torch.cuda.synchronize()
     seconds = dict.fromkeys([*CATEGORIES, "other"], 0.0)
     for event in profile.key_averages():
-        seconds[category_of(event.key)] += event.self_cpu_time_total / 1e6
+        seconds[category_of(event.key)] += (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e6
     start = time.perf_counter()
     optimizer_step()
+    if cuda:
+        torch.cuda.synchronize()
     seconds["optimizer"] = time.perf_counter() - start
     return seconds
 
@@ -167,23 +185,25 @@ def test_step_profile(benchmark, monkeypatch, dtype):
     tokens = shape["micro_bsz"] * shape["seq_len"]
     per_token = flops_per_token(block_params, head_params, shape["num_layers"], shape["hidden_size"], shape["seq_len"])
     flops = tokens * per_token
-    peak = measure_matmul_tflops(torch.device("cpu"), torch_dtype) * 1e12
+    peak = measure_matmul_tflops(torch.device("cpu"), torch_dtype) * 1e12  # the GEMM pytrain's linears run
+    torch_peak = measure_matmul_tflops(torch.device("cpu"), torch_dtype, multiply=torch.mm) * 1e12
     row = {
         "dtype": dtype,
         "tokens/s": tokens / seconds,
         "fraction of the matmul peak": flops / seconds / peak,
         "matmul peak GFLOP/s": peak / 1e9,
+        "PyTorch's own matmul GFLOP/s": torch_peak / 1e9,
         "profiled step s": sum(profile.values()),
         **{f"{name} share": value / sum(profile.values()) for name, value in profile.items()},
         "before the fused AdamW and SwiGLU: tokens/s": tokens / seconds_before,
         "fused / before": seconds_before / seconds,
         **{f"{name} s, fused / before": f"{profile[name]:.3f} / {value:.3f}" for name, value in profile_before.items()},
     }
-    if benchmark.enabled:  # the peer in the same sitting
+    if benchmark.enabled and torch_peak > peak / 10:  # the peer in the same sitting, where its GEMMs are not crawling
         hf_model, hf_optimizer = hf_step(shape, torch_dtype)
 
         def hf_full_step():
-            forward_backward(hf_model, ids, lambda loss: loss.backward())
+            hf_model(input_ids=ids, labels=ids).loss.backward()  # transformers' own loss (it shifts the labels)
             hf_optimizer.step()
 
         hf_seconds = timed_steps(lambda: hf_optimizer.zero_grad(set_to_none=True), hf_full_step, rounds)
@@ -215,3 +235,52 @@ def test_attention_biases_cost(benchmark):
     benchmark.extra_info.update(row)
     print("\n" + "\n".join(f"{key:>28}: {value:.3f}" for key, value in row.items()))
     assert all(seconds > 0 for seconds in medians.values())
+
+
+# configs/1B.py's model and micro-batch (test_one_b_shape_is_the_config checks it), for the GPU's step breakdown.
+ONE_B = dict(num_layers=18, hidden_size=2048, num_attention_heads=16, vocab_size=32000, micro_bsz=2, seq_len=4096)
+
+
+def test_one_b_shape_is_the_config():
+    cfg = Config.from_file(Path(__file__).parents[1] / "configs" / "1B.py")
+    assert cfg.model_type == "INTERNLM" and cfg.model.dtype == "torch.bfloat16" and not cfg.model.checkpoint
+    assert {k: cfg.model[k] for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")} == {
+        k: ONE_B[k] for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")
+    }
+    assert (cfg.data.micro_bsz, cfg.data.seq_len, cfg.model.multiple_of) == (ONE_B["micro_bsz"], ONE_B["seq_len"], 256)
+
+
+@NEEDS_CUDA
+def test_step_profile_1b_cuda(benchmark):
+    """configs/1B.py's step on one GPU (bf16, fp32 masters, pytrain's kernels, one micro-batch): where the kernels'
+    time goes, beside the GPU's datasheet peak (bench/gpu/run.sh runs it)."""
+    device = torch.device("cuda")
+    ids = torch.randint(0, ONE_B["vocab_size"], (ONE_B["micro_bsz"], ONE_B["seq_len"]), device=device)
+    model, optimizer = pytrain_step(ONE_B, "torch.bfloat16", device="cuda", family=INTERNLM, no_bias=False)
+
+    def step():
+        forward_backward(model, ids, optimizer.backward)
+        optimizer.step()
+        torch.cuda.synchronize()
+
+    optimizer.zero_grad()
+    step()  # warm-up: autotuning and the allocator's first blocks
+    profile = step_profile(model, optimizer.zero_grad, optimizer.backward, optimizer.step, ids)
+    seconds = benchmark.pedantic(timed_steps, args=(optimizer.zero_grad, step, 3), rounds=1, iterations=1)
+    block_params, head_params = matmul_params(model)
+    tokens = ONE_B["micro_bsz"] * ONE_B["seq_len"]
+    per_token = flops_per_token(block_params, head_params, ONE_B["num_layers"], ONE_B["hidden_size"], ONE_B["seq_len"])
+    peak, source = peak_tflops(device, torch.bfloat16)
+    row = {
+        "device": torch.cuda.get_device_name(device),
+        "tokens/s": tokens / seconds,
+        "MFU": tokens * per_token / seconds / (peak * 1e12),
+        "peak TFLOPS": f"{peak} ({source})",
+        "step s": seconds,
+        "profiled kernels + optimizer s": sum(profile.values()),
+        **{f"{name} share": value / sum(profile.values()) for name, value in profile.items()},
+        "peak memory GiB": torch.cuda.max_memory_allocated(device) / 2**30,
+    }
+    benchmark.extra_info.update(row)
+    print("\n" + "\n".join(f"{key:>32}: {value}" for key, value in row.items()))
+    assert profile["gemm"] > 0 and profile["attention"] > 0

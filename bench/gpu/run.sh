@@ -1,28 +1,29 @@
 #!/usr/bin/env bash
 # The prepared check for a lent GPU machine (H100/H200, no internet), at most 8 minutes in all: build pytrain with
-# its CUDA kernels, run the GPU tests (CUDA extension and Triton: -m "cuda or triton"), one GPU's 1B training run,
-# and pytrain's CUDA benchmark rows (with SDPA flash for attention), then print a one-screen summary. Every step
+# its CUDA kernels, run the GPU tests (CUDA extension and Triton: -m "cuda or triton"), one GPU's 1B training run
+# and its step breakdown, and pytrain's CUDA benchmark rows (with SDPA flash for attention), then print a one-screen summary. Every step
 # has its own timeout (the T_* budget below sums to 480 s with the grace periods); a failing step never stops the
 # later ones, and the script exits non-zero at the end if any failed. Without a GPU (no NVIDIA device file and no
 # device in nvidia-smi) it stops at once with "no GPU"; torch's own look at the GPU runs beside the build.
 #
 # $OUT (./gpu-out when unset) receives few, flat files: env.txt, build.txt (the build's last lines), tests.txt,
-# train-1b.txt (the step lines only), bench.txt, bench.json, summary.txt. The 1B run's folder, the full build and
-# training logs and the JUnit file live in $RUN_DIR (outside $OUT).
+# train-1b.txt (the step lines only), step-profile.txt (the 1B step's breakdown), bench.txt, bench.json, summary.txt.
+# The 1B run's folder, the full build and training logs and the JUnit file live in $RUN_DIR (outside $OUT).
 #
 #   bash bench/gpu/run.sh               # from anywhere: it runs in the repository root
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
 # The budget, seconds. Steps stopped by SIGINT (pytest still writes its JUnit/benchmark JSON) get GRACE more
-# before SIGKILL. Sum: T_SMI + T_BUILD + T_TESTS + T_TRAIN + T_BENCH + T_SUMMARY + 3 * GRACE = 480; T_PROBE
-# (at most T_BUILD) runs beside the build, so it adds nothing.
+# before SIGKILL. Sum: T_SMI + T_BUILD + T_TESTS + T_TRAIN + T_PROFILE + T_BENCH + T_SUMMARY + 4 * GRACE = 480;
+# T_PROBE (at most T_BUILD) runs beside the build, so it adds nothing.
 T_SMI=15
 T_PROBE=90
 T_BUILD=120
-T_TESTS=150
+T_TESTS=120
 T_TRAIN=75
-T_BENCH=80
+T_PROFILE=30
+T_BENCH=70
 T_SUMMARY=10
 GRACE=10
 
@@ -96,6 +97,11 @@ train_status=$?
 step train-1b "$train_status"
 grep -E '^step [0-9]+/' "$RUN_DIR/train-1b.log" >"$OUT/train-1b.txt"
 [ "$train_status" -eq 0 ] || { echo "--- exit $train_status; the log's last lines:"; tail -n 15 "$RUN_DIR/train-1b.log"; } >>"$OUT/train-1b.txt"
+
+# Where the 1B step's GPU time goes (GEMMs, attention, norms/rotary/activations, loss, copies, optimizer) and its MFU.
+timeout -s INT -k "$GRACE" "$T_PROFILE" python3 -m pytest bench/test_step_profile.py -k "1b_cuda" -q -s \
+  -p no:cacheprovider >"$OUT/step-profile.txt" 2>&1
+step step-profile $?
 
 # The CUDA rows of pytrain's kernels and of SDPA's flash backend (the summary's numbers; the CPU rows, the eager
 # and torch.compile references and the gloo layout benchmarks are left out: they would not fit), cheapest files

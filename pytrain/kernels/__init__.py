@@ -6,6 +6,8 @@ CUDA and PyTorch's SDPA (per document for packed input) on the CPU.
 
 Fused: rms_norm, apply_rotary, swiglu, cross_entropy (and vocab_parallel_cross_entropy),
 linear_cross_entropy, flash_attn_func / flash_attn_varlen_func; adamw_step_ (a multi-tensor AdamW update).
+linear / mm (and the Linear module): F.linear / torch.mm whose 16-bit GEMMs run at fp32 speed on CPUs without
+16-bit units.
 Mixture of experts: moe_permute / moe_unpermute (tokens to expert-grouped rows and back, weighted by the
 routing weights) and grouped_mm (one GEMM per expert over those rows).
 RopeScaling: a long-context rotary scaling (linear, dynamic NTK, Llama 3.1's) for apply_rotary / RotaryEmbedding.
@@ -19,8 +21,9 @@ from .adamw import adamw_step_
 from .cross_entropy import cross_entropy, vocab_parallel_cross_entropy
 from .flash_attn import flash_attn_func, flash_attn_varlen_func
 from .grouped_mm import grouped_mm
+from .linear import linear
 from .linear_cross_entropy import linear_cross_entropy
-from .modules import CrossEntropyLoss, FlashAttention, LinearCrossEntropyLoss, RMSNorm, RotaryEmbedding
+from .modules import CrossEntropyLoss, FlashAttention, Linear, LinearCrossEntropyLoss, RMSNorm, RotaryEmbedding
 from .moe_permute import moe_permute, moe_unpermute
 from .packed import PackedSequences
 from .rms_norm import rms_norm
@@ -32,6 +35,7 @@ __all__ = [
     "CheckedPositions",
     "CrossEntropyLoss",
     "FlashAttention",
+    "Linear",
     "LinearCrossEntropyLoss",
     "PackedSequences",
     "RMSNorm",
@@ -43,6 +47,7 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_varlen_func",
     "grouped_mm",
+    "linear",
     "linear_cross_entropy",
     "moe_permute",
     "moe_unpermute",

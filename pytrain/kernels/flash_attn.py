@@ -2,7 +2,8 @@
 
 CUDA tensors run pytrain's Triton kernels (kernels/flash_attn_triton.py) as torch.library custom ops (autograd
 and torch.compile see one op each way). CPU tensors run PyTorch's SDPA (its CPU flash kernel), one
-document at a time for packed input, so no mask quadratic in the packed length is ever built.
+document at a time for packed input, so no mask quadratic in the packed length is ever built; 16-bit inputs on a
+CPU without 16-bit units run it on fp32 copies (pytrain.kernels.linear says why).
 
 Sliding-window attention takes flash-attn's window_size=(left, right), causal only: query i sees keys i - left .. i
 (transformers' sliding_window=W is window_size=(W - 1, 0)). On the CPU, SDPA then runs over blocks of queries, each
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from ._backend import runs_triton
 from ._checks import check_same_device, check_tensor
+from .linear import multiplies_in_fp32
 from .packed import PackedSequences
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -141,15 +143,43 @@ def _sdpa(q, k, v, causal: bool, scale: float, window: int = -1):
     seq = q.shape[-3]
     if 0 <= window < seq - 1:
         return _sdpa_windowed(q, k, v, scale, window)
-    out = F.scaled_dot_product_attention(
-        q.transpose(-3, -2),
-        k.transpose(-3, -2),
-        v.transpose(-3, -2),
-        is_causal=causal,
-        scale=scale,
-        enable_gqa=k.shape[-2] != q.shape[-2],
-    )
+    out = _cpu_sdpa(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2), causal, scale)
     return out.transpose(-3, -2)
+
+
+def _cpu_sdpa(q, k, v, causal: bool, scale: float, mask=None):
+    """SDPA's CPU flash kernel over (batch, heads, seq, dim) tensors (k, v may have fewer heads), a boolean mask
+    of the keys each query sees; on fp32 copies where the CPU has no 16-bit units (_AttentionInFp32)."""
+    if multiplies_in_fp32(q):
+        additive = None if mask is None else torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, -math.inf)
+        return _AttentionInFp32.apply(q, k, v, causal, scale, additive)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=k.shape[-3] != q.shape[-3]
+    )
+
+
+class _AttentionInFp32(torch.autograd.Function):
+    """The CPU flash kernel on fp32 copies of 16-bit q, k, v: its own 16-bit backward multiplies in 16 bits,
+    6x its fp32 time on an AVX2 CPU (pytrain.kernels.linear says why). Keeps the 16-bit q, k, v and output and
+    the fp32 log-sum-exp for the backward, as the 16-bit kernel would; mask: additive fp32 or None."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float, mask):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.float(), k.float(), v.float(), 0.0, causal, attn_mask=mask, scale=scale
+        )
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *(t.float() for t in (grad_out, q, k, v, out)), lse, 0.0, ctx.causal, attn_mask=mask, scale=ctx.scale
+        )
+        return (*(grad.to(q.dtype) for grad in grads), None, None, None)
 
 
 _WINDOW_BLOCK = 256  # queries per SDPA call in a sliding window (at least the window itself)
@@ -164,13 +194,13 @@ def _sdpa_windowed(q, k, v, scale: float, window: int):
         rows = torch.arange(first, last, device=q.device)[:, None]
         keys = torch.arange(reach, last, device=q.device)[None, :]
         mask = (keys <= rows) & (keys >= rows - window)
-        out = F.scaled_dot_product_attention(
+        out = _cpu_sdpa(
             q[..., first:last, :, :].transpose(-3, -2),
             k[..., reach:last, :, :].transpose(-3, -2),
             v[..., reach:last, :, :].transpose(-3, -2),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=k.shape[-2] != q.shape[-2],
+            False,
+            scale,
+            mask,
         )
         outs.append(out.transpose(-3, -2))
     return torch.cat(outs, dim=-3)

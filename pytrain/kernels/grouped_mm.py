@@ -31,6 +31,7 @@ import torch
 
 from ._backend import SUPPORTED_DTYPES, runs_triton
 from ._checks import check_same_device, check_tensor
+from .linear import mm
 from .moe_permute import INDEX_DTYPES, require
 
 IMPLEMENTATIONS = ("auto", "loop", "torch", "triton")
@@ -103,7 +104,7 @@ def _forward_impl(x, weight, tokens_per_expert, impl: str) -> torch.Tensor:
     rows, out_cols = x.shape[0], weight.shape[1]
     if impl == "loop":
         out = x.new_empty(rows, out_cols)
-        _loop(lambda e, a, b: torch.mm(x[a:b], weight[e].t(), out=out[a:b]), tokens_per_expert.tolist())
+        _loop(lambda e, a, b: mm(x[a:b], weight[e].t(), out=out[a:b]), tokens_per_expert.tolist())
         return out
     offsets = _offsets(tokens_per_expert, x.device)
     if impl == "torch":
@@ -119,10 +120,10 @@ def _backward_impl(dy, x, weight, tokens_per_expert, impl: str, need_dx: bool, n
         counts = tokens_per_expert.tolist()
         if need_dx:
             dx = torch.empty_like(x)
-            _loop(lambda e, a, b: torch.mm(dy[a:b], weight[e], out=dx[a:b]), counts)
+            _loop(lambda e, a, b: mm(dy[a:b], weight[e], out=dx[a:b]), counts)
         if need_dweight:
             dweight = torch.zeros_like(weight)  # zeros: an expert without rows keeps them
-            _loop(lambda e, a, b: torch.mm(dy[a:b].t(), x[a:b], out=dweight[e]), counts)
+            _loop(lambda e, a, b: mm(dy[a:b].t(), x[a:b], out=dweight[e]), counts)
         return dx, dweight
     offsets = _offsets(tokens_per_expert, x.device)
     if impl == "torch":

@@ -27,6 +27,7 @@ from .cross_entropy import (
     scale_saved_grad_,
     scaled_by_count,
 )
+from .linear import mm, multiplies_in_fp32
 
 CHUNK_BYTES = 128 * 2**20  # logits buffer per chunk: large enough for efficient matmuls (measured in bench/)
 MIN_CHUNK = 256
@@ -49,8 +50,8 @@ class _WeightGradSum:
             self.product = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
 
     def add(self, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
-        if self.product is None:
-            self.sum.addmm_(grad_logits.t(), hidden)
+        if self.product is None or multiplies_in_fp32(hidden):  # an fp32 GEMM: straight into the fp32 sum
+            self.sum.addmm_(grad_logits.t().float(), hidden.float())
             return
         rows = self.product.shape[0]
         for start in range(0, self.sum.shape[0], rows):
@@ -76,7 +77,7 @@ def _chunked(
     for start in range(0, tokens, chunk_size):
         end = min(start + chunk_size, tokens)
         chunk_logits = logits[: end - start]
-        torch.mm(hidden[start:end], weight.t(), out=chunk_logits)
+        mm(hidden[start:end], weight.t(), out=chunk_logits)
         run_kernel(
             "cross_entropy_forward",
             chunk_logits,
@@ -91,7 +92,7 @@ def _chunked(
             z_loss=z_loss,
         )
         if with_grad:  # chunk_logits now holds d loss / d logits
-            torch.mm(chunk_logits, weight, out=grad_hidden[start:end])
+            mm(chunk_logits, weight, out=grad_hidden[start:end])
             grad_weight.add(chunk_logits, hidden[start:end])
     return loss_rows, grad_hidden, grad_weight.result(weight.dtype) if with_grad else None
 

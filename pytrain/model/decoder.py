@@ -1,4 +1,4 @@
-"""The decoder every dense family shares, written plain: nn.Linear, nn.Embedding, norms, no parallelism.
+"""The decoder every dense family shares, written plain: linears, nn.Embedding, norms, no parallelism.
 
 token embedding (Gemma: times sqrt(hidden)) -> layers (attention with rotary embeddings, SwiGLU MLP or
 Gemma's GeGLU; a norm before each, or after the residual add with post_norm) -> final norm -> LM head.
@@ -37,12 +37,14 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from pytrain.kernels import (
     CheckedPositions,
+    Linear,
     PackedSequences,
     RMSNorm,
     RopeScaling,
     RotaryEmbedding,
     flash_attn_func,
     flash_attn_varlen_func,
+    linear,
     reference,
     swiglu,
 )
@@ -247,8 +249,8 @@ class FusedQKVAttention(Attention):
         super().__init__(shape, **kwargs)
         self.kv_share = shape.num_heads // shape.num_kv_heads  # q heads per kv head, the same on every rank
         self.qkv_name = qkv_name
-        self.add_module(qkv_name, nn.Linear(shape.hidden_size, shape.q_width + 2 * shape.kv_width, bias=bias))
-        self.out_proj = nn.Linear(shape.q_width, shape.hidden_size, bias=bias if out_bias is None else out_bias)
+        self.add_module(qkv_name, Linear(shape.hidden_size, shape.q_width + 2 * shape.kv_width, bias=bias))
+        self.out_proj = Linear(shape.q_width, shape.hidden_size, bias=bias if out_bias is None else out_bias)
         self.segments = (shape.q_width, shape.kv_width, shape.kv_width)
 
     def project(self, x):
@@ -270,8 +272,8 @@ class GroupedQKVAttention(Attention):
     def __init__(self, shape: AttentionShape, bias: bool, **kwargs):
         super().__init__(shape, **kwargs)
         self.kv_share = shape.num_heads // shape.num_kv_heads
-        self.wqkv = nn.Linear(shape.hidden_size, shape.q_width + 2 * shape.kv_width, bias=bias)
-        self.wo = nn.Linear(shape.q_width, shape.hidden_size, bias=bias)
+        self.wqkv = Linear(shape.hidden_size, shape.q_width + 2 * shape.kv_width, bias=bias)
+        self.wo = Linear(shape.q_width, shape.hidden_size, bias=bias)
 
     def project(self, x):
         qkv = self.wqkv(x)  # the whole sequence, also when x is this rank's part of it (sequence parallel)
@@ -288,10 +290,10 @@ class SeparateQKVAttention(Attention):
 
     def __init__(self, shape: AttentionShape, qkv_bias: bool, o_bias: bool, **kwargs):
         super().__init__(shape, **kwargs)
-        self.wq = nn.Linear(shape.hidden_size, shape.q_width, bias=qkv_bias)
-        self.wk = nn.Linear(shape.hidden_size, shape.kv_width, bias=qkv_bias)
-        self.wv = nn.Linear(shape.hidden_size, shape.kv_width, bias=qkv_bias)
-        self.wo = nn.Linear(shape.q_width, shape.hidden_size, bias=o_bias)
+        self.wq = Linear(shape.hidden_size, shape.q_width, bias=qkv_bias)
+        self.wk = Linear(shape.hidden_size, shape.kv_width, bias=qkv_bias)
+        self.wv = Linear(shape.hidden_size, shape.kv_width, bias=qkv_bias)
+        self.wo = Linear(shape.q_width, shape.hidden_size, bias=o_bias)
 
     def project(self, x):
         return tuple(_heads(proj(x), self.head_dim) for proj in (self.wq, self.wk, self.wv))
@@ -305,9 +307,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, width: int, bias: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(hidden_size, width, bias=bias)
-        self.w3 = nn.Linear(hidden_size, width, bias=bias)
-        self.w2 = nn.Linear(width, hidden_size, bias=bias)
+        self.w1 = Linear(hidden_size, width, bias=bias)
+        self.w3 = Linear(hidden_size, width, bias=bias)
+        self.w2 = Linear(width, hidden_size, bias=bias)
 
     def forward(self, x):
         # through the modules, not their weights: tensor parallelism swaps them for ones with collectives;
@@ -318,7 +320,7 @@ class SwiGLU(nn.Module):
         return {"w1": Colwise(), "w3": Colwise(), "w2": Rowwise()}
 
 
-class NormHead(nn.Linear):
+class NormHead(Linear):
     """The LM head with each vocabulary row L2-normalised at use (Baichuan2's NormHead, InternEvo's norm_head):
     the weight is stored as trained, the logits are x . w_v / |w_v|."""
 
@@ -326,7 +328,7 @@ class NormHead(nn.Linear):
         super().__init__(hidden_size, vocab_size, bias=False)
 
     def forward(self, x):
-        return F.linear(x, F.normalize(self.weight, dim=-1))
+        return linear(x, F.normalize(self.weight, dim=-1))
 
 
 class GeGLU(SwiGLU):
@@ -388,7 +390,7 @@ class Decoder(nn.Module):
         self.add_module(
             names.norm, build_norm(args.norm_type, hidden_size, args.layer_norm_epsilon, args.add_unit_offset)
         )
-        head = NormHead(hidden_size, vocab_size) if args.norm_head else nn.Linear(hidden_size, vocab_size, bias=False)
+        head = NormHead(hidden_size, vocab_size) if args.norm_head else Linear(hidden_size, vocab_size, bias=False)
         self.add_module(names.head, head)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.token_embedding.weight

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pytrain.kernels import grouped_mm, moe_permute, moe_unpermute
+from pytrain.kernels import Linear, grouped_mm, moe_permute, moe_unpermute
 from pytrain.kernels._backend import runs_triton
 from pytrain.model_args import DecoderArgs, Routing, mlp_width, routing_from_fields
 
@@ -243,7 +243,7 @@ class MoE(nn.Module):
             self.residual_mlp = SwiGLU(hidden_size, shared_width)
             # InternLM's residual MoE: two mixing logits with bias; Qwen2-MoE's shared expert: one gate, no bias
             residual = kind == "residual"
-            self.coefficient = nn.Linear(hidden_size, 2 if residual else 1, bias=residual)
+            self.coefficient = Linear(hidden_size, 2 if residual else 1, bias=residual)
 
     def forward(self, x):
         out = self.moe_layer(x)

@@ -12,9 +12,12 @@ Embedding lookups and element-wise ops are not counted.
 """
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from pytrain.kernels.linear import mm
 
 # Dense bf16/fp16 tensor-core peaks (TFLOPS) from the vendors' datasheets, without sparsity.
 GPU_PEAK_TFLOPS = {
@@ -85,9 +88,16 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float | No
 
 
 def measure_matmul_tflops(
-    device: torch.device, dtype: torch.dtype, max_size: int = 1024, budget_s: float = 0.5, trials: int = 5
+    device: torch.device,
+    dtype: torch.dtype,
+    max_size: int = 1024,
+    budget_s: float = 0.5,
+    trials: int = 5,
+    multiply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = mm,
 ) -> float:
-    """Throughput of a square matmul on this device with the current thread count: the machine's limit.
+    """Throughput of a square matmul on this device with the current thread count: the machine's limit for the
+    GEMMs pytrain's linears run (pytrain.kernels.linear.mm: on a CPU without 16-bit units, 16-bit operands are
+    multiplied as fp32 copies); multiply=torch.mm measures PyTorch's own kernel instead.
 
     The size doubles from 128 up to max_size while a trial at the next size would take under a fifth of budget_s
     (a CPU without 16-bit matmul units multiplies bf16 at about 1 GFLOP/s, where one 1024-square product takes
@@ -99,7 +109,7 @@ def measure_matmul_tflops(
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         for _ in range(4):
-            a @ b
+            multiply(a, b)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
@@ -108,7 +118,7 @@ def measure_matmul_tflops(
     while True:
         a = torch.randn(size, size, device=device, dtype=dtype)
         b = torch.randn(size, size, device=device, dtype=dtype)
-        a @ b  # warm up
+        multiply(a, b)  # warm up
         seconds = trial_seconds(a, b)
         if size >= max_size or 8 * seconds > budget_s / 5:
             break

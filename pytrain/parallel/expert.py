@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pytrain.kernels import moe_permute
+from pytrain.kernels import Linear, moe_permute
 from pytrain.model.moe import LocalDispatcher, MoE, count_per_expert
 
 from .shard_spec import ShardSpec
@@ -123,9 +123,7 @@ def _split_linear(linear: nn.Linear, dim: int, rank: int, world: int) -> tuple[n
     input features (dim 1)."""
     full = tuple(linear.weight.shape)
     spec = ShardSpec.split(full, dim, rank, world)
-    local = nn.Linear(
-        spec.local_shape[1], spec.local_shape[0], bias=linear.bias is not None, device=linear.weight.device
-    )
+    local = Linear(spec.local_shape[1], spec.local_shape[0], bias=linear.bias is not None, device=linear.weight.device)
     specs = {"weight": (spec, False)}
     if linear.bias is not None:
         if dim == 1:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pytrain.kernels import linear
 from pytrain.model.decoder import Colwise, EmbeddingSplit, Replicated, Rowwise, VocabHead
 
 from .shard_spec import ShardSpec
@@ -173,7 +174,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x):
         weight = F.normalize(self.weight, dim=-1) if self.normalized_rows else self.weight
-        y = F.linear(enter_parallel_region(x, self.group, self.sequence_parallel), weight, self.bias)
+        y = linear(enter_parallel_region(x, self.group, self.sequence_parallel), weight, self.bias)
         return gather_last_dim(y, self.group) if self.gather_output else y
 
 
@@ -188,7 +189,7 @@ class RowParallelLinear(nn.Module):
         self.group, self.sequence_parallel = group, sequence_parallel
 
     def forward(self, x):
-        y = leave_parallel_region(F.linear(x, self.weight), self.group, self.sequence_parallel)
+        y = leave_parallel_region(linear(x, self.weight), self.group, self.sequence_parallel)
         return y if self.bias is None else y + self.bias
 
 
