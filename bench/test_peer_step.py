@@ -14,7 +14,11 @@ the peer's step time over pytrain's (above 1: pytrain is faster). `--benchmark-d
 """
 
 import contextlib
+import gc
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +27,10 @@ from pytrain.model import LMLoss
 from pytrain.parallel.schedule import NonPipelineScheduler
 
 from .peers import PEERS, LlamaShape, PeerStep, one_process_group
+from .test_cross_entropy_bench import peak_memory_growth
 from .test_step_profile import FULL, SMOKE, alternating_medians, pytrain_step
+
+ROOT = Path(__file__).parents[1]
 
 BF16_FULL_BATCH = dict(micro_bsz=1, seq_len=128)  # the bf16 row's micro-batch (module docstring)
 
@@ -40,6 +47,57 @@ def pytrain_peer_step(shape: dict, dtype: torch.dtype) -> PeerStep:
         return loss
 
     return PeerStep(model, forward_backward, optimizer.step, optimizer.zero_grad, "pytrain")
+
+
+def build_step(name: str, shape: dict, dtype: torch.dtype, seq_len: int) -> PeerStep:
+    """pytrain's step, or the peer's on pytrain's model (its MLP width read off pytrain's built model)."""
+    pytrain = pytrain_peer_step(shape, dtype)
+    if name == "pytrain":
+        return pytrain
+    llama = LlamaShape.of(shape, pytrain.model, seq_len)
+    del pytrain
+    gc.collect()
+    return PEERS[name](llama, dtype)
+
+
+def print_peak_growth(name: str, dtype_name: str, full: bool, micro_bsz: int, seq_len: int) -> None:
+    """In a fresh process (peak_growth_in_a_fresh_process): the smoke model stepped once first (imports and
+    first-use caches), then the bytes the resident set grew by at its peak while building `name`'s model and
+    optimizer and taking two steps."""
+    dtype = getattr(torch, dtype_name.removeprefix("torch."))
+    shape = FULL if full else SMOKE
+    tokens = torch.randint(0, shape["vocab_size"], (micro_bsz, seq_len + 1))
+    with one_process_group():
+        warm_tokens = tokens[:1, : SMOKE["seq_len"] + 1] % SMOKE["vocab_size"]
+        build_step(name, SMOKE, dtype, SMOKE["seq_len"]).step(warm_tokens[:, :-1], warm_tokens[:, 1:])
+        gc.collect()
+
+        def two_steps():
+            peer = build_step(name, shape, dtype, seq_len)
+            for _ in range(2):
+                peer.zero_grad()
+                peer.step(tokens[:, :-1], tokens[:, 1:])
+
+        print(peak_memory_growth(two_steps, "cpu"))
+
+
+def peak_growth_in_a_fresh_process(name: str, dtype: torch.dtype, full: bool, micro_bsz: int, seq_len: int) -> int:
+    """print_peak_growth run by this interpreter in a process of its own (one process holds one peer's memory)."""
+    call = f"print_peak_growth({name!r}, {str(dtype)!r}, {full}, {micro_bsz}, {seq_len})"
+    done = subprocess.run(
+        [sys.executable, "-c", f"from bench.test_peer_step import print_peak_growth; {call}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return int(done.stdout.split()[-1])
+
+
+def test_peak_growth_in_a_fresh_process():
+    """The memory rows' probe runs and reports (the smoke model is small enough to fit in memory the warm-up
+    freed, so only the full rows can check the size: at least weights, gradients and AdamW's two moments)."""
+    assert peak_growth_in_a_fresh_process("pytrain", torch.float32, False, 1, SMOKE["seq_len"]) > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -79,5 +137,12 @@ def test_peer_step(benchmark, dtype):
         row[f"{name} tokens/s {at}"] = micro_bsz * seq_len / seconds
         if name != "pytrain":
             row[f"pytrain / {name} {at}"] = seconds / medians["pytrain"]
+    if benchmark.enabled:  # each in a process of its own, after the timing
+        growth = {name: peak_growth_in_a_fresh_process(name, dtype, True, micro_bsz, seq_len) for name in medians}
+        assert all(peak >= 8 * parameters for peak in growth.values()), growth  # 16-bit weights, grads, moments
+        for name, peak in growth.items():
+            row[f"{name} peak memory growth MiB {at}"] = peak / 2**20
+        if "transformers" in growth:
+            row["pytrain / transformers peak memory"] = growth["pytrain"] / growth["transformers"]
     benchmark.extra_info.update(row)
     print("\n" + "\n".join(f"{key:>36}: {value}" for key, value in row.items()))
