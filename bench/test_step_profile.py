@@ -3,8 +3,8 @@ activations, the loss, copies / casts / allocation, the optimizer, the rest), be
 in the same run (bench/test_peer_step.py puts the peers' steps beside pytrain's: transformers, torchtitan, litgpt).
 
 The model is a Llama of 8 layers, hidden 512, 8 heads, MLP 1536, vocabulary 32000 (60,039,680 parameters), one
-process, micro-batch 4 of 512
-tokens, AdamW with gradient clipping at 1.0, the loss the Trainer's (LMLoss: pytrain's fused cross-entropy).
+process, micro-batch 4 of 512 tokens, AdamW with gradient clipping at 1.0, the loss the Trainer's (LMLoss:
+pytrain's fused cross-entropy).
 Times are the profiler's self CPU time per op, summed per category (an op is counted once, in the first category
 whose pattern its name contains), and the optimizer step's wall time. The matmul peak is that of the GEMM
 pytrain's linears run (pytrain.kernels.linear: 16-bit operands as fp32 copies on a CPU without 16-bit units),
