@@ -1,10 +1,10 @@
 """One training step taken apart: where the time of pytrain's step goes (GEMMs, attention, norms / rotary /
 activations, the loss, copies / casts / allocation, the optimizer, the rest), beside the matmul peak measured
-in the same run, and the same model's step under Hugging Face transformers (LlamaForCausalLM and torch's
-AdamW, its own loss) in the same sitting (bench/test_peer_step.py puts the other peers beside it).
+in the same run (bench/test_peer_step.py puts the peers' steps beside pytrain's: transformers, torchtitan, litgpt).
 
-The model is a Llama of 8 layers, hidden 512, 8 heads, vocabulary 32000, one process, micro-batch 4 of 512
-tokens, AdamW with gradient clipping at 1.0, the loss the Trainer's (LMLoss: pytrain's fused cross-entropy).
+The model is a Llama of 8 layers, hidden 512, 8 heads, MLP 1536, vocabulary 32000 (60,039,680 parameters), one
+process, micro-batch 4 of 512 tokens, AdamW with gradient clipping at 1.0, the loss the Trainer's (LMLoss:
+pytrain's fused cross-entropy).
 Times are the profiler's self CPU time per op, summed per category (an op is counted once, in the first category
 whose pattern its name contains), and the optimizer step's wall time. The matmul peak is that of the GEMM
 pytrain's linears run (pytrain.kernels.linear: 16-bit operands as fp32 copies on a CPU without 16-bit units),
@@ -35,7 +35,7 @@ from .unfused import unfused
 
 FULL = dict(num_layers=8, hidden_size=512, num_attention_heads=8, vocab_size=32000, micro_bsz=4, seq_len=512)
 SMOKE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, micro_bsz=1, seq_len=64)
-MLP_MULTIPLE = 256  # 512 x 8/3 -> 1536, as Llama's rule gives
+MLP_RATIO, MLP_MULTIPLE = 8 / 3, 256  # 512 x 8/3 -> 1536, as Llama's rule gives: 60,039,680 parameters
 CATEGORIES = {  # first match wins: GEMMs before "aten::add" would catch addmm
     "gemm": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "grouped_mm"),
     "attention": ("scaled_dot_product", "flash_attn", "attention"),
@@ -136,6 +136,7 @@ def pytrain_step(
     with torch.device("meta"):
         whole = family.build(
             **{k: shape[k] for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")},
+            mlp_ratio=MLP_RATIO,
             multiple_of=MLP_MULTIPLE,
             no_bias=no_bias,
             dtype=dtype,
@@ -143,20 +144,6 @@ def pytrain_step(
     model = parallelize(whole, device=torch.device(device))
     optimizer = HybridZeroOptimizer(model, lr=1e-4, weight_decay=0.1, clip_grad_norm=clip_grad_norm)
     return model, optimizer
-
-
-def hf_step(shape: dict, dtype: torch.dtype):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=shape["hidden_size"],
-        intermediate_size=1536 if shape is FULL else 192,
-        num_hidden_layers=shape["num_layers"],
-        num_attention_heads=shape["num_attention_heads"],
-        vocab_size=shape["vocab_size"],
-        max_position_embeddings=shape["seq_len"],
-    )
-    model = transformers.LlamaForCausalLM(config).to(dtype)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 
 
 @pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
@@ -199,16 +186,6 @@ def test_step_profile(benchmark, monkeypatch, dtype):
         "fused / before": seconds_before / seconds,
         **{f"{name} s, fused / before": f"{profile[name]:.3f} / {value:.3f}" for name, value in profile_before.items()},
     }
-    if benchmark.enabled and torch_peak > peak / 10:  # the peer in the same sitting, where its GEMMs are not crawling
-        hf_model, hf_optimizer = hf_step(shape, torch_dtype)
-
-        def hf_full_step():
-            hf_model(input_ids=ids, labels=ids).loss.backward()  # transformers' own loss (it shifts the labels)
-            hf_optimizer.step()
-
-        hf_seconds = timed_steps(lambda: hf_optimizer.zero_grad(set_to_none=True), hf_full_step, rounds)
-        row["transformers tokens/s"] = tokens / hf_seconds
-        row["pytrain / transformers"] = hf_seconds / seconds
     benchmark.extra_info.update(row)
     print("\n" + "\n".join(f"{key:>32}: {value}" for key, value in row.items()))
 

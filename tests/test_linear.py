@@ -226,3 +226,42 @@ def test_bf16_training_on_fp32_copies_follows_the_native_kernels(monkeypatch):
             losses[path].append(loss.item())
     assert losses["fp32 copies"][-1] < losses["fp32 copies"][0]
     torch.testing.assert_close(losses["fp32 copies"], losses["native"], rtol=2e-2, atol=0)
+
+
+def test_linear_op_passes_opcheck_and_compiles_fullgraph(units):
+    x, weight, b, _ = inputs((5, 7), 24, 10, torch.bfloat16, True)
+    if units == "fp32 copies":
+        torch.library.opcheck(linear_module._linear_in_fp32, (x, weight, b))
+        torch.library.opcheck(
+            linear_module._linear_in_fp32_backward, (torch.randn(5, 7, 10).to(x.dtype), x, weight, True, True, True)
+        )
+    leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
+    compiled = torch.compile(linear, fullgraph=True, backend="aot_eager")(*leaves)
+    torch.testing.assert_close(compiled, linear(x, weight, b), rtol=0, atol=0)
+    compiled.sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in leaves)
+
+
+def test_selective_matmul_checkpointing_keeps_the_16bit_linear_output(monkeypatch):
+    """Under the MATMULS policy the linear on fp32 copies is one matmul: its bf16 output is kept, no fp32 product."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from pytrain.parallel.recompute import _save_matmuls
+
+    monkeypatch.setattr(linear_module, "_cpu_has_units", lambda dtype: False)
+    assert _save_matmuls(None, torch.ops.pytrain.linear_in_fp32.default) is CheckpointPolicy.MUST_SAVE
+    assert _save_matmuls(None, torch.ops.aten._to_copy.default) is CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def test_cpu_attention_compiles_fullgraph(units):
+    q, k, v = (
+        torch.randn(1, 64, 2, 16, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16) for i in range(3)
+    )
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    attention = torch.compile(
+        lambda a, b, c: flash_attn_func(a, b, c, causal=True), fullgraph=True, backend="aot_eager"
+    )
+    out = attention(*leaves)
+    torch.testing.assert_close(out, flash_attn_func(q, k, v, causal=True), rtol=0, atol=0)
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in leaves)

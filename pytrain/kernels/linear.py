@@ -10,19 +10,21 @@ output. The copies are temporaries of one GEMM; only the 16-bit tensors are kept
 activation memory is the 16-bit model's. CUDA tensors, fp32 and CPUs with the units take PyTorch's own kernels.
 """
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
-@functools.cache
+# Read once at import: a constant torch.compile can trace through.
+_CPU_HAS_UNITS = {
+    torch.bfloat16: torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported(),
+    torch.float16: torch.cpu._is_amx_fp16_supported(),
+}
+
+
 def _cpu_has_units(dtype: torch.dtype) -> bool:
-    if dtype == torch.bfloat16:
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.cpu._is_amx_fp16_supported()
+    return _CPU_HAS_UNITS[dtype]
 
 
 def multiplies_in_fp32(tensor: torch.Tensor) -> bool:
@@ -38,27 +40,55 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> tor
     return product.to(a.dtype) if out is None else out.copy_(product)
 
 
-class _LinearInFp32(torch.autograd.Function):
-    """F.linear over 16-bit CPU tensors on fp32 copies; saves the 16-bit input and weight only."""
+@torch.library.custom_op("pytrain::linear_in_fp32", mutates_args=())
+def _linear_in_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear over 16-bit CPU tensors on fp32 copies, rounded once (one op: autograd, torch.compile and the
+    selective checkpoint policy see the linear, not its casts)."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.shape[-1]).float()
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(grad, weight.float()).to(x.dtype).view(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.mm(grad.t(), x.reshape(-1, x.shape[-1]).float()).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(0).to(weight.dtype)
-        return grad_x, grad_weight, grad_bias
+@_linear_in_fp32.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("pytrain::linear_in_fp32_backward", mutates_args=())
+def _linear_in_fp32_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_weight: bool, need_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias) of _linear_in_fp32, each on fp32 copies; an empty tensor where not needed."""
+    grad = grad.reshape(-1, grad.shape[-1]).float()
+    grad_x = torch.mm(grad, weight.float()).to(x.dtype).view(x.shape) if need_x else x.new_empty(0)
+    rows = x.reshape(-1, x.shape[-1])
+    grad_weight = torch.mm(grad.t(), rows.float()).to(weight.dtype) if need_weight else x.new_empty(0)
+    grad_bias = grad.sum(0).to(weight.dtype) if need_bias else x.new_empty(0)
+    return grad_x, grad_weight, grad_bias
+
+
+@_linear_in_fp32_backward.register_fake
+def _(grad, x, weight, need_x, need_weight, need_bias):
+    return (
+        x.new_empty(x.shape if need_x else 0),
+        weight.new_empty(weight.shape if need_weight else 0),
+        weight.new_empty(weight.shape[0] if need_bias else 0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)  # the 16-bit tensors only: the fp32 copies were temporaries
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_bias = ctx.has_bias and ctx.needs_input_grad[2]
+    grads = _linear_in_fp32_backward(grad, x, weight, need_x, need_weight, need_bias)
+    return tuple(g if need else None for g, need in zip(grads, (need_x, need_weight, need_bias)))
+
+
+_linear_in_fp32.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,4 +98,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         dtypes = f"{x.dtype}, {weight.dtype}, {getattr(bias, 'dtype', None)}"
         raise TypeError(f"linear: x, weight and bias must share a dtype, got {dtypes}")
-    return _LinearInFp32.apply(x, weight, bias)
+    return _linear_in_fp32(x, weight, bias)

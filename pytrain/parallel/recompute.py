@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed._composable import checkpoint as checkpoint_module
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+import pytrain.kernels  # noqa: F401  (registers torch.ops.pytrain.*)
 from pytrain.model.decoder import InnerAttention
 
 
@@ -36,7 +37,14 @@ class SelectiveCheckpoint:
     offload: bool = False
 
 
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+# pytrain's linear on fp32 copies (16-bit on a CPU without 16-bit units) counts as one matmul: its 16-bit output is
+# kept, not the fp32 product inside it.
+_MATMULS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.pytrain.linear_in_fp32.default,
+}
 
 
 def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
