@@ -3,6 +3,7 @@
 One process started with plain `python` (no torchrun variables) runs as a world of one.
 """
 
+import ctypes
 import datetime
 import os
 import random
@@ -129,6 +130,7 @@ def launch(
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        keep_freed_memory()
     # every wait on another rank ends after this, with an error naming the collective, rather than hanging
     timeout = datetime.timedelta(seconds=cfg.parallel.process_group_timeout_s)
     if not dist.is_initialized():
@@ -147,6 +149,30 @@ def launch(
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     set_seed(seed)
     return gpc
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BELOW = 2**31 - 1  # mallopt takes an int: blocks up to 2 GiB come from the heap and stay there
+
+
+def keep_freed_memory() -> bool:
+    """Makes glibc keep large freed blocks for reuse instead of returning them to the OS; True if it did.
+
+    glibc gives every allocation above 32 MiB a mapping of its own and unmaps it on free. A CPU training step
+    allocates and frees the same large tensors every step (logits and their gradient, activations), so each
+    step paid first-touch page faults again, the OS zeroing every 4 KiB page before the kernel writes it:
+    on this project's machine an allocating RMSNorm over 4096 x 4096 took 66 ms that way and 7.4 ms with the
+    memory kept, cross-entropy forward+backward over 4096 x 32000 654 ms and 131 ms (same run). The resident
+    memory stays at the step's peak, which the next step needs anyway. Process-wide, so only for CPU runs;
+    left alone where the user set MALLOC_MMAP_THRESHOLD_ or the C library is not glibc."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW) and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW))
+    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
+        return False
 
 
 def _attempt_store(init_method: str, rank: int, world_size: int, timeout: datetime.timedelta):

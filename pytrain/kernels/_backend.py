@@ -40,7 +40,8 @@ _HUGE_PAGE_MIN_BYTES = 32 << 20
 def empty_output_like(tensor: torch.Tensor) -> torch.Tensor:
     """torch.empty_like for a kernel's output. A large CPU one is asked for transparent huge pages before
     the kernel first writes it: its first-touch page faults (one per 4 KiB page, each zeroed by the OS)
-    cost more than the kernel itself. Its mapping is its own, so the advice touches no other allocation."""
+    cost more than the kernel itself. Only the 2 MiB pages wholly inside it are advised, so no other
+    allocation is touched. (A training run keeps freed memory for reuse instead: launch.keep_freed_memory.)"""
     out = torch.empty_like(tensor)
     if out.device.type == "cpu" and out.nbytes >= _HUGE_PAGE_MIN_BYTES and extension(out.device) is not None:
         extension(out.device).advise_huge_pages(out.data_ptr(), out.nbytes)
