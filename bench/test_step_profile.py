@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from pytrain.config import Config
+from pytrain.initialize.launch import keep_freed_memory
 from pytrain.model.families import INTERNLM, LLAMA2
 from pytrain.model.loss import LMLoss
 from pytrain.monitor import flops_per_token, matmul_params, measure_matmul_tflops, peak_tflops
@@ -149,6 +150,7 @@ def pytrain_step(
 @pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
 def test_step_profile(benchmark, monkeypatch, dtype):
     shape = FULL if benchmark.enabled else SMOKE
+    keep_freed_memory()  # as a CPU run's launch does
     torch_dtype = getattr(torch, dtype.removeprefix("torch."))
     ids = torch.randint(0, shape["vocab_size"], (shape["micro_bsz"], shape["seq_len"]))
     model, optimizer = pytrain_step(shape, dtype)
