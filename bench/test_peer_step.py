@@ -9,7 +9,8 @@ tokens. bf16: this CPU (AMD Zen 3, AVX2, without AVX512-BF16 or AMX) multiplies 
 (fp32: 120-160), so the bf16 row is micro-batch 1 of 128 tokens, one warm-up step and one timed step each;
 the steps are GEMM-bound, so tokens/s stays comparable. Keys carry the micro-batch x sequence they ran at.
 A peer that is not installed (or cannot run here) is reported as skipped with the reason. `pytrain / peer`:
-the peer's step time over pytrain's (above 1: pytrain is faster). `--benchmark-disable` runs the 2-layer,
+the peer's step time over pytrain's (above 1: pytrain is faster). The process keeps freed memory as a pytrain
+CPU run does (launch.keep_freed_memory); that is process-wide, so the peers in it get the same allocator. `--benchmark-disable` runs the 2-layer,
 64-wide smoke model two steps per installed peer, as a test of the builders.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pytrain.initialize.launch import keep_freed_memory
 from pytrain.model import LMLoss
 from pytrain.parallel.schedule import NonPipelineScheduler
 
@@ -67,6 +69,7 @@ def print_peak_growth(name: str, dtype_name: str, full: bool, micro_bsz: int, se
     dtype = getattr(torch, dtype_name.removeprefix("torch."))
     shape = FULL if full else SMOKE
     tokens = torch.randint(0, shape["vocab_size"], (micro_bsz, seq_len + 1))
+    keep_freed_memory()
     with one_process_group():
         warm_tokens = tokens[:1, : SMOKE["seq_len"] + 1] % SMOKE["vocab_size"]
         build_step(name, SMOKE, dtype, SMOKE["seq_len"]).step(warm_tokens[:, :-1], warm_tokens[:, 1:])
@@ -103,6 +106,7 @@ def test_peak_growth_in_a_fresh_process():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_peer_step(benchmark, dtype):
     shape = FULL if benchmark.enabled else SMOKE
+    keep_freed_memory()  # as a pytrain CPU run's launch does; process-wide, so the peers get it too
     batch = BF16_FULL_BATCH if benchmark.enabled and dtype == torch.bfloat16 else shape
     micro_bsz, seq_len = batch["micro_bsz"], batch["seq_len"]
     tokens = torch.randint(0, shape["vocab_size"], (micro_bsz, seq_len + 1))

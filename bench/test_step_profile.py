@@ -4,7 +4,7 @@ in the same run (bench/test_peer_step.py puts the peers' steps beside pytrain's:
 
 The model is a Llama of 8 layers, hidden 512, 8 heads, MLP 1536, vocabulary 32000 (60,039,680 parameters), one
 process, micro-batch 4 of 512 tokens, AdamW with gradient clipping at 1.0, the loss the Trainer's (LMLoss:
-pytrain's fused cross-entropy).
+pytrain's fused cross-entropy), in a process that keeps freed memory as a CPU run does (launch.keep_freed_memory).
 Times are the profiler's self CPU time per op, summed per category (an op is counted once, in the first category
 whose pattern its name contains), and the optimizer step's wall time. The matmul peak is that of the GEMM
 pytrain's linears run (pytrain.kernels.linear: 16-bit operands as fp32 copies on a CPU without 16-bit units),
