@@ -6,8 +6,8 @@ CUDA and PyTorch's SDPA (per document for packed input) on the CPU.
 
 Fused: rms_norm, apply_rotary, swiglu, cross_entropy (and vocab_parallel_cross_entropy),
 linear_cross_entropy, flash_attn_func / flash_attn_varlen_func; adamw_step_ (a multi-tensor AdamW update).
-linear / mm (and the Linear module): F.linear / torch.mm whose 16-bit GEMMs run at fp32 speed on CPUs without
-16-bit units.
+linear (and the Linear module; pytrain.kernels.linear.mm for torch.mm): F.linear whose 16-bit GEMMs run at fp32
+speed on CPUs without 16-bit units.
 Mixture of experts: moe_permute / moe_unpermute (tokens to expert-grouped rows and back, weighted by the
 routing weights) and grouped_mm (one GEMM per expert over those rows).
 RopeScaling: a long-context rotary scaling (linear, dynamic NTK, Llama 3.1's) for apply_rotary / RotaryEmbedding.
