@@ -97,6 +97,7 @@ def peak_growth_in_a_fresh_process(name: str, dtype: torch.dtype, full: bool, mi
     return int(done.stdout.split()[-1])
 
 
+@pytest.mark.slow  # a process of its own (5 s); the benchmark run uses the probe for every row
 def test_peak_growth_in_a_fresh_process():
     """The memory rows' probe runs and reports (the smoke model is small enough to fit in memory the warm-up
     freed, so only the full rows can check the size: at least weights, gradients and AdamW's two moments)."""

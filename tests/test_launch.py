@@ -131,7 +131,7 @@ print(kept, sum(faults_of_a_fresh_64_mib_tensor() for step in range(4)))
 """
 
 
-@pytest.mark.parametrize("mode", ["keep", "default"])
+@pytest.mark.parametrize("mode", ["keep", pytest.param("default", marks=pytest.mark.slow)])  # default: the control
 def test_cpu_runs_keep_freed_memory_for_the_next_step(mode):
     """With keep_freed_memory (launch calls it for CPU runs), a large tensor allocated again after a free is
     served from memory already touched: no page faults once the heap has grown to the loop's high-water mark.
