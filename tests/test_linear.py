@@ -24,7 +24,7 @@ FLOOR = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
 @pytest.fixture(params=["fp32 copies", "native"])
 def units(request, monkeypatch):
     """Which CPU path 16-bit tensors take: "fp32 copies" (no 16-bit units, this project's AVX2 CPU) or "native"."""
-    monkeypatch.setattr(linear_module, "_cpu_has_units", lambda dtype: request.param == "native")
+    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, request.param == "native"))
     return request.param
 
 
@@ -77,9 +77,9 @@ def test_linear_matches_float64(units, dtype, bias, lead):
 )
 def test_property_linear_on_fp32_copies(rows, in_features, out_features, dtype, bias, seed):
     x, weight, b, grad = inputs((rows,), in_features, out_features, dtype, bias, seed)
-    assert multiplies_in_fp32(x) == (not linear_module._cpu_has_units(dtype))
+    assert multiplies_in_fp32(x) == (not linear_module._CPU_HAS_UNITS[dtype])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(linear_module, "_cpu_has_units", lambda dtype: False)
+        patch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
         got = linear_grads(x, weight, b, grad)
     assert_close_by_the_rule(got, x, weight, b, grad)
 
@@ -87,7 +87,7 @@ def test_property_linear_on_fp32_copies(rows, in_features, out_features, dtype, 
 def test_fp32_copies_are_what_a_16bit_gemm_accumulating_in_fp32_gives(monkeypatch):
     """Exact products, fp32 sums, one rounding: equal to float64's result rounded once to bf16, up to the fp32
     sum's own error (far below a bf16 step)."""
-    monkeypatch.setattr(linear_module, "_cpu_has_units", lambda dtype: False)
+    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
     x, weight, _, _ = inputs((64,), 256, 32, torch.bfloat16, False, seed=3)
     exact = (x.double() @ weight.double().t()).to(torch.bfloat16)
     got = linear(x, weight)
@@ -97,7 +97,7 @@ def test_fp32_copies_are_what_a_16bit_gemm_accumulating_in_fp32_gives(monkeypatc
 
 def test_only_16bit_tensors_are_kept_for_the_backward(monkeypatch):
     """The fp32 copies are temporaries: what autograd keeps is the 16-bit model's activation memory."""
-    monkeypatch.setattr(linear_module, "_cpu_has_units", lambda dtype: False)
+    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
     x, weight, b, _ = inputs((16,), 32, 8, torch.bfloat16, True)
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.dtype) or t, lambda t: t):
@@ -114,18 +114,18 @@ def test_frozen_weight_and_input_without_grad(units):
 
 
 def test_which_tensors_take_fp32_copies(monkeypatch):
-    monkeypatch.setattr(linear_module, "_cpu_has_units", lambda dtype: False)
+    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
     assert multiplies_in_fp32(torch.zeros(2, dtype=torch.bfloat16))
     assert multiplies_in_fp32(torch.zeros(2, dtype=torch.float16))
     assert not multiplies_in_fp32(torch.zeros(2, dtype=torch.float32))
     assert not multiplies_in_fp32(torch.zeros(2, dtype=torch.float64))
     assert not multiplies_in_fp32(torch.zeros(2, dtype=torch.bfloat16, device="meta"))
-    monkeypatch.setattr(linear_module, "_cpu_has_units", lambda dtype: True)
+    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, True))
     assert not multiplies_in_fp32(torch.zeros(2, dtype=torch.bfloat16))
 
 
 def test_linear_refuses_mixed_dtypes(monkeypatch):
-    monkeypatch.setattr(linear_module, "_cpu_has_units", lambda dtype: False)
+    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
     x = torch.zeros(2, 3, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="must share a dtype"):
         linear(x, torch.zeros(4, 3))
@@ -178,7 +178,7 @@ def test_attention_on_fp32_copies(units, window, kv_heads):
 
 
 def test_grouped_mm_and_linear_cross_entropy_on_fp32_copies(monkeypatch):
-    monkeypatch.setattr(linear_module, "_cpu_has_units", lambda dtype: False)
+    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
     g = torch.Generator().manual_seed(2)
     x = torch.randn(10, 16, generator=g).to(torch.bfloat16).requires_grad_()
     weight = torch.randn(3, 8, 16, generator=g).to(torch.bfloat16).requires_grad_()
@@ -209,7 +209,7 @@ def test_bf16_training_on_fp32_copies_follows_the_native_kernels(monkeypatch):
     ids = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(0))
     losses = {}
     for path in ("fp32 copies", "native"):
-        monkeypatch.setattr(linear_module, "_cpu_has_units", lambda dtype, path=path: path == "native")
+        monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, path == "native"))
         torch.manual_seed(0)
         with torch.device("meta"):
             whole = LLAMA2.build(
@@ -248,7 +248,7 @@ def test_selective_matmul_checkpointing_keeps_the_16bit_linear_output(monkeypatc
 
     from pytrain.parallel.recompute import _save_matmuls
 
-    monkeypatch.setattr(linear_module, "_cpu_has_units", lambda dtype: False)
+    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
     assert _save_matmuls(None, torch.ops.pytrain.linear_in_fp32.default) is CheckpointPolicy.MUST_SAVE
     assert _save_matmuls(None, torch.ops.aten._to_copy.default) is CheckpointPolicy.PREFER_RECOMPUTE
 

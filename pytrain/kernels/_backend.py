@@ -43,8 +43,10 @@ def empty_output_like(tensor: torch.Tensor) -> torch.Tensor:
     cost more than the kernel itself. Only the 2 MiB pages wholly inside it are advised, so no other
     allocation is touched. (A training run keeps freed memory for reuse instead: launch.keep_freed_memory.)"""
     out = torch.empty_like(tensor)
-    if out.device.type == "cpu" and out.nbytes >= _HUGE_PAGE_MIN_BYTES and extension(out.device) is not None:
-        extension(out.device).advise_huge_pages(out.data_ptr(), out.nbytes)
+    if out.device.type == "cpu" and out.nbytes >= _HUGE_PAGE_MIN_BYTES:
+        module = extension(out.device)
+        if module is not None:
+            module.advise_huge_pages(out.data_ptr(), out.nbytes)
     return out
 
 

@@ -23,13 +23,9 @@ _CPU_HAS_UNITS = {
 }
 
 
-def _cpu_has_units(dtype: torch.dtype) -> bool:
-    return _CPU_HAS_UNITS[dtype]
-
-
 def multiplies_in_fp32(tensor: torch.Tensor) -> bool:
     """Whether a GEMM over this 16-bit CPU tensor runs on fp32 copies (the module docstring)."""
-    return tensor.device.type == "cpu" and tensor.dtype in HALF_DTYPES and not _cpu_has_units(tensor.dtype)
+    return tensor.device.type == "cpu" and tensor.dtype in HALF_DTYPES and not _CPU_HAS_UNITS[tensor.dtype]
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -44,13 +44,15 @@ class _WeightGradSum:
 
     def __init__(self, weight: torch.Tensor):
         self.sum = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        self.product = None  # 16-bit weights: one block of vocabulary rows of a chunk's product, reused
-        if weight.dtype != torch.float32:
+        # 16-bit weights multiplied natively: one block of vocabulary rows of a chunk's product, reused (on fp32
+        # copies the product goes straight into the fp32 sum)
+        self.product = None
+        if weight.dtype != torch.float32 and not multiplies_in_fp32(weight):
             rows = max(1, min(weight.shape[0], CHUNK_BYTES // max(1, weight.shape[1] * weight.element_size())))
             self.product = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
 
     def add(self, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
-        if self.product is None or multiplies_in_fp32(hidden):  # an fp32 GEMM: straight into the fp32 sum
+        if self.product is None:  # an fp32 GEMM: straight into the fp32 sum
             self.sum.addmm_(grad_logits.t().float(), hidden.float())
             return
         rows = self.product.shape[0]
