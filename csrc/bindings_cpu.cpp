@@ -7,6 +7,7 @@
 #include "bind_swiglu.h"
 #include "bindings.h"
 #include "cpu/stream_store.h"
+#include "cpu/vec_avx2.h"
 #include "token_lines.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -29,6 +30,10 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "advise_huge_pages", [](uintptr_t address, int64_t bytes) { pytrain::cpu::advise_huge_pages(pytrain::ptr(address), bytes); },
       pybind11::arg("address"), pybind11::arg("bytes"));
+  m.def(
+      "use_avx2", [](bool on) { return pytrain::cpu::avx2::enable(on); }, pybind11::arg("on"),
+      "Whether kernels with AVX2 loops take them (where the CPU has AVX2, FMA and F16C) or their generic ones; "
+      "returns the previous setting. For tests and timings.");
   m.attr("stream_min_bytes") = pytrain::cpu::kStreamMinBytes;
   m.attr("token_line_bytes") = pybind11::make_tuple(pytrain::cpu::kLineOverheadBytes, pytrain::cpu::kMaxIdBytes);
 }

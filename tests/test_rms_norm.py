@@ -177,6 +177,84 @@ def test_cpu_threads_split_rows(dtype, weight_dtype, threads, num_threads):
     check_against_reference((2001, 64), dtype, weight_dtype, "cpu")
 
 
+@pytest.fixture(params=["avx2", "generic"])
+def cpu_loops(request):
+    """Runs a test on the CPU kernel's AVX2 loops (where the CPU has AVX2; else the generic ones again)
+    and on its generic loops, those of CPUs without AVX2."""
+    ext = _backend.extension(torch.device("cpu"))
+    before = ext.use_avx2(request.param == "avx2")
+    yield request.param
+    ext.use_avx2(before)
+
+
+def exactly_equal(got, want):
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("hidden", [1, 15, 16, 17, 33, 100, 4097])
+@pytest.mark.parametrize("dtype,weight_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
+def test_cpu_output_is_the_scalar_formula(dtype, weight_dtype, hidden, residual, cpu_loops):
+    """Given the row's rstd, each output is exactly round(float(x) * rstd * float(w)) in x's dtype, and the
+    residual sum exactly round(float(x) + float(residual)): in the vector loops and their tails (hidden
+    sizes around the vector widths), on rows that start unaligned, in rows with an inf or a NaN."""
+    g = torch.Generator().manual_seed(hidden)
+    rows = 5
+
+    def unaligned(t):  # a contiguous view starting one element into its storage
+        return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
+
+    x = unaligned(torch.randn(rows, hidden, generator=g).to(dtype))
+    x[1, hidden // 2] = float("inf")
+    x[2, -1] = float("nan")
+    x[3] *= 1e3
+    weight = (1 + 0.5 * torch.randn(hidden, generator=g)).to(weight_dtype)
+    with torch.no_grad():
+        if residual:
+            r = unaligned(torch.randn(rows, hidden, generator=g).to(dtype))
+            y, total, rstd = torch.ops.pytrain.rms_norm_residual_forward(x, r, weight, 1e-5)
+            exactly_equal(total, (x.float() + r.float()).to(dtype))
+        else:
+            y, rstd = torch.ops.pytrain.rms_norm_forward(x, weight, 1e-5)
+            total = x
+    nan = torch.isnan(y)
+    # rstd is 0 in the row with an inf (inf * 0 is NaN, the rest 0) and NaN in the row with a NaN
+    assert nan[1, hidden // 2] and nan[2].all() and not nan[[0, 3, 4]].any()
+    exactly_equal(y, (total.float() * rstd[:, None] * weight.float()).to(dtype))
+
+
+def test_cpu_bf16_rounds_to_nearest_even_and_keeps_nan_payloads(cpu_loops):
+    """With x all ones rstd is exactly 1 (eps below fp32's resolution at 1), so y is the fp32 weight
+    rounded to bf16: to nearest even (ties both ways, overflow to inf, subnormals), and a NaN keeps its
+    sign and the top of its payload, made quiet. 37 weights: two blocks of 16 and a tail."""
+    patterns = {  # fp32 bits -> bf16 bits
+        0x3F808000: 0x3F80,  # tie, even below
+        0x3F818000: 0x3F82,  # tie, even above
+        0x3F808001: 0x3F81,  # just above the tie
+        0x3F807FFF: 0x3F80,  # just below it
+        0xBF818000: 0xBF82,  # negative tie
+        0x7F7FFFFF: 0x7F80,  # the largest float rounds to inf
+        0xFF800000: 0xFF80,  # -inf
+        0x7F800001: 0x7FC0,  # signaling NaN: made quiet, not rounded to inf
+        0xFF80FFFF: 0xFFC0,  # negative signaling NaN whose payload would round up
+        0x7FC12345: 0x7FC1,  # quiet NaN: the payload's top bits kept
+        0x00008000: 0x0000,  # subnormal tie to even (zero)
+        0x00018000: 0x0002,  # subnormal tie to even (up)
+        0x80000000: 0x8000,  # -0
+    }
+    fp32_bits, bf16_bits = zip(*[list(patterns.items())[i % len(patterns)] for i in range(37)])
+
+    def as_int32(values):  # unsigned 32-bit patterns as int32 two's complement
+        return torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in values], dtype=torch.int32)
+
+    weight = as_int32(fp32_bits).view(torch.float32)
+    x = torch.ones(2, 37, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = rms_norm(x, weight, eps=1e-10)
+    got = y.view(torch.int16).to(torch.int32) & 0xFFFF
+    assert got.tolist() == [list(bf16_bits)] * 2
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,weight_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
 def test_cuda_many_rows(dtype, weight_dtype):

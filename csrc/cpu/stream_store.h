@@ -30,25 +30,33 @@ __attribute__((always_inline)) inline void stream_copy(void* dst, const void* sr
   std::memcpy(d, s, bytes);
 }
 
-// out[i] = value(i) for i in [0, n). Streaming, each block is computed into an L1 buffer (the value loop
-// stays a plain vectorized loop) and streamed out; the closing sfence orders the streamed row before
-// any later store, such as a caller's fix-up of one element.
-template <typename T, typename Value>
-__attribute__((always_inline)) inline void store_row(T* out, int64_t n, bool stream, Value value) {
+// Writes out[0, n) through fill(dst, begin, len), which computes out[begin, begin + len) into dst[0, len):
+// straight into out, or, streaming, block by block into an L1 buffer that is then streamed out (the fill
+// loop stays a plain vectorized loop); the closing sfence orders the streamed row before any later store,
+// such as a caller's fix-up of one element.
+template <typename T, typename Fill>
+__attribute__((always_inline)) inline void store_row_blocks(T* out, int64_t n, bool stream, Fill fill) {
   if (!stream) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = value(i);
+    fill(out, int64_t{0}, n);
     return;
   }
   constexpr int64_t kBlock = 4096 / sizeof(T);
   alignas(64) T block[kBlock];
   for (int64_t begin = 0; begin < n; begin += kBlock) {
     const int64_t len = n - begin < kBlock ? n - begin : kBlock;
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) block[i] = value(begin + i);
+    fill(block, begin, len);
     stream_copy(out + begin, block, len * static_cast<int64_t>(sizeof(T)));
   }
   _mm_sfence();
+}
+
+// out[i] = value(i) for i in [0, n), streaming or not as store_row_blocks.
+template <typename T, typename Value>
+__attribute__((always_inline)) inline void store_row(T* out, int64_t n, bool stream, Value value) {
+  store_row_blocks(out, n, stream, [&](T* dst, int64_t begin, int64_t len) __attribute__((always_inline)) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) dst[i] = value(begin + i);
+  });
 }
 
 // Asks for transparent huge pages on a fresh output of `bytes` before its first write (THP in `madvise`

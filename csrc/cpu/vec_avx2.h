@@ -1,0 +1,100 @@
+// Sixteen fp32 lanes loaded from and stored to the CPU kernels' element types with AVX2 intrinsics, for hot
+// loops that GCC's auto-vectorizer handles poorly: it widens and rounds bf16 through long shuffle chains,
+// which left the bf16 RMSNorm compute-bound at half the fp32 element rate. The conversions are exactly
+// to_float / from_float of cpu_types.h, lane by lane (bf16: round to nearest even, a NaN stays a quiet
+// NaN; fp16: F16C, as the AVX2 target clones convert _Float16).
+// Everything here is compiled for AVX2+FMA+F16C: call it only from a PYTRAIN_AVX2 function, and call that
+// only where avx2::enabled().
+#pragma once
+#include <immintrin.h>
+
+#include <atomic>
+#include <type_traits>
+
+#include "cpu/cpu_types.h"
+
+#define PYTRAIN_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define PYTRAIN_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+
+namespace pytrain::cpu::avx2 {
+
+inline bool supported() {
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+// Whether the kernels take their AVX2 loops: where supported(), unless switched off with enable(false) so
+// that tests and timings can run the generic loops (those of CPUs without AVX2) on this one.
+inline std::atomic<bool> use_avx2{supported()};
+inline bool enabled() { return use_avx2.load(std::memory_order_relaxed); }
+// Returns the previous setting; true means supported().
+inline bool enable(bool on) { return use_avx2.exchange(on && supported()); }
+
+// Sixteen fp32 lanes in two registers. Which element sits in which lane depends on the element type:
+// for bf16, a holds the even elements and b the odd ones (one load splits into them with a shift and a
+// mask, and a store joins them back as cheaply); otherwise a holds the first eight and b the last eight.
+// A store puts every lane back where its load took it from, so elementwise arithmetic on values loaded
+// from the same type needs no care; another operand must be laid out alike (lane_source).
+struct F32x16 {
+  __m256 a, b;
+};
+
+// Whether load16<T> keeps the elements in order.
+template <typename T>
+constexpr bool kInOrder = !std::is_same_v<T, bf16>;
+
+// The element (of 16 consecutive ones) that load16<T> puts in lane k (a's lanes are 0-7, b's 8-15).
+template <typename T>
+constexpr int lane_source(int k) {
+  return kInOrder<T> ? k : (k < 8 ? 2 * k : 2 * (k - 8) + 1);
+}
+
+PYTRAIN_AVX2_INLINE F32x16 load16(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+PYTRAIN_AVX2_INLINE F32x16 load16(const fp16* p) {
+  const __m128i* q = reinterpret_cast<const __m128i*>(p);
+  return {_mm256_cvtph_ps(_mm_loadu_si128(q)), _mm256_cvtph_ps(_mm_loadu_si128(q + 1))};
+}
+// bf16 is the top half of an fp32: in each 32-bit pair, the even element shifted up and the odd one
+// with the even masked off are fp32 already.
+PYTRAIN_AVX2_INLINE F32x16 load16(const bf16* p) {
+  const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)),
+          _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(int32_t(0xffff0000u))))};
+}
+
+PYTRAIN_AVX2_INLINE void store16(float* p, F32x16 v) {
+  _mm256_storeu_ps(p, v.a);
+  _mm256_storeu_ps(p + 8, v.b);
+}
+PYTRAIN_AVX2_INLINE void store16(fp16* p, F32x16 v) {
+  __m128i* q = reinterpret_cast<__m128i*>(p);
+  _mm_storeu_si128(q, _mm256_cvtps_ph(v.a, _MM_FROUND_TO_NEAREST_INT));
+  _mm_storeu_si128(q + 1, _mm256_cvtps_ph(v.b, _MM_FROUND_TO_NEAREST_INT));
+}
+// from_float<bf16> with the result in the top 16 bits: u + 0x7fff + ((u >> 16) & 1) rounds to nearest
+// even; a NaN (the unordered compare is the same test as its |u| > 0x7f800000) gets the quiet bit,
+// u | 0x400000, whose top half is (u >> 16) | 0x40.
+PYTRAIN_AVX2_INLINE __m256i round_to_bf16_high(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, lsb), _mm256_set1_epi32(0x7fff));
+  const __m256i quiet_nan = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+  const __m256 is_nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet_nan), is_nan));
+}
+PYTRAIN_AVX2_INLINE void store16(bf16* p, F32x16 v) {
+  const __m256i even = _mm256_srli_epi32(round_to_bf16_high(v.a), 16);
+  const __m256i odd = _mm256_and_si256(round_to_bf16_high(v.b), _mm256_set1_epi32(int32_t(0xffff0000u)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(even, odd));
+}
+
+// Horizontal sum of the 8 lanes.
+PYTRAIN_AVX2_INLINE float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace pytrain::cpu::avx2
