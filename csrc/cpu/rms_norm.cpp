@@ -97,10 +97,11 @@ const float* weight_lanes(const W* w, int64_t n, std::unique_ptr<float[]>& lanes
   return lanes.get();
 }
 
-// y = x * rstd * w; w_lanes: weight_lanes of w, from the same offset. Meanwhile the next row's inputs
-// (next, next2, where not null) are fetched into L2, a line for each line of x: the hardware prefetcher
-// alone leaves the next row's first pass waiting on memory, while this one runs out of L1.
-template <typename T, typename W>
+// y = x * rstd * w (kStream: with non-temporal stores, to a 32-byte aligned y); w_lanes: weight_lanes of
+// w, from the same offset. Meanwhile the next row's inputs (next, next2, where not null) are fetched into
+// L2, a line for each line of x: the hardware prefetcher alone leaves the next row's first pass waiting
+// on memory, while this one runs out of L1.
+template <bool kStream, typename T, typename W>
 PYTRAIN_AVX2 void normalize_avx2(const T* x, const float* w_lanes, const W* w, T* y, int64_t n, float rstd,
                                  const T* next, const T* next2) {
   const __m256 r = _mm256_set1_ps(rstd);
@@ -110,7 +111,12 @@ PYTRAIN_AVX2 void normalize_avx2(const T* x, const float* w_lanes, const W* w, T
     if (next2) _mm_prefetch(reinterpret_cast<const char*>(next2 + i), _MM_HINT_T1);
     const avx2::F32x16 v = avx2::load16(x + i);
     const __m256 wa = _mm256_loadu_ps(w_lanes + i), wb = _mm256_loadu_ps(w_lanes + i + 8);
-    avx2::store16(y + i, {_mm256_mul_ps(_mm256_mul_ps(v.a, r), wa), _mm256_mul_ps(_mm256_mul_ps(v.b, r), wb)});
+    const avx2::F32x16 out = {_mm256_mul_ps(_mm256_mul_ps(v.a, r), wa), _mm256_mul_ps(_mm256_mul_ps(v.b, r), wb)};
+    if constexpr (kStream) {
+      avx2::stream16(y + i, out);
+    } else {
+      avx2::store16(y + i, out);
+    }
   }
   normalize(x, w, y, i, n, rstd);
 }
@@ -141,11 +147,20 @@ __attribute__((always_inline)) inline void forward_rows(const RMSNormArgs& a, in
     }
     const float rstd = 1.f / std::sqrt(sum_sq / static_cast<float>(n) + a.eps);
     if (a.rstd) a.rstd[row] = rstd;
+    if constexpr (kAvx2) {
+      // Streaming straight from the registers where the row allows it (32-byte aligned: any hidden that is a
+      // multiple of 16, in a fresh tensor) skips the L1 block's second pass: a quarter of the bf16 time.
+      if (stream && reinterpret_cast<uintptr_t>(y) % 32 == 0) {
+        normalize_avx2<true>(x, w_lanes, w, y, n, rstd, next_x, next_r);
+        _mm_sfence();  // as store_row_blocks: the streamed row is ordered before any later store
+        continue;
+      }
+    }
     // Streamed blocks are whole multiples of 16 elements long, so each starts a block of w_lanes.
     store_row_blocks(y, n, stream, [&](T* out, int64_t first, int64_t len) {
       if constexpr (kAvx2) {
-        normalize_avx2(x + first, w_lanes + first, w + first, out, len, rstd, next_x ? next_x + first : nullptr,
-                       next_r ? next_r + first : nullptr);
+        normalize_avx2<false>(x + first, w_lanes + first, w + first, out, len, rstd,
+                              next_x ? next_x + first : nullptr, next_r ? next_r + first : nullptr);
       } else {
         normalize(x + first, w + first, out, 0, len, rstd);
       }

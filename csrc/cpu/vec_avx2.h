@@ -89,6 +89,22 @@ PYTRAIN_AVX2_INLINE void store16(bf16* p, F32x16 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(even, odd));
 }
 
+// store16 with non-temporal stores (see stream_store.h), to a 32-byte aligned p.
+PYTRAIN_AVX2_INLINE void stream16(float* p, F32x16 v) {
+  _mm256_stream_ps(p, v.a);
+  _mm256_stream_ps(p + 8, v.b);
+}
+PYTRAIN_AVX2_INLINE void stream16(fp16* p, F32x16 v) {
+  __m128i* q = reinterpret_cast<__m128i*>(p);
+  _mm_stream_si128(q, _mm256_cvtps_ph(v.a, _MM_FROUND_TO_NEAREST_INT));
+  _mm_stream_si128(q + 1, _mm256_cvtps_ph(v.b, _MM_FROUND_TO_NEAREST_INT));
+}
+PYTRAIN_AVX2_INLINE void stream16(bf16* p, F32x16 v) {
+  const __m256i even = _mm256_srli_epi32(round_to_bf16_high(v.a), 16);
+  const __m256i odd = _mm256_and_si256(round_to_bf16_high(v.b), _mm256_set1_epi32(int32_t(0xffff0000u)));
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(even, odd));
+}
+
 // Horizontal sum of the 8 lanes.
 PYTRAIN_AVX2_INLINE float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
