@@ -19,9 +19,8 @@
 namespace pytrain::cpu::avx2 {
 
 inline bool supported() {
-  static const bool ok =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return ok;
+  __builtin_cpu_init();  // use_avx2's initializer may run before libgcc's own constructor has done this
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
 // Whether the kernels take their AVX2 loops: where supported(), unless switched off with enable(false) so
