@@ -19,10 +19,12 @@ derived from that (extra_info["ops_per_call"]).
 
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
 
+BENCH_DIR = Path(__file__).parent
 CUDA_AVAILABLE = torch.cuda.is_available()
 NEEDS_CUDA = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA GPU")  # the one definition for bench/
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
@@ -216,6 +218,17 @@ def pytest_configure(config):
     benchmarking = not (config.getoption("benchmark_disable") or config.getoption("benchmark_skip"))
     if benchmarking and config.option.markexpr == "not slow":
         config.option.markexpr = ""
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by marker
+def pytest_collection_modifyitems(items):
+    """The torch.compile rows of the kernel benchmarks are `slow` as smoke tests: each compiles its graph from
+    scratch (1-7 s on the 2-core machine) and runs the same harness as the eager row beside it, which stays in
+    the fast set. The benchmark run proper measures them (pytest_configure) and CI's slow run smoke-tests them."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("impl") == "compile" and BENCH_DIR in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_terminal_summary(terminalreporter):

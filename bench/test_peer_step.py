@@ -5,9 +5,9 @@ timed in one sitting with the steps alternating (issue 25's end-to-end rows).
 The model is the step profile's Llama (bench/test_step_profile.py: 8 layers, hidden 512, 8 heads, vocabulary
 32000), every peer built to pytrain's parameter count exactly; pytrain's step is the trainer's
 (NonPipelineScheduler over LMLoss, HybridZeroOptimizer with clipping at 1.0). fp32: micro-batch 4 of 512
-tokens. bf16: this CPU (AMD Zen 3, AVX2, without AVX512-BF16 or AMX) multiplies bf16 matrices at ~1 GFLOP/s
-(fp32: 120-160), so the bf16 row is micro-batch 1 of 128 tokens, one warm-up step and one timed step each;
-the steps are GEMM-bound, so tokens/s stays comparable. Keys carry the micro-batch x sequence they ran at.
+tokens, and bf16 too on a CPU with bf16 units (AVX512-BF16 or AMX). Without them (AMD Zen 3, AVX2) PyTorch
+multiplies bf16 matrices at ~1 GFLOP/s (fp32: 120-160), so there the bf16 row is micro-batch 1 of 128 tokens,
+one warm-up step and one timed step each; the steps are GEMM-bound, so tokens/s stays comparable. Keys carry the micro-batch x sequence they ran at.
 A peer that is not installed (or cannot run here) is reported as skipped with the reason. `pytrain / peer`:
 the peer's step time over pytrain's (above 1: pytrain is faster). The process keeps freed memory as a pytrain
 CPU run does (launch.keep_freed_memory); that is process-wide, so the peers in it get the same allocator. `--benchmark-disable` runs the 2-layer,
@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from pytrain.initialize.launch import keep_freed_memory
+from pytrain.kernels.linear import multiplies_in_fp32
 from pytrain.model import LMLoss
 from pytrain.parallel.schedule import NonPipelineScheduler
 
@@ -34,7 +35,7 @@ from .test_step_profile import FULL, SMOKE, alternating_medians, pytrain_step
 
 ROOT = Path(__file__).parents[1]
 
-BF16_FULL_BATCH = dict(micro_bsz=1, seq_len=128)  # the bf16 row's micro-batch (module docstring)
+BF16_CRAWLING_BATCH = dict(micro_bsz=1, seq_len=128)  # the bf16 row's micro-batch without bf16 units
 
 
 def pytrain_peer_step(shape: dict, dtype: torch.dtype) -> PeerStep:
@@ -108,7 +109,8 @@ def test_peak_growth_in_a_fresh_process():
 def test_peer_step(benchmark, dtype):
     shape = FULL if benchmark.enabled else SMOKE
     keep_freed_memory()  # as a pytrain CPU run's launch does; process-wide, so the peers get it too
-    batch = BF16_FULL_BATCH if benchmark.enabled and dtype == torch.bfloat16 else shape
+    crawls = dtype == torch.bfloat16 and multiplies_in_fp32(torch.empty(0, dtype=dtype))  # PyTorch's own bf16 GEMM
+    batch = BF16_CRAWLING_BATCH if benchmark.enabled and crawls else shape
     micro_bsz, seq_len = batch["micro_bsz"], batch["seq_len"]
     tokens = torch.randint(0, shape["vocab_size"], (micro_bsz, seq_len + 1))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -134,7 +136,7 @@ def test_peer_step(benchmark, dtype):
                 continue
             assert steps[name].num_parameters() == parameters, (name, steps[name].num_parameters(), parameters)
             row[f"{name} recipe"] = steps[name].recipe
-        rounds = 3 if benchmark.enabled and dtype == torch.float32 else 1
+        rounds = 3 if benchmark.enabled and not crawls else 1
         variants = {name: timed(name, peer) for name, peer in steps.items()}
         medians = benchmark.pedantic(alternating_medians, args=(variants, rounds), rounds=1, iterations=1)
     assert all(math.isfinite(loss) for spans in losses.values() for loss in spans), losses

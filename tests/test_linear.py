@@ -84,6 +84,38 @@ def test_property_linear_on_fp32_copies(rows, in_features, out_features, dtype, 
     assert_close_by_the_rule(got, x, weight, b, grad)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("bias", [False, True])
+def test_blocks_of_output_features_match_float64(monkeypatch, dtype, bias):
+    """A linear split into blocks of output features (8 rows here, the last one short) gives what one GEMM does."""
+    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
+    monkeypatch.setattr(linear_module, "_MIN_BLOCK_ROWS", 8)
+    monkeypatch.setattr(linear_module, "_FP32_BLOCK_BYTES", 1)
+    x, weight, b, grad = inputs((3, 29), 67, 45, dtype, bias)
+    assert len(linear_module._output_blocks(87, weight)) == 6
+    assert_close_by_the_rule(linear_grads(x, weight, b, grad), x, weight, b, grad)
+
+
+def largest_allocation(fn) -> int:
+    """The most bytes any one op allocated (net) while fn ran, as the profiler sees the CPU allocator."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(event.cpu_memory_usage for event in prof.events())
+
+
+@pytest.mark.parametrize("block_bytes, largest_mib", [(1 << 20, 4), (1 << 30, 8)], ids=["blocks", "one block"])
+def test_fp32_temporaries_stay_within_a_block(monkeypatch, block_bytes, largest_mib):
+    """A 4096-feature head over 512 tokens: its fp32 weight (4 MiB) and fp32 logits or logit gradients (8 MiB) are
+    made a 512-feature block at a time, so no op allocates more than the 16-bit logits themselves (4 MiB). With one
+    block (the control) the fp32 logits show: the probe sees what it should."""
+    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
+    monkeypatch.setattr(linear_module, "_FP32_BLOCK_BYTES", block_bytes)
+    x = torch.randn(512, 256, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(4096, 256, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(512, 4096, dtype=torch.bfloat16)
+    assert largest_allocation(lambda: linear(x, weight).backward(grad)) == largest_mib << 20
+
+
 def test_fp32_copies_are_what_a_16bit_gemm_accumulating_in_fp32_gives(monkeypatch):
     """Exact products, fp32 sums, one rounding: equal to float64's result rounded once to bf16, up to the fp32
     sum's own error (far below a bf16 step)."""

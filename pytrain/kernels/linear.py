@@ -8,12 +8,22 @@ instead: a 16-bit value converts to fp32 exactly and the product of two fits fp3
 what a 16-bit GEMM accumulating in fp32 computes (up to the order of the sums), rounded once to the 16-bit
 output. The copies are temporaries of one GEMM; only the 16-bit tensors are kept for the backward, so the
 activation memory is the 16-bit model's. CUDA tensors, fp32 and CPUs with the units take PyTorch's own kernels.
+
+A linear layer converts its weight, and makes its fp32 product, a block of output features at a time
+(_FP32_BLOCK_BYTES): an LM head's whole fp32 weight and logits (32000 x 512 and 2048 x 32000 here: 62 and 250
+MiB) would otherwise be temporaries several times the 16-bit model's activations, in the forward and again in
+the backward.
 """
 
 import torch
 import torch.nn.functional as F
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+# The fp32 temporaries of one block of a linear's output features: the weight's rows, and the tokens' outputs
+# or output gradients for them. Blocks stay at least _MIN_BLOCK_ROWS wide, where the GEMMs run at full speed.
+_FP32_BLOCK_BYTES = 16 << 20
+_MIN_BLOCK_ROWS = 256
 
 
 # Read once at import: a constant torch.compile can trace through.
@@ -36,11 +46,23 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> tor
     return product.to(a.dtype) if out is None else out.copy_(product)
 
 
+def _output_blocks(tokens: int, weight: torch.Tensor) -> list[slice]:
+    """The blocks of output features (weight rows) whose fp32 temporaries fit _FP32_BLOCK_BYTES; at least one,
+    so a weight without rows still gives its (zero) input gradient."""
+    rows = max(_MIN_BLOCK_ROWS, _FP32_BLOCK_BYTES // (4 * max(tokens, weight.shape[1], 1)))
+    return [slice(start, start + rows) for start in range(0, max(weight.shape[0], 1), rows)]
+
+
 @torch.library.custom_op("pytrain::linear_in_fp32", mutates_args=())
 def _linear_in_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear over 16-bit CPU tensors on fp32 copies, rounded once (one op: autograd, torch.compile and the
     selective checkpoint policy see the linear, not its casts)."""
-    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    rows = x.reshape(-1, x.shape[-1]).float()
+    out = x.new_empty(rows.shape[0], weight.shape[0])
+    for block in _output_blocks(rows.shape[0], weight):
+        block_bias = None if bias is None else bias[block].float()
+        out[:, block] = F.linear(rows, weight[block].float(), block_bias)  # rounds to out's dtype
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 @_linear_in_fp32.register_fake
@@ -52,12 +74,25 @@ def _(x, weight, bias):
 def _linear_in_fp32_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_weight: bool, need_bias: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_weight, grad_bias) of _linear_in_fp32, each on fp32 copies; an empty tensor where not needed."""
-    grad = grad.reshape(-1, grad.shape[-1]).float()
-    grad_x = torch.mm(grad, weight.float()).to(x.dtype).view(x.shape) if need_x else x.new_empty(0)
-    rows = x.reshape(-1, x.shape[-1])
-    grad_weight = torch.mm(grad.t(), rows.float()).to(weight.dtype) if need_weight else x.new_empty(0)
-    grad_bias = grad.sum(0).to(weight.dtype) if need_bias else x.new_empty(0)
+    """(grad_x, grad_weight, grad_bias) of _linear_in_fp32, each on fp32 copies, a block of output features at a
+    time (grad_x sums the blocks' products in fp32, rounded once); an empty tensor where not needed."""
+    grad = grad.reshape(-1, grad.shape[-1])
+    rows = x.reshape(-1, x.shape[-1]).float() if need_weight else None
+    grad_x32 = None
+    grad_weight = weight.new_empty(weight.shape) if need_weight else x.new_empty(0)
+    grad_bias = weight.new_empty(weight.shape[0]) if need_bias else x.new_empty(0)
+    for block in _output_blocks(grad.shape[0], weight):
+        block_grad = grad[:, block].float()
+        if need_x:
+            block_weight = weight[block].float()
+            grad_x32 = (
+                torch.mm(block_grad, block_weight) if grad_x32 is None else grad_x32.addmm_(block_grad, block_weight)
+            )
+        if need_weight:
+            grad_weight[block] = torch.mm(block_grad.t(), rows)
+        if need_bias:
+            grad_bias[block] = block_grad.sum(0)
+    grad_x = grad_x32.to(x.dtype).view(x.shape) if need_x else x.new_empty(0)
     return grad_x, grad_weight, grad_bias
 
 

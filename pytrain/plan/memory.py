@@ -4,9 +4,10 @@ What each kind is, as the run holds it (pytrain.solver.optimizer, pytrain.parall
 - parameters: this rank's shards in the model's dtype (FSDP: a 1/zero1 shard, plus the full parameters of the
   layers being computed: two decoder layers in flight, or, without reshard_after_forward, the whole stage's
   from its forward to its backward);
-- gradients: ZeRO-1 keeps every local parameter's gradient twice, the parameter's own (.grad, the model's dtype,
-  from the step's first backward until the next zero_grad) and the optimizer's flat fp32 buffer it is reduced in
-  (for the whole run); FSDP keeps a 1/zero1 fp32 shard, plus one layer's full gradient before its reduce-scatter;
+- gradients: ZeRO-1 keeps every local parameter's gradient once, in the optimizer's flat fp32 buffer (for the whole
+  run), where a hook adds each .grad (the model's dtype) as soon as autograd has made it and frees it: one
+  parameter's at most beside the buffer; FSDP keeps a 1/zero1 fp32 shard, plus one layer's full gradient before
+  its reduce-scatter;
 - optimizer state: the parameters this rank owns (ZeRO-1: whole parameters dealt largest first to the least
   loaded rank of the zero1 group, the optimizer's own rule; FSDP: 1/zero1 of every one) x (Adam's two fp32 moments,
   plus an fp32 master when the model is 16-bit);
@@ -22,7 +23,7 @@ The peak is the largest of these moments: the backward's start with the most mic
 the flat gradient buffer, optimizer state, the gradients already accumulated when an earlier backward ran, the
 activations, the widest gradient a layer makes); the backward of a recomputed layer (the layers after it done,
 their activations freed and their gradients made, its own activations rematerialized); the optimizer step
-(parameters, both gradient copies, optimizer state, and Adam's temporaries: two fp32 copies of the largest
+(parameters, the flat gradient buffer, optimizer state, and Adam's temporaries: two fp32 copies of the largest
 parameter on the CPU, where torch's AdamW runs tensor by tensor, one fp32 copy of the owned state on a GPU, where
 it runs foreach; then the broadcast's flat copy).
 Not counted: the CUDA context, NCCL's own buffers, the caching allocator's slack (leave headroom for them on a GPU:
@@ -185,8 +186,8 @@ def rank_memory(
     else:
         owned = _owned(dense, s.zero1, zero1_rank) + _owned(experts, s.expert_zero1, expert_zero1_rank)
         parameters = local * e
-        gradients = local * FP32 + local * e
-        grads_during_backward = local * FP32  # the flat buffer; .grad joins once a backward has run
+        # the flat buffer, and the one .grad its hook has not yet added there
+        gradients = grads_during_backward = local * FP32 + max(dense + experts, default=0) * e
     optimizer_state = owned * (2 * FP32 + (FP32 if shape.needs_master and not s.fsdp else 0))
 
     tokens = s.micro_bsz * s.seq_len // s.sequence

@@ -1,23 +1,25 @@
 """Gradient reduction overlapped with the backward (hybrid_zero_optimizer.overlap_sync_grad).
 
-The flat fp32 gradient buffer is cut into buckets of about reduce_bucket_size elements. During the last
-micro-batch's backward (per pipeline chunk under the interleaved schedule: arm(that chunk's parameters)),
-a hook copies each parameter's finished gradient into its slice of the buffer
-the moment autograd has accumulated it; when every parameter of a bucket is in, the bucket's all-reduce
-starts asynchronously while the backward goes on with earlier layers. finish() waits for them, and
-fills and reduces (synchronously) any bucket a parameter never reached (unused in the forward).
+The flat fp32 gradient buffer is cut into buckets of about reduce_bucket_size elements. The optimizer's own
+hooks accumulate each parameter's gradient into its slice of the buffer the moment autograd has made it; during
+the last micro-batch's backward (per pipeline chunk under the interleaved schedule: arm(that chunk's
+parameters)), a hook here then counts the parameter as final, and when every parameter of a bucket is, the
+bucket's all-reduce starts asynchronously while the backward goes on with earlier layers. finish() waits for
+them, and completes (the optimizer's `settle`) and reduces synchronously any bucket a parameter's hook never
+reached (unused in the forward, or given its gradient by assignment).
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 
 class OverlappedGradReducer:
-    def __init__(
-        self, params: list[torch.Tensor], views: list[torch.Tensor], flat: torch.Tensor, bucket_size: int, group=None
-    ):
-        """views[i]: params[i]'s gradient slice of `flat`, the flat fp32 buffer, in order."""
-        self.params, self.views, self.flat, self.group = params, views, flat, group
+    def __init__(self, params: list[torch.Tensor], flat: torch.Tensor, bucket_size: int, group, settle: Callable):
+        """flat: the params' gradients, consecutive, in order; settle(param) completes a parameter's slice whose
+        gradient never reached it through the hooks (before its bucket is reduced)."""
+        self.params, self.flat, self.group, self.settle = params, flat, group, settle
         self.buckets, self.bounds = [[]], [[0, 0]]  # parameter indices; [start, end) of each bucket in flat
         for index, param in enumerate(params):
             end = self.bounds[-1][1]
@@ -49,7 +51,6 @@ class OverlappedGradReducer:
     def _grad_ready(self, index: int) -> None:
         if index not in self.armed:
             return
-        self.views[index].copy_(self.params[index].grad)
         bucket = self.bucket_of[index]
         self.ready[bucket].add(index)
         if len(self.ready[bucket]) == len(self.buckets[bucket]):
@@ -62,10 +63,6 @@ class OverlappedGradReducer:
                 self.handles[bucket].wait()
                 continue
             for index in set(members) - self.ready[bucket]:
-                grad = self.params[index].grad
-                if grad is None:
-                    self.views[index].zero_()
-                else:
-                    self.views[index].copy_(grad)
+                self.settle(self.params[index])
             dist.all_reduce(self._bucket(bucket), group=self.group)
         self._reset()

@@ -1,10 +1,12 @@
 """HybridZeroOptimizer: data-parallel AdamW with ZeRO-1 sharding, fp32 master weights, gradient clipping,
 inf/NaN step skipping and fp16 loss scaling.
 
-A step: the model's gradients are gathered into one flat fp32 buffer, averaged over the data-parallel
-group in buckets of reduce_bucket_size elements (during the backward with overlap_sync_grad) and
-unscaled; the global gradient norm is taken after the reduce, so every rank agrees on it, and a step
-whose norm is inf or NaN is skipped on every rank.
+A step: the model's gradients accumulate in one flat fp32 buffer as the backward makes them (a hook on each
+parameter adds its new .grad to its slice and frees it, so no parameter keeps a .grad of its own; with a 16-bit
+model, micro-batches also sum in fp32), are averaged over the data-parallel group in buckets of
+reduce_bucket_size elements (during the backward with overlap_sync_grad) and unscaled; the global gradient
+norm is taken after the reduce, so every rank agrees on it, and a step whose norm is inf or NaN is skipped on
+every rank.
 Otherwise the gradients are clipped and each rank runs AdamW on the parameters it owns only: within a
 zero1 group, parameters are assigned largest first to the least-loaded rank (InternLM's rule), and only
 the owner keeps their fp32 master copy and Adam state. The owners then broadcast the updated parameters
@@ -114,7 +116,6 @@ class _GradSlice:
     """A domain's contiguous slice of the flat gradient buffer and how it is reduced."""
 
     params: list[nn.Parameter]
-    views: list[torch.Tensor]  # each parameter's gradient inside `flat`
     flat: torch.Tensor
     group: object  # reduced over (summed, then divided by the data-parallel size)
     reducer: OverlappedGradReducer | None  # reduces during the backward (overlap_sync_grad)
@@ -180,24 +181,28 @@ class HybridZeroOptimizer:
         self._hook_param_waits(model)
 
     def _make_flat_grad(self, domains: list[_Domain], overlap_sync_grad: bool) -> None:
-        """One fp32 buffer for every gradient (grad_views: each parameter's view of it, in model_params order)
-        and each domain's slice of it with its reduce group."""
+        """One fp32 buffer for every gradient (grad_views: each parameter's view of it, in model_params order),
+        the hooks that accumulate into it, and each domain's slice of it with its reduce group."""
         numel = sum(p.numel() for p in self.model_params)
         self.flat_grad = torch.zeros(numel, dtype=torch.float32, device=self.model_params[0].device)
         self.grad_views = _views(self.flat_grad, self.model_params)
+        self._index_of = {id(p): i for i, p in enumerate(self.model_params)}
+        self._unwritten = set(range(len(self.model_params)))  # views this step's gradients have not reached yet
+        # registered before any reducer's hook: a parameter's view is complete when the reducer hears of it
+        for index, param in enumerate(self.model_params):
+            param.register_post_accumulate_grad_hook(lambda _, i=index: self._take_grad(i))
         self.grad_slices, self.grad_reducers = [], []
-        start = first = 0
+        start = 0
         for domain in domains:
             size = sum(p.numel() for p in domain.params)
-            flat, views = self.flat_grad[start : start + size], self.grad_views[first : first + len(domain.params)]
-            start, first = start + size, first + len(domain.params)
+            flat, start = self.flat_grad[start : start + size], start + size
             reducer = None
             if overlap_sync_grad and _world(domain.reduce_group) > 1:
                 reducer = OverlappedGradReducer(
-                    domain.params, views, flat, self.reduce_bucket_size, domain.reduce_group
+                    domain.params, flat, self.reduce_bucket_size, domain.reduce_group, self._settle_grad
                 )
                 self.grad_reducers.append(reducer)
-            self.grad_slices.append(_GradSlice(domain.params, views, flat, domain.reduce_group, reducer))
+            self.grad_slices.append(_GradSlice(domain.params, flat, domain.reduce_group, reducer))
 
     def _assign_owners(self, domains: list[_Domain]) -> set[int]:
         """The ids of the parameters this rank owns (ZeRO-1 owners within each domain's zero group), and
@@ -337,6 +342,30 @@ class HybridZeroOptimizer:
     def zero_grad(self) -> None:
         for param in self.model_params:
             param.grad = None
+        if not self.fsdp:
+            self._unwritten = set(range(len(self.model_params)))
+
+    def _take_grad(self, index: int) -> None:
+        """Moves model_params[index]'s .grad into its fp32 view (the step's first gradient is copied, later
+        ones added) and frees it."""
+        param, view = self.model_params[index], self.grad_views[index]
+        if index in self._unwritten:
+            view.copy_(param.grad)
+            self._unwritten.discard(index)
+        else:
+            view.add_(param.grad)
+        param.grad = None
+
+    def _settle_grad(self, param: nn.Parameter) -> None:
+        """Completes a parameter's view before its reduce: a .grad that reached the parameter without its hook
+        (code that assigns .grad, such as the zero-bubble weight pass) is folded in; a parameter no backward
+        reached (unused in this step's forward) gets zeros."""
+        index = self._index_of[id(param)]
+        if param.grad is not None:
+            self._take_grad(index)
+        elif index in self._unwritten:
+            self.grad_views[index].zero_()
+            self._unwritten.discard(index)
 
     def backward(self, loss: torch.Tensor, last: bool = True, params=None) -> None:
         """last: this is the step's final micro-batch for `params` (default: the whole model): its backward
@@ -392,11 +421,8 @@ class HybridZeroOptimizer:
             if grads.reducer is not None:
                 grads.reducer.finish()
                 continue
-            for param, view in zip(grads.params, grads.views):
-                if param.grad is None:  # unused in this step's forward
-                    view.zero_()
-                else:
-                    view.copy_(param.grad)
+            for param in grads.params:
+                self._settle_grad(param)
             if _world(grads.group) > 1:
                 for start in range(0, grads.flat.numel(), self.reduce_bucket_size):
                     dist.all_reduce(grads.flat[start : start + self.reduce_bucket_size], group=grads.group)
@@ -404,6 +430,7 @@ class HybridZeroOptimizer:
         scale = _world(self.group) * self.loss_scale
         if scale != 1:
             self.flat_grad.div_(scale)
+        self._unwritten = set(range(len(self.model_params)))  # this step has them: the next backward starts anew
         return self.grad_views
 
     def _fsdp_grads(self) -> list[torch.Tensor]:
