@@ -112,11 +112,7 @@ PYTRAIN_AVX2 void normalize_avx2(const T* x, const float* w_lanes, const W* w, T
     const avx2::F32x16 v = avx2::load16(x + i);
     const __m256 wa = _mm256_loadu_ps(w_lanes + i), wb = _mm256_loadu_ps(w_lanes + i + 8);
     const avx2::F32x16 out = {_mm256_mul_ps(_mm256_mul_ps(v.a, r), wa), _mm256_mul_ps(_mm256_mul_ps(v.b, r), wb)};
-    if constexpr (kStream) {
-      avx2::stream16(y + i, out);
-    } else {
-      avx2::store16(y + i, out);
-    }
+    avx2::store16<kStream>(y + i, out);
   }
   normalize(x, w, y, i, n, rstd);
 }

@@ -62,15 +62,21 @@ PYTRAIN_AVX2_INLINE F32x16 load16(const bf16* p) {
           _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(int32_t(0xffff0000u))))};
 }
 
-PYTRAIN_AVX2_INLINE void store16(float* p, F32x16 v) {
-  _mm256_storeu_ps(p, v.a);
-  _mm256_storeu_ps(p + 8, v.b);
+// One register to memory: a regular store, or (kStream) a non-temporal one (see stream_store.h), which needs
+// a 32-byte aligned p for the 256-bit registers and a 16-byte aligned one for the 128-bit ones.
+template <bool kStream>
+PYTRAIN_AVX2_INLINE void put(float* p, __m256 v) {
+  kStream ? _mm256_stream_ps(p, v) : _mm256_storeu_ps(p, v);
 }
-PYTRAIN_AVX2_INLINE void store16(fp16* p, F32x16 v) {
-  __m128i* q = reinterpret_cast<__m128i*>(p);
-  _mm_storeu_si128(q, _mm256_cvtps_ph(v.a, _MM_FROUND_TO_NEAREST_INT));
-  _mm_storeu_si128(q + 1, _mm256_cvtps_ph(v.b, _MM_FROUND_TO_NEAREST_INT));
+template <bool kStream>
+PYTRAIN_AVX2_INLINE void put(void* p, __m256i v) {
+  kStream ? _mm256_stream_si256(static_cast<__m256i*>(p), v) : _mm256_storeu_si256(static_cast<__m256i*>(p), v);
 }
+template <bool kStream>
+PYTRAIN_AVX2_INLINE void put(void* p, __m128i v) {
+  kStream ? _mm_stream_si128(static_cast<__m128i*>(p), v) : _mm_storeu_si128(static_cast<__m128i*>(p), v);
+}
+
 // from_float<bf16> with the result in the top 16 bits: u + 0x7fff + ((u >> 16) & 1) rounds to nearest
 // even; a NaN (the unordered compare is the same test as its |u| > 0x7f800000) gets the quiet bit,
 // u | 0x400000, whose top half is (u >> 16) | 0x40.
@@ -82,26 +88,23 @@ PYTRAIN_AVX2_INLINE __m256i round_to_bf16_high(__m256 v) {
   const __m256 is_nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
   return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet_nan), is_nan));
 }
+
+// The 16 lanes back to where load16 took them from; kStream: with non-temporal stores, to an aligned p.
+template <bool kStream = false>
+PYTRAIN_AVX2_INLINE void store16(float* p, F32x16 v) {
+  put<kStream>(p, v.a);
+  put<kStream>(p + 8, v.b);
+}
+template <bool kStream = false>
+PYTRAIN_AVX2_INLINE void store16(fp16* p, F32x16 v) {
+  put<kStream>(p, _mm256_cvtps_ph(v.a, _MM_FROUND_TO_NEAREST_INT));
+  put<kStream>(p + 8, _mm256_cvtps_ph(v.b, _MM_FROUND_TO_NEAREST_INT));
+}
+template <bool kStream = false>
 PYTRAIN_AVX2_INLINE void store16(bf16* p, F32x16 v) {
   const __m256i even = _mm256_srli_epi32(round_to_bf16_high(v.a), 16);
   const __m256i odd = _mm256_and_si256(round_to_bf16_high(v.b), _mm256_set1_epi32(int32_t(0xffff0000u)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(even, odd));
-}
-
-// store16 with non-temporal stores (see stream_store.h), to a 32-byte aligned p.
-PYTRAIN_AVX2_INLINE void stream16(float* p, F32x16 v) {
-  _mm256_stream_ps(p, v.a);
-  _mm256_stream_ps(p + 8, v.b);
-}
-PYTRAIN_AVX2_INLINE void stream16(fp16* p, F32x16 v) {
-  __m128i* q = reinterpret_cast<__m128i*>(p);
-  _mm_stream_si128(q, _mm256_cvtps_ph(v.a, _MM_FROUND_TO_NEAREST_INT));
-  _mm_stream_si128(q + 1, _mm256_cvtps_ph(v.b, _MM_FROUND_TO_NEAREST_INT));
-}
-PYTRAIN_AVX2_INLINE void stream16(bf16* p, F32x16 v) {
-  const __m256i even = _mm256_srli_epi32(round_to_bf16_high(v.a), 16);
-  const __m256i odd = _mm256_and_si256(round_to_bf16_high(v.b), _mm256_set1_epi32(int32_t(0xffff0000u)));
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(even, odd));
+  put<kStream>(p, _mm256_or_si256(even, odd));
 }
 
 // Horizontal sum of the 8 lanes.
