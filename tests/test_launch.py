@@ -144,3 +144,23 @@ def test_cpu_runs_keep_freed_memory_for_the_next_step(mode):
         assert kept == "True" and int(faults) < 100
     else:
         assert int(faults) > 4 * 4000  # 64 MiB of 4 KiB pages each time, or fewer with transparent huge pages
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_cpu_runs_keep_freed_memory_unless_they_shard_parameters(fresh_context, tmp_path, monkeypatch, fsdp):
+    """launch asks glibc to keep freed memory for a CPU run, but not for one whose parameters fully_shard shards:
+    its gathered units fragment the heap (the 1B shape's FSDP run held 11 GiB per rank for 3.4 GiB of tensors)."""
+    import importlib
+
+    import torch.distributed as dist
+    from conftest import CONFIGS
+
+    launch = importlib.import_module("pytrain.initialize.launch")
+    calls = []
+    monkeypatch.setattr(launch, "keep_freed_memory", lambda: calls.append(True))
+    overrides = [f"monitor.run_folder={tmp_path}"] + (
+        ["parallel.zero1.size=-1", "parallel.zero1.fsdp=True"] if fsdp else []
+    )
+    launch_from_torch(str(CONFIGS / "tiny.py"), overrides=overrides)
+    dist.destroy_process_group()
+    assert calls == ([] if fsdp else [True])

@@ -130,7 +130,11 @@ def launch(
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        keep_freed_memory()
+        # Not where fully_shard shards the parameters: its units, gathered and freed whole in changing order,
+        # fragment a heap that never returns memory (the 1B shape's FSDP run, bench/test_memory_levers.py, held
+        # 11 GiB resident per rank for 3.4 GiB of live tensors), and such a run is there to save memory.
+        if not dims.shards_parameters:
+            keep_freed_memory()
     # every wait on another rank ends after this, with an error naming the collective, rather than hanging
     timeout = datetime.timedelta(seconds=cfg.parallel.process_group_timeout_s)
     if not dist.is_initialized():
