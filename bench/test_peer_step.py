@@ -7,11 +7,12 @@ The model is the step profile's Llama (bench/test_step_profile.py: 8 layers, hid
 (NonPipelineScheduler over LMLoss, HybridZeroOptimizer with clipping at 1.0). fp32: micro-batch 4 of 512
 tokens, and bf16 too on a CPU with bf16 units (AVX512-BF16 or AMX). Without them (AMD Zen 3, AVX2) PyTorch
 multiplies bf16 matrices at ~1 GFLOP/s (fp32: 120-160), so there the bf16 row is micro-batch 1 of 128 tokens,
-one warm-up step and one timed step each; the steps are GEMM-bound, so tokens/s stays comparable. Keys carry the micro-batch x sequence they ran at.
-A peer that is not installed (or cannot run here) is reported as skipped with the reason. `pytrain / peer`:
-the peer's step time over pytrain's (above 1: pytrain is faster). The process keeps freed memory as a pytrain
-CPU run does (launch.keep_freed_memory); that is process-wide, so the peers in it get the same allocator. `--benchmark-disable` runs the 2-layer,
-64-wide smoke model two steps per installed peer, as a test of the builders.
+one warm-up step and one timed step each; the steps are GEMM-bound, so tokens/s stays comparable. Keys carry
+the micro-batch x sequence they ran at. A peer that is not installed (or cannot run here) is reported as skipped
+with the reason. `pytrain / peer`: the peer's step time over pytrain's (above 1: pytrain is faster). The process
+keeps freed memory as a pytrain CPU run does (launch.keep_freed_memory); that is process-wide, so the peers in it
+get the same allocator. `--benchmark-disable` runs the 2-layer, 64-wide smoke model two steps per installed
+peer, as a test of the builders.
 """
 
 import contextlib

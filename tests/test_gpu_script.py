@@ -17,7 +17,8 @@ BUDGET_S = 480
 
 
 def test_script_parses():
-    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    done = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_timeouts_add_up_to_the_budget():

@@ -21,10 +21,15 @@ HALF = [torch.bfloat16, torch.float16]
 FLOOR = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
+def pretend(patch, has_units: bool) -> None:
+    """Makes pytrain.kernels.linear take the CPU path of a CPU with (or without) 16-bit dot-product units."""
+    patch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, has_units))
+
+
 @pytest.fixture(params=["fp32 copies", "native"])
 def units(request, monkeypatch):
     """Which CPU path 16-bit tensors take: "fp32 copies" (no 16-bit units, this project's AVX2 CPU) or "native"."""
-    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, request.param == "native"))
+    pretend(monkeypatch, request.param == "native")
     return request.param
 
 
@@ -79,7 +84,7 @@ def test_property_linear_on_fp32_copies(rows, in_features, out_features, dtype, 
     x, weight, b, grad = inputs((rows,), in_features, out_features, dtype, bias, seed)
     assert multiplies_in_fp32(x) == (not linear_module._CPU_HAS_UNITS[dtype])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
+        pretend(patch, False)
         got = linear_grads(x, weight, b, grad)
     assert_close_by_the_rule(got, x, weight, b, grad)
 
@@ -88,7 +93,7 @@ def test_property_linear_on_fp32_copies(rows, in_features, out_features, dtype, 
 @pytest.mark.parametrize("bias", [False, True])
 def test_blocks_of_output_features_match_float64(monkeypatch, dtype, bias):
     """A linear split into blocks of output features (8 rows here, the last one short) gives what one GEMM does."""
-    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
+    pretend(monkeypatch, False)
     monkeypatch.setattr(linear_module, "_MIN_BLOCK_ROWS", 8)
     monkeypatch.setattr(linear_module, "_FP32_BLOCK_BYTES", 1)
     x, weight, b, grad = inputs((3, 29), 67, 45, dtype, bias)
@@ -108,7 +113,7 @@ def test_fp32_temporaries_stay_within_a_block(monkeypatch, block_bytes, largest_
     """A 4096-feature head over 512 tokens: its fp32 weight (4 MiB) and fp32 logits or logit gradients (8 MiB) are
     made a 512-feature block at a time, so no op allocates more than the 16-bit logits themselves (4 MiB). With one
     block (the control) the fp32 logits show: the probe sees what it should."""
-    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
+    pretend(monkeypatch, False)
     monkeypatch.setattr(linear_module, "_FP32_BLOCK_BYTES", block_bytes)
     x = torch.randn(512, 256, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(4096, 256, dtype=torch.bfloat16, requires_grad=True)
@@ -119,7 +124,7 @@ def test_fp32_temporaries_stay_within_a_block(monkeypatch, block_bytes, largest_
 def test_fp32_copies_are_what_a_16bit_gemm_accumulating_in_fp32_gives(monkeypatch):
     """Exact products, fp32 sums, one rounding: equal to float64's result rounded once to bf16, up to the fp32
     sum's own error (far below a bf16 step)."""
-    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
+    pretend(monkeypatch, False)
     x, weight, _, _ = inputs((64,), 256, 32, torch.bfloat16, False, seed=3)
     exact = (x.double() @ weight.double().t()).to(torch.bfloat16)
     got = linear(x, weight)
@@ -129,7 +134,7 @@ def test_fp32_copies_are_what_a_16bit_gemm_accumulating_in_fp32_gives(monkeypatc
 
 def test_only_16bit_tensors_are_kept_for_the_backward(monkeypatch):
     """The fp32 copies are temporaries: what autograd keeps is the 16-bit model's activation memory."""
-    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
+    pretend(monkeypatch, False)
     x, weight, b, _ = inputs((16,), 32, 8, torch.bfloat16, True)
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.dtype) or t, lambda t: t):
@@ -146,18 +151,18 @@ def test_frozen_weight_and_input_without_grad(units):
 
 
 def test_which_tensors_take_fp32_copies(monkeypatch):
-    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
+    pretend(monkeypatch, False)
     assert multiplies_in_fp32(torch.zeros(2, dtype=torch.bfloat16))
     assert multiplies_in_fp32(torch.zeros(2, dtype=torch.float16))
     assert not multiplies_in_fp32(torch.zeros(2, dtype=torch.float32))
     assert not multiplies_in_fp32(torch.zeros(2, dtype=torch.float64))
     assert not multiplies_in_fp32(torch.zeros(2, dtype=torch.bfloat16, device="meta"))
-    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, True))
+    pretend(monkeypatch, True)
     assert not multiplies_in_fp32(torch.zeros(2, dtype=torch.bfloat16))
 
 
 def test_linear_refuses_mixed_dtypes(monkeypatch):
-    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
+    pretend(monkeypatch, False)
     x = torch.zeros(2, 3, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="must share a dtype"):
         linear(x, torch.zeros(4, 3))
@@ -210,7 +215,7 @@ def test_attention_on_fp32_copies(units, window, kv_heads):
 
 
 def test_grouped_mm_and_linear_cross_entropy_on_fp32_copies(monkeypatch):
-    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
+    pretend(monkeypatch, False)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(10, 16, generator=g).to(torch.bfloat16).requires_grad_()
     weight = torch.randn(3, 8, 16, generator=g).to(torch.bfloat16).requires_grad_()
@@ -241,7 +246,7 @@ def test_bf16_training_on_fp32_copies_follows_the_native_kernels(monkeypatch):
     ids = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(0))
     losses = {}
     for path in ("fp32 copies", "native"):
-        monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, path == "native"))
+        pretend(monkeypatch, path == "native")
         torch.manual_seed(0)
         with torch.device("meta"):
             whole = LLAMA2.build(
@@ -280,7 +285,7 @@ def test_selective_matmul_checkpointing_keeps_the_16bit_linear_output(monkeypatc
 
     from pytrain.parallel.recompute import _save_matmuls
 
-    monkeypatch.setattr(linear_module, "_CPU_HAS_UNITS", dict.fromkeys(HALF, False))
+    pretend(monkeypatch, False)
     assert _save_matmuls(None, torch.ops.pytrain.linear_in_fp32.default) is CheckpointPolicy.MUST_SAVE
     assert _save_matmuls(None, torch.ops.aten._to_copy.default) is CheckpointPolicy.PREFER_RECOMPUTE
 

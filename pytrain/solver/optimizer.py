@@ -187,7 +187,7 @@ class HybridZeroOptimizer:
         self.flat_grad = torch.zeros(numel, dtype=torch.float32, device=self.model_params[0].device)
         self.grad_views = _views(self.flat_grad, self.model_params)
         self._index_of = {id(p): i for i, p in enumerate(self.model_params)}
-        self._unwritten = set(range(len(self.model_params)))  # views this step's gradients have not reached yet
+        self._expect_new_grads()
         # registered before any reducer's hook: a parameter's view is complete when the reducer hears of it
         for index, param in enumerate(self.model_params):
             param.register_post_accumulate_grad_hook(lambda _, i=index: self._take_grad(i))
@@ -343,7 +343,11 @@ class HybridZeroOptimizer:
         for param in self.model_params:
             param.grad = None
         if not self.fsdp:
-            self._unwritten = set(range(len(self.model_params)))
+            self._expect_new_grads()
+
+    def _expect_new_grads(self) -> None:
+        """The next gradient each parameter's hook takes is the step's first: it overwrites the view."""
+        self._unwritten = set(range(len(self.model_params)))  # views this step's gradients have not reached yet
 
     def _take_grad(self, index: int) -> None:
         """Moves model_params[index]'s .grad into its fp32 view (the step's first gradient is copied, later
@@ -430,7 +434,7 @@ class HybridZeroOptimizer:
         scale = _world(self.group) * self.loss_scale
         if scale != 1:
             self.flat_grad.div_(scale)
-        self._unwritten = set(range(len(self.model_params)))  # this step has them: the next backward starts anew
+        self._expect_new_grads()  # this step has them: the next backward starts anew
         return self.grad_views
 
     def _fsdp_grads(self) -> list[torch.Tensor]:
