@@ -1,6 +1,7 @@
 // pytrain._C: the CPU kernels (use them through pytrain.kernels, which validates and allocates) and the
 // tokenize command's line formatter (used by pytrain/data/tokenize.py).
 #include "bind_adamw.h"
+#include "bind_attention.h"
 #include "bind_rotary.h"
 #include "bind_cross_entropy.h"
 #include "bind_moe_permute.h"
@@ -17,6 +18,7 @@ PYBIND11_MODULE(_C, m) {
   pytrain::def_rotary(m, pytrain::cpu::rotary);
   pytrain::def_swiglu(m, pytrain::cpu::swiglu_forward, pytrain::cpu::swiglu_backward);
   pytrain::def_adamw(m, pytrain::cpu::adamw_step);
+  pytrain::def_attention(m);
   pytrain::def_moe_permute(m, pytrain::cpu::moe_route, pytrain::cpu::moe_scatter, pytrain::cpu::moe_gather);
   m.def(
       "format_token_lines",

@@ -60,7 +60,11 @@ def grads(fn, q, k, v, dout):
 
 
 def assert_matches_reference(fn, q, k, v, dout, bounds, causal, scale):
-    got = grads(fn, q, k, v, dout)
+    assert_by_the_rule(grads(fn, q, k, v, dout), q, k, v, dout, bounds, causal, scale)
+
+
+def assert_by_the_rule(got, q, k, v, dout, bounds, causal, scale):
+    """got: (out, dq, dk, dv) of packed q, k, v (tokens, heads, dim), by the module docstring's rule."""
     want = grads(
         lambda a, b, c: reference_attention(a, b, c, bounds, causal, scale),
         *(t.double() for t in (q, k, v)),

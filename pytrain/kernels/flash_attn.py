@@ -1,7 +1,8 @@
 """Flash-attention: (batch, seq, heads, dim) and packed variable-length (tokens, heads, dim) inputs, GQA/MQA.
 
 CUDA tensors run pytrain's Triton kernels (kernels/flash_attn_triton.py) as torch.library custom ops (autograd
-and torch.compile see one op each way). CPU tensors run PyTorch's SDPA (its CPU flash kernel), one
+and torch.compile see one op each way). bf16 CPU tensors on a CPU with AVX512-BF16 run pytrain's own kernels
+(attention_cpu.py: 2-3x PyTorch's there). Other CPU tensors run PyTorch's SDPA (its CPU flash kernel), one
 document at a time for packed input, so no mask quadratic in the packed length is ever built; 16-bit inputs on a
 CPU without 16-bit units run it on fp32 copies (pytrain.kernels.linear says why).
 
@@ -20,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import attention_cpu
 from ._backend import runs_triton
 from ._checks import check_same_device, check_tensor
 from .linear import multiplies_in_fp32
@@ -220,11 +222,14 @@ def flash_attn_func(
     scale = _scale(softmax_scale, q.shape[-1])
     window = _window(window_size, causal)
     batch, seq = q.shape[:2]
-    if not runs_triton(q.device):
+    cpu_kernel = not runs_triton(q.device) and attention_cpu.applies(q, k, window)
+    if not (runs_triton(q.device) or cpu_kernel):
         return _sdpa(q, k, v, causal, scale, window)
-    cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=q.device)
     # A view whenever (batch, seq) merge (q, k, v as slices of one fused qkv do): the kernels take strided tokens.
     flat = [t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v)]
+    if cpu_kernel:
+        return attention_cpu.attention(*flat, list(range(0, (batch + 1) * seq, seq)), causal, scale).view(q.shape)
+    cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=q.device)
     return _forward(*flat, cu_seqlens, seq, causal, scale, window)[0].view(q.shape)
 
 
@@ -261,6 +266,8 @@ def flash_attn_varlen_func(
         max_seqlen = longest
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
         raise ValueError(f"max_seqlen ({max_seqlen}) must be an int >= the longest sequence ({longest})")
+    if not runs_triton(q.device) and attention_cpu.applies(q, k, window):
+        return attention_cpu.attention(q, k, v, bounds, causal, scale)
     if not runs_triton(q.device):
         # One document at a time, each as a batch of one: SDPA's CPU flash kernel takes 4-D input only
         # (3-D input falls back to its slower math path, which materializes the scores).

@@ -1,0 +1,142 @@
+"""bf16 attention on CPUs with bf16 dot-product units (AVX512-BF16): pytrain._C's kernels (csrc/cpu/attention.cpp).
+
+    out = attention(q, k, v, cu_seqlens, causal, scale)   # q (tokens, heads, dim), k/v (tokens, kv_heads, dim)
+
+PyTorch's CPU flash kernel multiplies bf16 through a generic loop wherever oneDNN's packed micro-kernels are
+unavailable (CPUs without AMX, such as AMD Zen 4): about 70 GFLOP/s forward on two Zen 4 cores against
+430 for a bf16 GEMM. These kernels run every product on VDPBF16PS (bf16 pairs summed into fp32), keep
+the softmax in fp32 and, like flash-attention, save only the output and the log-sum-exp for a backward that
+recomputes the probabilities. flash_attn.py routes bf16 CPU attention here where `applies` (no sliding
+window; everything else: GQA, causal or not, packed sequences, strided tokens and heads); the forward and
+backward are torch.library custom ops.
+"""
+
+import importlib.util
+
+import torch
+
+from ._backend import extension, parallelism
+
+# The kernels gather 16 tokens at a time with 32-bit byte offsets: token strides stay below 2^26 elements.
+MAX_TOKEN_STRIDE = (1 << 26) - 1
+
+# Read once at import, so that torch.compile traces `applies` as a constant: whether the CPU has the
+# instructions (pytrain._C's own check agrees; the kernels refuse to run without them) and _C is built.
+AVAILABLE = torch.cpu._is_avx512_bf16_supported() and importlib.util.find_spec("pytrain._C") is not None
+_switch = {"on": AVAILABLE}
+
+
+def use_kernels(on: bool) -> bool:
+    """Whether bf16 CPU attention takes these kernels (where AVAILABLE) or PyTorch's SDPA; returns the previous
+    setting. For tests and timings."""
+    previous, _switch["on"] = _switch["on"], bool(on) and AVAILABLE
+    return previous
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, window: int) -> bool:
+    """Whether these kernels serve this (already checked) attention call; v's strides do not matter."""
+    return (
+        _switch["on"]
+        and q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and window < 0
+        and max(q.stride(-3), k.stride(-3)) <= MAX_TOKEN_STRIDE
+    )
+
+
+def _strides(q, k, v) -> tuple[int, ...]:
+    return (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+
+
+@torch.library.custom_op("pytrain::cpu_attention_forward", mutates_args=())
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty(q.shape, dtype=q.dtype)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    extension(q.device).attention_forward(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        _strides(q, k, v),
+        out.data_ptr(),
+        lse.data_ptr(),
+        cu_seqlens.data_ptr(),
+        cu_seqlens.numel() - 1,
+        q.shape[1],
+        k.shape[1],
+        q.shape[2],
+        causal,
+        scale,
+        parallelism(q, q.shape[0] * q.shape[1]),
+    )
+    return out, lse
+
+
+@_forward.register_fake
+def _(q, k, v, cu_seqlens, causal, scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("pytrain::cpu_attention_backward", mutates_args=())
+def _backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq = torch.empty(q.shape, dtype=q.dtype)
+    dk, dv = torch.empty(k.shape, dtype=k.dtype), torch.empty(v.shape, dtype=v.dtype)
+    extension(q.device).attention_backward(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        _strides(q, k, v),
+        out.data_ptr(),
+        lse.data_ptr(),
+        dout.data_ptr(),
+        dq.data_ptr(),
+        dk.data_ptr(),
+        dv.data_ptr(),
+        cu_seqlens.data_ptr(),
+        cu_seqlens.numel() - 1,
+        q.shape[1],
+        k.shape[1],
+        q.shape[2],
+        causal,
+        scale,
+        parallelism(q, q.shape[0] * q.shape[1]),
+    )
+    return dq, dk, dv
+
+
+@_backward.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _autograd_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def attention(q, k, v, bounds: list[int], causal: bool, scale: float) -> torch.Tensor:
+    """Attention within each sequence bounds[i]:bounds[i+1] of packed (tokens, heads, dim) q, k, v, checked by
+    the caller (flash_attn.py) and served where `applies`."""
+    return _forward(q, k, v, torch.tensor(bounds, dtype=torch.int64), causal, scale)[0]
