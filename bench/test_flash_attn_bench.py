@@ -1,7 +1,8 @@
 """Attention forward and forward+backward TFLOP/s: pytrain vs PyTorch SDPA vs the plain matmul-softmax.
 
 Rows of one group run side by side on the same inputs:
-  pytrain         pytrain.kernels.flash_attn_func / flash_attn_varlen_func (Triton on CUDA; SDPA per document on CPU)
+  pytrain         pytrain.kernels.flash_attn_func / flash_attn_varlen_func (Triton on CUDA; on the CPU, bf16 with
+                  AVX512-BF16: pytrain's kernels (kernels/attention_cpu.py), otherwise SDPA per document)
   sdpa            F.scaled_dot_product_attention (default backend choice); for packed rows, with a block-diagonal mask
   sdpa_flash, sdpa_cudnn   (CUDA) SDPA forced to its flash / cuDNN backend
   reference       softmax(q k^T) v with plain matmuls (materializes the scores)
@@ -14,12 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pytrain.kernels import flash_attn_func, flash_attn_varlen_func, reference
+from pytrain.kernels import attention_cpu, flash_attn_func, flash_attn_varlen_func, reference
 
 from .conftest import NEEDS_CUDA
 
+# bf16 on the CPU only where pytrain's kernels serve it: elsewhere PyTorch's bf16 products crawl (pytrain.kernels.
+# linear says why) and the reference row alone would take many seconds.
+NEEDS_BF16_KERNELS = pytest.mark.skipif(not attention_cpu.AVAILABLE, reason="the CPU has no AVX512-BF16")
 CPU_CASES = [
     pytest.param("cpu", torch.float32, seq, d, id=f"cpu-fp32-seq{seq}-d{d}") for seq in (1024, 2048) for d in (64, 128)
+] + [
+    pytest.param("cpu", torch.bfloat16, seq, d, id=f"cpu-bf16-seq{seq}-d{d}", marks=NEEDS_BF16_KERNELS)
+    for seq in (512, 2048)
+    for d in (64, 128)
 ]
 CUDA_CASES = [
     pytest.param("cuda", torch.bfloat16, seq, d, id=f"cuda-bf16-seq{seq}-d{d}", marks=NEEDS_CUDA)
@@ -97,7 +105,12 @@ def test_attention(benchmark, compute, impl, device, dtype, seq, head_dim, causa
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize(
-    "device,dtype", [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=NEEDS_CUDA)]
+    "device,dtype",
+    [
+        ("cpu", torch.float32),
+        pytest.param("cpu", torch.bfloat16, marks=NEEDS_BF16_KERNELS),
+        pytest.param("cuda", torch.bfloat16, marks=NEEDS_CUDA),
+    ],
 )
 @pytest.mark.parametrize("impl", ["pytrain", "sdpa"])
 def test_packed_documents(benchmark, compute, impl, device, dtype, backward):
@@ -127,5 +140,5 @@ def test_packed_documents(benchmark, compute, impl, device, dtype, backward):
         dtype=dtype,
         impl=impl,
         group=f"attention packed {len(DOCUMENTS)} docs in {total} tokens {'fwd+bwd' if backward else 'fwd'} "
-        f"causal {device} d {head_dim}",
+        f"causal {device} {str(dtype)[6:]} d {head_dim}",
     )
