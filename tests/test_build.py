@@ -99,3 +99,30 @@ def test_build_folder_outlives_the_tools_that_configured_it(tmp_path):
     third = build(tmp_path, PYTRAIN_CUDA="0")  # back to this environment's ninja
     assert third.returncode == 0, third.stdout + third.stderr
     assert any(p.name.startswith("_C.") for p in built.iterdir())
+
+
+SHARED_POOL_PROBE = """
+import os, torch
+import pytrain._C
+from pytrain.kernels import rms_norm
+torch.set_num_threads(2)
+torch.randn(1 << 22).add_(1)  # starts torch's OpenMP pool
+before = len(os.listdir('/proc/self/task'))
+rms_norm(torch.randn(4096, 512), torch.ones(512))  # 2 threads' worth of rows
+after = len(os.listdir('/proc/self/task'))
+runtimes = {line.split()[-1] for line in open('/proc/self/maps') if 'libgomp' in line or 'libiomp' in line}
+print(before, after, len(runtimes))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc (Linux)")
+def test_cpu_kernels_run_on_torchs_openmp_pool():
+    """pytrain._C links OpenMP by its soname, so its parallel loops run on torch's own intra-op pool: one OpenMP
+    runtime in the process, and a kernel starts no thread (cpu_types.h's parallel_for says why it matters)."""
+    import pytrain._C
+
+    linked = subprocess.run(["ldd", pytrain._C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libgomp" in linked, linked
+    probe = subprocess.run([python(), "-c", SHARED_POOL_PROBE], capture_output=True, text=True, check=True, cwd=ROOT)
+    before, after, runtimes = map(int, probe.stdout.split())
+    assert (after, runtimes) == (before, 1), probe.stdout
