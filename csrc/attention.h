@@ -1,4 +1,4 @@
-// Attention over packed sequences on CPUs with bf16 dot-product units (AVX512-BF16), bf16 in and out:
+// Attention over packed sequences on CPUs with bf16 dot-product units (AVX512-BF16), bf16 or fp32 in and out:
 //   out = softmax(q k^T * scale) v within each sequence cu_seqlens[s]:cu_seqlens[s+1], optionally causal,
 // GQA (heads a multiple of kv_heads). The backward recomputes the probabilities from the saved log-sum-exp
 // (flash-attention's memory: nothing quadratic in the sequence length is kept between the passes).
@@ -10,7 +10,7 @@ namespace pytrain {
 
 // q, k, v, dout: (tokens, heads or kv_heads, head_dim) with any token and head strides (in elements) and a
 // contiguous last dimension; out, dq, dk, dv: contiguous (tokens, heads, head_dim) allocated by the caller;
-// lse: fp32 (heads, tokens). Every tensor is bf16 except lse.
+// lse: fp32 (heads, tokens). Every tensor is of `dtype` (bf16 or fp32) except lse.
 struct AttentionArgs {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -29,12 +29,14 @@ struct AttentionArgs {
   int64_t heads = 0, kv_heads = 0, head_dim = 0;
   bool causal = false;
   float scale = 1.f;
+  int dtype = 0;
   int parallelism = 1;  // threads
 };
 
 namespace cpu {
-// Whether this CPU has the instructions the kernels need (AVX-512 F/BW/VL/DQ and BF16); they throw if not.
-bool attention_bf16_supported();
+// Whether this CPU has the instructions the kernels need (AVX-512 F/BW/VL/DQ and BF16; fp32 too needs them only
+// so that one check serves both); they throw if not.
+bool attention_supported();
 void attention_forward(const AttentionArgs& args);
 void attention_backward(const AttentionArgs& args);
 }  // namespace cpu

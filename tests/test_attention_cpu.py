@@ -1,6 +1,6 @@
-"""pytrain's bf16 CPU attention kernels (pytrain/kernels/attention_cpu.py, csrc/cpu/attention.cpp) against the
-float64 reference, by test_flash_attn.py's rule: the kernel's max error at most 2x that of PyTorch's plain
-attention computed in bf16, plus 1e-2. Packed sequences of uneven lengths (empty, one token, and around the
+"""pytrain's CPU attention kernels (pytrain/kernels/attention_cpu.py, csrc/cpu/attention.cpp), bf16 and fp32,
+against the float64 reference, by test_flash_attn.py's rule: the kernel's max error at most 2x that of PyTorch's
+plain attention computed in the same dtype, plus 1e-2 (bf16) or 2e-5 (fp32). Packed sequences of uneven lengths (empty, one token, and around the
 kernels' 64-query blocks and 16-key tiles), GQA, odd and small head dims, strided q/k/v, the autograd and
 torch.compile wiring, and the switch back to PyTorch's SDPA. Skipped where the CPU has no AVX512-BF16.
 """
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif(
 BF16 = torch.bfloat16
 
 
-def varlen(lengths, heads, kv_heads, head_dim, causal, scale=None, seed=0):
-    q, k, v, dout, bounds = packed_inputs(lengths, heads, kv_heads, head_dim, BF16, "cpu", seed=seed)
+def varlen(lengths, heads, kv_heads, head_dim, causal, scale=None, seed=0, dtype=BF16):
+    q, k, v, dout, bounds = packed_inputs(lengths, heads, kv_heads, head_dim, dtype, "cpu", seed=seed)
     assert attention_cpu.applies(q, k, -1)
     scale = head_dim**-0.5 if scale is None else scale
     assert_matches_reference(
@@ -35,19 +35,21 @@ def varlen(lengths, heads, kv_heads, head_dim, causal, scale=None, seed=0):
     )
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(
     "lengths",
     [[1], [64], [65], [0, 17, 0, 130], [63, 1, 200], [257, 16, 15]],
     ids=lambda lengths: "-".join(map(str, lengths)),
 )
-def test_packed_lengths(lengths, causal):
-    varlen(lengths, 4, 2, 64, causal, seed=len(lengths))
+def test_packed_lengths(lengths, causal, dtype):
+    varlen(lengths, 4, 2, 64, causal, seed=len(lengths), dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("head_dim", [8, 33, 40, 80, 128, 256])
-def test_head_dims(head_dim):
-    varlen([70, 9], 2, 1, head_dim, causal=True, seed=head_dim)
+def test_head_dims(head_dim, dtype):
+    varlen([70, 9], 2, 1, head_dim, causal=True, seed=head_dim, dtype=dtype)
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(8, 1), (6, 3), (3, 3)])
@@ -80,9 +82,10 @@ def test_batched_views_of_one_projection(causal):
     causal=st.booleans(),
     scale=st.floats(0.05, 1.0),
     seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([BF16, torch.float32]),
 )
-def test_property_matches_reference(lengths, kv_heads, share, head_dim, causal, scale, seed):
-    varlen(lengths, kv_heads * share, kv_heads, head_dim, causal, scale=scale, seed=seed)
+def test_property_matches_reference(lengths, kv_heads, share, head_dim, causal, scale, seed, dtype):
+    varlen(lengths, kv_heads * share, kv_heads, head_dim, causal, scale=scale, seed=seed, dtype=dtype)
 
 
 def test_ops_pass_opcheck_and_compile_fullgraph():
@@ -140,10 +143,9 @@ def test_flash_attn_func_takes_the_kernels():
 
 
 def test_other_calls_take_sdpa():
-    """fp32 and fp16, a sliding window, and token strides past the kernels' 2^26 limit stay on SDPA."""
+    """fp16, a sliding window, and token strides past the kernels' 2^26 limit stay on SDPA."""
     q, k, _, _, _ = packed_inputs([8], 2, 2, 8, BF16, "cpu")
-    assert attention_cpu.applies(q, k, -1)
-    assert not attention_cpu.applies(q.float(), k.float(), -1)
+    assert attention_cpu.applies(q, k, -1) and attention_cpu.applies(q.float(), k.float(), -1)
     assert not attention_cpu.applies(q.half(), k.half(), -1)
     assert not attention_cpu.applies(q, k, 4)
     wide = torch.empty_strided((2, 2, 8), (attention_cpu.MAX_TOKEN_STRIDE + 1, 8, 1), dtype=BF16)
@@ -153,4 +155,4 @@ def test_other_calls_take_sdpa():
 def test_python_and_the_extension_agree_on_the_cpu():
     import pytrain._C
 
-    assert pytrain._C.bf16_attention_supported() == attention_cpu.AVAILABLE
+    assert pytrain._C.attention_supported() == attention_cpu.AVAILABLE

@@ -1,21 +1,23 @@
-"""bf16 attention on CPUs with bf16 dot-product units (AVX512-BF16): pytrain._C's kernels (csrc/cpu/attention.cpp).
+"""bf16 and fp32 attention on CPUs with bf16 dot-product units (AVX512-BF16): pytrain._C's kernels
+(csrc/cpu/attention.cpp).
 
     out = attention(q, k, v, cu_seqlens, causal, scale)   # q (tokens, heads, dim), k/v (tokens, kv_heads, dim)
 
 PyTorch's CPU flash kernel multiplies bf16 through a generic loop wherever oneDNN's packed micro-kernels are
 unavailable (CPUs without AMX, such as AMD Zen 4): about 70 GFLOP/s forward on two Zen 4 cores against
-430 for a bf16 GEMM. These kernels run every product on VDPBF16PS (bf16 pairs summed into fp32), keep
-the softmax in fp32 and, like flash-attention, save only the output and the log-sum-exp for a backward that
-recomputes the probabilities. flash_attn.py routes bf16 CPU attention here where `applies` (no sliding
-window; everything else: GQA, causal or not, packed sequences, strided tokens and heads); the forward and
-backward are torch.library custom ops.
+430 for a bf16 GEMM. These kernels run every product on one register-tiled micro-kernel (VDPBF16PS: bf16 pairs
+summed into fp32; FMA for fp32), keep the softmax in fp32 and, like flash-attention, save only the output and
+the log-sum-exp for a backward that recomputes the probabilities. fp32 takes them too on such a CPU (SDPA's
+fp32 kernel is faster than its bf16 one but still ~2x slower than these). flash_attn.py routes CPU attention
+here where `applies` (bf16 or fp32, no sliding window; everything else: GQA, causal or not, packed sequences,
+strided tokens and heads); the forward and backward are torch.library custom ops.
 """
 
 import importlib.util
 
 import torch
 
-from ._backend import extension, parallelism
+from ._backend import DTYPE_CODES, extension, parallelism
 
 # The kernels gather 16 tokens at a time with 32-bit byte offsets: token strides stay below 2^26 elements.
 MAX_TOKEN_STRIDE = (1 << 26) - 1
@@ -27,8 +29,8 @@ _switch = {"on": AVAILABLE}
 
 
 def use_kernels(on: bool) -> bool:
-    """Whether bf16 CPU attention takes these kernels (where AVAILABLE) or PyTorch's SDPA; returns the previous
-    setting. For tests and timings."""
+    """Whether bf16 and fp32 CPU attention take these kernels (where AVAILABLE) or PyTorch's SDPA; returns the
+    previous setting. For tests and timings."""
     previous, _switch["on"] = _switch["on"], bool(on) and AVAILABLE
     return previous
 
@@ -38,7 +40,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, window: int) -> bool:
     return (
         _switch["on"]
         and q.device.type == "cpu"
-        and q.dtype == torch.bfloat16
+        and q.dtype in (torch.bfloat16, torch.float32)
         and window < 0
         and max(q.stride(-3), k.stride(-3)) <= MAX_TOKEN_STRIDE
     )
@@ -68,6 +70,7 @@ def _forward(
         q.shape[2],
         causal,
         scale,
+        DTYPE_CODES[q.dtype],
         parallelism(q, q.shape[0] * q.shape[1]),
     )
     return out, lse
@@ -110,6 +113,7 @@ def _backward(
         q.shape[2],
         causal,
         scale,
+        DTYPE_CODES[q.dtype],
         parallelism(q, q.shape[0] * q.shape[1]),
     )
     return dq, dk, dv

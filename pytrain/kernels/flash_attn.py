@@ -1,8 +1,8 @@
 """Flash-attention: (batch, seq, heads, dim) and packed variable-length (tokens, heads, dim) inputs, GQA/MQA.
 
 CUDA tensors run pytrain's Triton kernels (kernels/flash_attn_triton.py) as torch.library custom ops (autograd
-and torch.compile see one op each way). bf16 CPU tensors on a CPU with AVX512-BF16 run pytrain's own kernels
-(attention_cpu.py: 2-3x PyTorch's there). Other CPU tensors run PyTorch's SDPA (its CPU flash kernel), one
+and torch.compile see one op each way). bf16 and fp32 CPU tensors on a CPU with AVX512-BF16 run pytrain's own
+kernels (attention_cpu.py: 2-3x PyTorch's there). Other CPU tensors run PyTorch's SDPA (its CPU flash kernel), one
 document at a time for packed input, so no mask quadratic in the packed length is ever built; 16-bit inputs on a
 CPU without 16-bit units run it on fp32 copies (pytrain.kernels.linear says why).
 
