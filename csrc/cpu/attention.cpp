@@ -11,8 +11,9 @@
 // Below, "pairs" count those words: for fp32 a pair is one element.
 // Each query block holds its whole rows of scores (block x keys, fp32), so the forward's softmax is a plain
 // one: no running maximum or rescaling. The backward works in the transposed orientation (keys as rows,
-// queries as columns) so that the probabilities and their gradient come out in the layouts the dV, dK and
-// dQ products read, without a transpose: only dQ (head_dim x block) is written back transposed.
+// queries as columns) so that the probabilities and their gradient come out in the layouts the dV and dK
+// products read as A and the dQ product reads dS^T as A's transpose, with no transpose pass anywhere.
+// The threads are torch's OpenMP pool (parallel_for); work items are handed out largest first.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -35,7 +36,7 @@ namespace pytrain::cpu {
 namespace {
 
 using u16 = uint16_t;  // bf16 bits
-using u32 = uint32_t;  // two bf16 neighbours
+using u32 = uint32_t;  // a word: two bf16 neighbours or one fp32
 
 bool units() {
   __builtin_cpu_init();
