@@ -46,8 +46,23 @@ def applies(q: torch.Tensor, k: torch.Tensor, window: int) -> bool:
     )
 
 
-def _strides(q, k, v) -> tuple[int, ...]:
-    return (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+def _problem(q, k, v, cu_seqlens, causal: bool, scale: float) -> dict:
+    """The arguments pytrain._C's forward and backward share: the inputs, their layout and the options."""
+    return dict(
+        q=q.data_ptr(),
+        k=k.data_ptr(),
+        v=v.data_ptr(),
+        strides=(q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1)),
+        cu_seqlens=cu_seqlens.data_ptr(),
+        num_seqs=cu_seqlens.numel() - 1,
+        heads=q.shape[1],
+        kv_heads=k.shape[1],
+        head_dim=q.shape[2],
+        causal=causal,
+        scale=scale,
+        dtype=DTYPE_CODES[q.dtype],
+        parallelism=parallelism(q, q.shape[0] * q.shape[1]),
+    )
 
 
 @torch.library.custom_op("pytrain::cpu_attention_forward", mutates_args=())
@@ -57,21 +72,7 @@ def _forward(
     out = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     extension(q.device).attention_forward(
-        q.data_ptr(),
-        k.data_ptr(),
-        v.data_ptr(),
-        _strides(q, k, v),
-        out.data_ptr(),
-        lse.data_ptr(),
-        cu_seqlens.data_ptr(),
-        cu_seqlens.numel() - 1,
-        q.shape[1],
-        k.shape[1],
-        q.shape[2],
-        causal,
-        scale,
-        DTYPE_CODES[q.dtype],
-        parallelism(q, q.shape[0] * q.shape[1]),
+        out=out.data_ptr(), lse=lse.data_ptr(), **_problem(q, k, v, cu_seqlens, causal, scale)
     )
     return out, lse
 
@@ -96,25 +97,13 @@ def _backward(
     dq = torch.empty(q.shape, dtype=q.dtype)
     dk, dv = torch.empty(k.shape, dtype=k.dtype), torch.empty(v.shape, dtype=v.dtype)
     extension(q.device).attention_backward(
-        q.data_ptr(),
-        k.data_ptr(),
-        v.data_ptr(),
-        _strides(q, k, v),
-        out.data_ptr(),
-        lse.data_ptr(),
-        dout.data_ptr(),
-        dq.data_ptr(),
-        dk.data_ptr(),
-        dv.data_ptr(),
-        cu_seqlens.data_ptr(),
-        cu_seqlens.numel() - 1,
-        q.shape[1],
-        k.shape[1],
-        q.shape[2],
-        causal,
-        scale,
-        DTYPE_CODES[q.dtype],
-        parallelism(q, q.shape[0] * q.shape[1]),
+        out=out.data_ptr(),
+        lse=lse.data_ptr(),
+        dout=dout.data_ptr(),
+        dq=dq.data_ptr(),
+        dk=dk.data_ptr(),
+        dv=dv.data_ptr(),
+        **_problem(q, k, v, cu_seqlens, causal, scale),
     )
     return dq, dk, dv
 
