@@ -46,7 +46,8 @@ inline void def_attention(py::module_& m) {
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("strides"), py::arg("out"), py::arg("lse"), py::arg("dout"),
       py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("cu_seqlens"), py::arg("num_seqs"), py::arg("heads"),
-      py::arg("kv_heads"), py::arg("head_dim"), py::arg("causal"), py::arg("scale"), py::arg("dtype"), py::arg("parallelism"));
+      py::arg("kv_heads"), py::arg("head_dim"), py::arg("causal"), py::arg("scale"), py::arg("dtype"),
+      py::arg("parallelism"));
   m.def("attention_supported", &cpu::attention_supported);
 }
 

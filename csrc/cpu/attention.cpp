@@ -236,18 +236,28 @@ PYTRAIN_BF16_UNITS void pack_pairs_along(const typename T::Element* src, int64_t
     }
 }
 
-// Runs worker(take) on up to `threads` threads; take() hands out the items 0..items-1 one at a time (-1:
-// none left), so threads that draw short items take more of them.
-template <typename Worker>
-void run_workers(int64_t items, int threads, Worker worker) {
+// Runs worker(take, scratch) on up to `threads` threads, each with a Scratch of its own made by make() first,
+// in the calling thread (an allocation that fails throws to Python there, not inside a parallel region, where
+// it would abort the process); take() hands out the items 0..items-1 one at a time (-1: none left), so threads
+// that draw short items take more of them.
+template <typename Scratch, typename Make, typename Worker>
+void run_workers(int64_t items, int threads, Make make, Worker worker) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, items));
+  std::vector<Scratch> scratch;
+  scratch.reserve(workers);
+  for (int64_t w = 0; w < workers; ++w) scratch.push_back(make());
   std::atomic<int64_t> next{0};
   auto take = [&] {
     const int64_t item = next.fetch_add(1, std::memory_order_relaxed);
     return item < items ? item : int64_t{-1};
   };
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, items));
-  parallel_for(workers, static_cast<int>(workers), 1, [&](int64_t, int64_t, int) { worker(take); });
+  // One chunk of one index per thread: `first` is the worker's index.
+  parallel_for(workers, static_cast<int>(workers), 1, [&](int64_t first, int64_t, int) {
+    worker(take, scratch[first]);
+  });
 }
+
+struct NoScratch {};
 
 // The work items in decreasing cost, so the longest start first.
 std::vector<int64_t> by_cost(const std::vector<int64_t>& cost) {
@@ -355,7 +365,8 @@ void forward(const AttentionArgs& a) {
       value_at[s * a.kv_heads + h] = value_words, value_words += padded / T::kPerWord * shape.columns;
     }
   auto keys = uninitialized<u32>(key_words), values = uninitialized<u32>(value_words);
-  run_workers(a.num_seqs * a.kv_heads, a.parallelism, [&](auto take) {
+  auto none = [] { return NoScratch{}; };
+  run_workers<NoScratch>(a.num_seqs * a.kv_heads, a.parallelism, none, [&](auto take, NoScratch&) {
     for (int64_t item; (item = take()) >= 0;) {
       const int64_t s = item / a.kv_heads, h = item % a.kv_heads, len = cu[s + 1] - cu[s];
       const E* k = static_cast<const E*>(a.k) + cu[s] * a.k_token_stride + h * a.k_head_stride;
@@ -377,8 +388,8 @@ void forward(const AttentionArgs& a) {
       }
   }
   const std::vector<int64_t> order = by_cost(cost);
-  run_workers(static_cast<int64_t>(order.size()), a.parallelism, [&](auto take) {
-    ForwardScratch<T> w(shape, round_up(shape.longest, 16));
+  auto make = [&] { return ForwardScratch<T>(shape, round_up(shape.longest, 16)); };
+  run_workers<ForwardScratch<T>>(static_cast<int64_t>(order.size()), a.parallelism, make, [&](auto take, auto& w) {
     for (int64_t next; (next = take()) >= 0;) {
       const int64_t item = order[next], s = item_seq[item], h = item_head[item];
       const int64_t kv = s * a.kv_heads + h / shape.group;
@@ -517,7 +528,8 @@ PYTRAIN_BF16_UNITS void backward_block(const AttentionArgs& a, const Shape<T>& s
   E* dq = static_cast<E*>(a.dq) + token * row_stride + h * shape.d;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < shape.d; c += 16)
-      store16<T>(dq + r * row_stride + c, _mm512_loadu_ps(w.dq.get() + r * shape.columns + c), first_lanes(shape.d - c));
+      store16<T>(dq + r * row_stride + c, _mm512_loadu_ps(w.dq.get() + r * shape.columns + c),
+                 first_lanes(shape.d - c));
 }
 
 // Sequence s, kv head kvh: its keys' dK and dV, summed over the query heads that share them.
@@ -555,8 +567,8 @@ void backward(const AttentionArgs& a) {
     cost[item] = len * len;
   }
   const std::vector<int64_t> order = by_cost(cost);
-  run_workers(static_cast<int64_t>(order.size()), a.parallelism, [&](auto take) {
-    BackwardScratch<T> w(shape, round_up(shape.longest, 16));
+  auto make = [&] { return BackwardScratch<T>(shape, round_up(shape.longest, 16)); };
+  run_workers<BackwardScratch<T>>(static_cast<int64_t>(order.size()), a.parallelism, make, [&](auto take, auto& w) {
     for (int64_t next; (next = take()) >= 0;) {
       const int64_t item = order[next];
       backward_item<T>(a, shape, w, item / a.kv_heads, item % a.kv_heads);
