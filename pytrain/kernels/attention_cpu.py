@@ -1,14 +1,14 @@
 """bf16 and fp32 attention on CPUs with bf16 dot-product units (AVX512-BF16): pytrain._C's kernels
 (csrc/cpu/attention.cpp).
 
-    out = attention(q, k, v, cu_seqlens, causal, scale)   # q (tokens, heads, dim), k/v (tokens, kv_heads, dim)
+    out = attention(q, k, v, bounds, causal, scale)   # q (tokens, heads, dim), k/v (tokens, kv_heads, dim)
 
 PyTorch's CPU flash kernel multiplies bf16 through a generic loop wherever oneDNN's packed micro-kernels are
 unavailable (CPUs without AMX, such as AMD Zen 4): about 70 GFLOP/s forward on two Zen 4 cores against
 430 for a bf16 GEMM. These kernels run every product on one register-tiled micro-kernel (VDPBF16PS: bf16 pairs
 summed into fp32; FMA for fp32), keep the softmax in fp32 and, like flash-attention, save only the output and
 the log-sum-exp for a backward that recomputes the probabilities. fp32 takes them too on such a CPU (SDPA's
-fp32 kernel is faster than its bf16 one but still ~2x slower than these). flash_attn.py routes CPU attention
+fp32 kernel is faster than its bf16 one but 1.3-1.8x slower than these). flash_attn.py routes CPU attention
 here where `applies` (bf16 or fp32, no sliding window; everything else: GQA, causal or not, packed sequences,
 strided tokens and heads); the forward and backward are torch.library custom ops.
 """
