@@ -156,3 +156,21 @@ def test_python_and_the_extension_agree_on_the_cpu():
     import pytrain._C
 
     assert pytrain._C.attention_supported() == attention_cpu.AVAILABLE
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32], ids=["bf16", "fp32"])
+def test_bitwise_the_same_on_any_thread_count(dtype):
+    """Each work item is computed whole by one thread (dK/dV summed inside it), so the thread count and which
+    thread draws which item change nothing: a run resumed with another thread count stays bit-exact."""
+    q, k, v, dout, bounds = packed_inputs([200, 3, 77], 4, 2, 64, dtype, "cpu", seed=13)
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(grads(lambda a, b, c: attention_cpu.attention(a, b, c, bounds, True, 0.125), q, k, v, dout))
+    finally:
+        torch.set_num_threads(before)
+    for run in runs[1:]:
+        for got, want in zip(run, runs[0]):
+            assert torch.equal(got, want)
