@@ -1,8 +1,9 @@
 """Attention forward and forward+backward TFLOP/s: pytrain vs PyTorch SDPA vs the plain matmul-softmax.
 
 Rows of one group run side by side on the same inputs:
-  pytrain         pytrain.kernels.flash_attn_func / flash_attn_varlen_func (Triton on CUDA; on the CPU, bf16 with
-                  AVX512-BF16: pytrain's kernels (kernels/attention_cpu.py), otherwise SDPA per document)
+  pytrain         pytrain.kernels.flash_attn_func / flash_attn_varlen_func (Triton on CUDA; on a CPU with
+                  AVX512-BF16, bf16 and fp32: pytrain's kernels (kernels/attention_cpu.py); otherwise SDPA per
+                  document)
   sdpa            F.scaled_dot_product_attention (default backend choice); for packed rows, with a block-diagonal mask
   sdpa_flash, sdpa_cudnn   (CUDA) SDPA forced to its flash / cuDNN backend
   reference       softmax(q k^T) v with plain matmuls (materializes the scores)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 BF16 = torch.bfloat16
 
 
-def varlen(lengths, heads, kv_heads, head_dim, causal, scale=None, seed=0, dtype=BF16):
+def assert_varlen_matches_reference(lengths, heads, kv_heads, head_dim, causal, scale=None, seed=0, dtype=BF16):
     q, k, v, dout, bounds = packed_inputs(lengths, heads, kv_heads, head_dim, dtype, "cpu", seed=seed)
     assert attention_cpu.applies(q, k, -1)
     scale = head_dim**-0.5 if scale is None else scale
@@ -43,18 +43,18 @@ def varlen(lengths, heads, kv_heads, head_dim, causal, scale=None, seed=0, dtype
     ids=lambda lengths: "-".join(map(str, lengths)),
 )
 def test_packed_lengths(lengths, causal, dtype):
-    varlen(lengths, 4, 2, 64, causal, seed=len(lengths), dtype=dtype)
+    assert_varlen_matches_reference(lengths, 4, 2, 64, causal, seed=len(lengths), dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [BF16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("head_dim", [8, 33, 40, 80, 128, 256])
 def test_head_dims(head_dim, dtype):
-    varlen([70, 9], 2, 1, head_dim, causal=True, seed=head_dim, dtype=dtype)
+    assert_varlen_matches_reference([70, 9], 2, 1, head_dim, causal=True, seed=head_dim, dtype=dtype)
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(8, 1), (6, 3), (3, 3)])
 def test_gqa(heads, kv_heads):
-    varlen([100, 31], heads, kv_heads, 64, causal=True, scale=0.2, seed=heads)
+    assert_varlen_matches_reference([100, 31], heads, kv_heads, 64, causal=True, scale=0.2, seed=heads)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -85,7 +85,9 @@ def test_batched_views_of_one_projection(causal):
     dtype=st.sampled_from([BF16, torch.float32]),
 )
 def test_property_matches_reference(lengths, kv_heads, share, head_dim, causal, scale, seed, dtype):
-    varlen(lengths, kv_heads * share, kv_heads, head_dim, causal, scale=scale, seed=seed, dtype=dtype)
+    assert_varlen_matches_reference(
+        lengths, kv_heads * share, kv_heads, head_dim, causal, scale=scale, seed=seed, dtype=dtype
+    )
 
 
 def test_ops_pass_opcheck_and_compile_fullgraph():

@@ -27,6 +27,7 @@
 
 #include "attention.h"
 #include "cpu/cpu_types.h"
+#include "cpu/fast_exp.h"
 
 #define PYTRAIN_BF16_UNITS __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 #define PYTRAIN_BF16_UNITS_INLINE \
@@ -67,11 +68,11 @@ struct F32 {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// The product: C[m x n] (= or +=) A[m x 2*pairs] B[2*pairs x n]; n a multiple of 16. A's pair p of row i is
-// the word a[i * A.row + p * A.pair]: rows of bf16 (A.row = half the row length, A.pair = 1), or the pairs
-// layout of A's transpose (A.row = 1, A.pair = its row length in words).
+// The product: C[m x n] (= or +=) A[m x pairs words] B[pairs words x n]; n a multiple of 16. A's word p of row i
+// is a[i * A.row + p * A.pair]: rows (A.row = the row length in words, A.pair = 1), or the pairs layout of A's
+// transpose (A.row = 1, A.pair = its row length in words).
 
-using aliased_u32 = u32 __attribute__((may_alias));  // the words of bf16 buffers
+using aliased_u32 = u32 __attribute__((may_alias));  // the words of bf16 and fp32 buffers
 
 struct Operand {
   const aliased_u32* words;
@@ -136,20 +137,17 @@ PYTRAIN_BF16_UNITS void gemm(int64_t m, int64_t n, int64_t pairs, Operand a, con
 // ---------------------------------------------------------------------------------------------------------
 // Vector helpers.
 
-// exp over 16 lanes: fast_exp.h's Cephes polynomial; 2^n applied by VSCALEFPS. Below -87: 0; NaN stays NaN.
+// exp over 16 lanes: fast_exp's polynomial (fast_exp.h), 2^n applied by VSCALEFPS. Below -87: 0; NaN stays NaN.
 PYTRAIN_BF16_UNITS_INLINE __m512 exp16(__m512 x) {
+  using namespace exp_constants;
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
   x = _mm512_min_ps(x, _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
+  __m512 p = _mm512_set1_ps(kPoly[0]);
+  for (int k = 1; k < 6; ++k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kPoly[k]));
   const __m512 e = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(e, n));
 }
@@ -583,22 +581,25 @@ bool attention_supported() {
   return supported;
 }
 
-void attention_forward(const AttentionArgs& args) {
-  if (!attention_supported()) throw std::runtime_error("attention_forward: this CPU has no AVX512-BF16");
+namespace {
+// Runs op's instance for args' dtype, where the CPU has the instructions.
+void run_for_dtype(const AttentionArgs& args, const char* op, void (*bf16)(const AttentionArgs&),
+                   void (*f32)(const AttentionArgs&)) {
+  if (!attention_supported()) throw std::runtime_error(std::string(op) + ": this CPU has no AVX512-BF16");
   switch (args.dtype) {
-    case kBFloat16: return forward<Bf16>(args);
-    case kFloat32: return forward<F32>(args);
+    case kBFloat16: return bf16(args);
+    case kFloat32: return f32(args);
   }
-  bad_dtype("attention_forward", args.dtype);
+  bad_dtype(op, args.dtype);
+}
+}  // namespace
+
+void attention_forward(const AttentionArgs& args) {
+  run_for_dtype(args, "attention_forward", forward<Bf16>, forward<F32>);
 }
 
 void attention_backward(const AttentionArgs& args) {
-  if (!attention_supported()) throw std::runtime_error("attention_backward: this CPU has no AVX512-BF16");
-  switch (args.dtype) {
-    case kBFloat16: return backward<Bf16>(args);
-    case kFloat32: return backward<F32>(args);
-  }
-  bad_dtype("attention_backward", args.dtype);
+  run_for_dtype(args, "attention_backward", backward<Bf16>, backward<F32>);
 }
 
 }  // namespace pytrain::cpu

@@ -222,12 +222,12 @@ def flash_attn_func(
     scale = _scale(softmax_scale, q.shape[-1])
     window = _window(window_size, causal)
     batch, seq = q.shape[:2]
-    cpu_kernel = not runs_triton(q.device) and attention_cpu.applies(q, k, window)
-    if not (runs_triton(q.device) or cpu_kernel):
+    triton = runs_triton(q.device)
+    if not triton and not attention_cpu.applies(q, k, window):
         return _sdpa(q, k, v, causal, scale, window)
     # A view whenever (batch, seq) merge (q, k, v as slices of one fused qkv do): the kernels take strided tokens.
     flat = [t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v)]
-    if cpu_kernel:
+    if not triton:
         return attention_cpu.attention(*flat, list(range(0, (batch + 1) * seq, seq)), causal, scale).view(q.shape)
     cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=q.device)
     return _forward(*flat, cu_seqlens, seq, causal, scale, window)[0].view(q.shape)
@@ -266,9 +266,9 @@ def flash_attn_varlen_func(
         max_seqlen = longest
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
         raise ValueError(f"max_seqlen ({max_seqlen}) must be an int >= the longest sequence ({longest})")
-    if not runs_triton(q.device) and attention_cpu.applies(q, k, window):
-        return attention_cpu.attention(q, k, v, bounds, causal, scale)
     if not runs_triton(q.device):
+        if attention_cpu.applies(q, k, window):
+            return attention_cpu.attention(q, k, v, bounds, causal, scale)
         # One document at a time, each as a batch of one: SDPA's CPU flash kernel takes 4-D input only
         # (3-D input falls back to its slower math path, which materializes the scores).
         return torch.cat(
