@@ -3,9 +3,14 @@ on the CPU, small shapes) and the CPU path (SDPA per document), outputs and dq/d
 
 Tolerance rule (flash-attention's own): the kernel's max error against the float64 reference is at most
 2x the error of PyTorch's plain attention computed in the same dtype, plus a small absolute floor
-(FLOOR, for fp32 where both errors are rounding noise).
+(FLOOR, for fp32 where both errors are rounding noise). dq and dk also get the error the flash-attention
+backward has by design: it takes D = rowsum(dO * O) from the output as rounded to the dtype, where plain
+attention's autograd sums P * dP. In bf16 that alone can reach 0.05 on unit-variance inputs, while PyTorch's own
+error happens to be far smaller when P is nearly one-hot (dP's rounding then cancels): hypothesis found such a
+case (two tokens, head_dim 84). `output_rounding_error` computes that term exactly, in float64.
 """
 
+import functools
 import itertools
 import json
 import math
@@ -63,19 +68,31 @@ def assert_matches_reference(fn, q, k, v, dout, bounds, causal, scale):
     assert_by_the_rule(grads(fn, q, k, v, dout), q, k, v, dout, bounds, causal, scale)
 
 
+def output_rounding_error(q, k, v, dout, out, dtype, bounds, causal, scale):
+    """Max error of (out, dq, dk, dv) that comes from the backward's D = rowsum(dO * O) reading O rounded to
+    dtype (q, k, v, dout and out, the exact output, in float64). With delta = dO . (O - rounded O) per row,
+    that D is off by delta, so dS = P * (dP - D) is off by P * delta: dq by scale * delta * (P @ k), which is
+    attention with k as the values, and dk by scale * P^T @ (delta * q), which is attention's dv for the
+    output gradient delta * q."""
+    attend = functools.partial(reference_attention, bounds=bounds, causal=causal, scale=scale)
+    delta = (dout * (out - out.to(dtype).double())).sum(-1, keepdim=True)
+    dq = scale * delta * attend(q, k, k)
+    dk = scale * grads(attend, q, k, v, delta * q)[3]
+    return 0.0, dq.abs().max().item(), dk.abs().max().item(), 0.0
+
+
 def assert_by_the_rule(got, q, k, v, dout, bounds, causal, scale):
     """got: (out, dq, dk, dv) of packed q, k, v (tokens, heads, dim), by the module docstring's rule."""
-    want = grads(
-        lambda a, b, c: reference_attention(a, b, c, bounds, causal, scale),
-        *(t.double() for t in (q, k, v)),
-        dout.double(),
-    )
+    exact = [t.double() for t in (q, k, v, dout)]
+    want = grads(lambda a, b, c: reference_attention(a, b, c, bounds, causal, scale), *exact)
     same_dtype = grads(lambda a, b, c: reference_attention(a, b, c, bounds, causal, scale), q, k, v, dout)
-    for name, g, w, p in zip(("out", "dq", "dk", "dv"), got, want, same_dtype):
+    by_design = output_rounding_error(*exact, want[0], q.dtype, bounds, causal, scale)
+    for name, g, w, p, d in zip(("out", "dq", "dk", "dv"), got, want, same_dtype, by_design):
         assert g.dtype == q.dtype and g.shape == w.shape, name
         error = (g.double() - w).abs().max().item()
         torch_error = (p.double() - w).abs().max().item()
-        assert error <= 2 * torch_error + FLOOR[q.dtype], f"{name}: error {error:.3g} vs PyTorch's {torch_error:.3g}"
+        allowed = 2 * torch_error + d + FLOOR[q.dtype]
+        assert error <= allowed, f"{name}: error {error:.3g} vs PyTorch's {torch_error:.3g} (+ {d:.3g} by design)"
 
 
 UNEVEN = [1, 17, 5, 33, 2]
