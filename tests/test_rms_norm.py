@@ -10,6 +10,7 @@ import math
 import re
 import shutil
 import subprocess
+import types
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,7 @@ def test_large_hidden(dtype, weight_dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_cpu_large_output_streams_past_the_cache(dtype):
     """An output of at least stream_min_bytes is written with streaming stores (rows of an odd hidden,
-    4097, start unaligned); at over 32 MiB the allocating path also asks for huge pages. Only the stores
+    4097, start unaligned); at over 32 MiB the allocating path may also ask for huge pages. Only the stores
     differ: the result equals, bit for bit, that of row blocks small enough for regular stores."""
     hidden = 4097
     rows = 2 * _backend.extension(torch.device("cpu")).stream_min_bytes // (hidden * dtype.itemsize) + 1
@@ -166,6 +167,36 @@ def test_cpu_large_output_streams_past_the_cache(dtype):
         want = torch.cat([rms_norm(block, weight) for block in x.split(rows // 8)])
         assert torch.equal(rms_norm(x, weight), want)
         assert torch.equal(rms_norm(x, weight, out=torch.full_like(x, float("nan"))), want)
+
+
+def fake_virtio_device(devices, name, kind, features):
+    (devices / name).mkdir(parents=True)
+    (devices / name / "device").write_text(kind + "\n")
+    (devices / name / "features").write_text(features.ljust(64, "0") + "\n")
+
+
+def test_host_that_reclaims_free_pages_is_recognised(tmp_path):
+    """A virtio balloon (device 0x0005) with feature bit 5 (free page reporting) set, and nothing else."""
+    detect = _backend.host_reclaims_free_pages.__wrapped__  # uncached
+    fake_virtio_device(tmp_path / "net", "virtio0", "0x0001", "111111")  # bit 5 of another device
+    fake_virtio_device(tmp_path / "plain", "virtio0", "0x0005", "011000")  # a balloon, no reporting
+    fake_virtio_device(tmp_path / "reports", "virtio0", "0x0001", "0")
+    fake_virtio_device(tmp_path / "reports", "virtio1", "0x0005", "011001010")
+    (tmp_path / "reports" / "virtio2").mkdir()  # unreadable: skipped
+    assert [detect(tmp_path / case) for case in ("net", "plain", "reports", "missing")] == [False, False, True, False]
+
+
+@pytest.mark.parametrize("host_reclaims", [False, True])
+def test_large_outputs_ask_for_huge_pages_unless_the_host_reclaims_free_pages(monkeypatch, host_reclaims):
+    """There a huge page is built from a block the host dropped and faults in from it: measured 10x slower."""
+    advised = []
+    fake = types.SimpleNamespace(advise_huge_pages=lambda address, nbytes: advised.append(nbytes))
+    monkeypatch.setattr(_backend, "extension", lambda device: fake)
+    monkeypatch.setattr(_backend, "host_reclaims_free_pages", lambda: host_reclaims)
+    small, large = torch.empty(1 << 20, dtype=torch.uint8), torch.empty(64 << 20, dtype=torch.uint8)
+    for tensor in (small, large):
+        assert _backend.empty_output_like(tensor).shape == tensor.shape
+    assert advised == ([] if host_reclaims else [64 << 20])
 
 
 @pytest.mark.parametrize("dtype,weight_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
