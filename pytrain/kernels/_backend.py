@@ -46,8 +46,8 @@ def host_reclaims_free_pages(devices: Path = _VIRTIO_DEVICES) -> bool:
     """Whether this is a virtual machine whose balloon reports free memory to the host (virtio's
     VIRTIO_BALLOON_F_REPORTING, negotiated: `features` lists the bits, bit 0 first). The guest then hands every
     free 2 MiB block back, the host drops its backing, and a transparent huge page made of such a block faults in
-    from the host on its first write, 4 KiB at a time: on this project's Firecracker VMs a 64 MiB output advised
-    huge pages took 200 ms, and 1.5 s the first time, where ordinary pages (reused low-order ones) took 25 ms."""
+    from the host on its first write, 4 KiB at a time: on this project's Firecracker VMs, with calls seconds apart,
+    a 64 MiB output advised huge pages took 80-330 ms where ordinary pages (reused low-order ones) took 22-36."""
     for device in devices.glob("*"):
         try:
             kind, features = (device / "device").read_text().strip(), (device / "features").read_text().strip()
