@@ -68,13 +68,12 @@ def assert_matches_reference(fn, q, k, v, dout, bounds, causal, scale):
     assert_by_the_rule(grads(fn, q, k, v, dout), q, k, v, dout, bounds, causal, scale)
 
 
-def output_rounding_error(q, k, v, dout, out, dtype, bounds, causal, scale):
+def output_rounding_error(attend, q, k, v, dout, out, dtype, scale):
     """Max error of (out, dq, dk, dv) that comes from the backward's D = rowsum(dO * O) reading O rounded to
-    dtype (q, k, v, dout and out, the exact output, in float64). With delta = dO . (O - rounded O) per row,
-    that D is off by delta, so dS = P * (dP - D) is off by P * delta: dq by scale * delta * (P @ k), which is
-    attention with k as the values, and dk by scale * P^T @ (delta * q), which is attention's dv for the
-    output gradient delta * q."""
-    attend = functools.partial(reference_attention, bounds=bounds, causal=causal, scale=scale)
+    dtype (attend: the reference attention of these sequences; q, k, v, dout and out, the exact output, in
+    float64). With delta = dO . (O - rounded O) per row, that D is off by delta, so dS = P * (dP - D) is off by
+    P * delta: dq by scale * delta * (P @ k), which is attention with k as the values, and dk by
+    scale * P^T @ (delta * q), which is attention's dv for the output gradient delta * q."""
     delta = (dout * (out - out.to(dtype).double())).sum(-1, keepdim=True)
     dq = scale * delta * attend(q, k, k)
     dk = scale * grads(attend, q, k, v, delta * q)[3]
@@ -83,10 +82,11 @@ def output_rounding_error(q, k, v, dout, out, dtype, bounds, causal, scale):
 
 def assert_by_the_rule(got, q, k, v, dout, bounds, causal, scale):
     """got: (out, dq, dk, dv) of packed q, k, v (tokens, heads, dim), by the module docstring's rule."""
+    attend = functools.partial(reference_attention, bounds=bounds, causal=causal, scale=scale)
     exact = [t.double() for t in (q, k, v, dout)]
-    want = grads(lambda a, b, c: reference_attention(a, b, c, bounds, causal, scale), *exact)
-    same_dtype = grads(lambda a, b, c: reference_attention(a, b, c, bounds, causal, scale), q, k, v, dout)
-    by_design = output_rounding_error(*exact, want[0], q.dtype, bounds, causal, scale)
+    want = grads(attend, *exact)
+    same_dtype = grads(attend, q, k, v, dout)
+    by_design = output_rounding_error(attend, *exact, want[0], q.dtype, scale)
     for name, g, w, p, d in zip(("out", "dq", "dk", "dv"), got, want, same_dtype, by_design):
         assert g.dtype == q.dtype and g.shape == w.shape, name
         error = (g.double() - w).abs().max().item()

@@ -435,10 +435,8 @@ struct BackwardScratch {
   }
 };
 
-// Keys 0..seen-1 against one block's queries (columns; padding ones have an lse of +inf): the probabilities and
-// their scores' gradient, from the transposed scores and dP, as A operands (rows of keys), and for bf16 dS as
-// pairs of keys too (zero-padded to `padded_keys`).
-// Lanes 16c.. of key `key`'s row: stores the probability and dS (returned) in the element type.
+// Lanes 16c.. of key `key`'s row (probabilities_transposed, below): stores the probability and dS (returned) in
+// the element type.
 template <typename T>
 PYTRAIN_BF16_UNITS_INLINE __m512 probability_and_gradient(BackwardScratch<T>& w, int64_t key, int64_t c,
                                                           int64_t first, bool causal, __m512 factor) {

@@ -65,12 +65,17 @@ def _problem(q, k, v, cu_seqlens, causal: bool, scale: float) -> dict:
     )
 
 
+def empty_output_and_lse(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The buffers an attention forward over packed q (tokens, heads, dim) returns: the output, like q, and the
+    fp32 log-sum-exp per (head, token). Shared by these kernels and the Triton ones' fake (flash_attn.py)."""
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
 @torch.library.custom_op("pytrain::cpu_attention_forward", mutates_args=())
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out = torch.empty(q.shape, dtype=q.dtype)
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    out, lse = empty_output_and_lse(q)
     extension(q.device).attention_forward(
         out=out.data_ptr(), lse=lse.data_ptr(), **_problem(q, k, v, cu_seqlens, causal, scale)
     )
@@ -79,7 +84,7 @@ def _forward(
 
 @_forward.register_fake
 def _(q, k, v, cu_seqlens, causal, scale):
-    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return empty_output_and_lse(q)
 
 
 @torch.library.custom_op("pytrain::cpu_attention_backward", mutates_args=())
