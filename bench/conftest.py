@@ -33,6 +33,7 @@ CUDA_INNER = 10  # ops per timed call on CUDA: amortizes the synchronize
 WIDTHS = (18, 10, 9, 9, 9, 10, 11)  # columns of the summary table
 _RESULTS: list[dict] = []
 _COPY_CACHE: dict[tuple, dict] = {}
+_ALLOCATOR = {"mode": "glibc's default (every allocation over 32 MiB faults its pages in)"}  # --keep-freed-memory
 
 
 def sync(device) -> None:
@@ -98,6 +99,7 @@ def bandwidth():
         """copy_like: the tensor whose copy sets the bar (the op's main input, usually)."""
         benchmark.group = group
         benchmark.extra_info.update(impl=impl, bytes_moved=int(bytes_moved), device=str(device))
+        benchmark.extra_info["cpu_allocator"] = _ALLOCATOR["mode"]
         if benchmark.enabled:
             for _ in range(warmup):  # compiles (torch.compile), first-touch allocations, autotuning
                 fn()
@@ -212,12 +214,31 @@ def _throughput_summary(tr) -> None:
             )
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--keep-freed-memory",
+        action="store_true",
+        help="measure under a CPU training run's allocator (pytrain.initialize.launch.keep_freed_memory): glibc "
+        "keeps freed blocks, so a row that allocates reuses pages already touched instead of faulting fresh ones in",
+    )
+
+
 def pytest_configure(config):
     """`slow` rows are slow as smoke tests (--benchmark-disable: each bench once, as the README's test command
-    runs them); a real benchmark run measures every row, so pyproject's default `-m 'not slow'` is lifted."""
+    runs them); a real benchmark run measures every row, so pyproject's default `-m 'not slow'` is lifted.
+    --keep-freed-memory applies a training run's allocator setting before any row runs (it is process-wide)."""
     benchmarking = not (config.getoption("benchmark_disable") or config.getoption("benchmark_skip"))
     if benchmarking and config.option.markexpr == "not slow":
         config.option.markexpr = ""
+    if config.getoption("keep_freed_memory"):
+        from pytrain.initialize.launch import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise pytest.UsageError(
+                "--keep-freed-memory: glibc's mallopt is not available here, or MALLOC_MMAP_THRESHOLD_ is set "
+                "(then that setting rules): unset it, or leave the option out"
+            )
+        _ALLOCATOR["mode"] = "a training run's (launch.keep_freed_memory: freed blocks are kept for reuse)"
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by marker
@@ -241,6 +262,7 @@ def pytest_terminal_summary(terminalreporter):
     groups = _by_group(_RESULTS)
     tr = terminalreporter
     tr.section("bandwidth: bytes the op must move / time; 'of copy': vs copy_ of x into a preallocated tensor")
+    tr.write_line(f"CPU allocator: {_ALLOCATOR['mode']}")
     header = ("impl", "mean ms", "GB/s", "GB/s@min", "of copy", "min/min", "vs compile")
     tr.write_line("".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w) in enumerate(zip(header, WIDTHS))))
     for group, rows in groups.items():

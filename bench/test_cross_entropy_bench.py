@@ -17,10 +17,11 @@ glibc returns large (> 32 MB) blocks to the OS on free, so this is what the op h
 torch.cuda.max_memory_allocated minus memory_allocated before. With --benchmark-disable (the CI smoke run)
 every case runs once on 64 tokens, torch.compile with the aot_eager backend.
 
-Known gap (measured on the 2-core AMD EPYC): the CPU kernel is bound by its vectorized exp, not by memory
-(~3 Gelem/s per core for fp32 in cache). The bf16 forward runs at about half the fp32 element rate when
-built as shipped (target_clones), while the same source built with -march=x86-64-v3 or -v4 runs bf16 as
-fast as fp32: the bf16 variant loses vectorization in the clones (not yet pinned down).
+Known gap (measured on the 2-core AMD EPYCs): the CPU kernel is bound by its vectorized exp, not by memory
+(2-3 Gelem/s per core in cache). 16-bit logits take explicit AVX2 loops (the target clones converted fp16
+element by element and widened bf16 slowly); on the Zen 4 bf16 then runs at about fp32's element rate in
+cache, fp32 on its AVX-512 clone a little faster. --keep-freed-memory (conftest) measures the rows under a
+training run's allocator, where the gradient's pages are reused instead of faulted in anew each call.
 """
 
 import gc

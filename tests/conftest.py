@@ -84,6 +84,18 @@ def num_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(params=["avx2", "generic"])
+def cpu_loops(request):
+    """Runs a test on the CPU kernels' AVX2 loops (where the CPU has AVX2; else the generic ones again)
+    and on their generic loops, those of CPUs without AVX2 (pytrain._C.use_avx2)."""
+    from pytrain.kernels import _backend
+
+    ext = _backend.extension(torch.device("cpu"))
+    before = ext.use_avx2(request.param == "avx2")
+    yield request.param
+    ext.use_avx2(before)
+
+
 @pytest.fixture
 def extension_missing(monkeypatch):
     """As if pytrain._C had not been built: the import fails, extension() warns once and returns None."""

@@ -474,13 +474,14 @@ def test_shard_kernels_match_their_references(dtype, vocab_start, monkeypatch):
     assert_close(grad, want, GRAD_TOLERANCES[dtype], "shard gradient")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_cpu_large_gradient_streams_past_the_cache(dtype):
+@pytest.mark.parametrize("vocab", [32001, 32000], ids=["unaligned-rows", "aligned-rows"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cpu_large_gradient_streams_past_the_cache(dtype, vocab, cpu_loops):
     """A gradient of at least stream_min_bytes is written with streaming stores (the target's entry
-    fixed up after its row; rows of an odd vocab, 32001, start unaligned), by the forward and by the
-    vocab-parallel shard gradient. Only the stores differ: the gradient equals, bit for bit, that of row
-    blocks small enough for regular stores."""
-    vocab = 32001
+    fixed up after its row; rows of an odd vocab start unaligned, those of 32000 16-bit logits aligned,
+    which the AVX2 loops stream straight from the registers), by the forward and by the vocab-parallel
+    shard gradient. Only the stores differ: the gradient equals, bit for bit, that of row blocks small
+    enough for regular stores."""
     rows = _backend.extension(torch.device("cpu")).stream_min_bytes // (vocab * dtype.itemsize) + 1
     logits, labels = make_inputs(rows, vocab, dtype, "cpu")
     blocks = list(zip(logits.split(rows // 4), labels.split(rows // 4)))
@@ -496,6 +497,60 @@ def test_cpu_large_gradient_streams_past_the_cache(dtype):
         return _shard_gradient(x, y, torch.logsumexp(x.float(), 1), 0.5, 0, vocab, -100, 0.1, 1e-2)
 
     assert torch.equal(shard_grad(logits, labels), torch.cat([shard_grad(x, y) for x, y in blocks]))
+
+
+ROW_EDGE_VOCABS = [1, 15, 16, 17, 31, 32, 33, 100, 1001]  # around the AVX2 loops' blocks of 16 (and 32: max)
+
+
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[3]], ids=[OPTION_IDS[0], OPTION_IDS[3]])
+@pytest.mark.parametrize("vocab", ROW_EDGE_VOCABS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cpu_loops_match_reference(dtype, vocab, options, cpu_loops):
+    """Both CPU loops (AVX2 for 16-bit logits, generic) against float64, with vocab sizes in and around
+    whole blocks (the tail takes the generic loop; rows of odd vocabs start unaligned), every label
+    position of a block and the tail (labels = row % vocab), forward and vocab-parallel shard gradient."""
+    rows = max(vocab, 3)
+    logits, _ = make_inputs(rows, vocab, dtype, "cpu")
+    labels = torch.arange(rows) % vocab
+    grad_out = upstream_grad("none", rows)
+    loss, grad = kernel_with_grad(cross_entropy, logits, labels, grad_out, reduction="none", **options)
+    loss_ref, grad_ref = reference_with_grad(logits, labels, grad_out, reduction="none", **options)
+    assert_close(loss, loss_ref, LOSS_TOLERANCE, f"loss ({dtype})")
+    assert_close(grad, grad_ref, GRAD_TOLERANCES[dtype], f"grad ({dtype})")
+    lse = torch.logsumexp(logits.double(), 1)
+    shard = _shard_gradient(logits, labels, lse.float(), 0.5, 0, vocab, -100, 0.1, 1e-2)
+    want = reference.cross_entropy_shard_gradient(logits.double(), labels, lse, 0.5, 0, vocab, -100, 0.1, 1e-2)
+    assert_close(shard, want, GRAD_TOLERANCES[dtype], "shard gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_cpu_avx2_loops_agree_with_generic_on_special_values(dtype):
+    """Rows holding +inf, -inf, NaN, an all -inf row, huge and tiny logits: the AVX2 loops give the same
+    losses (fp32 exp, to a few ulp) and the same gradients (to one ulp of the dtype) as the generic ones,
+    NaN where they give NaN. The max pass skips NaN and the exp clamps at -87 and 88 alike."""
+    ext = _backend.extension(torch.device("cpu"))
+    if not ext.use_avx2(True):
+        pytest.skip("this CPU has no AVX2")
+    vocab = 50
+    logits, labels = make_inputs(9, vocab, dtype, "cpu", ignored=0.0)
+    logits[0, 3], logits[1, 20], logits[2, 40] = float("inf"), -float("inf"), float("nan")
+    logits[3] = -float("inf")
+    logits[4, 17] = 3e4 if dtype == torch.float16 else 1e30  # every other exponential underflows
+    logits[5] *= 1e-30 if dtype == torch.bfloat16 else 1e-4
+    logits[6, :16] = float("nan")  # a whole block
+    logits[7, 48:] = float("inf")  # the tail
+    results = {}
+    try:
+        for avx2 in (True, False):
+            ext.use_avx2(avx2)
+            results[avx2] = kernel_with_grad(cross_entropy, logits, labels, upstream_grad("none", 9), reduction="none")
+    finally:
+        ext.use_avx2(True)
+    (loss_a, grad_a), (loss_g, grad_g) = results[True], results[False]
+    torch.testing.assert_close(loss_a, loss_g, rtol=4e-6, atol=1e-6, equal_nan=True)
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(grad_a.double(), grad_g.double(), rtol=ulp, atol=1e-30, equal_nan=True)
+    assert loss_a[2].isnan() and loss_a[6].isnan() and grad_a[2].isnan().all()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -208,16 +208,6 @@ def test_cpu_threads_split_rows(dtype, weight_dtype, threads, num_threads):
     check_against_reference((2001, 64), dtype, weight_dtype, "cpu")
 
 
-@pytest.fixture(params=["avx2", "generic"])
-def cpu_loops(request):
-    """Runs a test on the CPU kernel's AVX2 loops (where the CPU has AVX2; else the generic ones again)
-    and on its generic loops, those of CPUs without AVX2."""
-    ext = _backend.extension(torch.device("cpu"))
-    before = ext.use_avx2(request.param == "avx2")
-    yield request.param
-    ext.use_avx2(before)
-
-
 def exactly_equal(got, want):
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 

@@ -4,8 +4,9 @@
 
 namespace pytrain::cpu {
 
-// Cephes expf's constants, shared by fast_exp and the AVX-512 exp of attention.cpp: log2(e), ln2 in two parts
-// (Cody-Waite: n * kLn2High is exact) and the polynomial's coefficients, highest degree first.
+// Cephes expf's constants, shared by fast_exp, avx2::exp8 (vec_avx2.h) and the AVX-512 exp of attention.cpp:
+// log2(e), ln2 in two parts (Cody-Waite: n * kLn2High is exact) and the polynomial's coefficients, highest
+// degree first.
 namespace exp_constants {
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "cpu/cpu_types.h"
+#include "cpu/fast_exp.h"
 
 #define PYTRAIN_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define PYTRAIN_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
@@ -47,6 +48,12 @@ constexpr bool kInOrder = !std::is_same_v<T, bf16>;
 template <typename T>
 constexpr int lane_source(int k) {
   return kInOrder<T> ? k : (k < 8 ? 2 * k : 2 * (k - 8) + 1);
+}
+
+// The lane load16<T> puts element j (of 16 consecutive ones) in: the inverse of lane_source.
+template <typename T>
+constexpr int lane_of(int j) {
+  return kInOrder<T> ? j : (j % 2 == 0 ? j / 2 : 8 + j / 2);
 }
 
 PYTRAIN_AVX2_INLINE F32x16 load16(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
@@ -105,6 +112,33 @@ PYTRAIN_AVX2_INLINE void store16(bf16* p, F32x16 v) {
   const __m256i even = _mm256_srli_epi32(round_to_bf16_high(v.a), 16);
   const __m256i odd = _mm256_and_si256(round_to_bf16_high(v.b), _mm256_set1_epi32(int32_t(0xffff0000u)));
   put<kStream>(p, _mm256_or_si256(even, odd));
+}
+
+// fast_exp (fast_exp.h) over 8 lanes, with its clamps: below -87 0, above 88 exp(88), NaN stays NaN (max and
+// min return their second operand when either is NaN).
+PYTRAIN_AVX2_INLINE __m256 exp8(__m256 x) {
+  using namespace exp_constants;
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-87.f), x));
+  const __m256 n =
+      _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
+  __m256 p = _mm256_set1_ps(kPoly[0]);
+  for (int k = 1; k < 6; ++k) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kPoly[k]));
+  const __m256 e = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  // 2^n built in the exponent field: n is in [-126, 127] after the clamps
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(e, _mm256_castsi256_ps(two_n)));
+}
+
+// Horizontal max of the 8 lanes, none of them NaN (a running max keeps NaN out: _mm256_max_ps(v, m) returns m
+// for a NaN v, as the scalar `v > m ? v : m` does).
+PYTRAIN_AVX2_INLINE float max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+  m = _mm_max_ps(_mm_movehl_ps(m, m), m);
+  m = _mm_max_ps(_mm_movehdup_ps(m), m);
+  return _mm_cvtss_f32(m);
 }
 
 // Horizontal sum of the 8 lanes.
