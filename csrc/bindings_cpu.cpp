@@ -36,6 +36,15 @@ PYBIND11_MODULE(_C, m) {
       "use_avx2", [](bool on) { return pytrain::cpu::avx2::enable(on); }, pybind11::arg("on"),
       "Whether kernels with AVX2 loops take them (where the CPU has AVX2, FMA and F16C) or their generic ones; "
       "returns the previous setting. For tests and timings.");
+  m.def(
+      "convert",
+      [](uintptr_t src, int src_dtype, uintptr_t dst, int dst_dtype, int64_t n) {
+        pytrain::cpu::convert(pytrain::ptr(src), src_dtype, pytrain::ptr(dst), dst_dtype, n);
+      },
+      pybind11::arg("src"), pybind11::arg("src_dtype"), pybind11::arg("dst"), pybind11::arg("dst_dtype"),
+      pybind11::arg("n"),
+      "Converts n elements between two of the kernels' dtypes as every CPU kernel does (to fp32, then to the "
+      "target, rounding to nearest even). For tests.");
   m.attr("stream_min_bytes") = pytrain::cpu::kStreamMinBytes;
   m.attr("token_line_bytes") = pybind11::make_tuple(pytrain::cpu::kLineOverheadBytes, pytrain::cpu::kMaxIdBytes);
 }

@@ -2,7 +2,7 @@
 // loops that GCC's auto-vectorizer handles poorly: it widens and rounds bf16 through long shuffle chains,
 // which left the bf16 RMSNorm compute-bound at half the fp32 element rate. The conversions are exactly
 // to_float / from_float of cpu_types.h, lane by lane (bf16: round to nearest even, a NaN stays a quiet
-// NaN; fp16: F16C, as the AVX2 target clones convert _Float16).
+// NaN; fp16: F16C, which rounds and widens alike, except that it widens a signaling NaN to a quiet one).
 // Everything here is compiled for AVX2+FMA+F16C: call it only from a PYTRAIN_AVX2 function, and call that
 // only where avx2::enabled().
 #pragma once
