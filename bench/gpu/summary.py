@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def tests_per_file(junit: Path) -> list[str]:
+def outcomes_per_file(junit: Path) -> list[str]:
     if not junit.is_file():
         return ["  (no JUnit file: the test step did not finish writing it)"]
     counts = defaultdict(lambda: {"passed": 0, "failed": 0, "skipped": 0})
@@ -100,7 +100,7 @@ def main(argv=None) -> None:
     rows = bench_rows(args.bench)
     sections = [
         ("device", [f"  {line}" for line in env if line.startswith(("GPU ", "gpus:", "3.", "Build cuda"))] or ["  ?"]),
-        ('tests (-m "cuda or triton"), per file', tests_per_file(args.junit)),
+        ('tests (-m "cuda or triton"), per file', outcomes_per_file(args.junit)),
         ("kernels (pytrain, CUDA): achieved bandwidth as a fraction of the device's copy bandwidth", kernels(rows)),
         (
             "attention: pytrain (Triton) vs SDPA's flash backend, same inputs (x: SDPA time / pytrain time)",

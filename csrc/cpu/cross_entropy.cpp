@@ -148,23 +148,6 @@ __attribute__((always_inline)) inline bool streams_grad(const CrossEntropyArgs& 
   return a.rows * a.vocab * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes;
 }
 
-// Writes a gradient row through write(dst, first, len) (the row's elements [first, first + len) into dst;
-// kStream: with non-temporal stores): with the AVX2 loops, streamed straight from the registers where the
-// row is 32-byte aligned, else through store_row_blocks, whose blocks are whole multiples of 16 elements and
-// so keep the AVX2 loops' blocks (and exp_slot) where they are.
-template <bool kAvx2, typename T, typename Write>
-__attribute__((always_inline)) inline void write_grad_row(T* grad, int64_t n, bool stream, Write write) {
-  if constexpr (kAvx2) {
-    if (stream && reinterpret_cast<uintptr_t>(grad) % 32 == 0) {
-      write(std::true_type{}, grad, int64_t{0}, n);
-      _mm_sfence();  // as store_row_blocks: the streamed row is ordered before the target's fix-up
-      return;
-    }
-  }
-  store_row_blocks(grad, n, stream,
-                   [&](T* dst, int64_t first, int64_t len) { write(std::false_type{}, dst, first, len); });
-}
-
 template <typename T, bool kAvx2>
 __attribute__((always_inline)) inline RowStats row_stats(const CrossEntropyArgs& a, const T* x, int64_t label,
                                                          float* exps) {
@@ -205,7 +188,7 @@ __attribute__((always_inline)) inline void write_grad_from_exps(const CrossEntro
   const int64_t n = a.vocab;
   const float k = exp_to_softmax * scale * (1.f + 2.f * a.z_loss * lse);
   const float uniform = scale * a.label_smoothing / static_cast<float>(a.total_vocab);
-  write_grad_row<kAvx2>(grad, n, streams_grad<T>(a), [&](auto stream, T* dst, int64_t first, int64_t len) {
+  store_row_direct_or_blocks<kAvx2>(grad, n, streams_grad<T>(a), [&](auto stream, T* dst, int64_t first, int64_t len) {
     if constexpr (kAvx2) {
       grad_from_exps_avx2<decltype(stream)::value>(exps + first, dst, len, k, uniform);
     } else {
@@ -225,7 +208,8 @@ __attribute__((always_inline)) inline void write_grad_from_logits(const CrossEnt
                                                                   int64_t target_index) {
   const float softmax_scale = scale * (1.f + 2.f * a.z_loss * lse);
   const float uniform = scale * a.label_smoothing / static_cast<float>(a.total_vocab);
-  write_grad_row<kAvx2>(grad, a.vocab, streams_grad<T>(a), [&](auto stream, T* dst, int64_t first, int64_t len) {
+  store_row_direct_or_blocks<kAvx2>(grad, a.vocab, streams_grad<T>(a),
+                                    [&](auto stream, T* dst, int64_t first, int64_t len) {
     if constexpr (kAvx2) {
       grad_from_logits_avx2<decltype(stream)::value>(x + first, dst, len, lse, softmax_scale, uniform);
     } else {

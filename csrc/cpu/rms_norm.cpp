@@ -143,20 +143,13 @@ __attribute__((always_inline)) inline void forward_rows(const RMSNormArgs& a, in
     }
     const float rstd = 1.f / std::sqrt(sum_sq / static_cast<float>(n) + a.eps);
     if (a.rstd) a.rstd[row] = rstd;
-    if constexpr (kAvx2) {
-      // Streaming straight from the registers where the row allows it (32-byte aligned: any hidden that is a
-      // multiple of 16, in a fresh tensor) skips the L1 block's second pass: a quarter of the bf16 time.
-      if (stream && reinterpret_cast<uintptr_t>(y) % 32 == 0) {
-        normalize_avx2<true>(x, w_lanes, w, y, n, rstd, next_x, next_r);
-        _mm_sfence();  // as store_row_blocks: the streamed row is ordered before any later store
-        continue;
-      }
-    }
-    // Streamed blocks are whole multiples of 16 elements long, so each starts a block of w_lanes.
-    store_row_blocks(y, n, stream, [&](T* out, int64_t first, int64_t len) {
+    // Streaming straight from the registers where the row allows it (32-byte aligned: any hidden that is a
+    // multiple of 16, in a fresh tensor) skips the L1 block's second pass: a quarter of the bf16 time. Streamed
+    // blocks are whole multiples of 16 elements long, so each starts a block of w_lanes.
+    store_row_direct_or_blocks<kAvx2>(y, n, stream, [&](auto streamed, T* out, int64_t first, int64_t len) {
       if constexpr (kAvx2) {
-        normalize_avx2<false>(x + first, w_lanes + first, w + first, out, len, rstd,
-                              next_x ? next_x + first : nullptr, next_r ? next_r + first : nullptr);
+        normalize_avx2<decltype(streamed)::value>(x + first, w_lanes + first, w + first, out, len, rstd,
+                                                  next_x ? next_x + first : nullptr, next_r ? next_r + first : nullptr);
       } else {
         normalize(x + first, w + first, out, 0, len, rstd);
       }

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace pytrain::cpu {
 
@@ -48,6 +49,24 @@ __attribute__((always_inline)) inline void store_row_blocks(T* out, int64_t n, b
     stream_copy(out + begin, block, len * static_cast<int64_t>(sizeof(T)));
   }
   _mm_sfence();
+}
+
+// store_row_blocks for loops with streaming stores of their own (kDirect: the AVX2 loops of vec_avx2.h, whose
+// 256-bit streaming stores need a 32-byte aligned row): such a row streams straight from the registers,
+// skipping the L1 block's second pass. write(streamed, dst, first, len) writes out[first, first + len) into
+// dst, with non-temporal stores where `streamed` (a std::bool_constant) is true; the blocks start at multiples
+// of 4096 bytes' worth of elements, so a loop's blocks of 16 stay where they are in the row.
+template <bool kDirect, typename T, typename Write>
+__attribute__((always_inline)) inline void store_row_direct_or_blocks(T* out, int64_t n, bool stream, Write write) {
+  if constexpr (kDirect) {
+    if (stream && reinterpret_cast<uintptr_t>(out) % 32 == 0) {
+      write(std::true_type{}, out, int64_t{0}, n);
+      _mm_sfence();  // as store_row_blocks: the streamed row is ordered before any later store
+      return;
+    }
+  }
+  store_row_blocks(out, n, stream,
+                   [&](T* dst, int64_t first, int64_t len) { write(std::false_type{}, dst, first, len); });
 }
 
 // out[i] = value(i) for i in [0, n), streaming or not as store_row_blocks.
